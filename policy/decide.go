@@ -1,0 +1,199 @@
+package policy
+
+import (
+	"net/http"
+	"strconv"
+)
+
+// Mode is what a route does with a call when the organization's credits
+// cannot pay for it (the Caddyfile's on_exhausted).
+type Mode uint8
+
+const (
+	// Block refuses the call with a 402 problem. It is the default.
+	Block Mode = iota
+	// Notice refuses the call with a 402 problem and Credits-Notice:
+	// exhausted, and warns with Credits-Notice: low while the balance is
+	// below the route's LowBalance.
+	Notice
+	// Overdraft forwards the call anyway and lets the balance go below zero,
+	// down to the route's OverdraftLimit. It never sets Credits-Notice.
+	Overdraft
+)
+
+// modeNames holds each Mode's Caddyfile spelling, indexed by Mode.
+var modeNames = [...]string{Block: "block", Notice: "notice", Overdraft: "overdraft"}
+
+// ParseMode parses a Caddyfile on_exhausted value: "block", "notice" or
+// "overdraft". Any other value is an *InputError.
+func ParseMode(s string) (Mode, error) {
+	for m, name := range modeNames {
+		if s == name {
+			return Mode(m), nil
+		}
+	}
+	return Block, &InputError{Field: "mode", Value: s, Reason: "must be block, notice or overdraft"}
+}
+
+// String returns the mode's Caddyfile spelling, e.g. "notice".
+func (m Mode) String() string {
+	if int(m) < len(modeNames) {
+		return modeNames[m]
+	}
+	return "Mode(" + strconv.Itoa(int(m)) + ")"
+}
+
+// Route is a route's settings, as configured in the Caddyfile.
+type Route struct {
+	// Feature is the usage label of the route's calls, e.g. "rich-text".
+	Feature string
+	// Mode is what the route does when the credits cannot pay for a call.
+	Mode Mode
+	// OverdraftLimit applies to Overdraft routes only: the deepest balance
+	// allowed is -OverdraftLimit. A value below zero means no limit. The
+	// ledger enforces it; Decide only reads the ledger's answer.
+	OverdraftLimit int64
+	// LowBalance applies to Notice routes only: a forwarded call warns with
+	// Credits-Notice: low while the balance after its charge is below
+	// LowBalance. Zero (or less) never warns.
+	LowBalance int64
+	// TopUpURL is where an organization adds credits. It goes into the
+	// problem body of a refusal; it may be empty.
+	TopUpURL string
+}
+
+// Answer is what the ledger answered for one charge.
+type Answer struct {
+	// Charged reports that the ledger took the credits.
+	Charged bool
+	// Balance is the balance after the charge, or the current balance when
+	// the ledger refused it.
+	Balance int64
+	// Cost is the credits the call costs.
+	Cost int64
+	// Replay reports that the same idempotency key was charged before.
+	// Charged is then true and the call is forwarded, but Credits-Charged
+	// is 0.
+	Replay bool
+}
+
+// Outcome classifies a Decision; its String is the outcome label of the
+// gateway's metrics.
+type Outcome uint8
+
+const (
+	// Forward means the call was paid for and goes upstream.
+	Forward Outcome = iota
+	// ForwardLow means the call goes upstream with Credits-Notice: low,
+	// because a Notice route's balance fell below its LowBalance.
+	ForwardLow
+	// ForwardOverdraft means the call goes upstream on an Overdraft route
+	// and left the balance below zero.
+	ForwardOverdraft
+	// Refuse means the call is refused with a 402 problem.
+	Refuse
+	// RefuseNotice means the call is refused on a Notice route, with a 402
+	// problem and Credits-Notice: exhausted.
+	RefuseNotice
+)
+
+// outcomeNames holds each Outcome's metrics label, indexed by Outcome.
+var outcomeNames = [...]string{
+	Forward:          "forwarded",
+	ForwardLow:       "low",
+	ForwardOverdraft: "overdraft",
+	Refuse:           "blocked",
+	RefuseNotice:     "notice",
+}
+
+// String returns the outcome's metrics label: "forwarded", "low",
+// "overdraft", "blocked" or "notice".
+func (o Outcome) String() string {
+	if int(o) < len(outcomeNames) {
+		return outcomeNames[o]
+	}
+	return "Outcome(" + strconv.Itoa(int(o)) + ")"
+}
+
+// Notice values of the Credits-Notice header.
+const (
+	// NoticeLow warns that a Notice route's balance is below its LowBalance.
+	NoticeLow = "low"
+	// NoticeExhausted says that a Notice route refused a call for want of
+	// credits.
+	NoticeExhausted = "exhausted"
+)
+
+// Decision is what the gateway does with a call.
+type Decision struct {
+	// Outcome classifies the decision, for metrics and logs.
+	Outcome Outcome
+	// Forward reports that the call goes upstream.
+	Forward bool
+	// Status is 0 when the call is forwarded (the upstream answers) and
+	// http.StatusPaymentRequired when it is refused.
+	Status int
+	// Remaining is the value of Credits-Remaining, set on every decision:
+	// the balance after the charge, or the current balance on a refusal.
+	Remaining int64
+	// Charged is the value of Credits-Charged: 0 on a refusal and on a
+	// replay.
+	Charged int64
+	// Notice is the value of Credits-Notice: "", NoticeLow or
+	// NoticeExhausted. It is only ever set on Notice routes; an empty
+	// Notice means no header.
+	Notice string
+	// Problem is the body of a refusal, nil when the call is forwarded.
+	Problem *Problem
+}
+
+// Decide turns the ledger's answer for one charge into what the gateway does
+// with the call, following the table of the contract's "On the wire":
+//
+//   - charged: forwarded, with the balance after and the cost;
+//   - charged on a Notice route, balance after below LowBalance: ForwardLow,
+//     Notice "low";
+//   - charged on an Overdraft route, balance after below zero:
+//     ForwardOverdraft, never a Notice;
+//   - not charged on a Notice route: RefuseNotice, 402, Notice "exhausted";
+//   - not charged otherwise (Block, or Overdraft past its limit): Refuse, 402.
+//
+// A replay is classified as any charged call but reports Charged 0, since
+// the credits were taken by the first call with the same key. An unknown
+// Mode is treated as Block.
+func Decide(r Route, org string, a Answer) Decision {
+	if !a.Charged {
+		d := Decision{
+			Outcome:   Refuse,
+			Status:    http.StatusPaymentRequired,
+			Remaining: a.Balance,
+			Problem:   Insufficient(r, org, a.Balance, a.Cost),
+		}
+		if r.Mode == Notice {
+			d.Outcome = RefuseNotice
+			d.Notice = NoticeExhausted
+		}
+		return d
+	}
+	d := Decision{
+		Outcome:   Forward,
+		Forward:   true,
+		Remaining: a.Balance,
+		Charged:   a.Cost,
+	}
+	if a.Replay {
+		d.Charged = 0
+	}
+	switch r.Mode {
+	case Notice:
+		if r.LowBalance > 0 && a.Balance < r.LowBalance {
+			d.Outcome = ForwardLow
+			d.Notice = NoticeLow
+		}
+	case Overdraft:
+		if a.Balance < 0 {
+			d.Outcome = ForwardOverdraft
+		}
+	}
+	return d
+}

@@ -1,0 +1,146 @@
+package policy
+
+import (
+	"bytes"
+	"encoding/json"
+	"net/http"
+	"strconv"
+)
+
+// ContentTypeProblem is the media type of a problem details body (RFC 9457).
+const ContentTypeProblem = "application/problem+json"
+
+// Problem types: stable URIs that identify each kind of problem the gateway
+// answers. Clients may switch on them; they never change.
+const (
+	// TypeInsufficientCredits identifies a 402: the credits cannot pay for
+	// the call.
+	TypeInsufficientCredits = "https://creditsgw.dev/problems/insufficient-credits"
+	// TypeOrgMissing identifies a 401: the request names no organization.
+	TypeOrgMissing = "https://creditsgw.dev/problems/org-missing"
+	// TypeInvalidInput identifies a 400: an org id, cost or other input is
+	// invalid.
+	TypeInvalidInput = "https://creditsgw.dev/problems/invalid-input"
+	// TypeStoreUnavailable identifies a 503: the credit store did not answer
+	// in time.
+	TypeStoreUnavailable = "https://creditsgw.dev/problems/store-unavailable"
+)
+
+// Problem is an RFC 9457 problem details body.
+type Problem struct {
+	// Type is a URI that identifies the kind of problem, one of the Type
+	// constants.
+	Type string `json:"type"`
+	// Title is a short summary of the kind of problem, the same for every
+	// problem of a Type.
+	Title string `json:"title"`
+	// Status is the HTTP status code of the response.
+	Status int `json:"status"`
+	// Detail explains this occurrence of the problem; for insufficient
+	// credits a UI can show it to an end user as is.
+	Detail string `json:"detail"`
+	// Org is the organization the call was for, if known.
+	Org string `json:"org,omitempty"`
+	// Feature is the usage label of the route, if known.
+	Feature string `json:"feature,omitempty"`
+	// Balance is the organization's current balance; a refusal always has it.
+	Balance *int64 `json:"balance,omitempty"`
+	// Cost is the credits the call needed; a refusal always has it.
+	Cost *int64 `json:"cost,omitempty"`
+	// TopUpURL is where the organization adds credits; omitted when none is
+	// configured.
+	TopUpURL string `json:"topup_url,omitempty"`
+}
+
+// JSON returns the problem's body: compact JSON, with the fields in the
+// order of the Problem type and a trailing newline. The same problem always
+// yields the same bytes.
+func (p *Problem) JSON() []byte {
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
+	// A top-up URL keeps its '&' readable; the body is never embedded in HTML.
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(p); err != nil {
+		// Strings, ints and pointers to ints always encode; this is a
+		// guard, not a path the gateway takes.
+		return []byte(`{"type":"about:blank","title":"Internal Server Error","status":500,"detail":""}` + "\n")
+	}
+	return buf.Bytes()
+}
+
+// Insufficient returns the 402 problem of a call that the credits of org
+// cannot pay for on route r. Its detail is a sentence a UI can show to an
+// end user, and mentions the route's top-up URL when there is one.
+func Insufficient(r Route, org string, balance, cost int64) *Problem {
+	return &Problem{
+		Type:     TypeInsufficientCredits,
+		Title:    "Insufficient credits",
+		Status:   http.StatusPaymentRequired,
+		Detail:   insufficientDetail(balance, cost, r.TopUpURL),
+		Org:      org,
+		Feature:  r.Feature,
+		Balance:  &balance,
+		Cost:     &cost,
+		TopUpURL: r.TopUpURL,
+	}
+}
+
+// insufficientDetail words the detail of an insufficient-credits problem.
+func insufficientDetail(balance, cost int64, topUpURL string) string {
+	var s string
+	if balance >= 0 {
+		s = "Your organization has " + credits(balance) + " left; this action needs " + strconv.FormatInt(cost, 10) + "."
+	} else {
+		// Only an overdraft route past its limit refuses with a negative
+		// balance.
+		s = "Your organization has no credits left and is " + credits(-balance) +
+			" overdrawn; this action needs " + strconv.FormatInt(cost, 10) + "."
+	}
+	if topUpURL != "" {
+		return s + " Add credits at " + topUpURL + " to continue."
+	}
+	return s + " Add credits to continue."
+}
+
+// credits words n credits, e.g. "1 credit" or "0 credits".
+func credits(n int64) string {
+	if n == 1 {
+		return "1 credit"
+	}
+	return strconv.FormatInt(n, 10) + " credits"
+}
+
+// OrgMissing returns the 401 problem of a request that names no organization.
+func OrgMissing() *Problem {
+	return &Problem{
+		Type:   TypeOrgMissing,
+		Title:  "Organization missing",
+		Status: http.StatusUnauthorized,
+		Detail: "The request does not say which organization it is for.",
+	}
+}
+
+// Invalid returns the 400 problem of a request with invalid input; its
+// detail is err's message, e.g. one of an *InputError (empty if err is nil).
+func Invalid(err error) *Problem {
+	p := &Problem{
+		Type:   TypeInvalidInput,
+		Title:  "Invalid input",
+		Status: http.StatusBadRequest,
+	}
+	if err != nil {
+		p.Detail = err.Error()
+	}
+	return p
+}
+
+// Unavailable returns the 503 problem of a call that the credit store could
+// not answer in time, under fail_mode closed.
+func Unavailable() *Problem {
+	return &Problem{
+		Type:   TypeStoreUnavailable,
+		Title:  "Credit store unavailable",
+		Status: http.StatusServiceUnavailable,
+		Detail: "The credit balance could not be checked just now; try again shortly.",
+	}
+}
