@@ -1,0 +1,122 @@
+package meter
+
+import (
+	"fmt"
+	"time"
+)
+
+// Plan is an org's yearly bundle of credits.
+type Plan struct {
+	// Allowance is the number of credits granted at each recharge.
+	Allowance int64 `json:"allowance"`
+	// RechargeMonth is the month, 1 to 12, on whose first day (00:00 UTC)
+	// the allowance recharges every year.
+	RechargeMonth int `json:"recharge_month"`
+}
+
+// Account is an org's credits as the ledger holds them.
+type Account struct {
+	// Org is the organization's id.
+	Org string `json:"org"`
+	// Balance is AllowanceRemaining plus Purchased: what the org can spend.
+	Balance int64 `json:"balance"`
+	// AllowanceRemaining is what is left of this period's plan credits; below
+	// zero it is overdraft debt, which carries over to the next period.
+	AllowanceRemaining int64 `json:"allowance_remaining"`
+	// Purchased is the credits bought with top-ups; they never expire.
+	Purchased int64 `json:"purchased"`
+	// Plan is the plan of the current period.
+	Plan Plan `json:"plan"`
+	// NextPlan is a plan change that takes effect at the next recharge.
+	NextPlan *Plan `json:"next_plan,omitempty"`
+	// OwnPlan is false while the org is on the default plan.
+	OwnPlan bool `json:"own_plan"`
+	// PeriodStart is when the current period began.
+	PeriodStart time.Time `json:"period_start"`
+	// NextRecharge is when the allowance next recharges.
+	NextRecharge time.Time `json:"next_recharge"`
+	// Used is the credits spent per feature this period, net of refunds.
+	Used map[string]int64 `json:"used"`
+}
+
+// Event is one change to an org's credits.
+type Event struct {
+	// ID is the event's id in the org's event stream.
+	ID string `json:"id"`
+	// Time is when the change happened, on the ledger's clock.
+	Time time.Time `json:"time"`
+	// Kind is grant, charge, settle, refund, topup, recharge or plan.
+	Kind string `json:"kind"`
+	// Delta is the change to the balance.
+	Delta int64 `json:"delta"`
+	// Balance is the balance after the change.
+	Balance int64 `json:"balance"`
+	// Feature is the feature charged, for charges, settles and refunds.
+	Feature string `json:"feature,omitempty"`
+	// Ref is the request id, top-up reference or plan of the change.
+	Ref string `json:"ref,omitempty"`
+}
+
+// monthIndex numbers months from year 0: year*12 + month - 1.
+func monthIndex(t time.Time) int64 {
+	t = t.UTC()
+	return int64(t.Year())*12 + int64(t.Month()) - 1
+}
+
+func monthStart(index int64) time.Time {
+	return time.Date(int(index/12), time.Month(index%12+1), 1, 0, 0, 0, 0, time.UTC)
+}
+
+// parseAccount reads the account part of a script reply: rem, pur, a, m, pa,
+// pm, own, ps, nx, then feature and used pairs.
+func parseAccount(org string, v []any) (Account, error) {
+	if len(v) < 9 || len(v)%2 != 1 {
+		return Account{}, fmt.Errorf("account reply has %d fields", len(v))
+	}
+	var n [9]int64
+	for i := range n {
+		x, ok := v[i].(int64)
+		if !ok {
+			return Account{}, fmt.Errorf("account reply field %d is %T, not an integer", i, v[i])
+		}
+		n[i] = x
+	}
+	a := Account{
+		Org:                org,
+		Balance:            n[0] + n[1],
+		AllowanceRemaining: n[0],
+		Purchased:          n[1],
+		Plan:               Plan{Allowance: n[2], RechargeMonth: int(n[3])},
+		OwnPlan:            n[6] == 1,
+		PeriodStart:        time.Unix(n[7], 0).UTC(),
+		NextRecharge:       monthStart(n[8]),
+		Used:               make(map[string]int64, (len(v)-9)/2),
+	}
+	if n[4] >= 0 {
+		a.NextPlan = &Plan{Allowance: n[4], RechargeMonth: int(n[5])}
+	}
+	for i := 9; i < len(v); i += 2 {
+		f, ok1 := v[i].(string)
+		u, ok2 := v[i+1].(int64)
+		if !ok1 || !ok2 {
+			return Account{}, fmt.Errorf("account reply usage pair %d is %T, %T", (i-9)/2, v[i], v[i+1])
+		}
+		a.Used[f] = u
+	}
+	return a, nil
+}
+
+// defaultAccount is what an org with no record would get from plan at now.
+func defaultAccount(org string, plan Plan, now time.Time) Account {
+	ym := monthIndex(now)
+	start := ym - ((ym%12-int64(plan.RechargeMonth-1))%12+12)%12
+	return Account{
+		Org:                org,
+		Balance:            plan.Allowance,
+		AllowanceRemaining: plan.Allowance,
+		Plan:               plan,
+		PeriodStart:        monthStart(start),
+		NextRecharge:       monthStart(start + 12),
+		Used:               map[string]int64{},
+	}
+}

@@ -1,0 +1,59 @@
+package meter
+
+import (
+	"fmt"
+	"strings"
+)
+
+// DefaultPrefix is the key prefix used when none is configured.
+const DefaultPrefix = "credits"
+
+// Keys builds every Redis key the ledger uses. Each key carries the org in a
+// hash tag, {org}, so all of an org's keys live in one Redis Cluster slot and
+// one script can touch them all.
+type Keys struct {
+	prefix string
+}
+
+// NewKeys returns the key builder for prefix. The prefix must be 1 to 64
+// printable ASCII characters without braces, so that the org's hash tag is
+// the first one in every key.
+func NewKeys(prefix string) (Keys, error) {
+	if prefix == "" {
+		prefix = DefaultPrefix
+	}
+	if len(prefix) > 64 {
+		return Keys{}, fmt.Errorf("key prefix %.70q: longer than 64 characters", prefix)
+	}
+	for i := 0; i < len(prefix); i++ {
+		c := prefix[i]
+		if c <= ' ' || c > '~' || c == '{' || c == '}' {
+			return Keys{}, fmt.Errorf("key prefix %q: only printable ASCII without spaces or braces", prefix)
+		}
+	}
+	return Keys{prefix: prefix}, nil
+}
+
+func (k Keys) key(org, kind string) string {
+	var b strings.Builder
+	b.Grow(len(k.prefix) + len(org) + len(kind) + 4)
+	b.WriteString(k.prefix)
+	b.WriteString(":{")
+	b.WriteString(org)
+	b.WriteString("}:")
+	b.WriteString(kind)
+	return b.String()
+}
+
+// Account is the hash holding the org's plan, balances and usage.
+func (k Keys) Account(org string) string { return k.key(org, "a") }
+
+// Events is the org's capped event stream.
+func (k Keys) Events(org string) string { return k.key(org, "e") }
+
+// TopUps is the set of top-up references applied to the org.
+func (k Keys) TopUps(org string) string { return k.key(org, "t") }
+
+// Request is the marker of one charged request, kept for a day, that makes a
+// repeated charge or settle with the same request id a no-op.
+func (k Keys) Request(org, requestID string) string { return k.key(org, "r:"+requestID) }

@@ -1,0 +1,502 @@
+// Package meter is the credits ledger: every org's plan, balances, usage and
+// events in Redis, changed only by atomic Lua scripts.
+package meter
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/creditsgw/caddy-credits/policy"
+)
+
+// Limits of the amounts the ledger accepts.
+const (
+	// MaxAmount is the largest top-up, plan allowance or overdraft limit.
+	MaxAmount = 1_000_000_000_000
+	// MaxPurchased is the most purchased credits an org may hold; it keeps
+	// every count exact in Lua's double-precision numbers.
+	MaxPurchased = 1_000_000_000_000_000
+	// NoLimit as an overdraft limit lets the balance go as deep as it must.
+	NoLimit = -1
+)
+
+// Defaults of Config.
+const (
+	DefaultTimeout   = 100 * time.Millisecond
+	DefaultEventsMax = 1000
+	DefaultMarkerTTL = 24 * time.Hour
+)
+
+var (
+	// ErrNotFound means Redis holds nothing for the org.
+	ErrNotFound = errors.New("no account for this org")
+	// ErrUnknownRequest means no charge with the request id is on record
+	// (it never happened, was refused, or its marker expired).
+	ErrUnknownRequest = errors.New("no charge with this request id")
+	// ErrPurchasedLimit means a top-up would take the org's purchased credits
+	// past MaxPurchased.
+	ErrPurchasedLimit = errors.New("purchased credits would pass the limit")
+)
+
+// Config holds the ledger's settings; the zero value of each field means its
+// default.
+type Config struct {
+	// Prefix starts every key; default "credits".
+	Prefix string
+	// DefaultPlan is granted to an org the first time it is seen; its
+	// RechargeMonth defaults to 1 (January).
+	DefaultPlan Plan
+	// Timeout bounds each store call whose context has no earlier deadline;
+	// default 100ms.
+	Timeout time.Duration
+	// EventsMax is about how many events each org's stream keeps; default 1000.
+	EventsMax int64
+	// MarkerTTL is how long a charge is remembered by request id; default 24h.
+	MarkerTTL time.Duration
+	// Now is the ledger's clock; default time.Now. Recharges follow it.
+	Now func() time.Time
+}
+
+// Ledger changes and reads orgs' credits. It is safe for concurrent use.
+type Ledger struct {
+	rdb         redis.UniversalClient
+	keys        Keys
+	defaultPlan Plan
+	timeout     time.Duration
+	eventsMax   string
+	markerTTL   string
+	now         func() time.Time
+}
+
+// New returns a ledger over rdb, which may be a single Redis, a Sentinel
+// failover client or a Cluster client. Use NewClient for settings that cannot
+// charge twice.
+func New(rdb redis.UniversalClient, cfg Config) (*Ledger, error) {
+	keys, err := NewKeys(cfg.Prefix)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.DefaultPlan.RechargeMonth == 0 {
+		cfg.DefaultPlan.RechargeMonth = 1
+	}
+	if err := validatePlan(cfg.DefaultPlan); err != nil {
+		return nil, fmt.Errorf("default plan: %w", err)
+	}
+	if cfg.Timeout == 0 {
+		cfg.Timeout = DefaultTimeout
+	}
+	if cfg.Timeout < 0 {
+		return nil, fmt.Errorf("timeout %s: must be positive", cfg.Timeout)
+	}
+	if cfg.EventsMax == 0 {
+		cfg.EventsMax = DefaultEventsMax
+	}
+	if cfg.EventsMax < 1 {
+		return nil, fmt.Errorf("events max %d: must be positive", cfg.EventsMax)
+	}
+	if cfg.MarkerTTL == 0 {
+		cfg.MarkerTTL = DefaultMarkerTTL
+	}
+	if cfg.MarkerTTL < time.Second {
+		return nil, fmt.Errorf("marker lifetime %s: must be at least a second", cfg.MarkerTTL)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	return &Ledger{
+		rdb:         rdb,
+		keys:        keys,
+		defaultPlan: cfg.DefaultPlan,
+		timeout:     cfg.Timeout,
+		eventsMax:   strconv.FormatInt(cfg.EventsMax, 10),
+		markerTTL:   strconv.FormatInt(int64(cfg.MarkerTTL/time.Second), 10),
+		now:         cfg.Now,
+	}, nil
+}
+
+// Keys returns the ledger's key builder.
+func (l *Ledger) Keys() Keys { return l.keys }
+
+// DefaultPlan returns the plan granted to orgs seen for the first time.
+func (l *Ledger) DefaultPlan() Plan { return l.defaultPlan }
+
+// ChargeRequest is one call to charge.
+type ChargeRequest struct {
+	// Org is the org charged.
+	Org string
+	// Feature is the usage label.
+	Feature string
+	// Cost is the credits the call costs, 1 to policy.MaxCost.
+	Cost int64
+	// RequestID identifies the call: the same org and request id are charged
+	// once for MarkerTTL. Empty means a fresh random id.
+	RequestID string
+	// Overdraft lets the balance go below zero, down to -OverdraftLimit;
+	// without it a charge the balance cannot cover is refused.
+	Overdraft bool
+	// OverdraftLimit is the deepest the balance may go, or NoLimit.
+	OverdraftLimit int64
+}
+
+// ChargeResult is the ledger's answer to a charge.
+type ChargeResult struct {
+	// Charged is true when the credits were taken (now or by an earlier charge
+	// with the same request id).
+	Charged bool
+	// Replay is true when an earlier charge with the same request id stands;
+	// Balance and Cost are then that charge's.
+	Replay bool
+	// Balance is the balance after the charge, or the current balance when
+	// the charge was refused.
+	Balance int64
+	// Cost is the credits taken.
+	Cost int64
+	// RequestID is the request id the charge was recorded under.
+	RequestID string
+}
+
+// Charge spends req.Cost credits of req.Org's, allowance first, then
+// purchased credits. It is one script and one round trip; a refused charge
+// writes nothing.
+func (l *Ledger) Charge(ctx context.Context, req ChargeRequest) (ChargeResult, error) {
+	if err := validateCharge(&req); err != nil {
+		return ChargeResult{}, err
+	}
+	if req.RequestID == "" {
+		req.RequestID = NewRequestID()
+	}
+	overdraft, limit := "0", "-1"
+	if req.Overdraft {
+		overdraft = "1"
+		limit = strconv.FormatInt(req.OverdraftLimit, 10)
+	}
+	keys := []string{l.keys.Account(req.Org), l.keys.Request(req.Org, req.RequestID), l.keys.Events(req.Org)}
+	v, err := l.run(ctx, chargeScript, keys, 3, req.Feature, req.Cost, overdraft, limit, req.RequestID, l.markerTTL)
+	if err != nil {
+		return ChargeResult{}, fmt.Errorf("charge: %w", err)
+	}
+	res := ChargeResult{Balance: v[1], Cost: v[2], RequestID: req.RequestID}
+	switch v[0] {
+	case codeOK:
+		res.Charged = true
+	case codeRefused:
+	case codeRepeat:
+		res.Charged, res.Replay = true, true
+	default:
+		return ChargeResult{}, fmt.Errorf("charge: unexpected script code %d", v[0])
+	}
+	return res, nil
+}
+
+// SettleResult is the ledger's answer to a settle.
+type SettleResult struct {
+	// Balance is the balance after the settle.
+	Balance int64
+	// Delta is the change the settle made to the balance: positive for a
+	// refund, negative for an extra charge, zero for a repeat.
+	Delta int64
+	// Repeat is true when the request was settled before; nothing changed.
+	Repeat bool
+}
+
+// Settle sets the final cost of a charged request: a lower cost gives the
+// difference back, a higher one charges it (as overdraft: the call has
+// happened), 0 refunds it all. A request is settled once; settling it again
+// changes nothing.
+func (l *Ledger) Settle(ctx context.Context, org, requestID string, actual int64) (SettleResult, error) {
+	if err := policy.ValidateOrg(org); err != nil {
+		return SettleResult{}, err
+	}
+	if err := validateRequestID(requestID); err != nil {
+		return SettleResult{}, err
+	}
+	if actual < 0 || actual > policy.MaxCost {
+		return SettleResult{}, rangeError("actual cost", actual, 0, policy.MaxCost)
+	}
+	keys := []string{l.keys.Account(org), l.keys.Request(org, requestID), l.keys.Events(org)}
+	v, err := l.run(ctx, settleScript, keys, 3, actual, requestID)
+	if err != nil {
+		return SettleResult{}, fmt.Errorf("settle: %w", err)
+	}
+	switch v[0] {
+	case codeOK:
+		return SettleResult{Balance: v[1], Delta: v[2]}, nil
+	case codeRepeat:
+		return SettleResult{Balance: v[1], Repeat: true}, nil
+	case codeNotFound:
+		return SettleResult{}, ErrUnknownRequest
+	}
+	return SettleResult{}, fmt.Errorf("settle: unexpected script code %d", v[0])
+}
+
+// TopUp adds amount purchased credits to org. A reference is applied once
+// per org: a repeat returns the account unchanged with applied false. An
+// empty reference means a fresh random one.
+func (l *Ledger) TopUp(ctx context.Context, org string, amount int64, reference string) (acct Account, applied bool, err error) {
+	if err := policy.ValidateOrg(org); err != nil {
+		return Account{}, false, err
+	}
+	if amount < 1 || amount > MaxAmount {
+		return Account{}, false, rangeError("amount", amount, 1, MaxAmount)
+	}
+	if reference == "" {
+		reference = NewRequestID()
+	} else if err := validateReference(reference); err != nil {
+		return Account{}, false, err
+	}
+	keys := []string{l.keys.Account(org), l.keys.TopUps(org), l.keys.Events(org)}
+	code, acct, err := l.runAccount(ctx, topUpScript, org, keys, amount, reference, MaxPurchased)
+	if err != nil {
+		return Account{}, false, fmt.Errorf("top-up: %w", err)
+	}
+	switch code {
+	case codeOK:
+		return acct, true, nil
+	case codeRepeat:
+		return acct, false, nil
+	case codeLimit:
+		return acct, false, ErrPurchasedLimit
+	}
+	return Account{}, false, fmt.Errorf("top-up: unexpected script code %d", code)
+}
+
+// SetPlan gives org a plan of its own. An org on the default plan (or new)
+// starts a new period on it at once, as a recharge would; a change to an
+// org's own plan takes effect at its next recharge.
+func (l *Ledger) SetPlan(ctx context.Context, org string, plan Plan) (Account, error) {
+	if err := policy.ValidateOrg(org); err != nil {
+		return Account{}, err
+	}
+	if err := validatePlan(plan); err != nil {
+		return Account{}, err
+	}
+	keys := []string{l.keys.Account(org), l.keys.Events(org)}
+	_, acct, err := l.runAccount(ctx, planScript, org, keys, plan.Allowance, plan.RechargeMonth)
+	if err != nil {
+		return Account{}, fmt.Errorf("set plan: %w", err)
+	}
+	return acct, nil
+}
+
+// Recharge starts a new period for org now: the allowance is granted again,
+// unused allowance expires, debt carries over and usage restarts at zero.
+func (l *Ledger) Recharge(ctx context.Context, org string) (Account, error) {
+	if err := policy.ValidateOrg(org); err != nil {
+		return Account{}, err
+	}
+	keys := []string{l.keys.Account(org), l.keys.Events(org)}
+	_, acct, err := l.runAccount(ctx, rechargeScript, org, keys)
+	if err != nil {
+		return Account{}, fmt.Errorf("recharge: %w", err)
+	}
+	return acct, nil
+}
+
+// Account reads org's account, with any recharge that fell due applied. It
+// returns ErrNotFound when Redis holds nothing for the org.
+func (l *Ledger) Account(ctx context.Context, org string) (Account, error) {
+	if err := policy.ValidateOrg(org); err != nil {
+		return Account{}, err
+	}
+	keys := []string{l.keys.Account(org), l.keys.Events(org)}
+	code, acct, err := l.runAccount(ctx, accountScript, org, keys)
+	if err != nil {
+		return Account{}, fmt.Errorf("account: %w", err)
+	}
+	if code == codeNotFound {
+		return Account{}, ErrNotFound
+	}
+	return acct, nil
+}
+
+// Balance is Account, but for an org with no record it answers what the
+// default plan would give, writing nothing.
+func (l *Ledger) Balance(ctx context.Context, org string) (Account, error) {
+	acct, err := l.Account(ctx, org)
+	if errors.Is(err, ErrNotFound) {
+		return defaultAccount(org, l.defaultPlan, l.now()), nil
+	}
+	return acct, err
+}
+
+// Events returns up to limit of org's most recent events, newest first.
+func (l *Ledger) Events(ctx context.Context, org string, limit int64) ([]Event, error) {
+	if err := policy.ValidateOrg(org); err != nil {
+		return nil, err
+	}
+	if limit < 1 || limit > 1000 {
+		return nil, rangeError("limit", limit, 1, 1000)
+	}
+	ctx, cancel := l.deadline(ctx)
+	defer cancel()
+	msgs, err := l.rdb.XRevRangeN(ctx, l.keys.Events(org), "+", "-", limit).Result()
+	if err != nil {
+		return nil, fmt.Errorf("events: %w", err)
+	}
+	events := make([]Event, 0, len(msgs))
+	for _, m := range msgs {
+		e, err := parseEvent(m)
+		if err != nil {
+			return nil, fmt.Errorf("events: %w", err)
+		}
+		events = append(events, e)
+	}
+	return events, nil
+}
+
+func parseEvent(m redis.XMessage) (Event, error) {
+	e := Event{ID: m.ID}
+	str := func(name string) string {
+		s, _ := m.Values[name].(string)
+		return s
+	}
+	num := func(name string) (int64, error) {
+		n, err := strconv.ParseInt(str(name), 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("event %s field %s: %w", m.ID, name, err)
+		}
+		return n, nil
+	}
+	var err error
+	if e.Delta, err = num("n"); err != nil {
+		return Event{}, err
+	}
+	if e.Balance, err = num("b"); err != nil {
+		return Event{}, err
+	}
+	ms, err := num("t")
+	if err != nil {
+		return Event{}, err
+	}
+	e.Time = time.UnixMilli(ms).UTC()
+	e.Kind, e.Feature, e.Ref = str("k"), str("f"), str("r")
+	return e, nil
+}
+
+func (l *Ledger) deadline(ctx context.Context) (context.Context, context.CancelFunc) {
+	if d, ok := ctx.Deadline(); ok && time.Until(d) <= l.timeout {
+		return ctx, func() {}
+	}
+	return context.WithTimeout(ctx, l.timeout)
+}
+
+// run runs script with the common arguments followed by args, and checks the
+// reply is at least n integers.
+func (l *Ledger) run(ctx context.Context, script *redis.Script, keys []string, n int, args ...any) ([]int64, error) {
+	v, err := l.eval(ctx, script, keys, args)
+	if err != nil {
+		return nil, err
+	}
+	if len(v) < n {
+		return nil, fmt.Errorf("script reply has %d fields, want %d", len(v), n)
+	}
+	out := make([]int64, n)
+	for i := range out {
+		x, ok := v[i].(int64)
+		if !ok {
+			return nil, fmt.Errorf("script reply field %d is %T, not an integer", i, v[i])
+		}
+		out[i] = x
+	}
+	return out, nil
+}
+
+func (l *Ledger) runAccount(ctx context.Context, script *redis.Script, org string, keys []string, args ...any) (int64, Account, error) {
+	v, err := l.eval(ctx, script, keys, args)
+	if err != nil {
+		return 0, Account{}, err
+	}
+	if len(v) == 0 {
+		return 0, Account{}, errors.New("empty script reply")
+	}
+	code, ok := v[0].(int64)
+	if !ok {
+		return 0, Account{}, fmt.Errorf("script code is %T, not an integer", v[0])
+	}
+	if code == codeNotFound {
+		return code, Account{}, nil
+	}
+	acct, err := parseAccount(org, v[1:])
+	return code, acct, err
+}
+
+func (l *Ledger) eval(ctx context.Context, script *redis.Script, keys []string, args []any) ([]any, error) {
+	ctx, cancel := l.deadline(ctx)
+	defer cancel()
+	now := l.now()
+	all := make([]any, 0, 5+len(args))
+	all = append(all, now.UnixMilli(), monthIndex(now), l.defaultPlan.Allowance, l.defaultPlan.RechargeMonth, l.eventsMax)
+	all = append(all, args...)
+	raw, err := script.Run(ctx, l.rdb, keys, all...).Result()
+	if err != nil {
+		return nil, err
+	}
+	v, ok := raw.([]any)
+	if !ok {
+		return nil, fmt.Errorf("script reply is %T, not an array", raw)
+	}
+	return v, nil
+}
+
+// NewRequestID returns a random request id.
+func NewRequestID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+func validateCharge(req *ChargeRequest) error {
+	if err := policy.ValidateOrg(req.Org); err != nil {
+		return err
+	}
+	if err := policy.ValidateFeature(req.Feature); err != nil {
+		return err
+	}
+	if req.Cost < policy.MinCost || req.Cost > policy.MaxCost {
+		return rangeError("cost", req.Cost, policy.MinCost, policy.MaxCost)
+	}
+	if req.RequestID != "" {
+		if err := validateRequestID(req.RequestID); err != nil {
+			return err
+		}
+	}
+	if req.Overdraft && req.OverdraftLimit != NoLimit && (req.OverdraftLimit < 0 || req.OverdraftLimit > MaxAmount) {
+		return rangeError("overdraft limit", req.OverdraftLimit, 0, MaxAmount)
+	}
+	return nil
+}
+
+func validatePlan(p Plan) error {
+	if p.Allowance < 0 || p.Allowance > MaxAmount {
+		return rangeError("allowance", p.Allowance, 0, MaxAmount)
+	}
+	if p.RechargeMonth < 1 || p.RechargeMonth > 12 {
+		return rangeError("recharge month", int64(p.RechargeMonth), 1, 12)
+	}
+	return nil
+}
+
+func validateRequestID(id string) error {
+	if err := policy.ValidateIdempotencyKey(id); err != nil {
+		return &policy.InputError{Field: "request id", Value: id, Reason: "must be 1 to 255 printable ASCII characters"}
+	}
+	return nil
+}
+
+func validateReference(ref string) error {
+	if err := policy.ValidateIdempotencyKey(ref); err != nil {
+		return &policy.InputError{Field: "reference", Value: ref, Reason: "must be 1 to 255 printable ASCII characters"}
+	}
+	return nil
+}
+
+func rangeError(field string, v, lo, hi int64) error {
+	return &policy.InputError{Field: field, Value: strconv.FormatInt(v, 10), Reason: fmt.Sprintf("must be %d to %d", lo, hi)}
+}
