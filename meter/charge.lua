@@ -3,6 +3,7 @@
 --
 -- Returns {code, balance, charged}: code 0 charged, 1 refused (nothing
 -- written), 2 a replay of an earlier charge with this request id (its result).
+-- A request refunded in full is no longer charged, so its id may charge again.
 local feature = ARGV[6]
 local cost = tonumber(ARGV[7])
 local overdraft = ARGV[8] == '1'
@@ -10,8 +11,10 @@ local limit = tonumber(ARGV[9])
 
 local marker = redis.call('GET', KEYS[2])
 if marker then
-  local charged, _, _, bal = string.match(marker, '^(%-?%d+) (%S+) (%d+) (%-?%d+)')
-  return {2, tonumber(bal), tonumber(charged)}
+  local charged, _, _, bal, state = string.match(marker, '^(%-?%d+) (%S+) (%d+) (%-?%d+) (%a)')
+  if state ~= 's' or charged ~= '0' then
+    return {2, tonumber(bal), tonumber(charged)}
+  end
 end
 
 local acc = open(KEYS[1])

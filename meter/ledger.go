@@ -136,7 +136,8 @@ type ChargeRequest struct {
 	// Cost is the credits the call costs, 1 to policy.MaxCost.
 	Cost int64
 	// RequestID identifies the call: the same org and request id are charged
-	// once for MarkerTTL. Empty means a fresh random id.
+	// once for MarkerTTL, unless the charge was refunded in full, which frees
+	// the id for a retry. Empty means a fresh random id.
 	RequestID string
 	// Overdraft lets the balance go below zero, down to -OverdraftLimit;
 	// without it a charge the balance cannot cover is refused.

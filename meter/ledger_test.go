@@ -426,3 +426,27 @@ func TestConcurrentCharges(t *testing.T) {
 		})
 	}
 }
+
+func TestRefundFreesRequestID(t *testing.T) {
+	for _, s := range stores(t) {
+		t.Run(s.name, func(t *testing.T) {
+			e := newEnv(t, s.rdb, plan10)
+			req := ChargeRequest{Org: "acme", Feature: "alt-text", Cost: 3, RequestID: "retry-me"}
+			if r, err := e.ledger.Charge(e.ctx, req); err != nil || !r.Charged {
+				t.Fatalf("%+v %v", r, err)
+			}
+			if _, err := e.ledger.Settle(e.ctx, "acme", "retry-me", 0); err != nil {
+				t.Fatal(err)
+			}
+			r, err := e.ledger.Charge(e.ctx, req)
+			if err != nil || !r.Charged || r.Replay || r.Balance != 7 {
+				t.Fatalf("retry after refund: %+v %v", r, err)
+			}
+			r, err = e.ledger.Charge(e.ctx, req)
+			if err != nil || !r.Replay || r.Balance != 7 {
+				t.Fatalf("replay of the retry: %+v %v", r, err)
+			}
+			e.wantBalance(e.account("acme"), 7, 7, 0)
+		})
+	}
+}
