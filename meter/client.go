@@ -1,7 +1,9 @@
 package meter
 
 import (
+	"errors"
 	"fmt"
+	"net/url"
 	"sync"
 	"time"
 
@@ -35,9 +37,9 @@ func NewClient(o ClientOptions) (redis.UniversalClient, error) {
 			PoolSize:              o.PoolSize,
 		}), nil
 	case o.URL != "":
-		opts, err := redis.ParseURL(o.URL)
+		opts, err := ParseURL(o.URL)
 		if err != nil {
-			return nil, fmt.Errorf("redis url: %w", err)
+			return nil, err
 		}
 		opts.MaxRetries = -1
 		opts.ContextTimeoutEnabled = true
@@ -47,6 +49,29 @@ func NewClient(o ClientOptions) (redis.UniversalClient, error) {
 		return redis.NewClient(opts), nil
 	}
 	return nil, fmt.Errorf("no Redis URL or Cluster nodes")
+}
+
+// ParseURL parses a redis:// or rediss:// URL. Its errors never quote the
+// URL, which may hold a password.
+func ParseURL(s string) (*redis.Options, error) {
+	u, err := url.Parse(s)
+	if err != nil {
+		return nil, errors.New("invalid redis URL: it does not parse as a URL")
+	}
+	if u.Scheme != "redis" && u.Scheme != "rediss" {
+		return nil, errors.New("invalid redis URL: it must start with redis:// or rediss://")
+	}
+	opts, err := redis.ParseURL(s)
+	if err != nil {
+		var uerr *url.Error
+		if errors.As(err, &uerr) {
+			return nil, errors.New("invalid redis URL: it does not parse as a URL")
+		}
+		// go-redis names the part it rejects (db, an option), never the
+		// user info.
+		return nil, fmt.Errorf("invalid redis URL: %w", err)
+	}
+	return opts, nil
 }
 
 // Embedded is an in-process store, for trying the gateway without Redis: the

@@ -484,9 +484,17 @@ func validatePlan(p Plan) error {
 	return nil
 }
 
+// MaxRequestIDLen is the longest request id: room for a 255-character
+// Idempotency-Key with a short prefix.
+const MaxRequestIDLen = 300
+
 func validateRequestID(id string) error {
-	if err := policy.ValidateIdempotencyKey(id); err != nil {
-		return &policy.InputError{Field: "request id", Value: id, Reason: "must be 1 to 255 printable ASCII characters"}
+	ok := len(id) > 0 && len(id) <= MaxRequestIDLen
+	for i := 0; ok && i < len(id); i++ {
+		ok = id[i] > ' ' && id[i] <= '~'
+	}
+	if !ok {
+		return &policy.InputError{Field: "request id", Value: id, Reason: "must be 1 to 300 printable ASCII characters"}
 	}
 	return nil
 }

@@ -305,7 +305,7 @@ var ledgerCases = []ledgerCase{
 			{Org: "acme", Feature: "f", Cost: 1 << 62},
 			{Org: "acme", Feature: "", Cost: 1},
 			{Org: "acme", Feature: "a b", Cost: 1},
-			{Org: "acme", Feature: "f", Cost: 1, RequestID: strings.Repeat("r", 256)},
+			{Org: "acme", Feature: "f", Cost: 1, RequestID: strings.Repeat("r", 301)},
 			{Org: "acme", Feature: "f", Cost: 1, RequestID: "has space"},
 			{Org: "acme", Feature: "f", Cost: 1, Overdraft: true, OverdraftLimit: -2},
 			{Org: "acme", Feature: "f", Cost: 1, Overdraft: true, OverdraftLimit: MaxAmount + 1},
