@@ -632,3 +632,17 @@ func BenchmarkValidateOrg(b *testing.B) {
 		}
 	}
 }
+
+func TestStatusProblem(t *testing.T) {
+	p := policy.Status(http.StatusMethodNotAllowed, "use GET")
+	var got map[string]any
+	if err := json.Unmarshal(p.JSON(), &got); err != nil {
+		t.Fatal(err)
+	}
+	if got["type"] != "about:blank" || got["title"] != "Method Not Allowed" || got["status"] != float64(405) || got["detail"] != "use GET" {
+		t.Fatalf("problem: %v", got)
+	}
+	if _, ok := got["balance"]; ok {
+		t.Fatalf("a status problem has a balance: %v", got)
+	}
+}

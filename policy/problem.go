@@ -144,3 +144,10 @@ func Unavailable() *Problem {
 		Detail: "The credit balance could not be checked just now; try again shortly.",
 	}
 }
+
+// Status returns a problem that is no more than its HTTP status: type
+// about:blank and the status text as title (RFC 9457, section 4.2.1), such
+// as a 404 or 405 of the admin API.
+func Status(status int, detail string) *Problem {
+	return &Problem{Type: "about:blank", Title: http.StatusText(status), Status: status, Detail: detail}
+}
