@@ -1,0 +1,229 @@
+// Package caddymodule plugs the credits ledger into Caddy: the credits app,
+// the credits, credits_balance and credits_admin handlers, their Caddyfile
+// syntax, metrics and the caddy credits command.
+package caddymodule
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+
+	"github.com/creditsgw/caddy-credits/meter"
+)
+
+func init() {
+	caddy.RegisterModule(App{})
+	redis.SetLogger(redisLogger{})
+}
+
+// redisLogger sends go-redis' own messages (such as failed dials) to
+// Caddy's log instead of standard error.
+type redisLogger struct{}
+
+func (redisLogger) Printf(_ context.Context, format string, v ...any) {
+	caddy.Log().Named("credits.redis").Warn(fmt.Sprintf(format, v...))
+}
+
+// App is the credits app: it owns the connection to the store that every
+// credits handler uses. Configure it with the `credits` global option; with
+// neither Redis nor RedisCluster set, the store is embedded in the Caddy
+// process (for trying the gateway out: balances are lost on restart).
+type App struct {
+	// Redis is the URL of the Redis server: redis://[user:password@]host:port[/db],
+	// or rediss:// for TLS. Placeholders such as {env.REDIS_URL} are replaced
+	// when the config loads, so the password need not be in the config.
+	Redis string `json:"redis,omitempty"`
+	// RedisCluster lists seed nodes (host:port) of a Redis Cluster, instead
+	// of Redis.
+	RedisCluster []string `json:"redis_cluster,omitempty"`
+	// KeyPrefix starts every Redis key; default "credits".
+	KeyPrefix string `json:"key_prefix,omitempty"`
+	// Timeout is the deadline of one store call; default 100ms.
+	Timeout caddy.Duration `json:"timeout,omitempty"`
+	// DefaultPlan is granted to an org the first time it is seen; default
+	// an allowance of 0 recharging in January.
+	DefaultPlan *meter.Plan `json:"default_plan,omitempty"`
+	// TopUpURL is where users buy credits; it is put into notices and 402
+	// bodies.
+	TopUpURL string `json:"topup_url,omitempty"`
+	// Backlog is how many fail-open charges may wait for the store at once;
+	// default 10000. A fail-open call that finds the backlog full is refused
+	// as with fail_mode closed.
+	Backlog int `json:"backlog,omitempty"`
+
+	ledger  *meter.Ledger
+	store   *store
+	poolKey string
+	metrics *metrics
+	logger  *zap.Logger
+}
+
+// CaddyModule returns the Caddy module information.
+func (App) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "credits",
+		New: func() caddy.Module { return new(App) },
+	}
+}
+
+// DefaultBacklog is the default size of the fail-open backlog.
+const DefaultBacklog = 10000
+
+// Provision connects to the store, or shares the connection of an earlier
+// config that used the same store.
+func (a *App) Provision(ctx caddy.Context) error {
+	a.logger = ctx.Logger()
+	if a.Timeout == 0 {
+		a.Timeout = caddy.Duration(meter.DefaultTimeout)
+	}
+	if a.Backlog == 0 {
+		a.Backlog = DefaultBacklog
+	}
+	// Checked before the backlog is allocated.
+	if err := a.Validate(); err != nil {
+		return err
+	}
+	var plan meter.Plan
+	if a.DefaultPlan != nil {
+		plan = *a.DefaultPlan
+	}
+	var err error
+	if a.metrics, err = newMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return err
+	}
+
+	// {env.*} placeholders keep a password out of the config itself.
+	repl := caddy.NewReplacer()
+	redisURL := repl.ReplaceKnown(a.Redis, "")
+	nodes := make([]string, len(a.RedisCluster))
+	for i, n := range a.RedisCluster {
+		nodes[i] = repl.ReplaceKnown(n, "")
+	}
+	a.poolKey = "embedded"
+	switch {
+	case len(nodes) > 0:
+		a.poolKey = "cluster " + strings.Join(nodes, " ")
+	case redisURL != "":
+		a.poolKey = "redis " + redisURL
+	}
+	val, _, err := stores.LoadOrNew(a.poolKey, func() (caddy.Destructor, error) {
+		return openStore(redisURL, nodes, a.Backlog, a.logger)
+	})
+	if err != nil {
+		return err
+	}
+	a.store = val.(*store)
+	a.store.metrics.Store(a.metrics)
+	a.ledger, err = meter.New(a.store.rdb, meter.Config{
+		Prefix:      a.KeyPrefix,
+		DefaultPlan: plan,
+		Timeout:     time.Duration(a.Timeout),
+	})
+	return err
+}
+
+// Validate checks the settings against each other.
+func (a *App) Validate() error {
+	if a.Redis != "" && len(a.RedisCluster) > 0 {
+		return errors.New("credits: redis and redis_cluster both set; choose one")
+	}
+	if a.Timeout < 0 {
+		return fmt.Errorf("credits: timeout %s: must be positive", time.Duration(a.Timeout))
+	}
+	if a.Backlog < 0 || a.Backlog > maxBacklog {
+		return fmt.Errorf("credits: backlog %d: must be 1 to %d", a.Backlog, maxBacklog)
+	}
+	return nil
+}
+
+// Start warns about store settings that can lose credits.
+func (a *App) Start() error {
+	if a.store.embedded != nil {
+		a.logger.Warn("credits are kept in the embedded store, in this process only: balances are lost on restart; set redis or redis_cluster for production")
+		return nil
+	}
+	go a.checkStore()
+	return nil
+}
+
+// Stop does nothing: the store outlives a config reload, and Cleanup lets
+// it go with the last config that uses it.
+func (a *App) Stop() error { return nil }
+
+// Cleanup releases this config's use of the store. Caddy calls it after a
+// failed Provision too, so every field may be unset.
+func (a *App) Cleanup() error {
+	if a.store == nil {
+		return nil
+	}
+	_, err := stores.Delete(a.poolKey)
+	return err
+}
+
+// checkStore warns when Redis can evict keys or lose writes on restart.
+func (a *App) checkStore() {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	check := func(ctx context.Context, c *redis.Client) error {
+		addr := c.Options().Addr
+		policy, err := c.ConfigGet(ctx, "maxmemory-policy").Result()
+		if err != nil {
+			a.logger.Info("cannot read the Redis configuration to check it", zap.String("redis", addr), zap.Error(err))
+			return nil
+		}
+		if p := policy["maxmemory-policy"]; p != "noeviction" {
+			a.logger.Warn("Redis may evict credit keys under memory pressure: set maxmemory-policy noeviction",
+				zap.String("redis", addr), zap.String("maxmemory_policy", p))
+		}
+		persist, err := c.ConfigGet(ctx, "appendonly").Result()
+		if err != nil {
+			return nil
+		}
+		save, err := c.ConfigGet(ctx, "save").Result()
+		if err != nil {
+			return nil
+		}
+		if persist["appendonly"] != "yes" && strings.TrimSpace(save["save"]) == "" {
+			a.logger.Warn("Redis persistence is off: a Redis restart loses every balance; enable appendonly yes",
+				zap.String("redis", addr))
+		} else if persist["appendonly"] != "yes" {
+			a.logger.Warn("Redis saves snapshots only: a Redis crash loses the charges and top-ups since the last one; enable appendonly yes",
+				zap.String("redis", addr))
+		}
+		return nil
+	}
+	var err error
+	switch c := a.store.rdb.(type) {
+	case *redis.ClusterClient:
+		err = c.ForEachShard(ctx, check)
+	case *redis.Client:
+		err = check(ctx, c)
+	}
+	if err != nil {
+		a.logger.Warn("cannot reach Redis at start", zap.Error(err))
+	}
+}
+
+// appFrom returns the credits app of the config being provisioned, creating
+// it with its defaults when the Caddyfile has no credits global option.
+func appFrom(ctx caddy.Context) (*App, error) {
+	v, err := ctx.App("credits")
+	if err != nil {
+		return nil, fmt.Errorf("credits app: %w", err)
+	}
+	return v.(*App), nil
+}
+
+// Interface guards
+var (
+	_ caddy.App          = (*App)(nil)
+	_ caddy.Provisioner  = (*App)(nil)
+	_ caddy.Validator    = (*App)(nil)
+	_ caddy.CleanerUpper = (*App)(nil)
+)

@@ -1,0 +1,102 @@
+package caddymodule
+
+import (
+	"encoding/json"
+	"errors"
+	"net/http"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/creditsgw/caddy-credits/policy"
+)
+
+func init() {
+	caddy.RegisterModule(Balance{})
+}
+
+// Balance answers GET and HEAD with the org's balance as JSON, charging
+// nothing: {"org": "acme", "balance": 41, "next_recharge": "2027-01-01T00:00:00Z"}.
+// An org with no record answers what its default plan would give.
+type Balance struct {
+	// Org is the org whose balance to show; placeholders are allowed, e.g.
+	// {http.request.header.X-Org-Id}.
+	Org string `json:"org"`
+
+	app *App
+}
+
+// CaddyModule returns the Caddy module information.
+func (Balance) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.credits_balance",
+		New: func() caddy.Module { return new(Balance) },
+	}
+}
+
+// Provision finds the credits app.
+func (b *Balance) Provision(ctx caddy.Context) error {
+	var err error
+	b.app, err = appFrom(ctx)
+	return err
+}
+
+// Validate checks that an org is configured.
+func (b *Balance) Validate() error {
+	if b.Org == "" {
+		return errors.New("credits_balance: org is required")
+	}
+	return nil
+}
+
+type balanceBody struct {
+	Org          string    `json:"org"`
+	Balance      int64     `json:"balance"`
+	NextRecharge time.Time `json:"next_recharge"`
+}
+
+// ServeHTTP answers the balance.
+func (b *Balance) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
+	if r.Header.Get("Origin") != "" {
+		w.Header().Add("Access-Control-Expose-Headers", policy.ExposeHeaders)
+	}
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		w.Header().Set("Allow", "GET, HEAD")
+		return writeProblem(w, r, methodNotAllowed(r.Method))
+	}
+	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	org := repl.ReplaceAll(b.Org, "")
+	if err := policy.ValidateOrg(org); err != nil {
+		if errors.Is(err, policy.ErrOrgMissing) {
+			return writeProblem(w, r, policy.OrgMissing())
+		}
+		return writeProblem(w, r, policy.Invalid(err))
+	}
+	acct, err := b.app.ledger.Balance(r.Context(), org)
+	if err != nil {
+		b.app.metrics.storeErrors.Inc()
+		w.Header().Set("Retry-After", "1")
+		return writeProblem(w, r, policy.Unavailable())
+	}
+	body, err := json.Marshal(balanceBody{Org: org, Balance: acct.Balance, NextRecharge: acct.NextRecharge})
+	if err != nil {
+		return caddyhttp.Error(http.StatusInternalServerError, err)
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set(policy.HeaderRemaining, itoa(acct.Balance))
+	w.WriteHeader(http.StatusOK)
+	if r.Method == http.MethodHead {
+		return nil
+	}
+	_, err = w.Write(append(body, '\n'))
+	return err
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Balance)(nil)
+	_ caddy.Validator             = (*Balance)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Balance)(nil)
+)

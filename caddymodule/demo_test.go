@@ -1,0 +1,167 @@
+package caddymodule
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+
+	"github.com/creditsgw/caddy-credits/internal/redistest"
+	"github.com/creditsgw/caddy-credits/meter"
+)
+
+// TestDemo runs the README's walk-through on the demo Caddyfile with the
+// built binary: five calls succeed, the sixth shows the notice, a top-up
+// makes the next one succeed.
+func TestDemo(t *testing.T) {
+	out, err := runCaddyCommand(t, "list-modules")
+	if err != nil {
+		t.Fatalf("list-modules: %v\n%s", err, out)
+	}
+	for _, id := range []string{"credits", "http.handlers.credits", "http.handlers.credits_balance", "http.handlers.credits_admin"} {
+		found := false
+		for _, line := range strings.Split(out, "\n") {
+			found = found || strings.TrimSpace(line) == id
+		}
+		if !found {
+			t.Errorf("list-modules lacks %s", id)
+		}
+	}
+	out, err = runCaddyCommand(t, "adapt", "--config", "../Caddyfile", "--validate")
+	if err != nil {
+		t.Fatalf("adapt --validate of the demo Caddyfile: %v\n%s", err, out)
+	}
+	var adapted struct {
+		Apps map[string]json.RawMessage `json:"apps"`
+	}
+	if err := json.Unmarshal([]byte(out), &adapted); err != nil {
+		t.Fatalf("adapt output: %v\n%s", err, out)
+	}
+	if _, ok := adapted.Apps["credits"]; !ok {
+		t.Fatalf("the adapted demo has no credits app: %s", out)
+	}
+
+	cfg, gw, admin := demoCaddyfile(t)
+	p := startCaddyProcess(t, cfg, gw, admin)
+	call := func(path string) *http.Response {
+		t.Helper()
+		req, _ := http.NewRequest(http.MethodPost, "http://"+gw+path, nil)
+		req.Header.Set("X-Org-Id", "demo")
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		return resp
+	}
+	for i := 4; i >= 0; i-- {
+		resp := call("/rich-text/generate")
+		if resp.StatusCode != http.StatusOK || resp.Header.Get("Credits-Remaining") != fmt.Sprint(i) {
+			t.Fatalf("call %d: %d, Credits-Remaining %q", 5-i, resp.StatusCode, resp.Header.Get("Credits-Remaining"))
+		}
+	}
+	resp := call("/rich-text/generate")
+	if resp.StatusCode != http.StatusPaymentRequired || resp.Header.Get("Credits-Notice") != "exhausted" {
+		t.Fatalf("sixth call: %d, Credits-Notice %q", resp.StatusCode, resp.Header.Get("Credits-Notice"))
+	}
+	if resp := call("/background-removal/remove"); resp.StatusCode != http.StatusPaymentRequired || resp.Header.Get("Credits-Notice") != "" {
+		t.Fatalf("block route: %d, Credits-Notice %q", resp.StatusCode, resp.Header.Get("Credits-Notice"))
+	}
+	if resp := call("/flows/run"); resp.StatusCode != http.StatusOK || resp.Header.Get("Credits-Remaining") != "-1" {
+		t.Fatalf("overdraft route: %d, Credits-Remaining %q", resp.StatusCode, resp.Header.Get("Credits-Remaining"))
+	}
+	top, err := http.Post("http://"+admin+"/admin/orgs/demo/topup", "application/json", strings.NewReader(`{"amount": 10}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	top.Body.Close()
+	if top.StatusCode != http.StatusOK {
+		t.Fatalf("top-up: %d", top.StatusCode)
+	}
+	if resp := call("/rich-text/generate"); resp.StatusCode != http.StatusOK || resp.Header.Get("Credits-Remaining") != "8" {
+		t.Fatalf("after the top-up: %d, Credits-Remaining %q", resp.StatusCode, resp.Header.Get("Credits-Remaining"))
+	}
+	if !strings.Contains(p.output(), "embedded store") {
+		t.Errorf("no warning about the embedded store in the log:\n%s", p.output())
+	}
+}
+
+// TestTwoGateways runs two Caddy processes on one redis-server: 800
+// concurrent calls split across both, on a balance of 300, forward exactly
+// 300.
+func TestTwoGateways(t *testing.T) {
+	srv := redistest.Start(t, redistest.Options{})
+	var forwarded atomic.Int64
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		forwarded.Add(1)
+		io.WriteString(w, "ok")
+	}))
+	defer up.Close()
+	const site = `{
+	admin off
+	credits {
+		redis redis://%s
+		timeout 5s
+		default_plan 300
+	}
+}
+:%d {
+	bind 127.0.0.1
+	credits {
+		org {http.request.header.X-Org-Id}
+		feature image-studio
+	}
+	reverse_proxy %s
+}
+`
+	var addrs []string
+	for range 2 {
+		port := freePort(t)
+		addr := fmt.Sprintf("127.0.0.1:%d", port)
+		startCaddyProcess(t, fmt.Sprintf(site, srv.Addr, port, up.URL), addr)
+		addrs = append(addrs, addr)
+	}
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 100}}
+	var wg sync.WaitGroup
+	var ok, refused, other atomic.Int64
+	sem := make(chan struct{}, 100)
+	for i := range 800 {
+		wg.Go(func() {
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			req, _ := http.NewRequest(http.MethodPost, "http://"+addrs[i%2]+"/remove", nil)
+			req.Header.Set("X-Org-Id", "shared")
+			resp, err := client.Do(req)
+			if err != nil {
+				other.Add(1)
+				return
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			switch resp.StatusCode {
+			case http.StatusOK:
+				ok.Add(1)
+			case http.StatusPaymentRequired:
+				refused.Add(1)
+			default:
+				other.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	if ok.Load() != 300 || refused.Load() != 500 || other.Load() != 0 || forwarded.Load() != 300 {
+		t.Fatalf("200: %d, 402: %d, other: %d, upstream calls: %d; want 300, 500, 0, 300",
+			ok.Load(), refused.Load(), other.Load(), forwarded.Load())
+	}
+	keys, _ := meter.NewKeys("")
+	bal, err := srv.Client(t).HGet(t.Context(), keys.Account("shared"), "rem").Result()
+	if err != nil || bal != "0" {
+		t.Fatalf("allowance remaining in Redis: %q %v", bal, err)
+	}
+}

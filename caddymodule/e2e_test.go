@@ -1,0 +1,554 @@
+package caddymodule
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	_ "github.com/caddyserver/caddy/v2/modules/standard"
+
+	"github.com/creditsgw/caddy-credits/internal/redistest"
+)
+
+// upstream is a real HTTP server standing in for an AI backend. It records
+// what it receives; the path tells it how to answer: /fail answers 500,
+// /usage/<n> sets Credits-Usage: n.
+type upstream struct {
+	*httptest.Server
+	mu       sync.Mutex
+	received []*http.Request
+	calls    atomic.Int64
+}
+
+func startUpstream(t *testing.T) *upstream {
+	t.Helper()
+	u := &upstream{}
+	u.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		u.calls.Add(1)
+		u.mu.Lock()
+		u.received = append(u.received, r.Clone(r.Context()))
+		u.mu.Unlock()
+		// An upstream's own Credits headers never reach the client.
+		w.Header().Set("Credits-Remaining", "999999")
+		if _, n, ok := strings.Cut(r.URL.Path, "/usage/"); ok {
+			w.Header().Set("Credits-Usage", n)
+		}
+		if strings.HasSuffix(r.URL.Path, "/fail") {
+			w.WriteHeader(http.StatusInternalServerError)
+			io.WriteString(w, "backend failed\n")
+			return
+		}
+		w.Header().Set("Content-Type", "text/plain")
+		fmt.Fprintf(w, "ai answer for %s\n", r.URL.Path)
+	}))
+	t.Cleanup(u.Close)
+	return u
+}
+
+func (u *upstream) last(t *testing.T) *http.Request {
+	t.Helper()
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if len(u.received) == 0 {
+		t.Fatal("the upstream received nothing")
+	}
+	return u.received[len(u.received)-1]
+}
+
+func freePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// gateway is Caddy, in this process, with the credits module in front of
+// an upstream, metering against a real redis-server.
+type gateway struct {
+	t        *testing.T
+	url      string // the metered site
+	adminURL string // the credits_admin mount
+	redis    *redistest.Server
+	upstream *upstream
+	client   *http.Client
+}
+
+// gatewayCaddyfile is the test site: one route per kind of product.
+const gatewayCaddyfile = `{
+	admin off
+	credits {
+		redis redis://{REDIS}
+		timeout 300ms
+		default_plan 5
+		topup_url https://billing.example/topup
+		{GLOBAL}
+	}
+}
+http://127.0.0.1:{PORT} {
+	route /rich-text/* {
+		credits {
+			org {http.request.header.X-Org-Id}
+			feature rich-text
+			on_exhausted notice
+			low_balance 3
+		}
+		reverse_proxy {UPSTREAM}
+	}
+	route /background-removal/* {
+		credits {
+			org {http.request.header.X-Org-Id}
+			feature background-removal
+			cost {http.request.header.X-Cost}
+		}
+		reverse_proxy {UPSTREAM}
+	}
+	route /image-studio/* {
+		credits {
+			org {http.request.header.X-Org-Id}
+			feature image-studio
+			cost 2
+			fail_mode open
+		}
+		reverse_proxy {UPSTREAM}
+	}
+	route /flows/* {
+		credits {
+			org {http.request.header.X-Org-Id}
+			feature flows
+			on_exhausted overdraft
+			overdraft_limit 10
+			fail_mode closed
+		}
+		reverse_proxy {UPSTREAM}
+	}
+	route /templates/* {
+		credits {
+			org {http.request.header.X-Org-Id}
+			feature templates
+			on_exhausted overdraft
+		}
+		reverse_proxy {UPSTREAM}
+	}
+	route /dead/* {
+		credits {
+			org {http.request.header.X-Org-Id}
+			feature dead
+		}
+		reverse_proxy 127.0.0.1:{DEADPORT}
+	}
+	handle /balance {
+		credits_balance {
+			org {http.request.header.X-Org-Id}
+		}
+	}
+	{SITE}
+}
+http://127.0.0.1:{ADMINPORT} {
+	handle_path /admin/* {
+		credits_admin {
+			token s3cret
+		}
+	}
+}
+`
+
+type gatewayOptions struct {
+	global, site string
+	redis        redistest.Options
+}
+
+func startGateway(t *testing.T, o gatewayOptions) *gateway {
+	t.Helper()
+	g := &gateway{t: t, redis: redistest.Start(t, o.redis), upstream: startUpstream(t)}
+	port, adminPort := freePort(t), freePort(t)
+	g.url = fmt.Sprintf("http://127.0.0.1:%d", port)
+	g.adminURL = fmt.Sprintf("http://127.0.0.1:%d/admin", adminPort)
+	cfg := strings.NewReplacer(
+		"{REDIS}", g.redis.Addr,
+		"{PORT}", fmt.Sprint(port),
+		"{ADMINPORT}", fmt.Sprint(adminPort),
+		"{DEADPORT}", fmt.Sprint(freePort(t)),
+		"{UPSTREAM}", g.upstream.URL,
+		"{GLOBAL}", o.global,
+		"{SITE}", o.site,
+	).Replace(gatewayCaddyfile)
+	loadCaddyfile(t, cfg)
+	g.client = &http.Client{Timeout: 10 * time.Second}
+	return g
+}
+
+// loadCaddyfile runs Caddy in this process on the Caddyfile until the test
+// ends.
+func loadCaddyfile(t *testing.T, cfg string) {
+	t.Helper()
+	cfgJSON, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), nil)
+	if err != nil {
+		t.Fatalf("adapting the Caddyfile: %v\n%s", err, cfg)
+	}
+	for _, w := range warnings {
+		t.Logf("Caddyfile warning: %s", w)
+	}
+	if err := caddy.Load(cfgJSON, true); err != nil {
+		t.Fatalf("loading the config: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := caddy.Stop(); err != nil {
+			t.Errorf("stopping Caddy: %v", err)
+		}
+	})
+}
+
+type reply struct {
+	status int
+	header http.Header
+	body   []byte
+}
+
+func (r reply) problem(t *testing.T) map[string]any {
+	t.Helper()
+	if ct := r.header.Get("Content-Type"); ct != "application/problem+json" {
+		t.Fatalf("Content-Type %q, want application/problem+json; body %s", ct, r.body)
+	}
+	var p map[string]any
+	if err := json.Unmarshal(r.body, &p); err != nil {
+		t.Fatalf("problem body %s: %v", r.body, err)
+	}
+	if p["status"] != float64(r.status) {
+		t.Fatalf("problem status %v, response status %d", p["status"], r.status)
+	}
+	return p
+}
+
+func (g *gateway) do(method, url string, header map[string]string, body string) reply {
+	g.t.Helper()
+	req, err := http.NewRequest(method, url, strings.NewReader(body))
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	for k, v := range header {
+		req.Header.Set(k, v)
+	}
+	resp, err := g.client.Do(req)
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(resp.Body)
+	if err != nil {
+		g.t.Fatal(err)
+	}
+	return reply{status: resp.StatusCode, header: resp.Header, body: data}
+}
+
+func (g *gateway) call(path, org string, header ...string) reply {
+	g.t.Helper()
+	h := map[string]string{}
+	if org != "" {
+		h["X-Org-Id"] = org
+	}
+	for i := 0; i+1 < len(header); i += 2 {
+		h[header[i]] = header[i+1]
+	}
+	return g.do(http.MethodPost, g.url+path, h, "{}")
+}
+
+func (g *gateway) admin(method, path, body string) reply {
+	g.t.Helper()
+	return g.do(method, g.adminURL+path, map[string]string{"Authorization": "Bearer s3cret"}, body)
+}
+
+// account reads an org's account through the admin API.
+func (g *gateway) account(org string) map[string]any {
+	g.t.Helper()
+	r := g.admin(http.MethodGet, "/orgs/"+org, "")
+	if r.status != http.StatusOK {
+		g.t.Fatalf("account of %s: %d %s", org, r.status, r.body)
+	}
+	var a map[string]any
+	if err := json.Unmarshal(r.body, &a); err != nil {
+		g.t.Fatal(err)
+	}
+	return a
+}
+
+func (g *gateway) balance(org string) int64 {
+	g.t.Helper()
+	return int64(g.account(org)["balance"].(float64))
+}
+
+func (g *gateway) topUp(org string, amount int64) {
+	g.t.Helper()
+	r := g.admin(http.MethodPost, "/orgs/"+org+"/topup", fmt.Sprintf(`{"amount": %d}`, amount))
+	if r.status != http.StatusOK {
+		g.t.Fatalf("top-up: %d %s", r.status, r.body)
+	}
+}
+
+func wantHeaders(t *testing.T, r reply, want map[string]string) {
+	t.Helper()
+	for k, v := range want {
+		got, present := r.header[http.CanonicalHeaderKey(k)]
+		switch {
+		case v == "" && present:
+			t.Errorf("header %s: %q, want none", k, got)
+		case v != "" && (len(got) != 1 || got[0] != v):
+			t.Errorf("header %s: %q, want %q", k, got, v)
+		}
+	}
+	if t.Failed() {
+		t.FailNow()
+	}
+}
+
+func wantStatus(t *testing.T, r reply, status int) {
+	t.Helper()
+	if r.status != status {
+		t.Fatalf("status %d, want %d; body %s", r.status, status, r.body)
+	}
+}
+
+// TestWire checks each row of the wire table (SPEC section 4) through a real
+// Caddy, a real upstream and a real redis-server.
+func TestWire(t *testing.T) {
+	g := startGateway(t, gatewayOptions{})
+
+	t.Run("credits enough", func(t *testing.T) {
+		g.t = t
+		r := g.call("/background-removal/remove", "enough", "X-Cost", "2", "Credits-Remaining", "1000", "Idempotency-Key", "k-1")
+		wantStatus(t, r, http.StatusOK)
+		wantHeaders(t, r, map[string]string{"Credits-Remaining": "3", "Credits-Charged": "2", "Credits-Notice": "", "Credits-Usage": ""})
+		if string(r.body) != "ai answer for /background-removal/remove\n" {
+			t.Fatalf("body %q", r.body)
+		}
+		got := g.upstream.last(t)
+		for name := range got.Header {
+			if strings.HasPrefix(strings.ToLower(name), "credits-") {
+				t.Fatalf("the upstream received %s", name)
+			}
+		}
+		if got.Header.Get("Idempotency-Key") != "k-1" || got.Header.Get("X-Org-Id") != "enough" {
+			t.Fatalf("the upstream received %v", got.Header)
+		}
+		if b := g.balance("enough"); b != 3 {
+			t.Fatalf("balance %d, want 3", b)
+		}
+	})
+
+	t.Run("notice route, low balance", func(t *testing.T) {
+		g.t = t
+		r := g.call("/rich-text/generate", "low")
+		wantStatus(t, r, http.StatusOK)
+		wantHeaders(t, r, map[string]string{"Credits-Remaining": "4", "Credits-Charged": "1", "Credits-Notice": ""})
+		g.call("/rich-text/generate", "low")
+		r = g.call("/rich-text/generate", "low")
+		wantStatus(t, r, http.StatusOK)
+		wantHeaders(t, r, map[string]string{"Credits-Remaining": "2", "Credits-Charged": "1", "Credits-Notice": "low"})
+	})
+
+	t.Run("block route, balance below cost", func(t *testing.T) {
+		g.t = t
+		before := g.upstream.calls.Load()
+		r := g.call("/background-removal/remove", "blocked", "X-Cost", "6")
+		wantStatus(t, r, http.StatusPaymentRequired)
+		wantHeaders(t, r, map[string]string{"Credits-Remaining": "5", "Credits-Charged": "0", "Credits-Notice": ""})
+		p := r.problem(t)
+		for k, v := range map[string]any{"org": "blocked", "feature": "background-removal", "balance": float64(5), "cost": float64(6),
+			"topup_url": "https://billing.example/topup", "status": float64(402)} {
+			if p[k] != v {
+				t.Errorf("problem %s: %v, want %v", k, p[k], v)
+			}
+		}
+		if p["type"] == "" || p["title"] == "" || p["detail"] == "" {
+			t.Errorf("problem without type, title or detail: %v", p)
+		}
+		if g.upstream.calls.Load() != before {
+			t.Fatal("the upstream was called")
+		}
+		if r := g.admin(http.MethodGet, "/orgs/blocked", ""); r.status != http.StatusNotFound {
+			t.Fatalf("a refused first call wrote an account: %d %s", r.status, r.body)
+		}
+	})
+
+	t.Run("notice route, balance below cost", func(t *testing.T) {
+		g.t = t
+		for range 5 {
+			wantStatus(t, g.call("/rich-text/generate", "out"), http.StatusOK)
+		}
+		before := g.upstream.calls.Load()
+		r := g.call("/rich-text/generate", "out")
+		wantStatus(t, r, http.StatusPaymentRequired)
+		wantHeaders(t, r, map[string]string{"Credits-Remaining": "0", "Credits-Notice": "exhausted"})
+		if p := r.problem(t); p["detail"] == "" || p["feature"] != "rich-text" {
+			t.Fatalf("problem %v", p)
+		}
+		if g.upstream.calls.Load() != before {
+			t.Fatal("the upstream was called")
+		}
+	})
+
+	t.Run("overdraft route below zero", func(t *testing.T) {
+		g.t = t
+		for _, want := range []string{"4", "3", "2", "1", "0", "-1", "-2"} {
+			r := g.call("/templates/run", "od")
+			wantStatus(t, r, http.StatusOK)
+			wantHeaders(t, r, map[string]string{"Credits-Remaining": want, "Credits-Charged": "1", "Credits-Notice": ""})
+		}
+		if b := g.balance("od"); b != -2 {
+			t.Fatalf("balance %d", b)
+		}
+	})
+
+	t.Run("overdraft route past its limit", func(t *testing.T) {
+		g.t = t
+		for range 15 {
+			wantStatus(t, g.call("/flows/run", "limit"), http.StatusOK)
+		}
+		before := g.upstream.calls.Load()
+		r := g.call("/flows/run", "limit")
+		wantStatus(t, r, http.StatusPaymentRequired)
+		wantHeaders(t, r, map[string]string{"Credits-Remaining": "-10", "Credits-Notice": ""})
+		if p := r.problem(t); p["balance"] != float64(-10) {
+			t.Fatalf("problem %v", p)
+		}
+		if g.upstream.calls.Load() != before {
+			t.Fatal("the upstream was called")
+		}
+	})
+
+	t.Run("org missing", func(t *testing.T) {
+		g.t = t
+		before := g.upstream.calls.Load()
+		r := g.call("/rich-text/generate", "")
+		wantStatus(t, r, http.StatusUnauthorized)
+		r.problem(t)
+		if g.upstream.calls.Load() != before {
+			t.Fatal("the upstream was called")
+		}
+	})
+
+	t.Run("org or cost invalid", func(t *testing.T) {
+		g.t = t
+		before := g.upstream.calls.Load()
+		for _, c := range []struct{ org, cost string }{
+			{"{acme}", "1"}, {"a b", "1"}, {strings.Repeat("x", 300), "1"}, {"a:b", "1"},
+			{"acme", ""}, {"acme", "0"}, {"acme", "-1"}, {"acme", "two"}, {"acme", "1000001"}, {"acme", "1.5"},
+		} {
+			h := []string{"X-Cost", c.cost}
+			if c.cost == "" {
+				h = nil
+			}
+			r := g.call("/background-removal/remove", c.org, h...)
+			wantStatus(t, r, http.StatusBadRequest)
+			if p := r.problem(t); p["detail"] == "" {
+				t.Fatalf("problem without detail: %v", p)
+			}
+		}
+		if g.upstream.calls.Load() != before {
+			t.Fatal("the upstream was called")
+		}
+		if r := g.admin(http.MethodGet, "/orgs/acme", ""); r.status != http.StatusNotFound {
+			t.Fatalf("bad input wrote an account: %d", r.status)
+		}
+	})
+
+	t.Run("upstream answers 5xx", func(t *testing.T) {
+		g.t = t
+		r := g.call("/rich-text/fail", "five")
+		wantStatus(t, r, http.StatusInternalServerError)
+		wantHeaders(t, r, map[string]string{"Credits-Remaining": "5", "Credits-Charged": "0"})
+		if string(r.body) != "backend failed\n" {
+			t.Fatalf("body %q", r.body)
+		}
+		if b := g.balance("five"); b != 5 {
+			t.Fatalf("balance %d after a refund", b)
+		}
+	})
+
+	t.Run("upstream does not answer", func(t *testing.T) {
+		g.t = t
+		r := g.call("/dead/x", "dead")
+		wantStatus(t, r, http.StatusBadGateway)
+		wantHeaders(t, r, map[string]string{"Credits-Remaining": "5", "Credits-Charged": "0"})
+		if b := g.balance("dead"); b != 5 {
+			t.Fatalf("balance %d after a refund", b)
+		}
+	})
+
+	t.Run("upstream sets Credits-Usage", func(t *testing.T) {
+		g.t = t
+		g.topUp("usage", 10)
+		r := g.call("/image-studio/usage/7", "usage")
+		wantStatus(t, r, http.StatusOK)
+		wantHeaders(t, r, map[string]string{"Credits-Remaining": "8", "Credits-Charged": "7", "Credits-Usage": ""})
+		r = g.call("/image-studio/usage/0", "usage")
+		wantHeaders(t, r, map[string]string{"Credits-Remaining": "8", "Credits-Charged": "0"})
+		a := g.account("usage")
+		if a["balance"] != float64(8) || a["used"].(map[string]any)["image-studio"] != float64(7) {
+			t.Fatalf("account %v", a)
+		}
+	})
+
+	t.Run("Idempotency-Key charges once", func(t *testing.T) {
+		g.t = t
+		before := g.upstream.calls.Load()
+		first := g.call("/rich-text/generate", "idem", "Idempotency-Key", "order-42")
+		again := g.call("/background-removal/remove", "idem", "Idempotency-Key", "order-42", "X-Cost", "1")
+		wantHeaders(t, first, map[string]string{"Credits-Charged": "1", "Credits-Remaining": "4"})
+		wantStatus(t, again, http.StatusOK)
+		wantHeaders(t, again, map[string]string{"Credits-Charged": "0"})
+		if g.upstream.calls.Load() != before+2 || g.upstream.last(t).Header.Get("Idempotency-Key") != "order-42" {
+			t.Fatal("the replay did not reach the upstream with its key")
+		}
+		if b := g.balance("idem"); b != 4 {
+			t.Fatalf("balance %d, want 4", b)
+		}
+		long := g.call("/rich-text/generate", "idem", "Idempotency-Key", strings.Repeat("k", 256))
+		wantStatus(t, long, http.StatusBadRequest)
+	})
+
+	t.Run("browser origin sees the headers", func(t *testing.T) {
+		g.t = t
+		r := g.call("/rich-text/generate", "cors", "Origin", "https://app.example")
+		wantHeaders(t, r, map[string]string{"Access-Control-Expose-Headers": "Credits-Remaining, Credits-Charged, Credits-Notice"})
+		r = g.call("/rich-text/generate", "cors")
+		wantHeaders(t, r, map[string]string{"Access-Control-Expose-Headers": ""})
+	})
+
+	t.Run("credits_balance", func(t *testing.T) {
+		g.t = t
+		r := g.do(http.MethodGet, g.url+"/balance", map[string]string{"X-Org-Id": "nobody-yet"}, "")
+		wantStatus(t, r, http.StatusOK)
+		var b map[string]any
+		if err := json.Unmarshal(r.body, &b); err != nil {
+			t.Fatal(err)
+		}
+		if b["org"] != "nobody-yet" || b["balance"] != float64(5) || b["next_recharge"] != fmt.Sprintf("%d-01-01T00:00:00Z", time.Now().UTC().Year()+1) {
+			t.Fatalf("balance %v", b)
+		}
+		g.call("/rich-text/generate", "nobody-yet")
+		r = g.do(http.MethodGet, g.url+"/balance", map[string]string{"X-Org-Id": "nobody-yet"}, "")
+		if !bytes.Contains(r.body, []byte(`"balance":4`)) {
+			t.Fatalf("balance after a charge: %s", r.body)
+		}
+		wantStatus(t, g.do(http.MethodHead, g.url+"/balance", map[string]string{"X-Org-Id": "x"}, ""), http.StatusOK)
+		wantStatus(t, g.do(http.MethodGet, g.url+"/balance", nil, ""), http.StatusUnauthorized)
+		wantStatus(t, g.do(http.MethodGet, g.url+"/balance", map[string]string{"X-Org-Id": "a b"}, ""), http.StatusBadRequest)
+		r = g.do(http.MethodPost, g.url+"/balance", map[string]string{"X-Org-Id": "x"}, "")
+		wantStatus(t, r, http.StatusMethodNotAllowed)
+		wantHeaders(t, r, map[string]string{"Allow": "GET, HEAD"})
+	})
+}

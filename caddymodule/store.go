@@ -1,0 +1,149 @@
+package caddymodule
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+
+	"github.com/creditsgw/caddy-credits/meter"
+	"github.com/creditsgw/caddy-credits/policy"
+)
+
+// stores holds one store per Redis (or one embedded store), shared by every
+// config that names it, so a config reload keeps its connections, its
+// embedded data and its fail-open backlog.
+var stores = caddy.NewUsagePool()
+
+// store is a connection to Redis, or the embedded store, with the backlog
+// of ledger calls that could not be made when the store did not answer.
+type store struct {
+	rdb      redis.UniversalClient
+	embedded *meter.Embedded
+	logger   *zap.Logger
+	metrics  atomic.Pointer[metrics]
+
+	backlog chan deferred
+	waiting atomic.Int64
+	stop    chan struct{}
+	done    chan struct{}
+}
+
+// deferred is a ledger call kept for later: a fail-open charge, or a settle
+// whose store call failed. The request id makes a replay safe.
+type deferred struct {
+	ledger *meter.Ledger
+	charge *meter.ChargeRequest
+	// For a settle:
+	org, requestID string
+	actual         int64
+}
+
+func openStore(url string, cluster []string, backlog int, logger *zap.Logger) (*store, error) {
+	s := &store{
+		logger:  logger,
+		backlog: make(chan deferred, backlog),
+		stop:    make(chan struct{}),
+		done:    make(chan struct{}),
+	}
+	if url == "" && len(cluster) == 0 {
+		e, err := meter.NewEmbedded()
+		if err != nil {
+			return nil, err
+		}
+		s.embedded, s.rdb = e, e.Client()
+	} else {
+		rdb, err := meter.NewClient(meter.ClientOptions{URL: url, Cluster: cluster})
+		if err != nil {
+			return nil, err
+		}
+		s.rdb = rdb
+	}
+	go s.drain()
+	return s, nil
+}
+
+// later queues d for the store; false when the backlog is full.
+func (s *store) later(d deferred) bool {
+	select {
+	case s.backlog <- d:
+		s.waiting.Add(1)
+		return true
+	default:
+		return false
+	}
+}
+
+// drain applies deferred calls in order, each until the store takes it.
+func (s *store) drain() {
+	defer close(s.done)
+	for {
+		select {
+		case <-s.stop:
+			return
+		case d := <-s.backlog:
+			if !s.apply(d) {
+				return
+			}
+			s.waiting.Add(-1)
+		}
+	}
+}
+
+// apply makes the deferred call, retrying with backoff while the store
+// fails. It returns false when the store is closing.
+func (s *store) apply(d deferred) bool {
+	wait := 50 * time.Millisecond
+	for {
+		err := s.call(d)
+		if err == nil {
+			return true
+		}
+		var inputErr *policy.InputError
+		if errors.As(err, &inputErr) || errors.Is(err, meter.ErrUnknownRequest) {
+			s.logger.Error("dropping a deferred ledger call", zap.Error(err))
+			return true
+		}
+		if m := s.metrics.Load(); m != nil {
+			m.storeErrors.Inc()
+		}
+		select {
+		case <-s.stop:
+			return false
+		case <-time.After(wait):
+		}
+		wait = min(wait*2, 2*time.Second)
+	}
+}
+
+func (s *store) call(d deferred) error {
+	ctx := context.Background()
+	if d.charge != nil {
+		res, err := d.ledger.Charge(ctx, *d.charge)
+		if err == nil && !res.Charged {
+			return fmt.Errorf("deferred overdraft charge refused")
+		}
+		return err
+	}
+	_, err := d.ledger.Settle(ctx, d.org, d.requestID, d.actual)
+	return err
+}
+
+// Destruct closes the store when the last config using it is gone. Calls
+// still waiting in the backlog are lost; how many is logged.
+func (s *store) Destruct() error {
+	close(s.stop)
+	<-s.done
+	if n := s.waiting.Load(); n > 0 {
+		s.logger.Error("fail-open charges lost at shutdown: they were never applied to the ledger", zap.Int64("count", n))
+	}
+	if s.embedded != nil {
+		return s.embedded.Close()
+	}
+	return s.rdb.Close()
+}
