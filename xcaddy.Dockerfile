@@ -1,0 +1,10 @@
+# Caddy with the credits gateway, built with xcaddy:
+#   docker build -f xcaddy.Dockerfile -t caddy-credits .
+FROM caddy:2.11.9-builder AS builder
+WORKDIR /src
+COPY . .
+RUN xcaddy build v2.11.9 \
+	--with github.com/creditsgw/caddy-credits@v0.0.0-00010101000000-000000000000=/src
+
+FROM caddy:2.11.9
+COPY --from=builder /usr/bin/caddy /usr/bin/caddy
