@@ -163,21 +163,22 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			return h.refuse(w, r, "invalid", policy.Invalid(err))
 		}
 	}
-	var requestID string
+	// The attempt id tells this call apart from a client's retry of it with
+	// the same Idempotency-Key.
+	attempt := meter.NewRequestID()
+	requestID := "g:" + attempt
 	if key := r.Header.Get("Idempotency-Key"); key != "" {
 		if err := policy.ValidateIdempotencyKey(key); err != nil {
 			return h.refuse(w, r, "invalid", policy.Invalid(err))
 		}
 		requestID = "i:" + key
-	} else {
-		requestID = "g:" + meter.NewRequestID()
 	}
 
 	// The client going away must not cut a charge or a settle in half: the
 	// store calls run to their own deadline.
 	ctx := context.WithoutCancel(r.Context())
 	charge := meter.ChargeRequest{
-		Org: org, Feature: h.Feature, Cost: cost, RequestID: requestID,
+		Org: org, Feature: h.Feature, Cost: cost, RequestID: requestID, Attempt: attempt,
 		Overdraft: h.route.Mode == policy.Overdraft, OverdraftLimit: h.route.OverdraftLimit,
 	}
 	m := h.app.metrics
@@ -203,19 +204,24 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 	sw := &settleWriter{ResponseWriterWrapper: &caddyhttp.ResponseWriterWrapper{ResponseWriter: w},
 		h: h, ctx: ctx, org: org, requestID: requestID, cost: cost, decision: d}
-	err = next.ServeHTTP(sw, r)
-	if !sw.settled {
-		status := http.StatusOK
-		if err != nil {
-			status = http.StatusInternalServerError
-			var herr caddyhttp.HandlerError
-			if errors.As(err, &herr) && herr.StatusCode != 0 {
-				status = herr.StatusCode
-			}
+	return sw.serve(next, r)
+}
+
+// serve passes the call on and settles it however it ends: with a response,
+// with an error and no response (refunded as the error's status says), or
+// with a panic further down (refunded, then the panic goes on).
+func (sw *settleWriter) serve(next caddyhttp.Handler, r *http.Request) (err error) {
+	defer func() {
+		if sw.settled {
+			return
 		}
-		sw.settle(status)
-	}
-	return err
+		if p := recover(); p != nil {
+			sw.settle(http.StatusInternalServerError)
+			panic(p)
+		}
+		sw.settle(statusOf(err))
+	}()
+	return next.ServeHTTP(sw, r)
 }
 
 // storeDown answers a call whose charge the store did not take: 503 when
@@ -231,15 +237,17 @@ func (h *Handler) storeDown(w http.ResponseWriter, r *http.Request, next caddyht
 				zap.String("feature", h.Feature), zap.String("request_id", charge.RequestID), zap.Error(err))
 			sw := &settleWriter{ResponseWriterWrapper: &caddyhttp.ResponseWriterWrapper{ResponseWriter: w},
 				h: h, org: charge.Org, requestID: charge.RequestID, cost: charge.Cost, deferredCharge: true}
-			err := next.ServeHTTP(sw, r)
-			if !sw.settled {
-				sw.settle(statusOf(err))
-			}
-			return err
+			return sw.serve(next, r)
 		}
 		h.logger.Error("store did not answer and the fail-open backlog is full; refusing", zap.String("feature", h.Feature))
 	} else {
 		h.logger.Warn("store did not answer; refusing", zap.String("feature", h.Feature), zap.Error(err))
+	}
+	// The charge may have run even so (a lost reply, a timeout after Redis
+	// took it): void it, so a refused call is never left charged.
+	if !meter.Unsent(err) && !h.app.store.later(deferred{ledger: h.app.ledger, org: charge.Org, requestID: charge.RequestID, void: charge.Attempt}) {
+		h.logger.Error("could not queue the void of a charge with an unknown outcome; the backlog is full",
+			zap.String("request_id", charge.RequestID))
 	}
 	w.Header().Set("Retry-After", "1")
 	return h.refuse(w, r, "unavailable", policy.Unavailable())

@@ -34,14 +34,16 @@ type store struct {
 	done    chan struct{}
 }
 
-// deferred is a ledger call kept for later: a fail-open charge, or a settle
-// whose store call failed. The request id makes a replay safe.
+// deferred is a ledger call kept for later: a fail-open charge, a settle
+// whose store call failed, or the void of a charge whose outcome is unknown.
+// Request and attempt ids make a replay safe.
 type deferred struct {
 	ledger *meter.Ledger
 	charge *meter.ChargeRequest
-	// For a settle:
+	// For a settle or a void:
 	org, requestID string
 	actual         int64
+	void           string // the attempt to void
 }
 
 func openStore(url string, cluster []string, backlog int, logger *zap.Logger) (*store, error) {
@@ -105,7 +107,7 @@ func (s *store) apply(d deferred) bool {
 			return true
 		}
 		var inputErr *policy.InputError
-		if errors.As(err, &inputErr) || errors.Is(err, meter.ErrUnknownRequest) {
+		if errors.As(err, &inputErr) || errors.Is(err, meter.ErrUnknownRequest) || errors.Is(err, meter.ErrVoided) {
 			s.logger.Error("dropping a deferred ledger call", zap.Error(err))
 			return true
 		}
@@ -127,6 +129,14 @@ func (s *store) call(d deferred) error {
 		res, err := d.ledger.Charge(ctx, *d.charge)
 		if err == nil && !res.Charged {
 			return fmt.Errorf("deferred overdraft charge refused")
+		}
+		return err
+	}
+	if d.void != "" {
+		refund, err := d.ledger.Void(ctx, d.org, d.requestID, d.void)
+		if err == nil && refund > 0 {
+			s.logger.Info("refunded a charge whose call was refused when its outcome was unknown",
+				zap.String("request_id", d.requestID), zap.Int64("credits", refund))
 		}
 		return err
 	}

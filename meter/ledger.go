@@ -8,7 +8,11 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"strconv"
+	"strings"
+	"syscall"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -40,6 +44,9 @@ var (
 	// ErrUnknownRequest means no charge with the request id is on record
 	// (it never happened, was refused, or its marker expired).
 	ErrUnknownRequest = errors.New("no charge with this request id")
+	// ErrVoided means the charge's attempt was voided before it ran: it
+	// charged nothing and the call must not go on.
+	ErrVoided = errors.New("this attempt was voided")
 	// ErrPurchasedLimit means a top-up would take the org's purchased credits
 	// past MaxPurchased.
 	ErrPurchasedLimit = errors.New("purchased credits would pass the limit")
@@ -144,6 +151,11 @@ type ChargeRequest struct {
 	Overdraft bool
 	// OverdraftLimit is the deepest the balance may go, or NoLimit.
 	OverdraftLimit int64
+	// Attempt identifies this try at the call, as opposed to a client's
+	// retry of it with the same RequestID: a charge repeated with the same
+	// attempt (after a lost reply) answers as the first did, and Void takes
+	// back only its own attempt's charge. Empty means a fresh random id.
+	Attempt string
 }
 
 // ChargeResult is the ledger's answer to a charge.
@@ -161,6 +173,8 @@ type ChargeResult struct {
 	Cost int64
 	// RequestID is the request id the charge was recorded under.
 	RequestID string
+	// Attempt is the attempt id the charge was made with.
+	Attempt string
 }
 
 // Charge spends req.Cost credits of req.Org's, allowance first, then
@@ -173,23 +187,28 @@ func (l *Ledger) Charge(ctx context.Context, req ChargeRequest) (ChargeResult, e
 	if req.RequestID == "" {
 		req.RequestID = NewRequestID()
 	}
+	if req.Attempt == "" {
+		req.Attempt = NewRequestID()
+	}
 	overdraft, limit := "0", "-1"
 	if req.Overdraft {
 		overdraft = "1"
 		limit = strconv.FormatInt(req.OverdraftLimit, 10)
 	}
 	keys := []string{l.keys.Account(req.Org), l.keys.Request(req.Org, req.RequestID), l.keys.Events(req.Org)}
-	v, err := l.run(ctx, chargeScript, keys, 3, req.Feature, req.Cost, overdraft, limit, req.RequestID, l.markerTTL)
+	v, err := l.run(ctx, chargeScript, keys, 3, req.Feature, req.Cost, overdraft, limit, req.RequestID, l.markerTTL, req.Attempt)
 	if err != nil {
 		return ChargeResult{}, fmt.Errorf("charge: %w", err)
 	}
-	res := ChargeResult{Balance: v[1], Cost: v[2], RequestID: req.RequestID}
+	res := ChargeResult{Balance: v[1], Cost: v[2], RequestID: req.RequestID, Attempt: req.Attempt}
 	switch v[0] {
 	case codeOK:
 		res.Charged = true
 	case codeRefused:
 	case codeRepeat:
 		res.Charged, res.Replay = true, true
+	case codeVoided:
+		return ChargeResult{}, ErrVoided
 	default:
 		return ChargeResult{}, fmt.Errorf("charge: unexpected script code %d", v[0])
 	}
@@ -235,6 +254,30 @@ func (l *Ledger) Settle(ctx context.Context, org, requestID string, actual int64
 		return SettleResult{}, ErrUnknownRequest
 	}
 	return SettleResult{}, fmt.Errorf("settle: unexpected script code %d", v[0])
+}
+
+// Void makes sure the charge of one attempt at a call does not stand, when
+// the gateway could not learn whether it happened (a timeout, a lost reply)
+// and answered the call as failed. A charge that ran is refunded; one still
+// on its way to Redis will find the void and charge nothing. A charge that a
+// later attempt with the same request id was answered with as a replay
+// stands. It returns the credits given back.
+func (l *Ledger) Void(ctx context.Context, org, requestID, attempt string) (int64, error) {
+	if err := policy.ValidateOrg(org); err != nil {
+		return 0, err
+	}
+	if err := validateRequestID(requestID); err != nil {
+		return 0, err
+	}
+	if err := validateRequestID(attempt); err != nil {
+		return 0, err
+	}
+	keys := []string{l.keys.Account(org), l.keys.Request(org, requestID), l.keys.Events(org)}
+	v, err := l.run(ctx, voidScript, keys, 2, requestID, attempt, l.markerTTL)
+	if err != nil {
+		return 0, fmt.Errorf("void: %w", err)
+	}
+	return v[1], nil
 }
 
 // TopUp adds amount purchased credits to org. A reference is applied once
@@ -428,6 +471,9 @@ func (l *Ledger) runAccount(ctx context.Context, script *redis.Script, org strin
 	return code, acct, err
 }
 
+// eval runs script. Every script but recharge is idempotent (by request id,
+// reference, or because it sets a state), so a call whose connection broke
+// is sent again, on a fresh connection, while the deadline allows.
 func (l *Ledger) eval(ctx context.Context, script *redis.Script, keys []string, args []any) ([]any, error) {
 	ctx, cancel := l.deadline(ctx)
 	defer cancel()
@@ -435,8 +481,27 @@ func (l *Ledger) eval(ctx context.Context, script *redis.Script, keys []string, 
 	all := make([]any, 0, 5+len(args))
 	all = append(all, now.UnixMilli(), monthIndex(now), l.defaultPlan.Allowance, l.defaultPlan.RechargeMonth, l.eventsMax)
 	all = append(all, args...)
-	raw, err := script.Run(ctx, l.rdb, keys, all...).Result()
+	var raw any
+	var err error
+	sent := false // whether any try may have reached Redis
+	for try, wait := 0, 5*time.Millisecond; ; try, wait = try+1, wait*2 {
+		raw, err = script.Run(ctx, l.rdb, keys, all...).Result()
+		sent = sent || (err == nil || !neverSent(err))
+		if err == nil || script == rechargeScript || try == maxTries-1 || !retryable(err) {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			err = ctx.Err()
+		case <-time.After(wait):
+			continue
+		}
+		break
+	}
 	if err != nil {
+		if !sent {
+			return nil, unsentError{err}
+		}
 		return nil, err
 	}
 	v, ok := raw.([]any)
@@ -444,6 +509,56 @@ func (l *Ledger) eval(ctx context.Context, script *redis.Script, keys []string, 
 		return nil, fmt.Errorf("script reply is %T, not an array", raw)
 	}
 	return v, nil
+}
+
+// maxTries bounds the tries of one store call within its deadline.
+const maxTries = 4
+
+// retryable reports whether err is a broken connection or a Redis that is
+// loading, failing over or resharding: worth another try of an idempotent
+// script. A deadline is not: there is no time left.
+func retryable(err error) bool {
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+		return false
+	}
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET) ||
+		errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, net.ErrClosed) {
+		return true
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && !ne.Timeout() {
+		return true
+	}
+	msg := err.Error()
+	for _, p := range []string{"LOADING", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN", "READONLY"} {
+		if strings.HasPrefix(msg, p) {
+			return true
+		}
+	}
+	return false
+}
+
+// unsentError is the error of a store call none of whose tries reached
+// Redis.
+type unsentError struct{ err error }
+
+func (e unsentError) Error() string { return e.err.Error() }
+func (e unsentError) Unwrap() error { return e.err }
+
+// Unsent reports whether a store call's error means it never reached Redis
+// (no connection could be had), so it certainly changed nothing. Any other
+// error leaves the outcome unknown.
+func Unsent(err error) bool {
+	var u unsentError
+	return errors.As(err, &u)
+}
+
+func neverSent(err error) bool {
+	if errors.Is(err, redis.ErrPoolTimeout) {
+		return true
+	}
+	var op *net.OpError
+	return errors.As(err, &op) && op.Op == "dial"
 }
 
 // NewRequestID returns a random request id.

@@ -180,3 +180,51 @@ local function reply(acc, head)
   end
   return out
 end
+
+-- A request's marker: what a charge took and where it stands. state is c
+-- (charged), s (settled) or x (void: a charge that must not happen); attempt
+-- is the id of the gateway's attempt that charged (or voided) it; relied is
+-- 1 once another attempt with the same request id was answered as a replay
+-- of this charge, so the charge must stand.
+local function parse_marker(s)
+  if not s then return nil end
+  local cost, feature, fp, bal, state, ps, attempt, relied =
+    string.match(s, '^(%-?%d+) (%S+) (%d+) (%-?%d+) (%a) (%-?%d+) (%S+) ([01])$')
+  if not cost then
+    error('corrupt request marker')
+  end
+  return {cost = tonumber(cost), feature = feature, from_purchased = tonumber(fp), balance = tonumber(bal),
+    state = state, ps = tonumber(ps), attempt = attempt, relied = relied}
+end
+
+local function write_marker(key, m, ttl)
+  local v = table.concat({str(m.cost), m.feature, str(m.from_purchased), str(m.balance), m.state,
+    str(m.ps), m.attempt, m.relied}, ' ')
+  if ttl then
+    redis.call('SET', key, v, 'EX', ttl)
+  else
+    redis.call('SET', key, v, 'KEEPTTL')
+  end
+end
+
+-- Sets a charged request's final cost. Returns the change to the balance.
+local function settle_to(acc, m, actual, ref)
+  local before = balance(acc)
+  local diff = actual - m.cost
+  if diff > 0 then
+    m.from_purchased = m.from_purchased + spend(acc, diff)
+  elseif diff < 0 then
+    m.from_purchased = m.from_purchased - give_back(acc, -diff, m.from_purchased)
+  end
+  -- Usage of a period that has ended stays with that period.
+  if diff ~= 0 and acc.ps == m.ps then
+    add_used(acc, m.feature, diff)
+  end
+  if diff ~= 0 then
+    local kind = 'settle'
+    if actual == 0 then kind = 'refund' end
+    event(acc, kind, balance(acc) - before, m.feature, ref)
+  end
+  m.cost, m.state, m.balance = actual, 's', balance(acc)
+  return balance(acc) - before
+end

@@ -13,8 +13,9 @@ import (
 //go:embed lib.lua
 var libLua string
 
-// KEYS: account, request marker, events. ARGV[6..11]: feature, cost,
-// overdraft (0/1), overdraft limit (-1: none), request id, marker seconds.
+// KEYS: account, request marker, events. ARGV[6..12]: feature, cost,
+// overdraft (0/1), overdraft limit (-1: none), request id, marker seconds,
+// attempt id.
 //
 //go:embed charge.lua
 var chargeLua string
@@ -23,6 +24,12 @@ var chargeLua string
 //
 //go:embed settle.lua
 var settleLua string
+
+// KEYS: account, request marker, events. ARGV[6..8]: request id, attempt id,
+// marker seconds.
+//
+//go:embed void.lua
+var voidLua string
 
 // KEYS: account, top-up references, events. ARGV[6..8]: amount, reference,
 // the most purchased credits an org may hold.
@@ -48,6 +55,7 @@ var accountLua string
 var (
 	chargeScript   = redis.NewScript(libLua + chargeLua)
 	settleScript   = redis.NewScript(libLua + settleLua)
+	voidScript     = redis.NewScript(libLua + voidLua)
 	topUpScript    = redis.NewScript(libLua + topUpLua)
 	planScript     = redis.NewScript(libLua + planLua)
 	rechargeScript = redis.NewScript(libLua + rechargeLua)
@@ -61,4 +69,5 @@ const (
 	codeRepeat   = 2
 	codeNotFound = 3
 	codeLimit    = 4
+	codeVoided   = 5
 )
