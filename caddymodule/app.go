@@ -208,6 +208,7 @@ func (a *App) checkStore() {
 	if err != nil {
 		a.logger.Warn("cannot reach Redis at start", zap.Error(err))
 	}
+	a.logger.Info("store checked")
 }
 
 // appFrom returns the credits app of the config being provisioned, creating

@@ -29,15 +29,30 @@ type upstream struct {
 	mu       sync.Mutex
 	received []*http.Request
 	calls    atomic.Int64
+	byOrg    map[string]int64 // "org route" -> calls received
+}
+
+// forwarded returns how many calls for org on the route (the first path
+// segment) reached the upstream.
+func (u *upstream) forwarded(org, route string) int64 {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return u.byOrg[org+" "+route]
 }
 
 func startUpstream(t *testing.T) *upstream {
 	t.Helper()
-	u := &upstream{}
+	u := &upstream{byOrg: map[string]int64{}}
 	u.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		u.calls.Add(1)
+		route, _, _ := strings.Cut(strings.TrimPrefix(r.URL.Path, "/"), "/")
 		u.mu.Lock()
-		u.received = append(u.received, r.Clone(r.Context()))
+		if len(u.received) < 1000 {
+			u.received = append(u.received, r.Clone(r.Context()))
+		} else {
+			u.received[len(u.received)-1] = r.Clone(r.Context())
+		}
+		u.byOrg[r.Header.Get("X-Org-Id")+" "+route]++
 		u.mu.Unlock()
 		// An upstream's own Credits headers never reach the client.
 		w.Header().Set("Credits-Remaining", "999999")
@@ -90,9 +105,10 @@ type gateway struct {
 // gatewayCaddyfile is the test site: one route per kind of product.
 const gatewayCaddyfile = `{
 	admin off
+	{OPTIONS}
 	credits {
-		redis redis://{REDIS}
-		timeout 300ms
+		{STORE}
+		timeout {TIMEOUT}
 		default_plan 5
 		topup_url https://billing.example/topup
 		{GLOBAL}
@@ -167,23 +183,37 @@ http://127.0.0.1:{ADMINPORT} {
 `
 
 type gatewayOptions struct {
-	global, site string
-	redis        redistest.Options
+	// options go into the global options, global into the credits block.
+	options, global, site string
+	redis                 redistest.Options
+	// store, when set, replaces the redis line (e.g. a proxy's address or
+	// redis_cluster), and no redis-server is started.
+	store   string
+	timeout string // default 300ms
 }
 
 func startGateway(t *testing.T, o gatewayOptions) *gateway {
 	t.Helper()
-	g := &gateway{t: t, redis: redistest.Start(t, o.redis), upstream: startUpstream(t)}
+	g := &gateway{t: t, upstream: startUpstream(t)}
+	if o.store == "" {
+		g.redis = redistest.Start(t, o.redis)
+		o.store = "redis redis://" + g.redis.Addr
+	}
+	if o.timeout == "" {
+		o.timeout = "300ms"
+	}
 	port, adminPort := freePort(t), freePort(t)
 	g.url = fmt.Sprintf("http://127.0.0.1:%d", port)
 	g.adminURL = fmt.Sprintf("http://127.0.0.1:%d/admin", adminPort)
 	cfg := strings.NewReplacer(
-		"{REDIS}", g.redis.Addr,
+		"{STORE}", o.store,
+		"{TIMEOUT}", o.timeout,
 		"{PORT}", fmt.Sprint(port),
 		"{ADMINPORT}", fmt.Sprint(adminPort),
 		"{DEADPORT}", fmt.Sprint(freePort(t)),
 		"{UPSTREAM}", g.upstream.URL,
 		"{GLOBAL}", o.global,
+		"{OPTIONS}", o.options,
 		"{SITE}", o.site,
 	).Replace(gatewayCaddyfile)
 	loadCaddyfile(t, cfg)

@@ -114,6 +114,12 @@ func (s *store) apply(d deferred) bool {
 		if m := s.metrics.Load(); m != nil {
 			m.storeErrors.Inc()
 		}
+		// After a failover the slot map is stale until reloaded.
+		if cc, ok := s.rdb.(*redis.ClusterClient); ok {
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			cc.ReloadState(ctx)
+			cancel()
+		}
 		select {
 		case <-s.stop:
 			return false

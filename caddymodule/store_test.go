@@ -3,6 +3,8 @@ package caddymodule
 import (
 	"io"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -13,7 +15,12 @@ import (
 // eventually polls cond until it holds, failing the test after a deadline.
 func eventually(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
+	eventuallyWithin(t, 15*time.Second, what, cond)
+}
+
+func eventuallyWithin(t *testing.T, limit time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(limit)
 	for !cond() {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting until %s", what)
@@ -87,5 +94,44 @@ func TestStoreDown(t *testing.T) {
 	}
 	if strings.Contains(string(metrics), `org=`) {
 		t.Error("a metric has an org label")
+	}
+}
+
+// TestStartupChecks starts the gateway on a Redis that may evict keys and
+// persists nothing: both warnings are logged.
+func TestStartupChecks(t *testing.T) {
+	cases := []struct {
+		name  string
+		redis redistest.Options
+		want  []string
+		not   []string
+	}{
+		{"evicting, not persisting", redistest.Options{Args: []string{"--maxmemory-policy", "allkeys-lru"}},
+			[]string{"maxmemory-policy noeviction", `"maxmemory_policy":"allkeys-lru"`, "persistence is off"}, nil},
+		{"as production wants it", redistest.Options{AppendOnly: true, Args: []string{"--maxmemory-policy", "noeviction"}},
+			nil, []string{"maxmemory-policy noeviction", "persistence is off", "snapshots only"}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			logFile := filepath.Join(t.TempDir(), "caddy.log")
+			startGateway(t, gatewayOptions{redis: c.redis, options: "log {\n\t\toutput file " + logFile + "\n\t}"})
+			// The check runs in the background at start; a call after it
+			// has had its chance proves the log is complete.
+			eventually(t, "the start-up check is logged", func() bool {
+				data, _ := os.ReadFile(logFile)
+				return strings.Contains(string(data), "store checked")
+			})
+			data, _ := os.ReadFile(logFile)
+			for _, w := range c.want {
+				if !strings.Contains(string(data), w) {
+					t.Errorf("the log lacks %q:\n%s", w, data)
+				}
+			}
+			for _, w := range c.not {
+				if strings.Contains(string(data), w) {
+					t.Errorf("the log has %q:\n%s", w, data)
+				}
+			}
+		})
 	}
 }

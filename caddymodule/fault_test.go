@@ -1,0 +1,377 @@
+package caddymodule
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/creditsgw/caddy-credits/internal/faultproxy"
+	"github.com/creditsgw/caddy-credits/internal/redistest"
+)
+
+// The fault suite: real redis-server processes behind a TCP proxy that adds
+// latency, drops connections and cuts replies after Redis ran the command,
+// a real Caddy in front of a real upstream, and load while the faults
+// happen. Afterwards every org's balance must be exact: what it started
+// with less the cost of every call the upstream received.
+
+// faultRoutes are the gateway's routes the load uses, with their costs and
+// fail modes: closed (block), open (block), open (overdraft).
+var faultRoutes = []struct {
+	path  string
+	route string
+	cost  int64
+}{
+	{"/background-removal/x", "background-removal", 1}, // fail_mode closed
+	{"/image-studio/x", "image-studio", 2},             // fail_mode open
+	{"/templates/x", "templates", 1},                   // overdraft: open
+}
+
+const faultStart = 5 + 1_000_000 // the default plan and a top-up
+
+// loadResult counts the answers of a load by status.
+type loadResult struct {
+	mu       sync.Mutex
+	statuses map[int]int
+	done     atomic.Int64
+}
+
+func (l *loadResult) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return fmt.Sprint(l.statuses)
+}
+
+// runLoad calls the fault routes for orgs from workers goroutines until
+// stop is closed.
+func runLoad(g *gateway, orgs []string, workers int, stop <-chan struct{}, routes ...int) (*loadResult, func()) {
+	res := &loadResult{statuses: map[int]int{}}
+	if len(routes) == 0 {
+		routes = []int{0, 1, 2}
+	}
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: workers}}
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Go(func() {
+			for i := w; ; i += workers {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				rt := faultRoutes[routes[i%len(routes)]]
+				req, _ := http.NewRequest(http.MethodPost, g.url+rt.path, nil)
+				req.Header.Set("X-Org-Id", orgs[i%len(orgs)])
+				req.Header.Set("X-Cost", "1")
+				status := 0
+				if resp, err := client.Do(req); err == nil {
+					status = resp.StatusCode
+					resp.Body.Close()
+				}
+				res.mu.Lock()
+				res.statuses[status]++
+				res.mu.Unlock()
+				res.done.Add(1)
+			}
+		})
+	}
+	return res, wg.Wait
+}
+
+// waitDone waits until the load has answered n more calls.
+func (l *loadResult) waitDone(t *testing.T, n int64) {
+	t.Helper()
+	target := l.done.Load() + n
+	eventually(t, fmt.Sprintf("%d calls are answered", n), func() bool { return l.done.Load() >= target })
+}
+
+// drained waits until no deferred call waits in any store's backlog.
+func drained(t *testing.T) {
+	t.Helper()
+	eventuallyWithin(t, time.Minute, "the backlog is applied", func() bool {
+		waiting := int64(0)
+		stores.Range(func(_, v any) bool {
+			waiting += v.(*store).waiting.Load()
+			return true
+		})
+		return waiting == 0
+	})
+}
+
+func setupFaultOrgs(g *gateway, n int) []string {
+	orgs := make([]string, n)
+	for i := range orgs {
+		orgs[i] = fmt.Sprintf("fault-%d", i)
+		r := g.admin(http.MethodPost, "/orgs/"+orgs[i]+"/topup", `{"amount": 1000000, "reference": "start"}`)
+		if r.status != http.StatusOK {
+			g.t.Fatalf("top-up: %d %s", r.status, r.body)
+		}
+	}
+	return orgs
+}
+
+// checkExact asserts that each org's balance is its start less the cost of
+// every call the upstream received for it.
+func checkExact(t *testing.T, g *gateway, orgs []string) {
+	t.Helper()
+	g.t = t
+	for _, org := range orgs {
+		want := int64(faultStart)
+		for _, rt := range faultRoutes {
+			want -= g.upstream.forwarded(org, rt.route) * rt.cost
+		}
+		if got := g.balance(org); got != want {
+			t.Errorf("org %s: balance %d, want %d (start %d less the forwarded calls)", org, got, want, faultStart)
+		}
+	}
+}
+
+func wantOnly(t *testing.T, res *loadResult, allowed ...int) {
+	t.Helper()
+	res.mu.Lock()
+	defer res.mu.Unlock()
+	for status, n := range res.statuses {
+		ok := false
+		for _, a := range allowed {
+			ok = ok || status == a
+		}
+		if !ok {
+			t.Errorf("%d answers with status %d; all: %v", n, status, res.statuses)
+		}
+	}
+}
+
+// TestFaultRedisRestart kills redis-server mid-load and restarts it from its
+// append-only file.
+func TestFaultRedisRestart(t *testing.T) {
+	g := startGateway(t, gatewayOptions{redis: redistest.Options{AppendOnly: true}})
+	orgs := setupFaultOrgs(g, 5)
+	stop := make(chan struct{})
+	res, wait := runLoad(g, orgs, 8, stop)
+	res.waitDone(t, 300)
+	g.redis.Kill(t)
+	res.waitDone(t, 200)
+	g.redis.Restart(t)
+	res.waitDone(t, 300)
+	close(stop)
+	wait()
+	drained(t)
+	wantOnly(t, res, http.StatusOK, http.StatusServiceUnavailable)
+	if res.statuses[http.StatusServiceUnavailable] == 0 {
+		t.Errorf("no call was refused while Redis was down: %v", res)
+	}
+	checkExact(t, g, orgs)
+	t.Logf("answers: %v", res)
+}
+
+// TestFaultScriptFlush flushes Redis' script cache every few milliseconds
+// during load: no 5xx, exact balances.
+func TestFaultScriptFlush(t *testing.T) {
+	g := startGateway(t, gatewayOptions{})
+	orgs := setupFaultOrgs(g, 3)
+	direct := g.redis.Client(t)
+	stop := make(chan struct{})
+	var flushes atomic.Int64
+	var flusher sync.WaitGroup
+	flusher.Go(func() {
+		tick := time.NewTicker(3 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+				direct.ScriptFlush(context.Background())
+				direct.FunctionFlush(context.Background())
+				flushes.Add(1)
+			}
+		}
+	})
+	res, wait := runLoad(g, orgs, 8, stop)
+	res.waitDone(t, 1000)
+	close(stop)
+	wait()
+	flusher.Wait()
+	drained(t)
+	wantOnly(t, res, http.StatusOK)
+	checkExact(t, g, orgs)
+	t.Logf("answers: %v with %d flushes", res, flushes.Load())
+}
+
+// TestFaultCutReplies cuts every 7th reply from Redis after it ran the
+// command: every charged call was forwarded and every forwarded call was
+// charged.
+func TestFaultCutReplies(t *testing.T) {
+	srv := redistest.Start(t, redistest.Options{})
+	proxy := faultproxy.Start(t, srv.Addr)
+	g := startGateway(t, gatewayOptions{store: "redis redis://" + proxy.Addr})
+	g.redis = srv
+	orgs := setupFaultOrgs(g, 3)
+	proxy.CutReplyEvery(7)
+	stop := make(chan struct{})
+	res, wait := runLoad(g, orgs, 8, stop)
+	res.waitDone(t, 1000)
+	close(stop)
+	wait()
+	proxy.CutReplyEvery(0)
+	drained(t)
+	if proxy.Cuts() < 50 {
+		t.Fatalf("only %d replies were cut", proxy.Cuts())
+	}
+	wantOnly(t, res, http.StatusOK, http.StatusServiceUnavailable)
+	checkExact(t, g, orgs)
+	t.Logf("answers: %v with %d replies cut", res, proxy.Cuts())
+}
+
+// TestFaultSlowRedis makes Redis 2s slow with a 200ms timeout: closed routes
+// answer 503 within 1.5 times the timeout, nothing stays charged for them,
+// and neither goroutines nor connections pile up.
+func TestFaultSlowRedis(t *testing.T) {
+	srv := redistest.Start(t, redistest.Options{})
+	proxy := faultproxy.Start(t, srv.Addr)
+	g := startGateway(t, gatewayOptions{store: "redis redis://" + proxy.Addr, timeout: "200ms"})
+	g.redis = srv
+	orgs := setupFaultOrgs(g, 2)
+	wantStatus(t, g.call(faultRoutes[0].path, orgs[0], "X-Cost", "1"), http.StatusOK)
+	var pool *store
+	stores.Range(func(_, v any) bool {
+		pool = v.(*store)
+		return false
+	})
+	poolSize := pool.rdb.(*redis.Client).Options().PoolSize
+
+	proxy.SetLatency(2 * time.Second)
+	var slowest atomic.Int64
+	var refused atomic.Int64
+	wave := func() {
+		var wg sync.WaitGroup
+		for i := range 60 {
+			wg.Go(func() {
+				start := time.Now()
+				r := g.call(faultRoutes[0].path, orgs[i%2], "X-Cost", "1")
+				elapsed := time.Since(start)
+				for {
+					s := slowest.Load()
+					if int64(elapsed) <= s || slowest.CompareAndSwap(s, int64(elapsed)) {
+						break
+					}
+				}
+				if r.status == http.StatusServiceUnavailable && r.header.Get("Retry-After") != "" {
+					refused.Add(1)
+				}
+			})
+		}
+		wg.Wait()
+		g.client.CloseIdleConnections()
+		if conns := pool.rdb.PoolStats().TotalConns; int(conns) > poolSize {
+			t.Errorf("%d connections to Redis, over the pool's %d", conns, poolSize)
+		}
+	}
+	// The proxy's own goroutines sleep through the latency; leave them out.
+	goroutines := func() int { return runtime.NumGoroutine() - proxy.Goroutines() }
+	wave()
+	afterOne := goroutines()
+	wave()
+	wave()
+	// Each call in flight holds a few goroutines, and closing connections a
+	// few more for a moment; none may stay behind while Redis still hangs.
+	eventually(t, fmt.Sprintf("goroutines go back to %d, the number after one wave of calls", afterOne+10), func() bool {
+		return goroutines() <= afterOne+10
+	})
+	if refused.Load() != 180 {
+		t.Errorf("%d of 180 calls answered 503 with Retry-After", refused.Load())
+	}
+	if s := time.Duration(slowest.Load()); s >= 300*time.Millisecond {
+		t.Errorf("the slowest 503 took %s, over 1.5 times the 200ms timeout", s)
+	}
+
+	proxy.SetLatency(0)
+	drained(t)
+	checkExact(t, g, orgs)
+	t.Logf("slowest 503: %s", time.Duration(slowest.Load()))
+}
+
+// TestFaultClusterFailover kills a Redis Cluster master under load; its
+// replica takes over. Balances are exact afterwards unless Redis itself lost
+// writes it had acknowledged (replication is asynchronous): that loss is
+// measured from the request markers and must account for every difference.
+func TestFaultClusterFailover(t *testing.T) {
+	cluster := redistest.StartCluster(t, 3, 1)
+	g := startGateway(t, gatewayOptions{store: "redis_cluster " + strings.Join(cluster.Addrs, " "), timeout: "500ms"})
+	orgs := setupFaultOrgs(g, 6)
+	cc := cluster.Client(t)
+	ctx := context.Background()
+
+	stop := make(chan struct{})
+	res, wait := runLoad(g, orgs, 8, stop)
+	res.waitDone(t, 300)
+	// Kill the master that holds the first org's slot.
+	var victim *redistest.Server
+	slot := cc.ClusterKeySlot(ctx, "{"+orgs[0]+"}").Val()
+	shards, err := cc.ClusterShards(ctx).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, sh := range shards {
+		inRange := false
+		for _, r := range sh.Slots {
+			inRange = inRange || (slot >= r.Start && slot <= r.End)
+		}
+		if !inRange {
+			continue
+		}
+		for _, n := range sh.Nodes {
+			if n.Role != "master" {
+				continue
+			}
+			for _, s := range cluster.Nodes {
+				if s.Addr == fmt.Sprintf("%s:%d", n.IP, n.Port) {
+					victim = s
+				}
+			}
+		}
+	}
+	if victim == nil {
+		t.Fatalf("no master found for slot %d", slot)
+	}
+	victim.Kill(t)
+	killed := time.Now()
+	// The replica is promoted once the other masters agree the master
+	// failed: every live node then names another master for the slot.
+	eventuallyWithin(t, time.Minute, "a replica takes over the slot", func() bool {
+		for _, s := range cluster.Nodes {
+			if s == victim {
+				continue
+			}
+			c := redis.NewClient(&redis.Options{Addr: s.Addr})
+			info, err := c.ClusterInfo(ctx).Result()
+			slots, err2 := c.ClusterSlots(ctx).Result()
+			c.Close()
+			if err != nil || err2 != nil || !strings.Contains(info, "cluster_state:ok") {
+				return false
+			}
+			for _, r := range slots {
+				if int64(r.Start) <= slot && slot <= int64(r.End) && (len(r.Nodes) == 0 || r.Nodes[0].Addr == victim.Addr) {
+					return false
+				}
+			}
+		}
+		return true
+	})
+	promoted := time.Since(killed)
+	res.waitDone(t, 300)
+	close(stop)
+	wait()
+	drained(t)
+	wantOnly(t, res, http.StatusOK, http.StatusServiceUnavailable)
+	checkExact(t, g, orgs)
+	t.Logf("answers: %v; replica promoted %s after the kill, backlog applied %s after it", res, promoted, time.Since(killed))
+}
