@@ -30,6 +30,7 @@ type upstream struct {
 	received []*http.Request
 	calls    atomic.Int64
 	byOrg    map[string]int64 // "org route" -> calls received
+	hung     chan struct{}    // a call to .../hang arrived
 }
 
 // forwarded returns how many calls for org on the route (the first path
@@ -42,7 +43,7 @@ func (u *upstream) forwarded(org, route string) int64 {
 
 func startUpstream(t *testing.T) *upstream {
 	t.Helper()
-	u := &upstream{byOrg: map[string]int64{}}
+	u := &upstream{byOrg: map[string]int64{}, hung: make(chan struct{}, 100)}
 	u.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		u.calls.Add(1)
 		route, _, _ := strings.Cut(strings.TrimPrefix(r.URL.Path, "/"), "/")
@@ -58,6 +59,12 @@ func startUpstream(t *testing.T) *upstream {
 		w.Header().Set("Credits-Remaining", "999999")
 		if _, n, ok := strings.Cut(r.URL.Path, "/usage/"); ok {
 			w.Header().Set("Credits-Usage", n)
+		}
+		if strings.HasSuffix(r.URL.Path, "/hang") {
+			// Hold the call until the gateway gives up on it.
+			u.hung <- struct{}{}
+			<-r.Context().Done()
+			return
 		}
 		if strings.HasSuffix(r.URL.Path, "/fail") {
 			w.WriteHeader(http.StatusInternalServerError)

@@ -375,3 +375,33 @@ func TestFaultClusterFailover(t *testing.T) {
 	checkExact(t, g, orgs)
 	t.Logf("answers: %v; replica promoted %s after the kill, backlog applied %s after it", res, promoted, time.Since(killed))
 }
+
+// TestClientGoesAway cuts the client's connection while the upstream works
+// on the call: the upstream's call is cancelled, and the charge is refunded
+// although no one is left to answer.
+func TestClientGoesAway(t *testing.T) {
+	g := startGateway(t, gatewayOptions{})
+	for _, path := range []string{"/background-removal/hang", "/image-studio/hang"} {
+		ctx, cancel := context.WithCancel(context.Background())
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, g.url+path, nil)
+		req.Header.Set("X-Org-Id", "leaver")
+		req.Header.Set("X-Cost", "3")
+		errc := make(chan error, 1)
+		go func() {
+			resp, err := http.DefaultClient.Do(req)
+			if err == nil {
+				resp.Body.Close()
+			}
+			errc <- err
+		}()
+		<-g.upstream.hung
+		if b := g.balance("leaver"); b >= 5 {
+			t.Fatalf("%s: balance %d while the upstream works: not charged", path, b)
+		}
+		cancel()
+		if err := <-errc; err == nil {
+			t.Fatalf("%s: the cancelled call got an answer", path)
+		}
+		eventually(t, "the charge is refunded", func() bool { return g.balance("leaver") == 5 })
+	}
+}

@@ -253,6 +253,10 @@ func (h *Handler) storeDown(w http.ResponseWriter, r *http.Request, next caddyht
 	return h.refuse(w, r, "unavailable", policy.Unavailable())
 }
 
+// statusClientClosed is the status Caddy gives a call whose client went
+// away before the upstream answered: the call did not complete.
+const statusClientClosed = 499
+
 func statusOf(err error) int {
 	if err == nil {
 		return http.StatusOK
@@ -345,7 +349,7 @@ func (sw *settleWriter) settle(status int) {
 
 	actual := sw.cost
 	switch {
-	case status >= 500:
+	case status >= 500 || status == statusClientClosed:
 		actual = 0
 	case hasUsage && len(usage) > 0:
 		n, err := strconv.ParseInt(usage[0], 10, 64)
@@ -383,7 +387,7 @@ func (sw *settleWriter) settle(status int) {
 		d = policy.Decide(h.route, sw.org, policy.Answer{Charged: true, Balance: balance, Cost: actual})
 	}
 	outcome := d.Outcome.String()
-	if actual == 0 && status >= 500 {
+	if actual == 0 && (status >= 500 || status == statusClientClosed) {
 		outcome = "refunded"
 	}
 	m.requests.WithLabelValues(h.Feature, outcome).Inc()
