@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/creditsgw/caddy-credits/meter"
+	"github.com/creditsgw/caddy-credits/policy"
 )
 
 func init() {
@@ -56,8 +57,17 @@ type App struct {
 	// default 10000. A fail-open call that finds the backlog full is refused
 	// as with fail_mode closed.
 	Backlog int `json:"backlog,omitempty"`
+	// Lease, when set, lets this gateway take that many of a busy org's
+	// credits at a time and spend them without a store call per request;
+	// the spending reaches the ledger within a quarter second, and unused
+	// credits go back after two idle seconds and at shutdown. An org is
+	// leased only while its balance is well above what the leases hold
+	// (twice Lease is always left free), so the last credits are charged
+	// call by call, exactly. Calls with an Idempotency-Key are never leased.
+	Lease int64 `json:"lease,omitempty"`
 
 	ledger  *meter.Ledger
+	leaser  *meter.Leaser
 	store   *store
 	poolKey string
 	metrics *metrics
@@ -125,7 +135,19 @@ func (a *App) Provision(ctx caddy.Context) error {
 		DefaultPlan: plan,
 		Timeout:     time.Duration(a.Timeout),
 	})
-	return err
+	if err != nil {
+		return err
+	}
+	if a.Lease > 0 {
+		a.leaser = meter.NewLeaser(a.ledger, meter.LeaseConfig{
+			Size:  a.Lease,
+			Keep:  2 * a.Lease,
+			Flush: 250 * time.Millisecond,
+			Idle:  2 * time.Second,
+			TTL:   30 * time.Second,
+		}, a.logger.Named("lease"))
+	}
+	return nil
 }
 
 // Validate checks the settings against each other.
@@ -135,6 +157,9 @@ func (a *App) Validate() error {
 	}
 	if a.Timeout < 0 {
 		return fmt.Errorf("credits: timeout %s: must be positive", time.Duration(a.Timeout))
+	}
+	if a.Lease < 0 || a.Lease > policy.MaxCost {
+		return fmt.Errorf("credits: lease %d: must be 1 to %d", a.Lease, policy.MaxCost)
 	}
 	if a.Backlog < 0 || a.Backlog > maxBacklog {
 		return fmt.Errorf("credits: backlog %d: must be 1 to %d", a.Backlog, maxBacklog)
@@ -159,6 +184,11 @@ func (a *App) Stop() error { return nil }
 // Cleanup releases this config's use of the store. Caddy calls it after a
 // failed Provision too, so every field may be unset.
 func (a *App) Cleanup() error {
+	if a.leaser != nil {
+		// Reports the leases' spending and gives their credits back, while
+		// the store is still open.
+		a.leaser.Close()
+	}
 	if a.store == nil {
 		return nil
 	}

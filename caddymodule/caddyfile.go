@@ -49,6 +49,7 @@ const maxBacklog = 10_000_000
 //		default_plan <allowance> [<recharge_month>]
 //		topup_url <url>
 //		backlog <n>
+//		lease <n>
 //	}
 //
 // Every subdirective is optional, and so is the block. redis takes a
@@ -57,7 +58,8 @@ const maxBacklog = 10_000_000
 // is embedded in the Caddy process and balances are lost on restart.
 // default_plan is granted to every org that has no plan of its own; its
 // recharge month defaults to 1 (January). backlog bounds the fail-open
-// charges that may wait for the store at once.
+// charges that may wait for the store at once; lease, the credits a gateway
+// takes at a time to spend without a store call (off by default).
 func parseGlobal(d *caddyfile.Dispenser, existingVal any) (any, error) {
 	if existingVal != nil {
 		// Caddy would silently keep only the last one.
@@ -173,6 +175,16 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.WrapErr(err)
 			}
 			a.Backlog = int(n)
+		case "lease":
+			v, err := singleArg(d)
+			if err != nil {
+				return err
+			}
+			n, err := parseInt("lease", v, 1, policy.MaxCost)
+			if err != nil {
+				return d.WrapErr(err)
+			}
+			a.Lease = n
 		default:
 			return d.Errf("unrecognized subdirective '%s'", sub)
 		}

@@ -405,3 +405,47 @@ func TestClientGoesAway(t *testing.T) {
 		eventually(t, "the charge is refunded", func() bool { return g.balance("leaver") == 5 })
 	}
 }
+
+// TestLeasedExactness sends 1,000 concurrent calls for one org with a
+// balance of 500 through a gateway that leases credits: exactly 500 are
+// forwarded, and the admin API shows the exact balance within seconds.
+func TestLeasedExactness(t *testing.T) {
+	g := startGateway(t, gatewayOptions{global: "lease 50"})
+	g.admin(http.MethodPut, "/orgs/leased/plan", `{"allowance": 500, "recharge_month": 1}`)
+	var wg sync.WaitGroup
+	var ok, refused, other atomic.Int64
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
+	sem := make(chan struct{}, 64)
+	for range 1000 {
+		wg.Go(func() {
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			req, _ := http.NewRequest(http.MethodPost, g.url+"/background-removal/x", nil)
+			req.Header.Set("X-Org-Id", "leased")
+			req.Header.Set("X-Cost", "1")
+			resp, err := client.Do(req)
+			if err != nil {
+				other.Add(1)
+				return
+			}
+			resp.Body.Close()
+			switch resp.StatusCode {
+			case http.StatusOK:
+				ok.Add(1)
+			case http.StatusPaymentRequired:
+				refused.Add(1)
+			default:
+				other.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	if ok.Load() != 500 || refused.Load() != 500 || other.Load() != 0 || g.upstream.forwarded("leased", "background-removal") != 500 {
+		t.Fatalf("200: %d, 402: %d, other: %d, upstream: %d", ok.Load(), refused.Load(), other.Load(), g.upstream.forwarded("leased", "background-removal"))
+	}
+	eventually(t, "the admin API shows the exact balance", func() bool {
+		a := g.account("leased")
+		used, _ := a["used"].(map[string]any)
+		return a["balance"] == float64(0) && used["background-removal"] == float64(500)
+	})
+}

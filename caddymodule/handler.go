@@ -182,6 +182,14 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		Overdraft: h.route.Mode == policy.Overdraft, OverdraftLimit: h.route.OverdraftLimit,
 	}
 	m := h.app.metrics
+	if ls := h.app.leaser; ls != nil && requestID[0] == 'g' {
+		if balance, ok := ls.Spend(ctx, org, h.Feature, cost); ok {
+			d := policy.Decide(h.route, org, policy.Answer{Charged: true, Balance: balance, Cost: cost})
+			sw := &settleWriter{ResponseWriterWrapper: &caddyhttp.ResponseWriterWrapper{ResponseWriter: w},
+				h: h, ctx: ctx, org: org, requestID: requestID, cost: cost, decision: d, leased: true}
+			return sw.serve(next, r)
+		}
+	}
 	start := time.Now()
 	res, err := h.app.ledger.Charge(ctx, charge)
 	m.storeDuration.Observe(time.Since(start).Seconds())
@@ -334,6 +342,7 @@ type settleWriter struct {
 	cost           int64
 	decision       policy.Decision
 	deferredCharge bool // fail open: the charge waits in the backlog
+	leased         bool // paid from this gateway's lease
 	settled        bool
 }
 
@@ -370,7 +379,12 @@ func (sw *settleWriter) settle(status int) {
 	}
 
 	d := sw.decision
-	if actual != sw.cost {
+	if sw.leased {
+		if actual != sw.cost {
+			balance := h.app.leaser.Adjust(sw.org, h.Feature, sw.cost, actual)
+			d = policy.Decide(h.route, sw.org, policy.Answer{Charged: true, Balance: balance, Cost: actual})
+		}
+	} else if actual != sw.cost {
 		start := time.Now()
 		res, err := h.app.ledger.Settle(sw.ctx, sw.org, sw.requestID, actual)
 		m.storeDuration.Observe(time.Since(start).Seconds())

@@ -1,4 +1,4 @@
--- ARGV[6] feature, ARGV[7] cost, ARGV[8] 1 for overdraft, ARGV[9] overdraft
+-- KEYS[4] the org's leases. ARGV[6] feature, ARGV[7] cost, ARGV[8] 1 for overdraft, ARGV[9] overdraft
 -- limit (-1: none), ARGV[10] request id, ARGV[11] marker lifetime in seconds,
 -- ARGV[12] attempt id.
 --
@@ -28,7 +28,9 @@ end
 
 local acc = open(KEYS[1])
 local bal = balance(acc)
-if (not overdraft and bal < cost) or (overdraft and limit >= 0 and bal - cost < -limit) then
+-- Credits the gateways hold in leases are spoken for.
+local free = bal - reserved(KEYS[4])
+if (not overdraft and free < cost) or (overdraft and limit >= 0 and free - cost < -limit) then
   return {1, bal, 0}
 end
 

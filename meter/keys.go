@@ -54,6 +54,9 @@ func (k Keys) Events(org string) string { return k.key(org, "e") }
 // TopUps is the set of top-up references applied to the org.
 func (k Keys) TopUps(org string) string { return k.key(org, "t") }
 
+// Leases is the hash of the credits gateways hold in leases.
+func (k Keys) Leases(org string) string { return k.key(org, "l") }
+
 // Request is the marker of one charged request, kept for a day, that makes a
 // repeated charge or settle with the same request id a no-op.
 func (k Keys) Request(org, requestID string) string { return k.key(org, "r:"+requestID) }

@@ -195,7 +195,7 @@ func (l *Ledger) Charge(ctx context.Context, req ChargeRequest) (ChargeResult, e
 		overdraft = "1"
 		limit = strconv.FormatInt(req.OverdraftLimit, 10)
 	}
-	keys := []string{l.keys.Account(req.Org), l.keys.Request(req.Org, req.RequestID), l.keys.Events(req.Org)}
+	keys := []string{l.keys.Account(req.Org), l.keys.Request(req.Org, req.RequestID), l.keys.Events(req.Org), l.keys.Leases(req.Org)}
 	v, err := l.run(ctx, chargeScript, keys, 3, req.Feature, req.Cost, overdraft, limit, req.RequestID, l.markerTTL, req.Attempt)
 	if err != nil {
 		return ChargeResult{}, fmt.Errorf("charge: %w", err)

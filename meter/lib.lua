@@ -228,3 +228,22 @@ local function settle_to(acc, m, actual, ref)
   m.cost, m.state, m.balance = actual, 's', balance(acc)
   return balance(acc) - before
 end
+
+-- Leases: a gateway may hold credits of an org's balance in reserve and
+-- spend them without a call to Redis, reporting the spending later. The
+-- leases hash maps a lease id to "held seq expiry_ms".
+local function parse_lease(v)
+  local held, seq, exp = string.match(v, '^(%d+) (%d+) (%d+)$')
+  return tonumber(held), tonumber(seq), tonumber(exp)
+end
+
+-- Credits held by the leases that have not expired, except the one named.
+local function reserved(key, except)
+  local raw = redis.call('HGETALL', key)
+  local sum = 0
+  for i = 1, #raw, 2 do
+    local held, _, exp = parse_lease(raw[i + 1])
+    if raw[i] ~= except and exp > now_ms then sum = sum + held end
+  end
+  return sum
+end

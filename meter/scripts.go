@@ -13,7 +13,7 @@ import (
 //go:embed lib.lua
 var libLua string
 
-// KEYS: account, request marker, events. ARGV[6..12]: feature, cost,
+// KEYS: account, request marker, events, leases. ARGV[6..12]: feature, cost,
 // overdraft (0/1), overdraft limit (-1: none), request id, marker seconds,
 // attempt id.
 //
@@ -30,6 +30,13 @@ var settleLua string
 //
 //go:embed void.lua
 var voidLua string
+
+// KEYS: account, leases, events. ARGV[6..10]: lease id, sequence number,
+// credits wanted, credits to leave free, lifetime in ms; then feature and
+// spent pairs.
+//
+//go:embed lease.lua
+var leaseLua string
 
 // KEYS: account, top-up references, events. ARGV[6..8]: amount, reference,
 // the most purchased credits an org may hold.
@@ -56,6 +63,7 @@ var (
 	chargeScript   = redis.NewScript(libLua + chargeLua)
 	settleScript   = redis.NewScript(libLua + settleLua)
 	voidScript     = redis.NewScript(libLua + voidLua)
+	leaseScript    = redis.NewScript(libLua + leaseLua)
 	topUpScript    = redis.NewScript(libLua + topUpLua)
 	planScript     = redis.NewScript(libLua + planLua)
 	rechargeScript = redis.NewScript(libLua + rechargeLua)

@@ -1,0 +1,149 @@
+package meter
+
+import (
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/alicebob/miniredis/v2"
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+)
+
+func init() {
+	ledgerCases = append(ledgerCases, leaseCases...)
+}
+
+var testLease = LeaseConfig{Size: 50, Keep: 100, Flush: 20 * time.Millisecond, Idle: 100 * time.Millisecond, TTL: 10 * time.Second}
+
+// spendAll makes n concurrent cost-1 calls on org from the leasers, falling
+// back to a charge of its own when a lease cannot cover a call, as the
+// gateway does; it returns how many calls were paid for.
+func spendAll(e *env, leasers []*Leaser, org string, n int) int64 {
+	var paid atomic.Int64
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			if _, ok := leasers[i%len(leasers)].Spend(e.ctx, org, "rich-text", 1); ok {
+				paid.Add(1)
+				return
+			}
+			r, err := e.ledger.Charge(e.ctx, ChargeRequest{Org: org, Feature: "rich-text", Cost: 1})
+			if err != nil {
+				e.t.Error(err)
+				return
+			}
+			if r.Charged {
+				paid.Add(1)
+			}
+		})
+	}
+	wg.Wait()
+	return paid.Load()
+}
+
+var leaseCases = []ledgerCase{
+	{name: "leases never spend more than the balance", cfg: Config{DefaultPlan: Plan{Allowance: 500}, EventsMax: 5000}, run: func(e *env) {
+		a := NewLeaser(e.ledger, testLease, zap.NewNop())
+		b := NewLeaser(e.ledger, testLease, zap.NewNop())
+		if paid := spendAll(e, []*Leaser{a, b}, "hot", 1000); paid != 500 {
+			e.t.Fatalf("%d calls paid for on a balance of 500", paid)
+		}
+		a.Close()
+		b.Close()
+		acct := e.account("hot")
+		if acct.Balance != 0 || acct.Used["rich-text"] != 500 {
+			e.t.Fatalf("account %+v", acct)
+		}
+		e.checkEvents("hot")
+		if n, err := e.rdb.HLen(e.ctx, e.ledger.Keys().Leases("hot")).Result(); err != nil || n != 0 {
+			e.t.Fatalf("%d leases left after close: %v", n, err)
+		}
+	}},
+	{name: "an idle lease gives its credits back", cfg: Config{DefaultPlan: Plan{Allowance: 1000}}, run: func(e *env) {
+		ls := NewLeaser(e.ledger, testLease, zap.NewNop())
+		defer ls.Close()
+		bal, ok := ls.Spend(e.ctx, "acme", "alt-text", 3)
+		if !ok || bal != 997 {
+			e.t.Fatalf("spend: %d %v", bal, ok)
+		}
+		if got := ls.Adjust("acme", "alt-text", 3, 0); got != 1000 {
+			e.t.Fatalf("balance after a refund: %d", got)
+		}
+		ls.Spend(e.ctx, "acme", "alt-text", 2)
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			n, _ := e.rdb.HLen(e.ctx, e.ledger.Keys().Leases("acme")).Result()
+			if n == 0 && ls.Pending() == 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				e.t.Fatal("the idle lease was not given back")
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		acct := e.account("acme")
+		if acct.Balance != 998 || acct.Used["alt-text"] != 2 {
+			e.t.Fatalf("account %+v", acct)
+		}
+		// The whole balance is free for a charge again.
+		r, err := e.ledger.Charge(e.ctx, ChargeRequest{Org: "acme", Feature: "f", Cost: 998})
+		if err != nil || !r.Charged {
+			e.t.Fatalf("charge of the whole balance: %+v %v", r, err)
+		}
+		e.checkEvents("acme")
+	}},
+	{name: "a repeated lease sync changes nothing", cfg: Config{DefaultPlan: Plan{Allowance: 1000}}, run: func(e *env) {
+		sync := LeaseSync{Org: "acme", ID: "gw1", Seq: 1, Want: 100, Keep: 0, TTL: time.Minute}
+		if st, err := e.ledger.SyncLease(e.ctx, sync); err != nil || st.Held != 100 || st.Balance != 1000 {
+			e.t.Fatalf("%+v %v", st, err)
+		}
+		sync.Seq, sync.Spent = 2, map[string]int64{"flows": 40}
+		if st, err := e.ledger.SyncLease(e.ctx, sync); err != nil || st.Balance != 960 {
+			e.t.Fatalf("%+v %v", st, err)
+		}
+		before := e.dump()
+		st, err := e.ledger.SyncLease(e.ctx, sync)
+		if err != nil || !st.Repeat || st.Balance != 960 {
+			e.t.Fatalf("repeat: %+v %v", st, err)
+		}
+		if !equalDump(before, e.dump()) {
+			e.t.Fatal("a repeated sync wrote")
+		}
+		// The lease holds 100: a charge may use only the rest.
+		if r := e.charge("acme", 861); r.Charged {
+			e.t.Fatalf("a charge spent credits a lease holds: %+v", r)
+		}
+		if r := e.charge("acme", 860); !r.Charged {
+			e.t.Fatalf("charge: %+v", r)
+		}
+		e.checkEvents("acme")
+	}},
+	{name: "an expired lease holds nothing", cfg: Config{DefaultPlan: Plan{Allowance: 100}}, run: func(e *env) {
+		if _, err := e.ledger.SyncLease(e.ctx, LeaseSync{Org: "acme", ID: "gone", Seq: 1, Want: 80, TTL: time.Minute}); err != nil {
+			e.t.Fatal(err)
+		}
+		if r := e.charge("acme", 21); r.Charged {
+			e.t.Fatalf("charged past a live lease: %+v", r)
+		}
+		e.clock.Add(2 * time.Minute)
+		if r := e.charge("acme", 100); !r.Charged {
+			e.t.Fatalf("an expired lease still holds credits: %+v", r)
+		}
+	}},
+}
+
+func TestLeaseSpendIsLocal(t *testing.T) {
+	mini := miniredis.RunT(t)
+	rdb := redis.NewClient(&redis.Options{Addr: mini.Addr()})
+	defer rdb.Close()
+	e := newEnv(t, rdb, Config{DefaultPlan: Plan{Allowance: 100000}})
+	ls := NewLeaser(e.ledger, LeaseConfig{Size: 1000, Keep: 0, Flush: time.Hour, Idle: time.Hour, TTL: time.Hour}, zap.NewNop())
+	defer ls.Close()
+	ls.Spend(e.ctx, "acme", "f", 1)
+	allocs := testing.AllocsPerRun(100, func() { ls.Spend(e.ctx, "acme", "f", 1) })
+	if allocs > 0 {
+		t.Fatalf("a leased spend allocates %v times", allocs)
+	}
+}
