@@ -63,14 +63,22 @@ func (a *Admin) Provision(ctx caddy.Context) error {
 
 // Limits of an admin call.
 const (
-	maxAdminBody = 64 << 10
-	maxEvents    = 1000
+	maxAdminBody   = 64 << 10
+	maxAdminHeader = 16 << 10
+	maxEvents      = 1000
 	// defaultEvents is how many events GET .../events answers without a limit.
 	defaultEvents = 50
 )
 
 // ServeHTTP routes an admin call.
 func (a *Admin) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
+	// The usage console's page holds no data: it needs no token (console.go).
+	if serveConsole(w, r) {
+		return nil
+	}
+	if headerBytes(r.Header) > maxAdminHeader {
+		return writeProblem(w, r, policy.Status(http.StatusRequestHeaderFieldsTooLarge, fmt.Sprintf("request headers larger than %d bytes", maxAdminHeader)))
+	}
 	if a.Token != "" && !a.authorized(r) {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="credits"`)
 		return writeProblem(w, r, policy.Status(http.StatusUnauthorized, "a valid Authorization: Bearer token is required"))
@@ -192,6 +200,17 @@ func (a *Admin) authorized(r *http.Request) bool {
 	}
 	got := sha256.Sum256([]byte(auth[len(scheme):]))
 	return subtle.ConstantTimeCompare(got[:], a.tokenHash[:]) == 1
+}
+
+// headerBytes is about how large a request's header block was.
+func headerBytes(h http.Header) int {
+	n := 0
+	for k, vs := range h {
+		for _, v := range vs {
+			n += len(k) + len(v) + 4
+		}
+	}
+	return n
 }
 
 // splitAdminPath splits /orgs/{org}[/{action}].

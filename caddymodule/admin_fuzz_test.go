@@ -41,6 +41,7 @@ func FuzzAdminAPI(f *testing.F) {
 		path, body string
 	}{
 		{0, "/orgs/acme", ""},
+		{0, "/", ""},
 		{1, "/orgs/acme/plan", `{"allowance": 5, "recharge_month": 13}`},
 		{2, "/orgs/acme/topup", `{"amount": -1}`},
 		{2, "/orgs/acme/topup", `{"amount": 1, "reference": "x", "extra": 1}`},
@@ -62,6 +63,13 @@ func FuzzAdminAPI(f *testing.F) {
 		rec := httptest.NewRecorder()
 		if err := admin.ServeHTTP(rec, req, nil); err != nil {
 			t.Fatalf("ServeHTTP: %v", err)
+		}
+		if (req.Method == http.MethodGet || req.Method == http.MethodHead) && consoleFiles[req.URL.Path] != nil {
+			// The console's page and assets, not the API.
+			if rec.Code != http.StatusOK || mini.Dump() != before {
+				t.Fatalf("%s %s: console answered %d", req.Method, path, rec.Code)
+			}
+			return
 		}
 		switch rec.Code {
 		case http.StatusOK, http.StatusBadRequest, http.StatusNotFound, http.StatusMethodNotAllowed:

@@ -142,6 +142,13 @@ func TestAdminAPI(t *testing.T) {
 		}
 	})
 
+	t.Run("header limit", func(t *testing.T) {
+		g.t = t
+		r := g.do(http.MethodGet, g.adminURL+"/orgs/stable", map[string]string{"Authorization": "Bearer s3cret", "X-Pad": strings.Repeat("p", 17<<10)}, "")
+		wantStatus(t, r, http.StatusRequestHeaderFieldsTooLarge)
+		r.problem(t)
+	})
+
 	t.Run("token", func(t *testing.T) {
 		g.t = t
 		for _, auth := range []string{"", "Bearer", "Bearer wrong", "Bearer s3cret2", "Basic s3cret", "bearer s3cre"} {

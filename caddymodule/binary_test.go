@@ -148,12 +148,19 @@ func demoCaddyfile(t *testing.T) (cfg string, gateway, admin string) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The demo serves web/ relative to the repository root; caddy runs in a
+	// temporary directory here.
+	web, err := filepath.Abs("../web")
+	if err != nil {
+		t.Fatal(err)
+	}
 	gw, backend, adm := freePort(t), freePort(t), freePort(t)
 	cfg = strings.NewReplacer(
 		":8080", fmt.Sprintf(":%d", gw),
 		":9090", fmt.Sprintf(":%d", backend),
 		":2020", fmt.Sprintf(":%d", adm),
 		"127.0.0.1:9090", fmt.Sprintf("127.0.0.1:%d", backend),
+		"root * web\n", fmt.Sprintf("root * %q\n", web),
 	).Replace(string(data))
 	if !strings.Contains(cfg, "{\n\tcredits {") {
 		t.Fatal("the demo Caddyfile's global options do not start with credits")

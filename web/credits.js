@@ -1,0 +1,199 @@
+/*
+ * credits.js: keeps a page's credits badge current and shows the upgrade
+ * notice when an AI call is refused for lack of credits. No dependencies, no
+ * build step: include it with <script src="/credits.js"></script>.
+ *
+ * It reads the headers that the credits gateway puts on metered calls:
+ *   Credits-Remaining: the org's balance after the call
+ *   Credits-Notice:    "low" (the balance is running low) or "exhausted"
+ *                      (a 402 whose problem body the notice shows)
+ *
+ * The page marks the elements:
+ *   <span data-credits-badge></span>   the balance, e.g. "4 credits"; gets
+ *                                      data-credits-state="ok|low|exhausted"
+ *                                      and data-credits-balance="4"
+ *   <div data-credits-notice hidden></div>   the upgrade notice (role="alert")
+ *
+ * API (window.Credits):
+ *   Credits.fetch(url, init)   fetch, then read the credit headers
+ *   Credits.watchFetch()       read them on every window.fetch; returns unwatch
+ *   Credits.observe(response)  read them on a response the page fetched itself
+ *   Credits.refresh(url, init) set the badge from a credits_balance endpoint
+ *   Credits.format             (balance, state) => the badge's text
+ * and a "credits:change" event on document with {balance, state, problem}.
+ *
+ * A cross-origin page can read the headers because the gateway answers a
+ * request that has an Origin with Access-Control-Expose-Headers.
+ */
+(function (global) {
+	'use strict';
+
+	var doc = global.document;
+	var BADGE = '[data-credits-badge]';
+	var NOTICE = '[data-credits-notice]';
+
+	// unwatched is window.fetch as it was before watchFetch patched it.
+	var unwatched = null;
+
+	function baseFetch() {
+		return unwatched || global.fetch;
+	}
+
+	function parseBalance(value) {
+		if (value === null || !/^\s*-?\d+\s*$/.test(value)) {
+			return null;
+		}
+		return Number(value);
+	}
+
+	function format(balance, state) {
+		var text = balance.toLocaleString('en-US') + (balance === 1 || balance === -1 ? ' credit' : ' credits');
+		return state === 'low' ? text + ' (low)' : text;
+	}
+
+	// safeURL answers url if it is an http(s) URL, so a notice never links
+	// to javascript: or data:.
+	function safeURL(url) {
+		if (typeof url !== 'string' || url === '') {
+			return '';
+		}
+		try {
+			var u = new URL(url, global.location.href);
+			return u.protocol === 'https:' || u.protocol === 'http:' ? u.href : '';
+		} catch (e) {
+			return '';
+		}
+	}
+
+	function setBalance(balance, state, problem) {
+		var badges = doc.querySelectorAll(BADGE);
+		for (var i = 0; i < badges.length; i++) {
+			var badge = badges[i];
+			badge.textContent = Credits.format(balance, state);
+			badge.setAttribute('data-credits-balance', String(balance));
+			badge.setAttribute('data-credits-state', state);
+		}
+		doc.dispatchEvent(new CustomEvent('credits:change', {
+			detail: { balance: balance, state: state, problem: problem || null },
+		}));
+	}
+
+	function showNotice(problem) {
+		var notices = doc.querySelectorAll(NOTICE);
+		for (var i = 0; i < notices.length; i++) {
+			var notice = notices[i];
+			var text = doc.createElement('p');
+			text.textContent = problem.detail || 'Your organization has run out of credits.';
+			var parts = [text];
+			var href = safeURL(problem.topup_url);
+			if (href) {
+				var link = doc.createElement('a');
+				link.href = href;
+				link.textContent = 'Add credits';
+				link.setAttribute('data-credits-topup', '');
+				parts.push(link);
+			}
+			notice.setAttribute('role', 'alert');
+			notice.replaceChildren.apply(notice, parts);
+			notice.hidden = false;
+		}
+	}
+
+	function hideNotice() {
+		var notices = doc.querySelectorAll(NOTICE);
+		for (var i = 0; i < notices.length; i++) {
+			notices[i].hidden = true;
+			notices[i].replaceChildren();
+		}
+	}
+
+	// observe reads the credit headers of a response and updates the page.
+	// It resolves to the response, unread: a 402's body is read from a clone.
+	// A response without the headers (not a metered call) changes nothing.
+	function observe(response) {
+		var balance = parseBalance(response.headers.get('Credits-Remaining'));
+		var notice = (response.headers.get('Credits-Notice') || '').trim().toLowerCase();
+		if (balance === null && notice === '') {
+			return Promise.resolve(response);
+		}
+		if (response.status === 402 && notice === 'exhausted') {
+			return response.clone().json().catch(function () {
+				return {};
+			}).then(function (problem) {
+				if (balance === null && typeof problem.balance === 'number') {
+					balance = problem.balance;
+				}
+				if (balance !== null) {
+					setBalance(balance, 'exhausted', problem);
+				}
+				showNotice(problem);
+				return response;
+			});
+		}
+		if (balance !== null) {
+			setBalance(balance, notice === 'low' ? 'low' : 'ok');
+		}
+		if (response.ok) {
+			hideNotice();
+		}
+		return Promise.resolve(response);
+	}
+
+	function safeObserve(response) {
+		try {
+			return observe(response).catch(function () {
+				return response;
+			});
+		} catch (e) {
+			return response;
+		}
+	}
+
+	function creditsFetch(input, init) {
+		return baseFetch().call(global, input, init).then(safeObserve);
+	}
+
+	function unwatch() {
+		if (unwatched) {
+			global.fetch = unwatched;
+			unwatched = null;
+		}
+	}
+
+	function watchFetch() {
+		if (!unwatched) {
+			unwatched = global.fetch;
+			global.fetch = function fetch(input, init) {
+				return unwatched.call(global, input, init).then(safeObserve);
+			};
+		}
+		return unwatch;
+	}
+
+	// refresh sets the badge from a credits_balance endpoint, which answers
+	// {"org": ..., "balance": n, ...}. It resolves to that body, or null.
+	function refresh(url, init) {
+		return baseFetch().call(global, url, init).then(function (response) {
+			if (!response.ok) {
+				return null;
+			}
+			return response.json().then(function (body) {
+				if (typeof body.balance === 'number') {
+					setBalance(body.balance, body.balance > 0 ? 'ok' : 'exhausted');
+				}
+				return body;
+			});
+		}).catch(function () {
+			return null;
+		});
+	}
+
+	var Credits = {
+		fetch: creditsFetch,
+		watchFetch: watchFetch,
+		observe: observe,
+		refresh: refresh,
+		format: format,
+	};
+	global.Credits = Credits;
+})(window);

@@ -1,0 +1,53 @@
+// The demo editor: Generate calls the metered route through credits.js,
+// which keeps the badge current and shows the notice on a 402.
+'use strict';
+
+(() => {
+	// The org is fixed for the demo. In production the gateway takes it from
+	// authentication (a forward_auth answer, a verified token), never from
+	// anything the page sends.
+	const ORG = 'demo';
+
+	const button = document.getElementById('generate');
+	const prompt = document.getElementById('prompt');
+	const editor = document.getElementById('editor');
+	const status = document.getElementById('status');
+
+	// The badge's first value, from credits_balance (charges nothing).
+	Credits.refresh('/credits/balance', { headers: { 'X-Org-Id': ORG } });
+
+	async function generate() {
+		button.disabled = true;
+		status.textContent = 'Generating…';
+		try {
+			const resp = await Credits.fetch('/rich-text/generate', {
+				method: 'POST',
+				headers: { 'X-Org-Id': ORG, 'Content-Type': 'application/json' },
+				body: JSON.stringify({ prompt: prompt.value }),
+			});
+			if (resp.status === 402) {
+				// credits.js shows the notice; the editor itself still works.
+				status.textContent = 'Not generated: no credits left.';
+				return;
+			}
+			if (!resp.ok) {
+				status.textContent = 'Not generated: the AI service answered ' + resp.status + '.';
+				return;
+			}
+			const body = await resp.json();
+			// The AI's HTML is read as text: nothing it sends runs in the page.
+			const text = new DOMParser().parseFromString(body.html || '', 'text/html').body.textContent;
+			const p = document.createElement('p');
+			p.className = 'generated';
+			p.textContent = text;
+			editor.append(p);
+			status.textContent = 'Generated a paragraph.';
+		} catch (err) {
+			status.textContent = 'Not generated: ' + err.message;
+		} finally {
+			button.disabled = false;
+		}
+	}
+
+	button.addEventListener('click', generate);
+})();
