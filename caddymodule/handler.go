@@ -6,11 +6,14 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/textproto"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
 	"github.com/creditsgw/caddy-credits/meter"
@@ -50,11 +53,51 @@ type Handler struct {
 	// Default closed, open on overdraft routes.
 	FailMode string `json:"fail_mode,omitempty"`
 
-	app      *App
-	route    policy.Route
-	cost     int64
-	failOpen bool
-	logger   *zap.Logger
+	app       *App
+	route     policy.Route
+	cost      int64
+	org       placeholder
+	costValue placeholder
+	failOpen  bool
+	logger    *zap.Logger
+	outcomes  map[string]prometheus.Counter
+	charged   prometheus.Counter
+}
+
+// placeholder is a setting that may hold placeholders. The common case, a
+// whole request header such as {http.request.header.X-Org-Id}, is read
+// without the replacer.
+type placeholder struct {
+	text   string
+	header string // canonical header name, when text is exactly one
+}
+
+func newPlaceholder(text string) placeholder {
+	p := placeholder{text: text}
+	if name, ok := strings.CutPrefix(text, "{http.request.header."); ok && strings.HasSuffix(name, "}") {
+		name = strings.TrimSuffix(name, "}")
+		if name != "" && !strings.ContainsAny(name, "{}:") {
+			p.header = textproto.CanonicalMIMEHeaderKey(name)
+		}
+	}
+	return p
+}
+
+func (p placeholder) value(r *http.Request) string {
+	if p.header != "" {
+		return r.Header.Get(p.header)
+	}
+	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
+	return repl.ReplaceAll(p.text, "")
+}
+
+// count counts a call's outcome.
+func (h *Handler) count(outcome string) {
+	if c, ok := h.outcomes[outcome]; ok {
+		c.Inc()
+		return
+	}
+	h.app.metrics.requests.WithLabelValues(h.Feature, outcome).Inc()
 }
 
 // CaddyModule returns the Caddy module information.
@@ -101,6 +144,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	h.app = app
+	h.org, h.costValue = newPlaceholder(h.Org), newPlaceholder(h.Cost)
+	h.outcomes = make(map[string]prometheus.Counter)
+	for _, o := range []string{"forwarded", "low", "overdraft", "blocked", "notice", "refunded", "replay", "unmetered", "unavailable", "invalid", "unauthenticated"} {
+		h.outcomes[o] = app.metrics.requests.WithLabelValues(h.Feature, o)
+	}
+	h.charged = app.metrics.charged.WithLabelValues(h.Feature)
 	h.route = policy.Route{Feature: h.Feature, Mode: mode, OverdraftLimit: limit, LowBalance: h.LowBalance, TopUpURL: app.TopUpURL}
 	return nil
 }
@@ -148,8 +197,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if r.Header.Get("Origin") != "" {
 		w.Header().Add("Access-Control-Expose-Headers", policy.ExposeHeaders)
 	}
-	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
-	org := repl.ReplaceAll(h.Org, "")
+	org := h.org.value(r)
 	if err := policy.ValidateOrg(org); err != nil {
 		if errors.Is(err, policy.ErrOrgMissing) {
 			return h.refuse(w, r, "unauthenticated", policy.OrgMissing())
@@ -159,37 +207,41 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	cost := h.cost
 	if cost == 0 {
 		var err error
-		if cost, err = policy.ParseCost(repl.ReplaceAll(h.Cost, "")); err != nil {
+		if cost, err = policy.ParseCost(h.costValue.value(r)); err != nil {
 			return h.refuse(w, r, "invalid", policy.Invalid(err))
 		}
 	}
-	// The attempt id tells this call apart from a client's retry of it with
-	// the same Idempotency-Key.
-	attempt := meter.NewRequestID()
-	requestID := "g:" + attempt
-	if key := r.Header.Get("Idempotency-Key"); key != "" {
+	key := r.Header.Get("Idempotency-Key")
+	if key != "" {
 		if err := policy.ValidateIdempotencyKey(key); err != nil {
 			return h.refuse(w, r, "invalid", policy.Invalid(err))
 		}
-		requestID = "i:" + key
 	}
 
 	// The client going away must not cut a charge or a settle in half: the
 	// store calls run to their own deadline.
 	ctx := context.WithoutCancel(r.Context())
+	if ls := h.app.leaser; ls != nil && key == "" {
+		if balance, ok := ls.Spend(ctx, org, h.Feature, cost); ok {
+			d := policy.Decide(h.route, org, policy.Answer{Charged: true, Balance: balance, Cost: cost})
+			sw := &settleWriter{ResponseWriterWrapper: caddyhttp.ResponseWriterWrapper{ResponseWriter: w},
+				h: h, ctx: ctx, org: org, cost: cost, decision: d, leased: true}
+			return sw.serve(next, r)
+		}
+	}
+
+	// The attempt id tells this call apart from a client's retry of it with
+	// the same Idempotency-Key.
+	attempt := meter.NewRequestID()
+	requestID := "g:" + attempt
+	if key != "" {
+		requestID = "i:" + key
+	}
 	charge := meter.ChargeRequest{
 		Org: org, Feature: h.Feature, Cost: cost, RequestID: requestID, Attempt: attempt,
 		Overdraft: h.route.Mode == policy.Overdraft, OverdraftLimit: h.route.OverdraftLimit,
 	}
 	m := h.app.metrics
-	if ls := h.app.leaser; ls != nil && requestID[0] == 'g' {
-		if balance, ok := ls.Spend(ctx, org, h.Feature, cost); ok {
-			d := policy.Decide(h.route, org, policy.Answer{Charged: true, Balance: balance, Cost: cost})
-			sw := &settleWriter{ResponseWriterWrapper: &caddyhttp.ResponseWriterWrapper{ResponseWriter: w},
-				h: h, ctx: ctx, org: org, requestID: requestID, cost: cost, decision: d, leased: true}
-			return sw.serve(next, r)
-		}
-	}
 	start := time.Now()
 	res, err := h.app.ledger.Charge(ctx, charge)
 	m.storeDuration.Observe(time.Since(start).Seconds())
@@ -206,11 +258,11 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if res.Replay {
 		// The first call with this Idempotency-Key paid; this one rides on it.
 		setCreditsHeaders(w.Header(), d)
-		m.requests.WithLabelValues(h.Feature, "replay").Inc()
+		h.count("replay")
 		return next.ServeHTTP(w, r)
 	}
 
-	sw := &settleWriter{ResponseWriterWrapper: &caddyhttp.ResponseWriterWrapper{ResponseWriter: w},
+	sw := &settleWriter{ResponseWriterWrapper: caddyhttp.ResponseWriterWrapper{ResponseWriter: w},
 		h: h, ctx: ctx, org: org, requestID: requestID, cost: cost, decision: d}
 	return sw.serve(next, r)
 }
@@ -240,10 +292,10 @@ func (h *Handler) storeDown(w http.ResponseWriter, r *http.Request, next caddyht
 		charge.Overdraft, charge.OverdraftLimit = true, meter.NoLimit
 		if h.app.store.later(deferred{ledger: h.app.ledger, charge: &charge}) {
 			h.app.metrics.unmetered.Inc()
-			h.app.metrics.requests.WithLabelValues(h.Feature, "unmetered").Inc()
+			h.count("unmetered")
 			h.logger.Warn("store did not answer; forwarding and charging later",
 				zap.String("feature", h.Feature), zap.String("request_id", charge.RequestID), zap.Error(err))
-			sw := &settleWriter{ResponseWriterWrapper: &caddyhttp.ResponseWriterWrapper{ResponseWriter: w},
+			sw := &settleWriter{ResponseWriterWrapper: caddyhttp.ResponseWriterWrapper{ResponseWriter: w},
 				h: h, org: charge.Org, requestID: charge.RequestID, cost: charge.Cost, deferredCharge: true}
 			return sw.serve(next, r)
 		}
@@ -278,7 +330,7 @@ func statusOf(err error) int {
 
 // refuse answers a call the gateway does not forward.
 func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, outcome string, p *policy.Problem) error {
-	h.app.metrics.requests.WithLabelValues(h.Feature, outcome).Inc()
+	h.count(outcome)
 	if p.Feature == "" && p.Status != http.StatusUnauthorized && p.Status != http.StatusBadRequest {
 		p.Feature = h.Feature
 	}
@@ -335,7 +387,7 @@ func setCreditsHeaders(h http.Header, d policy.Decision) {
 // before its headers go to the client, so the Credits headers tell the
 // final truth.
 type settleWriter struct {
-	*caddyhttp.ResponseWriterWrapper
+	caddyhttp.ResponseWriterWrapper
 	h              *Handler
 	ctx            context.Context
 	org, requestID string
@@ -374,7 +426,7 @@ func (sw *settleWriter) settle(status int) {
 		if actual != sw.cost && !h.app.store.later(deferred{ledger: h.app.ledger, org: sw.org, requestID: sw.requestID, actual: actual}) {
 			h.logger.Error("fail-open backlog full; settle lost", zap.String("request_id", sw.requestID))
 		}
-		m.charged.WithLabelValues(h.Feature).Add(float64(actual))
+		h.charged.Add(float64(actual))
 		return
 	}
 
@@ -404,8 +456,8 @@ func (sw *settleWriter) settle(status int) {
 	if actual == 0 && (status >= 500 || status == statusClientClosed) {
 		outcome = "refunded"
 	}
-	m.requests.WithLabelValues(h.Feature, outcome).Inc()
-	m.charged.WithLabelValues(h.Feature).Add(float64(actual))
+	h.count(outcome)
+	h.charged.Add(float64(actual))
 	setCreditsHeaders(hdr, d)
 }
 
