@@ -107,6 +107,7 @@ type gateway struct {
 	redis    *redistest.Server
 	upstream *upstream
 	client   *http.Client
+	config   string // the Caddyfile it runs
 }
 
 // gatewayCaddyfile is the test site: one route per kind of product.
@@ -224,6 +225,7 @@ func startGateway(t *testing.T, o gatewayOptions) *gateway {
 		"{SITE}", o.site,
 	).Replace(gatewayCaddyfile)
 	loadCaddyfile(t, cfg)
+	g.config = cfg
 	g.client = &http.Client{Timeout: 10 * time.Second}
 	return g
 }
@@ -588,4 +590,24 @@ func TestWire(t *testing.T) {
 		wantStatus(t, r, http.StatusMethodNotAllowed)
 		wantHeaders(t, r, map[string]string{"Allow": "GET, HEAD"})
 	})
+}
+
+// TestHandleErrors checks that a site with handle_errors gets the
+// gateway's refusals as errors, with the problem's fields in placeholders.
+func TestHandleErrors(t *testing.T) {
+	g := startGateway(t, gatewayOptions{site: `handle_errors {
+		header Content-Type text/plain
+		respond "{err.status_code} {credits.problem.title}: balance {credits.problem.balance}, cost {credits.problem.cost}, {credits.problem.topup_url}" {err.status_code}
+	}`})
+	r := g.call("/background-removal/x", "styled", "X-Cost", "9")
+	wantStatus(t, r, http.StatusPaymentRequired)
+	if want := "402 Insufficient credits: balance 5, cost 9, https://billing.example/topup"; string(r.body) != want {
+		t.Fatalf("body %q, want %q", r.body, want)
+	}
+	wantHeaders(t, r, map[string]string{"Credits-Remaining": "5", "Credits-Charged": "0"})
+	r = g.call("/background-removal/x", "")
+	wantStatus(t, r, http.StatusUnauthorized)
+	if !strings.HasPrefix(string(r.body), "401 Organization missing") {
+		t.Fatalf("body %q", r.body)
+	}
 }

@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
+
 	"github.com/creditsgw/caddy-credits/internal/redistest"
 )
 
@@ -134,4 +136,55 @@ func TestStartupChecks(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestBacklogAcrossReloadAndShutdown queues fail-open charges while Redis is
+// down; a config reload keeps them (the store and its backlog are shared by
+// the configs that name it) and they are applied once Redis is back. At
+// shutdown, what still waits is lost and counted in the log.
+func TestBacklogAcrossReloadAndShutdown(t *testing.T) {
+	logFile := filepath.Join(t.TempDir(), "caddy.log")
+	opts := gatewayOptions{redis: redistest.Options{AppendOnly: true}, options: "log {\n\t\toutput file " + logFile + "\n\t}"}
+	g := startGateway(t, opts)
+	wantStatus(t, g.call("/image-studio/x", "kept"), http.StatusOK)
+
+	g.redis.Kill(t)
+	for range 3 {
+		wantStatus(t, g.call("/image-studio/x", "kept"), http.StatusOK)
+	}
+	if n := backlogLength(); n != 3 {
+		t.Fatalf("%d calls wait in the backlog, want 3", n)
+	}
+	// Reload: the same store, another setting.
+	loadCaddyfile(t, strings.Replace(g.config, "timeout 300ms", "timeout 250ms", 1))
+	if n := backlogLength(); n != 3 {
+		t.Fatalf("%d calls wait in the backlog after the reload, want 3", n)
+	}
+	g.redis.Restart(t)
+	drained(t)
+	if b := g.balance("kept"); b != 5-4*2 {
+		t.Fatalf("balance %d, want -3", b)
+	}
+
+	// Shutdown with charges still waiting.
+	g.redis.Kill(t)
+	for range 2 {
+		wantStatus(t, g.call("/image-studio/x", "lost"), http.StatusOK)
+	}
+	if err := caddy.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	data, _ := os.ReadFile(logFile)
+	if !strings.Contains(string(data), "fail-open charges lost at shutdown") || !strings.Contains(string(data), `"count":2`) {
+		t.Fatalf("the log does not count the 2 lost charges:\n%s", data)
+	}
+}
+
+func backlogLength() int64 {
+	var n int64
+	stores.Range(func(_, v any) bool {
+		n += v.(*store).waiting.Load()
+		return true
+	})
+	return n
 }
