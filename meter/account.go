@@ -41,7 +41,7 @@ type Account struct {
 
 // Event is one change to an org's credits.
 type Event struct {
-	// ID is the event's id in the org's event stream.
+	// ID is the event's number among the org's events.
 	ID string `json:"id"`
 	// Time is when the change happened, on the ledger's clock.
 	Time time.Time `json:"time"`

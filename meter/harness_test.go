@@ -158,8 +158,8 @@ func (e *env) dump() map[string]string {
 			v, err = e.rdb.Get(e.ctx, k).Result()
 		case "set":
 			v, err = e.rdb.SMembers(e.ctx, k).Result()
-		case "stream":
-			v, err = e.rdb.XRange(e.ctx, k, "-", "+").Result()
+		case "list":
+			v, err = e.rdb.LRange(e.ctx, k, 0, -1).Result()
 		}
 		if err != nil {
 			e.t.Fatal(err)
@@ -209,13 +209,13 @@ func (e *env) setPlan(org string, allowance int64, month int) Account {
 // change went unrecorded.
 func (e *env) checkEvents(org string) []Event {
 	e.t.Helper()
-	msgs, err := e.rdb.XRevRange(e.ctx, e.ledger.Keys().Events(org), "+", "-").Result()
+	items, err := e.rdb.LRange(e.ctx, e.ledger.Keys().Events(org), 0, -1).Result()
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	events := make([]Event, len(msgs))
-	for i, m := range msgs {
-		if events[i], err = parseEvent(m); err != nil {
+	events := make([]Event, len(items))
+	for i, item := range items {
+		if events[i], err = parseEvent(item); err != nil {
 			e.t.Fatal(err)
 		}
 	}

@@ -48,7 +48,7 @@ func (k Keys) key(org, kind string) string {
 // Account is the hash holding the org's plan, balances and usage.
 func (k Keys) Account(org string) string { return k.key(org, "a") }
 
-// Events is the org's capped event stream.
+// Events is the org's capped event list, newest first.
 func (k Keys) Events(org string) string { return k.key(org, "e") }
 
 // TopUps is the set of top-up references applied to the org.

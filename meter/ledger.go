@@ -63,7 +63,7 @@ type Config struct {
 	// Timeout bounds each store call whose context has no earlier deadline;
 	// default 100ms.
 	Timeout time.Duration
-	// EventsMax is about how many events each org's stream keeps; default 1000.
+	// EventsMax is how many events each org's list keeps; default 1000.
 	EventsMax int64
 	// MarkerTTL is how long a charge is remembered by request id; default 24h.
 	MarkerTTL time.Duration
@@ -380,13 +380,13 @@ func (l *Ledger) Events(ctx context.Context, org string, limit int64) ([]Event, 
 	}
 	ctx, cancel := l.deadline(ctx)
 	defer cancel()
-	msgs, err := l.rdb.XRevRangeN(ctx, l.keys.Events(org), "+", "-", limit).Result()
+	items, err := l.rdb.LRange(ctx, l.keys.Events(org), 0, limit-1).Result()
 	if err != nil {
 		return nil, fmt.Errorf("events: %w", err)
 	}
-	events := make([]Event, 0, len(msgs))
-	for _, m := range msgs {
-		e, err := parseEvent(m)
+	events := make([]Event, 0, len(items))
+	for _, item := range items {
+		e, err := parseEvent(item)
 		if err != nil {
 			return nil, fmt.Errorf("events: %w", err)
 		}
@@ -395,33 +395,28 @@ func (l *Ledger) Events(ctx context.Context, org string, limit int64) ([]Event, 
 	return events, nil
 }
 
-func parseEvent(m redis.XMessage) (Event, error) {
-	e := Event{ID: m.ID}
-	str := func(name string) string {
-		s, _ := m.Values[name].(string)
-		return s
+// parseEvent reads one event of the list: "seq kind delta balance feature
+// ref ms", with "-" for an empty feature or ref.
+func parseEvent(s string) (Event, error) {
+	f := strings.Split(s, " ")
+	if len(f) != 7 {
+		return Event{}, fmt.Errorf("event %q: %d fields, want 7", s, len(f))
 	}
-	num := func(name string) (int64, error) {
-		n, err := strconv.ParseInt(str(name), 10, 64)
+	var n [3]int64
+	for i, idx := range []int{2, 3, 6} {
+		v, err := strconv.ParseInt(f[idx], 10, 64)
 		if err != nil {
-			return 0, fmt.Errorf("event %s field %s: %w", m.ID, name, err)
+			return Event{}, fmt.Errorf("event %q: %w", s, err)
 		}
-		return n, nil
+		n[i] = v
 	}
-	var err error
-	if e.Delta, err = num("n"); err != nil {
-		return Event{}, err
+	dash := func(v string) string {
+		if v == "-" {
+			return ""
+		}
+		return v
 	}
-	if e.Balance, err = num("b"); err != nil {
-		return Event{}, err
-	}
-	ms, err := num("t")
-	if err != nil {
-		return Event{}, err
-	}
-	e.Time = time.UnixMilli(ms).UTC()
-	e.Kind, e.Feature, e.Ref = str("k"), str("f"), str("r")
-	return e, nil
+	return Event{ID: f[0], Kind: f[1], Delta: n[0], Balance: n[1], Feature: dash(f[4]), Ref: dash(f[5]), Time: time.UnixMilli(n[2]).UTC()}, nil
 }
 
 func (l *Ledger) deadline(ctx context.Context) (context.Context, context.CancelFunc) {

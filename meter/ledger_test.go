@@ -274,9 +274,12 @@ var ledgerCases = []ledgerCase{
 				e.t.Fatalf("event %d: %+v", i, ev)
 			}
 		}
-		n, err := e.rdb.XLen(e.ctx, e.ledger.Keys().Events("acme")).Result()
-		if err != nil || n > 200 {
-			e.t.Fatalf("stream length %d %v: not capped", n, err)
+		n, err := e.rdb.LLen(e.ctx, e.ledger.Keys().Events("acme")).Result()
+		if err != nil || n != 10 {
+			e.t.Fatalf("%d events kept, %v: want 10", n, err)
+		}
+		if events[0].ID != "301" {
+			e.t.Fatalf("newest event number %s, want 301", events[0].ID)
 		}
 	}},
 	{name: "bad input is a typed error and writes nothing", cfg: plan10, run: func(e *env) {

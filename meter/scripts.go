@@ -8,7 +8,7 @@ import (
 
 // Every script starts with lib.lua, whose ARGV[1..5] are the same for all:
 // now (unix ms), now as a month index, the default plan's allowance and month,
-// and the event stream's cap.
+// and the event list's cap.
 //
 //go:embed lib.lua
 var libLua string
