@@ -1,0 +1,225 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Paths of the two routes; both proxy to the same upstream.
+const (
+	meteredPath = "/metered/v1/generate"
+	plainPath   = "/plain/v1/generate"
+)
+
+// caddyfileTemplate is the gateway under test. Both routes keep as many
+// idle upstream connections as the 2,000-connection scenario needs, so that
+// neither measures TCP handshakes (Caddy keeps 32 per host by default).
+const caddyfileTemplate = `{
+	admin off
+	credits {
+		redis redis://{REDIS}
+		timeout 1s
+		default_plan 1000000000000{OPTIONS}
+	}
+}
+
+http://127.0.0.1:{PORT} {
+	route /metered/* {
+		credits {
+			org {http.request.header.X-Org-Id}
+			feature bench
+		}
+		reverse_proxy {UPSTREAM} {
+			{TRANSPORT}
+		}
+	}
+	route /plain/* {
+		reverse_proxy {UPSTREAM} {
+			{TRANSPORT}
+		}
+	}
+}
+`
+
+const upstreamTransport = `transport http {
+				keepalive_idle_conns 4096
+				keepalive_idle_conns_per_host 4096
+			}`
+
+// moduleRoot returns the directory of the module the go command finds from
+// the working directory: the project, for "go run ./bench" at its root and
+// for "go test ./bench/".
+func moduleRoot(ctx context.Context, goBin string) (string, error) {
+	out, err := exec.CommandContext(ctx, goBin, "env", "GOMOD").Output()
+	if err != nil {
+		return "", fmt.Errorf("go env GOMOD: %w", err)
+	}
+	gomod := strings.TrimSpace(string(out))
+	if gomod == "" || gomod == os.DevNull {
+		return "", errors.New("not inside the caddy-credits module: run the benchmark from the repository")
+	}
+	return filepath.Dir(gomod), nil
+}
+
+// buildBinaries builds the project's Caddy and the upstream into dir.
+func buildBinaries(ctx context.Context, dir string) (caddyBin, upstreamBin string, err error) {
+	goBin, err := exec.LookPath("go")
+	if err != nil {
+		return "", "", fmt.Errorf("the go command is not on PATH: %w", err)
+	}
+	root, err := moduleRoot(ctx, goBin)
+	if err != nil {
+		return "", "", err
+	}
+	caddyBin, upstreamBin = filepath.Join(dir, "caddy"), filepath.Join(dir, "upstream")
+	for pkg, out := range map[string]string{"./cmd/caddy": caddyBin, "./bench/upstream": upstreamBin} {
+		cmd := exec.CommandContext(ctx, goBin, "build", "-o", out, pkg)
+		cmd.Dir = root
+		if b, err := cmd.CombinedOutput(); err != nil {
+			return "", "", fmt.Errorf("go build %s: %w\n%s", pkg, err, b)
+		}
+	}
+	return caddyBin, upstreamBin, nil
+}
+
+// startUpstream starts the upstream on a free port and returns its address,
+// which it prints once it listens.
+func startUpstream(ctx context.Context, ps *procs, bin string) (string, error) {
+	cmd := exec.Command(bin)
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return "", err
+	}
+	p, err := ps.start("upstream", cmd)
+	if err != nil {
+		return "", err
+	}
+	lines := make(chan string, 1)
+	go func() {
+		r := bufio.NewReader(stdout)
+		line, _ := r.ReadString('\n')
+		lines <- strings.TrimSpace(line)
+		_, _ = io.Copy(io.Discard, r)
+	}()
+	select {
+	case addr := <-lines:
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			return "", p.failed(fmt.Errorf("it printed %q, not its address", addr))
+		}
+		return addr, nil
+	case <-ctx.Done():
+		return "", ctx.Err()
+	case <-time.After(startTimeout):
+		return "", p.failed(fmt.Errorf("no address printed within %v", startTimeout))
+	}
+}
+
+// gateway is the running Caddy.
+type gateway struct {
+	proc *proc
+	base string // http://127.0.0.1:port
+}
+
+// startGateway writes the Caddyfile, with options as extra lines of the
+// credits global option, and starts Caddy on it, then waits
+// until both routes answer, and checks that the metered one charges and
+// the plain one does not.
+func startGateway(ctx context.Context, ps *procs, bin, redisAddr, upstreamAddr string, options []string) (*gateway, error) {
+	var extra strings.Builder
+	for _, o := range options {
+		extra.WriteString("\n\t\t" + o)
+	}
+	var lastErr error
+	// A port found free can be taken before Caddy binds it; then another
+	// one is tried.
+	for range 5 {
+		port, err := freePort()
+		if err != nil {
+			return nil, err
+		}
+		cfg := strings.NewReplacer(
+			"{REDIS}", redisAddr,
+			"{PORT}", strconv.Itoa(port),
+			"{UPSTREAM}", upstreamAddr,
+			"{TRANSPORT}", upstreamTransport,
+			"{OPTIONS}", extra.String(),
+		).Replace(caddyfileTemplate)
+		cfgPath := filepath.Join(ps.dir, "Caddyfile")
+		if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
+			return nil, err
+		}
+		cmd := exec.Command(bin, "run", "--config", cfgPath, "--adapter", "caddyfile")
+		// Caddy's own files (autosave, certificates) stay in the run's
+		// directory, not in the user's home.
+		cmd.Env = append(os.Environ(), "XDG_DATA_HOME="+ps.dir, "XDG_CONFIG_HOME="+ps.dir)
+		p, err := ps.start("caddy", cmd)
+		if err != nil {
+			return nil, err
+		}
+		g := &gateway{proc: p, base: "http://127.0.0.1:" + strconv.Itoa(port)}
+		client := &http.Client{Timeout: 2 * time.Second}
+		err = awaitReady(ctx, p, func() error {
+			_, err := g.probe(client, plainPath)
+			return err
+		})
+		if err == nil {
+			return g, g.check(client)
+		}
+		lastErr = p.failed(err)
+		_ = p.stop()
+		if !strings.Contains(p.logTail(), "address already in use") {
+			break
+		}
+	}
+	return nil, lastErr
+}
+
+// probe sends one request as org bench-probe and returns its response
+// headers; anything but a 200 is an error.
+func (g *gateway) probe(client *http.Client, path string) (http.Header, error) {
+	req, err := http.NewRequest(http.MethodGet, g.base+path, nil)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("X-Org-Id", "bench-probe")
+	resp, err := client.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET %s: %s: %s", path, resp.Status, body)
+	}
+	return resp.Header, nil
+}
+
+// check makes sure the metered route meters and the plain one does not,
+// so that neither figure is of the wrong thing.
+func (g *gateway) check(client *http.Client) error {
+	h, err := g.probe(client, meteredPath)
+	if err != nil {
+		return g.proc.failed(err)
+	}
+	if got := h.Get("Credits-Charged"); got != "1" {
+		return g.proc.failed(fmt.Errorf("the metered route answered Credits-Charged %q, want 1", got))
+	}
+	if h, err = g.probe(client, plainPath); err != nil {
+		return g.proc.failed(err)
+	}
+	if got := h.Get("Credits-Charged"); got != "" {
+		return g.proc.failed(fmt.Errorf("the plain route answered Credits-Charged %q, want none", got))
+	}
+	return nil
+}

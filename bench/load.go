@@ -1,0 +1,244 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"math"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/creditsgw/caddy-credits/meter"
+)
+
+// scenario is one load shape, run on both routes.
+type scenario struct {
+	name, alias string // a and fast, b and slow, c and orgs
+	title       string
+	conns       int
+	delay       time.Duration // the upstream's answer time
+	orgs        int           // distinct orgs, in turn; 1 is one org
+}
+
+var scenarios = []scenario{
+	{name: "a", alias: "fast", title: "64 connections, fast upstream, one org", conns: 64, orgs: 1},
+	{name: "b", alias: "slow", title: "2,000 connections, upstream answers after 50 ms, one org", conns: 2000, delay: 50 * time.Millisecond, orgs: 1},
+	{name: "c", alias: "orgs", title: "64 connections, fast upstream, 100,000 orgs in turn", conns: 64, orgs: 100_000},
+}
+
+// routeRun is one wrk run on one route.
+type routeRun struct {
+	round int
+	route string // plain or metered
+	res   wrkResult
+}
+
+// scenarioResult is a scenario's rounds and what they add up to.
+type scenarioResult struct {
+	sc   scenario
+	runs []routeRun
+	// Ratio is the median over rounds of metered/plain requests/s; each
+	// round runs both routes back to back, so a drift in the machine's
+	// speed touches both sides of a round's ratio alike.
+	Ratio  float64
+	ratios []float64
+	// P99Added is the median p99 of the metered runs minus that of the
+	// plain runs.
+	P99Added                time.Duration
+	p50Plain, p50Metered    time.Duration
+	p99Plain, p99Metered    time.Duration
+	rpsPlain, rpsMetered    float64
+	non2xx, socketErrors    int64
+	meteredServed, charged  int64
+	ledgerChecked, ledgerOK bool
+}
+
+// loadEnv is what the load scenarios run against.
+type loadEnv struct {
+	wrk     string
+	gw      *gateway
+	ledger  *meter.Ledger
+	dir     string
+	threads int
+	rounds  int
+	d       time.Duration
+	warmup  time.Duration
+}
+
+// runScenario warms both routes up, then runs rounds of plain and metered
+// back to back, alternating which goes first, and prints the table.
+func (e *loadEnv) runScenario(ctx context.Context, w io.Writer, sc scenario) (*scenarioResult, error) {
+	script, err := writeScript(e.dir, sc)
+	if err != nil {
+		return nil, err
+	}
+	r := &scenarioResult{sc: sc}
+	fmt.Fprintf(w, "\n== scenario %s (%s): %s ==\n", sc.name, sc.alias, sc.title)
+
+	usedBefore, err := e.used(ctx, sc)
+	if err != nil {
+		return nil, err
+	}
+	run := func(route string, d time.Duration) (wrkResult, string, error) {
+		path := plainPath
+		if route == "metered" {
+			path = meteredPath
+		}
+		res, line, err := runWrk(ctx, e.wrk, script, e.gw.base+path, e.threads, sc.conns, d)
+		if err == nil && route == "metered" {
+			r.meteredServed += res.Requests
+		}
+		return res, line, err
+	}
+	if e.warmup > 0 {
+		for _, route := range []string{"plain", "metered"} {
+			if _, _, err := run(route, e.warmup); err != nil {
+				return nil, fmt.Errorf("warm-up: %w", err)
+			}
+		}
+		fmt.Fprintf(w, "warm-up: %v per route, not counted\n", e.warmup)
+	}
+	fmt.Fprintf(w, "%-6s %-8s %12s %10s %10s %8s %8s\n", "round", "route", "requests/s", "p50", "p99", "non-2xx", "sockerr")
+	for round := 1; round <= e.rounds; round++ {
+		order := []string{"plain", "metered"}
+		if round%2 == 0 {
+			order = []string{"metered", "plain"}
+		}
+		var rps [2]float64 // plain, metered
+		for _, route := range order {
+			res, line, err := run(route, e.d)
+			if err != nil {
+				return nil, err
+			}
+			if round == 1 && route == order[0] {
+				fmt.Fprintf(w, "# %s\n", strings.Replace(line, e.gw.base+plainPath, e.gw.base+"/{plain,metered}/v1/generate", 1))
+			}
+			r.runs = append(r.runs, routeRun{round: round, route: route, res: res})
+			r.non2xx += res.Non2xx
+			r.socketErrors += res.SocketErrors
+			if route == "plain" {
+				rps[0] = res.RPS
+			} else {
+				rps[1] = res.RPS
+			}
+			fmt.Fprintf(w, "%-6d %-8s %12.1f %10s %10s %8d %8d\n", round, route, res.RPS, ms(res.P50), ms(res.P99), res.Non2xx, res.SocketErrors)
+		}
+		r.ratios = append(r.ratios, rps[1]/rps[0])
+	}
+
+	var p50s, p99s, rpss [2][]float64 // plain, metered
+	for _, run := range r.runs {
+		i := 0
+		if run.route == "metered" {
+			i = 1
+		}
+		p50s[i] = append(p50s[i], float64(run.res.P50))
+		p99s[i] = append(p99s[i], float64(run.res.P99))
+		rpss[i] = append(rpss[i], run.res.RPS)
+	}
+	r.Ratio = median(r.ratios)
+	r.rpsPlain, r.rpsMetered = median(rpss[0]), median(rpss[1])
+	r.p50Plain, r.p50Metered = time.Duration(median(p50s[0])), time.Duration(median(p50s[1]))
+	r.p99Plain, r.p99Metered = time.Duration(median(p99s[0])), time.Duration(median(p99s[1]))
+	r.P99Added = r.p99Metered - r.p99Plain
+	fmt.Fprintf(w, "median plain   %12.1f %10s %10s\n", r.rpsPlain, ms(r.p50Plain), ms(r.p99Plain))
+	fmt.Fprintf(w, "median metered %12.1f %10s %10s\n", r.rpsMetered, ms(r.p50Metered), ms(r.p99Metered))
+	per := make([]string, len(r.ratios))
+	for i, x := range r.ratios {
+		per[i] = fmt.Sprintf("%.3f", x)
+	}
+	fmt.Fprintf(w, "ratio metered/plain requests/s: %.3f (median of %d rounds: %s)\n", r.Ratio, len(r.ratios), strings.Join(per, " "))
+	fmt.Fprintf(w, "p99 added by metering: %s (median p99 metered %s - median p99 plain %s)\n", signedMS(r.P99Added), ms(r.p99Metered), ms(r.p99Plain))
+	if r.non2xx > 0 {
+		fmt.Fprintf(w, "INVALID: %d responses with a status of 400 or more; the figures are not of successful calls\n", r.non2xx)
+	}
+	if r.socketErrors > 0 {
+		fmt.Fprintf(w, "note: %d socket errors (connect, read, write, timeout) in wrk\n", r.socketErrors)
+	}
+	if err := e.checkLedger(ctx, w, sc, r, usedBefore); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+// used returns the credits the one org of sc has used, or 0 for a
+// many-orgs scenario.
+func (e *loadEnv) used(ctx context.Context, sc scenario) (int64, error) {
+	if sc.orgs > 1 {
+		return 0, nil
+	}
+	acct, err := e.ledger.Balance(ctx, "bench-org")
+	if err != nil {
+		return 0, fmt.Errorf("reading the ledger: %w", err)
+	}
+	return acct.Used["bench"], nil
+}
+
+// ledgerWait bounds how long the ledger may take to show the last charges.
+const ledgerWait = 5 * time.Second
+
+// checkLedger makes sure every metered response was charged: a route that
+// answered without charging would make metering look free. Credits may run
+// ahead of responses (calls still in flight when wrk stopped), never
+// behind.
+func (e *loadEnv) checkLedger(ctx context.Context, w io.Writer, sc scenario, r *scenarioResult, before int64) error {
+	if sc.orgs > 1 {
+		fmt.Fprintf(w, "ledger check: skipped (%d orgs)\n", sc.orgs)
+		return nil
+	}
+	r.ledgerChecked = true
+	deadline := time.Now().Add(ledgerWait)
+	for {
+		after, err := e.used(ctx, sc)
+		if err != nil {
+			return err
+		}
+		r.charged = after - before
+		if r.charged >= r.meteredServed {
+			r.ledgerOK = true
+			fmt.Fprintf(w, "ledger check: %d credits charged for %d metered responses: ok\n", r.charged, r.meteredServed)
+			return nil
+		}
+		if time.Now().After(deadline) {
+			fmt.Fprintf(w, "INVALID: ledger check: %d credits charged for %d metered responses\n", r.charged, r.meteredServed)
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// valid reports whether the scenario's figures are of metered, successful
+// calls.
+func (r *scenarioResult) valid() bool {
+	return r.non2xx == 0 && (!r.ledgerChecked || r.ledgerOK) && r.Ratio > 0 && !math.IsInf(r.Ratio, 0) && !math.IsNaN(r.Ratio)
+}
+
+func median(xs []float64) float64 {
+	if len(xs) == 0 {
+		return math.NaN()
+	}
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	n := len(s)
+	if n%2 == 1 {
+		return s[n/2]
+	}
+	return (s[n/2-1] + s[n/2]) / 2
+}
+
+// ms formats d in milliseconds, as wrk's latencies compare best.
+func ms(d time.Duration) string {
+	return fmt.Sprintf("%.2fms", float64(d)/float64(time.Millisecond))
+}
+
+func signedMS(d time.Duration) string {
+	if d >= 0 {
+		return "+" + ms(d)
+	}
+	return ms(d)
+}

@@ -1,0 +1,48 @@
+//go:build linux
+
+package main
+
+import (
+	"fmt"
+	"os"
+	"syscall"
+)
+
+// sysProcAttr puts a child in its own process group, so that killGroup also
+// reaches anything it forks and Ctrl-C in the terminal reaches only the
+// benchmark, which then stops the children itself; the kernel kills the
+// child if the benchmark dies without cleaning up.
+func sysProcAttr() *syscall.SysProcAttr {
+	return &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+}
+
+func killGroup(p *os.Process) {
+	if syscall.Kill(-p.Pid, syscall.SIGKILL) != nil {
+		_ = p.Kill()
+	}
+}
+
+// raiseFileLimit sets RLIMIT_NOFILE to at least want (as far as the hard
+// limit, or past it when the process may raise it) and returns the new soft
+// limit. Calling syscall.Setrlimit also makes os/exec pass the new limit on
+// to children, instead of the limit the process started with: wrk, Caddy
+// and the upstream each hold thousands of sockets at 2,000 connections.
+func raiseFileLimit(want uint64) (uint64, error) {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return 0, err
+	}
+	if lim.Cur >= want {
+		// Set it anyway, so the children inherit it.
+		return lim.Cur, syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim)
+	}
+	raised := syscall.Rlimit{Cur: want, Max: max(lim.Max, want)}
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &raised); err == nil {
+		return want, nil
+	}
+	lim.Cur = lim.Max
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return 0, fmt.Errorf("setrlimit NOFILE %d: %w", lim.Cur, err)
+	}
+	return lim.Cur, nil
+}

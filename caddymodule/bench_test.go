@@ -1,0 +1,298 @@
+package caddymodule
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"sync/atomic"
+	"testing"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/creditsgw/caddy-credits/internal/redistest"
+	"github.com/creditsgw/caddy-credits/meter"
+)
+
+// benchBody is the upstream's answer: small, like a short completion.
+var benchBody = []byte(`{"text":"A paragraph the AI wrote."}` + "\n")
+
+// benchParallelism times GOMAXPROCS is the number of concurrent callers:
+// 64 on a 2-core machine, as in go run ./bench.
+const benchParallelism = 32
+
+// benchRequestPathCaddyfile has, on one port, a metered route and a plain
+// one in front of the same upstream, as go run ./bench does.
+const benchRequestPathCaddyfile = `{
+	admin off
+	log {
+		level ERROR
+	}
+	credits {
+		redis redis://%[1]s
+		timeout 1s
+		default_plan 1000000000000
+	}
+}
+http://127.0.0.1:%[2]d {
+	route /metered/* {
+		credits {
+			org {http.request.header.X-Org-Id}
+			feature bench
+		}
+		reverse_proxy %[3]s
+	}
+	route /plain/* {
+		reverse_proxy %[3]s
+	}
+}
+`
+
+// BenchmarkRequestPath measures a whole call through Caddy in this process
+// over loopback HTTP, to a real upstream, with a real redis-server: plain
+// is reverse_proxy alone, metered is credits in front of it. The difference
+// is what metering costs a call; allocs/op counts the client's, Caddy's and
+// the upstream's allocations together, alike on both.
+func BenchmarkRequestPath(b *testing.B) {
+	srv := redistest.Start(b, redistest.Options{})
+	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = w.Write(benchBody)
+	}))
+	b.Cleanup(up.Close)
+	port := freePort(b)
+	loadBenchCaddyfile(b, fmt.Sprintf(benchRequestPathCaddyfile, srv.Addr, port, up.Listener.Addr()))
+	client := &http.Client{Transport: &http.Transport{MaxIdleConns: 1024, MaxIdleConnsPerHost: 1024}}
+	b.Cleanup(client.CloseIdleConnections)
+
+	for _, route := range []struct {
+		name, path, charged string
+	}{
+		{"plain", "/plain/v1/generate", ""},
+		{"metered", "/metered/v1/generate", "1"},
+	} {
+		b.Run(route.name, func(b *testing.B) {
+			url := fmt.Sprintf("http://127.0.0.1:%d%s", port, route.path)
+			newRequest := func() *http.Request {
+				req, err := http.NewRequest(http.MethodGet, url, nil)
+				if err != nil {
+					b.Fatal(err)
+				}
+				req.Header.Set("X-Org-Id", "bench-org")
+				return req
+			}
+			resp, err := client.Do(newRequest())
+			if err != nil {
+				b.Fatal(err)
+			}
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusOK || resp.Header.Get("Credits-Charged") != route.charged {
+				b.Fatalf("%s: %s with Credits-Charged %q, want 200 with %q", route.path, resp.Status, resp.Header.Get("Credits-Charged"), route.charged)
+			}
+			b.SetParallelism(benchParallelism)
+			b.ReportAllocs()
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				req := newRequest()
+				for pb.Next() {
+					resp, err := client.Do(req)
+					if err != nil {
+						b.Error(err)
+						return
+					}
+					_, _ = io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					if resp.StatusCode != http.StatusOK {
+						b.Errorf("%s: %s", route.path, resp.Status)
+						return
+					}
+				}
+			})
+		})
+	}
+}
+
+// BenchmarkHandler measures the credits handler's own ServeHTTP, called
+// directly (no HTTP, no Caddy server around it), provisioned by Caddy from
+// a real config:
+//
+//   - next-only: the next handler alone, what the harness costs;
+//   - stubbed-store: the handler with every script call answered in this
+//     process by a go-redis hook, so it is the handler's and the ledger
+//     client's own work, without the round trip;
+//   - redis: the same with the charge script run by a real redis-server.
+//
+// redis minus stubbed-store is the store call; stubbed-store minus
+// next-only is the handler's own work.
+func BenchmarkHandler(b *testing.B) {
+	srv := redistest.Start(b, redistest.Options{})
+	cfg := map[string]any{
+		"admin":   map[string]any{"disabled": true},
+		"logging": map[string]any{"logs": map[string]any{"default": map[string]any{"level": "ERROR"}}},
+		"apps": map[string]any{
+			"credits": map[string]any{
+				"redis":        "redis://" + srv.Addr,
+				"timeout":      "1s",
+				"default_plan": map[string]any{"allowance": meter.MaxAmount, "recharge_month": 1},
+			},
+			"http": map[string]any{"servers": map[string]any{"bench": map[string]any{
+				"listen": []string{fmt.Sprintf("127.0.0.1:%d", freePort(b))},
+				"routes": []any{map[string]any{"handle": []any{
+					map[string]any{"handler": "credits", "org": "{http.request.header.X-Org-Id}", "feature": "bench"},
+				}}},
+			}}},
+		},
+	}
+	cfgJSON, err := json.Marshal(cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	loadBenchConfig(b, cfgJSON)
+	h := provisionedHandler(b)
+	stub := &stubScripts{}
+	h.app.store.rdb.AddHook(stub)
+
+	next := caddyhttp.HandlerFunc(func(w http.ResponseWriter, r *http.Request) error {
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(http.StatusOK)
+		_, err := w.Write(benchBody)
+		return err
+	})
+	serve := map[string]func(w http.ResponseWriter, r *http.Request) error{
+		"next-only": func(w http.ResponseWriter, r *http.Request) error { return next.ServeHTTP(w, r) },
+		"handler":   func(w http.ResponseWriter, r *http.Request) error { return h.ServeHTTP(w, r, next) },
+	}
+	for _, bc := range []struct {
+		name, serve string
+		stubbed     bool
+		charged     string
+	}{
+		{"next-only", "next-only", false, ""},
+		{"stubbed-store", "handler", true, "1"},
+		{"redis", "handler", false, "1"},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			stub.on.Store(bc.stubbed)
+			defer stub.on.Store(false)
+			serve := serve[bc.serve]
+			newRequest := func() (*http.Request, *benchWriter) {
+				r := httptest.NewRequest(http.MethodGet, "/v1/generate", nil)
+				r.Header.Set("X-Org-Id", "bench-org")
+				caddyhttp.NewTestReplacer(r) // puts the replacer into r's context
+				return r, &benchWriter{header: make(http.Header)}
+			}
+			r, w := newRequest()
+			if err := serve(w, r); err != nil || w.status != http.StatusOK || w.header.Get("Credits-Charged") != bc.charged {
+				b.Fatalf("status %d, Credits-Charged %q, error %v; want 200, %q", w.status, w.header.Get("Credits-Charged"), err, bc.charged)
+			}
+			b.SetParallelism(benchParallelism)
+			b.ReportAllocs()
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				r, w := newRequest()
+				for pb.Next() {
+					clear(w.header)
+					w.status = 0
+					if err := serve(w, r); err != nil || w.status != http.StatusOK {
+						b.Errorf("status %d, error %v", w.status, err)
+						return
+					}
+				}
+			})
+		})
+	}
+}
+
+// stubScripts answers every script call, while on, as a charge that was
+// taken: code 0, a huge balance, cost 1. Anything else goes to Redis.
+type stubScripts struct {
+	on atomic.Bool
+}
+
+func (s *stubScripts) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (s *stubScripts) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+func (s *stubScripts) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		if c, ok := cmd.(*redis.Cmd); ok && s.on.Load() {
+			switch cmd.Name() {
+			case "evalsha", "eval", "evalsha_ro", "eval_ro":
+				c.SetVal([]any{int64(0), int64(meter.MaxAmount), int64(1)})
+				return nil
+			}
+		}
+		return next(ctx, cmd)
+	}
+}
+
+// benchWriter is a ResponseWriter that keeps the status and headers and
+// drops the body.
+type benchWriter struct {
+	header http.Header
+	status int
+}
+
+func (w *benchWriter) Header() http.Header { return w.header }
+
+func (w *benchWriter) WriteHeader(status int) {
+	if w.status == 0 {
+		w.status = status
+	}
+}
+
+func (w *benchWriter) Write(p []byte) (int, error) {
+	w.WriteHeader(http.StatusOK)
+	return len(p), nil
+}
+
+// provisionedHandler returns the credits handler of the running config.
+func provisionedHandler(b *testing.B) *Handler {
+	b.Helper()
+	app, err := caddy.ActiveContext().App("http")
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, srv := range app.(*caddyhttp.App).Servers {
+		for _, route := range srv.Routes {
+			for _, mh := range route.Handlers {
+				if h, ok := mh.(*Handler); ok {
+					return h
+				}
+			}
+		}
+	}
+	b.Fatal("no credits handler in the running config")
+	return nil
+}
+
+// loadBenchCaddyfile runs Caddy in this process on the Caddyfile until the
+// benchmark ends.
+func loadBenchCaddyfile(b *testing.B, cfg string) {
+	b.Helper()
+	cfgJSON, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), nil)
+	if err != nil {
+		b.Fatalf("adapting the Caddyfile: %v\n%s", err, cfg)
+	}
+	loadBenchConfig(b, cfgJSON)
+}
+
+func loadBenchConfig(b *testing.B, cfgJSON []byte) {
+	b.Helper()
+	if err := caddy.Load(cfgJSON, true); err != nil {
+		b.Fatalf("loading the config: %v", err)
+	}
+	b.Cleanup(func() {
+		if err := caddy.Stop(); err != nil {
+			b.Errorf("stopping Caddy: %v", err)
+		}
+	})
+}
