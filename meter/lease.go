@@ -118,8 +118,13 @@ type lease struct {
 	seq      int64
 	synced   time.Time // the last successful sync
 	used     time.Time
+	calls    int  // calls seen before the first lease
 	ended    bool // given back and out of the map: look the org up again
 }
+
+// leaseAfter is how many calls an org makes, within Idle of each other,
+// before it is leased.
+const leaseAfter = 3
 
 // NewLeaser starts a leaser; Close ends its leases.
 func NewLeaser(ledger *Ledger, cfg LeaseConfig, logger *zap.Logger) *Leaser {
@@ -141,6 +146,12 @@ func (ls *Leaser) Spend(ctx context.Context, org, feature string, cost int64) (b
 	defer le.mu.Unlock()
 	now := time.Now()
 	le.used = now
+	// An org is leased once it is busy: a lease costs two store calls (take
+	// and give back), a lone call one.
+	if le.held == 0 && le.seq == 0 && le.calls < leaseAfter {
+		le.calls++
+		return 0, false
+	}
 	// A lease not synced for half its lifetime may have expired in Redis.
 	if le.held < cost || now.Sub(le.synced) > ls.cfg.TTL/2 {
 		if err := ls.sync(ctx, org, le, max(ls.cfg.Size, cost)); err != nil || le.held < cost {
@@ -255,7 +266,13 @@ func (ls *Leaser) flush(closing bool) {
 		le.mu.Lock()
 		idle := closing || now.Sub(le.used) > ls.cfg.Idle
 		busy := len(le.spent) > 0 || le.inFlight != nil
-		if idle || busy || (le.held > 0 && now.Sub(le.synced) > ls.cfg.TTL/4) {
+		if idle && !busy && le.held == 0 {
+			// Nothing held, nothing to report: no store call.
+			ls.mu.Lock()
+			delete(ls.orgs, org)
+			ls.mu.Unlock()
+			le.ended = true
+		} else if idle || busy || (le.held > 0 && now.Sub(le.synced) > ls.cfg.TTL/4) {
 			want := le.held
 			if idle {
 				want = 0
