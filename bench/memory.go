@@ -115,7 +115,7 @@ func runMemory(ctx context.Context, w io.Writer, ps *procs, n, workers int) (*me
 	sample := orgName(0)
 	for _, k := range []struct{ kind, key string }{
 		{"account hash", keys.Account(sample)},
-		{"event stream", keys.Events(sample)},
+		{"event list", keys.Events(sample)},
 		{"request marker", keys.Request(sample, requestID(0))},
 	} {
 		u, err := keyMemory(ctx, raw, k.key)
@@ -151,7 +151,7 @@ func runMemory(ctx context.Context, w io.Writer, ps *procs, n, workers int) (*me
 		return nil, err
 	}
 
-	// An org at its largest: more calls than its event stream keeps.
+	// An org at its largest: more calls than its event list keeps.
 	for i := range busyCalls {
 		if _, err := ledger.Charge(ctx, meter.ChargeRequest{Org: "busy", Feature: "bench", Cost: 1, RequestID: "g:busy" + strconv.Itoa(i)}); err != nil {
 			return nil, err
@@ -161,7 +161,7 @@ func runMemory(ctx context.Context, w io.Writer, ps *procs, n, workers int) (*me
 	if err != nil {
 		return nil, err
 	}
-	u.kind = fmt.Sprintf("event stream after %d calls", busyCalls)
+	u.kind = fmt.Sprintf("event list after %d calls", busyCalls)
 	res.Keys = append(res.Keys, u)
 
 	res.WithMarker = float64(with-before) / float64(n)

@@ -37,6 +37,7 @@ const benchRequestPathCaddyfile = `{
 		redis redis://%[1]s
 		timeout 1s
 		default_plan 1000000000000
+		%[4]s
 	}
 }
 http://127.0.0.1:%[2]d {
@@ -56,7 +57,8 @@ http://127.0.0.1:%[2]d {
 // BenchmarkRequestPath measures a whole call through Caddy in this process
 // over loopback HTTP, to a real upstream, with a real redis-server: plain
 // is reverse_proxy alone, metered is credits in front of it. The difference
-// is what metering costs a call; allocs/op counts the client's, Caddy's and
+// is what metering costs a call (metered-lease: with the lease option);
+// allocs/op counts the client's, Caddy's and
 // the upstream's allocations together, alike on both.
 func BenchmarkRequestPath(b *testing.B) {
 	srv := redistest.Start(b, redistest.Options{})
@@ -66,16 +68,21 @@ func BenchmarkRequestPath(b *testing.B) {
 	}))
 	b.Cleanup(up.Close)
 	port := freePort(b)
-	loadBenchCaddyfile(b, fmt.Sprintf(benchRequestPathCaddyfile, srv.Addr, port, up.Listener.Addr()))
 	client := &http.Client{Transport: &http.Transport{MaxIdleConns: 1024, MaxIdleConnsPerHost: 1024}}
 	b.Cleanup(client.CloseIdleConnections)
 
+	loaded := "none"
 	for _, route := range []struct {
-		name, path, charged string
+		name, path, charged, option string
 	}{
-		{"plain", "/plain/v1/generate", ""},
-		{"metered", "/metered/v1/generate", "1"},
+		{"plain", "/plain/v1/generate", "", ""},
+		{"metered", "/metered/v1/generate", "1", ""},
+		{"metered-lease", "/metered/v1/generate", "1", "lease 100"},
 	} {
+		if route.option != loaded {
+			loadBenchCaddyfile(b, fmt.Sprintf(benchRequestPathCaddyfile, srv.Addr, port, up.Listener.Addr(), route.option))
+			loaded = route.option
+		}
 		b.Run(route.name, func(b *testing.B) {
 			url := fmt.Sprintf("http://127.0.0.1:%d%s", port, route.path)
 			newRequest := func() *http.Request {
