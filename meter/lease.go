@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -101,9 +102,8 @@ type Leaser struct {
 	id     string
 	logger *zap.Logger
 
-	mu     sync.Mutex
-	orgs   map[string]*lease
-	closed bool
+	orgs   sync.Map // org -> *lease; read on every call without a lock
+	closed atomic.Bool
 	stop   chan struct{}
 	done   chan struct{}
 }
@@ -129,7 +129,7 @@ const leaseAfter = 3
 // NewLeaser starts a leaser; Close ends its leases.
 func NewLeaser(ledger *Ledger, cfg LeaseConfig, logger *zap.Logger) *Leaser {
 	ls := &Leaser{ledger: ledger, cfg: cfg, id: "gw:" + NewRequestID()[:16], logger: logger,
-		orgs: map[string]*lease{}, stop: make(chan struct{}), done: make(chan struct{})}
+		stop: make(chan struct{}), done: make(chan struct{})}
 	go ls.loop()
 	return ls
 }
@@ -167,17 +167,14 @@ func (ls *Leaser) Spend(ctx context.Context, org, feature string, cost int64) (b
 // lock returns org's lease, locked, creating it when there is none.
 func (ls *Leaser) lock(org string) *lease {
 	for {
-		ls.mu.Lock()
-		if ls.closed {
-			ls.mu.Unlock()
+		if ls.closed.Load() {
 			return nil
 		}
-		le := ls.orgs[org]
-		if le == nil {
-			le = &lease{spent: map[string]int64{}}
-			ls.orgs[org] = le
+		v, ok := ls.orgs.Load(org)
+		if !ok {
+			v, _ = ls.orgs.LoadOrStore(org, &lease{spent: map[string]int64{}})
 		}
-		ls.mu.Unlock()
+		le := v.(*lease)
 		le.mu.Lock()
 		if !le.ended {
 			return le
@@ -255,22 +252,15 @@ func (ls *Leaser) loop() {
 // flush reports every lease's spending; leases idle for cfg.Idle (or all,
 // at close) give their credits back.
 func (ls *Leaser) flush(closing bool) {
-	ls.mu.Lock()
-	orgs := make(map[string]*lease, len(ls.orgs))
-	for org, le := range ls.orgs {
-		orgs[org] = le
-	}
-	ls.mu.Unlock()
 	now := time.Now()
-	for org, le := range orgs {
+	ls.orgs.Range(func(k, v any) bool {
+		org, le := k.(string), v.(*lease)
 		le.mu.Lock()
 		idle := closing || now.Sub(le.used) > ls.cfg.Idle
 		busy := len(le.spent) > 0 || le.inFlight != nil
 		if idle && !busy && le.held == 0 {
 			// Nothing held, nothing to report: no store call.
-			ls.mu.Lock()
-			delete(ls.orgs, org)
-			ls.mu.Unlock()
+			ls.orgs.CompareAndDelete(org, le)
 			le.ended = true
 		} else if idle || busy || (le.held > 0 && now.Sub(le.synced) > ls.cfg.TTL/4) {
 			want := le.held
@@ -283,14 +273,13 @@ func (ls *Leaser) flush(closing bool) {
 			if err != nil {
 				ls.logger.Warn("lease sync failed; retrying", zap.String("org", org), zap.Error(err))
 			} else if idle && le.held == 0 && len(le.spent) == 0 {
-				ls.mu.Lock()
-				delete(ls.orgs, org)
-				ls.mu.Unlock()
+				ls.orgs.CompareAndDelete(org, le)
 				le.ended = true
 			}
 		}
 		le.mu.Unlock()
-	}
+		return true
+	})
 }
 
 // Close reports all spending and gives back every lease's credits. Spend
@@ -298,18 +287,15 @@ func (ls *Leaser) flush(closing bool) {
 func (ls *Leaser) Close() {
 	close(ls.stop)
 	<-ls.done
-	ls.mu.Lock()
-	ls.closed = true
-	ls.mu.Unlock()
+	ls.closed.Store(true)
 	ls.flush(true)
 }
 
 // Pending returns the credits spent from leases and not yet reported.
 func (ls *Leaser) Pending() int64 {
-	ls.mu.Lock()
-	defer ls.mu.Unlock()
 	var n int64
-	for _, le := range ls.orgs {
+	ls.orgs.Range(func(_, v any) bool {
+		le := v.(*lease)
 		le.mu.Lock()
 		for _, s := range le.spent {
 			n += s
@@ -318,6 +304,7 @@ func (ls *Leaser) Pending() int64 {
 			n += s
 		}
 		le.mu.Unlock()
-	}
+		return true
+	})
 	return n
 }
