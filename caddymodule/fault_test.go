@@ -412,36 +412,14 @@ func TestClientGoesAway(t *testing.T) {
 func TestLeasedExactness(t *testing.T) {
 	g := startGateway(t, gatewayOptions{global: "lease 50"})
 	g.admin(http.MethodPut, "/orgs/leased/plan", `{"allowance": 500, "recharge_month": 1}`)
-	var wg sync.WaitGroup
-	var ok, refused, other atomic.Int64
-	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
-	sem := make(chan struct{}, 64)
-	for range 1000 {
-		wg.Go(func() {
-			sem <- struct{}{}
-			defer func() { <-sem }()
-			req, _ := http.NewRequest(http.MethodPost, g.url+"/background-removal/x", nil)
-			req.Header.Set("X-Org-Id", "leased")
-			req.Header.Set("X-Cost", "1")
-			resp, err := client.Do(req)
-			if err != nil {
-				other.Add(1)
-				return
-			}
-			resp.Body.Close()
-			switch resp.StatusCode {
-			case http.StatusOK:
-				ok.Add(1)
-			case http.StatusPaymentRequired:
-				refused.Add(1)
-			default:
-				other.Add(1)
-			}
-		})
-	}
-	wg.Wait()
-	if ok.Load() != 500 || refused.Load() != 500 || other.Load() != 0 || g.upstream.forwarded("leased", "background-removal") != 500 {
-		t.Fatalf("200: %d, 402: %d, other: %d, upstream: %d", ok.Load(), refused.Load(), other.Load(), g.upstream.forwarded("leased", "background-removal"))
+	counts := burst(1000, 64, func(int) *http.Request {
+		req, _ := http.NewRequest(http.MethodPost, g.url+"/background-removal/x", nil)
+		req.Header.Set("X-Org-Id", "leased")
+		req.Header.Set("X-Cost", "1")
+		return req
+	})
+	if counts[http.StatusOK] != 500 || counts[http.StatusPaymentRequired] != 500 || len(counts) != 2 || g.upstream.forwarded("leased", "background-removal") != 500 {
+		t.Fatalf("answers by status %v, upstream calls %d; want 500 of 200 and 500 of 402, 500 calls", counts, g.upstream.forwarded("leased", "background-removal"))
 	}
 	eventually(t, "the admin API shows the exact balance", func() bool {
 		a := g.account("leased")
