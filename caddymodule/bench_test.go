@@ -9,11 +9,13 @@ import (
 	"net/http/httptest"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
 
 	"github.com/creditsgw/caddy-credits/internal/redistest"
 	"github.com/creditsgw/caddy-credits/meter"
@@ -133,7 +135,9 @@ func BenchmarkRequestPath(b *testing.B) {
 //   - stubbed-store: the handler with every script call answered in this
 //     process by a go-redis hook, so it is the handler's and the ledger
 //     client's own work, without the round trip;
-//   - redis: the same with the charge script run by a real redis-server.
+//   - redis: the same with the charge script run by a real redis-server;
+//   - leased: the handler with a lease of 100,000 credits (lease 100000 in the
+//     global option), so nearly every call is paid without a store call.
 //
 // redis minus stubbed-store is the store call; stubbed-store minus
 // next-only is the handler's own work.
@@ -178,15 +182,26 @@ func BenchmarkHandler(b *testing.B) {
 	for _, bc := range []struct {
 		name, serve string
 		stubbed     bool
+		leased      bool
 		charged     string
 	}{
-		{"next-only", "next-only", false, ""},
-		{"stubbed-store", "handler", true, "1"},
-		{"redis", "handler", false, "1"},
+		{"next-only", "next-only", false, false, ""},
+		{"stubbed-store", "handler", true, false, "1"},
+		{"redis", "handler", false, false, "1"},
+		{"leased", "handler", false, true, "1"},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
 			stub.on.Store(bc.stubbed)
 			defer stub.on.Store(false)
+			if bc.leased {
+				h.app.leaser = meter.NewLeaser(h.app.ledger, meter.LeaseConfig{
+					Size: 100000, Keep: 200000, Flush: 250 * time.Millisecond, Idle: 2 * time.Second, TTL: 30 * time.Second,
+				}, zap.NewNop())
+				defer func() {
+					h.app.leaser.Close()
+					h.app.leaser = nil
+				}()
+			}
 			serve := serve[bc.serve]
 			newRequest := func() (*http.Request, *benchWriter) {
 				r := httptest.NewRequest(http.MethodGet, "/v1/generate", nil)

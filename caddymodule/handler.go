@@ -61,6 +61,7 @@ type Handler struct {
 	failOpen  bool
 	logger    *zap.Logger
 	outcomes  map[string]prometheus.Counter
+	forwarded prometheus.Counter
 	charged   prometheus.Counter
 }
 
@@ -85,14 +86,26 @@ func newPlaceholder(text string) placeholder {
 
 func (p placeholder) value(r *http.Request) string {
 	if p.header != "" {
-		return r.Header.Get(p.header)
+		return headerValue(r.Header, p.header)
 	}
 	repl := r.Context().Value(caddy.ReplacerCtxKey).(*caddy.Replacer)
 	return repl.ReplaceAll(p.text, "")
 }
 
+// headerValue is h.Get(name) for a name already in canonical form.
+func headerValue(h http.Header, name string) string {
+	if v := h[name]; len(v) > 0 {
+		return v[0]
+	}
+	return ""
+}
+
 // count counts a call's outcome.
 func (h *Handler) count(outcome string) {
+	if outcome == "forwarded" {
+		h.forwarded.Inc()
+		return
+	}
 	if c, ok := h.outcomes[outcome]; ok {
 		c.Inc()
 		return
@@ -149,6 +162,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	for _, o := range []string{"forwarded", "low", "overdraft", "blocked", "notice", "refunded", "replay", "unmetered", "unavailable", "invalid", "unauthenticated"} {
 		h.outcomes[o] = app.metrics.requests.WithLabelValues(h.Feature, o)
 	}
+	h.forwarded = h.outcomes["forwarded"]
 	h.charged = app.metrics.charged.WithLabelValues(h.Feature)
 	h.route = policy.Route{Feature: h.Feature, Mode: mode, OverdraftLimit: limit, LowBalance: h.LowBalance, TopUpURL: app.TopUpURL}
 	return nil
@@ -194,7 +208,7 @@ func containsPlaceholder(s string) bool {
 // before the response's headers go out.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	stripCreditsHeaders(r.Header)
-	if r.Header.Get("Origin") != "" {
+	if headerValue(r.Header, "Origin") != "" {
 		w.Header().Add("Access-Control-Expose-Headers", policy.ExposeHeaders)
 	}
 	org := h.org.value(r)
@@ -211,24 +225,25 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			return h.refuse(w, r, "invalid", policy.Invalid(err))
 		}
 	}
-	key := r.Header.Get("Idempotency-Key")
+	key := headerValue(r.Header, "Idempotency-Key")
 	if key != "" {
 		if err := policy.ValidateIdempotencyKey(key); err != nil {
 			return h.refuse(w, r, "invalid", policy.Invalid(err))
 		}
 	}
 
-	// The client going away must not cut a charge or a settle in half: the
-	// store calls run to their own deadline.
-	ctx := context.WithoutCancel(r.Context())
 	if ls := h.app.leaser; ls != nil && key == "" {
-		if balance, ok := ls.Spend(ctx, org, h.Feature, cost); ok {
+		if balance, ok := ls.Spend(org, h.Feature, cost); ok {
 			d := policy.Decide(h.route, org, policy.Answer{Charged: true, Balance: balance, Cost: cost})
 			sw := &settleWriter{ResponseWriterWrapper: caddyhttp.ResponseWriterWrapper{ResponseWriter: w},
-				h: h, ctx: ctx, org: org, cost: cost, decision: d, leased: true}
+				h: h, org: org, cost: cost, decision: d, leased: true}
 			return sw.serve(next, r)
 		}
 	}
+
+	// The client going away must not cut a charge or a settle in half: the
+	// store calls run to their own deadline.
+	ctx := context.WithoutCancel(r.Context())
 
 	// The attempt id tells this call apart from a client's retry of it with
 	// the same Idempotency-Key.
@@ -252,12 +267,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 
 	d := policy.Decide(h.route, org, policy.Answer{Charged: res.Charged, Balance: res.Balance, Cost: cost, Replay: res.Replay})
 	if !d.Forward {
-		setCreditsHeaders(w.Header(), d)
+		setCreditsHeaders(w.Header(), d, nil)
 		return h.refuse(w, r, d.Outcome.String(), d.Problem)
 	}
 	if res.Replay {
 		// The first call with this Idempotency-Key paid; this one rides on it.
-		setCreditsHeaders(w.Header(), d)
+		setCreditsHeaders(w.Header(), d, nil)
 		h.count("replay")
 		return next.ServeHTTP(w, r)
 	}
@@ -375,11 +390,20 @@ func stripCreditsHeaders(h http.Header) {
 	}
 }
 
-func setCreditsHeaders(h http.Header, d policy.Decision) {
-	h[policy.HeaderRemaining] = []string{strconv.FormatInt(d.Remaining, 10)}
-	h[policy.HeaderCharged] = []string{strconv.FormatInt(d.Charged, 10)}
+// setCreditsHeaders sets the Credits headers of a decision. vals, when not
+// nil, holds the values, so that a settled call allocates no slices for
+// them; it must belong to this response alone.
+func setCreditsHeaders(h http.Header, d policy.Decision, vals *[3]string) {
+	if vals == nil {
+		vals = new([3]string)
+	}
+	vals[0] = strconv.FormatInt(d.Remaining, 10)
+	vals[1] = strconv.FormatInt(d.Charged, 10)
+	h[policy.HeaderRemaining] = vals[0:1:1]
+	h[policy.HeaderCharged] = vals[1:2:2]
 	if d.Notice != "" {
-		h[policy.HeaderNotice] = []string{d.Notice}
+		vals[2] = d.Notice
+		h[policy.HeaderNotice] = vals[2:3:3]
 	}
 }
 
@@ -396,6 +420,7 @@ type settleWriter struct {
 	deferredCharge bool // fail open: the charge waits in the backlog
 	leased         bool // paid from this gateway's lease
 	settled        bool
+	headers        [3]string // the Credits header values
 }
 
 // settle refunds a failed call, applies the upstream's Credits-Usage, and
@@ -458,7 +483,7 @@ func (sw *settleWriter) settle(status int) {
 	}
 	h.count(outcome)
 	h.charged.Add(float64(actual))
-	setCreditsHeaders(hdr, d)
+	setCreditsHeaders(hdr, d, &sw.headers)
 }
 
 // WriteHeader settles on the final status, then sends the headers.

@@ -2,6 +2,7 @@ package meter
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sort"
 	"sync"
@@ -28,6 +29,11 @@ type LeaseSync struct {
 	Keep int64
 	// TTL is how long the lease holds its credits without another sync.
 	TTL time.Duration
+	// Unspent is the credits the lease held and had not spent when it sent
+	// the sync. It may spend them while the sync is on its way, so the sync
+	// leaves it at least that many (as far as it held them): 0 when it
+	// spends nothing meanwhile.
+	Unspent int64
 	// Spent is the credits spent per feature since the last sync, net of
 	// refunds.
 	Spent map[string]int64
@@ -53,8 +59,8 @@ func (l *Ledger) SyncLease(ctx context.Context, s LeaseSync) (LeaseState, error)
 	if err := validateRequestID(s.ID); err != nil {
 		return LeaseState{}, err
 	}
-	if s.Want < 0 || s.Want > MaxAmount || s.Keep < 0 || s.Seq < 1 || s.TTL < time.Millisecond {
-		return LeaseState{}, fmt.Errorf("lease sync: want %d, keep %d, seq %d, ttl %s out of range", s.Want, s.Keep, s.Seq, s.TTL)
+	if s.Want < 0 || s.Want > MaxAmount || s.Keep < 0 || s.Seq < 1 || s.TTL < time.Millisecond || s.Unspent < 0 || s.Unspent > MaxAmount {
+		return LeaseState{}, fmt.Errorf("lease sync: want %d, keep %d, seq %d, ttl %s, unspent %d out of range", s.Want, s.Keep, s.Seq, s.TTL, s.Unspent)
 	}
 	features := make([]string, 0, len(s.Spent))
 	for f := range s.Spent {
@@ -64,8 +70,8 @@ func (l *Ledger) SyncLease(ctx context.Context, s LeaseSync) (LeaseState, error)
 		features = append(features, f)
 	}
 	sort.Strings(features)
-	args := make([]any, 0, 5+2*len(features))
-	args = append(args, s.ID, s.Seq, s.Want, s.Keep, s.TTL.Milliseconds())
+	args := make([]any, 0, 6+2*len(features))
+	args = append(args, s.ID, s.Seq, s.Want, s.Keep, s.TTL.Milliseconds(), s.Unspent)
 	for _, f := range features {
 		args = append(args, f, s.Spent[f])
 	}
@@ -79,7 +85,8 @@ func (l *Ledger) SyncLease(ctx context.Context, s LeaseSync) (LeaseState, error)
 
 // LeaseConfig sets how a Leaser leases.
 type LeaseConfig struct {
-	// Size is the credits a lease asks for at a time.
+	// Size is the credits a lease asks for at a time. A lease is renewed,
+	// in the background, once it holds less than half of that.
 	Size int64
 	// Keep is the credits every lease leaves free, so that an org near the
 	// end of its credits is charged call by call, exactly.
@@ -96,6 +103,11 @@ type LeaseConfig struct {
 // call to a hot org with ample balance needs no round trip to Redis. Its
 // spending reaches the ledger within Flush; unused credits go back after
 // Idle and at Close.
+//
+// A call never waits for another org's sync, nor, but for the one call that
+// finds its org's lease empty, for its own org's: syncs run outside the
+// lease's lock, and the calls that come while one is on its way spend what
+// the lease still holds, or are charged on their own.
 type Leaser struct {
 	ledger *Ledger
 	cfg    LeaseConfig
@@ -104,8 +116,11 @@ type Leaser struct {
 
 	orgs   sync.Map // org -> *lease; read on every call without a lock
 	closed atomic.Bool
-	stop   chan struct{}
-	done   chan struct{}
+	// syncs is read-held by every sync in flight; Close write-locks it to
+	// wait for them.
+	syncs sync.RWMutex
+	stop  chan struct{}
+	done  chan struct{}
 }
 
 // lease is one org's lease in this process.
@@ -113,18 +128,28 @@ type lease struct {
 	mu       sync.Mutex
 	held     int64            // credits held and not yet spent
 	balance  int64            // the org's balance: at the last sync, less spending since
-	spent    map[string]int64 // since the last sync
+	spent    spending         // since the last sync was sent
 	inFlight map[string]int64 // the spending of a sync whose answer is not known yet
+	unspent  int64            // what the lease held when inFlight was sent
 	seq      int64
-	synced   time.Time // the last successful sync
+	block    int64     // the credits a renewal asks for: Size, more for an org that outruns it
+	dry      bool      // a call found the lease empty while a renewal was on its way
+	synced   time.Time // when the last successful sync was sent
 	used     time.Time
-	calls    int  // calls seen before the first lease
-	ended    bool // given back and out of the map: look the org up again
+	calls    int           // calls seen before the first lease
+	syncing  bool          // a sync is on its way
+	answered chan struct{} // closed when the sync on its way is answered
+	ending   bool          // inFlight gives the credits back: spend none until it is applied
+	ended    bool          // given back and out of the map: look the org up again
 }
 
 // leaseAfter is how many calls an org makes, within Idle of each other,
 // before it is leased.
 const leaseAfter = 3
+
+// maxGrowth is how many times Size a lease grows to at most, doubling each
+// time its org spends what it holds faster than a renewal comes back.
+const maxGrowth = 16
 
 // NewLeaser starts a leaser; Close ends its leases.
 func NewLeaser(ledger *Ledger, cfg LeaseConfig, logger *zap.Logger) *Leaser {
@@ -134,34 +159,109 @@ func NewLeaser(ledger *Ledger, cfg LeaseConfig, logger *zap.Logger) *Leaser {
 	return ls
 }
 
-// Spend takes cost credits of org's from the lease, renewing it when it
-// runs short. It returns false when the lease cannot cover the call (the
-// balance is not ample, or the store did not answer): the call must then be
-// charged on its own.
-func (ls *Leaser) Spend(ctx context.Context, org, feature string, cost int64) (balance int64, ok bool) {
+// Spend takes cost credits of org's from the lease. It returns false when
+// the lease cannot cover the call (the org is not busy yet, its balance is
+// not ample, the lease is being renewed or given back, or the store did not
+// answer): the call must then be charged on its own.
+func (ls *Leaser) Spend(org, feature string, cost int64) (balance int64, ok bool) {
 	le := ls.lock(org)
 	if le == nil {
 		return 0, false
 	}
-	defer le.mu.Unlock()
 	now := time.Now()
 	le.used = now
 	// An org is leased once it is busy: a lease costs two store calls (take
 	// and give back), a lone call one.
 	if le.held == 0 && le.seq == 0 && le.calls < leaseAfter {
 		le.calls++
+		le.mu.Unlock()
 		return 0, false
 	}
-	// A lease not synced for half its lifetime may have expired in Redis.
-	if le.held < cost || now.Sub(le.synced) > ls.cfg.TTL/2 {
-		if err := ls.sync(ctx, org, le, max(ls.cfg.Size, cost)); err != nil || le.held < cost {
+	for {
+		// A lease not synced for half its lifetime may have expired in Redis.
+		fresh := now.Sub(le.synced) <= ls.cfg.TTL/2
+		if fresh && !le.ending && le.held >= cost {
+			balance = le.take(feature, cost)
+			renew := !le.syncing && le.held < le.block/2
+			var s LeaseSync
+			if renew {
+				s = ls.send(org, le, le.block)
+			}
+			le.mu.Unlock()
+			if renew {
+				go ls.finish(le, s)
+			}
+			return balance, true
+		}
+		if !le.syncing {
+			break
+		}
+		// A sync is on its way: wait for it, rather than be charged on
+		// its own while the lease may get or give back credits. A renewal
+		// that comes back too late for the calls asks for more next time.
+		le.dry = le.dry || !le.ending
+		answered := le.answered
+		le.mu.Unlock()
+		<-answered
+		if le = ls.lock(org); le == nil {
 			return 0, false
 		}
+		now = time.Now()
 	}
+	if le.ending {
+		// The lease's credits are on their way back and did not get there.
+		le.mu.Unlock()
+		return 0, false
+	}
+	// The lease is empty or stale: this call waits for a renewal.
+	s := ls.send(org, le, max(le.block, cost))
+	le.mu.Unlock()
+	if !ls.finish(le, s) {
+		return 0, false
+	}
+	if le = ls.lock(org); le == nil {
+		return 0, false
+	}
+	defer le.mu.Unlock()
+	if le.ending || le.held < cost || time.Since(le.synced) > ls.cfg.TTL/2 {
+		return 0, false
+	}
+	return le.take(feature, cost), true
+}
+
+// take spends cost credits of the lease's; it runs with le.mu held.
+func (le *lease) take(feature string, cost int64) int64 {
 	le.held -= cost
 	le.balance -= cost
-	le.spent[feature] += cost
-	return le.balance, true
+	le.spent.add(feature, cost)
+	return le.balance
+}
+
+// spending is credits spent per feature: a route has one feature, an org
+// few, so a list is quicker to add to than a map.
+type spending []featureSpent
+
+type featureSpent struct {
+	feature string
+	n       int64
+}
+
+func (s *spending) add(feature string, n int64) {
+	for i := range *s {
+		if (*s)[i].feature == feature {
+			(*s)[i].n += n
+			return
+		}
+	}
+	*s = append(*s, featureSpent{feature, n})
+}
+
+func (s spending) total() int64 {
+	var n int64
+	for _, f := range s {
+		n += f.n
+	}
+	return n
 }
 
 // lock returns org's lease, locked, creating it when there is none.
@@ -172,10 +272,15 @@ func (ls *Leaser) lock(org string) *lease {
 		}
 		v, ok := ls.orgs.Load(org)
 		if !ok {
-			v, _ = ls.orgs.LoadOrStore(org, &lease{spent: map[string]int64{}})
+			v, _ = ls.orgs.LoadOrStore(org, &lease{block: ls.cfg.Size})
 		}
 		le := v.(*lease)
 		le.mu.Lock()
+		if ls.closed.Load() {
+			// Close's flush may have been here already.
+			le.mu.Unlock()
+			return nil
+		}
 		if !le.ended {
 			return le
 		}
@@ -201,38 +306,88 @@ func (ls *Leaser) Adjust(org, feature string, charged, actual int64) int64 {
 	}
 	defer le.mu.Unlock()
 	diff := actual - charged
-	le.spent[feature] += diff
+	le.spent.add(feature, diff)
 	le.balance -= diff
-	// A refund returns its credits to the lease; an extra charge is taken
-	// from it as far as it holds, and reported either way.
-	le.held = max(le.held-diff, 0)
+	// An extra charge is taken from what the lease holds, as far as it
+	// holds it, and reported either way. A refund is reported and does not
+	// go back into the lease: the lease holds only credits the ledger has
+	// set aside for it.
+	if diff > 0 {
+		le.held = max(le.held-diff, 0)
+	}
 	return le.balance
 }
 
-// sync reports the lease's spending and asks to hold want credits. It runs
-// with le.mu held.
-func (ls *Leaser) sync(ctx context.Context, org string, le *lease, want int64) error {
+// send marks a sync of the lease as on its way, asking to hold want
+// credits, and returns it. It runs with le.mu held and le.syncing false.
+// A sync whose answer was not known goes again with its sequence number
+// and spending, so that the ledger applies it once.
+func (ls *Leaser) send(org string, le *lease, want int64) LeaseSync {
 	if le.inFlight == nil {
-		le.inFlight, le.spent = le.spent, map[string]int64{}
+		le.inFlight = make(map[string]int64, len(le.spent))
+		for _, f := range le.spent {
+			le.inFlight[f.feature] += f.n
+		}
+		le.spent = le.spent[:0]
+		le.unspent = le.held
+		if want == 0 {
+			// Giving the credits back: none may be spent until the ledger
+			// has taken them.
+			le.unspent, le.ending = 0, true
+		}
 		le.seq++
 	}
-	st, err := ls.ledger.SyncLease(ctx, LeaseSync{Org: org, ID: ls.id, Seq: le.seq, Want: want, Keep: ls.cfg.Keep, TTL: ls.cfg.TTL, Spent: le.inFlight})
+	if le.dry && want > 0 {
+		// Calls outran the last renewal: ask for more at a time, and leave
+		// as much more free for others.
+		le.block, le.dry = min(2*le.block, maxGrowth*ls.cfg.Size), false
+		want = max(want, le.block)
+	}
+	le.syncing = true
+	le.answered = make(chan struct{})
+	keep := ls.cfg.Keep * (le.block / max(ls.cfg.Size, 1))
+	return LeaseSync{Org: org, ID: ls.id, Seq: le.seq, Want: want, Keep: keep, TTL: ls.cfg.TTL,
+		Unspent: le.unspent, Spent: le.inFlight}
+}
+
+// finish runs a sync that send returned and takes in its answer. It reports
+// whether the ledger applied it.
+func (ls *Leaser) finish(le *lease, s LeaseSync) bool {
+	var (
+		st  LeaseState
+		err = errClosed
+	)
+	sent := time.Now()
+	ls.syncs.RLock()
+	if !ls.closed.Load() || s.Want == 0 {
+		ctx, cancel := context.WithTimeout(context.Background(), max(ls.ledger.timeout, time.Second))
+		st, err = ls.ledger.SyncLease(ctx, s)
+		cancel()
+	}
+	ls.syncs.RUnlock()
+
+	le.mu.Lock()
+	defer le.mu.Unlock()
+	le.syncing = false
+	close(le.answered)
 	if err != nil {
 		// The same sequence number and spending go again next time.
-		return err
+		if err != errClosed {
+			ls.logger.Warn("lease sync failed; retrying", zap.String("org", s.Org), zap.Error(err))
+		}
+		return false
 	}
-	le.inFlight = nil
-	if st.Repeat {
-		// Applied before, its answer lost: sync again to learn the state.
-		return ls.sync(ctx, org, le, want)
-	}
-	le.held, le.synced = st.Held, time.Now()
-	le.balance = st.Balance
-	for _, n := range le.spent {
-		le.balance -= n
-	}
-	return nil
+	// Applied now or, its answer lost, before: either way the ledger holds
+	// st.Held for this lease, of which the lease has spent what it spent
+	// since the sync was sent.
+	le.inFlight, le.ending = nil, false
+	le.held = min(max(le.held+st.Held-le.unspent, 0), st.Held)
+	le.synced = sent
+	le.balance = st.Balance - le.spent.total()
+	return true
 }
+
+var errClosed = errors.New("leases closed")
 
 func (ls *Leaser) loop() {
 	defer close(ls.done)
@@ -241,7 +396,6 @@ func (ls *Leaser) loop() {
 	for {
 		select {
 		case <-ls.stop:
-			ls.flush(true)
 			return
 		case <-tick.C:
 			ls.flush(false)
@@ -256,30 +410,50 @@ func (ls *Leaser) flush(closing bool) {
 	ls.orgs.Range(func(k, v any) bool {
 		org, le := k.(string), v.(*lease)
 		le.mu.Lock()
+		for le.syncing {
+			if !closing {
+				// The next flush reports what was spent meanwhile.
+				le.mu.Unlock()
+				return true
+			}
+			answered := le.answered
+			le.mu.Unlock()
+			<-answered
+			le.mu.Lock()
+		}
 		idle := closing || now.Sub(le.used) > ls.cfg.Idle
 		busy := len(le.spent) > 0 || le.inFlight != nil
-		if idle && !busy && le.held == 0 {
-			// Nothing held, nothing to report: no store call.
-			ls.orgs.CompareAndDelete(org, le)
-			le.ended = true
-		} else if idle || busy || (le.held > 0 && now.Sub(le.synced) > ls.cfg.TTL/4) {
-			want := le.held
-			if idle {
-				want = 0
-			}
-			ctx, cancel := context.WithTimeout(context.Background(), max(ls.ledger.timeout, time.Second))
-			err := ls.sync(ctx, org, le, want)
-			cancel()
-			if err != nil {
-				ls.logger.Warn("lease sync failed; retrying", zap.String("org", org), zap.Error(err))
-			} else if idle && le.held == 0 && len(le.spent) == 0 {
-				ls.orgs.CompareAndDelete(org, le)
-				le.ended = true
-			}
+		if idle && !busy && le.held == 0 && le.seq == 0 {
+			// Never leased: nothing held, nothing to report, no store call.
+			ls.end(org, le)
+			le.mu.Unlock()
+			return true
+		}
+		if !idle && !busy && now.Sub(le.synced) <= ls.cfg.TTL/4 {
+			le.mu.Unlock()
+			return true
+		}
+		want := le.block
+		if idle {
+			want = 0
+		}
+		s := ls.send(org, le, want)
+		le.mu.Unlock()
+		ok := ls.finish(le, s)
+		le.mu.Lock()
+		if idle && ok && !le.syncing && le.held == 0 && len(le.spent) == 0 {
+			ls.end(org, le)
 		}
 		le.mu.Unlock()
 		return true
 	})
+}
+
+// end takes a lease that holds and owes nothing out of the map; it runs with
+// le.mu held.
+func (ls *Leaser) end(org string, le *lease) {
+	ls.orgs.CompareAndDelete(org, le)
+	le.ended = true
 }
 
 // Close reports all spending and gives back every lease's credits. Spend
@@ -288,6 +462,10 @@ func (ls *Leaser) Close() {
 	close(ls.stop)
 	<-ls.done
 	ls.closed.Store(true)
+	// Wait for the syncs on their way; those that start from now on are
+	// refused, but for the flush's below.
+	ls.syncs.Lock()
+	ls.syncs.Unlock()
 	ls.flush(true)
 }
 
@@ -297,9 +475,7 @@ func (ls *Leaser) Pending() int64 {
 	ls.orgs.Range(func(_, v any) bool {
 		le := v.(*lease)
 		le.mu.Lock()
-		for _, s := range le.spent {
-			n += s
-		}
+		n += le.spent.total()
 		for _, s := range le.inFlight {
 			n += s
 		}

@@ -1,6 +1,7 @@
 package meter
 
 import (
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -19,14 +20,16 @@ var testLease = LeaseConfig{Size: 50, Keep: 100, Flush: 20 * time.Millisecond, I
 
 // spendAll makes n concurrent cost-1 calls on org from the leasers, falling
 // back to a charge of its own when a lease cannot cover a call, as the
-// gateway does; it returns how many calls were paid for.
-func spendAll(e *env, leasers []*Leaser, org string, n int) int64 {
-	var paid atomic.Int64
+// gateway does; it returns how many calls were paid for, and how many of
+// them from a lease.
+func spendAll(e *env, leasers []*Leaser, org string, n int) (paid, leased int64) {
+	var paidN, leasedN atomic.Int64
 	var wg sync.WaitGroup
 	for i := range n {
 		wg.Go(func() {
-			if _, ok := leasers[i%len(leasers)].Spend(e.ctx, org, "rich-text", 1); ok {
-				paid.Add(1)
+			if _, ok := leasers[i%len(leasers)].Spend(org, "rich-text", 1); ok {
+				paidN.Add(1)
+				leasedN.Add(1)
 				return
 			}
 			r, err := e.ledger.Charge(e.ctx, ChargeRequest{Org: org, Feature: "rich-text", Cost: 1})
@@ -35,12 +38,12 @@ func spendAll(e *env, leasers []*Leaser, org string, n int) int64 {
 				return
 			}
 			if r.Charged {
-				paid.Add(1)
+				paidN.Add(1)
 			}
 		})
 	}
 	wg.Wait()
-	return paid.Load()
+	return paidN.Load(), leasedN.Load()
 }
 
 var leaseCases = []ledgerCase{
@@ -48,21 +51,21 @@ var leaseCases = []ledgerCase{
 		ls := NewLeaser(e.ledger, testLease, zap.NewNop())
 		defer ls.Close()
 		for i := range leaseAfter {
-			if _, ok := ls.Spend(e.ctx, "quiet", "f", 1); ok {
+			if _, ok := ls.Spend("quiet", "f", 1); ok {
 				e.t.Fatalf("call %d was leased", i+1)
 			}
 		}
 		if keys := e.keys(); len(keys) != 0 {
 			e.t.Fatalf("unleased calls wrote %v", keys)
 		}
-		if _, ok := ls.Spend(e.ctx, "quiet", "f", 1); !ok {
+		if _, ok := ls.Spend("quiet", "f", 1); !ok {
 			e.t.Fatal("a busy org was not leased")
 		}
 	}},
 	{name: "leases never spend more than the balance", cfg: Config{DefaultPlan: Plan{Allowance: 500}, EventsMax: 5000}, run: func(e *env) {
 		a := NewLeaser(e.ledger, testLease, zap.NewNop())
 		b := NewLeaser(e.ledger, testLease, zap.NewNop())
-		if paid := spendAll(e, []*Leaser{a, b}, "hot", 1000); paid != 500 {
+		if paid, _ := spendAll(e, []*Leaser{a, b}, "hot", 1000); paid != 500 {
 			e.t.Fatalf("%d calls paid for on a balance of 500", paid)
 		}
 		a.Close()
@@ -72,9 +75,34 @@ var leaseCases = []ledgerCase{
 			e.t.Fatalf("account %+v", acct)
 		}
 		e.checkEvents("hot")
-		if n, err := e.rdb.HLen(e.ctx, e.ledger.Keys().Leases("hot")).Result(); err != nil || n != 0 {
-			e.t.Fatalf("%d leases left after close: %v", n, err)
+		if n := e.leased("hot"); n != 0 {
+			e.t.Fatalf("leases hold %d credits after close", n)
 		}
+	}},
+	{name: "every leased call reaches the ledger once", cfg: Config{DefaultPlan: Plan{Allowance: 1000000}, EventsMax: 100000}, run: func(e *env) {
+		// Small blocks and quick flushes: renewals, flushes and spending
+		// overlap all the time.
+		cfg := LeaseConfig{Size: 5, Keep: 10, Flush: time.Millisecond, Idle: 5 * time.Millisecond, TTL: 10 * time.Second}
+		leasers := []*Leaser{NewLeaser(e.ledger, cfg, zap.NewNop()), NewLeaser(e.ledger, cfg, zap.NewNop()), NewLeaser(e.ledger, cfg, zap.NewNop())}
+		var paid, leased int64
+		for range 4 {
+			p, l := spendAll(e, leasers, "busy", 1500)
+			paid, leased = paid+p, leased+l
+		}
+		for _, ls := range leasers {
+			ls.Close()
+		}
+		if paid != 6000 || leased < 3000 {
+			e.t.Fatalf("%d of 6000 calls paid for, %d of them from leases", paid, leased)
+		}
+		acct := e.account("busy")
+		if acct.Balance != 1000000-6000 || acct.Used["rich-text"] != 6000 {
+			e.t.Fatalf("account %+v after 6000 calls", acct)
+		}
+		if n := e.leased("busy"); n != 0 {
+			e.t.Fatalf("leases hold %d credits after close", n)
+		}
+		e.checkEvents("busy")
 	}},
 	{name: "an idle lease gives its credits back", cfg: Config{DefaultPlan: Plan{Allowance: 1000}}, run: func(e *env) {
 		ls := NewLeaser(e.ledger, testLease, zap.NewNop())
@@ -82,7 +110,7 @@ var leaseCases = []ledgerCase{
 		var bal int64
 		var ok bool
 		for range leaseAfter + 1 { // an org is leased once it is busy
-			if bal, ok = ls.Spend(e.ctx, "acme", "alt-text", 3); ok {
+			if bal, ok = ls.Spend("acme", "alt-text", 3); ok {
 				break
 			}
 		}
@@ -92,11 +120,10 @@ var leaseCases = []ledgerCase{
 		if got := ls.Adjust("acme", "alt-text", 3, 0); got != 1000 {
 			e.t.Fatalf("balance after a refund: %d", got)
 		}
-		ls.Spend(e.ctx, "acme", "alt-text", 2)
+		ls.Spend("acme", "alt-text", 2)
 		deadline := time.Now().Add(10 * time.Second)
 		for {
-			n, _ := e.rdb.HLen(e.ctx, e.ledger.Keys().Leases("acme")).Result()
-			if n == 0 && ls.Pending() == 0 {
+			if e.leased("acme") == 0 && ls.Pending() == 0 {
 				break
 			}
 			if time.Now().After(deadline) {
@@ -141,6 +168,55 @@ var leaseCases = []ledgerCase{
 		}
 		e.checkEvents("acme")
 	}},
+	{name: "a repeated sync that gives a lease back changes nothing", cfg: Config{DefaultPlan: Plan{Allowance: 1000}}, run: func(e *env) {
+		sync := LeaseSync{Org: "acme", ID: "gw1", Seq: 1, Want: 100, TTL: time.Minute}
+		if _, err := e.ledger.SyncLease(e.ctx, sync); err != nil {
+			e.t.Fatal(err)
+		}
+		// The last sync of a lease reports its spending and holds nothing
+		// after; its reply is lost and it goes again.
+		sync.Seq, sync.Want, sync.Spent = 2, 0, map[string]int64{"flows": 30}
+		for i, repeat := range []bool{false, true} {
+			st, err := e.ledger.SyncLease(e.ctx, sync)
+			if err != nil || st.Repeat != repeat || st.Held != 0 || st.Balance != 970 {
+				e.t.Fatalf("sync %d: %+v %v", i+1, st, err)
+			}
+		}
+		if acct := e.account("acme"); acct.Balance != 970 || acct.Used["flows"] != 30 {
+			e.t.Fatalf("account %+v", acct)
+		}
+		// The ended lease's record goes with its lifetime.
+		if ttl := e.rdb.PTTL(e.ctx, e.ledger.Keys().Leases("acme")).Val(); ttl <= 0 || ttl > time.Minute {
+			e.t.Fatalf("leases key expires in %s", ttl)
+		}
+		e.checkEvents("acme")
+	}},
+	{name: "a sync leaves a lease what it may be spending", cfg: Config{DefaultPlan: Plan{Allowance: 1000}}, run: func(e *env) {
+		a := LeaseSync{Org: "acme", ID: "a", Seq: 1, Want: 300, TTL: time.Minute}
+		if st, err := e.ledger.SyncLease(e.ctx, a); err != nil || st.Held != 300 {
+			e.t.Fatalf("%+v %v", st, err)
+		}
+		b := LeaseSync{Org: "acme", ID: "b", Seq: 1, Want: 700, TTL: time.Minute}
+		if st, err := e.ledger.SyncLease(e.ctx, b); err != nil || st.Held != 700 {
+			e.t.Fatalf("%+v %v", st, err)
+		}
+		// a spent 100 and holds 200, which it may spend while its sync is
+		// on its way: it must leave 100 free, so only 100 is free for it,
+		// yet it keeps the 200.
+		a.Seq, a.Keep, a.Unspent, a.Spent = 2, 100, 200, map[string]int64{"f": 100}
+		if st, err := e.ledger.SyncLease(e.ctx, a); err != nil || st.Held != 200 || st.Balance != 900 {
+			e.t.Fatalf("%+v %v", st, err)
+		}
+		// It cannot keep more than it held, less what it spent.
+		a.Seq, a.Unspent, a.Spent = 3, 500, map[string]int64{"f": 150}
+		if st, err := e.ledger.SyncLease(e.ctx, a); err != nil || st.Held != 50 || st.Balance != 750 {
+			e.t.Fatalf("%+v %v", st, err)
+		}
+		if r := e.charge("acme", 1); r.Charged {
+			e.t.Fatalf("a charge spent credits the leases hold: %+v", r)
+		}
+		e.checkEvents("acme")
+	}},
 	{name: "an expired lease holds nothing", cfg: Config{DefaultPlan: Plan{Allowance: 100}}, run: func(e *env) {
 		if _, err := e.ledger.SyncLease(e.ctx, LeaseSync{Org: "acme", ID: "gone", Seq: 1, Want: 80, TTL: time.Minute}); err != nil {
 			e.t.Fatal(err)
@@ -155,6 +231,24 @@ var leaseCases = []ledgerCase{
 	}},
 }
 
+// leased returns the credits org's leases hold in the ledger.
+func (e *env) leased(org string) int64 {
+	e.t.Helper()
+	records, err := e.rdb.HGetAll(e.ctx, e.ledger.Keys().Leases(org)).Result()
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	var sum int64
+	for id, v := range records {
+		var held, seq, exp int64
+		if _, err := fmt.Sscanf(v, "%d %d %d", &held, &seq, &exp); err != nil {
+			e.t.Fatalf("lease %s: record %q: %v", id, v, err)
+		}
+		sum += held
+	}
+	return sum
+}
+
 func TestLeaseSpendIsLocal(t *testing.T) {
 	mini := miniredis.RunT(t)
 	rdb := redis.NewClient(&redis.Options{Addr: mini.Addr()})
@@ -163,9 +257,9 @@ func TestLeaseSpendIsLocal(t *testing.T) {
 	ls := NewLeaser(e.ledger, LeaseConfig{Size: 1000, Keep: 0, Flush: time.Hour, Idle: time.Hour, TTL: time.Hour}, zap.NewNop())
 	defer ls.Close()
 	for range leaseAfter + 1 {
-		ls.Spend(e.ctx, "acme", "f", 1)
+		ls.Spend("acme", "f", 1)
 	}
-	allocs := testing.AllocsPerRun(100, func() { ls.Spend(e.ctx, "acme", "f", 1) })
+	allocs := testing.AllocsPerRun(100, func() { ls.Spend("acme", "f", 1) })
 	if allocs > 0 {
 		t.Fatalf("a leased spend allocates %v times", allocs)
 	}
