@@ -151,6 +151,10 @@ const leaseAfter = 3
 // time its org spends what it holds faster than a renewal comes back.
 const maxGrowth = 16
 
+// forgetAfter is how many times Idle a lease that was given back stays in
+// the map.
+const forgetAfter = 30
+
 // NewLeaser starts a leaser; Close ends its leases.
 func NewLeaser(ledger *Ledger, cfg LeaseConfig, logger *zap.Logger) *Leaser {
 	ls := &Leaser{ledger: ledger, cfg: cfg, id: "gw:" + NewRequestID()[:16], logger: logger,
@@ -196,10 +200,12 @@ func (ls *Leaser) Spend(org, feature string, cost int64) (balance int64, ok bool
 		if !le.syncing {
 			break
 		}
-		// A sync is on its way: wait for it, rather than be charged on
-		// its own while the lease may get or give back credits. A renewal
-		// that comes back too late for the calls asks for more next time.
+		// A sync is on its way, and a renewal that comes back too late
+		// for the calls asks for more next time.
 		le.dry = le.dry || !le.ending
+		// Wait for it: a renewal is quicker than a charge of this call's
+		// own, and near the end of the org's credits a charge could be
+		// refused credits the lease is getting or giving back.
 		answered := le.answered
 		le.mu.Unlock()
 		<-answered
@@ -345,9 +351,14 @@ func (ls *Leaser) send(org string, le *lease, want int64) LeaseSync {
 	}
 	le.syncing = true
 	le.answered = make(chan struct{})
-	keep := ls.cfg.Keep * (le.block / max(ls.cfg.Size, 1))
-	return LeaseSync{Org: org, ID: ls.id, Seq: le.seq, Want: want, Keep: keep, TTL: ls.cfg.TTL,
+	return LeaseSync{Org: org, ID: ls.id, Seq: le.seq, Want: want, Keep: ls.keep(le), TTL: ls.cfg.TTL,
 		Unspent: le.unspent, Spent: le.inFlight}
+}
+
+// keep is the credits le leaves free for others: Keep, as many times more as
+// its block has grown.
+func (ls *Leaser) keep(le *lease) int64 {
+	return ls.cfg.Keep * (le.block / max(ls.cfg.Size, 1))
 }
 
 // finish runs a sync that send returned and takes in its answer. It reports
@@ -423,9 +434,13 @@ func (ls *Leaser) flush(closing bool) {
 		}
 		idle := closing || now.Sub(le.used) > ls.cfg.Idle
 		busy := len(le.spent) > 0 || le.inFlight != nil
-		if idle && !busy && le.held == 0 && le.seq == 0 {
-			// Never leased: nothing held, nothing to report, no store call.
-			ls.end(org, le)
+		if idle && !busy && le.held == 0 {
+			// It holds and owes nothing: no store call. A lease given back
+			// stays in the map for a while, so that its org, back, is
+			// leased at once and in blocks as big as before.
+			if closing || le.seq == 0 || now.Sub(le.used) > forgetAfter*ls.cfg.Idle {
+				ls.end(org, le)
+			}
 			le.mu.Unlock()
 			return true
 		}
@@ -441,7 +456,7 @@ func (ls *Leaser) flush(closing bool) {
 		le.mu.Unlock()
 		ok := ls.finish(le, s)
 		le.mu.Lock()
-		if idle && ok && !le.syncing && le.held == 0 && len(le.spent) == 0 {
+		if closing && ok && !le.syncing && le.held == 0 && len(le.spent) == 0 {
 			ls.end(org, le)
 		}
 		le.mu.Unlock()
