@@ -335,7 +335,9 @@ func (l *Ledger) Recharge(ctx context.Context, org string) (Account, error) {
 	if err := policy.ValidateOrg(org); err != nil {
 		return Account{}, err
 	}
-	keys := []string{l.keys.Account(org), l.keys.Events(org)}
+	// The marker makes a recharge sent again after a lost reply, by the
+	// ledger or by go-redis' cluster client, a repeat that changes nothing.
+	keys := []string{l.keys.Account(org), l.keys.Events(org), l.keys.Request(org, "rc:"+NewRequestID())}
 	_, acct, err := l.runAccount(ctx, rechargeScript, org, keys)
 	if err != nil {
 		return Account{}, fmt.Errorf("recharge: %w", err)
@@ -466,9 +468,10 @@ func (l *Ledger) runAccount(ctx context.Context, script *redis.Script, org strin
 	return code, acct, err
 }
 
-// eval runs script. Every script but recharge is idempotent (by request id,
-// reference, or because it sets a state), so a call whose connection broke
-// is sent again, on a fresh connection, while the deadline allows.
+// eval runs script. Every script is idempotent (by request id, reference,
+// lease sequence number, or because it sets a state), so a call whose
+// connection broke is sent again, on a fresh connection, while the deadline
+// allows.
 func (l *Ledger) eval(ctx context.Context, script *redis.Script, keys []string, args []any) ([]any, error) {
 	ctx, cancel := l.deadline(ctx)
 	defer cancel()
@@ -482,7 +485,7 @@ func (l *Ledger) eval(ctx context.Context, script *redis.Script, keys []string, 
 	for try, wait := 0, 5*time.Millisecond; ; try, wait = try+1, wait*2 {
 		raw, err = script.Run(ctx, l.rdb, keys, all...).Result()
 		sent = sent || (err == nil || !neverSent(err))
-		if err == nil || script == rechargeScript || try == maxTries-1 || !retryable(err) {
+		if err == nil || try == maxTries-1 || !retryable(err) {
 			break
 		}
 		select {

@@ -1,11 +1,17 @@
 package meter
 
 import (
+	"context"
 	"errors"
+	"fmt"
+	"io"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 
 	"github.com/creditsgw/caddy-credits/policy"
 )
@@ -249,6 +255,27 @@ var ledgerCases = []ledgerCase{
 		}
 		e.checkEvents("acme")
 	}},
+	{name: "a recharge whose reply is lost is applied once", cfg: plan10, run: func(e *env) {
+		e.charge("acme", 4)
+		// The script runs; its reply is lost as if the connection broke,
+		// so the recharge is sent again.
+		lose := &loseReply{match: func(cmd redis.Cmder) bool { return strings.Contains(fmt.Sprint(cmd.Args()), ":r:rc:") }}
+		e.rdb.AddHook(lose)
+		a, err := e.ledger.Recharge(e.ctx, "acme")
+		if err != nil || lose.lost.Load() != 1 {
+			e.t.Fatalf("recharge: %v; %d replies lost", err, lose.lost.Load())
+		}
+		e.wantBalance(a, 10, 10, 0)
+		recharges := 0
+		for _, ev := range e.checkEvents("acme") {
+			if ev.Kind == "recharge" {
+				recharges++
+			}
+		}
+		if recharges != 1 {
+			e.t.Fatalf("%d recharge events", recharges)
+		}
+	}},
 	{name: "account of an unknown org", cfg: plan10, run: func(e *env) {
 		if _, err := e.ledger.Account(e.ctx, "nobody"); !errors.Is(err, ErrNotFound) {
 			e.t.Fatalf("account: %v", err)
@@ -451,5 +478,29 @@ func TestRefundFreesRequestID(t *testing.T) {
 			}
 			e.wantBalance(e.account("acme"), 7, 7, 0)
 		})
+	}
+}
+
+// loseReply loses the reply of the first command it matches: the command
+// runs, and its caller sees a broken connection.
+type loseReply struct {
+	match func(redis.Cmder) bool
+	lost  atomic.Int32
+}
+
+func (h *loseReply) DialHook(next redis.DialHook) redis.DialHook { return next }
+
+func (h *loseReply) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return next
+}
+
+func (h *loseReply) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		if err == nil && h.match(cmd) && h.lost.CompareAndSwap(0, 1) {
+			cmd.SetErr(io.EOF)
+			return io.EOF
+		}
+		return err
 	}
 }

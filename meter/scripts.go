@@ -31,9 +31,9 @@ var settleLua string
 //go:embed void.lua
 var voidLua string
 
-// KEYS: account, leases, events. ARGV[6..10]: lease id, sequence number,
-// credits wanted, credits to leave free, lifetime in ms; then feature and
-// spent pairs.
+// KEYS: account, leases, events. ARGV[6..11]: lease id, sequence number,
+// credits wanted, credits to leave free, lifetime in ms, credits held
+// unspent; then feature and spent pairs.
 //
 //go:embed lease.lua
 var leaseLua string
@@ -49,7 +49,7 @@ var topUpLua string
 //go:embed plan.lua
 var planLua string
 
-// KEYS: account, events.
+// KEYS: account, events, the recharge's marker.
 //
 //go:embed recharge.lua
 var rechargeLua string
