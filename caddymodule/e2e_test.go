@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -88,14 +89,25 @@ func (u *upstream) last(t *testing.T) *http.Request {
 	return u.received[len(u.received)-1]
 }
 
+// freePort returns a port free at the moment, for a listener of a test.
+//
+// It picks from 15000-19999, below Linux's ephemeral range (32768 and up):
+// a port the kernel hands out for :0 or for an outgoing connection of a
+// test running meanwhile could be taken again before Caddy binds it, and
+// the redis-servers of internal/redistest use 20000 and up.
 func freePort(t testing.TB) int {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	for range 100 {
+		port := 15000 + rand.IntN(5000)
+		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+		if err != nil {
+			continue
+		}
+		l.Close()
+		return port
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	t.Fatal("no free port in 15000-19999")
+	return 0
 }
 
 // gateway is Caddy, in this process, with the credits module in front of
