@@ -40,8 +40,10 @@ type App struct {
 	// or rediss:// for TLS. Placeholders such as {env.REDIS_URL} are replaced
 	// when the config loads, so the password need not be in the config.
 	Redis string `json:"redis,omitempty"`
-	// RedisCluster lists seed nodes (host:port) of a Redis Cluster, instead
-	// of Redis.
+	// RedisCluster lists seed nodes of a Redis Cluster, instead of Redis:
+	// host:port, or redis:// or rediss:// URLs that give the cluster's user,
+	// password and TLS (the URLs must agree on them; a host:port seed uses
+	// them too). Placeholders are replaced as in Redis.
 	RedisCluster []string `json:"redis_cluster,omitempty"`
 	// KeyPrefix starts every Redis key; default "credits".
 	KeyPrefix string `json:"key_prefix,omitempty"`

@@ -43,7 +43,7 @@ const maxBacklog = 10_000_000
 //
 //	credits {
 //		redis <url>
-//		redis_cluster <host:port>...
+//		redis_cluster <host:port|url>...
 //		key_prefix <prefix>
 //		timeout <duration>
 //		default_plan <allowance> [<recharge_month>]
@@ -54,7 +54,8 @@ const maxBacklog = 10_000_000
 //
 // Every subdirective is optional, and so is the block. redis takes a
 // redis:// or rediss:// URL (user, password and db in it); redis_cluster
-// takes the seed nodes of a Redis Cluster instead. With neither, the store
+// takes the seed nodes of a Redis Cluster instead, as host:port or as URLs
+// that give the cluster's user, password and TLS. With neither, the store
 // is embedded in the Caddy process and balances are lost on restart.
 // default_plan is granted to every org that has no plan of its own; its
 // recharge month defaults to 1 (January). backlog bounds the fail-open
@@ -112,8 +113,16 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if len(nodes) == 0 {
 				return d.ArgErr()
 			}
+			placeholders := false
 			for _, node := range nodes {
 				if err := checkNode(node); err != nil {
+					return d.WrapErr(err)
+				}
+				placeholders = placeholders || strings.Contains(node, "{")
+			}
+			if !placeholders {
+				// The URLs must agree on the cluster's credentials.
+				if _, err := meter.ClusterOptions(nodes); err != nil {
 					return d.WrapErr(err)
 				}
 			}
@@ -502,8 +511,12 @@ func checkRedisURL(s string) error {
 	return err
 }
 
-// checkNode checks a Redis Cluster seed node: host:port.
+// checkNode checks a Redis Cluster seed node: host:port, or a URL as
+// checkRedisURL checks it.
 func checkNode(node string) error {
+	if strings.Contains(node, "://") || strings.Contains(node, "{") {
+		return checkRedisURL(node)
+	}
 	host, port, err := net.SplitHostPort(node)
 	if err == nil && host != "" {
 		var p int64
@@ -511,7 +524,7 @@ func checkNode(node string) error {
 			return nil
 		}
 	}
-	return inputError("redis_cluster node", node, "must be host:port")
+	return inputError("redis_cluster node", node, "must be host:port or a redis:// or rediss:// URL")
 }
 
 // errAt reports an error at tok, as caddyfile.Dispenser.Errf does at the

@@ -3,7 +3,9 @@ package meter
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/url"
+	"strings"
 	"sync"
 	"time"
 
@@ -15,7 +17,9 @@ import (
 type ClientOptions struct {
 	// URL is a redis:// or rediss:// URL (user, password and db in it).
 	URL string
-	// Cluster lists Redis Cluster seed nodes, host:port, instead of URL.
+	// Cluster lists Redis Cluster seed nodes instead of URL: host:port, or
+	// redis:// or rediss:// URLs with the cluster's user, password and TLS
+	// (see ClusterOptions).
 	Cluster []string
 	// PoolSize is the connections per node; 0 means go-redis' default.
 	PoolSize int
@@ -30,12 +34,14 @@ func NewClient(o ClientOptions) (redis.UniversalClient, error) {
 	case o.URL != "" && len(o.Cluster) > 0:
 		return nil, fmt.Errorf("both a Redis URL and Cluster nodes: choose one")
 	case len(o.Cluster) > 0:
-		return redis.NewClusterClient(&redis.ClusterOptions{
-			Addrs:                 o.Cluster,
-			MaxRetries:            -1,
-			ContextTimeoutEnabled: true,
-			PoolSize:              o.PoolSize,
-		}), nil
+		opts, err := ClusterOptions(o.Cluster)
+		if err != nil {
+			return nil, err
+		}
+		opts.MaxRetries = -1
+		opts.ContextTimeoutEnabled = true
+		opts.PoolSize = o.PoolSize
+		return redis.NewClusterClient(opts), nil
 	case o.URL != "":
 		opts, err := ParseURL(o.URL)
 		if err != nil {
@@ -49,6 +55,51 @@ func NewClient(o ClientOptions) (redis.UniversalClient, error) {
 		return redis.NewClient(opts), nil
 	}
 	return nil, fmt.Errorf("no Redis URL or Cluster nodes")
+}
+
+// ClusterOptions parses Redis Cluster seed nodes: each is host:port, or a
+// redis:// or rediss:// URL. The user, password and TLS of the URLs are the
+// cluster's, so the URLs must agree on them, name no db but 0, and a
+// host:port seed uses them too. With rediss://, each node's certificate is
+// checked against the address the cluster gives for that node. Its errors
+// never quote a seed, which may hold a password.
+func ClusterOptions(seeds []string) (*redis.ClusterOptions, error) {
+	if len(seeds) == 0 {
+		return nil, errors.New("no Redis Cluster seed nodes")
+	}
+	o := &redis.ClusterOptions{}
+	var first *redis.Options
+	for i, seed := range seeds {
+		if !strings.Contains(seed, "://") {
+			if _, _, err := net.SplitHostPort(seed); err != nil {
+				return nil, fmt.Errorf("redis_cluster seed %d: must be host:port or a redis:// or rediss:// URL", i+1)
+			}
+			o.Addrs = append(o.Addrs, seed)
+			continue
+		}
+		u, err := ParseURL(seed)
+		if err != nil {
+			return nil, fmt.Errorf("redis_cluster seed %d: %w", i+1, err)
+		}
+		if u.DB != 0 {
+			return nil, fmt.Errorf("redis_cluster seed %d: a Redis Cluster has only db 0", i+1)
+		}
+		if first == nil {
+			first = u
+		} else if u.Username != first.Username || u.Password != first.Password || (u.TLSConfig == nil) != (first.TLSConfig == nil) {
+			return nil, fmt.Errorf("redis_cluster seed %d: its user, password or scheme differs from an earlier seed's; a cluster has one", i+1)
+		}
+		o.Addrs = append(o.Addrs, u.Addr)
+	}
+	if first != nil {
+		o.Username, o.Password = first.Username, first.Password
+		if first.TLSConfig != nil {
+			o.TLSConfig = first.TLSConfig.Clone()
+			// Each node is checked against its own address.
+			o.TLSConfig.ServerName = ""
+		}
+	}
+	return o, nil
 }
 
 // ParseURL parses a redis:// or rediss:// URL. Its errors never quote the
