@@ -234,13 +234,8 @@ func BenchmarkHandler(b *testing.B) {
 // stubScripts answers every script call, while on, as a charge that was
 // taken: code 0, a huge balance, cost 1. Anything else goes to Redis.
 type stubScripts struct {
+	redistest.CommandHook
 	on atomic.Bool
-}
-
-func (s *stubScripts) DialHook(next redis.DialHook) redis.DialHook { return next }
-
-func (s *stubScripts) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return next
 }
 
 func (s *stubScripts) ProcessHook(next redis.ProcessHook) redis.ProcessHook {

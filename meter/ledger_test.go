@@ -13,6 +13,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/creditsgw/caddy-credits/internal/redistest"
 	"github.com/creditsgw/caddy-credits/policy"
 )
 
@@ -484,14 +485,9 @@ func TestRefundFreesRequestID(t *testing.T) {
 // loseReply loses the reply of the first command it matches: the command
 // runs, and its caller sees a broken connection.
 type loseReply struct {
+	redistest.CommandHook
 	match func(redis.Cmder) bool
 	lost  atomic.Int32
-}
-
-func (h *loseReply) DialHook(next redis.DialHook) redis.DialHook { return next }
-
-func (h *loseReply) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
-	return next
 }
 
 func (h *loseReply) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
