@@ -427,3 +427,55 @@ func TestLeasedExactness(t *testing.T) {
 		return a["balance"] == float64(0) && used["background-removal"] == float64(500)
 	})
 }
+
+// TestFaultSlowRedisLeased is TestFaultSlowRedis with leasing on: while
+// Redis hangs, a call is paid from what the lease still holds, or answered
+// 503 within the timeout once the lease needs Redis; none waits for Redis
+// longer, and the ledger is exact once Redis is back.
+func TestFaultSlowRedisLeased(t *testing.T) {
+	srv := redistest.Start(t, redistest.Options{})
+	proxy := faultproxy.Start(t, srv.Addr)
+	g := startGateway(t, gatewayOptions{store: "redis redis://" + proxy.Addr, timeout: "200ms", global: "lease 5"})
+	g.redis = srv
+	orgs := setupFaultOrgs(g, 1)
+	for range 10 { // the org is leased from its fourth call
+		wantStatus(t, g.call(faultRoutes[0].path, orgs[0], "X-Cost", "1"), http.StatusOK)
+	}
+
+	proxy.SetLatency(2 * time.Second)
+	var slowest atomic.Int64
+	counts := map[int]int{}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for range 60 {
+		wg.Go(func() {
+			start := time.Now()
+			r := g.call(faultRoutes[0].path, orgs[0], "X-Cost", "1")
+			elapsed := int64(time.Since(start))
+			for s := slowest.Load(); elapsed > s && !slowest.CompareAndSwap(s, elapsed); s = slowest.Load() {
+			}
+			status := r.status
+			if status == http.StatusServiceUnavailable && r.header.Get("Retry-After") == "" {
+				status = -1 // a 503 without Retry-After
+			}
+			mu.Lock()
+			counts[status]++
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	if counts[http.StatusOK]+counts[http.StatusServiceUnavailable] != 60 || counts[http.StatusServiceUnavailable] == 0 {
+		t.Errorf("answers by status %v; want 200s from the lease, then 503s with Retry-After", counts)
+	}
+	if s := time.Duration(slowest.Load()); s >= 300*time.Millisecond {
+		t.Errorf("the slowest answer took %s, over 1.5 times the 200ms timeout", s)
+	}
+
+	proxy.SetLatency(0)
+	drained(t)
+	want := int64(faultStart) - g.upstream.forwarded(orgs[0], faultRoutes[0].route)*faultRoutes[0].cost
+	eventually(t, fmt.Sprintf("the balance is %d, the start less every forwarded call", want), func() bool {
+		return g.balance(orgs[0]) == want
+	})
+	t.Logf("answers %v, slowest %s", counts, time.Duration(slowest.Load()))
+}

@@ -232,13 +232,16 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		}
 	}
 
+	var leaseErr error
 	if ls := h.app.leaser; ls != nil && key == "" {
-		if balance, ok := ls.Spend(org, h.Feature, cost); ok {
+		balance, ok, err := ls.Spend(org, h.Feature, cost)
+		if ok {
 			d := policy.Decide(h.route, org, policy.Answer{Charged: true, Balance: balance, Cost: cost})
 			sw := &settleWriter{ResponseWriterWrapper: caddyhttp.ResponseWriterWrapper{ResponseWriter: w},
 				h: h, org: org, cost: cost, decision: d, leased: true}
 			return sw.serve(next, r)
 		}
+		leaseErr = err
 	}
 
 	// The client going away must not cut a charge or a settle in half: the
@@ -257,6 +260,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		Overdraft: h.route.Mode == policy.Overdraft, OverdraftLimit: h.route.OverdraftLimit,
 	}
 	m := h.app.metrics
+	if leaseErr != nil {
+		// The lease needed the store and it did not answer in time: the
+		// call is answered as when a charge does not get through.
+		m.storeErrors.Inc()
+		return h.storeDown(w, r, next, charge, leaseErr)
+	}
 	start := time.Now()
 	res, err := h.app.ledger.Charge(ctx, charge)
 	m.storeDuration.Observe(time.Since(start).Seconds())

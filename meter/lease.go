@@ -136,11 +136,18 @@ type lease struct {
 	dry      bool      // a call found the lease empty while a renewal was on its way
 	synced   time.Time // when the last successful sync was sent
 	used     time.Time
-	calls    int           // calls seen before the first lease
-	syncing  bool          // a sync is on its way
-	answered chan struct{} // closed when the sync on its way is answered
-	ending   bool          // inFlight gives the credits back: spend none until it is applied
-	ended    bool          // given back and out of the map: look the org up again
+	calls    int         // calls seen before the first lease
+	syncing  bool        // a sync is on its way
+	answer   *syncAnswer // of the sync on its way
+	ending   bool        // inFlight gives the credits back: spend none until it is applied
+	ended    bool        // given back and out of the map: look the org up again
+}
+
+// syncAnswer is how a sync ended, for the calls that wait for it: err is
+// set before done is closed.
+type syncAnswer struct {
+	done chan struct{}
+	err  error
 }
 
 // leaseAfter is how many calls an org makes, within Idle of each other,
@@ -163,14 +170,17 @@ func NewLeaser(ledger *Ledger, cfg LeaseConfig, logger *zap.Logger) *Leaser {
 	return ls
 }
 
-// Spend takes cost credits of org's from the lease. It returns false when
-// the lease cannot cover the call (the org is not busy yet, its balance is
-// not ample, the lease is being renewed or given back, or the store did not
-// answer): the call must then be charged on its own.
-func (ls *Leaser) Spend(org, feature string, cost int64) (balance int64, ok bool) {
+// Spend takes cost credits of org's from the lease. ok is false when the
+// lease cannot cover the call (the org is not busy yet, its balance is not
+// ample, or the lease is being given back): the call must then be charged
+// on its own. err is set when the lease needed the store and the store did
+// not answer in time (the sync this call sent or waited for failed): a
+// charge of the call's own would fare no better, and none was sent (Unsent
+// reports true).
+func (ls *Leaser) Spend(org, feature string, cost int64) (balance int64, ok bool, err error) {
 	le := ls.lock(org)
 	if le == nil {
-		return 0, false
+		return 0, false, nil
 	}
 	now := time.Now()
 	le.used = now
@@ -179,7 +189,7 @@ func (ls *Leaser) Spend(org, feature string, cost int64) (balance int64, ok bool
 	if le.held == 0 && le.seq == 0 && le.calls < leaseAfter {
 		le.calls++
 		le.mu.Unlock()
-		return 0, false
+		return 0, false, nil
 	}
 	for {
 		// A lease not synced for half its lifetime may have expired in Redis.
@@ -193,9 +203,10 @@ func (ls *Leaser) Spend(org, feature string, cost int64) (balance int64, ok bool
 			}
 			le.mu.Unlock()
 			if renew {
-				go ls.finish(le, s)
+				// A failure is logged; the next sync sends it again.
+				go ls.finish(le, s, now.Add(ls.ledger.timeout))
 			}
-			return balance, true
+			return balance, true, nil
 		}
 		if !le.syncing {
 			break
@@ -205,34 +216,41 @@ func (ls *Leaser) Spend(org, feature string, cost int64) (balance int64, ok bool
 		le.dry = le.dry || !le.ending
 		// Wait for it: a renewal is quicker than a charge of this call's
 		// own, and near the end of the org's credits a charge could be
-		// refused credits the lease is getting or giving back.
-		answered := le.answered
+		// refused credits the lease is getting or giving back. The sync
+		// ends by its own deadline.
+		answer := le.answer
 		le.mu.Unlock()
-		<-answered
+		<-answer.done
+		if answer.err != nil && !errors.Is(answer.err, errClosed) {
+			return 0, false, unsentError{fmt.Errorf("lease renewal: %w", answer.err)}
+		}
 		if le = ls.lock(org); le == nil {
-			return 0, false
+			return 0, false, nil
 		}
 		now = time.Now()
 	}
 	if le.ending {
 		// The lease's credits are on their way back and did not get there.
 		le.mu.Unlock()
-		return 0, false
+		return 0, false, nil
 	}
 	// The lease is empty or stale: this call waits for a renewal.
 	s := ls.send(org, le, max(le.block, cost))
 	le.mu.Unlock()
-	if !ls.finish(le, s) {
-		return 0, false
+	if err := ls.finish(le, s, now.Add(ls.ledger.timeout)); err != nil {
+		if errors.Is(err, errClosed) {
+			return 0, false, nil
+		}
+		return 0, false, unsentError{fmt.Errorf("lease renewal: %w", err)}
 	}
 	if le = ls.lock(org); le == nil {
-		return 0, false
+		return 0, false, nil
 	}
 	defer le.mu.Unlock()
 	if le.ending || le.held < cost || time.Since(le.synced) > ls.cfg.TTL/2 {
-		return 0, false
+		return 0, false, nil
 	}
-	return le.take(feature, cost), true
+	return le.take(feature, cost), true, nil
 }
 
 // take spends cost credits of the lease's; it runs with le.mu held.
@@ -350,7 +368,7 @@ func (ls *Leaser) send(org string, le *lease, want int64) LeaseSync {
 		want = max(want, le.block)
 	}
 	le.syncing = true
-	le.answered = make(chan struct{})
+	le.answer = &syncAnswer{done: make(chan struct{})}
 	return LeaseSync{Org: org, ID: ls.id, Seq: le.seq, Want: want, Keep: ls.keep(le), TTL: ls.cfg.TTL,
 		Unspent: le.unspent, Spent: le.inFlight}
 }
@@ -361,9 +379,9 @@ func (ls *Leaser) keep(le *lease) int64 {
 	return ls.cfg.Keep * (le.block / max(ls.cfg.Size, 1))
 }
 
-// finish runs a sync that send returned and takes in its answer. It reports
-// whether the ledger applied it.
-func (ls *Leaser) finish(le *lease, s LeaseSync) bool {
+// finish runs a sync that send returned, by deadline, and takes in its
+// answer. It returns nil when the ledger applied the sync.
+func (ls *Leaser) finish(le *lease, s LeaseSync, deadline time.Time) error {
 	var (
 		st  LeaseState
 		err = errClosed
@@ -371,7 +389,7 @@ func (ls *Leaser) finish(le *lease, s LeaseSync) bool {
 	sent := time.Now()
 	ls.syncs.RLock()
 	if !ls.closed.Load() || s.Want == 0 {
-		ctx, cancel := context.WithTimeout(context.Background(), max(ls.ledger.timeout, time.Second))
+		ctx, cancel := context.WithDeadline(context.Background(), deadline)
 		st, err = ls.ledger.SyncLease(ctx, s)
 		cancel()
 	}
@@ -380,13 +398,14 @@ func (ls *Leaser) finish(le *lease, s LeaseSync) bool {
 	le.mu.Lock()
 	defer le.mu.Unlock()
 	le.syncing = false
-	close(le.answered)
+	le.answer.err = err
+	close(le.answer.done)
 	if err != nil {
 		// The same sequence number and spending go again next time.
 		if err != errClosed {
 			ls.logger.Warn("lease sync failed; retrying", zap.String("org", s.Org), zap.Error(err))
 		}
-		return false
+		return err
 	}
 	// Applied now or, its answer lost, before: either way the ledger holds
 	// st.Held for this lease, of which the lease has spent what it spent
@@ -395,7 +414,7 @@ func (ls *Leaser) finish(le *lease, s LeaseSync) bool {
 	le.held = min(max(le.held+st.Held-le.unspent, 0), st.Held)
 	le.synced = sent
 	le.balance = st.Balance - le.spent.total()
-	return true
+	return nil
 }
 
 var errClosed = errors.New("leases closed")
@@ -427,9 +446,9 @@ func (ls *Leaser) flush(closing bool) {
 				le.mu.Unlock()
 				return true
 			}
-			answered := le.answered
+			answer := le.answer
 			le.mu.Unlock()
-			<-answered
+			<-answer.done
 			le.mu.Lock()
 		}
 		idle := closing || now.Sub(le.used) > ls.cfg.Idle
@@ -454,7 +473,7 @@ func (ls *Leaser) flush(closing bool) {
 		}
 		s := ls.send(org, le, want)
 		le.mu.Unlock()
-		ok := ls.finish(le, s)
+		ok := ls.finish(le, s, time.Now().Add(max(ls.ledger.timeout, time.Second))) == nil
 		le.mu.Lock()
 		if closing && ok && !le.syncing && le.held == 0 && len(le.spent) == 0 {
 			ls.end(org, le)

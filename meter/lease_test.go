@@ -1,6 +1,7 @@
 package meter
 
 import (
+	"context"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -10,6 +11,9 @@ import (
 	"github.com/alicebob/miniredis/v2"
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
+
+	"github.com/creditsgw/caddy-credits/internal/faultproxy"
+	"github.com/creditsgw/caddy-credits/internal/redistest"
 )
 
 func init() {
@@ -27,7 +31,7 @@ func spendAll(e *env, leasers []*Leaser, org string, n int) (paid, leased int64)
 	var wg sync.WaitGroup
 	for i := range n {
 		wg.Go(func() {
-			if _, ok := leasers[i%len(leasers)].Spend(org, "rich-text", 1); ok {
+			if _, ok, _ := leasers[i%len(leasers)].Spend(org, "rich-text", 1); ok {
 				paidN.Add(1)
 				leasedN.Add(1)
 				return
@@ -51,14 +55,14 @@ var leaseCases = []ledgerCase{
 		ls := NewLeaser(e.ledger, testLease, zap.NewNop())
 		defer ls.Close()
 		for i := range leaseAfter {
-			if _, ok := ls.Spend("quiet", "f", 1); ok {
+			if _, ok, _ := ls.Spend("quiet", "f", 1); ok {
 				e.t.Fatalf("call %d was leased", i+1)
 			}
 		}
 		if keys := e.keys(); len(keys) != 0 {
 			e.t.Fatalf("unleased calls wrote %v", keys)
 		}
-		if _, ok := ls.Spend("quiet", "f", 1); !ok {
+		if _, ok, _ := ls.Spend("quiet", "f", 1); !ok {
 			e.t.Fatal("a busy org was not leased")
 		}
 	}},
@@ -110,7 +114,7 @@ var leaseCases = []ledgerCase{
 		var bal int64
 		var ok bool
 		for range leaseAfter + 1 { // an org is leased once it is busy
-			if bal, ok = ls.Spend("acme", "alt-text", 3); ok {
+			if bal, ok, _ = ls.Spend("acme", "alt-text", 3); ok {
 				break
 			}
 		}
@@ -262,5 +266,72 @@ func TestLeaseSpendIsLocal(t *testing.T) {
 	allocs := testing.AllocsPerRun(100, func() { ls.Spend("acme", "f", 1) })
 	if allocs > 0 {
 		t.Fatalf("a leased spend allocates %v times", allocs)
+	}
+}
+
+// TestLeaseSlowStore: once a lease needs Redis and Redis does not answer
+// within the ledger's timeout, Spend says so then, without waiting for the
+// reply, and sends no charge; with Redis back, leasing goes on, exactly.
+func TestLeaseSlowStore(t *testing.T) {
+	srv := redistest.Start(t, redistest.Options{})
+	proxy := faultproxy.Start(t, srv.Addr)
+	rdb := mustClient(t, ClientOptions{URL: "redis://" + proxy.Addr})
+	defer rdb.Close()
+	ledger, err := New(rdb, Config{DefaultPlan: Plan{Allowance: 100000}, Timeout: 200 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ls := NewLeaser(ledger, LeaseConfig{Size: 5, Keep: 10, Flush: time.Hour, Idle: time.Hour, TTL: 10 * time.Second}, zap.NewNop())
+	paid := int64(0)
+	spend := func() (bool, error) {
+		_, ok, err := ls.Spend("acme", "f", 1)
+		if ok {
+			paid++
+		}
+		return ok, err
+	}
+	for range leaseAfter {
+		if ok, err := spend(); ok || err != nil {
+			t.Fatalf("a quiet org was leased: %v", err)
+		}
+	}
+	if ok, err := spend(); !ok || err != nil {
+		t.Fatalf("the busy org was not leased: %v", err)
+	}
+
+	proxy.SetLatency(time.Second)
+	var slowErr error
+	for i := 0; slowErr == nil; i++ {
+		if i > 10 {
+			t.Fatal("a lease of 5 kept paying for calls with Redis hanging")
+		}
+		start := time.Now()
+		ok, err := spend()
+		if elapsed := time.Since(start); elapsed >= 300*time.Millisecond {
+			t.Fatalf("Spend took %s, over 1.5 times the 200ms timeout", elapsed)
+		}
+		if !ok && err == nil {
+			t.Fatal("Spend said to charge the call on its own while Redis hangs")
+		}
+		slowErr = err
+	}
+	if !Unsent(slowErr) {
+		t.Fatalf("error %v: want one that says no charge was sent", slowErr)
+	}
+
+	proxy.SetLatency(0)
+	for {
+		ok, err := spend()
+		if ok {
+			break
+		}
+		if err == nil {
+			t.Fatal("no lease after Redis came back")
+		}
+	}
+	ls.Close()
+	acct, err := ledger.Account(context.Background(), "acme")
+	if err != nil || acct.Used["f"] != paid || acct.Balance != 100000-paid {
+		t.Fatalf("account %+v (%v) after %d calls paid for", acct, err, paid)
 	}
 }
