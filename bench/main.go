@@ -27,6 +27,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/creditsgw/caddy-credits/internal/redisproc"
 	"github.com/creditsgw/caddy-credits/meter"
 )
 
@@ -279,7 +280,7 @@ func cpuModel() string {
 	if err != nil {
 		return "model unknown"
 	}
-	if v := infoField(strings.ReplaceAll(string(b), "\t", ""), "model name"); v != "" {
+	if v := redisproc.InfoField(strings.ReplaceAll(string(b), "\t", ""), "model name"); v != "" {
 		return strings.TrimSpace(v)
 	}
 	return "model unknown"

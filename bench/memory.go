@@ -13,6 +13,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/creditsgw/caddy-credits/internal/redisproc"
 	"github.com/creditsgw/caddy-credits/meter"
 )
 
@@ -229,7 +230,7 @@ func usedMemory(ctx context.Context, rdb *redis.Client) (int64, error) {
 		if err != nil {
 			return 0, fmt.Errorf("INFO memory: %w", err)
 		}
-		v, err := strconv.ParseInt(infoField(info, "used_memory"), 10, 64)
+		v, err := strconv.ParseInt(redisproc.InfoField(info, "used_memory"), 10, 64)
 		if err != nil {
 			return 0, fmt.Errorf("INFO memory: used_memory: %w", err)
 		}
@@ -324,7 +325,7 @@ func redisVersion(ctx context.Context, rdb *redis.Client) string {
 	if err != nil {
 		return "(unknown version)"
 	}
-	return infoField(info, "redis_version")
+	return redisproc.InfoField(info, "redis_version")
 }
 
 // quoteEmpty shows empty arguments as "", as a shell would need them.

@@ -1,15 +1,15 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"fmt"
-	"io"
 	"net"
 	"os/exec"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/creditsgw/caddy-credits/internal/redisproc"
 )
 
 const (
@@ -44,7 +44,7 @@ func startRedis(ctx context.Context, ps *procs, name string) (*proc, string, err
 		if err != nil {
 			return nil, "", err
 		}
-		err = awaitReady(ctx, p, func() error { return pingOwn(addr, p.cmd.Process.Pid) })
+		err = awaitReady(ctx, p, func() error { return redisproc.PingOwn(addr, p.cmd.Process.Pid, time.Second) })
 		if err == nil {
 			return p, addr, nil
 		}
@@ -79,54 +79,6 @@ func awaitReady(ctx context.Context, p *proc, ready func() error) error {
 		case <-time.After(pollInterval):
 		}
 	}
-}
-
-// pingOwn sends PING and INFO server over a plain connection and checks
-// that the process_id is ours, so that another server that happens to
-// listen on the port is not mistaken for ours.
-func pingOwn(addr string, pid int) error {
-	conn, err := net.DialTimeout("tcp", addr, 250*time.Millisecond)
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(time.Second))
-	if _, err := conn.Write([]byte("PING\r\nINFO server\r\n")); err != nil {
-		return err
-	}
-	r := bufio.NewReader(conn)
-	line, err := r.ReadString('\n')
-	if err != nil {
-		return err
-	}
-	if line != "+PONG\r\n" {
-		return fmt.Errorf("PING: %s", strings.TrimSpace(line))
-	}
-	if line, err = r.ReadString('\n'); err != nil {
-		return err
-	}
-	n, err := strconv.Atoi(strings.TrimSpace(strings.TrimPrefix(line, "$")))
-	if !strings.HasPrefix(line, "$") || err != nil {
-		return fmt.Errorf("INFO: %s", strings.TrimSpace(line))
-	}
-	info := make([]byte, n)
-	if _, err := io.ReadFull(r, info); err != nil {
-		return err
-	}
-	if got := infoField(string(info), "process_id"); got != strconv.Itoa(pid) {
-		return fmt.Errorf("%s is served by pid %s, not by our pid %d", addr, got, pid)
-	}
-	return nil
-}
-
-// infoField returns the value of "key:value" in INFO output.
-func infoField(info, key string) string {
-	for line := range strings.Lines(info) {
-		if v, ok := strings.CutPrefix(strings.TrimSpace(line), key+":"); ok {
-			return v
-		}
-	}
-	return ""
 }
 
 // freePort returns a loopback port that is free at the moment.

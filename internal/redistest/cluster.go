@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/creditsgw/caddy-credits/internal/redisproc"
 )
 
 // slotCount is the number of hash slots in a Redis Cluster.
@@ -105,7 +107,7 @@ func (c *Cluster) nodesReady(ctx context.Context, replicas int) error {
 				return fmt.Errorf("%s: CLUSTER INFO: %w", addr, err)
 			}
 			for key, val := range want {
-				if got := infoField(info, key); got != val {
+				if got := redisproc.InfoField(info, key); got != val {
 					return fmt.Errorf("%s: %s is %q, want %q", addr, key, got, val)
 				}
 			}
@@ -113,8 +115,8 @@ func (c *Cluster) nodesReady(ctx context.Context, replicas int) error {
 			if err != nil {
 				return fmt.Errorf("%s: INFO replication: %w", addr, err)
 			}
-			if infoField(repl, "role") == "slave" {
-				if got := infoField(repl, "master_link_status"); got != "up" {
+			if redisproc.InfoField(repl, "role") == "slave" {
+				if got := redisproc.InfoField(repl, "master_link_status"); got != "up" {
 					return fmt.Errorf("%s: master_link_status is %q, want \"up\"", addr, got)
 				}
 				synced++

@@ -7,11 +7,9 @@
 package redistest
 
 import (
-	"bufio"
 	"bytes"
 	"errors"
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -24,6 +22,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/creditsgw/caddy-credits/internal/redisproc"
 )
 
 const (
@@ -245,7 +245,7 @@ func waitReady(addr string, pid int, exited <-chan struct{}) error {
 			return errors.New("redis-server exited before answering PING")
 		default:
 		}
-		err := pingOwn(addr, pid)
+		err := redisproc.PingOwn(addr, pid, 500*time.Millisecond)
 		if err == nil {
 			return nil
 		}
@@ -257,55 +257,6 @@ func waitReady(addr string, pid int, exited <-chan struct{}) error {
 		case <-time.After(pollInterval):
 		}
 	}
-}
-
-// pingOwn sends PING and INFO over a plain connection (a go-redis client
-// backs off after failed dials, which slows polling down) and checks the
-// reported process_id, so that another server that happens to listen on the
-// same port is not mistaken for ours.
-func pingOwn(addr string, pid int) error {
-	conn, err := net.DialTimeout("tcp", addr, 250*time.Millisecond)
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(500 * time.Millisecond))
-	if _, err := conn.Write([]byte("PING\r\nINFO server\r\n")); err != nil {
-		return err
-	}
-	r := bufio.NewReader(conn)
-	line, err := r.ReadString('\n')
-	if err != nil {
-		return err
-	}
-	if line != "+PONG\r\n" { // e.g. "-LOADING ..." while the AOF is read
-		return fmt.Errorf("PING: %s", strings.TrimSpace(line))
-	}
-	if line, err = r.ReadString('\n'); err != nil {
-		return err
-	}
-	n, err := strconv.Atoi(strings.TrimSpace(strings.TrimPrefix(line, "$")))
-	if !strings.HasPrefix(line, "$") || err != nil {
-		return fmt.Errorf("INFO: %s", strings.TrimSpace(line))
-	}
-	info := make([]byte, n)
-	if _, err := io.ReadFull(r, info); err != nil {
-		return err
-	}
-	if got := infoField(string(info), "process_id"); got != strconv.Itoa(pid) {
-		return fmt.Errorf("%s is served by pid %s, not by our pid %d", addr, got, pid)
-	}
-	return nil
-}
-
-// infoField returns the value of "key:value" in INFO or CLUSTER INFO output.
-func infoField(info, key string) string {
-	for line := range strings.Lines(info) {
-		if v, ok := strings.CutPrefix(strings.TrimSpace(line), key+":"); ok {
-			return v
-		}
-	}
-	return ""
 }
 
 func lookPath(t testing.TB, name string) string {
