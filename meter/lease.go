@@ -135,6 +135,7 @@ type lease struct {
 	block    int64     // the credits a renewal asks for: Size, more for an org that outruns it
 	dry      bool      // a call found the lease empty while a renewal was on its way
 	synced   time.Time // when the last successful sync was sent
+	starved  time.Time // when a renewal last got nothing: the org's credits are near their end
 	used     time.Time
 	calls    int         // calls seen before the first lease
 	syncing  bool        // a sync is on its way
@@ -229,8 +230,11 @@ func (ls *Leaser) Spend(org, feature string, cost int64) (balance int64, ok bool
 		}
 		now = time.Now()
 	}
-	if le.ending {
-		// The lease's credits are on their way back and did not get there.
+	if le.ending || now.Sub(le.starved) < ls.cfg.Flush {
+		// The lease's credits are on their way back and did not get
+		// there, or the org has too few credits to lease: its calls are
+		// charged on their own, and a renewal is tried again at most once
+		// a Flush.
 		le.mu.Unlock()
 		return 0, false, nil
 	}
@@ -412,6 +416,9 @@ func (ls *Leaser) finish(le *lease, s LeaseSync, deadline time.Time) error {
 	// since the sync was sent.
 	le.inFlight, le.ending = nil, false
 	le.held = min(max(le.held+st.Held-le.unspent, 0), st.Held)
+	if s.Want > 0 && st.Held == 0 {
+		le.starved = sent
+	}
 	le.synced = sent
 	le.balance = st.Balance - le.spent.total()
 	return nil

@@ -3,6 +3,7 @@ package meter
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -333,5 +334,51 @@ func TestLeaseSlowStore(t *testing.T) {
 	acct, err := ledger.Account(context.Background(), "acme")
 	if err != nil || acct.Used["f"] != paid || acct.Balance != 100000-paid {
 		t.Fatalf("account %+v (%v) after %d calls paid for", acct, err, paid)
+	}
+}
+
+// TestLeaseNearTheEnd: an org with too few credits to lease is charged call
+// by call, without a lease sync per call.
+func TestLeaseNearTheEnd(t *testing.T) {
+	mini := miniredis.RunT(t)
+	rdb := redis.NewClient(&redis.Options{Addr: mini.Addr()})
+	defer rdb.Close()
+	syncs := &countCommands{match: func(cmd redis.Cmder) bool { return strings.Contains(fmt.Sprint(cmd.Args()), " gw:") }}
+	rdb.AddHook(syncs)
+	e := newEnv(t, rdb, Config{DefaultPlan: Plan{Allowance: 100}})
+	// Blocks of 50 leave 100 free: a balance of 100 cannot be leased.
+	ls := NewLeaser(e.ledger, LeaseConfig{Size: 50, Keep: 100, Flush: time.Hour, Idle: time.Hour, TTL: time.Hour}, zap.NewNop())
+	defer ls.Close()
+	for i := range 100 {
+		if _, ok, err := ls.Spend("acme", "f", 1); ok || err != nil {
+			t.Fatalf("call %d: leased (%v) with %d credits: %v", i+1, ok, 100-i, err)
+		}
+		if r := e.charge("acme", 1); !r.Charged {
+			t.Fatalf("call %d: %+v", i+1, r)
+		}
+	}
+	if n := syncs.n.Load(); n != 1 {
+		t.Fatalf("%d lease syncs for 100 calls; want the one that found nothing to lease", n)
+	}
+	if acct := e.account("acme"); acct.Balance != 0 {
+		t.Fatalf("account %+v", acct)
+	}
+}
+
+// countCommands counts the commands it matches that run (an EVALSHA that
+// finds no script, sent again as EVAL, counts once).
+type countCommands struct {
+	redistest.CommandHook
+	match func(redis.Cmder) bool
+	n     atomic.Int64
+}
+
+func (h *countCommands) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		if err == nil && h.match(cmd) {
+			h.n.Add(1)
+		}
+		return err
 	}
 }
