@@ -138,8 +138,7 @@ type lease struct {
 	starved  time.Time // when a renewal last got nothing: the org's credits are near their end
 	used     time.Time
 	calls    int         // calls seen before the first lease
-	syncing  bool        // a sync is on its way
-	answer   *syncAnswer // of the sync on its way
+	answer   *syncAnswer // of the sync on its way; nil when none is
 	ending   bool        // inFlight gives the credits back: spend none until it is applied
 	ended    bool        // given back and out of the map: look the org up again
 }
@@ -197,7 +196,7 @@ func (ls *Leaser) Spend(org, feature string, cost int64) (balance int64, ok bool
 		fresh := now.Sub(le.synced) <= ls.cfg.TTL/2
 		if fresh && !le.ending && le.held >= cost {
 			balance = le.take(feature, cost)
-			renew := !le.syncing && le.held < le.block/2
+			renew := le.answer == nil && le.held < le.block/2
 			var s LeaseSync
 			if renew {
 				s = ls.send(org, le, le.block)
@@ -205,11 +204,12 @@ func (ls *Leaser) Spend(org, feature string, cost int64) (balance int64, ok bool
 			le.mu.Unlock()
 			if renew {
 				// A failure is logged; the next sync sends it again.
-				go ls.finish(le, s, now.Add(ls.ledger.timeout))
+				go ls.finish(le, s)
 			}
 			return balance, true, nil
 		}
-		if !le.syncing {
+		answer := le.answer
+		if answer == nil {
 			break
 		}
 		// A sync is on its way, and a renewal that comes back too late
@@ -219,7 +219,6 @@ func (ls *Leaser) Spend(org, feature string, cost int64) (balance int64, ok bool
 		// own, and near the end of the org's credits a charge could be
 		// refused credits the lease is getting or giving back. The sync
 		// ends by its own deadline.
-		answer := le.answer
 		le.mu.Unlock()
 		<-answer.done
 		if answer.err != nil && !errors.Is(answer.err, errClosed) {
@@ -241,7 +240,7 @@ func (ls *Leaser) Spend(org, feature string, cost int64) (balance int64, ok bool
 	// The lease is empty or stale: this call waits for a renewal.
 	s := ls.send(org, le, max(le.block, cost))
 	le.mu.Unlock()
-	if err := ls.finish(le, s, now.Add(ls.ledger.timeout)); err != nil {
+	if err := ls.finish(le, s); err != nil {
 		if errors.Is(err, errClosed) {
 			return 0, false, nil
 		}
@@ -323,9 +322,7 @@ func (ls *Leaser) Adjust(org, feature string, charged, actual int64) int64 {
 	le := ls.lock(org)
 	if le == nil {
 		// Closed: report the change on its own, at once.
-		ctx, cancel := context.WithTimeout(context.Background(), max(ls.ledger.timeout, time.Second))
-		defer cancel()
-		st, err := ls.ledger.SyncLease(ctx, LeaseSync{Org: org, ID: ls.id + ":" + NewRequestID()[:8], Seq: 1, TTL: time.Second,
+		st, err := ls.ledger.SyncLease(context.Background(), LeaseSync{Org: org, ID: ls.id + ":" + NewRequestID()[:8], Seq: 1, TTL: time.Second,
 			Spent: map[string]int64{feature: actual - charged}})
 		if err != nil {
 			ls.logger.Error("could not report a leased call's settle after the leases closed", zap.String("org", org), zap.Error(err))
@@ -347,7 +344,7 @@ func (ls *Leaser) Adjust(org, feature string, charged, actual int64) int64 {
 }
 
 // send marks a sync of the lease as on its way, asking to hold want
-// credits, and returns it. It runs with le.mu held and le.syncing false.
+// credits, and returns it. It runs with le.mu held and no sync on its way.
 // A sync whose answer was not known goes again with its sequence number
 // and spending, so that the ledger applies it once.
 func (ls *Leaser) send(org string, le *lease, want int64) LeaseSync {
@@ -371,7 +368,6 @@ func (ls *Leaser) send(org string, le *lease, want int64) LeaseSync {
 		le.block, le.dry = min(2*le.block, maxGrowth*ls.cfg.Size), false
 		want = max(want, le.block)
 	}
-	le.syncing = true
 	le.answer = &syncAnswer{done: make(chan struct{})}
 	return LeaseSync{Org: org, ID: ls.id, Seq: le.seq, Want: want, Keep: ls.keep(le), TTL: ls.cfg.TTL,
 		Unspent: le.unspent, Spent: le.inFlight}
@@ -383,9 +379,9 @@ func (ls *Leaser) keep(le *lease) int64 {
 	return ls.cfg.Keep * (le.block / max(ls.cfg.Size, 1))
 }
 
-// finish runs a sync that send returned, by deadline, and takes in its
-// answer. It returns nil when the ledger applied the sync.
-func (ls *Leaser) finish(le *lease, s LeaseSync, deadline time.Time) error {
+// finish runs a sync that send returned, within the ledger's timeout, and
+// takes in its answer. It returns nil when the ledger applied the sync.
+func (ls *Leaser) finish(le *lease, s LeaseSync) error {
 	var (
 		st  LeaseState
 		err = errClosed
@@ -393,17 +389,15 @@ func (ls *Leaser) finish(le *lease, s LeaseSync, deadline time.Time) error {
 	sent := time.Now()
 	ls.syncs.RLock()
 	if !ls.closed.Load() || s.Want == 0 {
-		ctx, cancel := context.WithDeadline(context.Background(), deadline)
-		st, err = ls.ledger.SyncLease(ctx, s)
-		cancel()
+		st, err = ls.ledger.SyncLease(context.Background(), s)
 	}
 	ls.syncs.RUnlock()
 
 	le.mu.Lock()
 	defer le.mu.Unlock()
-	le.syncing = false
 	le.answer.err = err
 	close(le.answer.done)
+	le.answer = nil
 	if err != nil {
 		// The same sequence number and spending go again next time.
 		if err != errClosed {
@@ -447,7 +441,7 @@ func (ls *Leaser) flush(closing bool) {
 	ls.orgs.Range(func(k, v any) bool {
 		org, le := k.(string), v.(*lease)
 		le.mu.Lock()
-		for le.syncing {
+		for le.answer != nil {
 			if !closing {
 				// The next flush reports what was spent meanwhile.
 				le.mu.Unlock()
@@ -480,9 +474,9 @@ func (ls *Leaser) flush(closing bool) {
 		}
 		s := ls.send(org, le, want)
 		le.mu.Unlock()
-		ok := ls.finish(le, s, time.Now().Add(max(ls.ledger.timeout, time.Second))) == nil
+		ok := ls.finish(le, s) == nil
 		le.mu.Lock()
-		if closing && ok && !le.syncing && le.held == 0 && len(le.spent) == 0 {
+		if closing && ok && le.answer == nil && le.held == 0 && len(le.spent) == 0 {
 			ls.end(org, le)
 		}
 		le.mu.Unlock()
