@@ -61,7 +61,6 @@ type Handler struct {
 	failOpen  bool
 	logger    *zap.Logger
 	outcomes  map[string]prometheus.Counter
-	forwarded prometheus.Counter
 	charged   prometheus.Counter
 }
 
@@ -102,10 +101,6 @@ func headerValue(h http.Header, name string) string {
 
 // count counts a call's outcome.
 func (h *Handler) count(outcome string) {
-	if outcome == "forwarded" {
-		h.forwarded.Inc()
-		return
-	}
 	if c, ok := h.outcomes[outcome]; ok {
 		c.Inc()
 		return
@@ -162,7 +157,6 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	for _, o := range []string{"forwarded", "low", "overdraft", "blocked", "notice", "refunded", "replay", "unmetered", "unavailable", "invalid", "unauthenticated"} {
 		h.outcomes[o] = app.metrics.requests.WithLabelValues(h.Feature, o)
 	}
-	h.forwarded = h.outcomes["forwarded"]
 	h.charged = app.metrics.charged.WithLabelValues(h.Feature)
 	h.route = policy.Route{Feature: h.Feature, Mode: mode, OverdraftLimit: limit, LowBalance: h.LowBalance, TopUpURL: app.TopUpURL}
 	return nil
