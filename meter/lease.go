@@ -464,7 +464,9 @@ func (ls *Leaser) flush(closing bool) {
 			le.mu.Unlock()
 			return true
 		}
-		if !idle && !busy && now.Sub(le.synced) <= ls.cfg.TTL/4 {
+		if !idle && !busy && (le.seq == 0 || now.Sub(le.synced) <= ls.cfg.TTL/4) {
+			// Not leased yet (a quiet org is charged call by call), or
+			// renewed recently.
 			le.mu.Unlock()
 			return true
 		}
