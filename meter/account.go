@@ -18,12 +18,20 @@ type Plan struct {
 type Account struct {
 	// Org is the organization's id.
 	Org string `json:"org"`
-	// Balance is AllowanceRemaining plus Purchased: what the org can spend.
+	// Balance is the org's credits: AllowanceRemaining plus Purchased, and
+	// the allowance of an ended period that holds taken before its recharge
+	// still keep.
 	Balance int64 `json:"balance"`
-	// AllowanceRemaining is what is left of this period's plan credits; below
-	// zero it is overdraft debt, which carries over to the next period.
+	// Held is the credits live holds (gateways' leases included) set aside.
+	Held int64 `json:"held"`
+	// Available is Balance less Held: what a new charge or hold may take.
+	Available int64 `json:"available"`
+	// AllowanceRemaining is what is left of this period's plan credits, held
+	// or not; below zero it is overdraft debt, which carries over to the next
+	// period.
 	AllowanceRemaining int64 `json:"allowance_remaining"`
-	// Purchased is the credits bought with top-ups; they never expire.
+	// Purchased is the credits bought with top-ups, held or not; they never
+	// expire.
 	Purchased int64 `json:"purchased"`
 	// Plan is the plan of the current period.
 	Plan Plan `json:"plan"`
@@ -45,7 +53,8 @@ type Event struct {
 	ID string `json:"id"`
 	// Time is when the change happened, on the ledger's clock.
 	Time time.Time `json:"time"`
-	// Kind is grant, charge, settle, refund, topup, recharge or plan.
+	// Kind is grant, charge, settle, refund, topup, recharge, plan, hold,
+	// capture, release or expire.
 	Kind string `json:"kind"`
 	// Delta is the change to the balance.
 	Delta int64 `json:"delta"`
@@ -67,13 +76,16 @@ func monthStart(index int64) time.Time {
 	return time.Date(int(index/12), time.Month(index%12+1), 1, 0, 0, 0, 0, time.UTC)
 }
 
-// parseAccount reads the account part of a script reply: rem, pur, a, m, pa,
-// pm, own, ps, nx, then feature and used pairs.
+// accountFields is how many numbers start an account reply: rem, pur, a,
+// m, pa, pm, own, ps, nx, ha, ho, hp; feature and used pairs follow.
+const accountFields = 12
+
+// parseAccount reads the account part of a script reply.
 func parseAccount(org string, v []any) (Account, error) {
-	if len(v) < 9 || len(v)%2 != 1 {
+	if len(v) < accountFields || (len(v)-accountFields)%2 != 0 {
 		return Account{}, fmt.Errorf("account reply has %d fields", len(v))
 	}
-	var n [9]int64
+	var n [accountFields]int64
 	for i := range n {
 		x, ok := v[i].(int64)
 		if !ok {
@@ -81,25 +93,28 @@ func parseAccount(org string, v []any) (Account, error) {
 		}
 		n[i] = x
 	}
+	held := n[9] + n[10] + n[11]
 	a := Account{
 		Org:                org,
-		Balance:            n[0] + n[1],
-		AllowanceRemaining: n[0],
-		Purchased:          n[1],
+		Balance:            n[0] + n[1] + held,
+		Held:               held,
+		Available:          n[0] + n[1],
+		AllowanceRemaining: n[0] + n[9],
+		Purchased:          n[1] + n[11],
 		Plan:               Plan{Allowance: n[2], RechargeMonth: int(n[3])},
 		OwnPlan:            n[6] == 1,
 		PeriodStart:        time.Unix(n[7], 0).UTC(),
 		NextRecharge:       monthStart(n[8]),
-		Used:               make(map[string]int64, (len(v)-9)/2),
+		Used:               make(map[string]int64, (len(v)-accountFields)/2),
 	}
 	if n[4] >= 0 {
 		a.NextPlan = &Plan{Allowance: n[4], RechargeMonth: int(n[5])}
 	}
-	for i := 9; i < len(v); i += 2 {
+	for i := accountFields; i < len(v); i += 2 {
 		f, ok1 := v[i].(string)
 		u, ok2 := v[i+1].(int64)
 		if !ok1 || !ok2 {
-			return Account{}, fmt.Errorf("account reply usage pair %d is %T, %T", (i-9)/2, v[i], v[i+1])
+			return Account{}, fmt.Errorf("account reply usage pair %d is %T, %T", (i-accountFields)/2, v[i], v[i+1])
 		}
 		a.Used[f] = u
 	}
@@ -113,6 +128,7 @@ func defaultAccount(org string, plan Plan, now time.Time) Account {
 	return Account{
 		Org:                org,
 		Balance:            plan.Allowance,
+		Available:          plan.Allowance,
 		AllowanceRemaining: plan.Allowance,
 		Plan:               plan,
 		PeriodStart:        monthStart(start),

@@ -1,10 +1,19 @@
--- Returns {0, account...}, or {3} when Redis holds nothing for the org. A
--- recharge that fell due is written, as any operation would.
-local acc = load(KEYS[1])
+-- KEYS: account, events, holds.
+--
+-- Returns {OK, account...}, or {NOT_FOUND} when Redis holds nothing for the
+-- org. A recharge or an expiry that fell due is written, as any operation
+-- would.
+local bad = check_types({'hash', 'list', 'hash'})
+if bad then return bad end
+local account_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3]
+
+local acc = load(account_key)
 if not acc then
-  return {3}
+  return {NOT_FOUND}
 end
+sweep(acc, holds_key)
 if #acc.events > 0 then
-  commit(KEYS[1], KEYS[2], acc)
+  commit(account_key, events_key, acc)
+  write_holds(holds_key, acc)
 end
-return reply(acc, {0})
+return reply(acc, {OK})

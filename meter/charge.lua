@@ -1,43 +1,62 @@
--- KEYS[4] the org's leases. ARGV[6] feature, ARGV[7] cost, ARGV[8] 1 for overdraft, ARGV[9] overdraft
--- limit (-1: none), ARGV[10] request id, ARGV[11] marker lifetime in seconds,
--- ARGV[12] attempt id.
+-- KEYS: account, request marker, events, holds. ARGV[7] feature, ARGV[8]
+-- cost, ARGV[9] 1 for overdraft, ARGV[10] overdraft limit (-1: none),
+-- ARGV[11] request id, ARGV[12] marker lifetime in seconds, ARGV[13]
+-- attempt id.
 --
--- Returns {code, balance, charged}: code 0 charged (or this attempt's own
--- charge, run before and repeated after a lost reply), 1 refused (nothing
--- written), 2 a replay of another attempt's charge with this request id (its
--- result), 5 this attempt was voided (nothing charged). A request refunded in
--- full, or voided by another attempt, is free to charge again.
-local feature = ARGV[6]
-local cost = tonumber(ARGV[7])
-local overdraft = ARGV[8] == '1'
-local limit = tonumber(ARGV[9])
-local attempt = ARGV[12]
+-- A charge is a hold captured at once: it takes its cost of the available
+-- balance (what no hold keeps), and its marker records which parts came from
+-- allowance, purchased credits and debt, so that a refund gives each back to
+-- where it came from.
+--
+-- Returns {code, balance, charged}: code OK charged (or this attempt's own
+-- charge, run before and repeated after a lost reply), REFUSED (nothing
+-- written, not even for an org Redis has never seen), REPEAT a replay of
+-- another attempt's charge with this request id (its result), VOIDED this
+-- attempt was voided (nothing charged). A request refunded in full, or
+-- voided by another attempt, is free to charge again.
+local bad = check_types({'hash', 'string', 'list', 'hash'})
+if bad then return bad end
+local account_key, marker_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local feature = ARGV[7]
+local cost = tonumber(ARGV[8])
+local overdraft = ARGV[9] == '1'
+local limit = tonumber(ARGV[10])
+local request_id = ARGV[11]
+local marker_ttl = ARGV[12]
+local attempt = ARGV[13]
 
-local m = parse_marker(redis.call('GET', KEYS[2]))
+local m = parse_marker(redis.call('GET', marker_key))
 if m and m.attempt == attempt then
-  if m.state == 'x' then return {5, 0, 0} end
-  return {0, m.balance, m.cost}
+  if m.state == 'x' then return {VOIDED, 0, 0} end
+  return {OK, m.balance, m.cost}
 end
 if m and m.state ~= 'x' and not (m.state == 's' and m.cost == 0) then
   if m.relied ~= '1' then
     m.relied = '1'
-    write_marker(KEYS[2], m)
+    write_marker(marker_key, m)
   end
-  return {2, m.balance, m.cost}
+  return {REPEAT, m.balance, m.cost}
 end
 
-local acc = open(KEYS[1])
-local bal = balance(acc)
--- Credits the gateways hold in leases are spoken for.
-local free = bal - reserved(KEYS[4])
+local acc = load(account_key)
+local fresh = not acc
+if fresh then
+  acc = new_account(def_allowance, def_month)
+end
+sweep(acc, holds_key)
+local free = available(acc)
 if (not overdraft and free < cost) or (overdraft and limit >= 0 and free - cost < -limit) then
-  return {1, bal, 0}
+  return {REFUSED, balance(acc), 0}
 end
 
-local from_purchased = spend(acc, cost)
+if fresh then
+  event(acc, 'grant', acc.rem, '', 'default-plan')
+end
+local p = take(acc, cost)
 add_used(acc, feature, cost)
-event(acc, 'charge', -cost, feature, ARGV[10])
-commit(KEYS[1], KEYS[3], acc)
-write_marker(KEYS[2], {cost = cost, feature = feature, from_purchased = from_purchased,
-  balance = balance(acc), state = 'c', ps = acc.ps, attempt = attempt, relied = '0'}, ARGV[11])
-return {0, balance(acc), cost}
+event(acc, 'charge', -cost, feature, request_id)
+commit(account_key, events_key, acc)
+write_holds(holds_key, acc)
+write_marker(marker_key, {cost = cost, feature = feature, fa = p.fa, fp = p.fp, fd = p.fd,
+  balance = balance(acc), state = 'c', pn = acc.pn, attempt = attempt, relied = '0'}, marker_ttl)
+return {OK, balance(acc), cost}

@@ -169,6 +169,12 @@ func (e *env) dump() map[string]string {
 	return out
 }
 
+// moveServerClock moves the clock the ledger's scripts read from Redis,
+// which holds and leases expire by.
+func (e *env) moveServerClock(d time.Duration) {
+	e.ledger.serverSkew.Add(d.Milliseconds())
+}
+
 func (e *env) charge(org string, cost int64) ChargeResult {
 	e.t.Helper()
 	r, err := e.ledger.Charge(e.ctx, ChargeRequest{Org: org, Feature: "rich-text", Cost: cost})

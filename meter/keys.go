@@ -51,11 +51,12 @@ func (k Keys) Account(org string) string { return k.key(org, "a") }
 // Events is the org's capped event list, newest first.
 func (k Keys) Events(org string) string { return k.key(org, "e") }
 
-// TopUps is the set of top-up references applied to the org.
+// TopUps is the sorted set of top-up references applied to the org, each
+// scored by when it may be forgotten.
 func (k Keys) TopUps(org string) string { return k.key(org, "t") }
 
-// Leases is the hash of the credits gateways hold in leases.
-func (k Keys) Leases(org string) string { return k.key(org, "l") }
+// Holds is the hash of the org's holds, gateways' leases included.
+func (k Keys) Holds(org string) string { return k.key(org, "h") }
 
 // Request is the marker of one charged request, kept for a day, that makes a
 // repeated charge or settle with the same request id a no-op.

@@ -71,11 +71,11 @@ func (l *Ledger) SyncLease(ctx context.Context, s LeaseSync) (LeaseState, error)
 	}
 	sort.Strings(features)
 	args := make([]any, 0, 6+2*len(features))
-	args = append(args, s.ID, s.Seq, s.Want, s.Keep, s.TTL.Milliseconds(), s.Unspent)
+	args = append(args, "lease:"+s.ID, s.Seq, s.Want, s.Keep, s.TTL.Milliseconds(), s.Unspent)
 	for _, f := range features {
 		args = append(args, f, s.Spent[f])
 	}
-	keys := []string{l.keys.Account(s.Org), l.keys.Leases(s.Org), l.keys.Events(s.Org)}
+	keys := []string{l.keys.Account(s.Org), l.keys.Events(s.Org), l.keys.Holds(s.Org)}
 	v, err := l.run(ctx, leaseScript, keys, 3, args...)
 	if err != nil {
 		return LeaseState{}, fmt.Errorf("lease: %w", err)

@@ -1,71 +1,84 @@
--- KEYS: account, leases, events. ARGV[6] lease id, ARGV[7] sync sequence
--- number, ARGV[8] credits the lease wants to hold, ARGV[9] credits the lease
--- must leave free for others, ARGV[10] the lease's lifetime in ms, ARGV[11]
--- the credits the lease held unspent when it sent the sync (it may spend
--- them while the sync is on its way), then feature and net credits spent
--- pairs since the last sync.
+-- KEYS: account, events, holds. ARGV[7] lease id, ARGV[8] sync number,
+-- ARGV[9] credits the lease wants to hold, ARGV[10] credits the lease must
+-- leave free for others, ARGV[11] the lease's lifetime in ms, ARGV[12] the
+-- credits the lease held unspent when it sent the sync (it may spend them
+-- while the sync is on its way), then feature and net credits spent pairs
+-- since the last sync.
 --
--- Charges the spending reported (one event per feature) and sets how many
--- credits the lease holds from now on: what it wants, as far as the balance
--- not held by other leases allows, and never less than what it already held
--- unspent, which it may be spending. A lease not synced within its lifetime
--- expires and holds nothing. A sequence number already applied changes
--- nothing (a repeat after a lost reply): a lease's record stays, holding 0
--- when the lease has ended, until it expires, so that a repeat is known.
--- Returns {code, held, balance}: code 0 applied, 2 a repeat.
-local id = ARGV[6]
-local seq = tonumber(ARGV[7])
-local want = tonumber(ARGV[8])
-local keep = tonumber(ARGV[9])
-local ttl = tonumber(ARGV[10])
-local unspent = tonumber(ARGV[11])
+-- A lease is a hold of the gateway's. The sync captures the spending it
+-- reports from the hold (a refund of a reported call gives back what the
+-- lease captured, to where it came from), then sets what the hold keeps:
+-- what the lease wants, as far as the available balance allows, and never
+-- less than what it held unspent, which it may be spending. The hold expires
+-- by Redis' clock unless synced within its lifetime. A sync number already
+-- applied changes nothing (a repeat after a lost reply): the record stays,
+-- holding 0 once the lease has ended, for a day.
+-- Returns {code, held, balance}: OK applied, REPEAT a repeat.
+local bad = check_types({'hash', 'list', 'hash'})
+if bad then return bad end
+local account_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3]
+local id = ARGV[7]
+local seq = tonumber(ARGV[8])
+local want = tonumber(ARGV[9])
+local keep = tonumber(ARGV[10])
+local ttl = tonumber(ARGV[11])
+local unspent = tonumber(ARGV[12])
 
-local prior = 0
-local mine = redis.call('HGET', KEYS[2], id)
-if mine then
-  local held, last, exp = parse_lease(mine)
-  if seq <= last then
-    local acc = load(KEYS[1])
-    return {2, held, acc and balance(acc) or 0}
-  end
-  if exp > now_ms then prior = held end
+local spends = false
+for i = 13, #ARGV, 2 do
+  if tonumber(ARGV[i + 1]) ~= 0 then spends = true end
 end
 
-local acc = open(KEYS[1])
-local spent = 0
-for i = 12, #ARGV, 2 do
+local acc = load(account_key)
+if not acc then
+  local fresh = new_account(def_allowance, def_month)
+  if not spends and math.min(want, available(fresh) - keep) <= 0 then
+    -- An org Redis has never seen, with nothing to report and too few
+    -- credits to lease: nothing is written.
+    return {OK, 0, balance(fresh)}
+  end
+  acc = open(account_key)
+end
+sweep(acc, holds_key)
+local h = get_hold(acc, holds_key, id)
+if h and seq <= h.seq then
+  local n = 0
+  if h.state == 'l' then n = hold_amount(h) end
+  return {REPEAT, n, balance(acc)}
+end
+h = h or new_hold(acc, 'lease')
+local ref = 'lease:' .. id
+
+for i = 13, #ARGV, 2 do
   local feature, n = ARGV[i], tonumber(ARGV[i + 1])
   if n > 0 then
-    spend(acc, n)
-    event(acc, 'charge', -n, feature, 'lease:' .. id)
-  elseif n < 0 then
-    give_back(acc, -n, 0)
-    event(acc, 'refund', -n, feature, 'lease:' .. id)
-  end
-  if n ~= 0 then
+    event(acc, 'charge', hold_capture(acc, h, n), feature, ref)
     add_used(acc, feature, n)
-    spent = spent + n
+  elseif n < 0 then
+    event(acc, 'refund', hold_refund(acc, h, -n), feature, ref)
+    add_used(acc, feature, math.max(n, -(acc.used[feature] or 0)))
   end
 end
 
-local raw = redis.call('HGETALL', KEYS[2])
-local others, last_exp = 0, now_ms + ttl
-for i = 1, #raw, 2 do
-  local held, _, exp = parse_lease(raw[i + 1])
-  if raw[i] ~= id then
-    if exp > now_ms then
-      others = others + held
-      last_exp = math.max(last_exp, exp)
-    else
-      redis.call('HDEL', KEYS[2], raw[i])
-    end
+local kept = 0
+if h.state == 'l' then kept = hold_amount(h) end
+local grant = math.max(math.min(unspent, kept), math.min(want, kept + available(acc) - keep))
+if grant > kept then
+  hold_more(acc, h, grant - kept)
+elseif grant < kept then
+  local delta = hold_less(acc, h, kept - grant)
+  if delta ~= 0 then
+    -- What it gave back of an ended period's allowance is gone with it.
+    event(acc, 'release', delta, '', ref)
   end
 end
--- What the lease held before the sync, less what it reports spent, is still
--- its own: credits spent while this sync was on its way come out of it.
-local floor = math.min(unspent, math.max(0, prior - spent))
-local grant = math.max(floor, math.min(want, balance(acc) - others - keep))
-redis.call('HSET', KEYS[2], id, table.concat({str(grant), str(seq), str(now_ms + ttl)}, ' '))
-redis.call('PEXPIRE', KEYS[2], last_exp - now_ms)
-commit(KEYS[1], KEYS[3], acc)
-return {0, grant, balance(acc)}
+h.seq = seq
+if grant > 0 then
+  h.state, h.untl = 'l', srv_ms + ttl
+  note_expiry(acc, h.untl)
+elseif h.state == 'l' or h.untl < srv_ms then
+  h.state, h.untl = 'r', srv_ms + HOLD_KEPT_MS
+end
+commit(account_key, events_key, acc)
+write_holds(holds_key, acc, {[id] = h})
+return {OK, grant, balance(acc)}

@@ -226,9 +226,9 @@ var leaseCases = []ledgerCase{
 		if acct := e.account("acme"); acct.Balance != 970 || acct.Used["flows"] != 30 {
 			e.t.Fatalf("account %+v", acct)
 		}
-		// The ended lease's record goes with its lifetime.
-		if ttl := e.rdb.PTTL(e.ctx, e.ledger.Keys().Leases("acme")).Val(); ttl <= 0 || ttl > time.Minute {
-			e.t.Fatalf("leases key expires in %s", ttl)
+		// The ended lease's record goes a day after it ended.
+		if ttl := e.rdb.PTTL(e.ctx, e.ledger.Keys().Holds("acme")).Val(); ttl <= 0 || ttl > 25*time.Hour {
+			e.t.Fatalf("holds key expires in %s", ttl)
 		}
 		e.checkEvents("acme")
 	}},
@@ -265,27 +265,40 @@ var leaseCases = []ledgerCase{
 		if r := e.charge("acme", 21); r.Charged {
 			e.t.Fatalf("charged past a live lease: %+v", r)
 		}
+		// A gateway's clock far ahead ends no lease: leases expire by
+		// Redis' clock.
 		e.clock.Add(2 * time.Minute)
+		if r := e.charge("acme", 21); r.Charged {
+			e.t.Fatalf("a gateway's clock ended a lease: %+v", r)
+		}
+		e.moveServerClock(2 * time.Minute)
 		if r := e.charge("acme", 100); !r.Charged {
 			e.t.Fatalf("an expired lease still holds credits: %+v", r)
+		}
+		events := e.checkEvents("acme")
+		if ev := events[1]; ev.Kind != "expire" || ev.Ref != "hold:lease:gone" || ev.Delta != 0 {
+			e.t.Fatalf("the expiry's event: %+v", ev)
 		}
 	}},
 }
 
-// leased returns the credits org's leases hold in the ledger.
+// leased returns the credits org's live leases hold in the ledger.
 func (e *env) leased(org string) int64 {
 	e.t.Helper()
-	records, err := e.rdb.HGetAll(e.ctx, e.ledger.Keys().Leases(org)).Result()
+	records, err := e.rdb.HGetAll(e.ctx, e.ledger.Keys().Holds(org)).Result()
 	if err != nil {
 		e.t.Fatal(err)
 	}
 	var sum int64
 	for id, v := range records {
-		var held, seq, exp int64
-		if _, err := fmt.Sscanf(v, "%d %d %d", &held, &seq, &exp); err != nil {
-			e.t.Fatalf("lease %s: record %q: %v", id, v, err)
+		var state string
+		var ofa, fa, fp int64
+		if _, err := fmt.Sscanf(v, "%s %d %d %d", &state, &ofa, &fa, &fp); err != nil {
+			e.t.Fatalf("hold %s: record %q: %v", id, v, err)
 		}
-		sum += held
+		if state == "l" && strings.HasPrefix(id, "lease:") {
+			sum += ofa + fa + fp
+		}
 	}
 	return sum
 }
@@ -379,7 +392,7 @@ func TestLeaseNearTheEnd(t *testing.T) {
 	mini := miniredis.RunT(t)
 	rdb := redis.NewClient(&redis.Options{Addr: mini.Addr()})
 	defer rdb.Close()
-	syncs := &watchCommands{match: func(cmd redis.Cmder) bool { return strings.Contains(fmt.Sprint(cmd.Args()), " gw:") }}
+	syncs := &watchCommands{match: func(cmd redis.Cmder) bool { return strings.Contains(fmt.Sprint(cmd.Args()), " lease:gw:") }}
 	rdb.AddHook(syncs)
 	e := newEnv(t, rdb, Config{DefaultPlan: Plan{Allowance: 100}})
 	// Blocks of 50 leave 100 free: a balance of 100 cannot be leased.

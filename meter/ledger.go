@@ -12,6 +12,7 @@ import (
 	"net"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -36,6 +37,9 @@ const (
 	DefaultTimeout   = 100 * time.Millisecond
 	DefaultEventsMax = 1000
 	DefaultMarkerTTL = 24 * time.Hour
+	// DefaultReferenceTTL is how long a top-up reference is remembered:
+	// longer than a year, so that a yearly invoice resent is applied once.
+	DefaultReferenceTTL = 400 * 24 * time.Hour
 )
 
 var (
@@ -67,7 +71,11 @@ type Config struct {
 	EventsMax int64
 	// MarkerTTL is how long a charge is remembered by request id; default 24h.
 	MarkerTTL time.Duration
-	// Now is the ledger's clock; default time.Now. Recharges follow it.
+	// ReferenceTTL is how long a top-up reference is remembered, so that
+	// a repeat is applied once; default 400 days.
+	ReferenceTTL time.Duration
+	// Now is the ledger's clock; default time.Now. Recharges follow it;
+	// holds and leases expire by Redis' clock instead.
 	Now func() time.Time
 }
 
@@ -79,7 +87,10 @@ type Ledger struct {
 	timeout     time.Duration
 	eventsMax   string
 	markerTTL   string
+	refTTL      int64 // ms
 	now         func() time.Time
+	// serverSkew is milliseconds added to Redis' clock; tests move it.
+	serverSkew atomic.Int64
 }
 
 // New returns a ledger over rdb, which may be a single Redis, a Sentinel
@@ -114,6 +125,12 @@ func New(rdb redis.UniversalClient, cfg Config) (*Ledger, error) {
 	if cfg.MarkerTTL < time.Second {
 		return nil, fmt.Errorf("marker lifetime %s: must be at least a second", cfg.MarkerTTL)
 	}
+	if cfg.ReferenceTTL == 0 {
+		cfg.ReferenceTTL = DefaultReferenceTTL
+	}
+	if cfg.ReferenceTTL < time.Second {
+		return nil, fmt.Errorf("reference lifetime %s: must be at least a second", cfg.ReferenceTTL)
+	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
@@ -124,6 +141,7 @@ func New(rdb redis.UniversalClient, cfg Config) (*Ledger, error) {
 		timeout:     cfg.Timeout,
 		eventsMax:   strconv.FormatInt(cfg.EventsMax, 10),
 		markerTTL:   strconv.FormatInt(int64(cfg.MarkerTTL/time.Second), 10),
+		refTTL:      cfg.ReferenceTTL.Milliseconds(),
 		now:         cfg.Now,
 	}, nil
 }
@@ -195,7 +213,7 @@ func (l *Ledger) Charge(ctx context.Context, req ChargeRequest) (ChargeResult, e
 		overdraft = "1"
 		limit = strconv.FormatInt(req.OverdraftLimit, 10)
 	}
-	keys := []string{l.keys.Account(req.Org), l.keys.Request(req.Org, req.RequestID), l.keys.Events(req.Org), l.keys.Leases(req.Org)}
+	keys := []string{l.keys.Account(req.Org), l.keys.Request(req.Org, req.RequestID), l.keys.Events(req.Org), l.keys.Holds(req.Org)}
 	v, err := l.run(ctx, chargeScript, keys, 3, req.Feature, req.Cost, overdraft, limit, req.RequestID, l.markerTTL, req.Attempt)
 	if err != nil {
 		return ChargeResult{}, fmt.Errorf("charge: %w", err)
@@ -240,7 +258,7 @@ func (l *Ledger) Settle(ctx context.Context, org, requestID string, actual int64
 	if actual < 0 || actual > policy.MaxCost {
 		return SettleResult{}, rangeError("actual cost", actual, 0, policy.MaxCost)
 	}
-	keys := []string{l.keys.Account(org), l.keys.Request(org, requestID), l.keys.Events(org)}
+	keys := []string{l.keys.Account(org), l.keys.Request(org, requestID), l.keys.Events(org), l.keys.Holds(org)}
 	v, err := l.run(ctx, settleScript, keys, 3, actual, requestID)
 	if err != nil {
 		return SettleResult{}, fmt.Errorf("settle: %w", err)
@@ -272,7 +290,7 @@ func (l *Ledger) Void(ctx context.Context, org, requestID, attempt string) (int6
 	if err := validateRequestID(attempt); err != nil {
 		return 0, err
 	}
-	keys := []string{l.keys.Account(org), l.keys.Request(org, requestID), l.keys.Events(org)}
+	keys := []string{l.keys.Account(org), l.keys.Request(org, requestID), l.keys.Events(org), l.keys.Holds(org)}
 	v, err := l.run(ctx, voidScript, keys, 2, requestID, attempt, l.markerTTL)
 	if err != nil {
 		return 0, fmt.Errorf("void: %w", err)
@@ -295,8 +313,8 @@ func (l *Ledger) TopUp(ctx context.Context, org string, amount int64, reference 
 	} else if err := validateReference(reference); err != nil {
 		return Account{}, false, err
 	}
-	keys := []string{l.keys.Account(org), l.keys.TopUps(org), l.keys.Events(org)}
-	code, acct, err := l.runAccount(ctx, topUpScript, org, keys, amount, reference, MaxPurchased)
+	keys := []string{l.keys.Account(org), l.keys.TopUps(org), l.keys.Events(org), l.keys.Holds(org)}
+	code, acct, err := l.runAccount(ctx, topUpScript, org, keys, amount, reference, MaxPurchased, l.refTTL)
 	if err != nil {
 		return Account{}, false, fmt.Errorf("top-up: %w", err)
 	}
@@ -321,7 +339,7 @@ func (l *Ledger) SetPlan(ctx context.Context, org string, plan Plan) (Account, e
 	if err := validatePlan(plan); err != nil {
 		return Account{}, err
 	}
-	keys := []string{l.keys.Account(org), l.keys.Events(org)}
+	keys := []string{l.keys.Account(org), l.keys.Events(org), l.keys.Holds(org)}
 	_, acct, err := l.runAccount(ctx, planScript, org, keys, plan.Allowance, plan.RechargeMonth)
 	if err != nil {
 		return Account{}, fmt.Errorf("set plan: %w", err)
@@ -337,7 +355,7 @@ func (l *Ledger) Recharge(ctx context.Context, org string) (Account, error) {
 	}
 	// The marker makes a recharge sent again after a lost reply, by the
 	// ledger or by go-redis' cluster client, a repeat that changes nothing.
-	keys := []string{l.keys.Account(org), l.keys.Events(org), l.keys.Request(org, "rc:"+NewRequestID())}
+	keys := []string{l.keys.Account(org), l.keys.Events(org), l.keys.Request(org, "rc:"+NewRequestID()), l.keys.Holds(org)}
 	_, acct, err := l.runAccount(ctx, rechargeScript, org, keys)
 	if err != nil {
 		return Account{}, fmt.Errorf("recharge: %w", err)
@@ -351,7 +369,7 @@ func (l *Ledger) Account(ctx context.Context, org string) (Account, error) {
 	if err := policy.ValidateOrg(org); err != nil {
 		return Account{}, err
 	}
-	keys := []string{l.keys.Account(org), l.keys.Events(org)}
+	keys := []string{l.keys.Account(org), l.keys.Events(org), l.keys.Holds(org)}
 	code, acct, err := l.runAccount(ctx, accountScript, org, keys)
 	if err != nil {
 		return Account{}, fmt.Errorf("account: %w", err)
@@ -476,8 +494,9 @@ func (l *Ledger) eval(ctx context.Context, script *redis.Script, keys []string, 
 	ctx, cancel := l.deadline(ctx)
 	defer cancel()
 	now := l.now()
-	all := make([]any, 0, 5+len(args))
-	all = append(all, now.UnixMilli(), monthIndex(now), l.defaultPlan.Allowance, l.defaultPlan.RechargeMonth, l.eventsMax)
+	all := make([]any, 0, 6+len(args))
+	all = append(all, now.UnixMilli(), monthIndex(now), l.defaultPlan.Allowance, l.defaultPlan.RechargeMonth, l.eventsMax,
+		l.serverSkew.Load())
 	all = append(all, args...)
 	var raw any
 	var err error
@@ -505,6 +524,9 @@ func (l *Ledger) eval(ctx context.Context, script *redis.Script, keys []string, 
 	v, ok := raw.([]any)
 	if !ok {
 		return nil, fmt.Errorf("script reply is %T, not an array", raw)
+	}
+	if len(v) > 0 && v[0] == int64(codeWrongType) {
+		return nil, wrongType(keys, v)
 	}
 	return v, nil
 }

@@ -1,25 +1,59 @@
 -- Shared head of every script; the script's own body follows it.
 --
--- ARGV[1] now, unix milliseconds (the caller's clock, so tests can move time)
+-- ARGV[1] now, unix milliseconds (the caller's clock: periods follow it)
 -- ARGV[2] now as a month index: year*12 + month - 1, UTC
 -- ARGV[3] default plan allowance, for an org seen for the first time
 -- ARGV[4] default plan recharge month, 1..12
 -- ARGV[5] the most events the org's event list keeps
+-- ARGV[6] milliseconds added to Redis' clock (0 but in the ledger's tests)
 --
 -- The account hash holds: a (allowance), m (recharge month), pa and pm (a plan
 -- waiting for the next recharge), own (1 when the org has a plan of its own),
--- rem (allowance remaining; below zero is debt), pur (purchased credits),
--- ps (period start, unix seconds), nx (next recharge as a month index), seq
--- (the number of the org's last event) and u:<feature> (credits used by a
--- feature this period).
+-- rem (free allowance: not held; below zero is debt), pur (free purchased
+-- credits), ps (period start, unix seconds), nx (next recharge as a month
+-- index), pn (the period's number: one more at each new period), seq (the
+-- number of the org's last event), ha, ho and hp (credits
+-- live holds keep: of this period's allowance, of an ended period's
+-- allowance, of purchased credits), hx (the earliest expiry of a live hold,
+-- Redis time in ms) and u:<feature> (credits used by a feature this period).
 --
--- Nothing is written until commit(), so a script that refuses writes nothing.
+-- balance = rem + pur + ha + ho + hp; available = rem + pur.
+--
+-- Nothing is written until the script's checks are done: every key's type is
+-- checked first (check_types), and a script that refuses writes nothing.
 
 local now_ms = tonumber(ARGV[1])
 local now_ym = tonumber(ARGV[2])
 local def_allowance = tonumber(ARGV[3])
 local def_month = tonumber(ARGV[4])
 local events_max = ARGV[5]
+
+-- Holds expire by Redis' clock, so no gateway's clock can end another's.
+local srv_ms
+do
+  local t = redis.call('TIME')
+  srv_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[6])
+end
+
+-- Return codes, as in Go (scripts.go).
+local OK, REFUSED, REPEAT, NOT_FOUND, LIMIT, VOIDED, WRONG_TYPE, ENDED = 0, 1, 2, 3, 4, 5, 6, 7
+
+-- How long a hold's record stays once it is captured, released or expired:
+-- a repeated capture answers the same, a late capture of an expired hold is
+-- still charged, and a lease's last sync number stays known.
+local HOLD_KEPT_MS = 86400000
+
+-- Checks each key against the type the script uses it as ('none' is always
+-- fine: the key is new). Returns nil, or the reply that names the key.
+local function check_types(types)
+  for i, want in pairs(types) do
+    local got = redis.call('TYPE', KEYS[i])['ok']
+    if got ~= 'none' and got ~= want and not (type(want) == 'table' and (want[1] == got or want[2] == got)) then
+      return {WRONG_TYPE, i, got}
+    end
+  end
+  return nil
+end
 
 -- Integers as decimal text: a plain tostring may print large ones as 1e+15.
 local function str(n)
@@ -45,7 +79,15 @@ local function next_after(ym, month)
   return n
 end
 
+local function held(acc)
+  return acc.ha + acc.ho + acc.hp
+end
+
 local function balance(acc)
+  return acc.rem + acc.pur + held(acc)
+end
+
+local function available(acc)
   return acc.rem + acc.pur
 end
 
@@ -54,13 +96,16 @@ local function event(acc, kind, delta, feature, ref, at_ms)
 end
 
 -- Starts a new period at period start ps_unix, granting the plan's allowance.
--- Unused allowance expires and debt carries over.
+-- Unused allowance expires and debt carries over. Allowance that live holds
+-- keep stays theirs, as allowance of an ended period.
 local function start_period(acc, ps_unix, next_ym)
   if acc.pa then
     acc.a, acc.m, acc.pa, acc.pm = acc.pa, acc.pm, nil, nil
     acc.plan_dirty = true
   end
   acc.rem = acc.a + math.min(acc.rem, 0)
+  acc.ho, acc.ha = acc.ho + acc.ha, 0
+  acc.pn = (acc.pn or 0) + 1
   acc.ps = ps_unix
   acc.nx = next_ym or next_after(now_ym, acc.m)
   acc.used = {}
@@ -87,22 +132,33 @@ local function catch_up(acc)
 end
 
 local function new_account(allowance, month)
-  local acc = {a = allowance, m = month, own = 0, rem = 0, pur = 0, used = {}, events = {}, created = true}
+  local acc = {a = allowance, m = month, own = 0, rem = 0, pur = 0, ha = 0, ho = 0, hp = 0,
+    used = {}, events = {}, created = true}
   start_period(acc, ym_unix(now_ym - ((now_ym % 12) - (month - 1)) % 12), next_after(now_ym, month))
   return acc
 end
 
--- Loads the account at key, or nil when Redis holds nothing for it.
+-- Loads the account at key, or nil when Redis holds nothing for it. A field
+-- that is not a number is an error, raised before any write.
 local function load(key)
   local raw = redis.call('HGETALL', key)
   if #raw == 0 then return nil end
-  local acc = {used = {}, events = {}}
+  local acc = {used = {}, events = {}, ha = 0, ho = 0, hp = 0, pn = 0}
   for i = 1, #raw, 2 do
     local f, v = raw[i], raw[i + 1]
+    local n = tonumber(v)
+    if not n then
+      error('account field ' .. f .. ' is not a number')
+    end
     if string.sub(f, 1, 2) == 'u:' then
-      acc.used[string.sub(f, 3)] = tonumber(v)
+      acc.used[string.sub(f, 3)] = n
     else
-      acc[f] = tonumber(v)
+      acc[f] = n
+    end
+  end
+  for _, f in ipairs({'a', 'm', 'own', 'rem', 'pur', 'ps', 'nx'}) do
+    if not acc[f] then
+      error('account field ' .. f .. ' is missing')
     end
   end
   catch_up(acc)
@@ -118,26 +174,50 @@ local function open(key)
   return acc
 end
 
--- Spends n credits: allowance first, then purchased credits, then debt.
--- Returns how many came out of purchased credits.
-local function spend(acc, n)
-  local from_allowance = math.min(n, math.max(acc.rem, 0))
-  local from_purchased = math.min(n - from_allowance, math.max(acc.pur, 0))
-  acc.rem = acc.rem - (n - from_purchased)
-  acc.pur = acc.pur - from_purchased
-  return from_purchased
+-- Takes n credits of the available balance: allowance first, then purchased
+-- credits, then (only where the caller allows it) debt. Returns the parts
+-- taken: {fa = allowance, fp = purchased, fd = debt, pn = this period}.
+local function take(acc, n)
+  local fa = math.min(n, math.max(acc.rem, 0))
+  local fp = math.min(n - fa, math.max(acc.pur, 0))
+  local fd = n - fa - fp
+  acc.rem = acc.rem - fa - fd
+  acc.pur = acc.pur - fp
+  return {fa = fa, fp = fp, fd = fd, pn = acc.pn}
 end
 
--- Gives n credits back: to purchased credits up to what the charge took from
--- them, the rest to the allowance. Returns how many went to purchased.
-local function give_back(acc, n, from_purchased)
-  local to_purchased = math.min(n, from_purchased)
-  acc.pur = acc.pur + to_purchased
-  acc.rem = acc.rem + n - to_purchased
-  return to_purchased
+-- Adds parts q to parts p (the same period's).
+local function add_parts(p, q)
+  p.fa, p.fp, p.fd = p.fa + q.fa, p.fp + q.fp, p.fd + q.fd
+end
+
+-- Gives back up to n of the credits a charge took (its parts p, which shrink
+-- by what is given back), in the reverse of the order they were taken: debt,
+-- purchased credits, allowance. Purchased credits go back to purchased, and
+-- never more than were taken. Allowance taken in a period that has ended is
+-- not given back: it expired with its period. Debt is cancelled, but never
+-- lifts this period's allowance above the plan: debt a charge carried into a
+-- later period was covered by that period's grant. Returns the change to the
+-- balance.
+local function give_back(acc, p, n)
+  local back = 0
+  local d = math.min(n, p.fd)
+  p.fd, n = p.fd - d, n - d
+  d = math.min(d, math.max(0, acc.a - acc.ha - acc.rem))
+  acc.rem, back = acc.rem + d, back + d
+  local f = math.min(n, p.fp)
+  p.fp, n = p.fp - f, n - f
+  acc.pur, back = acc.pur + f, back + f
+  local a = math.min(n, p.fa)
+  p.fa = p.fa - a
+  if p.pn == acc.pn then
+    acc.rem, back = acc.rem + a, back + a
+  end
+  return back
 end
 
 local function add_used(acc, feature, n)
+  if n == 0 then return end
   acc.used[feature] = (acc.used[feature] or 0) + n
   acc.used_dirty = acc.used_dirty or {}
   acc.used_dirty[feature] = true
@@ -152,7 +232,15 @@ local function commit(key, events_key, acc)
     end
   end
   redis.call('HSET', key, 'a', str(acc.a), 'm', str(acc.m), 'own', str(acc.own),
-    'rem', str(acc.rem), 'pur', str(acc.pur), 'ps', str(acc.ps), 'nx', str(acc.nx))
+    'rem', str(acc.rem), 'pur', str(acc.pur), 'ps', str(acc.ps), 'nx', str(acc.nx), 'pn', str(acc.pn))
+  if held(acc) ~= 0 or acc.holds_dirty then
+    redis.call('HSET', key, 'ha', str(acc.ha), 'ho', str(acc.ho), 'hp', str(acc.hp))
+  end
+  if acc.hx then
+    redis.call('HSET', key, 'hx', str(acc.hx))
+  elseif acc.hx_dirty then
+    redis.call('HDEL', key, 'hx')
+  end
   if acc.pa then
     redis.call('HSET', key, 'pa', str(acc.pa), 'pm', str(acc.pm))
   elseif acc.plan_dirty then
@@ -180,11 +268,12 @@ local function commit(key, events_key, acc)
   end
 end
 
--- The account as a flat reply: rem, pur, a, m, pa, pm, own, ps, nx, then
--- feature and used pairs. pa and pm are -1 when no plan is waiting.
+-- The account as a flat reply: rem, pur, a, m, pa, pm, own, ps, nx, ha, ho,
+-- hp, then feature and used pairs. pa and pm are -1 when no plan is waiting.
 local function reply(acc, head)
   local out = head or {}
-  local fields = {acc.rem, acc.pur, acc.a, acc.m, acc.pa or -1, acc.pm or -1, acc.own, acc.ps, acc.nx}
+  local fields = {acc.rem, acc.pur, acc.a, acc.m, acc.pa or -1, acc.pm or -1, acc.own, acc.ps, acc.nx,
+    acc.ha, acc.ho, acc.hp}
   for _, v in ipairs(fields) do table.insert(out, v) end
   for f, n in pairs(acc.used) do
     table.insert(out, f)
@@ -193,25 +282,46 @@ local function reply(acc, head)
   return out
 end
 
--- A request's marker: what a charge took and where it stands. state is c
--- (charged), s (settled) or x (void: a charge that must not happen); attempt
--- is the id of the gateway's attempt that charged (or voided) it; relied is
--- 1 once another attempt with the same request id was answered as a replay
--- of this charge, so the charge must stand.
+-- A request's marker: what a charge took and where it stands. fa, fp and fd
+-- are the parts of its cost taken from allowance, purchased credits and
+-- debt, in period number pn; state is c (charged), s (settled) or x (void: a charge
+-- that must not happen); attempt is the id of the gateway's attempt that
+-- charged (or voided) it; relied is 1 once another attempt with the same
+-- request id was answered as a replay of this charge, so the charge must
+-- stand. A marker of the earlier layout (without fa and fd, and with the
+-- period's start where pn stands) is read as having no debt; marker_period
+-- then finds its period.
 local function parse_marker(s)
   if not s then return nil end
-  local cost, feature, fp, bal, state, ps, attempt, relied =
-    string.match(s, '^(%-?%d+) (%S+) (%d+) (%-?%d+) (%a) (%-?%d+) (%S+) ([01])$')
+  local cost, feature, fa, fp, fd, bal, state, pn, attempt, relied =
+    string.match(s, '^(%-?%d+) (%S+) (%d+) (%d+) (%d+) (%-?%d+) (%a) (%-?%d+) (%S+) ([01])$')
   if not cost then
-    error('corrupt request marker')
+    local ps
+    cost, feature, fp, bal, state, ps, attempt, relied =
+      string.match(s, '^(%-?%d+) (%S+) (%d+) (%-?%d+) (%a) (%-?%d+) (%S+) ([01])$')
+    if not cost then
+      error('corrupt request marker')
+    end
+    fa, fd = math.max(tonumber(cost) - tonumber(fp), 0), 0
+    return {cost = tonumber(cost), feature = feature, fa = fa, fp = tonumber(fp), fd = fd,
+      balance = tonumber(bal), state = state, legacy_ps = tonumber(ps), attempt = attempt, relied = relied}
   end
-  return {cost = tonumber(cost), feature = feature, from_purchased = tonumber(fp), balance = tonumber(bal),
-    state = state, ps = tonumber(ps), attempt = attempt, relied = relied}
+  return {cost = tonumber(cost), feature = feature, fa = tonumber(fa), fp = tonumber(fp), fd = tonumber(fd),
+    balance = tonumber(bal), state = state, pn = tonumber(pn), attempt = attempt, relied = relied}
+end
+
+-- Sets the period of a marker of the earlier layout: this one if it started
+-- when the marker's did.
+local function marker_period(m, acc)
+  if m.legacy_ps then
+    if m.legacy_ps == acc.ps then m.pn = acc.pn else m.pn = -1 end
+    m.legacy_ps = nil
+  end
 end
 
 local function write_marker(key, m, ttl)
-  local v = table.concat({str(m.cost), m.feature, str(m.from_purchased), str(m.balance), m.state,
-    str(m.ps), m.attempt, m.relied}, ' ')
+  local v = table.concat({str(m.cost), m.feature, str(m.fa), str(m.fp), str(m.fd), str(m.balance), m.state,
+    str(m.pn), m.attempt, m.relied}, ' ')
   if ttl then
     redis.call('SET', key, v, 'EX', ttl)
   else
@@ -221,15 +331,22 @@ end
 
 -- Sets a charged request's final cost. Returns the change to the balance.
 local function settle_to(acc, m, actual, ref)
+  marker_period(m, acc)
   local before = balance(acc)
   local diff = actual - m.cost
+  local same_period = m.pn == acc.pn
   if diff > 0 then
-    m.from_purchased = m.from_purchased + spend(acc, diff)
+    if not same_period then
+      -- The marker keeps one period: the allowance it took of an ended
+      -- one is not given back, so it is dropped before this period's.
+      m.fa, m.pn = 0, acc.pn
+    end
+    add_parts(m, take(acc, diff))
   elseif diff < 0 then
-    m.from_purchased = m.from_purchased - give_back(acc, -diff, m.from_purchased)
+    give_back(acc, m, -diff)
   end
   -- Usage of a period that has ended stays with that period.
-  if diff ~= 0 and acc.ps == m.ps then
+  if diff ~= 0 and same_period then
     add_used(acc, m.feature, diff)
   end
   if diff ~= 0 then
@@ -241,21 +358,174 @@ local function settle_to(acc, m, actual, ref)
   return balance(acc) - before
 end
 
--- Leases: a gateway may hold credits of an org's balance in reserve and
--- spend them without a call to Redis, reporting the spending later. The
--- leases hash maps a lease id to "held seq expiry_ms".
-local function parse_lease(v)
-  local held, seq, exp = string.match(v, '^(%d+) (%d+) (%d+)$')
-  return tonumber(held), tonumber(seq), tonumber(exp)
+-- Holds. The holds hash maps a hold's id to its record:
+-- "state ofa fa fp pn until seq cap cfa cfp cfd feature": state l (live), x
+-- (expired), c (captured) or r (released); ofa, fa and fp the credits it keeps
+-- of an ended period's allowance, of period pn's allowance and of purchased
+-- credits; until its expiry (live) or when the record goes (otherwise), in
+-- Redis ms; seq the last sync number of a lease; cap the credits captured;
+-- cfa, cfp and cfd the parts of what was captured, for a lease's refunds;
+-- feature the usage label. A lease is a hold too, captured as its calls
+-- spend it.
+local function parse_hold(acc, s)
+  local st, ofa, fa, fp, pn, untl, seq, cap, cfa, cfp, cfd, feature = string.match(s,
+    '^(%a) (%d+) (%d+) (%d+) (%-?%d+) (%d+) (%d+) (%-?%d+) (%d+) (%d+) (%d+) (%S+)$')
+  if not st then
+    error('corrupt hold record')
+  end
+  local h = {state = st, ofa = tonumber(ofa), fa = tonumber(fa), fp = tonumber(fp), pn = tonumber(pn),
+    untl = tonumber(untl), seq = tonumber(seq), cap = tonumber(cap), cfa = tonumber(cfa),
+    cfp = tonumber(cfp), cfd = tonumber(cfd), feature = feature}
+  -- A period ended since the record was written: the allowance it keeps is
+  -- an ended period's, and the allowance it captured is no longer given back.
+  if h.pn ~= acc.pn then
+    h.ofa, h.fa, h.cfa, h.pn = h.ofa + h.fa, 0, 0, acc.pn
+  end
+  return h
 end
 
--- Credits held by the leases that have not expired, except the one named.
-local function reserved(key, except)
-  local raw = redis.call('HGETALL', key)
-  local sum = 0
-  for i = 1, #raw, 2 do
-    local held, _, exp = parse_lease(raw[i + 1])
-    if raw[i] ~= except and exp > now_ms then sum = sum + held end
+local function hold_str(h)
+  return table.concat({h.state, str(h.ofa), str(h.fa), str(h.fp), str(h.pn), str(h.untl), str(h.seq),
+    str(h.cap), str(h.cfa), str(h.cfp), str(h.cfd), h.feature}, ' ')
+end
+
+local function hold_amount(h)
+  return h.ofa + h.fa + h.fp
+end
+
+local function new_hold(acc, feature)
+  return {state = 'r', ofa = 0, fa = 0, fp = 0, pn = acc.pn, untl = 0, seq = 0, cap = 0, cfa = 0, cfp = 0,
+    cfd = 0, feature = feature or '-'}
+end
+
+-- Sets n more credits of the available balance aside in hold h.
+local function hold_more(acc, h, n)
+  local p = take(acc, n)
+  h.fa, h.fp = h.fa + p.fa, h.fp + p.fp
+  acc.ha, acc.hp = acc.ha + p.fa, acc.hp + p.fp
+  acc.holds_dirty = true
+end
+
+-- Gives back up to n of what hold h keeps, to the buckets it came from: this
+-- period's allowance and purchased credits go back to be spent again, an
+-- ended period's allowance is gone with its period. Returns the change to
+-- the balance.
+local function hold_less(acc, h, n)
+  local before = balance(acc)
+  local o = math.min(n, h.ofa)
+  h.ofa, acc.ho, n = h.ofa - o, acc.ho - o, n - o
+  local f = math.min(n, h.fp)
+  h.fp, acc.hp, acc.pur, n = h.fp - f, acc.hp - f, acc.pur + f, n - f
+  local a = math.min(n, h.fa)
+  h.fa, acc.ha, acc.rem = h.fa - a, acc.ha - a, acc.rem + a
+  acc.holds_dirty = true
+  return balance(acc) - before
+end
+
+-- Charges n credits from hold h: what it keeps first (an ended period's
+-- allowance, then this period's, then purchased credits), then, for usage
+-- above the hold, the available balance, into debt if it must. Returns the
+-- change to the balance.
+local function hold_capture(acc, h, n)
+  local before = balance(acc)
+  local o = math.min(n, h.ofa)
+  h.ofa, acc.ho, n = h.ofa - o, acc.ho - o, n - o
+  local a = math.min(n, h.fa)
+  h.fa, acc.ha, h.cfa, n = h.fa - a, acc.ha - a, h.cfa + a, n - a
+  local f = math.min(n, h.fp)
+  h.fp, acc.hp, h.cfp, n = h.fp - f, acc.hp - f, h.cfp + f, n - f
+  if n > 0 then
+    local p = take(acc, n)
+    h.cfa, h.cfp, h.cfd = h.cfa + p.fa, h.cfp + p.fp, h.cfd + p.fd
   end
-  return sum
+  acc.holds_dirty = true
+  return balance(acc) - before
+end
+
+-- Gives back up to n credits that hold h captured (a lease's call refunded
+-- after its spending was reported), as give_back does for a charge.
+local function hold_refund(acc, h, n)
+  local p = {fa = h.cfa, fp = h.cfp, fd = h.cfd, pn = acc.pn}
+  local back = give_back(acc, p, n)
+  h.cfa, h.cfp, h.cfd = p.fa, p.fp, p.fd
+  return back
+end
+
+-- Ends every live hold whose time has passed, giving its credits back, and
+-- drops the records whose time to be kept has passed. It reads the holds
+-- hash only when the earliest expiry is due, or when force is set; what it
+-- changed waits in acc.swept for write_holds.
+local function sweep(acc, key, force)
+  if not force and not (acc.hx and acc.hx <= srv_ms) then return end
+  local raw = redis.call('HGETALL', key)
+  local hx = nil
+  local out = {}
+  for i = 1, #raw, 2 do
+    local id = raw[i]
+    local h = parse_hold(acc, raw[i + 1])
+    if h.state == 'l' and h.untl <= srv_ms then
+      local delta = hold_less(acc, h, hold_amount(h))
+      h.state, h.untl = 'x', srv_ms + HOLD_KEPT_MS
+      event(acc, 'expire', delta, h.feature, 'hold:' .. id)
+      out[id] = {h, true}
+    elseif h.state ~= 'l' and h.untl <= srv_ms then
+      out[id] = {nil, true}
+    else
+      if h.state == 'l' and (not hx or h.untl < hx) then hx = h.untl end
+      out[id] = {h, false}
+    end
+  end
+  if acc.hx ~= hx then
+    acc.hx, acc.hx_dirty = hx, true
+  end
+  acc.swept = out
+end
+
+-- Reads the hold with id, as sweep left it if it ran; nil when there is none.
+local function get_hold(acc, key, id)
+  if acc.swept then
+    local e = acc.swept[id]
+    return e and e[1]
+  end
+  local v = redis.call('HGET', key, id)
+  if not v then return nil end
+  local h = parse_hold(acc, v)
+  if h.state ~= 'l' and h.untl <= srv_ms then
+    -- Its time to be kept has passed; sweep drops it.
+    return nil
+  end
+  return h
+end
+
+-- Notes a live hold's expiry in the account, so that sweep runs when it is
+-- due.
+local function note_expiry(acc, untl)
+  if not acc.hx or untl < acc.hx then
+    acc.hx, acc.hx_dirty = untl, true
+  end
+end
+
+-- Writes what sweep changed and the records in `changed` (id -> record),
+-- and keeps the hash at least as long as every record it writes must stay.
+local function write_holds(key, acc, changed)
+  changed = changed or {}
+  for id, e in pairs(acc.swept or {}) do
+    if not changed[id] and e[2] then
+      if e[1] then
+        changed[id] = e[1]
+      else
+        redis.call('HDEL', key, id)
+      end
+    end
+  end
+  local last = 0
+  for id, h in pairs(changed) do
+    redis.call('HSET', key, id, hold_str(h))
+    local t = h.untl
+    if h.state == 'l' then t = t + HOLD_KEPT_MS end
+    if t > last then last = t end
+  end
+  if last > srv_ms and redis.call('PTTL', key) < last - srv_ms then
+    redis.call('PEXPIRE', key, last - srv_ms)
+  end
 end

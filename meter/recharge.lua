@@ -1,15 +1,26 @@
+-- KEYS: account, events, the recharge's marker, holds.
+--
 -- Starts a new period now, on the plan waiting for it if there is one.
--- KEYS[3] is the recharge's marker: a recharge sent again after a lost
--- reply finds it (for an hour) and changes nothing.
--- Returns {0, account...}, or {2, account...} for a repeat.
-local acc = open(KEYS[1])
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  if #acc.events > 0 then commit(KEYS[1], KEYS[2], acc) end
-  return reply(acc, {2})
+-- The marker makes a recharge sent again after a lost reply a repeat (for
+-- an hour) that changes nothing.
+-- Returns {OK, account...}, or {REPEAT, account...} for a repeat.
+local bad = check_types({'hash', 'list', 'string', 'hash'})
+if bad then return bad end
+local account_key, events_key, marker_key, holds_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+
+local acc = open(account_key)
+sweep(acc, holds_key)
+if redis.call('EXISTS', marker_key) == 1 then
+  if #acc.events > 0 then
+    commit(account_key, events_key, acc)
+    write_holds(holds_key, acc)
+  end
+  return reply(acc, {REPEAT})
 end
 local before = balance(acc)
 start_period(acc, math.floor(now_ms / 1000))
 event(acc, 'recharge', balance(acc) - before, '', 'manual')
-commit(KEYS[1], KEYS[2], acc)
-redis.call('SET', KEYS[3], '1', 'EX', 3600)
-return reply(acc, {0})
+commit(account_key, events_key, acc)
+write_holds(holds_key, acc)
+redis.call('SET', marker_key, '1', 'EX', 3600)
+return reply(acc, {OK})

@@ -111,14 +111,47 @@ var rechargeCases = []ledgerCase{
 		}
 		e.clock.Set(midnight(2027, time.January, 1))
 		e.charge("acme", 1)
+		// The 4 credits came out of 2026's allowance, which expired with
+		// its period: the refund gives nothing back.
 		s, err := e.ledger.Settle(e.ctx, "acme", "late", 0)
-		if err != nil || s.Delta != 4 {
+		if err != nil || s.Delta != 0 {
 			e.t.Fatalf("refund: %+v %v", s, err)
 		}
 		a := e.account("acme")
-		if a.Used["alt-text"] != 0 || a.Used["rich-text"] != 1 || a.Balance != 13 {
+		if a.Used["alt-text"] != 0 || a.Used["rich-text"] != 1 || a.Balance != 9 || a.AllowanceRemaining != 9 {
 			e.t.Fatalf("account: %+v", a)
 		}
+		e.checkEvents("acme")
+	}},
+	{name: "a refund after the recharge gives back purchased credits and cancels the debt it carried", cfg: plan10, run: func(e *env) {
+		e.topUp("acme", 5, "inv-1")
+		// 10 of allowance, 5 purchased, 3 of debt.
+		r, err := e.ledger.Charge(e.ctx, ChargeRequest{Org: "acme", Feature: "flows", Cost: 18, RequestID: "big", Overdraft: true, OverdraftLimit: NoLimit})
+		if err != nil || !r.Charged || r.Balance != -3 {
+			e.t.Fatalf("charge: %+v %v", r, err)
+		}
+		e.clock.Set(midnight(2027, time.January, 1))
+		e.wantBalance(e.account("acme"), 7, 7, 0)
+		s, err := e.ledger.Settle(e.ctx, "acme", "big", 0)
+		if err != nil || s.Delta != 8 {
+			e.t.Fatalf("refund: %+v %v", s, err)
+		}
+		// As if the call had never been: 2027 starts with all 10, and the
+		// 5 purchased credits are back.
+		e.wantBalance(e.account("acme"), 15, 10, 5)
+		e.checkEvents("acme")
+	}},
+	{name: "a refund across two recharges never lifts the allowance above the plan", cfg: Config{DefaultPlan: Plan{Allowance: 3}}, run: func(e *env) {
+		r, err := e.ledger.Charge(e.ctx, ChargeRequest{Org: "acme", Feature: "flows", Cost: 10, RequestID: "deep", Overdraft: true, OverdraftLimit: NoLimit})
+		if err != nil || !r.Charged || r.Balance != -7 {
+			e.t.Fatalf("charge: %+v %v", r, err)
+		}
+		e.clock.Set(midnight(2028, time.January, 2))
+		e.wantBalance(e.account("acme"), -1, -1, 0) // 3 - 7, then 3 - 4
+		if s, err := e.ledger.Settle(e.ctx, "acme", "deep", 0); err != nil || s.Delta != 4 {
+			e.t.Fatalf("refund: %+v %v", s, err)
+		}
+		e.wantBalance(e.account("acme"), 3, 3, 0)
 		e.checkEvents("acme")
 	}},
 }

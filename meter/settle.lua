@@ -1,17 +1,26 @@
--- ARGV[6] the request's final cost (0 refunds it all), ARGV[7] request id.
+-- KEYS: account, request marker, events, holds. ARGV[7] the request's final
+-- cost (0 refunds it all), ARGV[8] request id.
 --
--- Returns {code, balance, delta}: code 0 settled (delta is the change to the
--- balance), 2 settled before (nothing written), 3 no charge with this request
--- id (nothing written).
-local m = parse_marker(redis.call('GET', KEYS[2]))
+-- Returns {code, balance, delta}: code OK settled (delta is the change to
+-- the balance), REPEAT settled before (nothing written), NOT_FOUND no charge
+-- with this request id (nothing written).
+local bad = check_types({'hash', 'string', 'list', 'hash'})
+if bad then return bad end
+local account_key, marker_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local actual = tonumber(ARGV[7])
+local request_id = ARGV[8]
+
+local m = parse_marker(redis.call('GET', marker_key))
 if not m or m.state == 'x' then
-  return {3, 0, 0}
+  return {NOT_FOUND, 0, 0}
 end
 if m.state ~= 'c' then
-  return {2, m.balance, 0}
+  return {REPEAT, m.balance, 0}
 end
-local acc = open(KEYS[1])
-local delta = settle_to(acc, m, tonumber(ARGV[6]), ARGV[7])
-commit(KEYS[1], KEYS[3], acc)
-write_marker(KEYS[2], m)
-return {0, balance(acc), delta}
+local acc = open(account_key)
+sweep(acc, holds_key)
+local delta = settle_to(acc, m, actual, request_id)
+commit(account_key, events_key, acc)
+write_holds(holds_key, acc)
+write_marker(marker_key, m)
+return {OK, balance(acc), delta}

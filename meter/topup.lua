@@ -1,20 +1,50 @@
--- KEYS[2] the set of references applied. ARGV[6] amount, ARGV[7] reference,
--- ARGV[8] the most purchased credits an org may hold.
+-- KEYS: account, top-up references, events, holds. ARGV[7] amount, ARGV[8]
+-- reference, ARGV[9] the most purchased credits an org may hold, ARGV[10]
+-- how long a reference is kept, in ms.
 --
--- Returns {code, account...}: code 0 applied, 2 the reference was applied
--- before (nothing written), 4 the top-up would pass the limit (nothing written).
-local amount = tonumber(ARGV[6])
+-- References are a sorted set scored by when each may be forgotten; a set
+-- of the earlier layout (kept forever) is moved into it.
+-- Returns {code, account...}: code OK applied, REPEAT the reference was
+-- applied before (nothing written), LIMIT the top-up would pass the limit
+-- (nothing written).
+local bad = check_types({'hash', {'zset', 'set'}, 'list', 'hash'})
+if bad then return bad end
+local account_key, refs_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local amount = tonumber(ARGV[7])
+local ref = ARGV[8]
+local max_purchased = tonumber(ARGV[9])
+local ref_kept = tonumber(ARGV[10])
 
-if redis.call('SISMEMBER', KEYS[2], ARGV[7]) == 1 then
-  local acc = load(KEYS[1]) or new_account(def_allowance, def_month)
-  return reply(acc, {2})
+local legacy = redis.call('TYPE', refs_key)['ok'] == 'set'
+local seen
+if legacy then
+  seen = redis.call('SISMEMBER', refs_key, ref) == 1
+else
+  local until_ms = redis.call('ZSCORE', refs_key, ref)
+  seen = until_ms and tonumber(until_ms) > srv_ms
 end
-local acc = open(KEYS[1])
-if acc.pur + amount > tonumber(ARGV[8]) then
-  return reply(acc, {4})
+if seen then
+  local acc = load(account_key) or new_account(def_allowance, def_month)
+  return reply(acc, {REPEAT})
+end
+local acc = open(account_key)
+sweep(acc, holds_key)
+if acc.pur + acc.hp + amount > max_purchased then
+  return reply(acc, {LIMIT})
 end
 acc.pur = acc.pur + amount
-event(acc, 'topup', amount, '', ARGV[7])
-commit(KEYS[1], KEYS[3], acc)
-redis.call('SADD', KEYS[2], ARGV[7])
-return reply(acc, {0})
+event(acc, 'topup', amount, '', ref)
+commit(account_key, events_key, acc)
+write_holds(holds_key, acc)
+local forget = str(srv_ms + ref_kept)
+if legacy then
+  local old = redis.call('SMEMBERS', refs_key)
+  redis.call('DEL', refs_key)
+  for _, r in ipairs(old) do
+    redis.call('ZADD', refs_key, forget, r)
+  end
+end
+redis.call('ZADD', refs_key, forget, ref)
+redis.call('ZREMRANGEBYSCORE', refs_key, '-inf', str(srv_ms))
+redis.call('PEXPIRE', refs_key, ref_kept)
+return reply(acc, {OK})

@@ -1,23 +1,32 @@
--- ARGV[6] request id, ARGV[7] attempt id, ARGV[8] marker lifetime in seconds.
+-- KEYS: account, request marker, events, holds. ARGV[7] request id, ARGV[8]
+-- attempt id, ARGV[9] marker lifetime in seconds.
 --
 -- Makes sure the attempt's charge, whose outcome the gateway could not
 -- learn, does not stand: a charge that ran is refunded; one that has not run
 -- yet never will (a void marker stops it). A charge that another attempt was
 -- answered with as a replay stands.
--- Returns {code, delta}: 0 done (delta is the refund, 0 if nothing had been
--- charged), 2 nothing to do.
-local attempt = ARGV[7]
-local m = parse_marker(redis.call('GET', KEYS[2]))
+-- Returns {code, delta}: OK done (delta is the refund, 0 if nothing had been
+-- charged), REPEAT nothing to do.
+local bad = check_types({'hash', 'string', 'list', 'hash'})
+if bad then return bad end
+local account_key, marker_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local request_id = ARGV[7]
+local attempt = ARGV[8]
+local marker_ttl = ARGV[9]
+
+local m = parse_marker(redis.call('GET', marker_key))
 if not m then
-  write_marker(KEYS[2], {cost = 0, feature = '-', from_purchased = 0, balance = 0, state = 'x',
-    ps = 0, attempt = attempt, relied = '0'}, ARGV[8])
-  return {0, 0}
+  write_marker(marker_key, {cost = 0, feature = '-', fa = 0, fp = 0, fd = 0, balance = 0, state = 'x',
+    pn = 0, attempt = attempt, relied = '0'}, marker_ttl)
+  return {OK, 0}
 end
 if m.attempt ~= attempt or m.state ~= 'c' or m.relied == '1' then
-  return {2, 0}
+  return {REPEAT, 0}
 end
-local acc = open(KEYS[1])
-local delta = settle_to(acc, m, 0, ARGV[6])
-commit(KEYS[1], KEYS[3], acc)
-write_marker(KEYS[2], m)
-return {0, delta}
+local acc = open(account_key)
+sweep(acc, holds_key)
+local delta = settle_to(acc, m, 0, request_id)
+commit(account_key, events_key, acc)
+write_holds(holds_key, acc)
+write_marker(marker_key, m)
+return {OK, delta}

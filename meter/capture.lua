@@ -1,0 +1,38 @@
+-- KEYS: account, events, holds. ARGV[7] hold id, ARGV[8] credits to charge.
+--
+-- Charges the credits from the hold and releases the rest; usage above the
+-- hold is charged from the available balance, into debt if it must (the
+-- work was done). A hold that expired is charged all the same, from the
+-- available balance, and its event says so.
+-- Returns {code, state, captured, until_ms, feature, account...}: OK captured, REPEAT
+-- captured before (its record; nothing written), NOT_FOUND no such hold,
+-- ENDED the hold was released (nothing written).
+local bad = check_types({'hash', 'list', 'hash'})
+if bad then return bad end
+local account_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3]
+local id = ARGV[7]
+local amount = tonumber(ARGV[8])
+
+local acc = load(account_key)
+if not acc then return {NOT_FOUND} end
+sweep(acc, holds_key)
+local h = get_hold(acc, holds_key, id)
+if not h then
+  return {NOT_FOUND}
+end
+if h.state == 'c' then
+  return reply(acc, {REPEAT, h.state, h.cap, h.untl, h.feature})
+end
+if h.state == 'r' then
+  return reply(acc, {ENDED, h.state, 0, h.untl, h.feature})
+end
+local ref = 'hold:' .. id
+if h.state == 'x' then ref = ref .. ':expired' end
+local delta = hold_capture(acc, h, amount)
+delta = delta + hold_less(acc, h, hold_amount(h))
+add_used(acc, h.feature, amount)
+h.state, h.cap, h.untl = 'c', amount, srv_ms + HOLD_KEPT_MS
+event(acc, 'capture', delta, h.feature, ref)
+commit(account_key, events_key, acc)
+write_holds(holds_key, acc, {[id] = h})
+return reply(acc, {OK, h.state, h.cap, h.untl, h.feature})

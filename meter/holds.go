@@ -1,0 +1,272 @@
+package meter
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/creditsgw/caddy-credits/policy"
+)
+
+// Limits of a hold's lifetime.
+const (
+	MinHoldTTL     = time.Second
+	MaxHoldTTL     = 24 * time.Hour
+	DefaultHoldTTL = 15 * time.Minute
+)
+
+var (
+	// ErrInsufficient means the available balance cannot cover a hold.
+	ErrInsufficient = errors.New("the available balance is short")
+	// ErrHoldNotFound means the org has no hold with the id (it never
+	// existed, or its record was dropped a day after it ended).
+	ErrHoldNotFound = errors.New("no hold with this id")
+	// ErrHoldEnded means a hold cannot be captured because it was
+	// released, or released because it was captured.
+	ErrHoldEnded = errors.New("the hold has ended")
+)
+
+// Hold states.
+const (
+	HoldLive     = "held"
+	HoldCaptured = "captured"
+	HoldReleased = "released"
+	HoldExpired  = "expired"
+)
+
+var holdStates = map[string]string{"l": HoldLive, "c": HoldCaptured, "r": HoldReleased, "x": HoldExpired}
+
+// Hold is credits of an org's available balance set aside, for a long job
+// or by a gateway's lease.
+type Hold struct {
+	// ID names the hold among the org's.
+	ID string `json:"hold"`
+	// State is held, captured, released or expired.
+	State string `json:"state"`
+	// Amount is the credits the hold keeps now; 0 once it has ended.
+	Amount int64 `json:"amount"`
+	// Captured is the credits charged when it was captured.
+	Captured int64 `json:"captured,omitempty"`
+	// Feature is the usage label its capture is counted under.
+	Feature string `json:"feature"`
+	// Expires is when a live hold expires, by Redis' clock; for a hold that
+	// has ended, when its record is dropped.
+	Expires time.Time `json:"expires"`
+}
+
+// HoldRequest asks for a hold.
+type HoldRequest struct {
+	// Org is the org whose credits are held.
+	Org string
+	// Feature is the usage label the capture is counted under.
+	Feature string
+	// Amount is the credits to hold, 1 to MaxAmount.
+	Amount int64
+	// TTL is how long the hold lasts unless captured or released, from
+	// MinHoldTTL to MaxHoldTTL; 0 means DefaultHoldTTL.
+	TTL time.Duration
+	// Reference makes the call safe to repeat: the same org and reference
+	// answer the same hold. Empty means a fresh hold.
+	Reference string
+}
+
+// HoldID returns the id of the hold an org's reference names: the same
+// reference always names the same hold.
+func HoldID(reference string) string {
+	sum := sha256.Sum256([]byte(reference))
+	return hex.EncodeToString(sum[:12])
+}
+
+// CreateHold sets req.Amount credits of the available balance aside, taken
+// as a charge takes them: allowance first, then purchased credits. A repeat
+// of the reference answers the hold it made, with repeat true. When the
+// available balance is short it returns ErrInsufficient, with the account.
+func (l *Ledger) CreateHold(ctx context.Context, req HoldRequest) (h Hold, acct Account, repeat bool, err error) {
+	if err := policy.ValidateOrg(req.Org); err != nil {
+		return Hold{}, Account{}, false, err
+	}
+	if err := policy.ValidateFeature(req.Feature); err != nil {
+		return Hold{}, Account{}, false, err
+	}
+	if req.Amount < 1 || req.Amount > MaxAmount {
+		return Hold{}, Account{}, false, rangeError("amount", req.Amount, 1, MaxAmount)
+	}
+	if req.TTL == 0 {
+		req.TTL = DefaultHoldTTL
+	}
+	if req.TTL < MinHoldTTL || req.TTL > MaxHoldTTL {
+		return Hold{}, Account{}, false, &policy.InputError{Field: "ttl", Value: req.TTL.String(), Reason: "must be 1s to 24h"}
+	}
+	id := NewRequestID()[:24]
+	if req.Reference != "" {
+		if err := validateReference(req.Reference); err != nil {
+			return Hold{}, Account{}, false, err
+		}
+		id = HoldID(req.Reference)
+	}
+	code, h, acct, err := l.runHold(ctx, holdScript, req.Org, id, req.Amount, req.TTL.Milliseconds(), req.Feature)
+	if err != nil {
+		return Hold{}, Account{}, false, fmt.Errorf("hold: %w", err)
+	}
+	switch code {
+	case codeOK, codeRepeat:
+		return h, acct, code == codeRepeat, nil
+	case codeRefused:
+		return Hold{}, acct, false, ErrInsufficient
+	}
+	return Hold{}, Account{}, false, fmt.Errorf("hold: unexpected script code %d", code)
+}
+
+// CaptureHold charges amount credits from the hold and releases the rest.
+// Usage above the hold is charged too, into debt if it must: the work was
+// done. A hold that expired is charged all the same, from the available
+// balance. A repeated capture changes nothing and answers as the first,
+// with repeat true.
+func (l *Ledger) CaptureHold(ctx context.Context, org, id string, amount int64) (h Hold, acct Account, repeat bool, err error) {
+	if err := validateHoldCall(org, id); err != nil {
+		return Hold{}, Account{}, false, err
+	}
+	if amount < 0 || amount > MaxAmount {
+		return Hold{}, Account{}, false, rangeError("amount", amount, 0, MaxAmount)
+	}
+	code, h, acct, err := l.runHold(ctx, captureScript, org, id, amount)
+	if err != nil {
+		return Hold{}, Account{}, false, fmt.Errorf("capture: %w", err)
+	}
+	return holdAnswer(code, h, acct)
+}
+
+// ReleaseHold gives the hold's credits back. Releasing a hold that was
+// released or expired changes nothing, with repeat true.
+func (l *Ledger) ReleaseHold(ctx context.Context, org, id string) (h Hold, acct Account, repeat bool, err error) {
+	if err := validateHoldCall(org, id); err != nil {
+		return Hold{}, Account{}, false, err
+	}
+	code, h, acct, err := l.runHold(ctx, releaseScript, org, id)
+	if err != nil {
+		return Hold{}, Account{}, false, fmt.Errorf("release: %w", err)
+	}
+	return holdAnswer(code, h, acct)
+}
+
+func holdAnswer(code int64, h Hold, acct Account) (Hold, Account, bool, error) {
+	switch code {
+	case codeOK, codeRepeat:
+		return h, acct, code == codeRepeat, nil
+	case codeNotFound:
+		return Hold{}, Account{}, false, ErrHoldNotFound
+	case codeEnded:
+		return h, acct, false, ErrHoldEnded
+	}
+	return Hold{}, Account{}, false, fmt.Errorf("unexpected script code %d", code)
+}
+
+// Holds lists org's holds, gateways' leases included (their ids start with
+// "lease:"), with those that ended in the last day.
+func (l *Ledger) Holds(ctx context.Context, org string) ([]Hold, error) {
+	if err := policy.ValidateOrg(org); err != nil {
+		return nil, err
+	}
+	keys := []string{l.keys.Account(org), l.keys.Events(org), l.keys.Holds(org)}
+	v, err := l.eval(ctx, holdsScript, keys, nil)
+	if err != nil {
+		return nil, fmt.Errorf("holds: %w", err)
+	}
+	if len(v) == 1 && v[0] == int64(codeNotFound) {
+		return nil, ErrNotFound
+	}
+	if len(v) < 2 {
+		return nil, fmt.Errorf("holds: reply has %d fields", len(v))
+	}
+	n, ok := v[1].(int64)
+	if !ok || n < 0 || len(v) != 2+6*int(n) {
+		return nil, fmt.Errorf("holds: reply has %d fields for %v holds", len(v), v[1])
+	}
+	holds := make([]Hold, 0, n)
+	for i := 2; i < len(v); i += 6 {
+		h, err := parseHold(v[i : i+6])
+		if err != nil {
+			return nil, fmt.Errorf("holds: %w", err)
+		}
+		holds = append(holds, h)
+	}
+	slices.SortFunc(holds, func(a, b Hold) int { return strings.Compare(a.ID, b.ID) })
+	return holds, nil
+}
+
+// runHold runs a hold script whose reply is {code, state, amount, until_ms,
+// feature, account...}, or {code} alone.
+func (l *Ledger) runHold(ctx context.Context, script *redis.Script, org, id string, args ...any) (int64, Hold, Account, error) {
+	keys := []string{l.keys.Account(org), l.keys.Events(org), l.keys.Holds(org)}
+	v, err := l.eval(ctx, script, keys, append([]any{id}, args...))
+	if err != nil {
+		return 0, Hold{}, Account{}, err
+	}
+	code, ok := v[0].(int64)
+	if !ok {
+		return 0, Hold{}, Account{}, fmt.Errorf("script code is %T, not an integer", v[0])
+	}
+	if len(v) == 1 {
+		return code, Hold{}, Account{}, nil
+	}
+	if len(v) < 5 {
+		return 0, Hold{}, Account{}, fmt.Errorf("hold reply has %d fields", len(v))
+	}
+	h, err := parseHold([]any{id, v[1], v[2], int64(0), v[3], v[4]})
+	if err != nil {
+		return 0, Hold{}, Account{}, err
+	}
+	if h.State == HoldCaptured {
+		h.Captured, h.Amount = h.Amount, 0
+	}
+	acct, err := parseAccount(org, v[5:])
+	return code, h, acct, err
+}
+
+// parseHold reads id, state, amount, captured, until_ms, feature.
+func parseHold(v []any) (Hold, error) {
+	id, ok1 := v[0].(string)
+	st, ok2 := v[1].(string)
+	amount, ok3 := v[2].(int64)
+	captured, ok4 := v[3].(int64)
+	until, ok5 := v[4].(int64)
+	feature, ok6 := v[5].(string)
+	if !ok1 || !ok2 || !ok3 || !ok4 || !ok5 || !ok6 {
+		return Hold{}, fmt.Errorf("hold record %v: wrong field types", v)
+	}
+	h := Hold{ID: id, Amount: amount, Captured: captured, Feature: feature, Expires: time.UnixMilli(until).UTC()}
+	if st != "-" {
+		if h.State = holdStates[st]; h.State == "" {
+			return Hold{}, fmt.Errorf("hold %s: unknown state %q", id, st)
+		}
+	}
+	return h, nil
+}
+
+func validateHoldCall(org, id string) error {
+	if err := policy.ValidateOrg(org); err != nil {
+		return err
+	}
+	return validateHoldID(id)
+}
+
+// validateHoldID checks a hold id: 1 to 64 letters, digits, '-', '_', '.'
+// or ':' (a lease's).
+func validateHoldID(id string) error {
+	ok := len(id) > 0 && len(id) <= 64
+	for i := 0; ok && i < len(id); i++ {
+		c := id[i]
+		ok = c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.' || c == ':'
+	}
+	if !ok {
+		return &policy.InputError{Field: "hold", Value: id, Reason: "must be 1 to 64 letters, digits, '-', '_', '.' or ':'"}
+	}
+	return nil
+}
