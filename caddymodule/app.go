@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"time"
 
@@ -87,6 +88,10 @@ func (App) CaddyModule() caddy.ModuleInfo {
 // DefaultBacklog is the default size of the fail-open backlog.
 const DefaultBacklog = 10000
 
+// clockOffsetEnv names the environment variable that moves the gateway's
+// clock by a duration, for tests of clock skew between gateways.
+const clockOffsetEnv = "CREDITS_CLOCK_OFFSET"
+
 // Provision connects to the store, or shares the connection of an earlier
 // config that used the same store.
 func (a *App) Provision(ctx caddy.Context) error {
@@ -132,21 +137,39 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	a.store = val.(*store)
 	a.store.metrics.Store(a.metrics)
+	now := time.Now
+	if off := os.Getenv(clockOffsetEnv); off != "" {
+		d, err := time.ParseDuration(off)
+		if err != nil {
+			return fmt.Errorf("credits: %s %q: %v", clockOffsetEnv, off, err)
+		}
+		a.logger.Warn("the gateway's clock is moved for testing", zap.String(clockOffsetEnv, off))
+		now = func() time.Time { return time.Now().Add(d) }
+	}
 	a.ledger, err = meter.New(a.store.rdb, meter.Config{
 		Prefix:      a.KeyPrefix,
 		DefaultPlan: plan,
 		Timeout:     time.Duration(a.Timeout),
+		Now:         now,
 	})
 	if err != nil {
 		return err
 	}
 	if a.Lease > 0 {
+		ledger, store := a.ledger, a.store
 		a.leaser = meter.NewLeaser(a.ledger, meter.LeaseConfig{
 			Size:  a.Lease,
 			Keep:  2 * a.Lease,
 			Flush: 250 * time.Millisecond,
 			Idle:  2 * time.Second,
 			TTL:   30 * time.Second,
+			// A report a closing config cannot make waits in the store's
+			// backlog, which the next config shares, until Redis takes it.
+			Unreported: func(s meter.LeaseSync) {
+				if !store.later(deferred{ledger: ledger, lease: &s}) {
+					a.logger.Error("lease report lost: the backlog is full", zap.String("org", s.Org))
+				}
+			},
 		}, a.logger.Named("lease"))
 	}
 	return nil

@@ -35,11 +35,13 @@ type store struct {
 }
 
 // deferred is a ledger call kept for later: a fail-open charge, a settle
-// whose store call failed, or the void of a charge whose outcome is unknown.
-// Request and attempt ids make a replay safe.
+// whose store call failed, the void of a charge whose outcome is unknown, or
+// a lease's report that a closing config could not make. Request and attempt
+// ids, and a lease report's sequence number, make a replay safe.
 type deferred struct {
 	ledger *meter.Ledger
 	charge *meter.ChargeRequest
+	lease  *meter.LeaseSync
 	// For a settle or a void:
 	org, requestID string
 	actual         int64
@@ -131,6 +133,13 @@ func (s *store) apply(d deferred) bool {
 
 func (s *store) call(d deferred) error {
 	ctx := context.Background()
+	if d.lease != nil {
+		_, err := d.ledger.SyncLease(ctx, *d.lease)
+		if err == nil {
+			s.logger.Info("applied a lease report that waited for the store", zap.String("org", d.lease.Org))
+		}
+		return err
+	}
 	if d.charge != nil {
 		res, err := d.ledger.Charge(ctx, *d.charge)
 		if err == nil && !res.Charged {
@@ -150,13 +159,21 @@ func (s *store) call(d deferred) error {
 	return err
 }
 
-// Destruct closes the store when the last config using it is gone. Calls
-// still waiting in the backlog are lost; how many is logged.
+// drainGrace is how long a closing store waits for its backlog to drain.
+const drainGrace = 5 * time.Second
+
+// Destruct closes the store when the last config using it is gone, once its
+// backlog is applied or drainGrace has passed. Calls still waiting then are
+// lost; how many is logged.
 func (s *store) Destruct() error {
+	deadline := time.Now().Add(drainGrace)
+	for s.waiting.Load() > 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
 	close(s.stop)
 	<-s.done
 	if n := s.waiting.Load(); n > 0 {
-		s.logger.Error("fail-open charges lost at shutdown: they were never applied to the ledger", zap.Int64("count", n))
+		s.logger.Error("ledger calls lost at shutdown: the store did not take them in time", zap.Int64("count", n))
 	}
 	if s.embedded != nil {
 		return s.embedded.Close()

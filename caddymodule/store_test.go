@@ -175,7 +175,7 @@ func TestBacklogAcrossReloadAndShutdown(t *testing.T) {
 		t.Fatal(err)
 	}
 	data, _ := os.ReadFile(logFile)
-	if !strings.Contains(string(data), "fail-open charges lost at shutdown") || !strings.Contains(string(data), `"count":2`) {
+	if !strings.Contains(string(data), "ledger calls lost at shutdown") || !strings.Contains(string(data), `"count":2`) {
 		t.Fatalf("the log does not count the 2 lost charges:\n%s", data)
 	}
 }

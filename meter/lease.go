@@ -95,8 +95,15 @@ type LeaseConfig struct {
 	Flush time.Duration
 	// Idle is how long an unused lease is kept before its credits go back.
 	Idle time.Duration
-	// TTL is how long a lease holds its credits without a sync.
+	// TTL is how long a lease holds its credits without a sync, by Redis'
+	// clock; the gateway spends from a lease only for TTL/2 after it sent
+	// its last sync, by its own monotonic clock, so no clock skew matters.
 	TTL time.Duration
+	// Unreported takes the last report of a lease that could not be made
+	// when the leaser closed (the store did not answer), so that it is made
+	// later, once: its sequence number makes a resend safe. Without it, such
+	// spending is logged as lost.
+	Unreported func(LeaseSync)
 }
 
 // Leaser spends orgs' credits from leases held in this process, so that a
@@ -107,7 +114,8 @@ type LeaseConfig struct {
 // A call never waits for another org's sync, nor, but for the one call that
 // finds its org's lease empty, for its own org's: syncs run outside the
 // lease's lock, and the calls that come while one is on its way spend what
-// the lease still holds, or are charged on their own.
+// the lease still holds, or are charged on their own. The flush sends every
+// org's sync at once, so that no org's report waits for another's.
 type Leaser struct {
 	ledger *Ledger
 	cfg    LeaseConfig
@@ -116,6 +124,10 @@ type Leaser struct {
 
 	orgs   sync.Map // org -> *lease; read on every call without a lock
 	closed atomic.Bool
+	// seq numbers the syncs across all of the leaser's leases: an org's
+	// lease that ended and began again must not reuse a number the ledger
+	// has applied, or it would be taken for a repeat.
+	seq atomic.Int64
 	// syncs is read-held by every sync in flight; Close write-locks it to
 	// wait for them.
 	syncs sync.RWMutex
@@ -123,24 +135,41 @@ type Leaser struct {
 	done  chan struct{}
 }
 
-// lease is one org's lease in this process.
+// leaseState is what a lease may do.
+type leaseState uint8
+
+const (
+	// counting: not leased yet; the org's calls are charged one by one
+	// while they are counted.
+	counting leaseState = iota
+	// active: calls spend what the lease holds (which may be nothing, until
+	// a renewal comes back).
+	active
+	// returning: the lease's credits are on their way back; calls are
+	// charged one by one until the ledger has taken them.
+	returning
+	// ended: out of the map; a call looks its org up again.
+	ended
+)
+
+// lease is one org's lease in this process. Its fields are guarded by mu;
+// the methods that change its state run with mu held.
 type lease struct {
 	mu       sync.Mutex
+	state    leaseState
 	held     int64            // credits held and not yet spent
 	balance  int64            // the org's balance: at the last sync, less spending since
 	spent    spending         // since the last sync was sent
 	inFlight map[string]int64 // the spending of a sync whose answer is not known yet
 	unspent  int64            // what the lease held when inFlight was sent
-	seq      int64
-	block    int64     // the credits a renewal asks for: Size, more for an org that outruns it
-	dry      bool      // a call found the lease empty while a renewal was on its way
-	synced   time.Time // when the last successful sync was sent
-	starved  time.Time // when a renewal last got nothing: the org's credits are near their end
-	used     time.Time
-	calls    int         // calls seen before the first lease
-	answer   *syncAnswer // of the sync on its way; nil when none is
-	ending   bool        // inFlight gives the credits back: spend none until it is applied
-	ended    bool        // given back and out of the map: look the org up again
+	seq      int64            // of the last sync sent; 0 before the first
+	block    int64            // the credits a renewal asks for: Size, more for an org that outruns it
+	dry      bool             // a call found the lease empty while a renewal was on its way
+	synced   time.Time        // when the last successful sync was sent
+	starved  time.Time        // when a renewal last got nothing: the org's credits are near their end
+	used     time.Time        // the last call
+	calls    int              // calls counted before the first lease
+	sync     *syncAnswer      // of the sync on its way; nil when none is
 }
 
 // syncAnswer is how a sync ended, for the calls that wait for it: err is
@@ -161,6 +190,9 @@ const maxGrowth = 16
 // forgetAfter is how many times Idle a lease that was given back stays in
 // the map.
 const forgetAfter = 30
+
+// flushWorkers bounds the syncs one flush runs at once.
+const flushWorkers = 32
 
 // NewLeaser starts a leaser; Close ends its leases.
 func NewLeaser(ledger *Ledger, cfg LeaseConfig, logger *zap.Logger) *Leaser {
@@ -184,22 +216,19 @@ func (ls *Leaser) Spend(org, feature string, cost int64) (balance int64, ok bool
 	}
 	now := time.Now()
 	le.used = now
-	// An org is leased once it is busy: a lease costs two store calls (take
-	// and give back), a lone call one.
-	if le.held == 0 && le.seq == 0 && le.calls < leaseAfter {
-		le.calls++
+	if le.state == counting && !le.count() {
+		// An org is leased once it is busy: a lease costs two store calls
+		// (take and give back), a lone call one.
 		le.mu.Unlock()
 		return 0, false, nil
 	}
 	for {
-		// A lease not synced for half its lifetime may have expired in Redis.
-		fresh := now.Sub(le.synced) <= ls.cfg.TTL/2
-		if fresh && !le.ending && le.held >= cost {
+		if le.canSpend(cost, now, ls.cfg.TTL) {
 			balance = le.take(feature, cost)
-			renew := le.answer == nil && le.held < le.block/2
+			renew := le.sync == nil && le.held < le.block/2
 			var s LeaseSync
 			if renew {
-				s = ls.send(org, le, le.block)
+				s = ls.begin(org, le, le.block)
 			}
 			le.mu.Unlock()
 			if renew {
@@ -208,13 +237,13 @@ func (ls *Leaser) Spend(org, feature string, cost int64) (balance int64, ok bool
 			}
 			return balance, true, nil
 		}
-		answer := le.answer
+		answer := le.sync
 		if answer == nil {
 			break
 		}
 		// A sync is on its way, and a renewal that comes back too late
 		// for the calls asks for more next time.
-		le.dry = le.dry || !le.ending
+		le.dry = le.dry || le.state == active
 		// Wait for it: a renewal is quicker than a charge of this call's
 		// own, and near the end of the org's credits a charge could be
 		// refused credits the lease is getting or giving back. The sync
@@ -229,7 +258,7 @@ func (ls *Leaser) Spend(org, feature string, cost int64) (balance int64, ok bool
 		}
 		now = time.Now()
 	}
-	if le.ending || now.Sub(le.starved) < ls.cfg.Flush {
+	if le.state == returning || now.Sub(le.starved) < ls.cfg.Flush {
 		// The lease's credits are on their way back and did not get
 		// there, or the org has too few credits to lease: its calls are
 		// charged on their own, and a renewal is tried again at most once
@@ -238,7 +267,7 @@ func (ls *Leaser) Spend(org, feature string, cost int64) (balance int64, ok bool
 		return 0, false, nil
 	}
 	// The lease is empty or stale: this call waits for a renewal.
-	s := ls.send(org, le, max(le.block, cost))
+	s := ls.begin(org, le, max(le.block, cost))
 	le.mu.Unlock()
 	if err := ls.finish(le, s); err != nil {
 		if errors.Is(err, errClosed) {
@@ -250,13 +279,31 @@ func (ls *Leaser) Spend(org, feature string, cost int64) (balance int64, ok bool
 		return 0, false, nil
 	}
 	defer le.mu.Unlock()
-	if le.ending || le.held < cost || time.Since(le.synced) > ls.cfg.TTL/2 {
+	if !le.canSpend(cost, time.Now(), ls.cfg.TTL) {
 		return 0, false, nil
 	}
 	return le.take(feature, cost), true, nil
 }
 
-// take spends cost credits of the lease's; it runs with le.mu held.
+// count counts a call of an org not leased yet; it reports whether the org
+// is busy enough to lease, and makes the lease active if so.
+func (le *lease) count() bool {
+	if le.calls < leaseAfter {
+		le.calls++
+		return false
+	}
+	le.state = active
+	return true
+}
+
+// canSpend reports whether the lease may pay a call of cost now: it is
+// active, holds enough, and was synced within half its lifetime (after that
+// it may have expired in Redis).
+func (le *lease) canSpend(cost int64, now time.Time, ttl time.Duration) bool {
+	return le.state == active && le.held >= cost && now.Sub(le.synced) <= ttl/2
+}
+
+// take spends cost credits of the lease's.
 func (le *lease) take(feature string, cost int64) int64 {
 	le.held -= cost
 	le.balance -= cost
@@ -308,7 +355,7 @@ func (ls *Leaser) lock(org string) *lease {
 			le.mu.Unlock()
 			return nil
 		}
-		if !le.ended {
+		if le.state != ended {
 			return le
 		}
 		// flush ended it between the lookup and the lock.
@@ -321,11 +368,13 @@ func (ls *Leaser) lock(org string) *lease {
 func (ls *Leaser) Adjust(org, feature string, charged, actual int64) int64 {
 	le := ls.lock(org)
 	if le == nil {
-		// Closed: report the change on its own, at once.
-		st, err := ls.ledger.SyncLease(context.Background(), LeaseSync{Org: org, ID: ls.id + ":" + NewRequestID()[:8], Seq: 1, TTL: time.Second,
-			Spent: map[string]int64{feature: actual - charged}})
+		// Closed: report the change on its own, under a lease id of its
+		// own, which holds nothing.
+		s := LeaseSync{Org: org, ID: ls.id + ":" + NewRequestID()[:8], Seq: 1, TTL: time.Second,
+			Spent: map[string]int64{feature: actual - charged}}
+		st, err := ls.ledger.SyncLease(context.Background(), s)
 		if err != nil {
-			ls.logger.Error("could not report a leased call's settle after the leases closed", zap.String("org", org), zap.Error(err))
+			ls.unreported(s, err)
 		}
 		return st.Balance
 	}
@@ -343,11 +392,11 @@ func (ls *Leaser) Adjust(org, feature string, charged, actual int64) int64 {
 	return le.balance
 }
 
-// send marks a sync of the lease as on its way, asking to hold want
-// credits, and returns it. It runs with le.mu held and no sync on its way.
-// A sync whose answer was not known goes again with its sequence number
-// and spending, so that the ledger applies it once.
-func (ls *Leaser) send(org string, le *lease, want int64) LeaseSync {
+// begin marks a sync of the lease as on its way, asking to hold want
+// credits (0 gives them back), and returns it. It runs with le.mu held and
+// no sync on its way. A sync whose answer was not known goes again with its
+// sequence number and spending, so that the ledger applies it once.
+func (ls *Leaser) begin(org string, le *lease, want int64) LeaseSync {
 	if le.inFlight == nil {
 		le.inFlight = make(map[string]int64, len(le.spent))
 		for _, f := range le.spent {
@@ -358,17 +407,19 @@ func (ls *Leaser) send(org string, le *lease, want int64) LeaseSync {
 		if want == 0 {
 			// Giving the credits back: none may be spent until the ledger
 			// has taken them.
-			le.unspent, le.ending = 0, true
+			le.unspent, le.state = 0, returning
 		}
-		le.seq++
+		le.seq = ls.seq.Add(1)
 	}
-	if le.dry && want > 0 {
+	if le.state == returning {
+		want = 0
+	} else if le.dry && want > 0 {
 		// Calls outran the last renewal: ask for more at a time, and leave
 		// as much more free for others.
 		le.block, le.dry = min(2*le.block, maxGrowth*ls.cfg.Size), false
 		want = max(want, le.block)
 	}
-	le.answer = &syncAnswer{done: make(chan struct{})}
+	le.sync = &syncAnswer{done: make(chan struct{})}
 	return LeaseSync{Org: org, ID: ls.id, Seq: le.seq, Want: want, Keep: ls.keep(le), TTL: ls.cfg.TTL,
 		Unspent: le.unspent, Spent: le.inFlight}
 }
@@ -379,7 +430,7 @@ func (ls *Leaser) keep(le *lease) int64 {
 	return ls.cfg.Keep * (le.block / max(ls.cfg.Size, 1))
 }
 
-// finish runs a sync that send returned, within the ledger's timeout, and
+// finish runs a sync that begin returned, within the ledger's timeout, and
 // takes in its answer. It returns nil when the ledger applied the sync.
 func (ls *Leaser) finish(le *lease, s LeaseSync) error {
 	var (
@@ -395,27 +446,44 @@ func (ls *Leaser) finish(le *lease, s LeaseSync) error {
 
 	le.mu.Lock()
 	defer le.mu.Unlock()
-	le.answer.err = err
-	close(le.answer.done)
-	le.answer = nil
+	le.applied(s, st, err, sent)
+	if err != nil && err != errClosed {
+		ls.logger.Warn("lease sync failed; its report goes again with the next one", zap.String("org", s.Org), zap.Error(err))
+	}
+	return err
+}
+
+// applied takes in the answer to sync s, sent at sent: on success the lease
+// holds what the ledger gave it (less what it spent meanwhile) and a lease
+// given back is active again, holding nothing; on failure the same report
+// goes again with the next sync.
+func (le *lease) applied(s LeaseSync, st LeaseState, err error, sent time.Time) {
+	le.sync.err = err
+	close(le.sync.done)
+	le.sync = nil
 	if err != nil {
-		// The same sequence number and spending go again next time.
-		if err != errClosed {
-			ls.logger.Warn("lease sync failed; retrying", zap.String("org", s.Org), zap.Error(err))
-		}
-		return err
+		return
 	}
 	// Applied now or, its answer lost, before: either way the ledger holds
 	// st.Held for this lease, of which the lease has spent what it spent
 	// since the sync was sent.
-	le.inFlight, le.ending = nil, false
+	le.inFlight = nil
+	if le.state == returning {
+		le.state = active
+	}
 	le.held = min(max(le.held+st.Held-le.unspent, 0), st.Held)
 	if s.Want > 0 && st.Held == 0 {
 		le.starved = sent
 	}
 	le.synced = sent
 	le.balance = st.Balance - le.spent.total()
-	return nil
+}
+
+// end takes a lease that holds and owes nothing out of the map; it runs with
+// le.mu held.
+func (ls *Leaser) end(org string, le *lease) {
+	ls.orgs.CompareAndDelete(org, le)
+	le.state = ended
 }
 
 var errClosed = errors.New("leases closed")
@@ -434,67 +502,133 @@ func (ls *Leaser) loop() {
 	}
 }
 
-// flush reports every lease's spending; leases idle for cfg.Idle (or all,
-// at close) give their credits back.
+// flush reports every lease's spending; leases idle for cfg.Idle give their
+// credits back, and at close every lease does. The syncs run at once, a
+// bounded number at a time, and the flush returns when all have ended.
 func (ls *Leaser) flush(closing bool) {
 	now := time.Now()
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, flushWorkers)
+	run := func(f func()) {
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			f()
+		})
+	}
 	ls.orgs.Range(func(k, v any) bool {
 		org, le := k.(string), v.(*lease)
+		if closing {
+			run(func() { ls.giveBack(org, le) })
+			return true
+		}
 		le.mu.Lock()
-		for le.answer != nil {
-			if !closing {
-				// The next flush reports what was spent meanwhile.
-				le.mu.Unlock()
-				return true
-			}
-			answer := le.answer
+		s, ok := ls.due(org, le, now)
+		le.mu.Unlock()
+		if ok {
+			run(func() { ls.finish(le, s) })
+		}
+		return true
+	})
+	wg.Wait()
+}
+
+// due decides what a flush does with a lease: nothing, take it out of the
+// map, or send a sync (returned with ok). It runs with le.mu held.
+func (ls *Leaser) due(org string, le *lease, now time.Time) (s LeaseSync, ok bool) {
+	if le.sync != nil {
+		// A sync is on its way: the next flush reports what was spent
+		// meanwhile.
+		return LeaseSync{}, false
+	}
+	idle := now.Sub(le.used) > ls.cfg.Idle
+	owes := len(le.spent) > 0 || le.inFlight != nil
+	switch {
+	case le.state == counting:
+		// Never leased: a quiet org is charged call by call.
+		if idle {
+			ls.end(org, le)
+		}
+		return LeaseSync{}, false
+	case idle && !owes && le.held == 0 && le.state == active:
+		// It holds and owes nothing: no store call. A lease given back
+		// stays in the map for a while, so that its org, back, is leased
+		// at once and in blocks as big as before.
+		if now.Sub(le.used) > forgetAfter*ls.cfg.Idle {
+			ls.end(org, le)
+		}
+		return LeaseSync{}, false
+	case !idle && !owes && now.Sub(le.synced) <= ls.cfg.TTL/4:
+		// Renewed recently.
+		return LeaseSync{}, false
+	}
+	want := le.block
+	if idle {
+		want = 0
+	}
+	return ls.begin(org, le, want), true
+}
+
+// giveBack reports a closed leaser's lease and gives its credits back,
+// sync after sync until it owes and holds nothing; a report the store does
+// not take is handed to cfg.Unreported, with one more that gives the
+// credits back.
+func (ls *Leaser) giveBack(org string, le *lease) {
+	le.mu.Lock()
+	defer le.mu.Unlock()
+	for {
+		for le.sync != nil {
+			// A sync that started before Close refused new ones.
+			answer := le.sync
 			le.mu.Unlock()
 			<-answer.done
 			le.mu.Lock()
 		}
-		idle := closing || now.Sub(le.used) > ls.cfg.Idle
-		busy := len(le.spent) > 0 || le.inFlight != nil
-		if idle && !busy && le.held == 0 {
-			// It holds and owes nothing: no store call. A lease given back
-			// stays in the map for a while, so that its org, back, is
-			// leased at once and in blocks as big as before.
-			if closing || le.seq == 0 || now.Sub(le.used) > forgetAfter*ls.cfg.Idle {
-				ls.end(org, le)
-			}
-			le.mu.Unlock()
-			return true
-		}
-		if !idle && !busy && (le.seq == 0 || now.Sub(le.synced) <= ls.cfg.TTL/4) {
-			// Not leased yet (a quiet org is charged call by call), or
-			// renewed recently.
-			le.mu.Unlock()
-			return true
-		}
-		want := le.block
-		if idle {
-			want = 0
-		}
-		s := ls.send(org, le, want)
-		le.mu.Unlock()
-		ok := ls.finish(le, s) == nil
-		le.mu.Lock()
-		if closing && ok && le.answer == nil && le.held == 0 && len(le.spent) == 0 {
+		if le.inFlight == nil && len(le.spent) == 0 && le.held == 0 {
 			ls.end(org, le)
+			return
 		}
+		s := ls.begin(org, le, 0)
 		le.mu.Unlock()
-		return true
-	})
+		err := ls.finish(le, s)
+		le.mu.Lock()
+		if err != nil {
+			ls.unreported(s, err)
+			if s.Unspent > 0 || len(le.spent) > 0 {
+				le.inFlight = nil
+				ls.unreported(ls.begin(org, le, 0), err)
+				le.sync = nil
+			}
+			ls.end(org, le)
+			return
+		}
+	}
 }
 
-// end takes a lease that holds and owes nothing out of the map; it runs with
-// le.mu held.
-func (ls *Leaser) end(org string, le *lease) {
-	ls.orgs.CompareAndDelete(org, le)
-	le.ended = true
+// unreported hands a report that could not be made to cfg.Unreported, or
+// logs it as lost.
+func (ls *Leaser) unreported(s LeaseSync, err error) {
+	if ls.cfg.Unreported != nil {
+		ls.logger.Warn("lease report failed; it is kept and sent again until the store takes it",
+			zap.String("org", s.Org), zap.Int64("credits", sum(s.Spent)), zap.Error(err))
+		ls.cfg.Unreported(s)
+		return
+	}
+	ls.logger.Error("lease report lost: the store did not take it", zap.String("org", s.Org),
+		zap.Int64("credits", sum(s.Spent)), zap.Error(err))
+}
+
+func sum(spent map[string]int64) int64 {
+	var n int64
+	for _, v := range spent {
+		n += v
+	}
+	return n
 }
 
 // Close reports all spending and gives back every lease's credits. Spend
-// answers false from then on.
+// answers false from then on. A report the store does not take goes to
+// cfg.Unreported.
 func (ls *Leaser) Close() {
 	close(ls.stop)
 	<-ls.done
@@ -512,10 +646,7 @@ func (ls *Leaser) Pending() int64 {
 	ls.orgs.Range(func(_, v any) bool {
 		le := v.(*lease)
 		le.mu.Lock()
-		n += le.spent.total()
-		for _, s := range le.inFlight {
-			n += s
-		}
+		n += le.spent.total() + sum(le.inFlight)
 		le.mu.Unlock()
 		return true
 	})

@@ -12,6 +12,7 @@ import (
 	"github.com/alicebob/miniredis/v2"
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
 
 	"github.com/creditsgw/caddy-credits/internal/faultproxy"
 	"github.com/creditsgw/caddy-credits/internal/redistest"
@@ -88,7 +89,8 @@ var leaseCases = []ledgerCase{
 		// Small blocks and quick flushes: renewals, flushes and spending
 		// overlap all the time.
 		cfg := LeaseConfig{Size: 5, Keep: 10, Flush: time.Millisecond, Idle: 5 * time.Millisecond, TTL: 10 * time.Second}
-		leasers := []*Leaser{NewLeaser(e.ledger, cfg, zap.NewNop()), NewLeaser(e.ledger, cfg, zap.NewNop()), NewLeaser(e.ledger, cfg, zap.NewNop())}
+		lg := zaptest.NewLogger(e.t, zaptest.Level(zap.WarnLevel))
+		leasers := []*Leaser{NewLeaser(e.ledger, cfg, lg), NewLeaser(e.ledger, cfg, lg), NewLeaser(e.ledger, cfg, lg)}
 		// Each leaser leases the org before the bursts, so that every
 		// burst spends from leases as well as one by one.
 		var paid, leased, alone int64
