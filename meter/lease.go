@@ -128,6 +128,10 @@ type Leaser struct {
 	// lease that ended and began again must not reuse a number the ledger
 	// has applied, or it would be taken for a repeat.
 	seq atomic.Int64
+	// flushes counts the flushes run, for tests.
+	flushes atomic.Int64
+	// flushing bounds the flush's syncs on their way at once.
+	flushing chan struct{}
 	// syncs is read-held by every sync in flight; Close write-locks it to
 	// wait for them.
 	syncs sync.RWMutex
@@ -197,7 +201,7 @@ const flushWorkers = 32
 // NewLeaser starts a leaser; Close ends its leases.
 func NewLeaser(ledger *Ledger, cfg LeaseConfig, logger *zap.Logger) *Leaser {
 	ls := &Leaser{ledger: ledger, cfg: cfg, id: "gw:" + NewRequestID()[:16], logger: logger,
-		stop: make(chan struct{}), done: make(chan struct{})}
+		flushing: make(chan struct{}, flushWorkers), stop: make(chan struct{}), done: make(chan struct{})}
 	go ls.loop()
 	return ls
 }
@@ -497,37 +501,48 @@ func (ls *Leaser) loop() {
 		case <-ls.stop:
 			return
 		case <-tick.C:
-			ls.flush(false)
+			ls.flush()
 		}
 	}
 }
 
-// flush reports every lease's spending; leases idle for cfg.Idle give their
-// credits back, and at close every lease does. The syncs run at once, a
-// bounded number at a time, and the flush returns when all have ended.
-func (ls *Leaser) flush(closing bool) {
+// flush reports every lease's spending, and leases idle for cfg.Idle give
+// their credits back. Each sync runs on its own, a bounded number at once:
+// a lease whose sync is still on its way is left for the next flush, and
+// no org's report waits for another's.
+func (ls *Leaser) flush() {
+	defer ls.flushes.Add(1)
 	now := time.Now()
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, flushWorkers)
-	run := func(f func()) {
-		sem <- struct{}{}
-		wg.Go(func() {
-			defer func() { <-sem }()
-			f()
-		})
-	}
 	ls.orgs.Range(func(k, v any) bool {
 		org, le := k.(string), v.(*lease)
-		if closing {
-			run(func() { ls.giveBack(org, le) })
-			return true
-		}
 		le.mu.Lock()
 		s, ok := ls.due(org, le, now)
 		le.mu.Unlock()
 		if ok {
-			run(func() { ls.finish(le, s) })
+			go func() {
+				ls.flushing <- struct{}{}
+				defer func() { <-ls.flushing }()
+				ls.finish(le, s)
+			}()
 		}
+		return true
+	})
+}
+
+// closeAll gives back every lease's credits, a bounded number at once, and
+// returns when all are given back or handed on.
+func (ls *Leaser) closeAll() {
+	var wg sync.WaitGroup
+	// Not ls.flushing: a flush's sync that still waits for a place there
+	// is one that giveBack may wait for.
+	sem := make(chan struct{}, flushWorkers)
+	ls.orgs.Range(func(k, v any) bool {
+		org, le := k.(string), v.(*lease)
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			ls.giveBack(org, le)
+		})
 		return true
 	})
 	wg.Wait()
@@ -637,7 +652,7 @@ func (ls *Leaser) Close() {
 	// refused, but for the flush's below.
 	ls.syncs.Lock()
 	ls.syncs.Unlock()
-	ls.flush(true)
+	ls.closeAll()
 }
 
 // Pending returns the credits spent from leases and not yet reported.
