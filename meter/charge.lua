@@ -1,22 +1,27 @@
--- KEYS: account, request marker, events, holds. ARGV[7] feature, ARGV[8]
--- cost, ARGV[9] 1 for overdraft, ARGV[10] overdraft limit (-1: none),
--- ARGV[11] request id, ARGV[12] marker lifetime in seconds, ARGV[13]
--- attempt id.
+-- KEYS: account, request marker, events, holds, the request's kept
+-- response. ARGV[7] feature, ARGV[8] cost, ARGV[9] 1 for overdraft,
+-- ARGV[10] overdraft limit (-1: none), ARGV[11] request id, ARGV[12] marker
+-- lifetime in seconds, ARGV[13] attempt id, ARGV[14] the call's binding
+-- ('-' for none), ARGV[15] how long, in seconds, a call with a binding may
+-- stay in flight before its key is free again.
 --
 -- A charge is a hold captured at once: it takes its cost of the available
 -- balance (what no hold keeps), and its marker records which parts came from
 -- allowance, purchased credits and debt, so that a refund gives each back to
 -- where it came from.
 --
--- Returns {code, balance, charged}: code OK charged (or this attempt's own
--- charge, run before and repeated after a lost reply), REFUSED (nothing
--- written, not even for an org Redis has never seen), REPEAT a replay of
--- another attempt's charge with this request id (its result), VOIDED this
--- attempt was voided (nothing charged). A request refunded in full, or
--- voided by another attempt, is free to charge again.
-local bad = check_types({'hash', 'string', 'list', 'hash'})
+-- Returns {code, balance, charged, kept}: code OK charged (or this attempt's
+-- own charge, run before and repeated after a lost reply), REFUSED (nothing
+-- written, not even for an org Redis has never seen), REPEAT an earlier call
+-- with this request id completed (its balance and cost; kept is its kept
+-- response, or false when it was too large to keep), IN_FLIGHT an earlier
+-- call with this request id has not completed, MISMATCH the earlier call's
+-- binding differs, VOIDED this attempt was voided (nothing charged). A
+-- request refunded in full, refused, or voided by another attempt, is free to
+-- charge again.
+local bad = check_types({'hash', 'string', 'list', 'hash', 'string'})
 if bad then return bad end
-local account_key, marker_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local account_key, marker_key, events_key, holds_key, kept_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local feature = ARGV[7]
 local cost = tonumber(ARGV[8])
 local overdraft = ARGV[9] == '1'
@@ -24,18 +29,26 @@ local limit = tonumber(ARGV[10])
 local request_id = ARGV[11]
 local marker_ttl = ARGV[12]
 local attempt = ARGV[13]
+local bind = ARGV[14]
+local in_flight_ttl = ARGV[15]
 
 local m = parse_marker(redis.call('GET', marker_key))
 if m and m.attempt == attempt then
   if m.state == 'x' then return {VOIDED, 0, 0} end
   return {OK, m.balance, m.cost}
 end
-if m and m.state ~= 'x' and not (m.state == 's' and m.cost == 0) then
+if m and not marker_free(m) then
+  if m.bind ~= bind then
+    return {MISMATCH, m.balance, 0}
+  end
+  if m.state == 'c' and bind ~= '-' then
+    return {IN_FLIGHT, m.balance, 0}
+  end
   if m.relied ~= '1' then
     m.relied = '1'
     write_marker(marker_key, m)
   end
-  return {REPEAT, m.balance, m.cost}
+  return {REPEAT, m.balance, m.cost, redis.call('GET', kept_key)}
 end
 
 local acc = load(account_key)
@@ -57,6 +70,8 @@ add_used(acc, feature, cost)
 event(acc, 'charge', -cost, feature, request_id)
 commit(account_key, events_key, acc)
 write_holds(holds_key, acc)
+local ttl = marker_ttl
+if bind ~= '-' then ttl = in_flight_ttl end
 write_marker(marker_key, {cost = cost, feature = feature, fa = p.fa, fp = p.fp, fd = p.fd,
-  balance = balance(acc), state = 'c', pn = acc.pn, attempt = attempt, relied = '0'}, marker_ttl)
+  balance = balance(acc), state = 'c', pn = acc.pn, attempt = attempt, relied = '0', bind = bind}, ttl)
 return {OK, balance(acc), cost}

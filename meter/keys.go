@@ -58,6 +58,10 @@ func (k Keys) TopUps(org string) string { return k.key(org, "t") }
 // Holds is the hash of the org's holds, gateways' leases included.
 func (k Keys) Holds(org string) string { return k.key(org, "h") }
 
+// Kept is the response kept for a request with an Idempotency-Key, served
+// to its retries.
+func (k Keys) Kept(org, requestID string) string { return k.key(org, "k:"+requestID) }
+
 // Request is the marker of one charged request, kept for a day, that makes a
 // repeated charge or settle with the same request id a no-op.
 func (k Keys) Request(org, requestID string) string { return k.key(org, "r:"+requestID) }

@@ -5,6 +5,7 @@ package meter
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -37,6 +38,9 @@ const (
 	DefaultTimeout   = 100 * time.Millisecond
 	DefaultEventsMax = 1000
 	DefaultMarkerTTL = 24 * time.Hour
+	// DefaultInFlightTTL is how long a call with an Idempotency-Key may be
+	// in flight: a gateway that died mid-call frees its key after it.
+	DefaultInFlightTTL = time.Hour
 	// DefaultReferenceTTL is how long a top-up reference is remembered:
 	// longer than a year, so that a yearly invoice resent is applied once.
 	DefaultReferenceTTL = 400 * 24 * time.Hour
@@ -54,6 +58,12 @@ var (
 	// ErrPurchasedLimit means a top-up would take the org's purchased credits
 	// past MaxPurchased.
 	ErrPurchasedLimit = errors.New("purchased credits would pass the limit")
+	// ErrInFlight means an earlier call with the same request id has not
+	// completed yet.
+	ErrInFlight = errors.New("an earlier call with this request id is in flight")
+	// ErrMismatch means an earlier call with the same request id was bound
+	// to another method, path, feature or cost.
+	ErrMismatch = errors.New("an earlier call with this request id was another call")
 )
 
 // Config holds the ledger's settings; the zero value of each field means its
@@ -174,6 +184,18 @@ type ChargeRequest struct {
 	// attempt (after a lost reply) answers as the first did, and Void takes
 	// back only its own attempt's charge. Empty means a fresh random id.
 	Attempt string
+	// Binding, for a call with an Idempotency-Key, is what its method,
+	// path, feature and cost hash to (see Binding): a later call with the
+	// same request id and another binding gets ErrMismatch; one while the
+	// first is in flight gets ErrInFlight; one after it completed, the
+	// first's result and kept response. Empty for a call without a key.
+	Binding string
+}
+
+// Binding returns the binding of a call with an Idempotency-Key.
+func Binding(method, path, feature string, cost int64) string {
+	sum := sha256.Sum256([]byte(method + " " + path + " " + feature + " " + strconv.FormatInt(cost, 10)))
+	return hex.EncodeToString(sum[:12])
 }
 
 // ChargeResult is the ledger's answer to a charge.
@@ -181,9 +203,13 @@ type ChargeResult struct {
 	// Charged is true when the credits were taken (now or by an earlier charge
 	// with the same request id).
 	Charged bool
-	// Replay is true when an earlier charge with the same request id stands;
-	// Balance and Cost are then that charge's.
+	// Replay is true when an earlier call with the same request id
+	// completed and its charge stands; Balance and Cost are then that
+	// charge's, and Kept its kept response (nil when it was too large to
+	// keep, or the call had no Idempotency-Key).
 	Replay bool
+	// Kept is the response Keep kept for the earlier call.
+	Kept []byte
 	// Balance is the balance after the charge, or the current balance when
 	// the charge was refused.
 	Balance int64
@@ -213,8 +239,18 @@ func (l *Ledger) Charge(ctx context.Context, req ChargeRequest) (ChargeResult, e
 		overdraft = "1"
 		limit = strconv.FormatInt(req.OverdraftLimit, 10)
 	}
-	keys := []string{l.keys.Account(req.Org), l.keys.Request(req.Org, req.RequestID), l.keys.Events(req.Org), l.keys.Holds(req.Org)}
-	v, err := l.run(ctx, chargeScript, keys, 3, req.Feature, req.Cost, overdraft, limit, req.RequestID, l.markerTTL, req.Attempt)
+	bind := req.Binding
+	if bind == "" {
+		bind = "-"
+	}
+	keys := []string{l.keys.Account(req.Org), l.keys.Request(req.Org, req.RequestID), l.keys.Events(req.Org), l.keys.Holds(req.Org),
+		l.keys.Kept(req.Org, req.RequestID)}
+	raw, err := l.eval(ctx, chargeScript, keys, []any{req.Feature, req.Cost, overdraft, limit, req.RequestID, l.markerTTL, req.Attempt,
+		bind, inFlightTTL})
+	if err != nil {
+		return ChargeResult{}, fmt.Errorf("charge: %w", err)
+	}
+	v, err := ints(raw, 3)
 	if err != nil {
 		return ChargeResult{}, fmt.Errorf("charge: %w", err)
 	}
@@ -225,6 +261,15 @@ func (l *Ledger) Charge(ctx context.Context, req ChargeRequest) (ChargeResult, e
 	case codeRefused:
 	case codeRepeat:
 		res.Charged, res.Replay = true, true
+		if len(raw) > 3 {
+			if kept, ok := raw[3].(string); ok {
+				res.Kept = []byte(kept)
+			}
+		}
+	case codeInFlight:
+		return ChargeResult{}, ErrInFlight
+	case codeMismatch:
+		return ChargeResult{}, ErrMismatch
 	case codeVoided:
 		return ChargeResult{}, ErrVoided
 	default:
@@ -244,10 +289,11 @@ type SettleResult struct {
 	Repeat bool
 }
 
-// Settle sets the final cost of a charged request: a lower cost gives the
-// difference back, a higher one charges it (as overdraft: the call has
-// happened), 0 refunds it all. A request is settled once; settling it again
-// changes nothing.
+// Settle sets the final cost of a charged request to what the upstream
+// reported it used: a lower cost gives the difference back, a higher one
+// charges it (as overdraft: the call has happened). A request is settled
+// once; settling it again changes nothing. A settle to 0 leaves the request
+// id taken: the call succeeded (Refund is for a call that failed).
 func (l *Ledger) Settle(ctx context.Context, org, requestID string, actual int64) (SettleResult, error) {
 	if err := policy.ValidateOrg(org); err != nil {
 		return SettleResult{}, err
@@ -258,8 +304,25 @@ func (l *Ledger) Settle(ctx context.Context, org, requestID string, actual int64
 	if actual < 0 || actual > policy.MaxCost {
 		return SettleResult{}, rangeError("actual cost", actual, 0, policy.MaxCost)
 	}
+	return l.settle(ctx, org, requestID, actual, "0")
+}
+
+// Refund gives back all a charged request took, because the call failed:
+// its request id is free for a new charge. A request is settled or refunded
+// once; a repeat changes nothing.
+func (l *Ledger) Refund(ctx context.Context, org, requestID string) (SettleResult, error) {
+	if err := policy.ValidateOrg(org); err != nil {
+		return SettleResult{}, err
+	}
+	if err := validateRequestID(requestID); err != nil {
+		return SettleResult{}, err
+	}
+	return l.settle(ctx, org, requestID, 0, "1")
+}
+
+func (l *Ledger) settle(ctx context.Context, org, requestID string, actual int64, refund string) (SettleResult, error) {
 	keys := []string{l.keys.Account(org), l.keys.Request(org, requestID), l.keys.Events(org), l.keys.Holds(org)}
-	v, err := l.run(ctx, settleScript, keys, 3, actual, requestID)
+	v, err := l.run(ctx, settleScript, keys, 3, actual, requestID, refund)
 	if err != nil {
 		return SettleResult{}, fmt.Errorf("settle: %w", err)
 	}
@@ -272,6 +335,32 @@ func (l *Ledger) Settle(ctx context.Context, org, requestID string, actual int64
 		return SettleResult{}, ErrUnknownRequest
 	}
 	return SettleResult{}, fmt.Errorf("settle: unexpected script code %d", v[0])
+}
+
+// Keep marks a call with an Idempotency-Key done once its response has gone
+// out, keeping response (nil when it was too large to keep) for the retries
+// that come with the key. Only the attempt that charged may; it returns
+// ErrUnknownRequest when that charge no longer stands.
+func (l *Ledger) Keep(ctx context.Context, org, requestID, attempt string, response []byte) error {
+	if err := policy.ValidateOrg(org); err != nil {
+		return err
+	}
+	if err := validateRequestID(requestID); err != nil {
+		return err
+	}
+	keep := "1"
+	if response == nil {
+		keep = "0"
+	}
+	keys := []string{l.keys.Request(org, requestID), l.keys.Kept(org, requestID)}
+	v, err := l.run(ctx, keepScript, keys, 1, attempt, l.markerTTL, keep, response)
+	if err != nil {
+		return fmt.Errorf("keep: %w", err)
+	}
+	if v[0] == codeNotFound {
+		return ErrUnknownRequest
+	}
+	return nil
 }
 
 // Void makes sure the charge of one attempt at a call does not stand, when
@@ -453,6 +542,11 @@ func (l *Ledger) run(ctx context.Context, script *redis.Script, keys []string, n
 	if err != nil {
 		return nil, err
 	}
+	return ints(v, n)
+}
+
+// ints reads the first n fields of a script reply, which must be integers.
+func ints(v []any, n int) ([]int64, error) {
 	if len(v) < n {
 		return nil, fmt.Errorf("script reply has %d fields, want %d", len(v), n)
 	}
@@ -530,6 +624,10 @@ func (l *Ledger) eval(ctx context.Context, script *redis.Script, keys []string, 
 	}
 	return v, nil
 }
+
+// inFlightTTL is DefaultInFlightTTL in seconds, as the charge script takes
+// it.
+var inFlightTTL = int64(DefaultInFlightTTL / time.Second)
 
 // maxTries bounds the tries of one store call within its deadline.
 const maxTries = 4

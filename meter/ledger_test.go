@@ -114,7 +114,7 @@ var ledgerCases = []ledgerCase{
 			e.t.Fatalf("charge: %+v %v", r, err)
 		}
 		e.wantBalance(e.account("acme"), 3, 0, 3)
-		s, err := e.ledger.Settle(e.ctx, "acme", "req-1", 0)
+		s, err := e.ledger.Refund(e.ctx, "acme", "req-1")
 		if err != nil || s.Delta != 12 || s.Balance != 15 || s.Repeat {
 			e.t.Fatalf("refund: %+v %v", s, err)
 		}
@@ -155,7 +155,7 @@ var ledgerCases = []ledgerCase{
 		if err != nil || s.Delta != -5 || s.Balance != 3 {
 			e.t.Fatalf("settle up: %+v %v", s, err)
 		}
-		s, err = e.ledger.Settle(e.ctx, "acme", "s1", 0)
+		s, err = e.ledger.Refund(e.ctx, "acme", "s1")
 		if err != nil || !s.Repeat || s.Delta != 0 || s.Balance != 3 {
 			e.t.Fatalf("second settle: %+v %v", s, err)
 		}
@@ -170,7 +170,7 @@ var ledgerCases = []ledgerCase{
 		if err != nil || s.Balance != -3 {
 			e.t.Fatalf("settle into debt: %+v %v", s, err)
 		}
-		if _, err := e.ledger.Settle(e.ctx, "acme", "never", 0); !errors.Is(err, ErrUnknownRequest) {
+		if _, err := e.ledger.Refund(e.ctx, "acme", "never"); !errors.Is(err, ErrUnknownRequest) {
 			e.t.Fatalf("settle of an unknown request: %v", err)
 		}
 		e.checkEvents("acme")
@@ -322,7 +322,7 @@ var ledgerCases = []ledgerCase{
 			wantInputError(e.t, err, org == "")
 			_, err = e.ledger.SetPlan(e.ctx, org, Plan{1, 1})
 			wantInputError(e.t, err, org == "")
-			_, err = e.ledger.Settle(e.ctx, org, "r", 0)
+			_, err = e.ledger.Refund(e.ctx, org, "r")
 			wantInputError(e.t, err, org == "")
 			_, err = e.ledger.Recharge(e.ctx, org)
 			wantInputError(e.t, err, org == "")
@@ -466,7 +466,7 @@ func TestRefundFreesRequestID(t *testing.T) {
 			if r, err := e.ledger.Charge(e.ctx, req); err != nil || !r.Charged {
 				t.Fatalf("%+v %v", r, err)
 			}
-			if _, err := e.ledger.Settle(e.ctx, "acme", "retry-me", 0); err != nil {
+			if _, err := e.ledger.Refund(e.ctx, "acme", "retry-me"); err != nil {
 				t.Fatal(err)
 			}
 			r, err := e.ledger.Charge(e.ctx, req)

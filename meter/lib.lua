@@ -11,7 +11,8 @@
 -- waiting for the next recharge), own (1 when the org has a plan of its own),
 -- rem (free allowance: not held; below zero is debt), pur (free purchased
 -- credits), ps (period start, unix seconds), nx (next recharge as a month
--- index), pn (the period's number: one more at each new period), seq (the
+-- index), pn (the period's number: one more at each new period), cd (the
+-- debt carried into this period that no refund has cancelled yet), seq (the
 -- number of the org's last event), ha, ho and hp (credits
 -- live holds keep: of this period's allowance, of an ended period's
 -- allowance, of purchased credits), hx (the earliest expiry of a live hold,
@@ -36,7 +37,7 @@ do
 end
 
 -- Return codes, as in Go (scripts.go).
-local OK, REFUSED, REPEAT, NOT_FOUND, LIMIT, VOIDED, WRONG_TYPE, ENDED = 0, 1, 2, 3, 4, 5, 6, 7
+local OK, REFUSED, REPEAT, NOT_FOUND, LIMIT, VOIDED, WRONG_TYPE, ENDED, IN_FLIGHT, MISMATCH = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9
 
 -- How long a hold's record stays once it is captured, released or expired:
 -- a repeated capture answers the same, a late capture of an expired hold is
@@ -103,6 +104,7 @@ local function start_period(acc, ps_unix, next_ym)
     acc.a, acc.m, acc.pa, acc.pm = acc.pa, acc.pm, nil, nil
     acc.plan_dirty = true
   end
+  acc.cd = math.max(-acc.rem, 0)
   acc.rem = acc.a + math.min(acc.rem, 0)
   acc.ho, acc.ha = acc.ho + acc.ha, 0
   acc.pn = (acc.pn or 0) + 1
@@ -143,7 +145,7 @@ end
 local function load(key)
   local raw = redis.call('HGETALL', key)
   if #raw == 0 then return nil end
-  local acc = {used = {}, events = {}, ha = 0, ho = 0, hp = 0, pn = 0}
+  local acc = {used = {}, events = {}, ha = 0, ho = 0, hp = 0, pn = 0, cd = 0}
   for i = 1, #raw, 2 do
     local f, v = raw[i], raw[i + 1]
     local n = tonumber(v)
@@ -195,15 +197,18 @@ end
 -- by what is given back), in the reverse of the order they were taken: debt,
 -- purchased credits, allowance. Purchased credits go back to purchased, and
 -- never more than were taken. Allowance taken in a period that has ended is
--- not given back: it expired with its period. Debt is cancelled, but never
--- lifts this period's allowance above the plan: debt a charge carried into a
--- later period was covered by that period's grant. Returns the change to the
--- balance.
+-- not given back: it expired with its period. Debt is cancelled: this
+-- period's at once; an ended period's only as far as it was carried into
+-- this one and no refund has cancelled it yet (acc.cd), so a refund never
+-- lifts the allowance above the plan. Returns the change to the balance.
 local function give_back(acc, p, n)
   local back = 0
   local d = math.min(n, p.fd)
   p.fd, n = p.fd - d, n - d
-  d = math.min(d, math.max(0, acc.a - acc.ha - acc.rem))
+  if p.pn ~= acc.pn then
+    d = math.min(d, acc.cd)
+    acc.cd = acc.cd - d
+  end
   acc.rem, back = acc.rem + d, back + d
   local f = math.min(n, p.fp)
   p.fp, n = p.fp - f, n - f
@@ -232,7 +237,7 @@ local function commit(key, events_key, acc)
     end
   end
   redis.call('HSET', key, 'a', str(acc.a), 'm', str(acc.m), 'own', str(acc.own),
-    'rem', str(acc.rem), 'pur', str(acc.pur), 'ps', str(acc.ps), 'nx', str(acc.nx), 'pn', str(acc.pn))
+    'rem', str(acc.rem), 'pur', str(acc.pur), 'ps', str(acc.ps), 'nx', str(acc.nx), 'pn', str(acc.pn), 'cd', str(acc.cd))
   if held(acc) ~= 0 or acc.holds_dirty then
     redis.call('HSET', key, 'ha', str(acc.ha), 'ho', str(acc.ho), 'hp', str(acc.hp))
   end
@@ -284,17 +289,21 @@ end
 
 -- A request's marker: what a charge took and where it stands. fa, fp and fd
 -- are the parts of its cost taken from allowance, purchased credits and
--- debt, in period number pn; state is c (charged), s (settled) or x (void: a charge
--- that must not happen); attempt is the id of the gateway's attempt that
--- charged (or voided) it; relied is 1 once another attempt with the same
--- request id was answered as a replay of this charge, so the charge must
--- stand. A marker of the earlier layout (without fa and fd, and with the
+-- debt, in period number pn; state is c (charged: the call is in flight), u
+-- (settled to the upstream's usage), d (done: its response is kept, or was
+-- too large to keep), r (refunded: the request id is free again) or x (void:
+-- a charge that must not happen; the request id is free again). The earlier
+-- layout's s is u, or r when its cost is 0; attempt is the id of the gateway's
+-- attempt that charged (or voided) it; relied is 1 once another attempt with
+-- the same request id was answered as a replay of this charge, so the
+-- charge must stand; bind is what the first call's method, path, feature and
+-- cost hash to ('-' for a call without an Idempotency-Key). A marker of the earlier layout (without fa and fd, and with the
 -- period's start where pn stands) is read as having no debt; marker_period
 -- then finds its period.
 local function parse_marker(s)
   if not s then return nil end
-  local cost, feature, fa, fp, fd, bal, state, pn, attempt, relied =
-    string.match(s, '^(%-?%d+) (%S+) (%d+) (%d+) (%d+) (%-?%d+) (%a) (%-?%d+) (%S+) ([01])$')
+  local cost, feature, fa, fp, fd, bal, state, pn, attempt, relied, bind =
+    string.match(s, '^(%-?%d+) (%S+) (%d+) (%d+) (%d+) (%-?%d+) (%a) (%-?%d+) (%S+) ([01]) (%S+)$')
   if not cost then
     local ps
     cost, feature, fp, bal, state, ps, attempt, relied =
@@ -304,10 +313,11 @@ local function parse_marker(s)
     end
     fa, fd = math.max(tonumber(cost) - tonumber(fp), 0), 0
     return {cost = tonumber(cost), feature = feature, fa = fa, fp = tonumber(fp), fd = fd,
-      balance = tonumber(bal), state = state, legacy_ps = tonumber(ps), attempt = attempt, relied = relied}
+      balance = tonumber(bal), state = state, legacy_ps = tonumber(ps), attempt = attempt, relied = relied,
+      bind = '-'}
   end
   return {cost = tonumber(cost), feature = feature, fa = tonumber(fa), fp = tonumber(fp), fd = tonumber(fd),
-    balance = tonumber(bal), state = state, pn = tonumber(pn), attempt = attempt, relied = relied}
+    balance = tonumber(bal), state = state, pn = tonumber(pn), attempt = attempt, relied = relied, bind = bind}
 end
 
 -- Sets the period of a marker of the earlier layout: this one if it started
@@ -321,7 +331,7 @@ end
 
 local function write_marker(key, m, ttl)
   local v = table.concat({str(m.cost), m.feature, str(m.fa), str(m.fp), str(m.fd), str(m.balance), m.state,
-    str(m.pn), m.attempt, m.relied}, ' ')
+    str(m.pn), m.attempt, m.relied, m.bind or '-'}, ' ')
   if ttl then
     redis.call('SET', key, v, 'EX', ttl)
   else
@@ -329,8 +339,14 @@ local function write_marker(key, m, ttl)
   end
 end
 
--- Sets a charged request's final cost. Returns the change to the balance.
-local function settle_to(acc, m, actual, ref)
+-- Whether a marker leaves its request id free for a new charge.
+local function marker_free(m)
+  return m.state == 'x' or m.state == 'r' or (m.state == 's' and m.cost == 0)
+end
+
+-- Sets a charged request's final cost: refunded (the call failed; its id is
+-- free again) or settled to its usage. Returns the change to the balance.
+local function settle_to(acc, m, actual, ref, refund)
   marker_period(m, acc)
   local before = balance(acc)
   local diff = actual - m.cost
@@ -351,10 +367,11 @@ local function settle_to(acc, m, actual, ref)
   end
   if diff ~= 0 then
     local kind = 'settle'
-    if actual == 0 then kind = 'refund' end
+    if refund then kind = 'refund' end
     event(acc, kind, balance(acc) - before, m.feature, ref)
   end
-  m.cost, m.state, m.balance = actual, 's', balance(acc)
+  m.cost, m.balance = actual, balance(acc)
+  if refund then m.state = 'r' else m.state = 'u' end
   return balance(acc) - before
 end
 
@@ -377,9 +394,10 @@ local function parse_hold(acc, s)
     untl = tonumber(untl), seq = tonumber(seq), cap = tonumber(cap), cfa = tonumber(cfa),
     cfp = tonumber(cfp), cfd = tonumber(cfd), feature = feature}
   -- A period ended since the record was written: the allowance it keeps is
-  -- an ended period's, and the allowance it captured is no longer given back.
+  -- an ended period's, and what it captured is no longer given back but for
+  -- purchased credits (a lease's captures are not told apart by period).
   if h.pn ~= acc.pn then
-    h.ofa, h.fa, h.cfa, h.pn = h.ofa + h.fa, 0, 0, acc.pn
+    h.ofa, h.fa, h.cfa, h.cfd, h.pn = h.ofa + h.fa, 0, 0, 0, acc.pn
   end
   return h
 end

@@ -33,6 +33,7 @@ type modelAccount struct {
 	rem, pur     int64 // free: not held
 	ha, ho, hp   int64 // held: this period's allowance, an ended one's, purchased
 	pn           int
+	cd           int64 // debt carried into this period, not cancelled yet
 	periodStart  time.Time
 	nextRecharge time.Time
 	used         map[string]int64
@@ -46,10 +47,11 @@ type parts struct {
 }
 
 type modelCharge struct {
-	feature string
-	cost    int64
-	parts   parts
-	settled bool
+	feature  string
+	cost     int64
+	parts    parts
+	settled  bool
+	refunded bool // the call failed: its request id is free again
 }
 
 type modelHold struct {
@@ -100,13 +102,14 @@ func (m *model) startPeriod(org string, a *modelAccount, at time.Time) {
 		a.plan, a.next = *a.next, nil
 	}
 	before := a.rem
+	a.cd = max(-a.rem, 0)
 	a.rem = a.plan.Allowance + min(a.rem, 0)
 	m.grants[org] += a.rem - before
 	a.ho, a.ha = a.ho+a.ha, 0
 	a.pn++
 	for key, h := range m.holds {
 		if strings.HasPrefix(key, org+" ") {
-			h.ofa, h.fa, h.cfa, h.pn = h.ofa+h.fa, 0, 0, a.pn
+			h.ofa, h.fa, h.cfa, h.cfd, h.pn = h.ofa+h.fa, 0, 0, 0, a.pn
 		}
 	}
 	a.periodStart = at
@@ -128,7 +131,10 @@ func (a *modelAccount) giveBack(p *parts, n int64) int64 {
 	var back int64
 	d := min(n, p.fd)
 	p.fd, n = p.fd-d, n-d
-	d = min(d, max(0, a.plan.Allowance-a.ha-a.rem))
+	if p.pn != a.pn {
+		d = min(d, a.cd)
+		a.cd -= d
+	}
 	a.rem, back = a.rem+d, back+d
 	f := min(n, p.fp)
 	p.fp, n = p.fp-f, n-f
@@ -250,7 +256,7 @@ func checkModel(t *testing.T, rt *rapid.T, s store) {
 				rt.Fatal(err)
 			}
 			key := org + " " + id
-			if c := m.charges[key]; c != nil && (!c.settled || c.cost != 0) {
+			if c := m.charges[key]; c != nil && !c.refunded {
 				if !got.Replay || !got.Charged || got.Cost != c.cost {
 					rt.Fatalf("repeat of %s: %+v, first cost %d", key, got, c.cost)
 				}
@@ -276,13 +282,21 @@ func checkModel(t *testing.T, rt *rapid.T, s store) {
 			if got.Balance != a.balance() {
 				rt.Fatalf("balance after charge %d, model %d", got.Balance, a.balance())
 			}
-		case 2: // settle or refund, sometimes of an unknown or settled request
+		case 2: // settle to a usage, or refund, sometimes of an unknown or settled request
 			if len(ids) == 0 {
 				break
 			}
 			id := rapid.SampledFrom(ids).Draw(rt, "id")
-			actual := rapid.SampledFrom([]int64{0, 0, 1, 5, 20, 40}).Draw(rt, "actual")
-			got, err := e.ledger.Settle(e.ctx, org, id, actual)
+			refund := rapid.Bool().Draw(rt, "refund")
+			actual := int64(0)
+			var got SettleResult
+			var err error
+			if refund {
+				got, err = e.ledger.Refund(e.ctx, org, id)
+			} else {
+				actual = rapid.SampledFrom([]int64{0, 1, 5, 20, 40}).Draw(rt, "actual")
+				got, err = e.ledger.Settle(e.ctx, org, id, actual)
+			}
 			c := m.charges[org+" "+id]
 			if c == nil {
 				if err != ErrUnknownRequest {
@@ -321,9 +335,9 @@ func checkModel(t *testing.T, rt *rapid.T, s store) {
 			if samePeriod {
 				a.used[c.feature] += diff
 			}
-			c.cost, c.settled = actual, true
+			c.cost, c.settled, c.refunded = actual, true, refund
 			if got.Repeat || got.Delta != delta || got.Balance != a.balance() {
-				rt.Fatalf("settle to %d: %+v, model delta %d balance %d", actual, got, delta, a.balance())
+				rt.Fatalf("settle to %d (refund %v): %+v, model delta %d balance %d", actual, refund, got, delta, a.balance())
 			}
 		case 3: // top-up, references repeat
 			amount := rapid.Int64Range(1, 50).Draw(rt, "amount")

@@ -113,7 +113,7 @@ var rechargeCases = []ledgerCase{
 		e.charge("acme", 1)
 		// The 4 credits came out of 2026's allowance, which expired with
 		// its period: the refund gives nothing back.
-		s, err := e.ledger.Settle(e.ctx, "acme", "late", 0)
+		s, err := e.ledger.Refund(e.ctx, "acme", "late")
 		if err != nil || s.Delta != 0 {
 			e.t.Fatalf("refund: %+v %v", s, err)
 		}
@@ -132,7 +132,7 @@ var rechargeCases = []ledgerCase{
 		}
 		e.clock.Set(midnight(2027, time.January, 1))
 		e.wantBalance(e.account("acme"), 7, 7, 0)
-		s, err := e.ledger.Settle(e.ctx, "acme", "big", 0)
+		s, err := e.ledger.Refund(e.ctx, "acme", "big")
 		if err != nil || s.Delta != 8 {
 			e.t.Fatalf("refund: %+v %v", s, err)
 		}
@@ -148,7 +148,7 @@ var rechargeCases = []ledgerCase{
 		}
 		e.clock.Set(midnight(2028, time.January, 2))
 		e.wantBalance(e.account("acme"), -1, -1, 0) // 3 - 7, then 3 - 4
-		if s, err := e.ledger.Settle(e.ctx, "acme", "deep", 0); err != nil || s.Delta != 4 {
+		if s, err := e.ledger.Refund(e.ctx, "acme", "deep"); err != nil || s.Delta != 4 {
 			e.t.Fatalf("refund: %+v %v", s, err)
 		}
 		e.wantBalance(e.account("acme"), 3, 3, 0)

@@ -16,15 +16,16 @@ import (
 //go:embed lib.lua
 var libLua string
 
-// KEYS: account, request marker, events, holds. ARGV[7..13]: feature, cost,
-// overdraft (0/1), overdraft limit (-1: none), request id, marker seconds,
-// attempt id.
+// KEYS: account, request marker, events, holds, kept response.
+// ARGV[7..15]: feature, cost, overdraft (0/1), overdraft limit (-1: none),
+// request id, marker seconds, attempt id, binding ('-': none), in-flight
+// seconds.
 //
 //go:embed charge.lua
 var chargeLua string
 
-// KEYS: account, request marker, events, holds. ARGV[7..8]: final cost,
-// request id.
+// KEYS: account, request marker, events, holds. ARGV[7..9]: final cost,
+// request id, 1 for a refund.
 //
 //go:embed settle.lua
 var settleLua string
@@ -34,6 +35,12 @@ var settleLua string
 //
 //go:embed void.lua
 var voidLua string
+
+// KEYS: request marker, kept response. ARGV[7..10]: attempt id, marker
+// seconds, 1 to keep the response (0: too large), the response.
+//
+//go:embed keep.lua
+var keepLua string
 
 // KEYS: account, events, holds. ARGV[7..12]: lease id, sync number, credits
 // wanted, credits to leave free, lifetime in ms, credits held unspent; then
@@ -89,6 +96,7 @@ var (
 	chargeScript   = redis.NewScript(libLua + chargeLua)
 	settleScript   = redis.NewScript(libLua + settleLua)
 	voidScript     = redis.NewScript(libLua + voidLua)
+	keepScript     = redis.NewScript(libLua + keepLua)
 	leaseScript    = redis.NewScript(libLua + leaseLua)
 	holdScript     = redis.NewScript(libLua + holdLua)
 	captureScript  = redis.NewScript(libLua + captureLua)
@@ -111,6 +119,8 @@ const (
 	codeVoided    = 5
 	codeWrongType = 6
 	codeEnded     = 7
+	codeInFlight  = 8
+	codeMismatch  = 9
 )
 
 // ErrWrongType means a key the script needs holds another type of data

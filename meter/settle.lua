@@ -1,5 +1,6 @@
 -- KEYS: account, request marker, events, holds. ARGV[7] the request's final
--- cost (0 refunds it all), ARGV[8] request id.
+-- cost, ARGV[8] request id, ARGV[9] 1 when the call failed and is refunded
+-- (its request id is free again; the final cost is then 0).
 --
 -- Returns {code, balance, delta}: code OK settled (delta is the change to
 -- the balance), REPEAT settled before (nothing written), NOT_FOUND no charge
@@ -19,7 +20,7 @@ if m.state ~= 'c' then
 end
 local acc = open(account_key)
 sweep(acc, holds_key)
-local delta = settle_to(acc, m, actual, request_id)
+local delta = settle_to(acc, m, actual, request_id, ARGV[9] == '1')
 commit(account_key, events_key, acc)
 write_holds(holds_key, acc)
 write_marker(marker_key, m)

@@ -25,7 +25,7 @@ if m.attempt ~= attempt or m.state ~= 'c' or m.relied == '1' then
 end
 local acc = open(account_key)
 sweep(acc, holds_key)
-local delta = settle_to(acc, m, 0, request_id)
+local delta = settle_to(acc, m, 0, request_id, true)
 commit(account_key, events_key, acc)
 write_holds(holds_key, acc)
 write_marker(marker_key, m)

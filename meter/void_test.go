@@ -50,7 +50,7 @@ var voidCases = []ledgerCase{
 			e.t.Fatalf("a voided attempt charged: %v", err)
 		}
 		e.wantBalance(e.account("acme"), 9, 9, 0)
-		if _, err := e.ledger.Settle(e.ctx, "acme", "r1", 0); !errors.Is(err, ErrUnknownRequest) {
+		if _, err := e.ledger.Refund(e.ctx, "acme", "r1"); !errors.Is(err, ErrUnknownRequest) {
 			e.t.Fatalf("settle of a voided request: %v", err)
 		}
 		// A client's retry with the same request id is a new attempt and

@@ -1,0 +1,97 @@
+package meter
+
+import (
+	"errors"
+	"testing"
+	"time"
+)
+
+func init() {
+	ledgerCases = append(ledgerCases, idempotencyCases...)
+}
+
+var idempotencyCases = []ledgerCase{
+	{name: "a call with a key is charged once, in flight, then answered its kept response", cfg: plan10, run: func(e *env) {
+		bind := Binding("POST", "/rich-text/x", "rich-text", 2)
+		first := ChargeRequest{Org: "acme", Feature: "rich-text", Cost: 2, RequestID: "i:k1", Binding: bind}
+		r, err := e.ledger.Charge(e.ctx, first)
+		if err != nil || !r.Charged || r.Replay {
+			e.t.Fatalf("first: %+v %v", r, err)
+		}
+		retry := first
+		retry.Attempt = ""
+		if _, err := e.ledger.Charge(e.ctx, retry); !errors.Is(err, ErrInFlight) {
+			e.t.Fatalf("a retry while the first is in flight: %v", err)
+		}
+		other := retry
+		other.Binding = Binding("POST", "/rich-text/y", "rich-text", 2)
+		if _, err := e.ledger.Charge(e.ctx, other); !errors.Is(err, ErrMismatch) {
+			e.t.Fatalf("another call with the key: %v", err)
+		}
+		if err := e.ledger.Keep(e.ctx, "acme", "i:k1", "someone-else", []byte("x")); !errors.Is(err, ErrUnknownRequest) {
+			e.t.Fatalf("another attempt kept a response: %v", err)
+		}
+		if err := e.ledger.Keep(e.ctx, "acme", "i:k1", r.Attempt, []byte("200 the answer")); err != nil {
+			e.t.Fatal(err)
+		}
+		got, err := e.ledger.Charge(e.ctx, retry)
+		if err != nil || !got.Replay || string(got.Kept) != "200 the answer" || got.Balance != 8 {
+			e.t.Fatalf("a retry after the first completed: %+v %v", got, err)
+		}
+		if _, err := e.ledger.Charge(e.ctx, other); !errors.Is(err, ErrMismatch) {
+			e.t.Fatalf("another call with a completed key: %v", err)
+		}
+		// The kept response lives as long as the marker.
+		if ttl := e.rdb.TTL(e.ctx, e.ledger.Keys().Kept("acme", "i:k1")).Val(); ttl < 23*time.Hour {
+			e.t.Fatalf("the kept response expires in %s", ttl)
+		}
+		e.wantBalance(e.account("acme"), 8, 8, 0)
+		e.checkEvents("acme")
+	}},
+	{name: "a refunded key is free again, a key settled to 0 is not", cfg: plan10, run: func(e *env) {
+		req := ChargeRequest{Org: "acme", Feature: "rich-text", Cost: 3, RequestID: "i:k", Binding: "b1"}
+		r, err := e.ledger.Charge(e.ctx, req)
+		if err != nil || !r.Charged {
+			e.t.Fatalf("%+v %v", r, err)
+		}
+		if _, err := e.ledger.Refund(e.ctx, "acme", "i:k"); err != nil {
+			e.t.Fatal(err)
+		}
+		// A refund can be a new call altogether.
+		req.Attempt, req.Binding = "", "b2"
+		r, err = e.ledger.Charge(e.ctx, req)
+		if err != nil || !r.Charged || r.Replay || r.Balance != 7 {
+			e.t.Fatalf("after a refund: %+v %v", r, err)
+		}
+		if _, err := e.ledger.Settle(e.ctx, "acme", "i:k", 0); err != nil {
+			e.t.Fatal(err)
+		}
+		if err := e.ledger.Keep(e.ctx, "acme", "i:k", r.Attempt, nil); err != nil {
+			e.t.Fatal(err)
+		}
+		req.Attempt = ""
+		got, err := e.ledger.Charge(e.ctx, req)
+		if err != nil || !got.Replay || got.Kept != nil {
+			e.t.Fatalf("after a settle to 0 whose response was not kept: %+v %v", got, err)
+		}
+		// A refund after the response was kept changes nothing: another
+		// call was answered by this one.
+		if s, err := e.ledger.Refund(e.ctx, "acme", "i:k"); err != nil || !s.Repeat {
+			e.t.Fatalf("a refund of a completed call: %+v %v", s, err)
+		}
+		e.wantBalance(e.account("acme"), 10, 10, 0)
+		e.checkEvents("acme")
+	}},
+}
+
+func TestBinding(t *testing.T) {
+	a := Binding("POST", "/a", "f", 1)
+	for _, b := range []string{Binding("GET", "/a", "f", 1), Binding("POST", "/b", "f", 1), Binding("POST", "/a", "g", 1), Binding("POST", "/a", "f", 2)} {
+		if a == b {
+			t.Fatalf("two calls bind alike: %s", a)
+		}
+	}
+	if a != Binding("POST", "/a", "f", 1) {
+		t.Fatal("one call binds two ways")
+	}
+}

@@ -1,0 +1,29 @@
+-- KEYS: request marker, the request's kept response. ARGV[7] attempt id,
+-- ARGV[8] marker lifetime in seconds, ARGV[9] 1 to keep ARGV[10] (the
+-- response, as the gateway wrote it), 0 when it was too large to keep.
+--
+-- Marks a call with an Idempotency-Key done, once its response has gone
+-- out: every later call with the key is answered the kept response (or told
+-- it was too large), for the marker's lifetime. Only the attempt that
+-- charged may, and only while its charge stands.
+-- Returns {code}: OK kept, REPEAT done before, NOT_FOUND no charge of this
+-- attempt stands (nothing written).
+local bad = check_types({'string', 'string'})
+if bad then return bad end
+local marker_key, kept_key = KEYS[1], KEYS[2]
+local attempt = ARGV[7]
+local marker_ttl = ARGV[8]
+
+local m = parse_marker(redis.call('GET', marker_key))
+if not m or m.attempt ~= attempt or marker_free(m) then
+  return {NOT_FOUND}
+end
+if m.state == 'd' then
+  return {REPEAT}
+end
+m.state = 'd'
+write_marker(marker_key, m, marker_ttl)
+if ARGV[9] == '1' then
+  redis.call('SET', kept_key, ARGV[10], 'EX', marker_ttl)
+end
+return {OK}
