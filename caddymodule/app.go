@@ -68,13 +68,19 @@ type App struct {
 	// (twice Lease is always left free), so the last credits are charged
 	// call by call, exactly. Calls with an Idempotency-Key are never leased.
 	Lease int64 `json:"lease,omitempty"`
+	// IdempotencyStore is the largest response, in bytes, kept for the
+	// retries of a call with an Idempotency-Key (they are answered it
+	// without an upstream call); default 1 MiB, at most 16 MiB; 0 keeps none
+	// (a retry of a completed call is then answered 409).
+	IdempotencyStore *int64 `json:"idempotency_store,omitempty"`
 
-	ledger  *meter.Ledger
-	leaser  *meter.Leaser
-	store   *store
-	poolKey string
-	metrics *metrics
-	logger  *zap.Logger
+	ledger    *meter.Ledger
+	leaser    *meter.Leaser
+	keepLimit int64
+	store     *store
+	poolKey   string
+	metrics   *metrics
+	logger    *zap.Logger
 }
 
 // CaddyModule returns the Caddy module information.
@@ -87,6 +93,12 @@ func (App) CaddyModule() caddy.ModuleInfo {
 
 // DefaultBacklog is the default size of the fail-open backlog.
 const DefaultBacklog = 10000
+
+// Limits of IdempotencyStore.
+const (
+	defaultIdempotencyStore = 1 << 20
+	maxIdempotencyStore     = 16 << 20
+)
 
 // clockOffsetEnv names the environment variable that moves the gateway's
 // clock by a duration, for tests of clock skew between gateways.
@@ -105,6 +117,10 @@ func (a *App) Provision(ctx caddy.Context) error {
 	// Checked before the backlog is allocated.
 	if err := a.Validate(); err != nil {
 		return err
+	}
+	a.keepLimit = defaultIdempotencyStore
+	if a.IdempotencyStore != nil {
+		a.keepLimit = *a.IdempotencyStore
 	}
 	var plan meter.Plan
 	if a.DefaultPlan != nil {
@@ -185,6 +201,9 @@ func (a *App) Validate() error {
 	}
 	if a.Lease < 0 || a.Lease > policy.MaxCost {
 		return fmt.Errorf("credits: lease %d: must be 1 to %d", a.Lease, policy.MaxCost)
+	}
+	if a.IdempotencyStore != nil && (*a.IdempotencyStore < 0 || *a.IdempotencyStore > maxIdempotencyStore) {
+		return fmt.Errorf("credits: idempotency_store %d: must be 0 to %d bytes", *a.IdempotencyStore, maxIdempotencyStore)
 	}
 	if a.Backlog < 0 || a.Backlog > maxBacklog {
 		return fmt.Errorf("credits: backlog %d: must be 1 to %d", a.Backlog, maxBacklog)

@@ -3,6 +3,7 @@ package caddymodule
 import (
 	"errors"
 	"fmt"
+	"github.com/dustin/go-humanize"
 	"net"
 	"net/url"
 	"strconv"
@@ -194,6 +195,17 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.WrapErr(err)
 			}
 			a.Lease = n
+		case "idempotency_store":
+			v, err := singleArg(d)
+			if err != nil {
+				return err
+			}
+			n, err := humanize.ParseBytes(v)
+			if err != nil || n > maxIdempotencyStore {
+				return d.WrapErr(inputError("idempotency_store", v, "must be a size such as 1MiB, at most 16MiB; 0 keeps none"))
+			}
+			size := int64(n)
+			a.IdempotencyStore = &size
 		default:
 			return d.Errf("unrecognized subdirective '%s'", sub)
 		}

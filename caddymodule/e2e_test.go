@@ -24,7 +24,10 @@ import (
 
 // upstream is a real HTTP server standing in for an AI backend. It records
 // what it receives; the path tells it how to answer: /fail answers 500,
-// /usage/<n> sets Credits-Usage: n.
+// /usage/<n> sets Credits-Usage: n, /usage-raw sends the X-Usage request
+// header's values as Credits-Usage, /trailer/<n> sends Credits-Usage: n as a
+// declared trailer, /hints sends a 103 with Credits headers first, /slow
+// answers after a second, and /hang holds the call until the gateway or the client gives up.
 type upstream struct {
 	*httptest.Server
 	mu       sync.Mutex
@@ -60,6 +63,33 @@ func startUpstream(t *testing.T) *upstream {
 		w.Header().Set("Credits-Remaining", "999999")
 		if _, n, ok := strings.Cut(r.URL.Path, "/usage/"); ok {
 			w.Header().Set("Credits-Usage", n)
+		}
+		if strings.HasSuffix(r.URL.Path, "/usage-raw") {
+			w.Header()["Credits-Usage"] = r.Header.Values("X-Usage")
+		}
+		if strings.HasSuffix(r.URL.Path, "/hints") {
+			w.Header().Set("Credits-Notice", "exhausted")
+			w.Header().Set("Link", "</style.css>; rel=preload")
+			w.WriteHeader(http.StatusEarlyHints)
+			w.Header().Del("Credits-Notice")
+			w.Header().Del("Link")
+		}
+		if _, n, ok := strings.Cut(r.URL.Path, "/trailer/"); ok {
+			w.Header().Set("Trailer", "Credits-Usage, X-Checksum")
+			w.Header().Set("Content-Type", "text/plain")
+			io.WriteString(w, "streamed answer\n")
+			w.Header().Set("Credits-Usage", n)
+			w.Header().Set("X-Checksum", "abc")
+			w.Header().Set(http.TrailerPrefix+"Credits-Notice", "low")
+			return
+		}
+		if strings.HasSuffix(r.URL.Path, "/slow") {
+			// A second, as a generative call takes.
+			select {
+			case <-time.After(time.Second):
+			case <-r.Context().Done():
+				return
+			}
 		}
 		if strings.HasSuffix(r.URL.Path, "/hang") {
 			// Hold the call until the gateway gives up on it.
@@ -553,16 +583,25 @@ func TestWire(t *testing.T) {
 		}
 	})
 
-	t.Run("Idempotency-Key charges once", func(t *testing.T) {
+	t.Run("Idempotency-Key charges once and replays the kept response", func(t *testing.T) {
 		g.t = t
 		before := g.upstream.calls.Load()
 		first := g.call("/rich-text/generate", "idem", "Idempotency-Key", "order-42")
-		again := g.call("/background-removal/remove", "idem", "Idempotency-Key", "order-42", "X-Cost", "1")
-		wantHeaders(t, first, map[string]string{"Credits-Charged": "1", "Credits-Remaining": "4"})
+		wantHeaders(t, first, map[string]string{"Credits-Charged": "1", "Credits-Remaining": "4", "Idempotent-Replayed": ""})
+		if g.upstream.calls.Load() != before+1 || g.upstream.last(t).Header.Get("Idempotency-Key") != "order-42" {
+			t.Fatal("the first call did not reach the upstream with its key")
+		}
+		again := g.call("/rich-text/generate", "idem", "Idempotency-Key", "order-42")
 		wantStatus(t, again, http.StatusOK)
-		wantHeaders(t, again, map[string]string{"Credits-Charged": "0"})
-		if g.upstream.calls.Load() != before+2 || g.upstream.last(t).Header.Get("Idempotency-Key") != "order-42" {
-			t.Fatal("the replay did not reach the upstream with its key")
+		wantHeaders(t, again, map[string]string{"Credits-Charged": "0", "Idempotent-Replayed": "true", "Content-Type": "text/plain"})
+		if !bytes.Equal(again.body, first.body) {
+			t.Fatalf("replay body %q, first %q", again.body, first.body)
+		}
+		// The same key on another route, cost or method is another call.
+		other := g.call("/background-removal/remove", "idem", "Idempotency-Key", "order-42", "X-Cost", "1")
+		wantStatus(t, other, http.StatusUnprocessableEntity)
+		if g.upstream.calls.Load() != before+1 {
+			t.Fatal("a replay or a mismatched key reached the upstream")
 		}
 		if b := g.balance("idem"); b != 4 {
 			t.Fatalf("balance %d, want 4", b)

@@ -4,12 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"net/textproto"
-	"strconv"
 	"strings"
-	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -24,9 +21,9 @@ func init() {
 	caddy.RegisterModule(Handler{})
 }
 
-// Handler meters each request against an org's credits: it charges before
-// the request goes on, refuses it when the credits are gone (as the route
-// says), and settles the charge from the response: a refund when the
+// Handler meters each request against an org's credits: it pays for the
+// call before it goes on, refuses it when the credits are gone (as the route
+// says), and settles the payment from the response: a refund when the
 // upstream fails, the upstream's Credits-Usage when it sets one.
 type Handler struct {
 	// Org is the org to charge; placeholders are allowed, e.g.
@@ -60,7 +57,7 @@ type Handler struct {
 	costValue placeholder
 	failOpen  bool
 	logger    *zap.Logger
-	outcomes  map[string]prometheus.Counter
+	outcomes  [policy.NumOutcomes]prometheus.Counter
 	charged   prometheus.Counter
 }
 
@@ -100,13 +97,7 @@ func headerValue(h http.Header, name string) string {
 }
 
 // count counts a call's outcome.
-func (h *Handler) count(outcome string) {
-	if c, ok := h.outcomes[outcome]; ok {
-		c.Inc()
-		return
-	}
-	h.app.metrics.requests.WithLabelValues(h.Feature, outcome).Inc()
-}
+func (h *Handler) count(o policy.Outcome) { h.outcomes[o].Inc() }
 
 // CaddyModule returns the Caddy module information.
 func (Handler) CaddyModule() caddy.ModuleInfo {
@@ -153,9 +144,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.app = app
 	h.org, h.costValue = newPlaceholder(h.Org), newPlaceholder(h.Cost)
-	h.outcomes = make(map[string]prometheus.Counter)
-	for _, o := range []string{"forwarded", "low", "overdraft", "blocked", "notice", "refunded", "replay", "unmetered", "unavailable", "invalid", "unauthenticated"} {
-		h.outcomes[o] = app.metrics.requests.WithLabelValues(h.Feature, o)
+	for o := range h.outcomes {
+		h.outcomes[o] = app.metrics.requests.WithLabelValues(h.Feature, policy.Outcome(o).String())
 	}
 	h.charged = app.metrics.charged.WithLabelValues(h.Feature)
 	h.route = policy.Route{Feature: h.Feature, Mode: mode, OverdraftLimit: limit, LowBalance: h.LowBalance, TopUpURL: app.TopUpURL}
@@ -190,132 +180,149 @@ func (h *Handler) Validate() error {
 }
 
 func containsPlaceholder(s string) bool {
-	for i := 0; i < len(s); i++ {
-		if s[i] == '{' {
-			return true
-		}
-	}
-	return false
+	return strings.IndexByte(s, '{') >= 0
 }
 
-// ServeHTTP charges, decides and, for a forwarded call, settles the charge
-// before the response's headers go out.
+// call is one metered call, resolved from its request.
+type call struct {
+	org  string
+	cost int64
+	// key is the call's Idempotency-Key, or empty.
+	key string
+}
+
+// ServeHTTP resolves the call, obtains one payment for it (or an answer
+// that needs no upstream call), and passes it on through the one writer
+// that settles the payment.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	stripCreditsHeaders(r.Header)
 	if headerValue(r.Header, "Origin") != "" {
 		w.Header().Add("Access-Control-Expose-Headers", policy.ExposeHeaders)
 	}
-	org := h.org.value(r)
-	if err := policy.ValidateOrg(org); err != nil {
+	if policy.IsPreflight(r.Method, r.Header) {
+		// A browser sends no credentials with a preflight: it names no
+		// org, and the call it asks about pays for itself.
+		h.count(policy.Preflight)
+		return next.ServeHTTP(w, r)
+	}
+	c, o, p := h.resolve(r)
+	if p != nil {
+		return h.refuse(w, r, o, p)
+	}
+	pay, ans := h.pay(r, c)
+	if ans != nil {
+		return ans(w, r)
+	}
+	cw := newCreditsWriter(w, h, c, pay)
+	return cw.serve(next, r)
+}
+
+// resolve reads the call's org, cost and Idempotency-Key, or the problem
+// with them.
+func (h *Handler) resolve(r *http.Request) (call, policy.Outcome, *policy.Problem) {
+	c := call{org: h.org.value(r), cost: h.cost}
+	if err := policy.ValidateOrg(c.org); err != nil {
 		if errors.Is(err, policy.ErrOrgMissing) {
-			return h.refuse(w, r, "unauthenticated", policy.OrgMissing())
+			return call{}, policy.Unauthenticated, policy.OrgMissing()
 		}
-		return h.refuse(w, r, "invalid", policy.Invalid(err))
+		return call{}, policy.BadInput, policy.Invalid(err)
 	}
-	cost := h.cost
-	if cost == 0 {
+	if c.cost == 0 {
 		var err error
-		if cost, err = policy.ParseCost(h.costValue.value(r)); err != nil {
-			return h.refuse(w, r, "invalid", policy.Invalid(err))
+		if c.cost, err = policy.ParseCost(h.costValue.value(r)); err != nil {
+			return call{}, policy.BadInput, policy.Invalid(err)
 		}
 	}
-	key := headerValue(r.Header, "Idempotency-Key")
-	if key != "" {
-		if err := policy.ValidateIdempotencyKey(key); err != nil {
-			return h.refuse(w, r, "invalid", policy.Invalid(err))
+	if c.key = headerValue(r.Header, "Idempotency-Key"); c.key != "" {
+		if err := policy.ValidateIdempotencyKey(c.key); err != nil {
+			return call{}, policy.BadInput, policy.Invalid(err)
 		}
+	}
+	return c, 0, nil
+}
+
+// answer writes a response that needs no upstream call.
+type answer func(http.ResponseWriter, *http.Request) error
+
+// pay obtains the call's payment: from this gateway's lease, by a charge,
+// or, on a fail_mode open route whose store does not answer, deferred to
+// the backlog. Where the call must not go upstream (refused, a replay of a
+// completed call, a key in flight, the store down) it returns the answer
+// instead.
+func (h *Handler) pay(r *http.Request, c call) (payment, answer) {
+	var storeErr error
+	if ls := h.app.leaser; ls != nil && c.key == "" {
+		balance, ok, err := ls.Spend(c.org, h.Feature, c.cost)
+		if ok {
+			return &leasedPayment{leaser: ls, org: c.org, feature: h.Feature, cost: c.cost, balance: balance}, nil
+		}
+		storeErr = err
 	}
 
-	var leaseErr error
-	if ls := h.app.leaser; ls != nil && key == "" {
-		balance, ok, err := ls.Spend(org, h.Feature, cost)
-		if ok {
-			d := policy.Decide(h.route, org, policy.Answer{Charged: true, Balance: balance, Cost: cost})
-			sw := &settleWriter{ResponseWriterWrapper: caddyhttp.ResponseWriterWrapper{ResponseWriter: w},
-				h: h, org: org, cost: cost, decision: d, leased: true}
-			return sw.serve(next, r)
-		}
-		leaseErr = err
+	// The attempt id tells this call apart from a client's retry of it with
+	// the same Idempotency-Key.
+	attempt := meter.NewRequestID()
+	charge := meter.ChargeRequest{
+		Org: c.org, Feature: h.Feature, Cost: c.cost, RequestID: "g:" + attempt, Attempt: attempt,
+		Overdraft: h.route.Mode == policy.Overdraft, OverdraftLimit: h.route.OverdraftLimit,
+	}
+	if c.key != "" {
+		charge.RequestID = "i:" + c.key
+		charge.Binding = meter.Binding(r.Method, r.URL.Path, h.Feature, c.cost)
+	}
+	if storeErr != nil {
+		// The lease needed the store and it did not answer in time: the
+		// call is answered as when a charge does not get through.
+		h.app.metrics.storeErrors.Inc()
+		return h.storeDown(charge, storeErr)
 	}
 
 	// The client going away must not cut a charge or a settle in half: the
 	// store calls run to their own deadline.
 	ctx := context.WithoutCancel(r.Context())
-
-	// The attempt id tells this call apart from a client's retry of it with
-	// the same Idempotency-Key.
-	attempt := meter.NewRequestID()
-	requestID := "g:" + attempt
-	if key != "" {
-		requestID = "i:" + key
-	}
-	charge := meter.ChargeRequest{
-		Org: org, Feature: h.Feature, Cost: cost, RequestID: requestID, Attempt: attempt,
-		Overdraft: h.route.Mode == policy.Overdraft, OverdraftLimit: h.route.OverdraftLimit,
-	}
-	m := h.app.metrics
-	if leaseErr != nil {
-		// The lease needed the store and it did not answer in time: the
-		// call is answered as when a charge does not get through.
-		m.storeErrors.Inc()
-		return h.storeDown(w, r, next, charge, leaseErr)
-	}
-	start := time.Now()
 	res, err := h.app.ledger.Charge(ctx, charge)
-	m.storeDuration.Observe(time.Since(start).Seconds())
-	if err != nil {
-		m.storeErrors.Inc()
-		return h.storeDown(w, r, next, charge, err)
+	h.observeStore(err)
+	switch {
+	case errors.Is(err, meter.ErrInFlight):
+		return nil, h.conflict(policy.InFlight, policy.KeyInFlight())
+	case errors.Is(err, meter.ErrMismatch):
+		return nil, h.conflict(policy.KeyMismatch, policy.KeyMismatched())
+	case err != nil:
+		return h.storeDown(charge, err)
+	case res.Replay && res.Kept == nil:
+		return nil, h.conflict(policy.Replayed, policy.KeyNotKept())
+	case res.Replay:
+		return nil, h.replay(res)
 	}
-
-	d := policy.Decide(h.route, org, policy.Answer{Charged: res.Charged, Balance: res.Balance, Cost: cost, Replay: res.Replay})
+	d := policy.Decide(h.route, c.org, policy.Answer{Charged: res.Charged, Balance: res.Balance, Cost: c.cost})
 	if !d.Forward {
-		setCreditsHeaders(w.Header(), d, nil)
-		return h.refuse(w, r, d.Outcome.String(), d.Problem)
+		return nil, func(w http.ResponseWriter, r *http.Request) error {
+			setCreditsHeaders(w.Header(), d, nil)
+			return h.refuse(w, r, d.Outcome, d.Problem)
+		}
 	}
-	if res.Replay {
-		// The first call with this Idempotency-Key paid; this one rides on it.
-		setCreditsHeaders(w.Header(), d, nil)
-		h.count("replay")
-		return next.ServeHTTP(w, r)
-	}
-
-	sw := &settleWriter{ResponseWriterWrapper: caddyhttp.ResponseWriterWrapper{ResponseWriter: w},
-		h: h, ctx: ctx, org: org, requestID: requestID, cost: cost, decision: d}
-	return sw.serve(next, r)
+	return &chargedPayment{h: h, ctx: ctx, org: c.org, requestID: charge.RequestID, attempt: attempt,
+		cost: c.cost, balance: res.Balance, keyed: c.key != ""}, nil
 }
 
-// serve passes the call on and settles it however it ends: with a response,
-// with an error and no response (refunded as the error's status says), or
-// with a panic further down (refunded, then the panic goes on).
-func (sw *settleWriter) serve(next caddyhttp.Handler, r *http.Request) (err error) {
-	defer func() {
-		if sw.settled {
-			return
-		}
-		if p := recover(); p != nil {
-			sw.settle(http.StatusInternalServerError)
-			panic(p)
-		}
-		sw.settle(statusOf(err))
-	}()
-	return next.ServeHTTP(sw, r)
+// observeStore counts a store call of the request path.
+func (h *Handler) observeStore(err error) {
+	if err != nil && !errors.Is(err, meter.ErrInFlight) && !errors.Is(err, meter.ErrMismatch) {
+		h.app.metrics.storeErrors.Inc()
+	}
 }
 
-// storeDown answers a call whose charge the store did not take: 503 when
-// failing closed; when failing open, the call goes on and its charge waits
-// in the backlog.
-func (h *Handler) storeDown(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, charge meter.ChargeRequest, err error) error {
+// storeDown pays for a call whose charge the store did not take: when
+// failing open, the call goes on and its charge waits in the backlog; when
+// failing closed, it is answered 503.
+func (h *Handler) storeDown(charge meter.ChargeRequest, err error) (payment, answer) {
 	if h.failOpen {
 		charge.Overdraft, charge.OverdraftLimit = true, meter.NoLimit
 		if h.app.store.later(deferred{ledger: h.app.ledger, charge: &charge}) {
 			h.app.metrics.unmetered.Inc()
-			h.count("unmetered")
 			h.logger.Warn("store did not answer; forwarding and charging later",
 				zap.String("feature", h.Feature), zap.String("request_id", charge.RequestID), zap.Error(err))
-			sw := &settleWriter{ResponseWriterWrapper: caddyhttp.ResponseWriterWrapper{ResponseWriter: w},
-				h: h, org: charge.Org, requestID: charge.RequestID, cost: charge.Cost, deferredCharge: true}
-			return sw.serve(next, r)
+			return &deferredPayment{h: h, charge: charge}, nil
 		}
 		h.logger.Error("store did not answer and the fail-open backlog is full; refusing", zap.String("feature", h.Feature))
 	} else {
@@ -327,28 +334,50 @@ func (h *Handler) storeDown(w http.ResponseWriter, r *http.Request, next caddyht
 		h.logger.Error("could not queue the void of a charge with an unknown outcome; the backlog is full",
 			zap.String("request_id", charge.RequestID))
 	}
-	w.Header().Set("Retry-After", "1")
-	return h.refuse(w, r, "unavailable", policy.Unavailable())
+	return nil, func(w http.ResponseWriter, r *http.Request) error {
+		w.Header().Set("Retry-After", "1")
+		return h.refuse(w, r, policy.StoreDown, policy.Unavailable())
+	}
 }
 
-// statusClientClosed is the status Caddy gives a call whose client went
-// away before the upstream answered: the call did not complete.
-const statusClientClosed = 499
+// conflict answers a call whose Idempotency-Key cannot be used now.
+func (h *Handler) conflict(o policy.Outcome, p *policy.Problem) answer {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		if p.Status == http.StatusConflict {
+			w.Header().Set("Retry-After", "1")
+		}
+		return h.refuse(w, r, o, p)
+	}
+}
 
-func statusOf(err error) int {
-	if err == nil {
-		return http.StatusOK
+// replay answers a call whose Idempotency-Key's first call completed: its
+// kept response, without an upstream call.
+func (h *Handler) replay(res meter.ChargeResult) answer {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		kept, err := parseKept(res.Kept)
+		if err != nil {
+			h.logger.Error("a kept response does not parse", zap.String("request_id", res.RequestID), zap.Error(err))
+			return h.refuse(w, r, policy.Replayed, policy.KeyNotKept())
+		}
+		h.count(policy.Replayed)
+		hdr := w.Header()
+		for k, v := range kept.header {
+			hdr[k] = v
+		}
+		hdr.Set(policy.HeaderReplayed, "true")
+		setCreditsHeaders(hdr, policy.Decision{Remaining: res.Balance}, nil)
+		w.WriteHeader(kept.status)
+		if r.Method == http.MethodHead {
+			return nil
+		}
+		_, err = w.Write(kept.body)
+		return err
 	}
-	var herr caddyhttp.HandlerError
-	if errors.As(err, &herr) && herr.StatusCode != 0 {
-		return herr.StatusCode
-	}
-	return http.StatusInternalServerError
 }
 
 // refuse answers a call the gateway does not forward.
-func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, outcome string, p *policy.Problem) error {
-	h.count(outcome)
+func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, o policy.Outcome, p *policy.Problem) error {
+	h.count(o)
 	if p.Feature == "" && p.Status != http.StatusUnauthorized && p.Status != http.StatusBadRequest {
 		p.Feature = h.Feature
 	}
@@ -385,152 +414,9 @@ func writeProblem(w http.ResponseWriter, r *http.Request, p *policy.Problem) err
 	return err
 }
 
-func stripCreditsHeaders(h http.Header) {
-	for name := range h {
-		if policy.IsCreditsHeader(name) {
-			delete(h, name)
-		}
-	}
-}
-
-// setCreditsHeaders sets the Credits headers of a decision. vals, when not
-// nil, holds the values, so that a settled call allocates no slices for
-// them; it must belong to this response alone.
-func setCreditsHeaders(h http.Header, d policy.Decision, vals *[3]string) {
-	if vals == nil {
-		vals = new([3]string)
-	}
-	vals[0] = strconv.FormatInt(d.Remaining, 10)
-	vals[1] = strconv.FormatInt(d.Charged, 10)
-	h[policy.HeaderRemaining] = vals[0:1:1]
-	h[policy.HeaderCharged] = vals[1:2:2]
-	if d.Notice != "" {
-		vals[2] = d.Notice
-		h[policy.HeaderNotice] = vals[2:3:3]
-	}
-}
-
-// settleWriter settles a charged call when the response's status is known,
-// before its headers go to the client, so the Credits headers tell the
-// final truth.
-type settleWriter struct {
-	caddyhttp.ResponseWriterWrapper
-	h              *Handler
-	ctx            context.Context
-	org, requestID string
-	cost           int64
-	decision       policy.Decision
-	deferredCharge bool // fail open: the charge waits in the backlog
-	leased         bool // paid from this gateway's lease
-	settled        bool
-	headers        [3]string // the Credits header values
-}
-
-// settle refunds a failed call, applies the upstream's Credits-Usage, and
-// sets the Credits headers. A settle the store does not take in time waits
-// in the backlog.
-func (sw *settleWriter) settle(status int) {
-	sw.settled = true
-	h := sw.h
-	hdr := sw.Header()
-	usage, hasUsage := hdr[policy.HeaderUsage]
-	stripCreditsHeaders(hdr)
-
-	actual := sw.cost
-	switch {
-	case status >= 500 || status == statusClientClosed:
-		actual = 0
-	case hasUsage && len(usage) > 0:
-		n, err := strconv.ParseInt(usage[0], 10, 64)
-		if err != nil || n < 0 || n > policy.MaxCost {
-			h.logger.Warn("ignoring an invalid Credits-Usage from the upstream", zap.String("value", usage[0]), zap.String("feature", h.Feature))
-		} else {
-			actual = n
-		}
-	}
-
-	m := h.app.metrics
-	if sw.deferredCharge {
-		if actual != sw.cost && !h.app.store.later(deferred{ledger: h.app.ledger, org: sw.org, requestID: sw.requestID, actual: actual}) {
-			h.logger.Error("fail-open backlog full; settle lost", zap.String("request_id", sw.requestID))
-		}
-		h.charged.Add(float64(actual))
-		return
-	}
-
-	d := sw.decision
-	if sw.leased {
-		if actual != sw.cost {
-			balance := h.app.leaser.Adjust(sw.org, h.Feature, sw.cost, actual)
-			d = policy.Decide(h.route, sw.org, policy.Answer{Charged: true, Balance: balance, Cost: actual})
-		}
-	} else if actual != sw.cost {
-		start := time.Now()
-		res, err := h.app.ledger.Settle(sw.ctx, sw.org, sw.requestID, actual)
-		m.storeDuration.Observe(time.Since(start).Seconds())
-		balance := d.Remaining + sw.cost - actual
-		if err != nil {
-			m.storeErrors.Inc()
-			if !h.app.store.later(deferred{ledger: h.app.ledger, org: sw.org, requestID: sw.requestID, actual: actual}) {
-				h.logger.Error("store did not take a settle and the backlog is full; settle lost",
-					zap.String("request_id", sw.requestID), zap.Error(err))
-			}
-		} else {
-			balance = res.Balance
-		}
-		d = policy.Decide(h.route, sw.org, policy.Answer{Charged: true, Balance: balance, Cost: actual})
-	}
-	outcome := d.Outcome.String()
-	if actual == 0 && (status >= 500 || status == statusClientClosed) {
-		outcome = "refunded"
-	}
-	h.count(outcome)
-	h.charged.Add(float64(actual))
-	setCreditsHeaders(hdr, d, &sw.headers)
-}
-
-// WriteHeader settles on the final status, then sends the headers.
-func (sw *settleWriter) WriteHeader(status int) {
-	if !sw.settled && (status >= 200 || status == http.StatusSwitchingProtocols) {
-		sw.settle(status)
-	}
-	sw.ResponseWriter.WriteHeader(status)
-}
-
-// Write sends an implicit 200 through WriteHeader first.
-func (sw *settleWriter) Write(b []byte) (int, error) {
-	if !sw.settled {
-		sw.WriteHeader(http.StatusOK)
-	}
-	return sw.ResponseWriter.Write(b)
-}
-
-// ReadFrom keeps the wrapped writer's fast path without skipping the
-// settle.
-func (sw *settleWriter) ReadFrom(r io.Reader) (int64, error) {
-	if !sw.settled {
-		sw.WriteHeader(http.StatusOK)
-	}
-	return sw.ResponseWriterWrapper.ReadFrom(r)
-}
-
-// FlushError settles before the first flush sends the headers;
-// http.ResponseController finds it before unwrapping the writer.
-func (sw *settleWriter) FlushError() error {
-	if !sw.settled {
-		sw.WriteHeader(http.StatusOK)
-	}
-	return http.NewResponseController(sw.ResponseWriter).Flush()
-}
-
-// Flush is FlushError for callers that use http.Flusher.
-func (sw *settleWriter) Flush() { _ = sw.FlushError() }
-
 // Interface guards
 var (
 	_ caddy.Provisioner           = (*Handler)(nil)
 	_ caddy.Validator             = (*Handler)(nil)
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
-	_ http.Flusher                = (*settleWriter)(nil)
-	_ io.ReaderFrom               = (*settleWriter)(nil)
 )

@@ -42,9 +42,10 @@ type deferred struct {
 	ledger *meter.Ledger
 	charge *meter.ChargeRequest
 	lease  *meter.LeaseSync
-	// For a settle or a void:
+	// For a settle, a refund or a void:
 	org, requestID string
 	actual         int64
+	refund         bool
 	void           string // the attempt to void
 }
 
@@ -155,7 +156,12 @@ func (s *store) call(d deferred) error {
 		}
 		return err
 	}
-	_, err := d.ledger.Settle(ctx, d.org, d.requestID, d.actual)
+	var err error
+	if d.refund {
+		_, err = d.ledger.Refund(ctx, d.org, d.requestID)
+	} else {
+		_, err = d.ledger.Settle(ctx, d.org, d.requestID, d.actual)
+	}
 	return err
 }
 

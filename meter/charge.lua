@@ -15,7 +15,8 @@
 -- written, not even for an org Redis has never seen), REPEAT an earlier call
 -- with this request id completed (its balance and cost; kept is its kept
 -- response, or false when it was too large to keep), IN_FLIGHT an earlier
--- call with this request id has not completed, MISMATCH the earlier call's
+-- call with this request id and a binding has not completed (charged, or
+-- settled and its response not yet kept), MISMATCH the earlier call's
 -- binding differs, VOIDED this attempt was voided (nothing charged). A
 -- request refunded in full, refused, or voided by another attempt, is free to
 -- charge again.
@@ -41,7 +42,7 @@ if m and not marker_free(m) then
   if m.bind ~= bind then
     return {MISMATCH, m.balance, 0}
   end
-  if m.state == 'c' and bind ~= '-' then
+  if (m.state == 'c' or m.state == 'u') and bind ~= '-' then
     return {IN_FLIGHT, m.balance, 0}
   end
   if m.relied ~= '1' then

@@ -77,8 +77,8 @@ type Answer struct {
 	Replay bool
 }
 
-// Outcome classifies a Decision; its String is the outcome label of the
-// gateway's metrics.
+// Outcome is how a metered call ended; its String is the outcome label of
+// the gateway's metrics. Decide gives the first five; the handler the rest.
 type Outcome uint8
 
 const (
@@ -95,21 +95,57 @@ const (
 	// RefuseNotice means the call is refused on a Notice route, with a 402
 	// problem and Credits-Notice: exhausted.
 	RefuseNotice
+	// Refunded means the upstream failed (5xx, no answer, or the client
+	// went away first) and the call's charge was given back.
+	Refunded
+	// Replayed means a call with an Idempotency-Key that completed before
+	// was answered its kept response, without an upstream call.
+	Replayed
+	// InFlight means a call with an Idempotency-Key whose first call has
+	// not completed was refused with 409.
+	InFlight
+	// KeyMismatch means a call with an Idempotency-Key that an earlier,
+	// different call used was refused with 422.
+	KeyMismatch
+	// Unmetered means the store did not answer and the call went upstream
+	// on a fail_mode open route; it is charged once the store answers.
+	Unmetered
+	// StoreDown means the store did not answer and the call was refused
+	// with 503.
+	StoreDown
+	// BadInput means the call's org, cost or Idempotency-Key was invalid.
+	BadInput
+	// Unauthenticated means the call named no org.
+	Unauthenticated
+	// Preflight means a CORS preflight went upstream uncharged.
+	Preflight
+
+	// NumOutcomes is the number of outcomes, for arrays indexed by them.
+	NumOutcomes
 )
 
 // outcomeNames holds each Outcome's metrics label, indexed by Outcome.
-var outcomeNames = [...]string{
+var outcomeNames = [NumOutcomes]string{
 	Forward:          "forwarded",
 	ForwardLow:       "low",
 	ForwardOverdraft: "overdraft",
 	Refuse:           "blocked",
 	RefuseNotice:     "notice",
+	Refunded:         "refunded",
+	Replayed:         "replay",
+	InFlight:         "in_flight",
+	KeyMismatch:      "key_mismatch",
+	Unmetered:        "unmetered",
+	StoreDown:        "unavailable",
+	BadInput:         "invalid",
+	Unauthenticated:  "unauthenticated",
+	Preflight:        "preflight",
 }
 
-// String returns the outcome's metrics label: "forwarded", "low",
-// "overdraft", "blocked" or "notice".
+// String returns the outcome's metrics label, e.g. "forwarded" or
+// "blocked".
 func (o Outcome) String() string {
-	if int(o) < len(outcomeNames) {
+	if o < NumOutcomes {
 		return outcomeNames[o]
 	}
 	return "Outcome(" + strconv.Itoa(int(o)) + ")"

@@ -24,6 +24,15 @@ const (
 	// TypeStoreUnavailable identifies a 503: the credit store did not answer
 	// in time.
 	TypeStoreUnavailable = "https://creditsgw.dev/problems/store-unavailable"
+	// TypeKeyInFlight is the type of the 409 of a call whose
+	// Idempotency-Key's first call is in flight.
+	TypeKeyInFlight = "https://creditsgw.dev/problems/idempotency-key-in-flight"
+	// TypeKeyNotKept is the type of the 409 of a call whose
+	// Idempotency-Key's first call's response was too large to keep.
+	TypeKeyNotKept = "https://creditsgw.dev/problems/idempotency-response-not-kept"
+	// TypeKeyMismatch is the type of the 422 of a call whose
+	// Idempotency-Key an earlier, different call used.
+	TypeKeyMismatch = "https://creditsgw.dev/problems/idempotency-key-mismatch"
 )
 
 // Problem is an RFC 9457 problem details body.

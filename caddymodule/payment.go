@@ -1,0 +1,125 @@
+package caddymodule
+
+import (
+	"context"
+
+	"go.uber.org/zap"
+
+	"github.com/creditsgw/caddy-credits/meter"
+	"github.com/creditsgw/caddy-credits/policy"
+)
+
+// payment is how a forwarded call was paid for. Each kind settles through
+// the same two methods, so the request path has one way to the upstream.
+type payment interface {
+	// paid is the balance after the payment, and whether it is known (a
+	// deferred charge's is not).
+	paid() (balance int64, known bool)
+	// settle sets the call's final cost: refunded in full when the call
+	// failed, else actual. It returns the balance after, and whether it is
+	// known.
+	settle(actual int64, refund bool) (balance int64, known bool)
+	// completed is told that the call's response went out whole; kept is
+	// the response to keep for the retries of a call with an
+	// Idempotency-Key, nil when it was too large or did not complete.
+	completed(kept []byte)
+}
+
+// chargedPayment is a charge of the call's own in the ledger.
+type chargedPayment struct {
+	h                       *Handler
+	ctx                     context.Context
+	org, requestID, attempt string
+	cost, balance           int64
+	keyed                   bool // the call has an Idempotency-Key
+}
+
+func (p *chargedPayment) paid() (int64, bool) { return p.balance, true }
+
+func (p *chargedPayment) settle(actual int64, refund bool) (int64, bool) {
+	if actual == p.cost && !refund {
+		return p.balance, true
+	}
+	ledger := p.h.app.ledger
+	var (
+		res meter.SettleResult
+		err error
+	)
+	if refund {
+		actual = 0
+		res, err = ledger.Refund(p.ctx, p.org, p.requestID)
+	} else {
+		res, err = ledger.Settle(p.ctx, p.org, p.requestID, actual)
+	}
+	p.h.observeStore(err)
+	if err != nil {
+		d := deferred{ledger: ledger, org: p.org, requestID: p.requestID, actual: actual, refund: refund}
+		if !p.h.app.store.later(d) {
+			p.h.logger.Error("store did not take a settle and the backlog is full; settle lost",
+				zap.String("request_id", p.requestID), zap.Error(err))
+		}
+		return p.balance + p.cost - actual, false
+	}
+	return res.Balance, true
+}
+
+func (p *chargedPayment) completed(kept []byte) {
+	if !p.keyed {
+		return
+	}
+	if err := p.h.app.ledger.Keep(p.ctx, p.org, p.requestID, p.attempt, kept); err != nil {
+		// The key stays in flight until its marker's in-flight time runs
+		// out; its charge stands either way.
+		p.h.logger.Warn("could not keep a response for its Idempotency-Key", zap.String("request_id", p.requestID), zap.Error(err))
+	}
+}
+
+// leasedPayment was paid from this gateway's lease.
+type leasedPayment struct {
+	leaser        *meter.Leaser
+	org, feature  string
+	cost, balance int64
+}
+
+func (p *leasedPayment) paid() (int64, bool) { return p.balance, true }
+
+func (p *leasedPayment) settle(actual int64, refund bool) (int64, bool) {
+	if refund {
+		actual = 0
+	}
+	if actual == p.cost {
+		return p.balance, true
+	}
+	return p.leaser.Adjust(p.org, p.feature, p.cost, actual), true
+}
+
+func (p *leasedPayment) completed([]byte) {}
+
+// deferredPayment is a fail-open call's charge, waiting in the backlog for
+// the store.
+type deferredPayment struct {
+	h      *Handler
+	charge meter.ChargeRequest
+}
+
+func (p *deferredPayment) paid() (int64, bool) { return 0, false }
+
+func (p *deferredPayment) settle(actual int64, refund bool) (int64, bool) {
+	if refund {
+		actual = 0
+	}
+	if actual != p.charge.Cost || refund {
+		d := deferred{ledger: p.h.app.ledger, org: p.charge.Org, requestID: p.charge.RequestID, actual: actual, refund: refund}
+		if !p.h.app.store.later(d) {
+			p.h.logger.Error("fail-open backlog full; settle lost", zap.String("request_id", p.charge.RequestID))
+		}
+	}
+	return 0, false
+}
+
+func (p *deferredPayment) completed([]byte) {}
+
+// decide is the decision a payment's balance makes for a call of cost.
+func (h *Handler) decide(org string, balance, cost int64) policy.Decision {
+	return policy.Decide(h.route, org, policy.Answer{Charged: true, Balance: balance, Cost: cost})
+}

@@ -1,0 +1,352 @@
+package caddymodule
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/textproto"
+	"strconv"
+	"strings"
+
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+
+	"github.com/creditsgw/caddy-credits/policy"
+)
+
+// creditsWriter settles a forwarded call's payment when the response's
+// status is known, before its headers go to the client, so that the Credits
+// headers tell the final truth; it keeps every Credits header of the
+// upstream's from the client (in 1xx responses, headers and trailers), and,
+// for a call with an Idempotency-Key, keeps its response for the retries.
+type creditsWriter struct {
+	caddyhttp.ResponseWriterWrapper
+	h   *Handler
+	c   call
+	pay payment
+
+	settled  bool // the final status was seen
+	late     bool // the usage comes in a trailer: settled after the body
+	refunded bool
+	status   int
+	actual   int64
+
+	keeping bool   // the body is kept, for a call with an Idempotency-Key
+	kept    []byte // the body so far
+	limit   int64
+
+	vals [3]string // the Credits header values
+}
+
+func newCreditsWriter(w http.ResponseWriter, h *Handler, c call, pay payment) *creditsWriter {
+	return &creditsWriter{ResponseWriterWrapper: caddyhttp.ResponseWriterWrapper{ResponseWriter: w},
+		h: h, c: c, pay: pay, keeping: c.key != "" && h.app.keepLimit > 0, limit: h.app.keepLimit}
+}
+
+// serve passes the call on and settles it however it ends: with a response,
+// with an error and no response (refunded as the error's status says), or
+// with a panic further down (refunded, then the panic goes on).
+func (cw *creditsWriter) serve(next caddyhttp.Handler, r *http.Request) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			if !cw.settled {
+				cw.settle(http.StatusInternalServerError)
+			}
+			panic(p)
+		}
+		cw.finish(err)
+	}()
+	return next.ServeHTTP(cw, r)
+}
+
+// statusClientClosed is the status Caddy gives a call whose client went
+// away before the upstream answered: the call did not complete.
+const statusClientClosed = 499
+
+func statusOf(err error) int {
+	if err == nil {
+		return http.StatusOK
+	}
+	var herr caddyhttp.HandlerError
+	if errors.As(err, &herr) && herr.StatusCode != 0 {
+		return herr.StatusCode
+	}
+	return http.StatusInternalServerError
+}
+
+// settle settles the payment on the final status, and sets the Credits
+// headers. A call whose upstream announced a Credits-Usage trailer is only
+// refunded here, if it failed; its usage settles it after the body.
+func (cw *creditsWriter) settle(status int) {
+	cw.settled, cw.status = true, status
+	hdr := cw.Header()
+	usage, hasUsage := hdr[policy.HeaderUsage]
+	cw.late = dropCreditsTrailers(hdr)
+	stripCreditsHeaders(hdr)
+
+	cw.refunded = status >= 500 || status == statusClientClosed
+	cw.actual = cw.c.cost
+	if hasUsage && !cw.late {
+		cw.actual = cw.usage(usage)
+	}
+	if cw.late && !cw.refunded {
+		// Settled after the body: the headers say what the call holds.
+		balance, known := cw.pay.paid()
+		hdr[policy.HeaderHold] = []string{strconv.FormatInt(cw.c.cost, 10)}
+		if known {
+			cw.vals[0] = strconv.FormatInt(balance, 10)
+			hdr[policy.HeaderRemaining] = cw.vals[0:1:1]
+		}
+		hdr.Add("Trailer", policy.HeaderCharged+", "+policy.HeaderRemaining)
+		return
+	}
+	cw.account(cw.pay.settle(cw.actual, cw.refunded))
+}
+
+// account counts the settled call and sets its Credits headers: in the
+// headers, or in the trailers when it settled after the body.
+func (cw *creditsWriter) account(balance int64, known bool) {
+	h := cw.h
+	if cw.refunded {
+		cw.actual = 0
+	}
+	d := h.decide(cw.c.org, balance, cw.actual)
+	switch {
+	case cw.refunded:
+		h.count(policy.Refunded)
+	case !known:
+		h.count(policy.Unmetered)
+	default:
+		h.count(d.Outcome)
+	}
+	h.charged.Add(float64(cw.actual))
+	if known {
+		setCreditsHeaders(cw.Header(), d, &cw.vals)
+	}
+}
+
+// usage reads the upstream's Credits-Usage, or, when it is invalid, logs
+// it and keeps the route's cost.
+func (cw *creditsWriter) usage(values []string) int64 {
+	n, err := policy.ParseUsage(values)
+	if err != nil {
+		cw.h.logger.Warn("ignoring an invalid Credits-Usage from the upstream; charging the route's cost",
+			zap.Strings("value", values), zap.String("feature", cw.h.Feature))
+		return cw.c.cost
+	}
+	return n
+}
+
+// finish settles a call that wrote no response, settles a call whose usage
+// came in a trailer, keeps the upstream's Credits trailers from the client,
+// and tells the payment how the call completed.
+func (cw *creditsWriter) finish(err error) {
+	if !cw.settled {
+		cw.settle(statusOf(err))
+	}
+	hdr := cw.Header()
+	usage, hasUsage := hdr[policy.HeaderUsage]
+	if v, ok := hdr[http.TrailerPrefix+policy.HeaderUsage]; ok {
+		usage, hasUsage = v, true
+	}
+	for k := range hdr {
+		if name, ok := strings.CutPrefix(k, http.TrailerPrefix); ok && policy.IsCreditsHeader(name) {
+			delete(hdr, k)
+		}
+	}
+	delete(hdr, policy.HeaderUsage)
+	switch {
+	case cw.refunded:
+	case cw.late:
+		cw.actual = cw.c.cost
+		if hasUsage {
+			cw.actual = cw.usage(usage)
+		}
+		cw.account(cw.pay.settle(cw.actual, false))
+	case hasUsage:
+		// An undeclared trailer: the headers are gone, the ledger is not.
+		n := cw.usage(usage)
+		if n != cw.actual {
+			cw.h.charged.Add(float64(n - cw.actual))
+			cw.actual = n
+			cw.pay.settle(n, false)
+		}
+	}
+	if cw.refunded {
+		return
+	}
+	var kept []byte
+	if cw.keeping && err == nil {
+		kept = encodeKept(cw.status, hdr, cw.kept)
+	}
+	cw.pay.completed(kept)
+}
+
+// dropCreditsTrailers takes the Credits headers out of the upstream's
+// Trailer announcement, and reports whether it announced Credits-Usage.
+func dropCreditsTrailers(hdr http.Header) (usage bool) {
+	announced, ok := hdr["Trailer"]
+	if !ok {
+		return false
+	}
+	var keep []string
+	for _, v := range announced {
+		for name := range strings.SplitSeq(v, ",") {
+			name = strings.TrimSpace(name)
+			switch {
+			case name == "":
+			case policy.IsCreditsHeader(name):
+				usage = usage || strings.EqualFold(name, policy.HeaderUsage)
+			default:
+				keep = append(keep, name)
+			}
+		}
+	}
+	if len(keep) == 0 {
+		delete(hdr, "Trailer")
+	} else {
+		hdr["Trailer"] = []string{strings.Join(keep, ", ")}
+	}
+	return usage
+}
+
+// WriteHeader settles on the final status, then sends the headers. A 1xx
+// goes out without the upstream's Credits headers.
+func (cw *creditsWriter) WriteHeader(status int) {
+	if status < 200 && status != http.StatusSwitchingProtocols {
+		stripCreditsHeaders(cw.Header())
+	} else if !cw.settled {
+		cw.settle(status)
+	}
+	cw.ResponseWriter.WriteHeader(status)
+}
+
+// Write sends an implicit 200 through WriteHeader first, and keeps the body
+// of a call with an Idempotency-Key, up to the limit.
+func (cw *creditsWriter) Write(b []byte) (int, error) {
+	if !cw.settled {
+		cw.WriteHeader(http.StatusOK)
+	}
+	if cw.keeping {
+		if int64(len(cw.kept)+len(b)) > cw.limit {
+			cw.keeping, cw.kept = false, nil
+		} else {
+			cw.kept = append(cw.kept, b...)
+		}
+	}
+	return cw.ResponseWriter.Write(b)
+}
+
+// ReadFrom keeps the wrapped writer's fast path without skipping the
+// settle; a body being kept goes through Write.
+func (cw *creditsWriter) ReadFrom(r io.Reader) (int64, error) {
+	if !cw.settled {
+		cw.WriteHeader(http.StatusOK)
+	}
+	if cw.keeping {
+		return io.Copy(writerOnly{cw}, r)
+	}
+	return cw.ResponseWriterWrapper.ReadFrom(r)
+}
+
+// writerOnly hides every method but Write, so io.Copy uses it.
+type writerOnly struct{ io.Writer }
+
+// FlushError settles before the first flush sends the headers;
+// http.ResponseController finds it before unwrapping the writer.
+func (cw *creditsWriter) FlushError() error {
+	if !cw.settled {
+		cw.WriteHeader(http.StatusOK)
+	}
+	return http.NewResponseController(cw.ResponseWriter).Flush()
+}
+
+// Flush is FlushError for callers that use http.Flusher.
+func (cw *creditsWriter) Flush() { _ = cw.FlushError() }
+
+// notKept are the response headers a kept response leaves out: they belong
+// to one connection or one answer, or the replay sets them anew.
+var notKept = map[string]bool{
+	"Connection": true, "Keep-Alive": true, "Transfer-Encoding": true, "Trailer": true, "Upgrade": true,
+	"Content-Length": true, "Date": true, policy.HeaderHold: true,
+}
+
+// encodeKept writes a response to keep: its status on a line, its headers
+// as on the wire, a blank line, its body.
+func encodeKept(status int, hdr http.Header, body []byte) []byte {
+	var b bytes.Buffer
+	b.WriteString(strconv.Itoa(status))
+	b.WriteString("\r\n")
+	keep := make(http.Header, len(hdr))
+	for k, v := range hdr {
+		if !notKept[k] && !policy.IsCreditsHeader(k) && !strings.HasPrefix(k, http.TrailerPrefix) {
+			keep[k] = v
+		}
+	}
+	_ = keep.Write(&b)
+	b.WriteString("\r\n")
+	b.Write(body)
+	return b.Bytes()
+}
+
+// keptResponse is a response encodeKept wrote.
+type keptResponse struct {
+	status int
+	header http.Header
+	body   []byte
+}
+
+func parseKept(data []byte) (keptResponse, error) {
+	r := textproto.NewReader(bufio.NewReader(bytes.NewReader(data)))
+	line, err := r.ReadLine()
+	if err != nil {
+		return keptResponse{}, err
+	}
+	status, err := strconv.Atoi(line)
+	if err != nil || status < 200 || status > 599 {
+		return keptResponse{}, fmt.Errorf("status line %q", line)
+	}
+	mh, err := r.ReadMIMEHeader()
+	if err != nil {
+		return keptResponse{}, err
+	}
+	body, err := io.ReadAll(r.R)
+	if err != nil {
+		return keptResponse{}, err
+	}
+	return keptResponse{status: status, header: http.Header(mh), body: body}, nil
+}
+
+func stripCreditsHeaders(h http.Header) {
+	for name := range h {
+		if policy.IsCreditsHeader(name) {
+			delete(h, name)
+		}
+	}
+}
+
+// setCreditsHeaders sets the Credits headers of a decision. vals, when not
+// nil, holds the values, so that a settled call allocates no slices for
+// them; it must belong to this response alone.
+func setCreditsHeaders(h http.Header, d policy.Decision, vals *[3]string) {
+	if vals == nil {
+		vals = new([3]string)
+	}
+	vals[0] = strconv.FormatInt(d.Remaining, 10)
+	vals[1] = strconv.FormatInt(d.Charged, 10)
+	h[policy.HeaderRemaining] = vals[0:1:1]
+	h[policy.HeaderCharged] = vals[1:2:2]
+	if d.Notice != "" {
+		vals[2] = d.Notice
+		h[policy.HeaderNotice] = vals[2:3:3]
+	}
+}
+
+// Interface guards
+var (
+	_ http.Flusher  = (*creditsWriter)(nil)
+	_ io.ReaderFrom = (*creditsWriter)(nil)
+)
