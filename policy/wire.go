@@ -29,8 +29,8 @@ func ParseUsage(values []string) (int64, error) {
 	}
 	v := values[0]
 	var n int64
-	for i := 0; i < len(v); i++ {
-		if v[i] < '0' || v[i] > '9' || i >= 7 {
+	for i := 0; i < len(v) && n <= MaxCost; i++ {
+		if v[i] < '0' || v[i] > '9' {
 			n = -1
 			break
 		}
