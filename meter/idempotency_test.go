@@ -95,3 +95,28 @@ func TestBinding(t *testing.T) {
 		t.Fatal("one call binds two ways")
 	}
 }
+
+func init() {
+	ledgerCases = append(ledgerCases, ledgerCase{name: "a top-up voided by its reference never stands", cfg: plan10, run: func(e *env) {
+		// It ran before the void: taken back.
+		e.topUp("acme", 100, "gw-1")
+		if err := e.ledger.VoidTopUp(e.ctx, "acme", 100, "gw-1"); err != nil {
+			e.t.Fatal(err)
+		}
+		e.wantBalance(e.account("acme"), 10, 10, 0)
+		// A void sent again changes nothing.
+		if err := e.ledger.VoidTopUp(e.ctx, "acme", 100, "gw-1"); err != nil {
+			e.t.Fatal(err)
+		}
+		e.wantBalance(e.account("acme"), 10, 10, 0)
+		// It arrives after the void: it adds nothing.
+		if err := e.ledger.VoidTopUp(e.ctx, "acme", 50, "gw-2"); err != nil {
+			e.t.Fatal(err)
+		}
+		if _, applied, err := e.ledger.TopUp(e.ctx, "acme", 50, "gw-2"); err != nil || applied {
+			e.t.Fatalf("a voided top-up applied: %v %v", applied, err)
+		}
+		e.wantBalance(e.account("acme"), 10, 10, 0)
+		e.checkEvents("acme")
+	}})
+}

@@ -418,6 +418,27 @@ func (l *Ledger) TopUp(ctx context.Context, org string, amount int64, reference 
 	return Account{}, false, fmt.Errorf("top-up: unexpected script code %d", code)
 }
 
+// VoidTopUp makes sure a top-up whose outcome could not be learned does
+// not stand: taken back if it ran, never applied if it still arrives. It is
+// for references no client can send again (a random one the gateway gave a
+// top-up without a reference); a repeat changes nothing.
+func (l *Ledger) VoidTopUp(ctx context.Context, org string, amount int64, reference string) error {
+	if err := policy.ValidateOrg(org); err != nil {
+		return err
+	}
+	if amount < 1 || amount > MaxAmount {
+		return rangeError("amount", amount, 1, MaxAmount)
+	}
+	if err := validateReference(reference); err != nil {
+		return err
+	}
+	keys := []string{l.keys.Account(org), l.keys.TopUps(org), l.keys.Events(org), l.keys.Holds(org)}
+	if _, _, err := l.runAccount(ctx, voidTopUpScript, org, keys, amount, reference, l.refTTL); err != nil {
+		return fmt.Errorf("void top-up: %w", err)
+	}
+	return nil
+}
+
 // SetPlan gives org a plan of its own. An org on the default plan (or new)
 // starts a new period on it at once, as a recharge would; a change to an
 // org's own plan takes effect at its next recharge.

@@ -77,6 +77,12 @@ var holdsLua string
 //go:embed topup.lua
 var topUpLua string
 
+// KEYS: account, top-up references, events, holds. ARGV[7..9]: amount,
+// reference, how long a reference is kept in ms.
+//
+//go:embed voidtopup.lua
+var voidTopUpLua string
+
 // KEYS: account, events, holds. ARGV[7..8]: allowance, recharge month.
 //
 //go:embed plan.lua
@@ -93,19 +99,20 @@ var rechargeLua string
 var accountLua string
 
 var (
-	chargeScript   = redis.NewScript(libLua + chargeLua)
-	settleScript   = redis.NewScript(libLua + settleLua)
-	voidScript     = redis.NewScript(libLua + voidLua)
-	keepScript     = redis.NewScript(libLua + keepLua)
-	leaseScript    = redis.NewScript(libLua + leaseLua)
-	holdScript     = redis.NewScript(libLua + holdLua)
-	captureScript  = redis.NewScript(libLua + captureLua)
-	releaseScript  = redis.NewScript(libLua + releaseLua)
-	holdsScript    = redis.NewScript(libLua + holdsLua)
-	topUpScript    = redis.NewScript(libLua + topUpLua)
-	planScript     = redis.NewScript(libLua + planLua)
-	rechargeScript = redis.NewScript(libLua + rechargeLua)
-	accountScript  = redis.NewScript(libLua + accountLua)
+	chargeScript    = redis.NewScript(libLua + chargeLua)
+	settleScript    = redis.NewScript(libLua + settleLua)
+	voidScript      = redis.NewScript(libLua + voidLua)
+	keepScript      = redis.NewScript(libLua + keepLua)
+	leaseScript     = redis.NewScript(libLua + leaseLua)
+	holdScript      = redis.NewScript(libLua + holdLua)
+	captureScript   = redis.NewScript(libLua + captureLua)
+	releaseScript   = redis.NewScript(libLua + releaseLua)
+	holdsScript     = redis.NewScript(libLua + holdsLua)
+	topUpScript     = redis.NewScript(libLua + topUpLua)
+	voidTopUpScript = redis.NewScript(libLua + voidTopUpLua)
+	planScript      = redis.NewScript(libLua + planLua)
+	rechargeScript  = redis.NewScript(libLua + rechargeLua)
+	accountScript   = redis.NewScript(libLua + accountLua)
 )
 
 // Script return codes, the first element of every reply; lib.lua names

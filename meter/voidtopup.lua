@@ -1,0 +1,50 @@
+-- KEYS: account, top-up references, events, holds. ARGV[7] amount, ARGV[8]
+-- reference, ARGV[9] how long a reference is kept, in ms.
+--
+-- Makes sure a top-up whose outcome the gateway could not learn (it
+-- answered 503) does not stand: one that ran is taken back, as a charge
+-- takes credits (purchased first, here: they are what it added); one still
+-- on its way finds its reference applied and adds nothing. The reference's
+-- void is recorded too, so that a void sent again changes nothing. Only for
+-- references no client can send again (the gateway's own random ones).
+-- Returns {code, account...}: OK done, REPEAT voided before.
+local bad = check_types({'hash', {'zset', 'set'}, 'list', 'hash'})
+if bad then return bad end
+local account_key, refs_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local amount = tonumber(ARGV[7])
+local ref = ARGV[8]
+local ref_kept = tonumber(ARGV[9])
+local void_ref = '\0void:' .. ref
+
+local legacy = redis.call('TYPE', refs_key)['ok'] == 'set'
+local function seen(r)
+  if legacy then return redis.call('SISMEMBER', refs_key, r) == 1 end
+  local until_ms = redis.call('ZSCORE', refs_key, r)
+  return until_ms and tonumber(until_ms) > srv_ms
+end
+local acc = load(account_key)
+if seen(void_ref) then
+  return reply(acc or new_account(def_allowance, def_month), {REPEAT})
+end
+local applied = seen(ref)
+if applied and acc then
+  sweep(acc, holds_key)
+  local before = balance(acc)
+  local from_purchased = math.min(amount, math.max(acc.pur, 0))
+  acc.pur = acc.pur - from_purchased
+  acc.rem = acc.rem - (amount - from_purchased)
+  event(acc, 'void', balance(acc) - before, '', ref)
+  commit(account_key, events_key, acc)
+  write_holds(holds_key, acc)
+end
+local forget = str(srv_ms + ref_kept)
+if legacy then
+  local old = redis.call('SMEMBERS', refs_key)
+  redis.call('DEL', refs_key)
+  for _, r in ipairs(old) do
+    redis.call('ZADD', refs_key, forget, r)
+  end
+end
+redis.call('ZADD', refs_key, forget, ref, forget, void_ref)
+redis.call('PEXPIRE', refs_key, ref_kept)
+return reply(acc or new_account(def_allowance, def_month), {OK})
