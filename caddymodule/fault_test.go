@@ -232,7 +232,7 @@ func TestFaultCutReplies(t *testing.T) {
 }
 
 // TestFaultSlowRedis makes Redis 2s slow with a 200ms timeout: closed routes
-// answer 503 within 1.5 times the timeout, nothing stays charged for them,
+// answer 503 at the timeout, not when Redis answers, nothing stays charged for them,
 // and neither goroutines nor connections pile up.
 func TestFaultSlowRedis(t *testing.T) {
 	srv := redistest.Start(t, redistest.Options{})
@@ -289,8 +289,11 @@ func TestFaultSlowRedis(t *testing.T) {
 	if refused.Load() != 180 {
 		t.Errorf("%d of 180 calls answered 503 with Retry-After", refused.Load())
 	}
-	if s := time.Duration(slowest.Load()); s >= 300*time.Millisecond {
-		t.Errorf("the slowest 503 took %s, over 1.5 times the 200ms timeout", s)
+	// Answered at the timeout, not when Redis answers: well before the 2 s
+	// it hangs (how close to 200 ms is for the benchmarks, not a test on a
+	// loaded machine).
+	if s := time.Duration(slowest.Load()); s >= time.Second {
+		t.Errorf("the slowest 503 took %s: it waited for Redis, not the 200ms timeout", s)
 	}
 
 	proxy.SetLatency(0)
@@ -467,8 +470,8 @@ func TestFaultSlowRedisLeased(t *testing.T) {
 	if counts[http.StatusOK]+counts[http.StatusServiceUnavailable] != 60 || counts[http.StatusServiceUnavailable] == 0 {
 		t.Errorf("answers by status %v; want 200s from the lease, then 503s with Retry-After", counts)
 	}
-	if s := time.Duration(slowest.Load()); s >= 300*time.Millisecond {
-		t.Errorf("the slowest answer took %s, over 1.5 times the 200ms timeout", s)
+	if s := time.Duration(slowest.Load()); s >= time.Second {
+		t.Errorf("the slowest answer took %s: it waited for Redis, not the 200ms timeout", s)
 	}
 
 	proxy.SetLatency(0)

@@ -359,8 +359,8 @@ func TestLeaseSlowStore(t *testing.T) {
 		}
 		start := time.Now()
 		ok, err := spend()
-		if elapsed := time.Since(start); elapsed >= 300*time.Millisecond {
-			t.Fatalf("Spend took %s, over 1.5 times the 200ms timeout", elapsed)
+		if elapsed := time.Since(start); elapsed >= 700*time.Millisecond {
+			t.Fatalf("Spend took %s: it waited for Redis (1 s), not the 200ms timeout", elapsed)
 		}
 		if !ok && err == nil {
 			t.Fatal("Spend said to charge the call on its own while Redis hangs")
