@@ -2,6 +2,7 @@ package caddymodule
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"crypto/subtle"
 	"encoding/json"
@@ -11,6 +12,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -25,8 +27,9 @@ func init() {
 }
 
 // Admin serves the admin API, for a billing system or an operator: read an
-// org's account and events, set its plan, top it up, recharge it. Mount it
-// with handle_path <prefix>/* on an address only admins reach.
+// org's account and events, set its plan, top it up, recharge it, and set
+// credits aside with holds for long jobs. Mount it with handle_path
+// <prefix>/* on an address only admins reach.
 type Admin struct {
 	// Token, if set, is required of every call as Authorization: Bearer
 	// <token>. Placeholders such as {env.CREDITS_ADMIN_TOKEN} are replaced
@@ -70,7 +73,8 @@ const (
 	defaultEvents = 50
 )
 
-// ServeHTTP routes an admin call.
+// ServeHTTP answers an admin call: the console's files, then the limits
+// and the token, then the one route of the call's method and path.
 func (a *Admin) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	// The usage console's page holds no data: it needs no token (console.go).
 	if serveConsole(w, r) {
@@ -83,106 +87,393 @@ func (a *Admin) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Ha
 		w.Header().Set("WWW-Authenticate", `Bearer realm="credits"`)
 		return writeProblem(w, r, policy.Status(http.StatusUnauthorized, "a valid Authorization: Bearer token is required"))
 	}
-	org, action, ok := splitAdminPath(r.URL.Path)
-	if !ok {
-		return writeProblem(w, r, policy.Status(http.StatusNotFound, "no admin call at "+r.URL.Path))
+	// The mux answers a path it has no route for, or a wrong method, in
+	// plain text, and redirects a path that is not clean: ask it first, so
+	// that every such answer is a problem.
+	if h, _ := adminMux.Handler(r); !isAdminRoute(h) {
+		return unrouted(w, r, h)
 	}
-	allow := map[string]string{"": "GET, HEAD", "plan": "PUT", "topup": "POST", "recharge": "POST", "events": "GET, HEAD"}[action]
-	if allow == "" {
-		return writeProblem(w, r, policy.Status(http.StatusNotFound, "no admin call at "+r.URL.Path))
+	call := &adminCall{admin: a}
+	adminMux.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), adminCallKey{}, call)))
+	return call.err
+}
+
+// adminRoute answers one admin call. It is an http.Handler of adminMux, so
+// that the mux fills in the path's values; the Admin and the returned error
+// travel in the request's context, in an adminCall.
+type adminRoute func(a *Admin, w http.ResponseWriter, r *http.Request) error
+
+// adminRoutes maps each admin call, a ServeMux pattern, to its route. A GET
+// pattern answers HEAD too.
+var adminRoutes = map[string]adminRoute{
+	"GET /orgs/{org}":                     (*Admin).account,
+	"PUT /orgs/{org}/plan":                (*Admin).setPlan,
+	"POST /orgs/{org}/topup":              (*Admin).topUp,
+	"POST /orgs/{org}/recharge":           (*Admin).recharge,
+	"GET /orgs/{org}/events":              (*Admin).events,
+	"POST /orgs/{org}/holds":              (*Admin).createHold,
+	"GET /orgs/{org}/holds":               (*Admin).holds,
+	"POST /orgs/{org}/holds/{id}/capture": (*Admin).captureHold,
+	"DELETE /orgs/{org}/holds/{id}":       (*Admin).releaseHold,
+}
+
+// adminMux matches a call's method exactly and its path to a route.
+var adminMux = func() *http.ServeMux {
+	mux := http.NewServeMux()
+	for pattern, route := range adminRoutes {
+		mux.Handle(pattern, route)
 	}
-	if !strings.Contains(allow, r.Method) {
+	return mux
+}()
+
+type adminCallKey struct{}
+
+// adminCall carries the Admin to a route, and the route's error back.
+type adminCall struct {
+	admin *Admin
+	err   error
+}
+
+func (route adminRoute) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	call := r.Context().Value(adminCallKey{}).(*adminCall)
+	call.err = route(call.admin, w, r)
+}
+
+func isAdminRoute(h http.Handler) bool {
+	_, ok := h.(adminRoute)
+	return ok
+}
+
+// unrouted answers a call that no route takes: 405 with the mux's Allow
+// when the path has routes for other methods, else 404. h is the mux's own
+// answer, which is run only to learn its status and Allow header.
+func unrouted(w http.ResponseWriter, r *http.Request, h http.Handler) error {
+	probe := &probeWriter{header: http.Header{}}
+	h.ServeHTTP(probe, r)
+	if probe.status == http.StatusMethodNotAllowed {
+		allow := probe.header.Get("Allow")
 		w.Header().Set("Allow", allow)
-		return writeProblem(w, r, methodNotAllowed(r.Method))
+		return writeProblem(w, r, policy.Status(http.StatusMethodNotAllowed,
+			fmt.Sprintf("method %s is not allowed at %s; allowed: %s", r.Method, r.URL.Path, allow)))
 	}
-	if err := policy.ValidateOrg(org); err != nil {
+	return writeProblem(w, r, policy.Status(http.StatusNotFound, "no admin call at "+r.URL.Path))
+}
+
+// probeWriter keeps the status and headers of an answer and drops its body.
+type probeWriter struct {
+	header http.Header
+	status int
+}
+
+func (p *probeWriter) Header() http.Header         { return p.header }
+func (p *probeWriter) Write(b []byte) (int, error) { return len(b), nil }
+func (p *probeWriter) WriteHeader(status int) {
+	if p.status == 0 {
+		p.status = status
+	}
+}
+
+// orgParam is the org of the call's path, checked.
+func orgParam(r *http.Request) (string, error) {
+	org := r.PathValue("org")
+	return org, policy.ValidateOrg(org)
+}
+
+func (a *Admin) account(w http.ResponseWriter, r *http.Request) error {
+	org, err := orgParam(r)
+	if err != nil {
 		return writeProblem(w, r, policy.Invalid(err))
 	}
+	acct, err := a.app.ledger.Account(r.Context(), org)
+	if err != nil {
+		return a.fail(w, r, org, "account", err)
+	}
+	return writeJSON(w, r, http.StatusOK, acct)
+}
 
-	ctx := r.Context()
-	var (
-		out any
-		err error
-	)
-	switch action {
-	case "":
-		out, err = a.app.ledger.Account(ctx, org)
-	case "events":
-		limit := int64(defaultEvents)
-		if s := r.URL.Query().Get("limit"); s != "" {
-			limit, err = strconv.ParseInt(s, 10, 64)
-			if err != nil || limit < 1 || limit > maxEvents {
-				return writeProblem(w, r, policy.Invalid(&policy.InputError{Field: "limit", Value: s, Reason: fmt.Sprintf("must be 1 to %d", maxEvents)}))
-			}
-		}
-		var events []meter.Event
-		events, err = a.app.ledger.Events(ctx, org, limit)
-		if events == nil {
-			events = []meter.Event{}
-		}
-		out = map[string][]meter.Event{"events": events}
-	case "plan":
-		var body struct {
-			Allowance     *int64 `json:"allowance"`
-			RechargeMonth *int   `json:"recharge_month"`
-		}
-		if err := decodeBody(w, r, &body); err != nil {
-			return writeProblem(w, r, policy.Invalid(err))
-		}
-		if body.Allowance == nil || body.RechargeMonth == nil {
-			return writeProblem(w, r, policy.Invalid(errors.New("allowance and recharge_month are required")))
-		}
-		plan := meter.Plan{Allowance: *body.Allowance, RechargeMonth: *body.RechargeMonth}
-		out, err = a.app.ledger.SetPlan(ctx, org, plan)
-		if err == nil {
-			a.logger.Info("plan set", zap.String("org", org), zap.Int64("allowance", plan.Allowance), zap.Int("recharge_month", plan.RechargeMonth))
-		}
-	case "topup":
-		var body struct {
-			Amount    *int64 `json:"amount"`
-			Reference string `json:"reference"`
-		}
-		if err := decodeBody(w, r, &body); err != nil {
-			return writeProblem(w, r, policy.Invalid(err))
-		}
-		if body.Amount == nil {
-			return writeProblem(w, r, policy.Invalid(errors.New("amount is required")))
-		}
-		var applied bool
-		out, applied, err = a.app.ledger.TopUp(ctx, org, *body.Amount, body.Reference)
-		if err == nil {
-			a.logger.Info("top-up", zap.String("org", org), zap.Int64("amount", *body.Amount),
-				zap.String("reference", body.Reference), zap.Bool("applied", applied))
-		}
-	case "recharge":
-		if err := decodeBody(w, r, &struct{}{}); err != nil {
-			return writeProblem(w, r, policy.Invalid(err))
-		}
-		out, err = a.app.ledger.Recharge(ctx, org)
-		if err == nil {
-			a.logger.Info("recharged", zap.String("org", org))
+func (a *Admin) events(w http.ResponseWriter, r *http.Request) error {
+	org, err := orgParam(r)
+	if err != nil {
+		return writeProblem(w, r, policy.Invalid(err))
+	}
+	limit := int64(defaultEvents)
+	if s := r.URL.Query().Get("limit"); s != "" {
+		limit, err = strconv.ParseInt(s, 10, 64)
+		if err != nil || limit < 1 || limit > maxEvents {
+			return writeProblem(w, r, policy.Invalid(&policy.InputError{Field: "limit", Value: s, Reason: fmt.Sprintf("must be 1 to %d", maxEvents)}))
 		}
 	}
+	events, err := a.app.ledger.Events(r.Context(), org, limit)
+	if err != nil {
+		return a.fail(w, r, org, "events", err)
+	}
+	if events == nil {
+		events = []meter.Event{}
+	}
+	return writeJSON(w, r, http.StatusOK, map[string][]meter.Event{"events": events})
+}
 
+func (a *Admin) setPlan(w http.ResponseWriter, r *http.Request) error {
+	org, err := orgParam(r)
+	if err != nil {
+		return writeProblem(w, r, policy.Invalid(err))
+	}
+	var body struct {
+		Allowance     *int64 `json:"allowance"`
+		RechargeMonth *int   `json:"recharge_month"`
+	}
+	if err := decodeBody(w, r, &body); err != nil {
+		return writeProblem(w, r, policy.Invalid(err))
+	}
+	if body.Allowance == nil || body.RechargeMonth == nil {
+		return writeProblem(w, r, policy.Invalid(errors.New("allowance and recharge_month are required")))
+	}
+	plan := meter.Plan{Allowance: *body.Allowance, RechargeMonth: *body.RechargeMonth}
+	acct, err := a.app.ledger.SetPlan(r.Context(), org, plan)
+	if err != nil {
+		return a.fail(w, r, org, "plan", err)
+	}
+	a.logger.Info("plan set", zap.String("org", org), zap.Int64("allowance", plan.Allowance), zap.Int("recharge_month", plan.RechargeMonth))
+	return writeJSON(w, r, http.StatusOK, acct)
+}
+
+func (a *Admin) topUp(w http.ResponseWriter, r *http.Request) error {
+	org, err := orgParam(r)
+	if err != nil {
+		return writeProblem(w, r, policy.Invalid(err))
+	}
+	var body struct {
+		Amount    *int64 `json:"amount"`
+		Reference string `json:"reference"`
+	}
+	if err := decodeBody(w, r, &body); err != nil {
+		return writeProblem(w, r, policy.Invalid(err))
+	}
+	if body.Amount == nil {
+		return writeProblem(w, r, policy.Invalid(errors.New("amount is required")))
+	}
+	ref, err := reference(r, body.Reference)
+	if err != nil {
+		return writeProblem(w, r, policy.Invalid(err))
+	}
+	acct, applied, err := a.app.ledger.TopUp(r.Context(), org, *body.Amount, ref)
+	if err != nil {
+		return a.fail(w, r, org, "topup", err)
+	}
+	a.logger.Info("top-up", zap.String("org", org), zap.Int64("amount", *body.Amount),
+		zap.String("reference", ref), zap.Bool("applied", applied))
+	if !applied {
+		w.Header().Set(headerReplayed, "true")
+	}
+	return writeJSON(w, r, http.StatusOK, acct)
+}
+
+func (a *Admin) recharge(w http.ResponseWriter, r *http.Request) error {
+	org, err := orgParam(r)
+	if err != nil {
+		return writeProblem(w, r, policy.Invalid(err))
+	}
+	if err := decodeBody(w, r, &struct{}{}); err != nil {
+		return writeProblem(w, r, policy.Invalid(err))
+	}
+	acct, err := a.app.ledger.Recharge(r.Context(), org)
+	if err != nil {
+		return a.fail(w, r, org, "recharge", err)
+	}
+	a.logger.Info("recharged", zap.String("org", org))
+	return writeJSON(w, r, http.StatusOK, acct)
+}
+
+// heldAnswer is the answer of a new hold: the hold, and the account after.
+type heldAnswer struct {
+	meter.Hold
+	Account meter.Account `json:"account"`
+}
+
+// endedAnswer is the answer of a capture or a release: the account after,
+// and the hold.
+type endedAnswer struct {
+	meter.Account
+	Hold meter.Hold `json:"hold"`
+}
+
+// headerReplayed marks an answer to a write that had been applied before:
+// a repeated reference, capture or release.
+const headerReplayed = "Idempotent-Replayed"
+
+func (a *Admin) createHold(w http.ResponseWriter, r *http.Request) error {
+	org, err := orgParam(r)
+	if err != nil {
+		return writeProblem(w, r, policy.Invalid(err))
+	}
+	var body struct {
+		Amount    *int64  `json:"amount"`
+		Feature   *string `json:"feature"`
+		TTL       *string `json:"ttl"`
+		Reference string  `json:"reference"`
+	}
+	if err := decodeBody(w, r, &body); err != nil {
+		return writeProblem(w, r, policy.Invalid(err))
+	}
+	if body.Amount == nil || body.Feature == nil {
+		return writeProblem(w, r, policy.Invalid(errors.New("amount and feature are required")))
+	}
+	req := meter.HoldRequest{Org: org, Feature: *body.Feature, Amount: *body.Amount, TTL: meter.DefaultHoldTTL}
+	if body.TTL != nil {
+		if req.TTL, err = holdTTL(*body.TTL); err != nil {
+			return writeProblem(w, r, policy.Invalid(err))
+		}
+	}
+	if req.Reference, err = reference(r, body.Reference); err != nil {
+		return writeProblem(w, r, policy.Invalid(err))
+	}
+	hold, acct, repeat, err := a.app.ledger.CreateHold(r.Context(), req)
+	switch {
+	case errors.Is(err, meter.ErrInsufficient):
+		return writeProblem(w, r, policy.HoldShort(org, req.Feature, acct.Balance, acct.Available, req.Amount, a.app.TopUpURL))
+	case err != nil:
+		return a.fail(w, r, org, "hold", err)
+	}
+	a.logger.Info("hold", zap.String("org", org), zap.String("hold", hold.ID), zap.String("feature", hold.Feature),
+		zap.Int64("amount", req.Amount), zap.Duration("ttl", req.TTL), zap.String("reference", req.Reference), zap.Bool("repeat", repeat))
+	status := http.StatusCreated
+	if repeat {
+		status = http.StatusOK
+		w.Header().Set(headerReplayed, "true")
+	}
+	return writeJSON(w, r, status, heldAnswer{Hold: hold, Account: acct})
+}
+
+// holdTTL parses the lifetime of a hold, a Go duration from
+// meter.MinHoldTTL to meter.MaxHoldTTL. Unlike the ledger's zero, "0s" is
+// an error here: the default is asked for by leaving ttl out.
+func holdTTL(s string) (time.Duration, error) {
+	d, err := time.ParseDuration(s)
+	if err != nil || d < meter.MinHoldTTL || d > meter.MaxHoldTTL {
+		return 0, &policy.InputError{Field: "ttl", Value: s, Reason: "must be a duration from 1s to 24h, such as 15m"}
+	}
+	return d, nil
+}
+
+// reference is the body's reference of a top-up or hold or, without one,
+// the request's Idempotency-Key; empty when there is neither.
+func reference(r *http.Request, ref string) (string, error) {
+	if ref != "" {
+		return ref, nil
+	}
+	key := r.Header.Get("Idempotency-Key")
+	if key == "" {
+		return "", nil
+	}
+	if err := policy.ValidateIdempotencyKey(key); err != nil {
+		return "", err
+	}
+	return key, nil
+}
+
+func (a *Admin) holds(w http.ResponseWriter, r *http.Request) error {
+	org, err := orgParam(r)
+	if err != nil {
+		return writeProblem(w, r, policy.Invalid(err))
+	}
+	holds, err := a.app.ledger.Holds(r.Context(), org)
+	if err != nil {
+		return a.fail(w, r, org, "holds", err)
+	}
+	if holds == nil {
+		holds = []meter.Hold{}
+	}
+	return writeJSON(w, r, http.StatusOK, map[string][]meter.Hold{"holds": holds})
+}
+
+func (a *Admin) captureHold(w http.ResponseWriter, r *http.Request) error {
+	org, err := orgParam(r)
+	if err != nil {
+		return writeProblem(w, r, policy.Invalid(err))
+	}
+	var body struct {
+		Amount *int64 `json:"amount"`
+	}
+	if err := decodeBody(w, r, &body); err != nil {
+		return writeProblem(w, r, policy.Invalid(err))
+	}
+	if body.Amount == nil {
+		return writeProblem(w, r, policy.Invalid(errors.New("amount is required")))
+	}
+	id := r.PathValue("id")
+	hold, acct, repeat, err := a.app.ledger.CaptureHold(r.Context(), org, id, *body.Amount)
+	if err != nil {
+		return a.failHold(w, r, org, id, "capture", hold, err)
+	}
+	a.logger.Info("capture", zap.String("org", org), zap.String("hold", id), zap.Int64("amount", *body.Amount), zap.Bool("repeat", repeat))
+	if repeat {
+		w.Header().Set(headerReplayed, "true")
+	}
+	return writeJSON(w, r, http.StatusOK, endedAnswer{Account: acct, Hold: hold})
+}
+
+func (a *Admin) releaseHold(w http.ResponseWriter, r *http.Request) error {
+	org, err := orgParam(r)
+	if err != nil {
+		return writeProblem(w, r, policy.Invalid(err))
+	}
+	if err := decodeBody(w, r, &struct{}{}); err != nil {
+		return writeProblem(w, r, policy.Invalid(err))
+	}
+	id := r.PathValue("id")
+	hold, acct, repeat, err := a.app.ledger.ReleaseHold(r.Context(), org, id)
+	if err != nil {
+		return a.failHold(w, r, org, id, "release", hold, err)
+	}
+	a.logger.Info("release", zap.String("org", org), zap.String("hold", id), zap.String("state", hold.State), zap.Bool("repeat", repeat))
+	if repeat {
+		w.Header().Set(headerReplayed, "true")
+	}
+	return writeJSON(w, r, http.StatusOK, endedAnswer{Account: acct, Hold: hold})
+}
+
+// failHold answers the error of a capture or a release of hold id: 404 for
+// a hold the org does not have, 409 for one that ended the other way.
+func (a *Admin) failHold(w http.ResponseWriter, r *http.Request, org, id, call string, hold meter.Hold, err error) error {
+	switch {
+	case errors.Is(err, meter.ErrHoldNotFound):
+		return writeProblem(w, r, policy.Status(http.StatusNotFound, "org "+org+" has no hold "+id))
+	case errors.Is(err, meter.ErrHoldEnded):
+		return writeProblem(w, r, policy.Status(http.StatusConflict, fmt.Sprintf("hold %s was %s: it cannot be %s", id, hold.State, map[string]string{"capture": "captured", "release": "released"}[call])))
+	}
+	return a.fail(w, r, org, call, err)
+}
+
+// fail answers the error of a ledger call: 400 for bad input, 404 for an
+// org Redis holds nothing for, 500 for ledger data of the wrong type (a
+// retry cannot help; an operator must look), else 503 with Retry-After.
+func (a *Admin) fail(w http.ResponseWriter, r *http.Request, org, call string, err error) error {
 	var inputErr *policy.InputError
 	switch {
+	case errors.As(err, &inputErr), errors.Is(err, policy.ErrOrgMissing), errors.Is(err, meter.ErrPurchasedLimit):
+		return writeProblem(w, r, policy.Invalid(err))
 	case errors.Is(err, meter.ErrNotFound):
 		return writeProblem(w, r, policy.Status(http.StatusNotFound, "Redis holds nothing for org "+org))
-	case errors.As(err, &inputErr), errors.Is(err, meter.ErrPurchasedLimit):
-		return writeProblem(w, r, policy.Invalid(err))
-	case err != nil:
+	case errors.Is(err, meter.ErrWrongType):
 		a.app.metrics.storeErrors.Inc()
-		a.logger.Error("admin call failed", zap.String("org", org), zap.String("call", action), zap.Error(err))
-		w.Header().Set("Retry-After", "1")
-		return writeProblem(w, r, policy.Unavailable())
+		a.logger.Error("admin call found corrupt ledger data", zap.String("org", org), zap.String("call", call), zap.Error(err))
+		return writeProblem(w, r, policy.Status(http.StatusInternalServerError, "the ledger's data of org "+org+" is of the wrong type; nothing was written"))
 	}
-	body, err := json.Marshal(out)
+	a.app.metrics.storeErrors.Inc()
+	a.logger.Error("admin call failed", zap.String("org", org), zap.String("call", call), zap.Error(err))
+	w.Header().Set("Retry-After", "1")
+	return writeProblem(w, r, policy.Unavailable())
+}
+
+// writeJSON answers v as JSON with status; a HEAD gets the headers only.
+func writeJSON(w http.ResponseWriter, r *http.Request, status int, v any) error {
+	body, err := json.Marshal(v)
 	if err != nil {
 		return caddyhttp.Error(http.StatusInternalServerError, err)
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
-	w.WriteHeader(http.StatusOK)
+	w.WriteHeader(status)
 	if r.Method == http.MethodHead {
 		return nil
 	}
@@ -211,19 +502,6 @@ func headerBytes(h http.Header) int {
 		}
 	}
 	return n
-}
-
-// splitAdminPath splits /orgs/{org}[/{action}].
-func splitAdminPath(p string) (org, action string, ok bool) {
-	rest, found := strings.CutPrefix(p, "/orgs/")
-	if !found {
-		return "", "", false
-	}
-	org, action, _ = strings.Cut(rest, "/")
-	if strings.Contains(action, "/") {
-		return "", "", false
-	}
-	return org, action, true
 }
 
 // decodeBody reads one JSON object, strictly: unknown fields, trailing data

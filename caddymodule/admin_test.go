@@ -5,6 +5,8 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+
+	"github.com/creditsgw/caddy-credits/policy"
 )
 
 // TestAdminAPI checks every admin call and its errors through a real Caddy
@@ -163,4 +165,111 @@ func TestAdminAPI(t *testing.T) {
 		r = g.do(http.MethodGet, g.adminURL+"/orgs/tok", map[string]string{"Authorization": "bearer s3cret"}, "")
 		wantStatus(t, r, http.StatusNotFound)
 	})
+}
+
+// TestAdminMethods checks that every admin route matches its method
+// exactly: near misses and other methods answer 405 problem+json with the
+// route's Allow, and change nothing. HEAD answers wherever GET does, and a
+// path without a route, or one that is not clean, answers 404 problem+json,
+// never the redirect of http.ServeMux.
+func TestAdminMethods(t *testing.T) {
+	// The metered site mounts the admin API at its root too, without
+	// handle_path, whose prefix stripping cleans the path.
+	g := startGateway(t, gatewayOptions{site: "route /orgs/* {\n\t\tcredits_admin {\n\t\t\ttoken s3cret\n\t\t}\n\t}"})
+	wantStatus(t, g.admin(http.MethodPut, "/orgs/m/plan", `{"allowance": 100, "recharge_month": 1}`), http.StatusOK)
+	r := g.admin(http.MethodPost, "/orgs/m/holds", `{"amount": 10, "feature": "long-job", "ttl": "1h", "reference": "m-1"}`)
+	wantStatus(t, r, http.StatusCreated)
+	hold := "/orgs/m/holds/" + decodeObject(t, r)["hold"].(string)
+	before := g.ledgerState("m")
+
+	// Each body would change the ledger if its route took it.
+	routes := []struct{ path, allow, body string }{
+		{"/orgs/m", "GET, HEAD", ``},
+		{"/orgs/m/plan", "PUT", `{"allowance": 7, "recharge_month": 2}`},
+		{"/orgs/m/topup", "POST", `{"amount": 5}`},
+		{"/orgs/m/recharge", "POST", ``},
+		{"/orgs/m/events", "GET, HEAD", ``},
+		{"/orgs/m/holds", "GET, HEAD, POST", `{"amount": 1, "feature": "long-job"}`},
+		{hold + "/capture", "POST", `{"amount": 1}`},
+		{hold, "DELETE", ``},
+	}
+	// T, P, POS, E and G are what the old substring test let through.
+	near := []string{"T", "P", "POS", "E", "G", "get", "post", "put", "delete", "head", "GETS", "POSTT", "PU", "DELET"}
+	for _, route := range routes {
+		methods := append([]string(nil), near...)
+		for _, m := range []string{http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodPatch, http.MethodDelete, http.MethodOptions} {
+			if !strings.Contains(", "+route.allow+", ", ", "+m+", ") {
+				methods = append(methods, m)
+			}
+		}
+		for _, method := range methods {
+			r := g.admin(method, route.path, route.body)
+			if r.status != http.StatusMethodNotAllowed {
+				t.Fatalf("%s %s: %d, want 405; %s", method, route.path, r.status, r.body)
+			}
+			if allow := r.header.Get("Allow"); allow != route.allow {
+				t.Errorf("%s %s: Allow %q, want %q", method, route.path, allow, route.allow)
+			}
+			if method == http.MethodHead {
+				if ct := r.header.Get("Content-Type"); ct != policy.ContentTypeProblem || len(r.body) != 0 {
+					t.Errorf("HEAD %s: %q, %d bytes", route.path, ct, len(r.body))
+				}
+				continue
+			}
+			if p := r.problem(t); p["title"] != "Method Not Allowed" || !strings.Contains(p["detail"].(string), "method "+method+" is not allowed") {
+				t.Errorf("%s %s: problem %v", method, route.path, p)
+			}
+		}
+	}
+	if after := g.ledgerState("m"); after != before {
+		t.Fatalf("wrong methods changed the ledger:\n%s\n%s", before, after)
+	}
+
+	// HEAD wherever GET: the headers of the GET, no body.
+	for _, path := range []string{"/orgs/m", "/orgs/m/events", "/orgs/m/holds"} {
+		r := g.admin(http.MethodHead, path, "")
+		if r.status != http.StatusOK || r.header.Get("Content-Type") != "application/json" || len(r.body) != 0 {
+			t.Errorf("HEAD %s: %d %q, %d bytes", path, r.status, r.header.Get("Content-Type"), len(r.body))
+		}
+	}
+
+	for _, c := range []struct{ method, path string }{
+		{http.MethodGet, "/orgs/m/"},
+		{http.MethodGet, "/orgs/"},
+		{http.MethodGet, "/orgs"},
+		{http.MethodPost, "/"},
+		{http.MethodGet, "/orgs/m/nothing"},
+		{http.MethodPost, hold + "/capture/again"},
+		{http.MethodGet, "/orgs/m/holds/"},
+		{"T", "/orgs/m/nothing"},
+	} {
+		r := g.admin(c.method, c.path, `{"amount": 5}`)
+		if r.status != http.StatusNotFound || r.header.Get("Location") != "" || r.header.Get("Allow") != "" {
+			t.Fatalf("%s %s: %d, Location %q, Allow %q; want a plain 404", c.method, c.path, r.status, r.header.Get("Location"), r.header.Get("Allow"))
+		}
+		if p := r.problem(t); p["detail"] != "no admin call at "+c.path {
+			t.Errorf("%s %s: problem %v", c.method, c.path, p)
+		}
+	}
+	// Paths that are not clean reach the handler where no prefix is
+	// stripped.
+	for _, path := range []string{"/orgs//m", "/orgs/n/../m", "/orgs/m/./topup", "/orgs/m//topup"} {
+		r := g.do(http.MethodPost, g.url+path, map[string]string{"Authorization": "Bearer s3cret"}, `{"amount": 5}`)
+		if r.status != http.StatusNotFound || r.header.Get("Location") != "" {
+			t.Fatalf("POST %s: %d, Location %q; want a 404", path, r.status, r.header.Get("Location"))
+		}
+		if p := r.problem(t); p["detail"] != "no admin call at "+path {
+			t.Errorf("POST %s: problem %v", path, p)
+		}
+	}
+	if r := g.do(http.MethodGet, g.url+"/orgs/m", map[string]string{"Authorization": "Bearer s3cret"}, ""); r.status != http.StatusOK {
+		t.Fatalf("the admin API at the site's root: %d %s", r.status, r.body)
+	}
+	if after := g.ledgerState("m"); after != before {
+		t.Fatalf("404s changed the ledger:\n%s\n%s", before, after)
+	}
+
+	// Without the token a wrong method is a 401 like any other call.
+	r = g.do("POS", g.adminURL+"/orgs/m/topup", nil, `{"amount": 5}`)
+	wantStatus(t, r, http.StatusUnauthorized)
 }

@@ -332,24 +332,23 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	}
 
 	// Subdirectives come in any order, so the rules between them wait for
-	// the end of the block.
+	// the end of the block; they are the route's, as Provision checks them.
 	if h.Org == "" {
 		return errAt(directive, "credits: org is required")
 	}
 	if h.Feature == "" {
 		return errAt(directive, "credits: feature is required")
 	}
-	mode := h.OnExhausted
-	if mode == "" {
-		mode = "block"
+	_, err := policy.NewRoute(policy.RouteSettings{Feature: h.Feature, Cost: h.Cost, OnExhausted: h.OnExhausted,
+		OverdraftLimit: h.OverdraftLimit, LowBalance: h.LowBalance, FailMode: h.FailMode})
+	var ie *policy.InputError
+	if errors.As(err, &ie) {
+		if tok, ok := seen[ie.Field]; ok {
+			return errAt(tok, err.Error())
+		}
+		return errAt(directive, "credits: "+err.Error())
 	}
-	if tok, ok := seen["overdraft_limit"]; ok && mode != "overdraft" {
-		return errAt(tok, "overdraft_limit needs on_exhausted overdraft; this route is "+mode)
-	}
-	if tok, ok := seen["low_balance"]; ok && mode != "notice" {
-		return errAt(tok, "low_balance needs on_exhausted notice; this route is "+mode)
-	}
-	return nil
+	return err
 }
 
 // parseCreditsBalance sets up the credits_balance handler.

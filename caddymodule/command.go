@@ -3,6 +3,7 @@ package caddymodule
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -35,17 +36,28 @@ const maxAdminAnswer = 16 << 20
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "credits",
-		Usage: "show|plan|topup|recharge|events <org> [<args>]",
+		Usage: "show|plan|topup|recharge|events|holds <org> [<args>]",
 		Short: "Reads and changes orgs' credits through a credits_admin endpoint",
 		Long: `
 Calls the admin API that the credits_admin handler serves, and prints the
-answer: an org's account, or its events.
+answer: an org's account, its events, or its holds.
 
   caddy credits show <org>
   caddy credits plan <org> <allowance> [<recharge_month>]
   caddy credits topup <org> <amount> [--reference <ref>]
   caddy credits recharge <org>
   caddy credits events <org> [--limit <n>]
+  caddy credits holds <org>
+  caddy credits holds <org> create <amount> --feature <f> [--ttl 15m] [--reference <ref>]
+  caddy credits holds <org> capture <hold> <amount>
+  caddy credits holds <org> release <hold>
+
+Arguments are checked against the API's ranges before any call. A top-up or
+a new hold without --reference gets a random one. A call that gets no
+answer, or a 502, 503 or 504, is sent again, the same (four times in all at
+most, within --timeout); a reference, or the hold's id, makes the retry
+apply once. A plan or a recharge is never sent again. When the outcome stays
+unknown, the error names the reference to run the command again with.
 
 --endpoint is the URL at which credits_admin is mounted; without the flag
 it is $CREDITS_ADMIN_ENDPOINT, or else ` + defaultAdminEndpoint + `.
@@ -69,15 +81,20 @@ the --: caddy credits topup acme --token ... -- -5.
 			cmd.SetFlagErrorFunc(negativeNumberHint)
 
 			topUp := creditsCommand("topup <org> <amount> [--reference <ref>]", "Adds purchased credits; a reference is applied once", 2, 2, cmdCreditsTopUp)
-			topUp.Flags().String("reference", "", "Reference of the payment; a repeat is not applied again")
+			topUp.Flags().String("reference", "", "Reference of the payment; a repeat is not applied again (default: a random one)")
 			events := creditsCommand("events <org> [--limit <n>]", "Lists an org's events, newest first", 1, 1, cmdCreditsEvents)
-			events.Flags().Int("limit", 0, "How many events to list (default: the API's, 50)")
+			events.Flags().Int("limit", 0, "How many events to list, 1 to 1000 (default: the API's, 50)")
+			holds := creditsCommand(holdsUsage, "Lists an org's holds, or creates, captures or releases one", 1, 4, cmdCreditsHolds)
+			holds.Flags().String("feature", "", "create: the usage label its capture is counted under (required)")
+			holds.Flags().String("ttl", "", "create: how long the hold lasts unless captured or released, 1s to 24h (default: the API's, 15m)")
+			holds.Flags().String("reference", "", "create: the hold's reference; a repeat answers the same hold (default: a random one)")
 			cmd.AddCommand(
 				creditsCommand("show <org>", "Shows an org's account", 1, 1, cmdCreditsShow),
 				creditsCommand("plan <org> <allowance> [<recharge_month>]", "Sets an org's plan; the month defaults to 1", 2, 3, cmdCreditsPlan),
 				topUp,
 				creditsCommand("recharge <org>", "Starts a new period for an org now", 1, 1, cmdCreditsRecharge),
 				events,
+				holds,
 			)
 		},
 	})
@@ -101,63 +118,203 @@ func creditsCommand(use, short string, minArgs, maxArgs int, run caddycmd.Comman
 	}
 }
 
+const holdsUsage = "holds <org> [create <amount> --feature <f> [--ttl <d>] [--reference <ref>] | capture <hold> <amount> | release <hold>]"
+
 func cmdCreditsShow(fl caddycmd.Flags) (int, error) {
-	return callAdmin(fl, http.MethodGet, nil, nil, printAccount, "orgs", fl.Arg(0))
+	return callAdmin(fl, cliCall{method: http.MethodGet, path: []string{"orgs", fl.Arg(0)}, retry: true}, printAccount)
 }
 
 func cmdCreditsPlan(fl caddycmd.Flags) (int, error) {
-	allowance, err := intArg(fl, 1, "allowance")
+	allowance, err := rangeArg(fl, 1, "allowance", 0, meter.MaxAmount)
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
 	month := int64(1)
 	if fl.NArg() > 2 {
-		if month, err = intArg(fl, 2, "recharge_month"); err != nil {
+		if month, err = rangeArg(fl, 2, "recharge_month", 1, 12); err != nil {
 			return caddy.ExitCodeFailedStartup, err
 		}
 	}
+	// Not sent again: a plan set for an org on the default plan starts a
+	// new period.
 	body := map[string]int64{"allowance": allowance, "recharge_month": month}
-	return callAdmin(fl, http.MethodPut, nil, body, printAccount, "orgs", fl.Arg(0), "plan")
+	return callAdmin(fl, cliCall{method: http.MethodPut, path: []string{"orgs", fl.Arg(0), "plan"}, body: body}, printAccount)
 }
 
 func cmdCreditsTopUp(fl caddycmd.Flags) (int, error) {
-	amount, err := intArg(fl, 1, "amount")
+	amount, err := rangeArg(fl, 1, "amount", 1, meter.MaxAmount)
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
-	body := map[string]any{"amount": amount}
-	if ref := fl.String("reference"); ref != "" {
-		body["reference"] = ref
+	ref, err := referenceFlag(fl)
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
 	}
-	return callAdmin(fl, http.MethodPost, nil, body, printAccount, "orgs", fl.Arg(0), "topup")
+	return callAdmin(fl, cliCall{
+		method: http.MethodPost, path: []string{"orgs", fl.Arg(0), "topup"},
+		body:  map[string]any{"amount": amount, "reference": ref},
+		retry: true, again: "run the same command with --reference " + ref + ": it applies once",
+	}, printAccount)
 }
 
 func cmdCreditsRecharge(fl caddycmd.Flags) (int, error) {
-	return callAdmin(fl, http.MethodPost, nil, nil, printAccount, "orgs", fl.Arg(0), "recharge")
+	// Not sent again: each recharge starts a new period.
+	return callAdmin(fl, cliCall{method: http.MethodPost, path: []string{"orgs", fl.Arg(0), "recharge"}}, printAccount)
 }
 
 func cmdCreditsEvents(fl caddycmd.Flags) (int, error) {
 	var query url.Values
 	if fl.Changed("limit") {
-		// The API checks the range, so that the CLI never disagrees with it.
+		if n := fl.Int("limit"); n < 1 || n > maxEvents {
+			return caddy.ExitCodeFailedStartup, &policy.InputError{Field: "limit", Value: strconv.Itoa(n), Reason: fmt.Sprintf("must be 1 to %d", maxEvents)}
+		}
 		query = url.Values{"limit": {strconv.Itoa(fl.Int("limit"))}}
 	}
-	return callAdmin(fl, http.MethodGet, query, nil, printEvents, "orgs", fl.Arg(0), "events")
+	return callAdmin(fl, cliCall{method: http.MethodGet, path: []string{"orgs", fl.Arg(0), "events"}, query: query, retry: true}, printEvents)
 }
 
-// intArg parses the i-th argument as a whole number.
-func intArg(fl caddycmd.Flags, i int, name string) (int64, error) {
+// cmdCreditsHolds lists an org's holds, or creates, captures or releases
+// one. Every call is safe to send again: a new hold has a reference, and a
+// capture or a release names its hold.
+func cmdCreditsHolds(fl caddycmd.Flags) (int, error) {
+	org, action := fl.Arg(0), fl.Arg(1)
+	args := map[string]int{"": 1, "create": 3, "capture": 4, "release": 3}
+	n, ok := args[action]
+	if !ok {
+		return caddy.ExitCodeFailedStartup, fmt.Errorf("unknown holds action %q: want create, capture or release; usage: caddy credits %s", action, holdsUsage)
+	}
+	if fl.NArg() != n {
+		return caddy.ExitCodeFailedStartup, fmt.Errorf("wrong number of arguments (%d); usage: caddy credits %s", fl.NArg(), holdsUsage)
+	}
+	if action != "create" {
+		for _, name := range []string{"feature", "ttl", "reference"} {
+			if fl.Changed(name) {
+				return caddy.ExitCodeFailedStartup, fmt.Errorf("--%s is only for caddy credits holds <org> create", name)
+			}
+		}
+	}
+	switch action {
+	case "create":
+		amount, err := rangeArg(fl, 2, "amount", 1, meter.MaxAmount)
+		if err != nil {
+			return caddy.ExitCodeFailedStartup, err
+		}
+		feature := fl.String("feature")
+		if feature == "" {
+			return caddy.ExitCodeFailedStartup, errors.New("--feature is required: the usage label the capture is counted under")
+		}
+		if err := policy.ValidateFeature(feature); err != nil {
+			return caddy.ExitCodeFailedStartup, err
+		}
+		body := map[string]any{"amount": amount, "feature": feature}
+		if fl.Changed("ttl") {
+			ttl := fl.String("ttl")
+			if _, err := holdTTL(ttl); err != nil {
+				return caddy.ExitCodeFailedStartup, err
+			}
+			body["ttl"] = ttl
+		}
+		ref, err := referenceFlag(fl)
+		if err != nil {
+			return caddy.ExitCodeFailedStartup, err
+		}
+		body["reference"] = ref
+		return callAdmin(fl, cliCall{
+			method: http.MethodPost, path: []string{"orgs", org, "holds"}, body: body,
+			retry: true, again: "run the same command with --reference " + ref + ": it makes one hold",
+		}, printHeld)
+	case "capture":
+		id := fl.Arg(2)
+		if err := validateHoldArg(id); err != nil {
+			return caddy.ExitCodeFailedStartup, err
+		}
+		amount, err := rangeArg(fl, 3, "amount", 0, meter.MaxAmount)
+		if err != nil {
+			return caddy.ExitCodeFailedStartup, err
+		}
+		return callAdmin(fl, cliCall{
+			method: http.MethodPost, path: []string{"orgs", org, "holds", id, "capture"}, body: map[string]int64{"amount": amount},
+			retry: true, again: "run it again: a hold is captured once",
+		}, printEnded)
+	case "release":
+		id := fl.Arg(2)
+		if err := validateHoldArg(id); err != nil {
+			return caddy.ExitCodeFailedStartup, err
+		}
+		return callAdmin(fl, cliCall{
+			method: http.MethodDelete, path: []string{"orgs", org, "holds", id},
+			retry: true, again: "run it again: a hold is released once",
+		}, printEnded)
+	}
+	return callAdmin(fl, cliCall{method: http.MethodGet, path: []string{"orgs", org, "holds"}, retry: true}, printHolds)
+}
+
+// rangeArg parses the i-th argument as a whole number from lo to hi, the
+// range the API takes.
+func rangeArg(fl caddycmd.Flags, i int, name string, lo, hi int64) (int64, error) {
 	n, err := strconv.ParseInt(fl.Arg(i), 10, 64)
 	if err != nil {
 		return 0, fmt.Errorf("invalid %s %q: not a whole number", name, fl.Arg(i))
 	}
+	if n < lo || n > hi {
+		return 0, &policy.InputError{Field: name, Value: fl.Arg(i), Reason: fmt.Sprintf("must be %d to %d", lo, hi)}
+	}
 	return n, nil
 }
 
-// callAdmin makes one call to the admin API, at the path made of elems
-// under the endpoint, and prints the answer: as it came with --json, else
-// with human.
-func callAdmin(fl caddycmd.Flags, method string, query url.Values, body any, human func(io.Writer, []byte) error, elems ...string) (int, error) {
+// referenceFlag is --reference, checked as the API checks it, or a fresh
+// random reference: every write is then safe to send again.
+func referenceFlag(fl caddycmd.Flags) (string, error) {
+	ref := fl.String("reference")
+	if !fl.Changed("reference") {
+		return "cli-" + rand.Text(), nil
+	}
+	if policy.ValidateIdempotencyKey(ref) != nil {
+		return "", &policy.InputError{Field: "reference", Value: ref, Reason: "must be 1 to 255 printable ASCII characters without spaces"}
+	}
+	return ref, nil
+}
+
+// validateHoldArg checks a hold id as the ledger does: 1 to 64 letters,
+// digits, '-', '_', '.' or ':' (a lease's). Checked here, it also cannot
+// change the path it is put into.
+func validateHoldArg(id string) error {
+	ok := len(id) > 0 && len(id) <= 64
+	for i := 0; ok && i < len(id); i++ {
+		c := id[i]
+		ok = c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.' || c == ':'
+	}
+	if !ok {
+		return &policy.InputError{Field: "hold", Value: id, Reason: "must be 1 to 64 letters, digits, '-', '_', '.' or ':'"}
+	}
+	return nil
+}
+
+// cliCall is one call of caddy credits to the admin API.
+type cliCall struct {
+	method string
+	path   []string // the path's elements under the endpoint
+	query  url.Values
+	body   any // sent as JSON when not nil
+	// retry says the call is safe to send again: a read, or a write that
+	// its reference or its hold id applies once.
+	retry bool
+	// again tells the operator how to finish a write whose outcome is
+	// unknown.
+	again string
+}
+
+// Retries of a call that got no answer, or a 502, 503 or 504.
+const (
+	maxAttempts  = 4
+	firstBackoff = 250 * time.Millisecond
+	maxBackoff   = 2 * time.Second
+)
+
+// callAdmin makes one call to the admin API, sent again while it gets no
+// answer if c.retry allows, and prints the answer: as it came with --json,
+// else with human.
+func callAdmin(fl caddycmd.Flags, c cliCall, human func(io.Writer, []byte) error) (int, error) {
 	endpoint, err := adminEndpoint(fl)
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
@@ -166,50 +323,58 @@ func callAdmin(fl caddycmd.Flags, method string, query url.Values, body any, hum
 	if timeout <= 0 {
 		return caddy.ExitCodeFailedStartup, errors.New("the timeout must be above zero")
 	}
-	var reqBody io.Reader
-	if body != nil {
-		data, err := json.Marshal(body)
-		if err != nil {
+	var reqBody []byte
+	if c.body != nil {
+		if reqBody, err = json.Marshal(c.body); err != nil {
 			return caddy.ExitCodeFailedStartup, err
 		}
-		reqBody = bytes.NewReader(data)
 	}
-	u := endpoint.JoinPath(elems...)
-	u.RawQuery = query.Encode()
+	u := endpoint.JoinPath(c.path...)
+	u.RawQuery = c.query.Encode()
+	token := adminToken(fl)
 
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, method, u.String(), reqBody)
-	if err != nil {
-		return caddy.ExitCodeFailedStartup, err
-	}
-	req.Header.Set("Accept", "application/json")
-	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	if token := adminToken(fl); token != "" {
-		req.Header.Set("Authorization", "Bearer "+token)
-	}
 	// A redirect is reported, not followed: it would turn a POST into a GET
 	// and could carry the token to another host.
 	client := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
-	resp, err := client.Do(req)
+	var (
+		resp *http.Response
+		data []byte
+	)
+	for attempt, backoff := 1, firstBackoff; ; attempt, backoff = attempt+1, min(2*backoff, maxBackoff) {
+		resp, data, err = sendAdmin(ctx, client, c.method, u.String(), token, reqBody)
+		if err == nil && !retryStatus(resp.StatusCode) || !c.retry || attempt == maxAttempts || ctx.Err() != nil {
+			break
+		}
+		if err == nil {
+			if s, perr := strconv.Atoi(resp.Header.Get("Retry-After")); perr == nil && s > 0 {
+				backoff = max(backoff, min(time.Duration(s)*time.Second, maxBackoff))
+			}
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(backoff):
+		}
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	unknown := ""
+	if c.again != "" && (err != nil || retryStatus(resp.StatusCode)) {
+		unknown = "; the outcome is unknown: " + c.again
+	}
 	if err != nil {
 		if ctx.Err() != nil {
-			return caddy.ExitCodeFailedStartup, fmt.Errorf("no answer from the credits admin API at %s within %s", endpoint.Redacted(), timeout)
+			return caddy.ExitCodeFailedStartup, fmt.Errorf("no answer from the credits admin API at %s within %s%s", endpoint.Redacted(), timeout, unknown)
 		}
 		if urlErr, ok := errors.AsType[*url.Error](err); ok {
 			err = urlErr.Err // its message repeats the URL
 		}
-		return caddy.ExitCodeFailedStartup, fmt.Errorf("cannot reach the credits admin API at %s: %v", endpoint.Redacted(), err)
-	}
-	defer resp.Body.Close()
-	data, err := io.ReadAll(io.LimitReader(resp.Body, maxAdminAnswer))
-	if err != nil {
-		return caddy.ExitCodeFailedStartup, fmt.Errorf("reading the answer of %s: %v", endpoint.Redacted(), err)
+		return caddy.ExitCodeFailedStartup, fmt.Errorf("cannot reach the credits admin API at %s: %v%s", endpoint.Redacted(), err, unknown)
 	}
 	if resp.StatusCode < 200 || resp.StatusCode > 299 {
-		return caddy.ExitCodeFailedStartup, answerError(endpoint, resp, data)
+		return caddy.ExitCodeFailedStartup, fmt.Errorf("%w%s", answerError(endpoint, resp, data), unknown)
 	}
 	if !json.Valid(data) {
 		return caddy.ExitCodeFailedStartup, fmt.Errorf("the answer of %s is not JSON; is it a credits_admin mount?", endpoint.Redacted())
@@ -222,6 +387,41 @@ func callAdmin(fl caddycmd.Flags, method string, query url.Values, body any, hum
 		return caddy.ExitCodeFailedStartup, fmt.Errorf("the answer of %s: %v", endpoint.Redacted(), err)
 	}
 	return 0, nil
+}
+
+// retryStatus reports whether an answer says the call may not have been
+// applied, and a retry may succeed.
+func retryStatus(status int) bool {
+	return status == http.StatusBadGateway || status == http.StatusServiceUnavailable || status == http.StatusGatewayTimeout
+}
+
+// sendAdmin sends one request and reads its answer, up to maxAdminAnswer.
+func sendAdmin(ctx context.Context, client *http.Client, method, u, token string, body []byte) (*http.Response, []byte, error) {
+	var reqBody io.Reader
+	if body != nil {
+		reqBody = bytes.NewReader(body)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, u, reqBody)
+	if err != nil {
+		return nil, nil, err
+	}
+	req.Header.Set("Accept", "application/json")
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, maxAdminAnswer))
+	if err != nil {
+		return nil, nil, fmt.Errorf("reading the answer: %w", err)
+	}
+	return resp, data, nil
 }
 
 // adminEndpoint is --endpoint, or $CREDITS_ADMIN_ENDPOINT when the flag is
@@ -277,6 +477,8 @@ func printAccount(w io.Writer, data []byte) error {
 	}
 	fmt.Fprintf(w, "org:          %s\n", a.Org)
 	fmt.Fprintf(w, "balance:      %d\n", a.Balance)
+	fmt.Fprintf(w, "held:         %d\n", a.Held)
+	fmt.Fprintf(w, "available:    %d\n", a.Available)
 	fmt.Fprintf(w, "allowance:    %d of %d (%s)\n", a.AllowanceRemaining, a.Plan.Allowance, plan)
 	if a.NextPlan != nil {
 		fmt.Fprintf(w, "next plan:    %d, recharging on month %d, from the next recharge\n", a.NextPlan.Allowance, a.NextPlan.RechargeMonth)
@@ -299,6 +501,80 @@ func printAccount(w io.Writer, data []byte) error {
 		}
 	}
 	return nil
+}
+
+// printHeld prints a new hold, then the account after it.
+func printHeld(w io.Writer, data []byte) error {
+	var answer struct {
+		meter.Hold
+		Account meter.Account `json:"account"`
+	}
+	if err := json.Unmarshal(data, &answer); err != nil {
+		return fmt.Errorf("not a hold: %v", err)
+	}
+	return printHoldAndAccount(w, answer.Hold, answer.Account)
+}
+
+// printEnded prints a captured or released hold, then the account after it.
+func printEnded(w io.Writer, data []byte) error {
+	var answer struct {
+		meter.Account
+		Hold meter.Hold `json:"hold"`
+	}
+	if err := json.Unmarshal(data, &answer); err != nil {
+		return fmt.Errorf("not an account with its hold: %v", err)
+	}
+	return printHoldAndAccount(w, answer.Hold, answer.Account)
+}
+
+func printHoldAndAccount(w io.Writer, h meter.Hold, a meter.Account) error {
+	if h.ID == "" {
+		return errors.New("no hold in it")
+	}
+	fmt.Fprintf(w, "hold:         %s\n", h.ID)
+	fmt.Fprintf(w, "state:        %s\n", h.State)
+	fmt.Fprintf(w, "amount:       %d\n", h.Amount)
+	if h.State == meter.HoldCaptured {
+		fmt.Fprintf(w, "captured:     %d\n", h.Captured)
+	}
+	fmt.Fprintf(w, "feature:      %s\n", h.Feature)
+	fmt.Fprintf(w, "%-14s%s\n\n", holdUntil(h)+":", h.Expires.UTC().Format(time.RFC3339))
+	data, err := json.Marshal(a)
+	if err != nil {
+		return err
+	}
+	return printAccount(w, data)
+}
+
+// holdUntil names what a hold's time is: when a live hold expires, or
+// until when an ended one is kept.
+func holdUntil(h meter.Hold) string {
+	if h.State == meter.HoldLive {
+		return "expires"
+	}
+	return "kept until"
+}
+
+// printHolds prints one aligned line per hold, under a header: id, state,
+// amount held, amount captured, feature, and expiry.
+func printHolds(w io.Writer, data []byte) error {
+	var answer struct {
+		Holds []meter.Hold `json:"holds"`
+	}
+	if err := json.Unmarshal(data, &answer); err != nil || answer.Holds == nil {
+		return fmt.Errorf("not a list of holds: %v", err)
+	}
+	if len(answer.Holds) == 0 {
+		_, err := fmt.Fprintln(w, "no holds")
+		return err
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "HOLD\tSTATE\tAMOUNT\tCAPTURED\tFEATURE\tUNTIL")
+	for _, h := range answer.Holds {
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%s\t%s %s\n",
+			h.ID, h.State, h.Amount, h.Captured, h.Feature, holdUntil(h), h.Expires.UTC().Format(time.RFC3339))
+	}
+	return tw.Flush()
 }
 
 // day shows t as a date, or in full when it is not midnight UTC (a period

@@ -8,10 +8,12 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -137,14 +139,21 @@ func TestCommandCredits(t *testing.T) {
 		precall bool
 		want    []string
 	}{
-		{"negative amount reaches the API", []string{"topup", "acme", "--", "-5"}, false,
-			[]string{"answered 400 Bad Request", "invalid amount", "must be 1 to"}},
+		{"negative amount", []string{"topup", "acme", "--", "-5"}, true,
+			[]string{`invalid amount "-5": must be 1 to 1000000000000`}},
+		{"zero amount", []string{"topup", "acme", "0"}, true, []string{`invalid amount "0": must be 1 to 1000000000000`}},
+		{"amount too big", []string{"topup", "acme", "1000000000001"}, true, []string{`invalid amount "1000000000001"`}},
+		{"bad reference", []string{"topup", "acme", "5", "--reference", "has space"}, true, []string{`invalid reference "has space"`}},
+		{"negative allowance", []string{"plan", "acme", "--", "-1"}, true, []string{`invalid allowance "-1": must be 0 to 1000000000000`}},
+		{"allowance too big", []string{"plan", "acme", "1000000000001"}, true, []string{`invalid allowance "1000000000001"`}},
 		{"negative amount without --", []string{"topup", "acme", "-5"}, true, []string{"put -- before a negative number"}},
 		{"amount not a number", []string{"topup", "acme", "abc"}, true, []string{"invalid amount", "not a whole number"}},
 		{"allowance not a number", []string{"plan", "acme", "lots"}, true, []string{"invalid allowance", "not a whole number"}},
 		{"month not a number", []string{"plan", "acme", "100", "april"}, true, []string{"invalid recharge_month", "not a whole number"}},
-		{"month out of range", []string{"plan", "acme", "100", "13"}, false, []string{"answered 400 Bad Request", "recharge month"}},
-		{"limit out of range", []string{"events", "acme", "--limit", "0"}, false, []string{"answered 400 Bad Request", "invalid limit"}},
+		{"month out of range", []string{"plan", "acme", "100", "13"}, true, []string{`invalid recharge_month "13": must be 1 to 12`}},
+		{"month zero", []string{"plan", "acme", "100", "0"}, true, []string{`invalid recharge_month "0": must be 1 to 12`}},
+		{"limit zero", []string{"events", "acme", "--limit", "0"}, true, []string{`invalid limit "0": must be 1 to 1000`}},
+		{"limit too big", []string{"events", "acme", "--limit", "1001"}, true, []string{`invalid limit "1001": must be 1 to 1000`}},
 		{"limit not a number", []string{"events", "acme", "--limit", "abc"}, true, []string{"invalid argument", "--limit"}},
 		{"amount missing", []string{"topup", "acme"}, true, []string{"wrong number of arguments", "usage: caddy credits topup <org> <amount>"}},
 		{"org missing", []string{"show"}, true, []string{"wrong number of arguments", "usage: caddy credits show <org>"}},
@@ -169,8 +178,10 @@ func TestCommandCredits(t *testing.T) {
 			if out != "" {
 				t.Errorf("standard output is not empty: %s", out)
 			}
+			// The message is in a JSON log line, its quotes escaped.
+			msg := strings.ReplaceAll(err.Error(), `\"`, `"`)
 			for _, w := range tc.want {
-				if !strings.Contains(err.Error(), w) {
+				if !strings.Contains(msg, w) {
 					t.Errorf("standard error lacks %q: %v", w, err)
 				}
 			}
@@ -309,4 +320,310 @@ func eventLines(t *testing.T, out string) [][]string {
 		events = append(events, f)
 	}
 	return events
+}
+
+// TestCommandHolds drives caddy credits holds against a real Caddy and
+// redis-server: create with and without a reference, the repeat, the list,
+// capture and its repeat, release, the API's refusals, and the argument
+// checks, which stop before any call.
+func TestCommandHolds(t *testing.T) {
+	clearCreditsEnv(t)
+	g := startGateway(t, gatewayOptions{})
+	wantStatus(t, g.admin(http.MethodPut, "/orgs/cli/plan", `{"allowance": 100, "recharge_month": 1}`), http.StatusOK)
+	env := []string{"CREDITS_ADMIN_TOKEN=s3cret"}
+	credits := func(t *testing.T, args ...string) string {
+		t.Helper()
+		out, err := runCaddyEnv(t, env, append([]string{"credits", "--endpoint", g.adminURL}, args...)...)
+		if err != nil {
+			t.Fatalf("caddy credits %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		return out
+	}
+
+	if out := credits(t, "holds", "cli"); out != "no holds\n" {
+		t.Fatalf("holds of an org without any: %q", out)
+	}
+	id := meter.HoldID("job-1")
+	for i := range 2 {
+		out := credits(t, "holds", "cli", "create", "30", "--feature", "long-job", "--ttl", "10m", "--reference", "job-1")
+		wantFields(t, out, map[string]string{
+			"hold": id, "state": "held", "amount": "30", "feature": "long-job",
+			"org": "cli", "balance": "100", "held": "30", "available": "70",
+		})
+		expires, err := time.Parse(time.RFC3339, field(out, "expires"))
+		if err != nil || time.Until(expires) < 9*time.Minute || time.Until(expires) > 11*time.Minute {
+			t.Errorf("create %d: expires %q (%v), want in 10m", i+1, field(out, "expires"), err)
+		}
+		if t.Failed() {
+			t.FailNow()
+		}
+	}
+
+	// Without --reference the CLI sends one of its own: --json shows the id.
+	var created struct {
+		meter.Hold
+		Account meter.Account `json:"account"`
+	}
+	out := credits(t, "holds", "cli", "create", "20", "--feature", "long-job", "--json")
+	if err := json.Unmarshal([]byte(out), &created); err != nil || created.State != meter.HoldLive || created.Amount != 20 || created.Account.Held != 50 {
+		t.Fatalf("create --json: %v %+v\n%s", err, created, out)
+	}
+	id2 := created.ID
+
+	lines := strings.Split(strings.TrimSpace(credits(t, "holds", "cli")), "\n")
+	if len(lines) != 3 || strings.Join(strings.Fields(lines[0]), " ") != "HOLD STATE AMOUNT CAPTURED FEATURE UNTIL" {
+		t.Fatalf("holds list:\n%s", strings.Join(lines, "\n"))
+	}
+	rows := map[string]string{}
+	for _, line := range lines[1:] {
+		f := strings.Fields(line)
+		rows[f[0]] = strings.Join(f[1:6], " ")
+	}
+	if rows[id] != "held 30 0 long-job expires" || rows[id2] != "held 20 0 long-job expires" {
+		t.Fatalf("holds list rows %v", rows)
+	}
+
+	for range 2 {
+		out = credits(t, "holds", "cli", "capture", id, "12")
+		wantFields(t, out, map[string]string{"hold": id, "state": "captured", "amount": "0", "captured": "12", "balance": "88", "held": "20", "available": "68"})
+	}
+	out = credits(t, "holds", "cli", "release", id2)
+	wantFields(t, out, map[string]string{"hold": id2, "state": "released", "balance": "88", "held": "0", "available": "88"})
+	if !strings.Contains(out, "kept until:") {
+		t.Errorf("an ended hold shows no kept until:\n%s", out)
+	}
+	if t.Failed() {
+		t.FailNow()
+	}
+	var list struct {
+		Holds []meter.Hold `json:"holds"`
+	}
+	out = credits(t, "holds", "cli", "--json")
+	if err := json.Unmarshal([]byte(out), &list); err != nil || len(list.Holds) != 2 {
+		t.Fatalf("holds --json: %v\n%s", err, out)
+	}
+
+	g.t = t
+	before := g.ledgerState("cli")
+	closed := fmt.Sprintf("http://127.0.0.1:%d/admin", freePort(t))
+	long := strings.Repeat("h", 65)
+	for _, tc := range []struct {
+		name    string
+		args    []string
+		precall bool
+		want    []string
+	}{
+		{"release of a captured hold", []string{"holds", "cli", "release", id}, false, []string{"answered 409 Conflict", "hold " + id + " was captured"}},
+		{"capture of a released hold", []string{"holds", "cli", "capture", id2, "1"}, false, []string{"answered 409 Conflict", "was released"}},
+		{"capture of an unknown hold", []string{"holds", "cli", "capture", "nope", "1"}, false, []string{"answered 404 Not Found", "org cli has no hold nope"}},
+		{"release of an unknown hold", []string{"holds", "cli", "release", "nope"}, false, []string{"answered 404 Not Found"}},
+		{"holds of an unknown org", []string{"holds", "ghost"}, false, []string{"answered 404 Not Found", "Redis holds nothing for org ghost"}},
+		{"short", []string{"holds", "cli", "create", "89", "--feature", "long-job"}, false, []string{"answered 402 Payment Required", "88 credits available"}},
+		{"create amount zero", []string{"holds", "cli", "create", "0", "--feature", "f"}, true, []string{`invalid amount "0": must be 1 to 1000000000000`}},
+		{"create amount too big", []string{"holds", "cli", "create", "1000000000001", "--feature", "f"}, true, []string{`invalid amount "1000000000001": must be 1 to 1000000000000`}},
+		{"create amount negative", []string{"holds", "cli", "create", "--feature", "f", "--", "-1"}, true, []string{`invalid amount "-1"`}},
+		{"create amount not a number", []string{"holds", "cli", "create", "lots", "--feature", "f"}, true, []string{`invalid amount "lots": not a whole number`}},
+		{"create without feature", []string{"holds", "cli", "create", "5"}, true, []string{"--feature is required"}},
+		{"create bad feature", []string{"holds", "cli", "create", "5", "--feature", "a b"}, true, []string{`invalid feature "a b"`}},
+		{"create ttl 0s", []string{"holds", "cli", "create", "5", "--feature", "f", "--ttl", "0s"}, true, []string{`invalid ttl "0s": must be a duration from 1s to 24h`}},
+		{"create ttl 25h", []string{"holds", "cli", "create", "5", "--feature", "f", "--ttl", "25h"}, true, []string{`invalid ttl "25h"`}},
+		{"create ttl abc", []string{"holds", "cli", "create", "5", "--feature", "f", "--ttl", "abc"}, true, []string{`invalid ttl "abc"`}},
+		{"create bad reference", []string{"holds", "cli", "create", "5", "--feature", "f", "--reference", "has space"}, true, []string{`invalid reference "has space"`}},
+		{"create empty reference", []string{"holds", "cli", "create", "5", "--feature", "f", "--reference", ""}, true, []string{`invalid reference ""`}},
+		{"capture negative", []string{"holds", "cli", "capture", id, "--", "-1"}, true, []string{`invalid amount "-1": must be 0 to 1000000000000`}},
+		{"capture too big", []string{"holds", "cli", "capture", id, "1000000000001"}, true, []string{`invalid amount "1000000000001": must be 0 to 1000000000000`}},
+		{"capture bad id", []string{"holds", "cli", "capture", "a/b", "1"}, true, []string{`invalid hold "a/b"`}},
+		{"release bad id", []string{"holds", "cli", "release", "../../orgs"}, true, []string{`invalid hold "../../orgs"`}},
+		{"release long id", []string{"holds", "cli", "release", long}, true, []string{`invalid hold`}},
+		{"unknown action", []string{"holds", "cli", "freeze", "x"}, true, []string{`unknown holds action "freeze"`}},
+		{"create without amount", []string{"holds", "cli", "create", "--feature", "f"}, true, []string{"wrong number of arguments (2)", "usage: caddy credits holds <org>"}},
+		{"capture without amount", []string{"holds", "cli", "capture", id}, true, []string{"wrong number of arguments (3)"}},
+		{"release too many", []string{"holds", "cli", "release", id, "x"}, true, []string{"wrong number of arguments (4)"}},
+		{"list too many", []string{"holds", "cli", "create", "1", "2", "3"}, true, []string{"wrong number of arguments (5)"}},
+		{"feature on release", []string{"holds", "cli", "release", id, "--feature", "f"}, true, []string{"--feature is only for caddy credits holds <org> create"}},
+		{"ttl on list", []string{"holds", "cli", "--ttl", "1m"}, true, []string{"--ttl is only for"}},
+		{"bad org", []string{"holds", "a b"}, true, []string{"invalid org"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ep := g.adminURL
+			if tc.precall {
+				ep = closed
+			}
+			out, err := runCaddyEnv(t, env, append([]string{"credits", "--endpoint", ep}, tc.args...)...)
+			if exitErr, ok := errors.AsType[*exec.ExitError](err); !ok || exitErr.ExitCode() != 1 {
+				t.Fatalf("caddy credits %s: %v, want exit status 1\n%s", strings.Join(tc.args, " "), err, out)
+			}
+			if out != "" {
+				t.Errorf("standard output is not empty: %s", out)
+			}
+			// The message is in a JSON log line, its quotes escaped.
+			msg := strings.ReplaceAll(err.Error(), `\"`, `"`)
+			for _, w := range tc.want {
+				if !strings.Contains(msg, w) {
+					t.Errorf("standard error lacks %q: %v", w, err)
+				}
+			}
+			if tc.precall && strings.Contains(err.Error(), "cannot reach") {
+				t.Errorf("called the API: %v", err)
+			}
+		})
+	}
+	g.t = t
+	if after := g.ledgerState("cli"); after != before {
+		t.Fatalf("refused commands changed the ledger:\n%s\n%s", before, after)
+	}
+}
+
+// TestCommandRetry puts a proxy between caddy credits and a real Caddy
+// that loses the answer of a write after Caddy applied it: the CLI sends
+// the write again with the same reference, and it applies once. When every
+// answer is lost, the error names the reference to run the command again
+// with.
+func TestCommandRetry(t *testing.T) {
+	clearCreditsEnv(t)
+	g := startGateway(t, gatewayOptions{})
+	wantStatus(t, g.admin(http.MethodPut, "/orgs/retry/plan", `{"allowance": 100, "recharge_month": 1}`), http.StatusOK)
+	p := &lossyProxy{target: strings.TrimSuffix(g.adminURL, "/admin"), lose: 1}
+	srv := httptest.NewServer(p)
+	t.Cleanup(srv.Close)
+	env := []string{"CREDITS_ADMIN_TOKEN=s3cret"}
+	run := func(args ...string) (string, error) {
+		t.Helper()
+		return runCaddyEnv(t, env, append([]string{"credits", "--endpoint", srv.URL + "/admin"}, args...)...)
+	}
+	// sameBodies checks that the proxy saw n copies of one write, with a
+	// reference, and returns the reference.
+	sameBodies := func(path string, n int) string {
+		t.Helper()
+		bodies := p.bodiesOf(path)
+		if len(bodies) != n {
+			t.Fatalf("%s was sent %d times, want %d: %q", path, len(bodies), n, bodies)
+		}
+		var first struct{ Reference string }
+		if err := json.Unmarshal([]byte(bodies[0]), &first); err != nil || !strings.HasPrefix(first.Reference, "cli-") {
+			t.Fatalf("%s: body %s without a cli- reference (%v)", path, bodies[0], err)
+		}
+		for _, b := range bodies[1:] {
+			if b != bodies[0] {
+				t.Fatalf("%s: a retry sent %s, the first %s", path, b, bodies[0])
+			}
+		}
+		return first.Reference
+	}
+
+	out, err := run("topup", "retry", "7")
+	if err != nil || field(out, "purchased") != "7" || field(out, "balance") != "107" {
+		t.Fatalf("top-up through a lost answer: %v\n%s", err, out)
+	}
+	ref := sameBodies("/admin/orgs/retry/topup", 2)
+	wantAccount(t, g.account("retry"), map[string]int64{"purchased": 7, "balance": 107})
+	if e := g.events("retry")[0]; e["kind"] != "topup" || e["ref"] != ref {
+		t.Fatalf("top-up event %v, want the reference %s", e, ref)
+	}
+
+	out, err = run("holds", "retry", "create", "4", "--feature", "long-job")
+	if err != nil || field(out, "held") != "4" {
+		t.Fatalf("hold through a lost answer: %v\n%s", err, out)
+	}
+	ref = sameBodies("/admin/orgs/retry/holds", 2)
+	if id := field(out, "hold"); id != meter.HoldID(ref) {
+		t.Fatalf("hold %s, want the one of the reference %s", id, ref)
+	}
+	id := field(out, "hold")
+	out, err = run("holds", "retry", "capture", id, "3")
+	if err != nil || field(out, "balance") != "104" || field(out, "captured") != "3" {
+		t.Fatalf("capture through a lost answer: %v\n%s", err, out)
+	}
+	if n := len(p.bodiesOf("/admin/orgs/retry/holds/" + id + "/capture")); n != 2 {
+		t.Fatalf("the capture was sent %d times, want 2", n)
+	}
+
+	// A recharge is not sent again: a second one would start another period.
+	_, err = run("recharge", "retry")
+	if err == nil || !strings.Contains(err.Error(), "cannot reach") {
+		t.Fatalf("a recharge whose answer is lost: %v", err)
+	}
+	if n := len(p.bodiesOf("/admin/orgs/retry/recharge")); n != 1 {
+		t.Fatalf("the recharge was sent %d times, want 1", n)
+	}
+
+	// Every answer lost: the top-up applied once, and the error says how to
+	// finish it.
+	p.setLose(maxAttempts)
+	before := g.account("retry")["purchased"].(float64)
+	_, err = run("topup", "retry", "5")
+	ref = sameBodies("/admin/orgs/retry/topup", maxAttempts)
+	if err == nil || !strings.Contains(err.Error(), "the outcome is unknown: run the same command with --reference "+ref+": it applies once") {
+		t.Fatalf("a top-up with every answer lost: %v", err)
+	}
+	wantAccount(t, g.account("retry"), map[string]int64{"purchased": int64(before) + 5})
+	p.setLose(0)
+	out, err = run("topup", "retry", "5", "--reference", ref)
+	if err != nil || field(out, "purchased") != fmt.Sprint(int64(before)+5) {
+		t.Fatalf("the top-up run again with its reference: %v\n%s", err, out)
+	}
+}
+
+// lossyProxy forwards admin calls to target and, for the first lose
+// attempts of each write, drops the connection once target has answered:
+// the write is applied, and its answer lost.
+type lossyProxy struct {
+	target string
+	mu     sync.Mutex
+	lose   int
+	bodies map[string][]string
+}
+
+func (p *lossyProxy) setLose(n int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.lose = n
+	p.bodies = nil
+}
+
+func (p *lossyProxy) bodiesOf(path string) []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.bodies[path]
+}
+
+func (p *lossyProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	body, err := io.ReadAll(r.Body)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadGateway)
+		return
+	}
+	p.mu.Lock()
+	if p.bodies == nil {
+		p.bodies = map[string][]string{}
+	}
+	p.bodies[r.URL.Path] = append(p.bodies[r.URL.Path], string(body))
+	lost := r.Method != http.MethodGet && len(p.bodies[r.URL.Path]) <= p.lose
+	p.mu.Unlock()
+
+	req, err := http.NewRequestWithContext(r.Context(), r.Method, p.target+r.URL.RequestURI(), bytes.NewReader(body))
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadGateway)
+		return
+	}
+	req.Header = r.Header.Clone()
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadGateway)
+		return
+	}
+	answer, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if lost {
+		conn, _, err := http.NewResponseController(w).Hijack()
+		if err == nil {
+			conn.Close()
+		}
+		return
+	}
+	for k, vs := range resp.Header {
+		w.Header()[k] = vs
+	}
+	w.WriteHeader(resp.StatusCode)
+	w.Write(answer)
 }

@@ -52,10 +52,8 @@ type Handler struct {
 
 	app       *App
 	route     policy.Route
-	cost      int64
 	org       placeholder
 	costValue placeholder
-	failOpen  bool
 	logger    *zap.Logger
 	outcomes  [policy.NumOutcomes]prometheus.Counter
 	charged   prometheus.Counter
@@ -107,74 +105,31 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision parses the route's settings and finds the credits app.
+// Provision checks the route's settings and finds the credits app.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
-	mode := policy.Block
-	if h.OnExhausted != "" {
-		var err error
-		if mode, err = policy.ParseMode(h.OnExhausted); err != nil {
-			return err
-		}
-	}
-	limit := int64(meter.NoLimit)
-	if h.OverdraftLimit != nil {
-		limit = *h.OverdraftLimit
-	}
-	if h.Cost == "" {
-		h.cost = 1
-	} else if !containsPlaceholder(h.Cost) {
-		var err error
-		if h.cost, err = policy.ParseCost(h.Cost); err != nil {
-			return err
-		}
-	}
-	switch h.FailMode {
-	case "":
-		h.failOpen = mode == policy.Overdraft
-	case "open":
-		h.failOpen = true
-	case "closed":
-	default:
-		return fmt.Errorf("fail_mode %q: must be open or closed", h.FailMode)
-	}
 	app, err := appFrom(ctx)
 	if err != nil {
 		return err
 	}
 	h.app = app
+	h.route, err = policy.NewRoute(policy.RouteSettings{Feature: h.Feature, Cost: h.Cost, OnExhausted: h.OnExhausted,
+		OverdraftLimit: h.OverdraftLimit, LowBalance: h.LowBalance, FailMode: h.FailMode, TopUpURL: app.TopUpURL})
+	if err != nil {
+		return fmt.Errorf("credits: %w", err)
+	}
 	h.org, h.costValue = newPlaceholder(h.Org), newPlaceholder(h.Cost)
 	for o := range h.outcomes {
 		h.outcomes[o] = app.metrics.requests.WithLabelValues(h.Feature, policy.Outcome(o).String())
 	}
 	h.charged = app.metrics.charged.WithLabelValues(h.Feature)
-	h.route = policy.Route{Feature: h.Feature, Mode: mode, OverdraftLimit: limit, LowBalance: h.LowBalance, TopUpURL: app.TopUpURL}
 	return nil
 }
 
-// Validate checks the settings against each other.
+// Validate checks what Provision could not: an org to charge.
 func (h *Handler) Validate() error {
 	if h.Org == "" {
 		return errors.New("credits: org is required")
-	}
-	if err := policy.ValidateFeature(h.Feature); err != nil {
-		return fmt.Errorf("credits: %w", err)
-	}
-	if h.OverdraftLimit != nil {
-		if h.route.Mode != policy.Overdraft {
-			return errors.New("credits: overdraft_limit needs on_exhausted overdraft")
-		}
-		if *h.OverdraftLimit < 0 || *h.OverdraftLimit > meter.MaxAmount {
-			return fmt.Errorf("credits: overdraft_limit %d: must be 0 to %d", *h.OverdraftLimit, int64(meter.MaxAmount))
-		}
-	}
-	if h.LowBalance != 0 {
-		if h.route.Mode != policy.Notice {
-			return errors.New("credits: low_balance needs on_exhausted notice")
-		}
-		if h.LowBalance < 0 || h.LowBalance > meter.MaxAmount {
-			return fmt.Errorf("credits: low_balance %d: must be 1 to %d", h.LowBalance, int64(meter.MaxAmount))
-		}
 	}
 	return nil
 }
@@ -220,7 +175,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 // resolve reads the call's org, cost and Idempotency-Key, or the problem
 // with them.
 func (h *Handler) resolve(r *http.Request) (call, policy.Outcome, *policy.Problem) {
-	c := call{org: h.org.value(r), cost: h.cost}
+	c := call{org: h.org.value(r), cost: h.route.Cost}
 	if err := policy.ValidateOrg(c.org); err != nil {
 		if errors.Is(err, policy.ErrOrgMissing) {
 			return call{}, policy.Unauthenticated, policy.OrgMissing()
@@ -316,7 +271,7 @@ func (h *Handler) observeStore(err error) {
 // failing open, the call goes on and its charge waits in the backlog; when
 // failing closed, it is answered 503.
 func (h *Handler) storeDown(charge meter.ChargeRequest, err error) (payment, answer) {
-	if h.failOpen {
+	if h.route.FailOpen {
 		charge.Overdraft, charge.OverdraftLimit = true, meter.NoLimit
 		if h.app.store.later(deferred{ledger: h.app.ledger, charge: &charge}) {
 			h.app.metrics.unmetered.Inc()

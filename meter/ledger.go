@@ -25,7 +25,7 @@ import (
 // Limits of the amounts the ledger accepts.
 const (
 	// MaxAmount is the largest top-up, plan allowance or overdraft limit.
-	MaxAmount = 1_000_000_000_000
+	MaxAmount = policy.MaxAmount
 	// MaxPurchased is the most purchased credits an org may hold; it keeps
 	// every count exact in Lua's double-precision numbers.
 	MaxPurchased = 1_000_000_000_000_000

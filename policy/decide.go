@@ -60,6 +60,12 @@ type Route struct {
 	// TopUpURL is where an organization adds credits. It goes into the
 	// problem body of a refusal; it may be empty.
 	TopUpURL string
+	// Cost is the cost of a call, or 0 when a placeholder gives it per
+	// request.
+	Cost int64
+	// FailOpen forwards a call whose charge the store did not take, and
+	// charges it once the store answers.
+	FailOpen bool
 }
 
 // Answer is what the ledger answered for one charge.

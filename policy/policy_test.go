@@ -646,3 +646,42 @@ func TestStatusProblem(t *testing.T) {
 		t.Fatalf("a status problem has a balance: %v", got)
 	}
 }
+
+func TestNewRoute(t *testing.T) {
+	limit, deep := int64(10), int64(policy.MaxAmount+1)
+	for _, tc := range []struct {
+		name string
+		in   policy.RouteSettings
+		want string // the error, or "" for a route
+	}{
+		{"defaults", policy.RouteSettings{Feature: "f"}, ""},
+		{"no feature", policy.RouteSettings{}, "feature is required"},
+		{"bad feature", policy.RouteSettings{Feature: "a b"}, `invalid feature "a b"`},
+		{"bad mode", policy.RouteSettings{Feature: "f", OnExhausted: "never"}, `invalid on_exhausted "never": must be block, notice or overdraft`},
+		{"bad cost", policy.RouteSettings{Feature: "f", Cost: "0"}, `invalid cost "0"`},
+		{"placeholder cost", policy.RouteSettings{Feature: "f", Cost: "{http.request.header.X-Cost}"}, ""},
+		{"limit on a block route", policy.RouteSettings{Feature: "f", OverdraftLimit: &limit}, `invalid overdraft_limit "10": needs on_exhausted overdraft; this route is block`},
+		{"limit too deep", policy.RouteSettings{Feature: "f", OnExhausted: "overdraft", OverdraftLimit: &deep}, `must be an integer from 0 to 1000000000000`},
+		{"low balance on an overdraft route", policy.RouteSettings{Feature: "f", OnExhausted: "overdraft", LowBalance: 3}, `needs on_exhausted notice; this route is overdraft`},
+		{"low balance below 1", policy.RouteSettings{Feature: "f", OnExhausted: "notice", LowBalance: -3}, `must be an integer from 1`},
+		{"bad fail mode", policy.RouteSettings{Feature: "f", FailMode: "maybe"}, `invalid fail_mode "maybe": must be open or closed`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := policy.NewRoute(tc.in)
+			switch {
+			case tc.want == "" && err != nil:
+				t.Fatalf("error %v", err)
+			case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+				t.Fatalf("error %v, want %q", err, tc.want)
+			}
+		})
+	}
+	r, err := policy.NewRoute(policy.RouteSettings{Feature: "flows", OnExhausted: "overdraft", OverdraftLimit: &limit, Cost: "7"})
+	if err != nil || r.Mode != policy.Overdraft || r.OverdraftLimit != 10 || r.Cost != 7 || !r.FailOpen {
+		t.Fatalf("%+v %v", r, err)
+	}
+	r, _ = policy.NewRoute(policy.RouteSettings{Feature: "f", Cost: "{x}"})
+	if r.Cost != 0 || r.FailOpen || r.OverdraftLimit != -1 {
+		t.Fatalf("%+v", r)
+	}
+}

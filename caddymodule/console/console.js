@@ -2,6 +2,9 @@
 // API. Every URL is relative to the page, which credits_admin serves at its
 // mount root, so the console works under any prefix. Errors shown are the
 // API's own (the problem's detail): the console checks nothing itself.
+// Every write is safe to send again: a top-up carries a reference (one the
+// console makes when the field is empty, kept in the field until the top-up
+// succeeds), and a capture or a release names its hold.
 'use strict';
 
 (() => {
@@ -13,12 +16,14 @@
 		lookup: $('lookup'), token: $('token'), org: $('org'), show: $('show'),
 		error: $('error'), status: $('status'),
 		account: $('account'), accountOrg: $('account-org'),
-		balance: $('balance'), allowanceRemaining: $('allowance-remaining'),
+		balance: $('balance'), held: $('held'), available: $('available'),
+		allowanceRemaining: $('allowance-remaining'),
 		purchased: $('purchased'), nextRecharge: $('next-recharge'),
 		plan: $('plan'), period: $('period'), usage: $('usage'), usageEmpty: $('usage-empty'),
 		topup: $('topup'), amount: $('amount'), reference: $('reference'),
 		planForm: $('plan-form'), allowance: $('allowance'), month: $('month'),
 		events: document.querySelector('#events tbody'),
+		holds: document.querySelector('#holds tbody'), holdsTable: $('holds'), holdsEmpty: $('holds-empty'),
 	};
 
 	const number = new Intl.NumberFormat('en-US');
@@ -74,6 +79,17 @@
 		return 'orgs/' + encodeURIComponent(org) + (action ? '/' + action : '');
 	}
 
+	// newReference is a random top-up reference: sent again, it applies once.
+	function newReference() {
+		const bytes = crypto.getRandomValues(new Uint8Array(16));
+		return 'console-' + Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+	}
+
+	// outcomeUnknown says whether a failed write may have been applied.
+	function outcomeUnknown(err) {
+		return err.status === 0 || err.status === 502 || err.status === 503 || err.status === 504;
+	}
+
 	// jsonNumber passes what the admin typed to the API as it is: a number
 	// literal as a JSON number (exact, whatever its size), anything else as a
 	// string, so that the API's validation, and its error, decides.
@@ -124,6 +140,8 @@
 		shown = acct;
 		el.accountOrg.textContent = acct.org;
 		el.balance.textContent = number.format(acct.balance);
+		el.held.textContent = number.format(acct.held || 0);
+		el.available.textContent = number.format(acct.available ?? acct.balance);
 		el.allowanceRemaining.textContent = number.format(acct.allowance_remaining);
 		el.purchased.textContent = number.format(acct.purchased);
 		el.nextRecharge.replaceChildren(timeElement(acct.next_recharge, longDate.format(new Date(acct.next_recharge))));
@@ -193,6 +211,56 @@
 		}));
 	}
 
+	// renderHolds lists the holds, each live one with Capture and Release;
+	// a gateway's lease is the gateway's to end, so it has neither.
+	function renderHolds(holds) {
+		el.holds.replaceChildren(...holds.map((h) => {
+			const tr = document.createElement('tr');
+			tr.dataset.hold = h.hold;
+			const cell = (text, cls) => {
+				const td = document.createElement('td');
+				if (cls) {
+					td.className = cls;
+				}
+				td.textContent = text;
+				tr.append(td);
+				return td;
+			};
+			const lease = h.hold.startsWith('lease:');
+			cell(lease ? h.hold + ' (gateway lease)' : h.hold, 'ref').title = h.hold;
+			cell(h.state);
+			cell(h.feature || '');
+			cell(number.format(h.state === 'captured' ? h.captured || 0 : h.amount), 'num');
+			cell('').append(timeElement(h.expires, h.expires.replace('T', ' ').replace(/(\.\d+)?Z$/, '')));
+			const actions = cell('', 'hold-actions');
+			if (h.state === 'held' && !lease) {
+				const amount = document.createElement('input');
+				amount.type = 'text';
+				amount.inputMode = 'numeric';
+				amount.autocomplete = 'off';
+				amount.value = String(h.amount);
+				amount.className = 'capture-amount';
+				amount.setAttribute('aria-label', 'Credits to capture of hold ' + h.hold);
+				const capture = document.createElement('button');
+				capture.type = 'button';
+				capture.className = 'capture';
+				capture.textContent = 'Capture';
+				capture.setAttribute('aria-label', 'Capture hold ' + h.hold);
+				capture.addEventListener('click', () => busyButton(capture, () => endHold(h.hold, amount.value)));
+				const release = document.createElement('button');
+				release.type = 'button';
+				release.className = 'release secondary';
+				release.textContent = 'Release';
+				release.setAttribute('aria-label', 'Release hold ' + h.hold);
+				release.addEventListener('click', () => busyButton(release, () => endHold(h.hold)));
+				actions.append(amount, capture, release);
+			}
+			return tr;
+		}));
+		el.holdsTable.hidden = holds.length === 0;
+		el.holdsEmpty.hidden = holds.length !== 0;
+	}
+
 	function fillPlanForm(acct) {
 		const plan = acct.next_plan || acct.plan;
 		el.allowance.value = String(plan.allowance);
@@ -202,6 +270,45 @@
 	async function refreshEvents(org) {
 		const data = await call('GET', orgPath(org, 'events') + '?limit=' + EVENTS_SHOWN);
 		renderEvents(data.events || []);
+	}
+
+	async function refreshHolds(org) {
+		const data = await call('GET', orgPath(org, 'holds'));
+		renderHolds(data.holds || []);
+	}
+
+	// endHold captures amount credits of a hold or, without an amount,
+	// releases it. Either applies once, however often it is sent.
+	async function endHold(id, amount) {
+		const org = shown.org;
+		const path = orgPath(org, 'holds/' + encodeURIComponent(id));
+		const what = amount === undefined ? 'Release' : 'Capture';
+		try {
+			const acct = amount === undefined
+				? await call('DELETE', path)
+				: await call('POST', path + '/capture', jsonObject([['amount', amount.trim() === '' ? undefined : jsonNumber(amount)]]));
+			renderAccount(acct);
+			await Promise.all([refreshHolds(org), refreshEvents(org)]).catch(() => {});
+			const h = acct.hold || {};
+			say(h.state === 'captured'
+				? 'Hold ' + id + ' captured: ' + credits(h.captured || 0) + ' charged. Available: ' + credits(acct.available) + '.'
+				: 'Hold ' + id + ' ' + (h.state || 'ended') + '. Available: ' + credits(acct.available) + '.');
+		} catch (err) {
+			fail(what + ' of hold ' + id + ' refused', err);
+			if (outcomeUnknown(err)) {
+				el.status.textContent = 'Press ' + what + ' again to retry: a hold ends once.';
+			}
+		}
+	}
+
+	// busyButton disables a button while its call runs.
+	async function busyButton(button, f) {
+		button.disabled = true;
+		try {
+			await f();
+		} finally {
+			button.disabled = false;
+		}
 	}
 
 	// busy disables a form's button while its call runs, so one click makes
@@ -221,12 +328,14 @@
 	async function show() {
 		const org = el.org.value.trim();
 		try {
-			const [acct, events] = await Promise.all([
+			const [acct, events, holds] = await Promise.all([
 				call('GET', orgPath(org)),
 				call('GET', orgPath(org, 'events') + '?limit=' + EVENTS_SHOWN),
+				call('GET', orgPath(org, 'holds')),
 			]);
 			renderAccount(acct);
 			renderEvents(events.events || []);
+			renderHolds(holds.holds || []);
 			fillPlanForm(acct);
 			say('Showing organization ' + acct.org + '.');
 		} catch (err) {
@@ -238,10 +347,14 @@
 
 	async function topUp() {
 		const org = shown.org;
-		const reference = el.reference.value.trim();
+		let reference = el.reference.value.trim();
+		if (reference === '') {
+			reference = newReference();
+			el.reference.value = reference;
+		}
 		const body = jsonObject([
 			['amount', el.amount.value.trim() === '' ? undefined : jsonNumber(el.amount.value)],
-			['reference', reference === '' ? undefined : JSON.stringify(reference)],
+			['reference', JSON.stringify(reference)],
 		]);
 		const before = shown.purchased;
 		try {
@@ -257,6 +370,9 @@
 			}
 		} catch (err) {
 			fail('Top-up refused', err);
+			if (outcomeUnknown(err)) {
+				el.status.textContent = 'The reference ' + reference + ' stays in the form: press Add credits again to retry; it applies once.';
+			}
 		}
 	}
 
