@@ -256,8 +256,20 @@ func (a *Admin) topUp(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return writeProblem(w, r, policy.Invalid(err))
 	}
-	acct, applied, err := a.app.ledger.TopUp(r.Context(), org, *body.Amount, ref)
+	// A top-up without a reference gets one of the gateway's own, which no
+	// retry can send again: if its outcome is unknown it is voided.
+	own := ref == ""
+	if own {
+		ref = "gw:" + meter.NewRequestID()
+	}
+	acct, applied, err := a.app.ledger.TopUp(context.WithoutCancel(r.Context()), org, *body.Amount, ref)
 	if err != nil {
+		if own && unknownOutcome(err) {
+			if !a.app.store.later(meter.LaterVoidTopUp{Ledger: a.app.ledger, Org: org, Reference: ref, Amount: *body.Amount}) {
+				a.logger.Error("could not queue the void of a top-up with an unknown outcome; the backlog is full",
+					zap.String("org", org), zap.String("reference", ref))
+			}
+		}
 		return a.fail(w, r, org, "topup", err)
 	}
 	a.logger.Info("top-up", zap.String("org", org), zap.Int64("amount", *body.Amount),
@@ -463,6 +475,14 @@ func (a *Admin) fail(w http.ResponseWriter, r *http.Request, org, call string, e
 	a.logger.Error("admin call failed", zap.String("org", org), zap.String("call", call), zap.Error(err))
 	w.Header().Set("Retry-After", "1")
 	return writeProblem(w, r, policy.Unavailable())
+}
+
+// unknownOutcome reports whether a ledger write's error leaves unknown
+// whether it was applied: it may have reached Redis, and was no refusal.
+func unknownOutcome(err error) bool {
+	var inputErr *policy.InputError
+	return !meter.Unsent(err) && !errors.As(err, &inputErr) && !errors.Is(err, meter.ErrPurchasedLimit) &&
+		!errors.Is(err, meter.ErrNotFound) && !errors.Is(err, meter.ErrWrongType)
 }
 
 // writeJSON answers v as JSON with status; a HEAD gets the headers only.

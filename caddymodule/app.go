@@ -182,7 +182,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 			// A report a closing config cannot make waits in the store's
 			// backlog, which the next config shares, until Redis takes it.
 			Unreported: func(s meter.LeaseSync) {
-				if !store.later(deferred{ledger: ledger, lease: &s}) {
+				if !store.later(meter.LaterLeaseReport{Ledger: ledger, Sync: s}) {
 					a.logger.Error("lease report lost: the backlog is full", zap.String("org", s.Org))
 				}
 			},

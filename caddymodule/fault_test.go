@@ -99,7 +99,7 @@ func drained(t *testing.T) {
 	eventuallyWithin(t, time.Minute, "the backlog is applied", func() bool {
 		waiting := int64(0)
 		stores.Range(func(_, v any) bool {
-			waiting += v.(*store).waiting.Load()
+			waiting += v.(*store).outbox.Waiting()
 			return true
 		})
 		return waiting == 0

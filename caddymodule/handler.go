@@ -273,7 +273,7 @@ func (h *Handler) observeStore(err error) {
 func (h *Handler) storeDown(charge meter.ChargeRequest, err error) (payment, answer) {
 	if h.route.FailOpen {
 		charge.Overdraft, charge.OverdraftLimit = true, meter.NoLimit
-		if h.app.store.later(deferred{ledger: h.app.ledger, charge: &charge}) {
+		if h.app.store.later(meter.LaterCharge{Ledger: h.app.ledger, Charge: charge}) {
 			h.app.metrics.unmetered.Inc()
 			h.logger.Warn("store did not answer; forwarding and charging later",
 				zap.String("feature", h.Feature), zap.String("request_id", charge.RequestID), zap.Error(err))
@@ -285,7 +285,7 @@ func (h *Handler) storeDown(charge meter.ChargeRequest, err error) (payment, ans
 	}
 	// The charge may have run even so (a lost reply, a timeout after Redis
 	// took it): void it, so a refused call is never left charged.
-	if !meter.Unsent(err) && !h.app.store.later(deferred{ledger: h.app.ledger, org: charge.Org, requestID: charge.RequestID, void: charge.Attempt}) {
+	if !meter.Unsent(err) && !h.app.store.later(meter.LaterVoid{Ledger: h.app.ledger, Org: charge.Org, RequestID: charge.RequestID, Attempt: charge.Attempt}) {
 		h.logger.Error("could not queue the void of a charge with an unknown outcome; the backlog is full",
 			zap.String("request_id", charge.RequestID))
 	}

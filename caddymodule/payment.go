@@ -53,7 +53,7 @@ func (p *chargedPayment) settle(actual int64, refund bool) (int64, bool) {
 	}
 	p.h.observeStore(err)
 	if err != nil {
-		d := deferred{ledger: ledger, org: p.org, requestID: p.requestID, actual: actual, refund: refund}
+		d := meter.LaterSettle{Ledger: ledger, Org: p.org, RequestID: p.requestID, Actual: actual, Refund: refund}
 		if !p.h.app.store.later(d) {
 			p.h.logger.Error("store did not take a settle and the backlog is full; settle lost",
 				zap.String("request_id", p.requestID), zap.Error(err))
@@ -109,7 +109,7 @@ func (p *deferredPayment) settle(actual int64, refund bool) (int64, bool) {
 		actual = 0
 	}
 	if actual != p.charge.Cost || refund {
-		d := deferred{ledger: p.h.app.ledger, org: p.charge.Org, requestID: p.charge.RequestID, actual: actual, refund: refund}
+		d := meter.LaterSettle{Ledger: p.h.app.ledger, Org: p.charge.Org, RequestID: p.charge.RequestID, Actual: actual, Refund: refund}
 		if !p.h.app.store.later(d) {
 			p.h.logger.Error("fail-open backlog full; settle lost", zap.String("request_id", p.charge.RequestID))
 		}

@@ -3,6 +3,8 @@ package caddymodule
 import (
 	"context"
 	"fmt"
+	"github.com/creditsgw/caddy-credits/internal/faultproxy"
+	"github.com/creditsgw/caddy-credits/internal/redistest"
 	"io"
 	"net/http"
 	"net/http/httptrace"
@@ -281,5 +283,29 @@ func waitFor(t testing.TB, what string, cond func() bool) {
 			t.Fatalf("gave up waiting for %s", what)
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// TestAdminWriteUnknownOutcome: a top-up without a reference whose outcome
+// the gateway could not learn (Redis 300 ms slow, timeout 100 ms) is
+// answered 503 and never stands, though Redis ran it late; the same
+// top-up with a reference, retried as the 503 invites, applies once.
+func TestAdminWriteUnknownOutcome(t *testing.T) {
+	srv := redistest.Start(t, redistest.Options{})
+	proxy := faultproxy.Start(t, srv.Addr)
+	g := startGateway(t, gatewayOptions{store: "redis redis://" + proxy.Addr, timeout: "100ms"})
+	g.redis = srv
+	g.topUp("late", 10)
+	proxy.SetLatency(300 * time.Millisecond)
+	r := g.admin(http.MethodPost, "/orgs/late/topup", `{"amount": 1000}`)
+	wantStatus(t, r, http.StatusServiceUnavailable)
+	r = g.admin(http.MethodPost, "/orgs/late/topup", `{"amount": 500, "reference": "inv-9"}`)
+	wantStatus(t, r, http.StatusServiceUnavailable)
+	proxy.SetLatency(0)
+	drained(t)
+	r = g.admin(http.MethodPost, "/orgs/late/topup", `{"amount": 500, "reference": "inv-9"}`)
+	wantStatus(t, r, http.StatusOK)
+	if b := g.balance("late"); b != 5+10+500 {
+		t.Fatalf("balance %d, want 515: the unreferenced top-up voided, the referenced one applied once", b)
 	}
 }

@@ -183,7 +183,7 @@ func TestBacklogAcrossReloadAndShutdown(t *testing.T) {
 func backlogLength() int64 {
 	var n int64
 	stores.Range(func(_, v any) bool {
-		n += v.(*store).waiting.Load()
+		n += v.(*store).outbox.Waiting()
 		return true
 	})
 	return n
