@@ -225,7 +225,7 @@ func cmdCreditsHolds(fl caddycmd.Flags) (int, error) {
 		}, printHeld)
 	case "capture":
 		id := fl.Arg(2)
-		if err := validateHoldArg(id); err != nil {
+		if err := meter.ValidateHoldID(id); err != nil {
 			return caddy.ExitCodeFailedStartup, err
 		}
 		amount, err := rangeArg(fl, 3, "amount", 0, meter.MaxAmount)
@@ -238,7 +238,7 @@ func cmdCreditsHolds(fl caddycmd.Flags) (int, error) {
 		}, printEnded)
 	case "release":
 		id := fl.Arg(2)
-		if err := validateHoldArg(id); err != nil {
+		if err := meter.ValidateHoldID(id); err != nil {
 			return caddy.ExitCodeFailedStartup, err
 		}
 		return callAdmin(fl, cliCall{
@@ -273,21 +273,6 @@ func referenceFlag(fl caddycmd.Flags) (string, error) {
 		return "", &policy.InputError{Field: "reference", Value: ref, Reason: "must be 1 to 255 printable ASCII characters without spaces"}
 	}
 	return ref, nil
-}
-
-// validateHoldArg checks a hold id as the ledger does: 1 to 64 letters,
-// digits, '-', '_', '.' or ':' (a lease's). Checked here, it also cannot
-// change the path it is put into.
-func validateHoldArg(id string) error {
-	ok := len(id) > 0 && len(id) <= 64
-	for i := 0; ok && i < len(id); i++ {
-		c := id[i]
-		ok = c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_' || c == '.' || c == ':'
-	}
-	if !ok {
-		return &policy.InputError{Field: "hold", Value: id, Reason: "must be 1 to 64 letters, digits, '-', '_', '.' or ':'"}
-	}
-	return nil
 }
 
 // cliCall is one call of caddy credits to the admin API.

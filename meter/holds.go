@@ -254,12 +254,12 @@ func validateHoldCall(org, id string) error {
 	if err := policy.ValidateOrg(org); err != nil {
 		return err
 	}
-	return validateHoldID(id)
+	return ValidateHoldID(id)
 }
 
-// validateHoldID checks a hold id: 1 to 64 letters, digits, '-', '_', '.'
+// ValidateHoldID checks a hold id: 1 to 64 letters, digits, '-', '_', '.'
 // or ':' (a lease's).
-func validateHoldID(id string) error {
+func ValidateHoldID(id string) error {
 	ok := len(id) > 0 && len(id) <= 64
 	for i := 0; ok && i < len(id); i++ {
 		c := id[i]
