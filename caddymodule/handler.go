@@ -164,11 +164,12 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if p != nil {
 		return h.refuse(w, r, o, p)
 	}
-	pay, ans := h.pay(r, c)
+	cw := newCreditsWriter(w, h, c)
+	pay, ans := h.pay(r, c, &cw.kinds)
 	if ans != nil {
 		return ans(w, r)
 	}
-	cw := newCreditsWriter(w, h, c, pay)
+	cw.pay = pay
 	return cw.serve(next, r)
 }
 
@@ -203,13 +204,15 @@ type answer func(http.ResponseWriter, *http.Request) error
 // or, on a fail_mode open route whose store does not answer, deferred to
 // the backlog. Where the call must not go upstream (refused, a replay of a
 // completed call, a key in flight, the store down) it returns the answer
-// instead.
-func (h *Handler) pay(r *http.Request, c call) (payment, answer) {
+// instead. The payment is one of into's, so that it costs no allocation of
+// its own.
+func (h *Handler) pay(r *http.Request, c call, into *payments) (payment, answer) {
 	var storeErr error
 	if ls := h.app.leaser; ls != nil && c.key == "" {
 		balance, ok, err := ls.Spend(c.org, h.Feature, c.cost)
 		if ok {
-			return &leasedPayment{leaser: ls, org: c.org, feature: h.Feature, cost: c.cost, balance: balance}, nil
+			into.leased = leasedPayment{leaser: ls, org: c.org, feature: h.Feature, cost: c.cost, balance: balance}
+			return &into.leased, nil
 		}
 		storeErr = err
 	}
@@ -229,7 +232,7 @@ func (h *Handler) pay(r *http.Request, c call) (payment, answer) {
 		// The lease needed the store and it did not answer in time: the
 		// call is answered as when a charge does not get through.
 		h.app.metrics.storeErrors.Inc()
-		return h.storeDown(charge, storeErr)
+		return h.storeDown(charge, storeErr, into)
 	}
 
 	// The client going away must not cut a charge or a settle in half: the
@@ -243,7 +246,7 @@ func (h *Handler) pay(r *http.Request, c call) (payment, answer) {
 	case errors.Is(err, meter.ErrMismatch):
 		return nil, h.conflict(policy.KeyMismatch, policy.KeyMismatched())
 	case err != nil:
-		return h.storeDown(charge, err)
+		return h.storeDown(charge, err, into)
 	case res.Replay && res.Kept == nil:
 		return nil, h.conflict(policy.Replayed, policy.KeyNotKept())
 	case res.Replay:
@@ -256,8 +259,9 @@ func (h *Handler) pay(r *http.Request, c call) (payment, answer) {
 			return h.refuse(w, r, d.Outcome, d.Problem)
 		}
 	}
-	return &chargedPayment{h: h, ctx: ctx, org: c.org, requestID: charge.RequestID, attempt: attempt,
-		cost: c.cost, balance: res.Balance, keyed: c.key != ""}, nil
+	into.charged = chargedPayment{h: h, ctx: ctx, org: c.org, requestID: charge.RequestID, attempt: attempt,
+		cost: c.cost, balance: res.Balance, keyed: c.key != ""}
+	return &into.charged, nil
 }
 
 // observeStore counts a store call of the request path.
@@ -270,14 +274,15 @@ func (h *Handler) observeStore(err error) {
 // storeDown pays for a call whose charge the store did not take: when
 // failing open, the call goes on and its charge waits in the backlog; when
 // failing closed, it is answered 503.
-func (h *Handler) storeDown(charge meter.ChargeRequest, err error) (payment, answer) {
+func (h *Handler) storeDown(charge meter.ChargeRequest, err error, into *payments) (payment, answer) {
 	if h.route.FailOpen {
 		charge.Overdraft, charge.OverdraftLimit = true, meter.NoLimit
 		if h.app.store.later(meter.LaterCharge{Ledger: h.app.ledger, Charge: charge}) {
 			h.app.metrics.unmetered.Inc()
 			h.logger.Warn("store did not answer; forwarding and charging later",
 				zap.String("feature", h.Feature), zap.String("request_id", charge.RequestID), zap.Error(err))
-			return &deferredPayment{h: h, charge: charge}, nil
+			into.deferred = deferredPayment{h: h, charge: charge}
+			return &into.deferred, nil
 		}
 		h.logger.Error("store did not answer and the fail-open backlog is full; refusing", zap.String("feature", h.Feature))
 	} else {

@@ -25,6 +25,13 @@ type payment interface {
 	completed(kept []byte)
 }
 
+// payments holds one payment of each kind, for a call to use one of.
+type payments struct {
+	charged  chargedPayment
+	leased   leasedPayment
+	deferred deferredPayment
+}
+
 // chargedPayment is a charge of the call's own in the ledger.
 type chargedPayment struct {
 	h                       *Handler

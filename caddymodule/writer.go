@@ -24,9 +24,10 @@ import (
 // for a call with an Idempotency-Key, keeps its response for the retries.
 type creditsWriter struct {
 	caddyhttp.ResponseWriterWrapper
-	h   *Handler
-	c   call
-	pay payment
+	h     *Handler
+	c     call
+	pay   payment // one of kinds
+	kinds payments
 
 	settled  bool // the final status was seen
 	late     bool // the usage comes in a trailer: settled after the body
@@ -41,9 +42,9 @@ type creditsWriter struct {
 	vals [3]string // the Credits header values
 }
 
-func newCreditsWriter(w http.ResponseWriter, h *Handler, c call, pay payment) *creditsWriter {
+func newCreditsWriter(w http.ResponseWriter, h *Handler, c call) *creditsWriter {
 	return &creditsWriter{ResponseWriterWrapper: caddyhttp.ResponseWriterWrapper{ResponseWriter: w},
-		h: h, c: c, pay: pay, keeping: c.key != "" && h.app.keepLimit > 0, limit: h.app.keepLimit}
+		h: h, c: c, keeping: c.key != "" && h.app.keepLimit > 0, limit: h.app.keepLimit}
 }
 
 // serve passes the call on and settles it however it ends: with a response,

@@ -1,5 +1,5 @@
 -- KEYS: account, request marker, events, holds, the request's kept
--- response. ARGV[7] feature, ARGV[8] cost, ARGV[9] 1 for overdraft,
+-- response (the marker again for a call without a binding). ARGV[7] feature, ARGV[8] cost, ARGV[9] 1 for overdraft,
 -- ARGV[10] overdraft limit (-1: none), ARGV[11] request id, ARGV[12] marker
 -- lifetime in seconds, ARGV[13] attempt id, ARGV[14] the call's binding
 -- ('-' for none), ARGV[15] how long, in seconds, a call with a binding may
@@ -49,7 +49,9 @@ if m and not marker_free(m) then
     m.relied = '1'
     write_marker(marker_key, m)
   end
-  return {REPEAT, m.balance, m.cost, redis.call('GET', kept_key)}
+  local kept = false
+  if bind ~= '-' then kept = redis.call('GET', kept_key) end
+  return {REPEAT, m.balance, m.cost, kept}
 end
 
 local acc = load(account_key)

@@ -239,12 +239,15 @@ func (l *Ledger) Charge(ctx context.Context, req ChargeRequest) (ChargeResult, e
 		overdraft = "1"
 		limit = strconv.FormatInt(req.OverdraftLimit, 10)
 	}
-	bind := req.Binding
-	if bind == "" {
-		bind = "-"
+	marker := l.keys.Request(req.Org, req.RequestID)
+	// A call without a key has no kept response: its marker stands in, so
+	// that no key is built for nothing.
+	var bind any = noBinding
+	kept := marker
+	if req.Binding != "" {
+		bind, kept = req.Binding, l.keys.Kept(req.Org, req.RequestID)
 	}
-	keys := []string{l.keys.Account(req.Org), l.keys.Request(req.Org, req.RequestID), l.keys.Events(req.Org), l.keys.Holds(req.Org),
-		l.keys.Kept(req.Org, req.RequestID)}
+	keys := []string{l.keys.Account(req.Org), marker, l.keys.Events(req.Org), l.keys.Holds(req.Org), kept}
 	raw, err := l.eval(ctx, chargeScript, keys, []any{req.Feature, req.Cost, overdraft, limit, req.RequestID, l.markerTTL, req.Attempt,
 		bind, inFlightTTL})
 	if err != nil {
@@ -647,8 +650,11 @@ func (l *Ledger) eval(ctx context.Context, script *redis.Script, keys []string, 
 }
 
 // inFlightTTL is DefaultInFlightTTL in seconds, as the charge script takes
-// it.
-var inFlightTTL = int64(DefaultInFlightTTL / time.Second)
+// it; noBinding is the binding of a call without a key. Both are boxed once.
+var (
+	inFlightTTL any = strconv.FormatInt(int64(DefaultInFlightTTL/time.Second), 10)
+	noBinding   any = "-"
+)
 
 // maxTries bounds the tries of one store call within its deadline.
 const maxTries = 4
