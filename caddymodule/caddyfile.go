@@ -225,6 +225,8 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 //		overdraft_limit <n>
 //		low_balance <n>
 //		fail_mode open|closed
+//		usage header|openai|anthropic
+//		price <model-glob> <in> <out>
 //	}
 //
 // org and feature are required. org usually is a placeholder, e.g.
@@ -232,7 +234,8 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 // cost defaults to 1 and is an integer from 1 to 1000000 or a placeholder
 // that yields one. on_exhausted defaults to block. overdraft_limit is for
 // overdraft routes only, low_balance for notice routes only. fail_mode
-// defaults to closed, and to open on overdraft routes.
+// defaults to closed, and to open on overdraft routes. usage defaults to
+// header; price, repeatable, needs usage openai or anthropic.
 func parseCredits(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	m := new(Handler)
 	err := m.UnmarshalCaddyfile(h.Dispenser)
@@ -253,7 +256,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			return err
 		}
 		sub := d.Val()
-		if _, ok := seen[sub]; ok {
+		if _, ok := seen[sub]; ok && sub != "price" {
 			return d.Errf("%s is given twice", sub)
 		}
 		seen[sub] = d.Token()
@@ -326,6 +329,34 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.WrapErr(inputError("fail_mode", v, "must be open or closed"))
 			}
 			h.FailMode = v
+		case "usage":
+			v, err := singleArg(d)
+			if err != nil {
+				return err
+			}
+			if _, err := policy.ParseUsageFormat(v); err != nil {
+				return d.WrapErr(err)
+			}
+			h.Usage = v
+		case "price":
+			// Repeatable: one line per model glob.
+			args := d.RemainingArgs()
+			if len(args) != 3 {
+				return d.ArgErr()
+			}
+			in, err := parseInt("price", args[1], 0, policy.MaxPrice)
+			if err != nil {
+				return d.WrapErr(err)
+			}
+			out, err := parseInt("price", args[2], 0, policy.MaxPrice)
+			if err != nil {
+				return d.WrapErr(err)
+			}
+			p := policy.Price{Model: args[0], In: in, Out: out}
+			if err := p.Validate(); err != nil {
+				return d.WrapErr(err)
+			}
+			h.Prices = append(h.Prices, p)
 		default:
 			return d.Errf("unrecognized subdirective '%s'", sub)
 		}
@@ -340,7 +371,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		return errAt(directive, "credits: feature is required")
 	}
 	_, err := policy.NewRoute(policy.RouteSettings{Feature: h.Feature, Cost: h.Cost, OnExhausted: h.OnExhausted,
-		OverdraftLimit: h.OverdraftLimit, LowBalance: h.LowBalance, FailMode: h.FailMode})
+		OverdraftLimit: h.OverdraftLimit, LowBalance: h.LowBalance, FailMode: h.FailMode, Usage: h.Usage, Prices: h.Prices})
 	var ie *policy.InputError
 	if errors.As(err, &ie) {
 		if tok, ok := seen[ie.Field]; ok {

@@ -1,9 +1,11 @@
 package caddymodule
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/textproto"
 	"strings"
@@ -49,6 +51,19 @@ type Handler struct {
 	// closed (503) or open (forwarded, charged once the store answers).
 	// Default closed, open on overdraft routes.
 	FailMode string `json:"fail_mode,omitempty"`
+	// Usage is where a call's real cost comes from: header (the upstream's
+	// Credits-Usage header or trailer), openai (the usage object of an
+	// OpenAI-style JSON answer or of the stream's event that carries it)
+	// or anthropic (the usage of Anthropic's message events). With openai
+	// or anthropic, Cost is what the call holds before it goes upstream,
+	// and what it is charged when the answer reports no usage. Default
+	// header.
+	Usage string `json:"usage,omitempty"`
+	// Prices, with usage openai or anthropic, price the tokens an answer
+	// reports: credits per 1,000,000 input and output tokens for models
+	// matching a glob; the first match wins. A model with no price is
+	// charged Cost.
+	Prices []policy.Price `json:"prices,omitempty"`
 
 	app       *App
 	route     policy.Route
@@ -114,7 +129,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.app = app
 	h.route, err = policy.NewRoute(policy.RouteSettings{Feature: h.Feature, Cost: h.Cost, OnExhausted: h.OnExhausted,
-		OverdraftLimit: h.OverdraftLimit, LowBalance: h.LowBalance, FailMode: h.FailMode, TopUpURL: app.TopUpURL})
+		OverdraftLimit: h.OverdraftLimit, LowBalance: h.LowBalance, FailMode: h.FailMode, TopUpURL: app.TopUpURL,
+		Usage: h.Usage, Prices: h.Prices})
 	if err != nil {
 		return fmt.Errorf("credits: %w", err)
 	}
@@ -170,7 +186,32 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return ans(w, r)
 	}
 	cw.pay = pay
+	if h.route.Usage != policy.UsageHeader {
+		cw.model = peekModel(r)
+	}
 	return cw.serve(next, r)
+}
+
+// maxPeek is the most of a request body read for the model it names.
+const maxPeek = 64 << 10
+
+// peekModel returns the model a JSON request body names, reading at most
+// maxPeek bytes of it and leaving the body whole for the upstream.
+func peekModel(r *http.Request) string {
+	if r.Body == nil || r.Body == http.NoBody {
+		return ""
+	}
+	buf := make([]byte, maxPeek)
+	n, _ := io.ReadFull(r.Body, buf)
+	buf = buf[:n]
+	r.Body = struct {
+		io.Reader
+		io.Closer
+	}{io.MultiReader(bytes.NewReader(buf), r.Body), r.Body}
+	if n == maxPeek {
+		return ""
+	}
+	return policy.ModelOf(buf)
 }
 
 // resolve reads the call's org, cost and Idempotency-Key, or the problem

@@ -39,6 +39,10 @@ type creditsWriter struct {
 	kept    []byte // the body so far
 	limit   int64
 
+	usage    *policy.UsageReader // reads the answer's usage, on an openai or anthropic route
+	model    string              // the request's model, when the answer names none
+	writeErr error               // the client could not be written to
+
 	vals [3]string // the Credits header values
 }
 
@@ -53,8 +57,13 @@ func newCreditsWriter(w http.ResponseWriter, h *Handler, c call) *creditsWriter 
 func (cw *creditsWriter) serve(next caddyhttp.Handler, r *http.Request) (err error) {
 	defer func() {
 		if p := recover(); p != nil {
-			if !cw.settled {
+			switch {
+			case !cw.settled:
 				cw.settle(http.StatusInternalServerError)
+			case p == http.ErrAbortHandler:
+				// The response was cut after its headers: by the client
+				// going away, or by the upstream.
+				cw.abort(cw.writeErr != nil || r.Context().Err() != nil)
 			}
 			panic(p)
 		}
@@ -90,8 +99,12 @@ func (cw *creditsWriter) settle(status int) {
 
 	cw.refunded = status >= 500 || status == statusClientClosed
 	cw.actual = cw.c.cost
+	if f := cw.h.route.Usage; f != policy.UsageHeader && !cw.refunded {
+		// The usage is in the body: settled when the body has passed.
+		cw.late, cw.usage = true, policy.NewUsageReader(f, hdr.Get("Content-Type"))
+	}
 	if hasUsage && !cw.late {
-		cw.actual = cw.usage(usage)
+		cw.actual = cw.usageOf(usage)
 	}
 	if cw.late && !cw.refunded {
 		// Settled after the body: the headers say what the call holds.
@@ -102,6 +115,8 @@ func (cw *creditsWriter) settle(status int) {
 			hdr[policy.HeaderRemaining] = cw.vals[0:1:1]
 		}
 		hdr.Add("Trailer", policy.HeaderCharged+", "+policy.HeaderRemaining)
+		// Trailers need a chunked body (HTTP/1.1), not a known length.
+		hdr.Del("Content-Length")
 		return
 	}
 	cw.account(cw.pay.settle(cw.actual, cw.refunded))
@@ -131,7 +146,7 @@ func (cw *creditsWriter) account(balance int64, known bool) {
 
 // usage reads the upstream's Credits-Usage, or, when it is invalid, logs
 // it and keeps the route's cost.
-func (cw *creditsWriter) usage(values []string) int64 {
+func (cw *creditsWriter) usageOf(values []string) int64 {
 	n, err := policy.ParseUsage(values)
 	if err != nil {
 		cw.h.logger.Warn("ignoring an invalid Credits-Usage from the upstream; charging the route's cost",
@@ -161,15 +176,18 @@ func (cw *creditsWriter) finish(err error) {
 	delete(hdr, policy.HeaderUsage)
 	switch {
 	case cw.refunded:
+	case cw.late && cw.usage != nil:
+		cw.actual = cw.tokensCost(cw.usage.Tokens())
+		cw.account(cw.pay.settle(cw.actual, false))
 	case cw.late:
 		cw.actual = cw.c.cost
 		if hasUsage {
-			cw.actual = cw.usage(usage)
+			cw.actual = cw.usageOf(usage)
 		}
 		cw.account(cw.pay.settle(cw.actual, false))
 	case hasUsage:
 		// An undeclared trailer: the headers are gone, the ledger is not.
-		n := cw.usage(usage)
+		n := cw.usageOf(usage)
 		if n != cw.actual {
 			cw.h.charged.Add(float64(n - cw.actual))
 			cw.actual = n
@@ -184,6 +202,46 @@ func (cw *creditsWriter) finish(err error) {
 		kept = encodeKept(cw.status, hdr, cw.kept)
 	}
 	cw.pay.completed(kept)
+}
+
+// tokensCost is what the tokens an answer reported cost at the route's
+// prices; an answer without usage, or a model without a price, costs the
+// hold.
+func (cw *creditsWriter) tokensCost(t policy.Tokens) int64 {
+	if !t.Seen {
+		return cw.c.cost
+	}
+	model := t.Model
+	if model == "" {
+		model = cw.model
+	}
+	n, ok := policy.PriceOf(cw.h.route.Prices, model, t)
+	if !ok {
+		cw.h.logger.Warn("no price for the model; charging the route's cost", zap.String("model", model), zap.String("feature", cw.h.Feature))
+		return cw.c.cost
+	}
+	return n
+}
+
+// abort settles a call whose response was cut after its headers. Cut by
+// the upstream, it is charged the usage seen, and refunded when none was;
+// with the client gone, it is charged the usage seen, else its hold. A call
+// that had settled at its headers stands.
+func (cw *creditsWriter) abort(clientGone bool) {
+	if !cw.late || cw.refunded {
+		return
+	}
+	var t policy.Tokens
+	if cw.usage != nil {
+		t = cw.usage.Tokens()
+	}
+	if !t.Seen && !clientGone {
+		cw.refunded = true
+		cw.account(cw.pay.settle(0, true))
+		return
+	}
+	cw.actual = cw.tokensCost(t)
+	cw.account(cw.pay.settle(cw.actual, false))
 }
 
 // dropCreditsTrailers takes the Credits headers out of the upstream's
@@ -238,7 +296,14 @@ func (cw *creditsWriter) Write(b []byte) (int, error) {
 			cw.kept = append(cw.kept, b...)
 		}
 	}
-	return cw.ResponseWriter.Write(b)
+	if cw.usage != nil {
+		cw.usage.Write(b)
+	}
+	n, err := cw.ResponseWriter.Write(b)
+	if err != nil && cw.writeErr == nil {
+		cw.writeErr = err
+	}
+	return n, err
 }
 
 // ReadFrom keeps the wrapped writer's fast path without skipping the
@@ -247,7 +312,7 @@ func (cw *creditsWriter) ReadFrom(r io.Reader) (int64, error) {
 	if !cw.settled {
 		cw.WriteHeader(http.StatusOK)
 	}
-	if cw.keeping {
+	if cw.keeping || cw.usage != nil {
 		return io.Copy(writerOnly{cw}, r)
 	}
 	return cw.ResponseWriterWrapper.ReadFrom(r)

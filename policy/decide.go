@@ -66,6 +66,10 @@ type Route struct {
 	// FailOpen forwards a call whose charge the store did not take, and
 	// charges it once the store answers.
 	FailOpen bool
+	// Usage is where the call's real cost comes from.
+	Usage UsageFormat
+	// Prices price the tokens of a route whose Usage is not UsageHeader.
+	Prices []Price
 }
 
 // Answer is what the ledger answered for one charge.

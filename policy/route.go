@@ -32,6 +32,11 @@ type RouteSettings struct {
 	FailMode string
 	// TopUpURL goes into refusals' problem bodies.
 	TopUpURL string
+	// Usage is header, openai or anthropic; empty for header.
+	Usage string
+	// Prices price the tokens of a route whose usage is openai or
+	// anthropic; the first whose glob matches the model wins.
+	Prices []Price
 }
 
 // NewRoute checks a route's settings against each other and returns the
@@ -84,6 +89,22 @@ func NewRoute(s RouteSettings) (Route, error) {
 				Reason: "must be an integer from 1 to " + strconv.FormatInt(MaxAmount, 10)}
 		}
 	}
+	if s.Usage != "" {
+		f, err := ParseUsageFormat(s.Usage)
+		if err != nil {
+			return Route{}, err
+		}
+		r.Usage = f
+	}
+	if len(s.Prices) > 0 && r.Usage == UsageHeader {
+		return Route{}, &InputError{Field: "price", Value: s.Prices[0].Model, Reason: "needs usage openai or anthropic"}
+	}
+	for _, p := range s.Prices {
+		if err := p.Validate(); err != nil {
+			return Route{}, err
+		}
+	}
+	r.Prices = s.Prices
 	switch s.FailMode {
 	case "":
 		r.FailOpen = r.Mode == Overdraft

@@ -1,0 +1,274 @@
+package policy
+
+import (
+	"bytes"
+	"encoding/json"
+	"path"
+	"strconv"
+	"strings"
+)
+
+// UsageFormat is where a route's real cost comes from.
+type UsageFormat uint8
+
+const (
+	// UsageHeader reads the upstream's Credits-Usage header or trailer.
+	UsageHeader UsageFormat = iota
+	// UsageOpenAI reads the usage object of an OpenAI-style JSON answer, or
+	// of the server-sent event that carries it.
+	UsageOpenAI
+	// UsageAnthropic reads the usage of Anthropic's message_start and
+	// message_delta events, or of its JSON answer.
+	UsageAnthropic
+)
+
+var usageNames = [...]string{UsageHeader: "header", UsageOpenAI: "openai", UsageAnthropic: "anthropic"}
+
+// ParseUsageFormat parses a Caddyfile usage value.
+func ParseUsageFormat(s string) (UsageFormat, error) {
+	for f, name := range usageNames {
+		if s == name {
+			return UsageFormat(f), nil
+		}
+	}
+	return UsageHeader, &InputError{Field: "usage", Value: s, Reason: "must be header, openai or anthropic"}
+}
+
+// String returns the format's Caddyfile spelling.
+func (f UsageFormat) String() string {
+	if int(f) < len(usageNames) {
+		return usageNames[f]
+	}
+	return "UsageFormat(" + strconv.Itoa(int(f)) + ")"
+}
+
+// MaxPrice is the most credits a price may ask per 1,000,000 tokens.
+const MaxPrice = 1_000_000
+
+// Price is what a model's tokens cost: credits per 1,000,000 input and
+// output tokens, for models whose name matches the glob Model (path.Match
+// syntax; "*" matches every model).
+type Price struct {
+	// Model is a glob of model names, e.g. gpt-4o* or claude-3-5-*.
+	Model string `json:"model"`
+	// In is the credits per 1,000,000 input tokens.
+	In int64 `json:"in"`
+	// Out is the credits per 1,000,000 output tokens.
+	Out int64 `json:"out"`
+}
+
+// Validate checks the price's glob and amounts.
+func (p Price) Validate() error {
+	if p.Model == "" {
+		return &InputError{Field: "price model", Value: p.Model, Reason: "must be a model name or glob"}
+	}
+	if _, err := path.Match(p.Model, ""); err != nil {
+		return &InputError{Field: "price model", Value: p.Model, Reason: "must be a valid glob"}
+	}
+	for _, n := range []int64{p.In, p.Out} {
+		if n < 0 || n > MaxPrice {
+			return &InputError{Field: "price", Value: strconv.FormatInt(n, 10), Reason: "must be 0 to " + strconv.Itoa(MaxPrice) + " credits per 1,000,000 tokens"}
+		}
+	}
+	return nil
+}
+
+// Tokens is the usage an answer reported.
+type Tokens struct {
+	// Model is the model the answer names, if any.
+	Model string
+	// Input and Output are the tokens reported.
+	Input, Output int64
+	// Seen is true once any usage was read.
+	Seen bool
+}
+
+// maxTokens bounds the tokens counted, so that a price times them stays an
+// exact integer.
+const maxTokens = 1_000_000_000_000
+
+// PriceOf returns the credits the tokens cost at the first price whose glob
+// matches model: ceil((input*in + output*out) / 1,000,000), at most
+// MaxCost. ok is false when no price matches.
+func PriceOf(prices []Price, model string, t Tokens) (credits int64, ok bool) {
+	for _, p := range prices {
+		if m, _ := path.Match(p.Model, model); !m {
+			continue
+		}
+		// Split to stay exact: tokens up to 10^12 times prices up to 10^6.
+		in, out := min(t.Input, maxTokens), min(t.Output, maxTokens)
+		whole := (in/1_000_000)*p.In + (out/1_000_000)*p.Out
+		rest := (in%1_000_000)*p.In + (out%1_000_000)*p.Out
+		credits = whole + (rest+999_999)/1_000_000
+		return min(credits, MaxCost), true
+	}
+	return 0, false
+}
+
+// Limits of a UsageReader.
+const (
+	// maxUsageLine is the longest server-sent event line read; a longer
+	// one is passed over.
+	maxUsageLine = 64 << 10
+	// maxUsageJSON is the largest JSON answer read for its usage; a larger
+	// one is charged the route's cost.
+	maxUsageJSON = 1 << 20
+)
+
+// UsageReader reads the usage of an answer as its body passes through, in
+// bounded memory whatever the body's size: a server-sent event stream line
+// by line, a JSON answer up to 1 MiB. It never fails; what it cannot read
+// leaves Tokens unseen, and the call is charged its hold.
+type UsageReader struct {
+	format UsageFormat
+	sse    bool
+	line   []byte // the SSE line read so far
+	skip   bool   // the current line is too long: pass it over
+	body   []byte // the JSON answer read so far
+	over   bool   // the JSON answer is too large
+	tokens Tokens
+}
+
+// NewUsageReader returns a reader for an answer of contentType.
+func NewUsageReader(format UsageFormat, contentType string) *UsageReader {
+	return &UsageReader{format: format, sse: strings.HasPrefix(strings.TrimSpace(strings.ToLower(contentType)), "text/event-stream")}
+}
+
+// Write reads a piece of the body; it never fails.
+func (u *UsageReader) Write(p []byte) (int, error) {
+	n := len(p)
+	if !u.sse {
+		if !u.over {
+			if len(u.body)+len(p) > maxUsageJSON {
+				u.over, u.body = true, nil
+			} else {
+				u.body = append(u.body, p...)
+			}
+		}
+		return n, nil
+	}
+	for len(p) > 0 {
+		i := bytes.IndexByte(p, '\n')
+		chunk := p
+		if i >= 0 {
+			chunk = p[:i]
+		}
+		if !u.skip {
+			if len(u.line)+len(chunk) > maxUsageLine {
+				u.skip, u.line = true, u.line[:0]
+			} else {
+				u.line = append(u.line, chunk...)
+			}
+		}
+		if i < 0 {
+			break
+		}
+		if !u.skip {
+			u.event(u.line)
+		}
+		u.line, u.skip = u.line[:0], false
+		p = p[i+1:]
+	}
+	return n, nil
+}
+
+// Tokens returns the usage read; call it once the body has ended.
+func (u *UsageReader) Tokens() Tokens {
+	if u.sse {
+		if len(u.line) > 0 && !u.skip {
+			u.event(u.line)
+			u.line = u.line[:0]
+		}
+	} else if !u.over && len(u.body) > 0 {
+		u.read(u.body)
+		u.body = nil
+	}
+	return u.tokens
+}
+
+// event reads one SSE line: a data line's JSON.
+func (u *UsageReader) event(line []byte) {
+	data, ok := bytes.CutPrefix(bytes.TrimRight(line, "\r"), []byte("data:"))
+	if !ok {
+		return
+	}
+	data = bytes.TrimSpace(data)
+	if len(data) == 0 || data[0] != '{' {
+		return // [DONE] and the like
+	}
+	u.read(data)
+}
+
+// usageDoc is the part of an answer, or of one of its events, that names
+// its model and usage, in the formats read.
+type usageDoc struct {
+	Type    string      `json:"type"`
+	Model   string      `json:"model"`
+	Usage   *usageCount `json:"usage"`
+	Message *struct {
+		Model string      `json:"model"`
+		Usage *usageCount `json:"usage"`
+	} `json:"message"`
+}
+
+type usageCount struct {
+	PromptTokens     *int64 `json:"prompt_tokens"`
+	CompletionTokens *int64 `json:"completion_tokens"`
+	InputTokens      *int64 `json:"input_tokens"`
+	OutputTokens     *int64 `json:"output_tokens"`
+}
+
+func (u *UsageReader) read(data []byte) {
+	var d usageDoc
+	if json.Unmarshal(data, &d) != nil {
+		return
+	}
+	if d.Model != "" {
+		u.tokens.Model = d.Model
+	}
+	if d.Message != nil && d.Message.Model != "" {
+		u.tokens.Model = d.Message.Model
+	}
+	switch u.format {
+	case UsageOpenAI:
+		if d.Usage != nil && (d.Usage.PromptTokens != nil || d.Usage.CompletionTokens != nil) {
+			u.tokens.Input, u.tokens.Output = count(d.Usage.PromptTokens), count(d.Usage.CompletionTokens)
+			u.tokens.Seen = true
+		}
+	case UsageAnthropic:
+		// message_start carries the input and the first output tokens;
+		// each message_delta the output tokens so far; a JSON answer both.
+		usage := d.Usage
+		if d.Message != nil && d.Message.Usage != nil {
+			usage = d.Message.Usage
+		}
+		if usage == nil {
+			return
+		}
+		if usage.InputTokens != nil {
+			u.tokens.Input, u.tokens.Seen = count(usage.InputTokens), true
+		}
+		if usage.OutputTokens != nil {
+			u.tokens.Output, u.tokens.Seen = count(usage.OutputTokens), true
+		}
+	}
+}
+
+// count reads a token count; a negative one counts as none.
+func count(n *int64) int64 {
+	if n == nil || *n < 0 {
+		return 0
+	}
+	return *n
+}
+
+// ModelOf returns the model a JSON request body names, or "".
+func ModelOf(body []byte) string {
+	var d struct {
+		Model string `json:"model"`
+	}
+	if json.Unmarshal(body, &d) != nil {
+		return ""
+	}
+	return d.Model
+}
