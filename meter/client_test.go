@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/redis/go-redis/v9"
 
@@ -70,7 +71,8 @@ func TestClusterWithPassword(t *testing.T) {
 	seeds := append([]string{"redis://:s3cret@" + cluster.Addrs[0]}, cluster.Addrs[1:]...)
 	rdb := mustClient(t, ClientOptions{Cluster: seeds})
 	defer rdb.Close()
-	l, err := New(rdb, Config{DefaultPlan: Plan{Allowance: 10}})
+	// A loaded machine is slow to load the scripts on three nodes.
+	l, err := New(rdb, Config{DefaultPlan: Plan{Allowance: 10}, Timeout: 5 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -86,7 +88,7 @@ func TestClusterWithPassword(t *testing.T) {
 	// Without the password, the cluster refuses.
 	plain := mustClient(t, ClientOptions{Cluster: cluster.Addrs})
 	defer plain.Close()
-	l, err = New(plain, Config{DefaultPlan: Plan{Allowance: 10}})
+	l, err = New(plain, Config{DefaultPlan: Plan{Allowance: 10}, Timeout: 5 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
