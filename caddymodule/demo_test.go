@@ -87,6 +87,19 @@ func TestDemo(t *testing.T) {
 	if resp := call("/rich-text/generate"); resp.StatusCode != http.StatusOK || resp.Header.Get("Credits-Remaining") != "8" {
 		t.Fatalf("after the top-up: %d, Credits-Remaining %q", resp.StatusCode, resp.Header.Get("Credits-Remaining"))
 	}
+	// The streamed generation holds 3 and is charged the 1 its tokens cost.
+	req, _ := http.NewRequest(http.MethodPost, "http://"+gw+"/rich-text/stream", nil)
+	req.Header.Set("X-Org-Id", "streamer")
+	stream, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(stream.Body)
+	stream.Body.Close()
+	if !strings.Contains(string(body), `"usage":{"prompt_tokens":300`) || stream.Header.Get("Credits-Hold") != "3" ||
+		stream.Header.Get("Credits-Remaining") != "2" || stream.Trailer.Get("Credits-Charged") != "1" || stream.Trailer.Get("Credits-Remaining") != "4" {
+		t.Fatalf("streamed call: headers %v, trailers %v, body %q", stream.Header, stream.Trailer, body)
+	}
 	if !strings.Contains(p.output(), "embedded store") {
 		t.Errorf("no warning about the embedded store in the log:\n%s", p.output())
 	}
