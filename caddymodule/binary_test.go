@@ -30,7 +30,7 @@ func TestMain(m *testing.M) {
 }
 
 // buildCaddy builds ./cmd/caddy once per test run and returns its path.
-func buildCaddy(t *testing.T) string {
+func buildCaddy(t testing.TB) string {
 	t.Helper()
 	caddyBinary.once.Do(func() {
 		caddyBinary.dir, caddyBinary.err = os.MkdirTemp("", "credits-caddy-")
@@ -84,7 +84,7 @@ func (b lockedBuffer) Write(p []byte) (int, error) {
 
 // startCaddyProcess runs `caddy run` on a Caddyfile and waits until every
 // address in ready accepts connections.
-func startCaddyProcess(t *testing.T, caddyfile string, ready ...string) *caddyProcess {
+func startCaddyProcess(t testing.TB, caddyfile string, ready ...string) *caddyProcess {
 	t.Helper()
 	dir := t.TempDir()
 	path := filepath.Join(dir, "Caddyfile")

@@ -148,28 +148,48 @@ func (u *UsageReader) Write(p []byte) (int, error) {
 		return n, nil
 	}
 	for len(p) > 0 {
-		i := bytes.IndexByte(p, '\n')
-		chunk := p
-		if i >= 0 {
-			chunk = p[:i]
-		}
-		if !u.skip {
-			if len(u.line)+len(chunk) > maxUsageLine {
-				u.skip, u.line = true, u.line[:0]
-			} else {
-				u.line = append(u.line, chunk...)
+		if len(u.line) == 0 && !u.skip && !hasUsage(p) {
+			// No usage in the rest of this piece: only the line it ends in
+			// the middle of is kept, for the next piece to finish.
+			if i := bytes.LastIndexByte(p, '\n'); i >= 0 {
+				p = p[i+1:]
 			}
-		}
-		if i < 0 {
+			u.keep(p)
 			break
 		}
-		if !u.skip {
-			u.event(u.line)
+		i := bytes.IndexByte(p, '\n')
+		if i < 0 {
+			u.keep(p)
+			break
 		}
-		u.line, u.skip = u.line[:0], false
+		if len(u.line) == 0 && !u.skip {
+			// A whole line in this piece: read in place, copied nowhere.
+			if i <= maxUsageLine {
+				u.event(p[:i])
+			}
+		} else {
+			u.keep(p[:i])
+			if !u.skip {
+				u.event(u.line)
+			}
+			u.line, u.skip = u.line[:0], false
+		}
 		p = p[i+1:]
 	}
 	return n, nil
+}
+
+// keep adds the start of a line that goes on in the next piece, passing
+// over a line longer than maxUsageLine.
+func (u *UsageReader) keep(p []byte) {
+	if u.skip {
+		return
+	}
+	if len(u.line)+len(p) > maxUsageLine {
+		u.skip, u.line = true, u.line[:0]
+		return
+	}
+	u.line = append(u.line, p...)
 }
 
 // Tokens returns the usage read; call it once the body has ended.
@@ -196,7 +216,30 @@ func (u *UsageReader) event(line []byte) {
 	if len(data) == 0 || data[0] != '{' {
 		return // [DONE] and the like
 	}
+	// Only an event with a usage is worth decoding: in both formats it
+	// names the model too. The rest of a stream is passed over at the
+	// speed of a byte search.
+	if !hasUsage(data) {
+		return
+	}
 	u.read(data)
+}
+
+// hasUsage reports whether an event's JSON may carry a usage: it names one
+// that is not null (OpenAI's chunks say "usage":null until the last).
+func hasUsage(data []byte) bool {
+	key := []byte(`"usage"`)
+	for {
+		i := bytes.Index(data, key)
+		if i < 0 {
+			return false
+		}
+		data = data[i+len(key):]
+		rest := bytes.TrimLeft(data, " \t:")
+		if !bytes.HasPrefix(rest, []byte("null")) {
+			return true
+		}
+	}
 }
 
 // usageDoc is the part of an answer, or of one of its events, that names
