@@ -312,7 +312,7 @@ func TestBrowserDemo(t *testing.T) {
 	// The badge starts from credits_balance, then counts down with each
 	// call's Credits-Remaining; below 2 it says the credits are low.
 	waitBadge(t, ctx, 5, "ok")
-	checkTabOrder(t, ctx, "console-link", "prompt", "generate", "editor")
+	checkTabOrder(t, ctx, "console-link", "prompt", "generate", "stream", "editor")
 	for balance := 4; balance >= 0; balance-- {
 		pageClick(t, ctx, "#generate")
 		state := "ok"
@@ -372,6 +372,13 @@ func TestBrowserDemo(t *testing.T) {
 	if n := pageEval[int](t, ctx, paragraphs); n != 6 {
 		t.Fatalf("%d generated paragraphs after the top-up, want 6", n)
 	}
+
+	// A streamed generation holds 3 and is charged 1: once the stream has
+	// ended, the badge shows the balance after the real charge.
+	pageClick(t, ctx, "#stream")
+	pageWaitText(t, ctx, "#editor p.streamed", "A paragraph the AI wrote.")
+	waitBadge(t, ctx, 8, "ok")
+	pageWaitContains(t, ctx, "#status", "Streamed a paragraph")
 }
 
 // TestBrowserConsole uses the usage console of a credits_admin with a token:

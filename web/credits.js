@@ -7,6 +7,10 @@
  *   Credits-Remaining: the org's balance after the call
  *   Credits-Notice:    "low" (the balance is running low) or "exhausted"
  *                      (a 402 whose problem body the notice shows)
+ *   Credits-Hold:      a streamed call, charged when its body ends: once the
+ *                      page has read the body to its end, the badge is set
+ *                      again from the last Credits.refresh endpoint (a
+ *                      browser cannot read the final charge in the trailers)
  *
  * The page marks the elements:
  *   <span data-credits-badge></span>   the balance, e.g. "4 credits"; gets
@@ -34,6 +38,9 @@
 
 	// unwatched is window.fetch as it was before watchFetch patched it.
 	var unwatched = null;
+	// balanceSource is the last endpoint Credits.refresh read, to read again
+	// when a streamed call ends.
+	var balanceSource = null;
 
 	function baseFetch() {
 		return unwatched || global.fetch;
@@ -136,7 +143,24 @@
 		if (response.ok) {
 			hideNotice();
 		}
+		if (response.headers.get('Credits-Hold') !== null && response.body && balanceSource &&
+			typeof TransformStream === 'function') {
+			return Promise.resolve(afterBody(response));
+		}
 		return Promise.resolve(response);
+	}
+
+	// afterBody returns the response with a body that, once read to its end,
+	// sets the badge again from credits_balance: a streamed call's charge is
+	// settled when its body ends.
+	function afterBody(response) {
+		var source = balanceSource;
+		var body = response.body.pipeThrough(new TransformStream({
+			flush: function () {
+				refresh(source.url, source.init);
+			},
+		}));
+		return new Response(body, { status: response.status, statusText: response.statusText, headers: response.headers });
 	}
 
 	function safeObserve(response) {
@@ -173,6 +197,7 @@
 	// refresh sets the badge from a credits_balance endpoint, which answers
 	// {"org": ..., "balance": n, ...}. It resolves to that body, or null.
 	function refresh(url, init) {
+		balanceSource = { url: url, init: init };
 		return baseFetch().call(global, url, init).then(function (response) {
 			if (!response.ok) {
 				return null;

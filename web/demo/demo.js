@@ -50,4 +50,54 @@
 	}
 
 	button.addEventListener('click', generate);
+
+	// Stream asks for a streamed paragraph (server-sent events), charged the
+	// price of the tokens it reports: the badge shows the balance after the
+	// call's hold, then, once the stream has ended, the balance after its
+	// real charge (credits.js reads credits_balance again).
+	const streamButton = document.getElementById('stream');
+	async function stream() {
+		streamButton.disabled = true;
+		status.textContent = 'Streaming…';
+		try {
+			const resp = await Credits.fetch('/rich-text/stream', {
+				method: 'POST',
+				headers: { 'X-Org-Id': ORG, 'Content-Type': 'application/json' },
+				body: JSON.stringify({ prompt: prompt.value, stream: true }),
+			});
+			if (!resp.ok) {
+				status.textContent = resp.status === 402 ? 'Not streamed: no credits left.' : 'Not streamed: the AI service answered ' + resp.status + '.';
+				return;
+			}
+			const p = document.createElement('p');
+			p.className = 'generated streamed';
+			editor.append(p);
+			const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
+			let rest = '';
+			for (;;) {
+				const { value, done } = await reader.read();
+				if (done) {
+					break;
+				}
+				rest += value;
+				const lines = rest.split('\n');
+				rest = lines.pop();
+				for (const line of lines) {
+					if (!line.startsWith('data: {')) {
+						continue;
+					}
+					const delta = JSON.parse(line.slice(6)).choices?.[0]?.delta?.content;
+					if (delta) {
+						p.textContent += delta;
+					}
+				}
+			}
+			status.textContent = 'Streamed a paragraph.';
+		} catch (err) {
+			status.textContent = 'Not streamed: ' + err.message;
+		} finally {
+			streamButton.disabled = false;
+		}
+	}
+	streamButton.addEventListener('click', stream);
 })();
