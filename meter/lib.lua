@@ -547,3 +547,23 @@ local function write_holds(key, acc, changed)
     redis.call('PEXPIRE', key, last - srv_ms)
   end
 end
+
+-- Top-up references: a sorted set scored by when each may be forgotten (a
+-- set of the earlier layout, kept forever, is read as it is and moved into
+-- the sorted set by refs_move before the first write).
+local function ref_seen(key, ref)
+  if redis.call('TYPE', key)['ok'] == 'set' then
+    return redis.call('SISMEMBER', key, ref) == 1
+  end
+  local until_ms = redis.call('ZSCORE', key, ref)
+  return until_ms and tonumber(until_ms) > srv_ms
+end
+
+local function refs_move(key, forget)
+  if redis.call('TYPE', key)['ok'] ~= 'set' then return end
+  local old = redis.call('SMEMBERS', key)
+  redis.call('DEL', key)
+  for _, r in ipairs(old) do
+    redis.call('ZADD', key, forget, r)
+  end
+end

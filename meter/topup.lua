@@ -2,8 +2,6 @@
 -- reference, ARGV[9] the most purchased credits an org may hold, ARGV[10]
 -- how long a reference is kept, in ms.
 --
--- References are a sorted set scored by when each may be forgotten; a set
--- of the earlier layout (kept forever) is moved into it.
 -- Returns {code, account...}: code OK applied, REPEAT the reference was
 -- applied before (nothing written), LIMIT the top-up would pass the limit
 -- (nothing written).
@@ -15,15 +13,7 @@ local ref = ARGV[8]
 local max_purchased = tonumber(ARGV[9])
 local ref_kept = tonumber(ARGV[10])
 
-local legacy = redis.call('TYPE', refs_key)['ok'] == 'set'
-local seen
-if legacy then
-  seen = redis.call('SISMEMBER', refs_key, ref) == 1
-else
-  local until_ms = redis.call('ZSCORE', refs_key, ref)
-  seen = until_ms and tonumber(until_ms) > srv_ms
-end
-if seen then
+if ref_seen(refs_key, ref) then
   local acc = load(account_key) or new_account(def_allowance, def_month)
   return reply(acc, {REPEAT})
 end
@@ -37,13 +27,7 @@ event(acc, 'topup', amount, '', ref)
 commit(account_key, events_key, acc)
 write_holds(holds_key, acc)
 local forget = str(srv_ms + ref_kept)
-if legacy then
-  local old = redis.call('SMEMBERS', refs_key)
-  redis.call('DEL', refs_key)
-  for _, r in ipairs(old) do
-    redis.call('ZADD', refs_key, forget, r)
-  end
-end
+refs_move(refs_key, forget)
 redis.call('ZADD', refs_key, forget, ref)
 redis.call('ZREMRANGEBYSCORE', refs_key, '-inf', str(srv_ms))
 redis.call('PEXPIRE', refs_key, ref_kept)

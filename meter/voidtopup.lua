@@ -16,17 +16,11 @@ local ref = ARGV[8]
 local ref_kept = tonumber(ARGV[9])
 local void_ref = '\0void:' .. ref
 
-local legacy = redis.call('TYPE', refs_key)['ok'] == 'set'
-local function seen(r)
-  if legacy then return redis.call('SISMEMBER', refs_key, r) == 1 end
-  local until_ms = redis.call('ZSCORE', refs_key, r)
-  return until_ms and tonumber(until_ms) > srv_ms
-end
 local acc = load(account_key)
-if seen(void_ref) then
+if ref_seen(refs_key, void_ref) then
   return reply(acc or new_account(def_allowance, def_month), {REPEAT})
 end
-local applied = seen(ref)
+local applied = ref_seen(refs_key, ref)
 if applied and acc then
   sweep(acc, holds_key)
   local before = balance(acc)
@@ -38,13 +32,7 @@ if applied and acc then
   write_holds(holds_key, acc)
 end
 local forget = str(srv_ms + ref_kept)
-if legacy then
-  local old = redis.call('SMEMBERS', refs_key)
-  redis.call('DEL', refs_key)
-  for _, r in ipairs(old) do
-    redis.call('ZADD', refs_key, forget, r)
-  end
-end
+refs_move(refs_key, forget)
 redis.call('ZADD', refs_key, forget, ref, forget, void_ref)
 redis.call('PEXPIRE', refs_key, ref_kept)
 return reply(acc or new_account(def_allowance, def_month), {OK})
