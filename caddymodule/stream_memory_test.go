@@ -119,31 +119,3 @@ func peakRSS(t *testing.T, pid int) int64 {
 	t.Fatal("no VmHWM in /proc status")
 	return 0
 }
-
-// BenchmarkStream streams 64 MiB of server-sent events through a real Caddy
-// process, through a plain reverse_proxy route and through a metered route
-// that reads the stream's usage: MB/s of each, to compare in the same run.
-func BenchmarkStream(b *testing.B) {
-	const size = 64 << 20
-	up := bigStream(b, size)
-	port := freePort(b)
-	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	startCaddyProcess(b, strings.NewReplacer("{PORT}", fmt.Sprint(port), "{UPSTREAM}", up.URL).Replace(bigStreamCaddyfile), addr)
-	for _, route := range []string{"plain", "metered"} {
-		b.Run(route, func(b *testing.B) {
-			b.SetBytes(size)
-			for range b.N {
-				req, _ := http.NewRequest(http.MethodPost, "http://"+addr+"/"+route+"/x", nil)
-				req.Header.Set("X-Org-Id", "bench")
-				resp, err := http.DefaultClient.Do(req)
-				if err != nil {
-					b.Fatal(err)
-				}
-				if _, err := io.Copy(io.Discard, resp.Body); err != nil {
-					b.Fatal(err)
-				}
-				resp.Body.Close()
-			}
-		})
-	}
-}

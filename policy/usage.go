@@ -226,16 +226,21 @@ func (u *UsageReader) event(line []byte) {
 }
 
 // hasUsage reports whether an event's JSON may carry a usage: it names one
-// that is not null (OpenAI's chunks say "usage":null until the last).
+// that is not null (OpenAI's chunks say "usage":null until the last). The
+// search starts at the key's 'u', rarer in JSON than its quote.
 func hasUsage(data []byte) bool {
-	key := []byte(`"usage"`)
-	for {
-		i := bytes.Index(data, key)
+	key := []byte(`usage"`)
+	for off := 0; ; {
+		i := bytes.Index(data[off:], key)
 		if i < 0 {
 			return false
 		}
-		data = data[i+len(key):]
-		rest := bytes.TrimLeft(data, " \t:")
+		i += off
+		off = i + len(key)
+		if i == 0 || data[i-1] != '"' {
+			continue
+		}
+		rest := bytes.TrimLeft(data[off:], " \t:")
 		if !bytes.HasPrefix(rest, []byte("null")) {
 			return true
 		}
