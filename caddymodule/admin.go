@@ -83,7 +83,8 @@ func (a *Admin) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Ha
 	if headerBytes(r.Header) > maxAdminHeader {
 		return writeProblem(w, r, policy.Status(http.StatusRequestHeaderFieldsTooLarge, fmt.Sprintf("request headers larger than %d bytes", maxAdminHeader)))
 	}
-	if a.Token != "" && !a.authorized(r) {
+	// A load balancer's readiness probe carries no token.
+	if a.Token != "" && r.URL.Path != "/health" && !a.authorized(r) {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="credits"`)
 		return writeProblem(w, r, policy.Status(http.StatusUnauthorized, "a valid Authorization: Bearer token is required"))
 	}
@@ -106,6 +107,7 @@ type adminRoute func(a *Admin, w http.ResponseWriter, r *http.Request) error
 // adminRoutes maps each admin call, a ServeMux pattern, to its route. A GET
 // pattern answers HEAD too.
 var adminRoutes = map[string]adminRoute{
+	"GET /health":                         (*Admin).health,
 	"GET /orgs/{org}":                     (*Admin).account,
 	"PUT /orgs/{org}/plan":                (*Admin).setPlan,
 	"POST /orgs/{org}/topup":              (*Admin).topUp,
@@ -475,6 +477,17 @@ func (a *Admin) fail(w http.ResponseWriter, r *http.Request, org, call string, e
 	a.logger.Error("admin call failed", zap.String("org", org), zap.String("call", call), zap.Error(err))
 	w.Header().Set("Retry-After", "1")
 	return writeProblem(w, r, policy.Unavailable())
+}
+
+// health answers 200 when the store answers within the timeout, else 503:
+// for load balancers and readiness probes.
+func (a *Admin) health(w http.ResponseWriter, r *http.Request) error {
+	if err := a.app.ledger.Ping(r.Context()); err != nil {
+		a.logger.Warn("health check: the store did not answer", zap.Error(err))
+		w.Header().Set("Retry-After", "1")
+		return writeProblem(w, r, policy.Unavailable())
+	}
+	return writeJSON(w, r, http.StatusOK, map[string]string{"status": "ok"})
 }
 
 // unknownOutcome reports whether a ledger write's error leaves unknown

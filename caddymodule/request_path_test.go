@@ -313,3 +313,21 @@ func TestAdminWriteUnknownOutcome(t *testing.T) {
 		t.Fatalf("balance %d, want 515: the unreferenced top-up voided, the referenced one applied once", b)
 	}
 }
+
+// TestHealth: GET /health answers 200 without a token while the store
+// answers, and 503 once it does not.
+func TestHealth(t *testing.T) {
+	g := startGateway(t, gatewayOptions{})
+	r := g.do(http.MethodGet, g.adminURL+"/health", nil, "")
+	wantStatus(t, r, http.StatusOK)
+	if string(r.body) != "{\"status\":\"ok\"}\n" {
+		t.Fatalf("body %q", r.body)
+	}
+	wantStatus(t, g.do(http.MethodPost, g.adminURL+"/health", nil, ""), http.StatusMethodNotAllowed)
+	// Anything else still needs the token.
+	wantStatus(t, g.do(http.MethodGet, g.adminURL+"/orgs/acme", nil, ""), http.StatusUnauthorized)
+	g.redis.Kill(t)
+	r = g.do(http.MethodGet, g.adminURL+"/health", nil, "")
+	wantStatus(t, r, http.StatusServiceUnavailable)
+	wantHeaders(t, r, map[string]string{"Retry-After": "1"})
+}

@@ -503,6 +503,13 @@ func (l *Ledger) Balance(ctx context.Context, org string) (Account, error) {
 	return acct, err
 }
 
+// Ping reports whether the store answers within the ledger's timeout.
+func (l *Ledger) Ping(ctx context.Context) error {
+	ctx, cancel := l.deadline(ctx)
+	defer cancel()
+	return l.rdb.Ping(ctx).Err()
+}
+
 // Events returns up to limit of org's most recent events, newest first.
 func (l *Ledger) Events(ctx context.Context, org string, limit int64) ([]Event, error) {
 	if err := policy.ValidateOrg(org); err != nil {
