@@ -316,7 +316,10 @@ func (h *Handler) observeStore(err error) {
 // failing open, the call goes on and its charge waits in the backlog; when
 // failing closed, it is answered 503.
 func (h *Handler) storeDown(charge meter.ChargeRequest, err error, into *payments) (payment, answer) {
-	if h.route.FailOpen {
+	// A call with an Idempotency-Key is never forwarded blind: whether its
+	// key is free, in flight or answered is in Redis, and a key must never
+	// reach the upstream twice for one charge.
+	if h.route.FailOpen && charge.Binding == "" {
 		charge.Overdraft, charge.OverdraftLimit = true, meter.NoLimit
 		if h.app.store.later(meter.LaterCharge{Ledger: h.app.ledger, Charge: charge}) {
 			h.app.metrics.unmetered.Inc()

@@ -39,6 +39,7 @@ type chargedPayment struct {
 	org, requestID, attempt string
 	cost, balance           int64
 	keyed                   bool // the call has an Idempotency-Key
+	queued                  bool // its settle waits in the outbox
 }
 
 func (p *chargedPayment) paid() (int64, bool) { return p.balance, true }
@@ -54,13 +55,12 @@ func (p *chargedPayment) settle(actual int64, refund bool) (int64, bool) {
 	)
 	if refund {
 		actual = 0
-		res, err = ledger.Refund(p.ctx, p.org, p.requestID)
-	} else {
-		res, err = ledger.Settle(p.ctx, p.org, p.requestID, actual)
 	}
+	res, err = ledger.SettleAttempt(p.ctx, p.org, p.requestID, p.attempt, actual, refund)
 	p.h.observeStore(err)
 	if err != nil {
-		d := meter.LaterSettle{Ledger: ledger, Org: p.org, RequestID: p.requestID, Actual: actual, Refund: refund}
+		d := meter.LaterSettle{Ledger: ledger, Org: p.org, RequestID: p.requestID, Attempt: p.attempt, Actual: actual, Refund: refund}
+		p.queued = true
 		if !p.h.app.store.later(d) {
 			p.h.logger.Error("store did not take a settle and the backlog is full; settle lost",
 				zap.String("request_id", p.requestID), zap.Error(err))
@@ -72,6 +72,15 @@ func (p *chargedPayment) settle(actual int64, refund bool) (int64, bool) {
 
 func (p *chargedPayment) completed(kept []byte) {
 	if !p.keyed {
+		return
+	}
+	if p.queued {
+		// Kept after the settle that waits in the outbox, never before it:
+		// a kept call can no longer be settled.
+		d := meter.LaterKeep{Ledger: p.h.app.ledger, Org: p.org, RequestID: p.requestID, Attempt: p.attempt, Response: kept}
+		if !p.h.app.store.later(d) {
+			p.h.logger.Warn("could not queue the keeping of a response; the backlog is full", zap.String("request_id", p.requestID))
+		}
 		return
 	}
 	if err := p.h.app.ledger.Keep(p.ctx, p.org, p.requestID, p.attempt, kept); err != nil {
@@ -116,7 +125,8 @@ func (p *deferredPayment) settle(actual int64, refund bool) (int64, bool) {
 		actual = 0
 	}
 	if actual != p.charge.Cost || refund {
-		d := meter.LaterSettle{Ledger: p.h.app.ledger, Org: p.charge.Org, RequestID: p.charge.RequestID, Actual: actual, Refund: refund}
+		d := meter.LaterSettle{Ledger: p.h.app.ledger, Org: p.charge.Org, RequestID: p.charge.RequestID, Attempt: p.charge.Attempt,
+			Actual: actual, Refund: refund}
 		if !p.h.app.store.later(d) {
 			p.h.logger.Error("fail-open backlog full; settle lost", zap.String("request_id", p.charge.RequestID))
 		}

@@ -472,7 +472,9 @@ func (c rndCall) check(r rndResult) string {
 			return fmt.Sprintf("a refunded call with Credits-Charged %q", charged)
 		}
 	case http.StatusServiceUnavailable:
-		if !rt.closed {
+		// A call with an Idempotency-Key is never forwarded blind, even on
+		// a fail_mode open route.
+		if !rt.closed && c.key == "" {
 			return "503 on a fail_mode open route"
 		}
 		if r.header.Get("Retry-After") != "1" {

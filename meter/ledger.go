@@ -307,7 +307,7 @@ func (l *Ledger) Settle(ctx context.Context, org, requestID string, actual int64
 	if actual < 0 || actual > policy.MaxCost {
 		return SettleResult{}, rangeError("actual cost", actual, 0, policy.MaxCost)
 	}
-	return l.settle(ctx, org, requestID, actual, "0")
+	return l.settle(ctx, org, requestID, "-", actual, "0")
 }
 
 // Refund gives back all a charged request took, because the call failed:
@@ -320,12 +320,36 @@ func (l *Ledger) Refund(ctx context.Context, org, requestID string) (SettleResul
 	if err := validateRequestID(requestID); err != nil {
 		return SettleResult{}, err
 	}
-	return l.settle(ctx, org, requestID, 0, "1")
+	return l.settle(ctx, org, requestID, "-", 0, "1")
 }
 
-func (l *Ledger) settle(ctx context.Context, org, requestID string, actual int64, refund string) (SettleResult, error) {
+// SettleAttempt is Settle, or Refund when refund is set, of one attempt's
+// charge: when a retry with the same request id has charged since (the
+// attempt was refunded first), it returns ErrUnknownRequest and changes
+// nothing, so a settle that waited never touches another call's charge.
+func (l *Ledger) SettleAttempt(ctx context.Context, org, requestID, attempt string, actual int64, refund bool) (SettleResult, error) {
+	if err := policy.ValidateOrg(org); err != nil {
+		return SettleResult{}, err
+	}
+	if err := validateRequestID(requestID); err != nil {
+		return SettleResult{}, err
+	}
+	if err := validateRequestID(attempt); err != nil {
+		return SettleResult{}, err
+	}
+	if actual < 0 || actual > policy.MaxCost {
+		return SettleResult{}, rangeError("actual cost", actual, 0, policy.MaxCost)
+	}
+	flag := "0"
+	if refund {
+		flag, actual = "1", 0
+	}
+	return l.settle(ctx, org, requestID, attempt, actual, flag)
+}
+
+func (l *Ledger) settle(ctx context.Context, org, requestID, attempt string, actual int64, refund string) (SettleResult, error) {
 	keys := []string{l.keys.Account(org), l.keys.Request(org, requestID), l.keys.Events(org), l.keys.Holds(org)}
-	v, err := l.run(ctx, settleScript, keys, 3, actual, requestID, refund)
+	v, err := l.run(ctx, settleScript, keys, 3, actual, requestID, refund, attempt)
 	if err != nil {
 		return SettleResult{}, fmt.Errorf("settle: %w", err)
 	}

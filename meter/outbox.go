@@ -42,26 +42,37 @@ func (d LaterCharge) what() []zap.Field {
 	return []zap.Field{zap.String("call", "charge"), zap.String("org", d.Charge.Org), zap.String("request_id", d.Charge.RequestID)}
 }
 
-// LaterSettle settles a charged call to its usage, or refunds it.
+// LaterSettle settles one attempt's charge to its usage, or refunds it.
 type LaterSettle struct {
-	Ledger         *Ledger
-	Org, RequestID string
-	Actual         int64
-	Refund         bool
+	Ledger                  *Ledger
+	Org, RequestID, Attempt string
+	Actual                  int64
+	Refund                  bool
 }
 
 func (d LaterSettle) apply(ctx context.Context) error {
-	var err error
-	if d.Refund {
-		_, err = d.Ledger.Refund(ctx, d.Org, d.RequestID)
-	} else {
-		_, err = d.Ledger.Settle(ctx, d.Org, d.RequestID, d.Actual)
-	}
+	_, err := d.Ledger.SettleAttempt(ctx, d.Org, d.RequestID, d.Attempt, d.Actual, d.Refund)
 	return err
 }
 
 func (d LaterSettle) what() []zap.Field {
 	return []zap.Field{zap.String("call", "settle"), zap.String("org", d.Org), zap.String("request_id", d.RequestID)}
+}
+
+// LaterKeep keeps the response of a call with an Idempotency-Key, once the
+// settle queued before it is applied.
+type LaterKeep struct {
+	Ledger                  *Ledger
+	Org, RequestID, Attempt string
+	Response                []byte
+}
+
+func (d LaterKeep) apply(ctx context.Context) error {
+	return d.Ledger.Keep(ctx, d.Org, d.RequestID, d.Attempt, d.Response)
+}
+
+func (d LaterKeep) what() []zap.Field {
+	return []zap.Field{zap.String("call", "keep"), zap.String("org", d.Org), zap.String("request_id", d.RequestID)}
 }
 
 // LaterVoid voids the charge of an attempt whose outcome was unknown and
@@ -179,7 +190,8 @@ func (o *Outbox) apply(d Deferred) bool {
 			return true
 		}
 		var inputErr *policy.InputError
-		if errors.As(err, &inputErr) || errors.Is(err, ErrUnknownRequest) || errors.Is(err, ErrVoided) || errors.Is(err, ErrWrongType) {
+		if errors.As(err, &inputErr) || errors.Is(err, ErrUnknownRequest) || errors.Is(err, ErrVoided) || errors.Is(err, ErrWrongType) ||
+			errors.Is(err, ErrInFlight) || errors.Is(err, ErrMismatch) {
 			o.logger.Error("dropping a deferred ledger call", append(d.what(), zap.Error(err))...)
 			return true
 		}

@@ -1,6 +1,9 @@
 -- KEYS: account, request marker, events, holds. ARGV[7] the request's final
 -- cost, ARGV[8] request id, ARGV[9] 1 when the call failed and is refunded
--- (its request id is free again; the final cost is then 0).
+-- (its request id is free again; the final cost is then 0), ARGV[10] the
+-- attempt whose charge it settles ('-': whichever stands). A settle of an
+-- attempt whose charge no longer stands (refunded, and the request id
+-- charged again by a retry) finds nothing to settle.
 --
 -- Returns {code, balance, delta}: code OK settled (delta is the change to
 -- the balance), REPEAT settled before (nothing written), NOT_FOUND no charge
@@ -12,7 +15,7 @@ local actual = tonumber(ARGV[7])
 local request_id = ARGV[8]
 
 local m = parse_marker(redis.call('GET', marker_key))
-if not m or m.state == 'x' then
+if not m or m.state == 'x' or (ARGV[10] ~= '-' and m.attempt ~= ARGV[10]) then
   return {NOT_FOUND, 0, 0}
 end
 if m.state ~= 'c' then
