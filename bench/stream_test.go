@@ -18,12 +18,12 @@ import (
 // streamSize is the size of one stream of BenchmarkStream.
 const streamSize = 64 << 20
 
-// streamCaddyfile meters /metered/* by the usage of the stream it passes
-// (embedded store: the stream, not the ledger, is measured) and leaves
-// /plain/* a reverse_proxy.
+// streamCaddyfile meters /metered/* by the usage of the stream it passes,
+// on a real redis-server, and leaves /plain/* a reverse_proxy.
 const streamCaddyfile = `{
 	admin off
 	credits {
+		redis redis://{REDIS}
 		default_plan 1000000000000
 	}
 }
@@ -63,6 +63,10 @@ func BenchmarkStream(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	_, redisAddr, err := startRedis(ctx, ps, "redis")
+	if err != nil {
+		b.Fatal(err)
+	}
 	line := []byte(`data: {"model":"gpt-4o","choices":[{"delta":{"content":"` + strings.Repeat("x", 960) + `"}}],"usage":null}` + "\n\n")
 	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "text/event-stream")
@@ -80,7 +84,7 @@ func BenchmarkStream(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	cfg := strings.NewReplacer("{PORT}", strconv.Itoa(port), "{UPSTREAM}", up.URL).Replace(streamCaddyfile)
+	cfg := strings.NewReplacer("{PORT}", strconv.Itoa(port), "{UPSTREAM}", up.URL, "{REDIS}", redisAddr).Replace(streamCaddyfile)
 	cfgPath := filepath.Join(dir, "Caddyfile")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		b.Fatal(err)
