@@ -515,6 +515,15 @@ local function get_hold(acc, key, id)
   return h
 end
 
+-- Loads the account and the hold with id, as a capture or a release acts
+-- on them; the hold is nil when the org or the hold is unknown.
+local function find_hold(account_key, holds_key, id)
+  local acc = load(account_key)
+  if not acc then return nil, nil end
+  sweep(acc, holds_key)
+  return acc, get_hold(acc, holds_key, id)
+end
+
 -- Notes a live hold's expiry in the account, so that sweep runs when it is
 -- due.
 local function note_expiry(acc, untl)

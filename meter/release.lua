@@ -9,10 +9,7 @@ if bad then return bad end
 local account_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3]
 local id = ARGV[7]
 
-local acc = load(account_key)
-if not acc then return {NOT_FOUND} end
-sweep(acc, holds_key)
-local h = get_hold(acc, holds_key, id)
+local acc, h = find_hold(account_key, holds_key, id)
 if not h then
   return {NOT_FOUND}
 end
