@@ -174,6 +174,7 @@ type lease struct {
 	used     time.Time        // the last call
 	calls    int              // calls counted before the first lease
 	sync     *syncAnswer      // of the sync on its way; nil when none is
+	given    bool             // the ledger took the lease's credits back: it holds nothing there
 }
 
 // syncAnswer is how a sync ended, for the calls that wait for it: err is
@@ -476,6 +477,7 @@ func (le *lease) applied(s LeaseSync, st LeaseState, err error, sent time.Time) 
 		le.state = active
 	}
 	le.held = min(max(le.held+st.Held-le.unspent, 0), st.Held)
+	le.given = st.Held == 0
 	if s.Want > 0 && st.Held == 0 {
 		le.starved = sent
 	}
@@ -599,7 +601,9 @@ func (ls *Leaser) giveBack(org string, le *lease) {
 			<-answer.done
 			le.mu.Lock()
 		}
-		if le.inFlight == nil && len(le.spent) == 0 && le.held == 0 {
+		// Done once it owes nothing and the ledger holds nothing for it,
+		// whatever the lease's own count says.
+		if le.inFlight == nil && len(le.spent) == 0 && (le.seq == 0 || le.given) {
 			ls.end(org, le)
 			return
 		}
