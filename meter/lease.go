@@ -567,7 +567,7 @@ func (ls *Leaser) due(org string, le *lease, now time.Time) (s LeaseSync, ok boo
 			ls.end(org, le)
 		}
 		return LeaseSync{}, false
-	case idle && !owes && le.held == 0 && le.state == active:
+	case idle && !owes && le.given && le.state == active:
 		// It holds and owes nothing: no store call. A lease given back
 		// stays in the map for a while, so that its org, back, is leased
 		// at once and in blocks as big as before.
