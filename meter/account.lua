@@ -7,7 +7,7 @@ local bad = check_types({'hash', 'list', 'hash'})
 if bad then return bad end
 local account_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3]
 
-local acc = load(account_key)
+local acc = load(account_key, true)
 if not acc then
   return {NOT_FOUND}
 end

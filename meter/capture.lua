@@ -28,7 +28,7 @@ if h.state == 'x' then ref = ref .. ':expired' end
 local delta = hold_capture(acc, h, amount)
 delta = delta + hold_less(acc, h, hold_amount(h))
 add_used(acc, h.feature, amount)
-h.state, h.cap, h.untl = 'c', amount, srv_ms + HOLD_KEPT_MS
+h.state, h.cap, h.untl = 'c', amount, srv_now() + HOLD_KEPT_MS
 event(acc, 'capture', delta, h.feature, ref)
 commit(account_key, events_key, acc)
 write_holds(holds_key, acc, {[id] = h})

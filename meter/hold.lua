@@ -14,7 +14,7 @@ local amount = tonumber(ARGV[8])
 local ttl = tonumber(ARGV[9])
 local feature = ARGV[10]
 
-local acc = load(account_key)
+local acc = load(account_key, true)
 local fresh = not acc
 if fresh then
   acc = new_account(def_allowance, def_month)
@@ -32,7 +32,7 @@ if fresh then
 end
 h = new_hold(acc, feature)
 hold_more(acc, h, amount)
-h.state, h.untl = 'l', srv_ms + ttl
+h.state, h.untl = 'l', srv_now() + ttl
 note_expiry(acc, h.untl)
 event(acc, 'hold', 0, feature, 'hold:' .. id)
 commit(account_key, events_key, acc)

@@ -56,7 +56,7 @@ for i = 13, #ARGV, 2 do
     add_used(acc, feature, n)
   elseif n < 0 then
     event(acc, 'refund', hold_refund(acc, h, -n), feature, ref)
-    add_used(acc, feature, math.max(n, -(acc.used[feature] or 0)))
+    add_used(acc, feature, math.max(n, -used_of(acc, feature)))
   end
 end
 
@@ -74,10 +74,10 @@ elseif grant < kept then
 end
 h.seq = seq
 if grant > 0 then
-  h.state, h.untl = 'l', srv_ms + ttl
+  h.state, h.untl = 'l', srv_now() + ttl
   note_expiry(acc, h.untl)
-elseif h.state == 'l' or h.untl < srv_ms then
-  h.state, h.untl = 'r', srv_ms + HOLD_KEPT_MS
+elseif h.state == 'l' or h.untl < srv_now() then
+  h.state, h.untl = 'r', srv_now() + HOLD_KEPT_MS
 end
 commit(account_key, events_key, acc)
 write_holds(holds_key, acc, {[id] = h})

@@ -30,10 +30,14 @@ local def_month = tonumber(ARGV[4])
 local events_max = ARGV[5]
 
 -- Holds expire by Redis' clock, so no gateway's clock can end another's.
+-- It is read once, when a script first needs it: most charges never do.
 local srv_ms
-do
-  local t = redis.call('TIME')
-  srv_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[6])
+local function srv_now()
+  if not srv_ms then
+    local t = redis.call('TIME')
+    srv_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[6])
+  end
+  return srv_ms
 end
 
 -- Return codes, as in Go (scripts.go).
@@ -80,6 +84,13 @@ local function next_after(ym, month)
   return n
 end
 
+-- The account hash's fields but u:<feature>, and the value each reads as
+-- when it is absent (nil: no default; a, m, own, rem, pur, ps and nx must be
+-- there).
+local FIELDS = {'a', 'm', 'own', 'rem', 'pur', 'ps', 'nx', 'pn', 'cd', 'seq', 'ha', 'ho', 'hp', 'hx', 'pa', 'pm'}
+local DEFAULTS = {pn = 0, cd = 0, seq = 0, ha = 0, ho = 0, hp = 0}
+local REQUIRED = {'a', 'm', 'own', 'rem', 'pur', 'ps', 'nx'}
+
 local function held(acc)
   return acc.ha + acc.ho + acc.hp
 end
@@ -102,7 +113,6 @@ end
 local function start_period(acc, ps_unix, next_ym)
   if acc.pa then
     acc.a, acc.m, acc.pa, acc.pm = acc.pa, acc.pm, nil, nil
-    acc.plan_dirty = true
   end
   acc.cd = math.max(-acc.rem, 0)
   acc.rem = acc.a + math.min(acc.rem, 0)
@@ -134,42 +144,71 @@ local function catch_up(acc)
 end
 
 local function new_account(allowance, month)
-  local acc = {a = allowance, m = month, own = 0, rem = 0, pur = 0, ha = 0, ho = 0, hp = 0,
-    used = {}, events = {}, created = true}
+  local acc = {a = allowance, m = month, own = 0, rem = 0, pur = 0, ha = 0, ho = 0, hp = 0, seq = 0,
+    used = {}, used_delta = {}, events = {}, created = true, stored = {}}
+  for f, v in pairs(DEFAULTS) do acc.stored[f] = v end
   start_period(acc, ym_unix(now_ym - ((now_ym % 12) - (month - 1)) % 12), next_after(now_ym, month))
   return acc
 end
 
 -- Loads the account at key, or nil when Redis holds nothing for it. A field
--- that is not a number is an error, raised before any write.
-local function load(key)
-  local raw = redis.call('HGETALL', key)
-  if #raw == 0 then return nil end
-  local acc = {used = {}, events = {}, ha = 0, ho = 0, hp = 0, pn = 0, cd = 0}
-  for i = 1, #raw, 2 do
-    local f, v = raw[i], raw[i + 1]
-    local n = tonumber(v)
-    if not n then
-      error('account field ' .. f .. ' is not a number')
+-- that is not a number is an error, raised before any write. With
+-- with_used, acc.used holds every feature's usage this period (reply needs
+-- it); without, usage is only added to (add_used) or read one feature at a
+-- time (used_of), which keeps a charge from reading every feature's field.
+-- acc.stored keeps the fields as read, so commit writes only what changed.
+local function load(key, with_used)
+  local acc = {key = key, events = {}, used_delta = {}, stored = {}}
+  if with_used then
+    local raw = redis.call('HGETALL', key)
+    if #raw == 0 then return nil end
+    acc.used = {}
+    for i = 1, #raw, 2 do
+      local f, v = raw[i], raw[i + 1]
+      local n = tonumber(v)
+      if not n then
+        error('account field ' .. f .. ' is not a number')
+      end
+      if string.sub(f, 1, 2) == 'u:' then
+        acc.used[string.sub(f, 3)] = n
+      else
+        acc.stored[f] = n
+      end
     end
-    if string.sub(f, 1, 2) == 'u:' then
-      acc.used[string.sub(f, 3)] = n
-    else
-      acc[f] = n
+  else
+    local raw = redis.call('HMGET', key, unpack(FIELDS))
+    for i, f in ipairs(FIELDS) do
+      local v = raw[i]
+      if v then
+        local n = tonumber(v)
+        if not n then
+          error('account field ' .. f .. ' is not a number')
+        end
+        acc.stored[f] = n
+      end
+    end
+    if not acc.stored.a and not acc.stored.rem and redis.call('EXISTS', key) == 0 then
+      return nil
     end
   end
-  for _, f in ipairs({'a', 'm', 'own', 'rem', 'pur', 'ps', 'nx'}) do
-    if not acc[f] then
+  for _, f in ipairs(REQUIRED) do
+    if not acc.stored[f] then
       error('account field ' .. f .. ' is missing')
     end
+  end
+  for f, v in pairs(DEFAULTS) do
+    if not acc.stored[f] then acc.stored[f] = v end
+  end
+  for _, f in ipairs(FIELDS) do
+    acc[f] = acc.stored[f]
   end
   catch_up(acc)
   return acc
 end
 
 -- Loads the account at key, creating it on the default plan when it is new.
-local function open(key)
-  local acc = load(key)
+local function open(key, with_used)
+  local acc = load(key, with_used)
   if acc then return acc end
   acc = new_account(def_allowance, def_month)
   event(acc, 'grant', acc.rem, '', 'default-plan')
@@ -223,12 +262,20 @@ end
 
 local function add_used(acc, feature, n)
   if n == 0 then return end
-  acc.used[feature] = (acc.used[feature] or 0) + n
-  acc.used_dirty = acc.used_dirty or {}
-  acc.used_dirty[feature] = true
+  acc.used_delta[feature] = (acc.used_delta[feature] or 0) + n
+  if acc.used then
+    acc.used[feature] = (acc.used[feature] or 0) + n
+  end
 end
 
--- Writes the account and its events.
+-- A feature's usage this period, with what this script added to it.
+local function used_of(acc, feature)
+  if acc.used then return acc.used[feature] or 0 end
+  return tonumber(redis.call('HGET', acc.key, 'u:' .. feature) or 0) + (acc.used_delta[feature] or 0)
+end
+
+-- Writes the account's fields that changed since load (all of them for a
+-- new account, but those at their defaults), then its events.
 local function commit(key, events_key, acc)
   if acc.reset_used and not acc.created then
     local fields = redis.call('HKEYS', key)
@@ -236,46 +283,47 @@ local function commit(key, events_key, acc)
       if string.sub(f, 1, 2) == 'u:' then redis.call('HDEL', key, f) end
     end
   end
-  redis.call('HSET', key, 'a', str(acc.a), 'm', str(acc.m), 'own', str(acc.own),
-    'rem', str(acc.rem), 'pur', str(acc.pur), 'ps', str(acc.ps), 'nx', str(acc.nx), 'pn', str(acc.pn), 'cd', str(acc.cd))
-  if held(acc) ~= 0 or acc.holds_dirty then
-    redis.call('HSET', key, 'ha', str(acc.ha), 'ho', str(acc.ho), 'hp', str(acc.hp))
-  end
-  if acc.hx then
-    redis.call('HSET', key, 'hx', str(acc.hx))
-  elseif acc.hx_dirty then
-    redis.call('HDEL', key, 'hx')
-  end
-  if acc.pa then
-    redis.call('HSET', key, 'pa', str(acc.pa), 'pm', str(acc.pm))
-  elseif acc.plan_dirty then
-    redis.call('HDEL', key, 'pa', 'pm')
-  end
-  if acc.used_dirty then
-    for f in pairs(acc.used_dirty) do
-      redis.call('HSET', key, 'u:' .. f, str(acc.used[f]))
-    end
-  end
   -- Events go to a capped list, newest first, one compact string each:
   -- "seq kind delta balance feature ref ms" ("-" for an empty field). A
   -- small list takes a few hundred bytes, where a stream takes 4 KB.
   if #acc.events > 0 then
-    local seq = acc.seq or 0
+    local seq = acc.seq
+    local len = 0
     for _, e in ipairs(acc.events) do
       seq = seq + 1
       local feature, ref = e[4], e[5]
       if feature == '' then feature = '-' end
       if ref == '' then ref = '-' end
-      redis.call('LPUSH', events_key, table.concat({str(seq), e[1], str(e[2]), str(e[3]), feature, ref, str(e[6])}, ' '))
+      len = redis.call('LPUSH', events_key, table.concat({str(seq), e[1], str(e[2]), str(e[3]), feature, ref, str(e[6])}, ' '))
     end
-    redis.call('LTRIM', events_key, 0, tonumber(events_max) - 1)
-    redis.call('HSET', key, 'seq', str(seq))
+    if len > tonumber(events_max) then
+      redis.call('LTRIM', events_key, 0, tonumber(events_max) - 1)
+    end
+    acc.seq = seq
+  end
+  local set, gone = {}, {}
+  for _, f in ipairs(FIELDS) do
+    local v = acc[f]
+    if v ~= acc.stored[f] then
+      if v == nil then
+        table.insert(gone, f)
+      else
+        table.insert(set, f)
+        table.insert(set, str(v))
+      end
+    end
+  end
+  if #set > 0 then redis.call('HSET', key, unpack(set)) end
+  if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
+  for f, n in pairs(acc.used_delta) do
+    if n ~= 0 then redis.call('HINCRBY', key, 'u:' .. f, n) end
   end
 end
 
 -- The account as a flat reply: rem, pur, a, m, pa, pm, own, ps, nx, ha, ho,
 -- hp, then feature and used pairs. pa and pm are -1 when no plan is waiting.
 local function reply(acc, head)
+  if not acc.used then error('reply needs the account loaded with its usage') end
   local out = head or {}
   local fields = {acc.rem, acc.pur, acc.a, acc.m, acc.pa or -1, acc.pm or -1, acc.own, acc.ps, acc.nx,
     acc.ha, acc.ho, acc.hp}
@@ -421,7 +469,6 @@ local function hold_more(acc, h, n)
   local p = take(acc, n)
   h.fa, h.fp = h.fa + p.fa, h.fp + p.fp
   acc.ha, acc.hp = acc.ha + p.fa, acc.hp + p.fp
-  acc.holds_dirty = true
 end
 
 -- Gives back up to n of what hold h keeps, to the buckets it came from: this
@@ -436,7 +483,6 @@ local function hold_less(acc, h, n)
   h.fp, acc.hp, acc.pur, n = h.fp - f, acc.hp - f, acc.pur + f, n - f
   local a = math.min(n, h.fa)
   h.fa, acc.ha, acc.rem = h.fa - a, acc.ha - a, acc.rem + a
-  acc.holds_dirty = true
   return balance(acc) - before
 end
 
@@ -456,7 +502,6 @@ local function hold_capture(acc, h, n)
     local p = take(acc, n)
     h.cfa, h.cfp, h.cfd = h.cfa + p.fa, h.cfp + p.fp, h.cfd + p.fd
   end
-  acc.holds_dirty = true
   return balance(acc) - before
 end
 
@@ -474,19 +519,19 @@ end
 -- hash only when the earliest expiry is due, or when force is set; what it
 -- changed waits in acc.swept for write_holds.
 local function sweep(acc, key, force)
-  if not force and not (acc.hx and acc.hx <= srv_ms) then return end
+  if not force and not (acc.hx and acc.hx <= srv_now()) then return end
   local raw = redis.call('HGETALL', key)
   local hx = nil
   local out = {}
   for i = 1, #raw, 2 do
     local id = raw[i]
     local h = parse_hold(acc, raw[i + 1])
-    if h.state == 'l' and h.untl <= srv_ms then
+    if h.state == 'l' and h.untl <= srv_now() then
       local delta = hold_less(acc, h, hold_amount(h))
-      h.state, h.untl = 'x', srv_ms + HOLD_KEPT_MS
+      h.state, h.untl = 'x', srv_now() + HOLD_KEPT_MS
       event(acc, 'expire', delta, h.feature, 'hold:' .. id)
       out[id] = {h, true}
-    elseif h.state ~= 'l' and h.untl <= srv_ms then
+    elseif h.state ~= 'l' and h.untl <= srv_now() then
       out[id] = {nil, true}
     else
       if h.state == 'l' and (not hx or h.untl < hx) then hx = h.untl end
@@ -508,7 +553,7 @@ local function get_hold(acc, key, id)
   local v = redis.call('HGET', key, id)
   if not v then return nil end
   local h = parse_hold(acc, v)
-  if h.state ~= 'l' and h.untl <= srv_ms then
+  if h.state ~= 'l' and h.untl <= srv_now() then
     -- Its time to be kept has passed; sweep drops it.
     return nil
   end
@@ -518,7 +563,7 @@ end
 -- Loads the account and the hold with id, as a capture or a release acts
 -- on them; the hold is nil when the org or the hold is unknown.
 local function find_hold(account_key, holds_key, id)
-  local acc = load(account_key)
+  local acc = load(account_key, true)
   if not acc then return nil, nil end
   sweep(acc, holds_key)
   return acc, get_hold(acc, holds_key, id)
@@ -552,8 +597,8 @@ local function write_holds(key, acc, changed)
     if h.state == 'l' then t = t + HOLD_KEPT_MS end
     if t > last then last = t end
   end
-  if last > srv_ms and redis.call('PTTL', key) < last - srv_ms then
-    redis.call('PEXPIRE', key, last - srv_ms)
+  if last > 0 and last > srv_now() and redis.call('PTTL', key) < last - srv_now() then
+    redis.call('PEXPIRE', key, last - srv_now())
   end
 end
 
@@ -565,7 +610,7 @@ local function ref_seen(key, ref)
     return redis.call('SISMEMBER', key, ref) == 1
   end
   local until_ms = redis.call('ZSCORE', key, ref)
-  return until_ms and tonumber(until_ms) > srv_ms
+  return until_ms and tonumber(until_ms) > srv_now()
 end
 
 local function refs_move(key, forget)

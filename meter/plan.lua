@@ -9,7 +9,7 @@ local account_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3]
 local allowance = tonumber(ARGV[7])
 local month = tonumber(ARGV[8])
 
-local acc = load(account_key)
+local acc = load(account_key, true)
 if not acc then
   acc = new_account(allowance, month)
   acc.own = 1
@@ -24,7 +24,7 @@ else
     event(acc, 'plan', balance(acc) - before, '', str(allowance) .. '/' .. str(month))
   elseif acc.a == allowance and acc.m == month then
     if acc.pa then
-      acc.pa, acc.pm, acc.plan_dirty = nil, nil, true
+      acc.pa, acc.pm = nil, nil
       event(acc, 'plan', 0, '', str(allowance) .. '/' .. str(month))
     end
   elseif acc.pa ~= allowance or acc.pm ~= month then

@@ -8,7 +8,7 @@ local bad = check_types({'hash', 'list', 'string', 'hash'})
 if bad then return bad end
 local account_key, events_key, marker_key, holds_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 
-local acc = open(account_key)
+local acc = open(account_key, true)
 sweep(acc, holds_key)
 if redis.call('EXISTS', marker_key) == 1 then
   if #acc.events > 0 then

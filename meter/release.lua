@@ -25,7 +25,7 @@ if h.state ~= 'l' then
 end
 local amount = hold_amount(h)
 local delta = hold_less(acc, h, amount)
-h.state, h.untl = 'r', srv_ms + HOLD_KEPT_MS
+h.state, h.untl = 'r', srv_now() + HOLD_KEPT_MS
 event(acc, 'release', delta, h.feature, 'hold:' .. id)
 commit(account_key, events_key, acc)
 write_holds(holds_key, acc, {[id] = h})

@@ -14,10 +14,10 @@ local max_purchased = tonumber(ARGV[9])
 local ref_kept = tonumber(ARGV[10])
 
 if ref_seen(refs_key, ref) then
-  local acc = load(account_key) or new_account(def_allowance, def_month)
+  local acc = load(account_key, true) or new_account(def_allowance, def_month)
   return reply(acc, {REPEAT})
 end
-local acc = open(account_key)
+local acc = open(account_key, true)
 sweep(acc, holds_key)
 if acc.pur + acc.hp + amount > max_purchased then
   return reply(acc, {LIMIT})
@@ -26,9 +26,9 @@ acc.pur = acc.pur + amount
 event(acc, 'topup', amount, '', ref)
 commit(account_key, events_key, acc)
 write_holds(holds_key, acc)
-local forget = str(srv_ms + ref_kept)
+local forget = str(srv_now() + ref_kept)
 refs_move(refs_key, forget)
 redis.call('ZADD', refs_key, forget, ref)
-redis.call('ZREMRANGEBYSCORE', refs_key, '-inf', str(srv_ms))
+redis.call('ZREMRANGEBYSCORE', refs_key, '-inf', str(srv_now()))
 redis.call('PEXPIRE', refs_key, ref_kept)
 return reply(acc, {OK})

@@ -16,7 +16,7 @@ local ref = ARGV[8]
 local ref_kept = tonumber(ARGV[9])
 local void_ref = '\0void:' .. ref
 
-local acc = load(account_key)
+local acc = load(account_key, true)
 if ref_seen(refs_key, void_ref) then
   return reply(acc or new_account(def_allowance, def_month), {REPEAT})
 end
@@ -31,7 +31,7 @@ if applied and acc then
   commit(account_key, events_key, acc)
   write_holds(holds_key, acc)
 end
-local forget = str(srv_ms + ref_kept)
+local forget = str(srv_now() + ref_kept)
 refs_move(refs_key, forget)
 redis.call('ZADD', refs_key, forget, ref, forget, void_ref)
 redis.call('PEXPIRE', refs_key, ref_kept)
