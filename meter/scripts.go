@@ -4,14 +4,16 @@ import (
 	_ "embed"
 	"errors"
 	"fmt"
+	"regexp"
+	"strings"
 
 	"github.com/redis/go-redis/v9"
 )
 
-// Every script starts with lib.lua, whose ARGV[1..6] are the same for all:
-// now (unix ms), now as a month index, the default plan's allowance and month,
-// the event list's cap, and the milliseconds added to Redis' clock (0 but in
-// tests).
+// Every script starts with the parts of lib.lua it uses (withLib), whose
+// ARGV[1..6] are the same for all: now (unix ms), now as a month index, the
+// default plan's allowance and month, the event list's cap, and the
+// milliseconds added to Redis' clock (0 but in tests).
 //
 //go:embed lib.lua
 var libLua string
@@ -99,21 +101,143 @@ var rechargeLua string
 var accountLua string
 
 var (
-	chargeScript    = redis.NewScript(libLua + chargeLua)
-	settleScript    = redis.NewScript(libLua + settleLua)
-	voidScript      = redis.NewScript(libLua + voidLua)
-	keepScript      = redis.NewScript(libLua + keepLua)
-	leaseScript     = redis.NewScript(libLua + leaseLua)
-	holdScript      = redis.NewScript(libLua + holdLua)
-	captureScript   = redis.NewScript(libLua + captureLua)
-	releaseScript   = redis.NewScript(libLua + releaseLua)
-	holdsScript     = redis.NewScript(libLua + holdsLua)
-	topUpScript     = redis.NewScript(libLua + topUpLua)
-	voidTopUpScript = redis.NewScript(libLua + voidTopUpLua)
-	planScript      = redis.NewScript(libLua + planLua)
-	rechargeScript  = redis.NewScript(libLua + rechargeLua)
-	accountScript   = redis.NewScript(libLua + accountLua)
+	chargeScript    = redis.NewScript(withLib(chargeLua))
+	settleScript    = redis.NewScript(withLib(settleLua))
+	voidScript      = redis.NewScript(withLib(voidLua))
+	keepScript      = redis.NewScript(withLib(keepLua))
+	leaseScript     = redis.NewScript(withLib(leaseLua))
+	holdScript      = redis.NewScript(withLib(holdLua))
+	captureScript   = redis.NewScript(withLib(captureLua))
+	releaseScript   = redis.NewScript(withLib(releaseLua))
+	holdsScript     = redis.NewScript(withLib(holdsLua))
+	topUpScript     = redis.NewScript(withLib(topUpLua))
+	voidTopUpScript = redis.NewScript(withLib(voidTopUpLua))
+	planScript      = redis.NewScript(withLib(planLua))
+	rechargeScript  = redis.NewScript(withLib(rechargeLua))
+	accountScript   = redis.NewScript(withLib(accountLua))
 )
+
+// A libPart is one top-level local of lib.lua (a function, or a list of
+// names), with the comment above it.
+type libPart struct {
+	text  string
+	names []string // what it defines
+	uses  map[string]bool
+}
+
+var (
+	luaIdent    = regexp.MustCompile(`[A-Za-z_][A-Za-z0-9_]*`)
+	luaFunction = regexp.MustCompile(`^local function ([A-Za-z_][A-Za-z0-9_]*)`)
+	luaLocals   = regexp.MustCompile(`^local ([A-Za-z_][A-Za-z0-9_]*(?:, *[A-Za-z_][A-Za-z0-9_]*)*)`)
+	libParts    = splitLib(libLua)
+)
+
+// splitLib cuts lib.lua into its top-level locals. Every part starts at a
+// line that begins with "local"; the comment lines right above it go with
+// it, and lines before the first part (the file's own comment) go nowhere.
+func splitLib(lib string) []libPart {
+	lines := strings.SplitAfter(lib, "\n")
+	var parts []libPart
+	start := -1 // first line of the part being read
+	comment := -1
+	flush := func(end int) {
+		if start < 0 {
+			return
+		}
+		text := strings.Join(lines[start:end], "")
+		head := lines[start]
+		for i := start; i < end; i++ {
+			if strings.HasPrefix(lines[i], "local ") {
+				head = lines[i]
+				break
+			}
+		}
+		var names []string
+		if m := luaFunction.FindStringSubmatch(head); m != nil {
+			names = []string{m[1]}
+		} else if m := luaLocals.FindStringSubmatch(head); m != nil {
+			for _, n := range strings.Split(m[1], ",") {
+				names = append(names, strings.TrimSpace(n))
+			}
+		}
+		uses := map[string]bool{}
+		for _, id := range luaIdent.FindAllString(code(text), -1) {
+			uses[id] = true
+		}
+		parts = append(parts, libPart{text: text, names: names, uses: uses})
+	}
+	for i, line := range lines {
+		switch {
+		case strings.HasPrefix(line, "--"):
+			if comment < 0 {
+				comment = i
+			}
+		case strings.HasPrefix(line, "local "):
+			from := i
+			if comment >= 0 {
+				from = comment
+			}
+			flush(from)
+			start, comment = from, -1
+		default:
+			comment = -1
+		}
+	}
+	flush(len(lines))
+	return parts
+}
+
+// code is Lua text without its comment lines (a comment after code on the
+// same line stays: it can only bring in a part that is not needed).
+func code(text string) string {
+	var b strings.Builder
+	for line := range strings.Lines(text) {
+		if !strings.HasPrefix(strings.TrimSpace(line), "--") {
+			b.WriteString(line)
+		}
+	}
+	return b.String()
+}
+
+// withLib returns body preceded by the parts of lib.lua that it names, and
+// the parts those name, in lib.lua's order. Every part a script carries is
+// built again on each call, so a charge that carried the whole library
+// would spend Redis time on every call defining functions it never runs. A
+// name found anywhere in the code brings its part in: a part is never
+// missing, at worst one is carried that is not needed.
+func withLib(body string) string {
+	need := map[string]bool{}
+	for _, id := range luaIdent.FindAllString(code(body), -1) {
+		need[id] = true
+	}
+	keep := make([]bool, len(libParts))
+	for changed := true; changed; {
+		changed = false
+		for i := len(libParts) - 1; i >= 0; i-- {
+			p := libParts[i]
+			if keep[i] {
+				continue
+			}
+			for _, n := range p.names {
+				if need[n] {
+					keep[i], changed = true, true
+					for id := range p.uses {
+						need[id] = true
+					}
+					break
+				}
+			}
+		}
+	}
+	var b strings.Builder
+	for i, p := range libParts {
+		if keep[i] {
+			b.WriteString(p.text)
+		}
+	}
+	b.WriteString(body)
+	return b.String()
+}
 
 // Script return codes, the first element of every reply; lib.lua names
 // them the same.
