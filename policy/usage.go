@@ -113,12 +113,24 @@ const (
 	// maxUsageJSON is the largest JSON answer read for its usage; a larger
 	// one is charged the route's cost.
 	maxUsageJSON = 1 << 20
+	// usageHead is how much of the start of a stream is read line by line
+	// (with the line it ends in), for Anthropic's message_start.
+	usageHead = 64 << 10
+	// tailLines is how many of a stream's last lines are read once it
+	// ends, at most maxUsageLine bytes of them: the formats read send their
+	// final usage in their last events (OpenAI's usage chunk before
+	// [DONE], Anthropic's message_delta before message_stop). What lies
+	// between the head and the tail is generated text, passed over without
+	// a look.
+	tailLines = 8
 )
 
 // UsageReader reads the usage of an answer as its body passes through, in
-// bounded memory whatever the body's size: a server-sent event stream line
-// by line, a JSON answer up to 1 MiB. It never fails; what it cannot read
-// leaves Tokens unseen, and the call is charged its hold.
+// bounded memory whatever the body's size: a server-sent event stream's
+// first 64 KiB line by line and its last lines once it ends (or is cut), a
+// JSON answer up to 1 MiB. What it reads depends on the body alone, never
+// on how it was cut into pieces. It never fails; what it cannot read leaves
+// Tokens unseen, and the call is charged its hold.
 type UsageReader struct {
 	format UsageFormat
 	sse    bool
@@ -127,6 +139,12 @@ type UsageReader struct {
 	body   []byte // the JSON answer read so far
 	over   bool   // the JSON answer is too large
 	tokens Tokens
+
+	offset   int64  // the stream's bytes so far
+	headDone bool   // the head has been read
+	tail     []byte // the stream's end: at most tailLines newlines, maxUsageLine bytes
+	tailNL   int    // the newlines in tail
+	tailCut  bool   // tail starts inside a line (cut by its size)
 }
 
 // NewUsageReader returns a reader for an answer of contentType.
@@ -147,6 +165,29 @@ func (u *UsageReader) Write(p []byte) (int, error) {
 		}
 		return n, nil
 	}
+	if !u.headDone {
+		n := int(max(0, min(int64(len(p)), usageHead-u.offset)))
+		u.lines(p[:n])
+		if rest := p[n:]; u.offset+int64(n) >= usageHead {
+			// The head ends in the line in progress, if there is one: it
+			// is read to its end.
+			if len(u.line) == 0 && !u.skip {
+				u.headDone = true
+			} else if i := bytes.IndexByte(rest, '\n'); i >= 0 {
+				u.lines(rest[:i+1])
+				u.headDone = true
+			} else {
+				u.lines(rest)
+			}
+		}
+	}
+	u.offset += int64(len(p))
+	u.addTail(p)
+	return n, nil
+}
+
+// lines reads the head of a stream line by line.
+func (u *UsageReader) lines(p []byte) {
 	for len(p) > 0 {
 		if len(u.line) == 0 && !u.skip && !hasUsage(p) {
 			// No usage in the rest of this piece: only the line it ends in
@@ -176,7 +217,52 @@ func (u *UsageReader) Write(p []byte) (int, error) {
 		}
 		p = p[i+1:]
 	}
-	return n, nil
+}
+
+// addTail adds a piece of a stream to its tail: the longest end of the
+// stream with at most tailLines newlines, cut to its last maxUsageLine
+// bytes. Only the piece's end is looked at, in windows that double until
+// they hold enough lines, so a stream's middle costs a few lines per piece
+// however large the pieces are. (Forward searches: Go's backward byte
+// search is a byte at a time.)
+func (u *UsageReader) addTail(p []byte) {
+	lo := max(0, len(p)-maxUsageLine) // bytes before lo are never in the tail
+	nl := 0
+	for w := 4 << 10; ; w *= 2 {
+		from := max(lo, len(p)-w)
+		win := p[from:]
+		nl = bytes.Count(win, []byte{'\n'})
+		if nl > tailLines {
+			// The tail starts after the piece's (tailLines+1)th last newline.
+			i := 0
+			for range nl - tailLines {
+				i += bytes.IndexByte(win[i:], '\n') + 1
+			}
+			u.tail, u.tailNL, u.tailCut = append(u.tail[:0], win[i:]...), tailLines, false
+			return
+		}
+		if from == lo {
+			break
+		}
+	}
+	if lo > 0 {
+		u.tail, u.tailNL, u.tailCut = append(u.tail[:0], p[lo:]...), nl, p[lo-1] != '\n'
+		return
+	}
+	u.tail, u.tailNL = append(u.tail, p...), u.tailNL+nl
+	drop := 0
+	for ; u.tailNL > tailLines; u.tailNL-- {
+		drop += bytes.IndexByte(u.tail[drop:], '\n') + 1
+		u.tailCut = false
+	}
+	if cut := len(u.tail) - maxUsageLine; cut > drop {
+		u.tailNL -= bytes.Count(u.tail[drop:cut], []byte{'\n'})
+		u.tailCut = u.tail[cut-1] != '\n'
+		drop = cut
+	}
+	if drop > 0 {
+		u.tail = u.tail[:copy(u.tail, u.tail[drop:])]
+	}
 }
 
 // keep adds the start of a line that goes on in the next piece, passing
@@ -199,6 +285,18 @@ func (u *UsageReader) Tokens() Tokens {
 			u.event(u.line)
 			u.line = u.line[:0]
 		}
+		// The tail may hold lines the head read too: read again, in the
+		// stream's order, they leave the usage as the stream's end has it.
+		tail := u.tail
+		if u.tailCut {
+			_, tail, _ = bytes.Cut(tail, []byte{'\n'}) // the cut line is passed over
+		}
+		for len(tail) > 0 {
+			line, rest, _ := bytes.Cut(tail, []byte{'\n'})
+			u.event(line)
+			tail = rest
+		}
+		u.tail, u.tailNL = u.tail[:0], 0
 	} else if !u.over && len(u.body) > 0 {
 		u.read(u.body)
 		u.body = nil
