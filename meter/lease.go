@@ -174,7 +174,7 @@ type lease struct {
 	used     time.Time        // the last call
 	calls    int              // calls counted before the first lease
 	sync     *syncAnswer      // of the sync on its way; nil when none is
-	given    bool             // the ledger took the lease's credits back: it holds nothing there
+	given    bool             // the ledger holds nothing for the lease: never leased, or given back
 }
 
 // syncAnswer is how a sync ended, for the calls that wait for it: err is
@@ -351,7 +351,7 @@ func (ls *Leaser) lock(org string) *lease {
 		}
 		v, ok := ls.orgs.Load(org)
 		if !ok {
-			v, _ = ls.orgs.LoadOrStore(org, &lease{block: ls.cfg.Size})
+			v, _ = ls.orgs.LoadOrStore(org, &lease{block: ls.cfg.Size, given: true})
 		}
 		le := v.(*lease)
 		le.mu.Lock()
@@ -467,6 +467,11 @@ func (le *lease) applied(s LeaseSync, st LeaseState, err error, sent time.Time) 
 	close(le.sync.done)
 	le.sync = nil
 	if err != nil {
+		if err != errClosed && !Unsent(err) {
+			// It may have reached Redis: the ledger may hold what it
+			// asked for.
+			le.given = false
+		}
 		return
 	}
 	// Applied now or, its answer lost, before: either way the ledger holds
@@ -603,7 +608,7 @@ func (ls *Leaser) giveBack(org string, le *lease) {
 		}
 		// Done once it owes nothing and the ledger holds nothing for it,
 		// whatever the lease's own count says.
-		if le.inFlight == nil && len(le.spent) == 0 && (le.seq == 0 || le.given) {
+		if len(le.inFlight) == 0 && len(le.spent) == 0 && le.given {
 			ls.end(org, le)
 			return
 		}
