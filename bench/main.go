@@ -92,7 +92,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	orgs := fs.Int("orgs", 1_000_000, "orgs to create for -memory")
 	workers := fs.Int("workers", 32, "concurrent ledger calls for -memory")
 	var creditsOptions []string
-	fs.Func("credits-option", "an extra line for the Caddyfile's credits global option, e.g. 'lease 100'; repeatable", func(v string) error {
+	fs.Func("credits-option", "an extra line for the Caddyfile's credits global option, e.g. 'lease off'; repeatable", func(v string) error {
 		if strings.ContainsAny(v, "{}\n") {
 			return errors.New("one line without braces")
 		}

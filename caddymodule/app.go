@@ -60,14 +60,15 @@ type App struct {
 	// default 10000. A fail-open call that finds the backlog full is refused
 	// as with fail_mode closed.
 	Backlog int `json:"backlog,omitempty"`
-	// Lease, when set, lets this gateway take that many of a busy org's
-	// credits at a time and spend them without a store call per request;
-	// the spending reaches the ledger within a quarter second, and unused
-	// credits go back after two idle seconds and at shutdown. An org is
-	// leased only while its balance is well above what the leases hold
-	// (twice Lease is always left free), so the last credits are charged
-	// call by call, exactly. Calls with an Idempotency-Key are never leased.
-	Lease int64 `json:"lease,omitempty"`
+	// Lease is how many of a busy org's credits this gateway takes at a
+	// time, to spend them without a store call per request; default
+	// DefaultLease, 0 for none (every call one script). The spending
+	// reaches the ledger within a quarter second, and unused credits go
+	// back after two idle seconds and at shutdown. An org is leased only
+	// while its balance is well above what the leases hold (twice Lease is
+	// always left free), so the last credits are charged call by call,
+	// exactly. Calls with an Idempotency-Key are never leased.
+	Lease *int64 `json:"lease,omitempty"`
 	// IdempotencyStore is the largest response, in bytes, kept for the
 	// retries of a call with an Idempotency-Key (they are answered it
 	// without an upstream call); default 1 MiB, at most 16 MiB; 0 keeps none
@@ -171,11 +172,11 @@ func (a *App) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	if a.Lease > 0 {
+	if lease := a.lease(); lease > 0 {
 		ledger, store := a.ledger, a.store
 		a.leaser = meter.NewLeaser(a.ledger, meter.LeaseConfig{
-			Size:  a.Lease,
-			Keep:  2 * a.Lease,
+			Size:  lease,
+			Keep:  2 * lease,
 			Flush: 250 * time.Millisecond,
 			Idle:  2 * time.Second,
 			TTL:   30 * time.Second,
@@ -191,6 +192,18 @@ func (a *App) Provision(ctx caddy.Context) error {
 	return nil
 }
 
+// DefaultLease is the lease size of a config that sets none: the credits a
+// gateway takes of a busy org at a time.
+const DefaultLease = 100
+
+// lease is the lease size in effect; 0 is no leasing.
+func (a *App) lease() int64 {
+	if a.Lease == nil {
+		return DefaultLease
+	}
+	return *a.Lease
+}
+
 // Validate checks the settings against each other.
 func (a *App) Validate() error {
 	if a.Redis != "" && len(a.RedisCluster) > 0 {
@@ -199,8 +212,8 @@ func (a *App) Validate() error {
 	if a.Timeout < 0 {
 		return fmt.Errorf("credits: timeout %s: must be positive", time.Duration(a.Timeout))
 	}
-	if a.Lease < 0 || a.Lease > policy.MaxCost {
-		return fmt.Errorf("credits: lease %d: must be 1 to %d", a.Lease, policy.MaxCost)
+	if a.Lease != nil && (*a.Lease < 0 || *a.Lease > policy.MaxCost) {
+		return fmt.Errorf("credits: lease %d: must be 0 (off) to %d", *a.Lease, policy.MaxCost)
 	}
 	if a.IdempotencyStore != nil && (*a.IdempotencyStore < 0 || *a.IdempotencyStore > maxIdempotencyStore) {
 		return fmt.Errorf("credits: idempotency_store %d: must be 0 to %d bytes", *a.IdempotencyStore, maxIdempotencyStore)

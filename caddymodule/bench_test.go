@@ -58,8 +58,10 @@ http://127.0.0.1:%[2]d {
 
 // BenchmarkRequestPath measures a whole call through Caddy in this process
 // over loopback HTTP, to a real upstream, with a real redis-server: plain
-// is reverse_proxy alone, metered is credits in front of it. The difference
-// is what metering costs a call (metered-lease: with the lease option);
+// is reverse_proxy alone, metered is credits in front of it with the
+// default settings (which lease a busy org's credits), metered-lease-off
+// the same with lease off, one charge script per call. The difference is
+// what metering costs a call;
 // allocs/op counts the client's, Caddy's and
 // the upstream's allocations together, alike on both.
 func BenchmarkRequestPath(b *testing.B) {
@@ -79,7 +81,7 @@ func BenchmarkRequestPath(b *testing.B) {
 	}{
 		{"plain", "/plain/v1/generate", "", ""},
 		{"metered", "/metered/v1/generate", "1", ""},
-		{"metered-lease", "/metered/v1/generate", "1", "lease 100"},
+		{"metered-lease-off", "/metered/v1/generate", "1", "lease off"},
 	} {
 		if route.option != loaded {
 			loadBenchCaddyfile(b, fmt.Sprintf(benchRequestPathCaddyfile, srv.Addr, port, up.Listener.Addr(), route.option))
@@ -151,6 +153,7 @@ func BenchmarkHandler(b *testing.B) {
 				"redis":        "redis://" + srv.Addr,
 				"timeout":      "1s",
 				"default_plan": map[string]any{"allowance": meter.MaxAmount, "recharge_month": 1},
+				"lease":        0, // leased below, on its own
 			},
 			"http": map[string]any{"servers": map[string]any{"bench": map[string]any{
 				"listen": []string{fmt.Sprintf("127.0.0.1:%d", freePort(b))},

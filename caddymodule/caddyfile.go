@@ -190,11 +190,13 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err != nil {
 				return err
 			}
-			n, err := parseInt("lease", v, 1, policy.MaxCost)
-			if err != nil {
-				return d.WrapErr(err)
+			var n int64
+			if v != "off" {
+				if n, err = strconv.ParseInt(v, 10, 64); err != nil || n < 1 || n > policy.MaxCost {
+					return d.WrapErr(inputError("lease", v, fmt.Sprintf("must be off or an integer from 1 to %d", policy.MaxCost)))
+				}
 			}
-			a.Lease = n
+			a.Lease = &n
 		case "idempotency_store":
 			v, err := singleArg(d)
 			if err != nil {

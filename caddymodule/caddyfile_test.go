@@ -173,7 +173,7 @@ func TestCaddyfileParseErrors(t *testing.T) {
 		{"topup_url other scheme", inGlobal("topup_url mailto:billing@example.com"), "must be an absolute http or https URL", "Caddyfile:3", ""},
 		{"backlog 0", inGlobal("backlog 0"), `invalid backlog "0": must be an integer from 1 to 10000000`, "Caddyfile:3", ""},
 		{"backlog text", inGlobal("backlog many"), `invalid backlog "many"`, "Caddyfile:3", ""},
-		{"lease 0", inGlobal("lease 0"), `invalid lease "0": must be an integer from 1 to 1000000`, "Caddyfile:3", ""},
+		{"lease 0", inGlobal("lease 0"), `invalid lease "0": must be off or an integer from 1 to 1000000`, "Caddyfile:3", ""},
 		{"lease twice", inGlobal("lease 5\n\t\tlease 6"), `lease is given twice`, "Caddyfile:4", ""},
 		{"global nested block", inGlobal("redis redis://localhost:6379 {", "db 2", "}"), "unexpected '{'", "Caddyfile:3", ""},
 		{"argument on the global option", "{\n\tcredits extra\n}\n\n:8080 {\n\trespond ok\n}\n", "wrong argument count", "Caddyfile:2", ""},

@@ -141,10 +141,13 @@ func TestStartupChecks(t *testing.T) {
 // TestBacklogAcrossReloadAndShutdown queues fail-open charges while Redis is
 // down; a config reload keeps them (the store and its backlog are shared by
 // the configs that name it) and they are applied once Redis is back. At
-// shutdown, what still waits is lost and counted in the log.
+// shutdown, what still waits is lost and counted in the log. Leasing is off,
+// so that the backlog holds the charges alone (a lease's reports in the
+// backlog: TestLeasedReloadDuringRedisStall).
 func TestBacklogAcrossReloadAndShutdown(t *testing.T) {
 	logFile := filepath.Join(t.TempDir(), "caddy.log")
-	opts := gatewayOptions{redis: redistest.Options{AppendOnly: true}, options: "log {\n\t\toutput file " + logFile + "\n\t}"}
+	opts := gatewayOptions{redis: redistest.Options{AppendOnly: true}, global: "lease off",
+		options: "log {\n\t\toutput file " + logFile + "\n\t}"}
 	g := startGateway(t, opts)
 	wantStatus(t, g.call("/image-studio/x", "kept"), http.StatusOK)
 
