@@ -51,7 +51,7 @@ func TestQuick(t *testing.T) {
 	}
 
 	for _, re := range []string{
-		`(?m)^bytes per org, with one call's request marker \(24h\): (\d+)$`,
+		`(?m)^bytes per org, with one call's request marker \(15 minutes\): (\d+)$`,
 		`(?m)^bytes per org, steady state \(markers expired\): (\d+)$`,
 	} {
 		m := regexp.MustCompile(re).FindStringSubmatch(report)

@@ -21,7 +21,7 @@ import (
 type memoryResult struct {
 	Orgs int
 	// WithMarker is used_memory per org while the request marker of its one
-	// call lives (24h).
+	// call lives (15 minutes).
 	WithMarker float64
 	// Steady is used_memory per org once the marker has expired.
 	Steady float64
@@ -127,7 +127,7 @@ func runMemory(ctx context.Context, w io.Writer, ps *procs, n, workers int) (*me
 		res.Keys = append(res.Keys, u)
 	}
 
-	// Markers expire after 24h; deleting them shows the org after that.
+	// Markers expire after 15 minutes; deleting them shows the org after that.
 	var deleted atomic.Int64
 	const batch = 100 // small pipelines keep Redis' query buffers small
 	err = parallel(ctx, workers, (n+batch-1)/batch, func(b int) error {
@@ -169,7 +169,7 @@ func runMemory(ctx context.Context, w io.Writer, ps *procs, n, workers int) (*me
 	res.Steady = float64(steady-before) / float64(n)
 	fmt.Fprintf(w, "created %d orgs in %.1fs; deleted %d request markers to see the steady state\n", n, elapsed.Seconds(), deleted.Load())
 	fmt.Fprintf(w, "used_memory less client buffers: %d before, %d with the orgs, %d once their markers are gone\n", before, with, steady)
-	fmt.Fprintf(w, "bytes per org, with one call's request marker (24h): %.0f\n", res.WithMarker)
+	fmt.Fprintf(w, "bytes per org, with one call's request marker (15 minutes): %.0f\n", res.WithMarker)
 	fmt.Fprintf(w, "bytes per org, steady state (markers expired): %.0f\n", res.Steady)
 	fmt.Fprintf(w, "bytes per live request marker: %.0f\n", res.WithMarker-res.Steady)
 	fmt.Fprintf(w, "MEMORY USAGE of one org's keys (without the keyspace's own tables):\n")

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/textproto"
 	"strings"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
@@ -321,7 +322,11 @@ func (h *Handler) storeDown(charge meter.ChargeRequest, err error, into *payment
 	// reach the upstream twice for one charge.
 	if h.route.FailOpen && charge.Binding == "" {
 		charge.Overdraft, charge.OverdraftLimit = true, meter.NoLimit
-		if h.app.store.later(meter.LaterCharge{Ledger: h.app.ledger, Charge: charge}) {
+		later := meter.LaterCharge{Ledger: h.app.ledger, Charge: charge}
+		if !meter.Unsent(err) {
+			later.Sent = time.Now()
+		}
+		if h.app.store.later(later) {
 			h.app.metrics.unmetered.Inc()
 			h.logger.Warn("store did not answer; forwarding and charging later",
 				zap.String("feature", h.Feature), zap.String("request_id", charge.RequestID), zap.Error(err))

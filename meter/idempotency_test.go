@@ -2,6 +2,7 @@ package meter
 
 import (
 	"errors"
+	"fmt"
 	"testing"
 	"time"
 )
@@ -44,6 +45,49 @@ var idempotencyCases = []ledgerCase{
 		// The kept response lives as long as the marker.
 		if ttl := e.rdb.TTL(e.ctx, e.ledger.Keys().Kept("acme", "i:k1")).Val(); ttl < 23*time.Hour {
 			e.t.Fatalf("the kept response expires in %s", ttl)
+		}
+		e.wantBalance(e.account("acme"), 8, 8, 0)
+		e.checkEvents("acme")
+	}},
+	{name: "a call without a key is remembered for minutes, one with a key for a day", cfg: plan10, run: func(e *env) {
+		plain := ChargeRequest{Org: "acme", Feature: "rich-text", Cost: 1, RequestID: "g:plain"}
+		if r, err := e.ledger.Charge(e.ctx, plain); err != nil || !r.Charged {
+			e.t.Fatalf("%+v %v", r, err)
+		}
+		if _, err := e.ledger.Settle(e.ctx, "acme", "g:plain", 1); err != nil {
+			e.t.Fatal(err)
+		}
+		if ttl := e.rdb.TTL(e.ctx, e.ledger.Keys().Request("acme", "g:plain")).Val(); ttl <= DefaultMarkerTTL-time.Minute || ttl > DefaultMarkerTTL {
+			e.t.Fatalf("the marker of a call without a key expires in %s, want %s", ttl, DefaultMarkerTTL)
+		}
+		keyed := ChargeRequest{Org: "acme", Feature: "rich-text", Cost: 1, RequestID: "i:k", Binding: "b"}
+		r, err := e.ledger.Charge(e.ctx, keyed)
+		if err != nil || !r.Charged {
+			e.t.Fatalf("%+v %v", r, err)
+		}
+		if err := e.ledger.Keep(e.ctx, "acme", "i:k", r.Attempt, []byte("x")); err != nil {
+			e.t.Fatal(err)
+		}
+		if ttl := e.rdb.TTL(e.ctx, e.ledger.Keys().Request("acme", "i:k")).Val(); ttl <= DefaultKeyTTL-time.Hour {
+			e.t.Fatalf("the marker of a completed call with a key expires in %s, want %s", ttl, DefaultKeyTTL)
+		}
+		e.wantBalance(e.account("acme"), 8, 8, 0)
+	}},
+	{name: "a deferred charge of unknown outcome is not sent again once its marker may be gone", cfg: plan10, run: func(e *env) {
+		charge := ChargeRequest{Org: "acme", Feature: "rich-text", Cost: 1, RequestID: "g:late", Attempt: "a1", Overdraft: true, OverdraftLimit: NoLimit}
+		late := LaterCharge{Ledger: e.ledger, Charge: charge, Sent: time.Now().Add(-DefaultMarkerTTL * 9 / 10)}
+		if err := late.apply(e.ctx); !errors.Is(err, ErrTooLate) {
+			e.t.Fatalf("a charge sent %s ago: %v, want ErrTooLate", DefaultMarkerTTL*9/10, err)
+		}
+		if n := e.rdb.Exists(e.ctx, e.ledger.Keys().Account("acme")).Val(); n != 0 {
+			e.t.Fatal("a charge not sent again wrote the account")
+		}
+		// In time, or never sent: charged.
+		for i, sent := range []time.Time{time.Now().Add(-time.Minute), {}} {
+			charge.RequestID, charge.Attempt = fmt.Sprintf("g:ok%d", i), fmt.Sprintf("a%d", i+2)
+			if err := (LaterCharge{Ledger: e.ledger, Charge: charge, Sent: sent}).apply(e.ctx); err != nil {
+				e.t.Fatalf("a charge sent at %v: %v", sent, err)
+			}
 		}
 		e.wantBalance(e.account("acme"), 8, 8, 0)
 		e.checkEvents("acme")

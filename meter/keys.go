@@ -62,6 +62,7 @@ func (k Keys) Holds(org string) string { return k.key(org, "h") }
 // to its retries.
 func (k Keys) Kept(org, requestID string) string { return k.key(org, "k:"+requestID) }
 
-// Request is the marker of one charged request, kept for a day, that makes a
-// repeated charge or settle with the same request id a no-op.
+// Request is the marker of one charged request, kept MarkerTTL (KeyTTL once
+// a call with a key has completed), that makes a repeated charge or settle
+// with the same request id a no-op.
 func (k Keys) Request(org, requestID string) string { return k.key(org, "r:"+requestID) }

@@ -37,7 +37,13 @@ const (
 const (
 	DefaultTimeout   = 100 * time.Millisecond
 	DefaultEventsMax = 1000
-	DefaultMarkerTTL = 24 * time.Hour
+	// DefaultMarkerTTL is how long a call without an Idempotency-Key is
+	// remembered by its request id: long enough for its retries, its
+	// settle and a void that waited in the backlog, not for a day.
+	DefaultMarkerTTL = 15 * time.Minute
+	// DefaultKeyTTL is how long a call with an Idempotency-Key is
+	// remembered, with its kept response, once it has completed.
+	DefaultKeyTTL = 24 * time.Hour
 	// DefaultInFlightTTL is how long a call with an Idempotency-Key may be
 	// in flight: a gateway that died mid-call frees its key after it.
 	DefaultInFlightTTL = time.Hour
@@ -52,6 +58,10 @@ var (
 	// ErrUnknownRequest means no charge with the request id is on record
 	// (it never happened, was refused, or its marker expired).
 	ErrUnknownRequest = errors.New("no charge with this request id")
+	// ErrTooLate means a deferred charge whose first try may have run was
+	// not sent again: its request marker may be gone, and it could be
+	// charged twice. The call is left unbilled.
+	ErrTooLate = errors.New("a charge of unknown outcome is older than its request marker's lifetime")
 	// ErrVoided means the charge's attempt was voided before it ran: it
 	// charged nothing and the call must not go on.
 	ErrVoided = errors.New("this attempt was voided")
@@ -79,8 +89,12 @@ type Config struct {
 	Timeout time.Duration
 	// EventsMax is how many events each org's list keeps; default 1000.
 	EventsMax int64
-	// MarkerTTL is how long a charge is remembered by request id; default 24h.
+	// MarkerTTL is how long a charge without an Idempotency-Key is
+	// remembered by request id; default 15 minutes.
 	MarkerTTL time.Duration
+	// KeyTTL is how long a completed call with an Idempotency-Key is
+	// remembered, with its kept response; default 24h.
+	KeyTTL time.Duration
 	// ReferenceTTL is how long a top-up reference is remembered, so that
 	// a repeat is applied once; default 400 days.
 	ReferenceTTL time.Duration
@@ -97,6 +111,8 @@ type Ledger struct {
 	timeout     time.Duration
 	eventsMax   string
 	markerTTL   string
+	markerLife  time.Duration
+	keyTTL      string
 	refTTL      int64 // ms
 	now         func() time.Time
 	// serverSkew is milliseconds added to Redis' clock; tests move it.
@@ -135,6 +151,12 @@ func New(rdb redis.UniversalClient, cfg Config) (*Ledger, error) {
 	if cfg.MarkerTTL < time.Second {
 		return nil, fmt.Errorf("marker lifetime %s: must be at least a second", cfg.MarkerTTL)
 	}
+	if cfg.KeyTTL == 0 {
+		cfg.KeyTTL = DefaultKeyTTL
+	}
+	if cfg.KeyTTL < time.Second {
+		return nil, fmt.Errorf("Idempotency-Key lifetime %s: must be at least a second", cfg.KeyTTL)
+	}
 	if cfg.ReferenceTTL == 0 {
 		cfg.ReferenceTTL = DefaultReferenceTTL
 	}
@@ -151,9 +173,18 @@ func New(rdb redis.UniversalClient, cfg Config) (*Ledger, error) {
 		timeout:     cfg.Timeout,
 		eventsMax:   strconv.FormatInt(cfg.EventsMax, 10),
 		markerTTL:   strconv.FormatInt(int64(cfg.MarkerTTL/time.Second), 10),
+		markerLife:  cfg.MarkerTTL,
+		keyTTL:      strconv.FormatInt(int64(cfg.KeyTTL/time.Second), 10),
 		refTTL:      cfg.ReferenceTTL.Milliseconds(),
 		now:         cfg.Now,
 	}, nil
+}
+
+// remembers reports whether a charge sent at sent is still remembered by
+// its request id, with a tenth of the marker's lifetime to spare: a charge
+// sent again after its marker is gone could be charged twice.
+func (l *Ledger) remembers(sent time.Time) bool {
+	return time.Since(sent)+l.timeout < l.markerLife-l.markerLife/10
 }
 
 // Keys returns the ledger's key builder.
@@ -380,7 +411,7 @@ func (l *Ledger) Keep(ctx context.Context, org, requestID, attempt string, respo
 		keep = "0"
 	}
 	keys := []string{l.keys.Request(org, requestID), l.keys.Kept(org, requestID)}
-	v, err := l.run(ctx, keepScript, keys, 1, attempt, l.markerTTL, keep, response)
+	v, err := l.run(ctx, keepScript, keys, 1, attempt, l.keyTTL, keep, response)
 	if err != nil {
 		return fmt.Errorf("keep: %w", err)
 	}

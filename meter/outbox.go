@@ -28,9 +28,17 @@ type Deferred interface {
 type LaterCharge struct {
 	Ledger *Ledger
 	Charge ChargeRequest
+	// Sent is when the call's own charge was sent, if it may have reached
+	// Redis (zero when it surely did not). Such a charge is sent again only
+	// while its marker would still answer for it; later it is dropped
+	// (ErrTooLate), as it could otherwise be charged twice.
+	Sent time.Time
 }
 
 func (d LaterCharge) apply(ctx context.Context) error {
+	if !d.Sent.IsZero() && !d.Ledger.remembers(d.Sent) {
+		return ErrTooLate
+	}
 	res, err := d.Ledger.Charge(ctx, d.Charge)
 	if err == nil && !res.Charged {
 		return errors.New("deferred overdraft charge refused")
@@ -191,7 +199,7 @@ func (o *Outbox) apply(d Deferred) bool {
 		}
 		var inputErr *policy.InputError
 		if errors.As(err, &inputErr) || errors.Is(err, ErrUnknownRequest) || errors.Is(err, ErrVoided) || errors.Is(err, ErrWrongType) ||
-			errors.Is(err, ErrInFlight) || errors.Is(err, ErrMismatch) {
+			errors.Is(err, ErrInFlight) || errors.Is(err, ErrMismatch) || errors.Is(err, ErrTooLate) {
 			o.logger.Error("dropping a deferred ledger call", append(d.what(), zap.Error(err))...)
 			return true
 		}
