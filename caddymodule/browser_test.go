@@ -316,7 +316,10 @@ func TestBrowserDemo(t *testing.T) {
 	for balance := 4; balance >= 0; balance-- {
 		pageClick(t, ctx, "#generate")
 		state := "ok"
-		if balance < 2 {
+		switch {
+		case balance <= 0:
+			state = "exhausted" // nothing left, though this call was paid
+		case balance < 2:
 			state = "low"
 		}
 		waitBadge(t, ctx, balance, state)
@@ -379,6 +382,49 @@ func TestBrowserDemo(t *testing.T) {
 	pageWaitText(t, ctx, "#editor p.streamed", "A paragraph the AI wrote.")
 	waitBadge(t, ctx, 8, "ok")
 	pageWaitContains(t, ctx, "#status", "Streamed a paragraph")
+
+	// The badge's state is the same after a call and after a refresh: a
+	// block route's 402 (no notice) is exhausted and shows no notice; a
+	// balance the gateway called low stays low on a refresh until it has
+	// risen; a debt is exhausted.
+	states := func(what, script string) string {
+		t.Helper()
+		pageEval[bool](t, ctx, `(window.creditsStates = null, (async () => {
+			const state = () => document.querySelector("[data-credits-badge]").dataset.creditsState;
+			const out = [];
+			`+script+`
+			window.creditsStates = out.join(", ");
+		})(), true)`)
+		pageWait(t, ctx, what, "window.creditsStates !== null", "String(window.creditsStates)")
+		return pageEval[string](t, ctx, "window.creditsStates")
+	}
+	const refreshDemo = `await Credits.refresh("/credits/balance", {headers: {"X-Org-Id": "demo"}}); out.push(state());`
+	got := states("the states of a block 402, a low answer and a refresh", `
+		await Credits.observe(new Response('{"status":402}', {status: 402, headers: {"Credits-Remaining": "0", "Content-Type": "application/problem+json"}}));
+		out.push(state() + (document.querySelector("[data-credits-notice]").hidden ? "" : " with the notice"));
+		await Credits.observe(new Response("{}", {status: 200, headers: {"Credits-Remaining": "8", "Credits-Notice": "low"}}));
+		out.push(state());
+		`+refreshDemo)
+	if want := "exhausted, low, low"; got != want {
+		t.Errorf("badge states: %s, want %s (a block route's 402; an answer that says low at 8; a refresh at 8)", got, want)
+	}
+	api := adminAPI{base: "http://" + admin + "/admin"}
+	if status := api.call(t, http.MethodPost, "/orgs/demo/topup", `{"amount": 1, "reference": "invoice-2"}`, nil); status != http.StatusOK {
+		t.Fatalf("top-up: %d", status)
+	}
+	for range 6 { // 5 credits, then a debt of 1
+		if resp, _ := meteredCall(t, gw, "indebted", "/flows/run"); resp.StatusCode != http.StatusOK {
+			t.Fatalf("an overdraft call: %d", resp.StatusCode)
+		}
+	}
+	got = states("the states after a top-up and of a debt", refreshDemo+`
+		await Credits.observe(new Response("{}", {status: 200, headers: {"Credits-Remaining": "-1"}}));
+		out.push(state());
+		await Credits.refresh("/credits/balance", {headers: {"X-Org-Id": "indebted"}});
+		out.push(state() + " " + document.querySelector("[data-credits-badge]").dataset.creditsBalance);`)
+	if want := "ok, exhausted, exhausted -1"; got != want {
+		t.Errorf("badge states: %s, want %s (a refresh at 9; a debt of 1 after a call; after a refresh)", got, want)
+	}
 }
 
 // TestBrowserConsole uses the usage console of a credits_admin with a token:

@@ -16,6 +16,12 @@
  *   <span data-credits-badge></span>   the balance, e.g. "4 credits"; gets
  *                                      data-credits-state="ok|low|exhausted"
  *                                      and data-credits-balance="4"
+ *
+ * The state is "exhausted" for a 402 (a notice route's or a block route's)
+ * and for a balance of 0 or below (an overdraft route's debt), after a call
+ * and after a refresh alike; "low" when the gateway said so, and after a
+ * refresh while the balance has not risen above the one it said so at (the
+ * balance endpoint knows no route's low_balance); "ok" otherwise.
  *   <div data-credits-notice hidden></div>   the upgrade notice (role="alert")
  *
  * API (window.Credits):
@@ -41,6 +47,9 @@
 	// balanceSource is the last endpoint Credits.refresh read, to read again
 	// when a streamed call ends.
 	var balanceSource = null;
+	// lowAt is the balance of the last answer that said "low", while no
+	// later answer said otherwise.
+	var lowAt = null;
 
 	function baseFetch() {
 		return unwatched || global.fetch;
@@ -70,6 +79,23 @@
 		} catch (e) {
 			return '';
 		}
+	}
+
+	// stateOf is the badge's state for a balance: of a call's answer (its
+	// status and Credits-Notice), or of a refresh (status undefined).
+	function stateOf(balance, notice, status) {
+		if (status === 402 || balance <= 0) {
+			return 'exhausted';
+		}
+		if (notice === 'low') {
+			lowAt = balance;
+			return 'low';
+		}
+		if (status !== undefined) {
+			lowAt = null;
+			return 'ok';
+		}
+		return lowAt !== null && balance <= lowAt ? 'low' : 'ok';
 	}
 
 	function setBalance(balance, state, problem) {
@@ -131,14 +157,14 @@
 					balance = problem.balance;
 				}
 				if (balance !== null) {
-					setBalance(balance, 'exhausted', problem);
+					setBalance(balance, stateOf(balance, notice, 402), problem);
 				}
 				showNotice(problem);
 				return response;
 			});
 		}
 		if (balance !== null) {
-			setBalance(balance, notice === 'low' ? 'low' : 'ok');
+			setBalance(balance, stateOf(balance, notice, response.status));
 		}
 		if (response.ok) {
 			hideNotice();
@@ -204,7 +230,7 @@
 			}
 			return response.json().then(function (body) {
 				if (typeof body.balance === 'number') {
-					setBalance(body.balance, body.balance > 0 ? 'ok' : 'exhausted');
+					setBalance(body.balance, stateOf(body.balance));
 				}
 				return body;
 			});
