@@ -101,20 +101,30 @@ the --: caddy credits topup acme --token ... -- -5.
 }
 
 // creditsCommand is a subcommand of caddy credits that takes minArgs to
-// maxArgs arguments.
+// maxArgs arguments. Its error is one plain line on standard error,
+// "caddy credits: <error>", not a log line, and the exit status is 1.
 func creditsCommand(use, short string, minArgs, maxArgs int, run caddycmd.CommandFunc) *cobra.Command {
 	return &cobra.Command{
 		Use:   use,
 		Short: short,
-		RunE: caddycmd.WrapCommandFuncForCobra(func(fl caddycmd.Flags) (int, error) {
-			if n := fl.NArg(); n < minArgs || n > maxArgs {
-				return caddy.ExitCodeFailedStartup, fmt.Errorf("wrong number of arguments (%d); usage: caddy credits %s", n, use)
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			fl := caddycmd.Flags{FlagSet: cmd.Flags()}
+			err := func() error {
+				if n := fl.NArg(); n < minArgs || n > maxArgs {
+					return fmt.Errorf("wrong number of arguments (%d); usage: caddy credits %s", n, use)
+				}
+				if err := policy.ValidateOrg(fl.Arg(0)); err != nil {
+					return err
+				}
+				_, err := run(fl)
+				return err
+			}()
+			if err != nil {
+				fmt.Fprintf(cmd.ErrOrStderr(), "caddy credits: %v\n", err)
+				os.Exit(1)
 			}
-			if err := policy.ValidateOrg(fl.Arg(0)); err != nil {
-				return caddy.ExitCodeFailedStartup, err
-			}
-			return run(fl)
-		}),
+			return nil
+		},
 	}
 }
 

@@ -178,8 +178,11 @@ func TestCommandCredits(t *testing.T) {
 			if out != "" {
 				t.Errorf("standard output is not empty: %s", out)
 			}
-			// The message is in a JSON log line, its quotes escaped.
-			msg := strings.ReplaceAll(err.Error(), `\"`, `"`)
+			// The message is a plain line, not a JSON log line.
+			msg := err.Error()
+			if strings.Contains(msg, `"level"`) || strings.Contains(msg, `\"`) {
+				t.Errorf("the error is a log line, not a plain one: %v", err)
+			}
 			for _, w := range tc.want {
 				if !strings.Contains(msg, w) {
 					t.Errorf("standard error lacks %q: %v", w, err)
@@ -456,8 +459,11 @@ func TestCommandHolds(t *testing.T) {
 			if out != "" {
 				t.Errorf("standard output is not empty: %s", out)
 			}
-			// The message is in a JSON log line, its quotes escaped.
-			msg := strings.ReplaceAll(err.Error(), `\"`, `"`)
+			// The message is a plain line, not a JSON log line.
+			msg := err.Error()
+			if strings.Contains(msg, `"level"`) || strings.Contains(msg, `\"`) {
+				t.Errorf("the error is a log line, not a plain one: %v", err)
+			}
 			for _, w := range tc.want {
 				if !strings.Contains(msg, w) {
 					t.Errorf("standard error lacks %q: %v", w, err)
