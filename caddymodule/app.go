@@ -154,6 +154,11 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	a.store = val.(*store)
 	a.store.metrics.Store(a.metrics)
+	if a.store.embedded == nil {
+		if err := a.checkCredentials(); err != nil {
+			return err
+		}
+	}
 	now := time.Now
 	if off := os.Getenv(clockOffsetEnv); off != "" {
 		d, err := time.ParseDuration(off)
@@ -251,6 +256,47 @@ func (a *App) Cleanup() error {
 	}
 	_, err := stores.Delete(a.poolKey)
 	return err
+}
+
+// checkCredentials fails a config whose Redis refuses its user or password
+// (WRONGPASS, NOAUTH): such a config could never charge, so Caddy does not
+// start with it, and a reload to it keeps the old config. A Redis that does
+// not answer is no error: it may come up later, and the routes follow their
+// fail_mode until it does. The message names the address, never the
+// password.
+func (a *App) checkCredentials() error {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	err := a.store.rdb.Ping(ctx).Err()
+	if err == nil {
+		return nil
+	}
+	var addrs []string
+	switch c := a.store.rdb.(type) {
+	case *redis.ClusterClient:
+		addrs = c.Options().Addrs
+	case *redis.Client:
+		addrs = []string{c.Options().Addr}
+	}
+	where := strings.Join(addrs, " ")
+	if refusedCredentials(err) {
+		return fmt.Errorf("credits: Redis at %s refused the gateway's credentials (%v): check the user and password of the redis URL", where, err)
+	}
+	a.logger.Warn("cannot reach Redis at start; the routes follow their fail_mode until it answers",
+		zap.String("redis", where), zap.Error(err))
+	return nil
+}
+
+// refusedCredentials reports whether err is Redis refusing a connection's
+// user or password.
+func refusedCredentials(err error) bool {
+	msg := err.Error()
+	for _, p := range []string{"WRONGPASS", "NOAUTH", "ERR invalid password", "ERR AUTH", "ERR Client sent AUTH"} {
+		if strings.HasPrefix(msg, p) {
+			return true
+		}
+	}
+	return false
 }
 
 // checkStore warns when Redis can evict keys or lose writes on restart.
