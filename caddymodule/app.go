@@ -146,7 +146,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	case redisURL != "":
 		a.poolKey = "redis " + redisURL
 	}
-	val, _, err := stores.LoadOrNew(a.poolKey, func() (caddy.Destructor, error) {
+	val, shared, err := stores.LoadOrNew(a.poolKey, func() (caddy.Destructor, error) {
 		return openStore(redisURL, nodes, a.Backlog, a.logger)
 	})
 	if err != nil {
@@ -154,7 +154,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	a.store = val.(*store)
 	a.store.metrics.Store(a.metrics)
-	if a.store.embedded == nil {
+	// A store an earlier config opened has the same URL, checked then: a
+	// reload that keeps it never waits for Redis (which may be stalled).
+	if a.store.embedded == nil && !shared {
 		if err := a.checkCredentials(); err != nil {
 			return err
 		}
