@@ -71,6 +71,8 @@ const (
 	maxEvents      = 1000
 	// defaultEvents is how many events GET .../events answers without a limit.
 	defaultEvents = 50
+	// defaultOrgs is how many orgs GET /orgs answers without a limit.
+	defaultOrgs = 100
 )
 
 // ServeHTTP answers an admin call: the console's files, then the limits
@@ -108,6 +110,7 @@ type adminRoute func(a *Admin, w http.ResponseWriter, r *http.Request) error
 // pattern answers HEAD too.
 var adminRoutes = map[string]adminRoute{
 	"GET /health":                         (*Admin).health,
+	"GET /orgs":                           (*Admin).orgs,
 	"GET /orgs/{org}":                     (*Admin).account,
 	"PUT /orgs/{org}/plan":                (*Admin).setPlan,
 	"POST /orgs/{org}/topup":              (*Admin).topUp,
@@ -213,6 +216,34 @@ func (a *Admin) events(w http.ResponseWriter, r *http.Request) error {
 		events = []meter.Event{}
 	}
 	return writeJSON(w, r, http.StatusOK, map[string][]meter.Event{"events": events})
+}
+
+// orgs answers a page of the orgs Redis holds, in order:
+// {"orgs": [{"org": ..., "balance": n}, ...], "next": "<org or empty>"}.
+func (a *Admin) orgs(w http.ResponseWriter, r *http.Request) error {
+	q := r.URL.Query()
+	after := q.Get("after")
+	if after != "" {
+		if err := policy.ValidateOrg(after); err != nil {
+			return writeProblem(w, r, policy.Invalid(&policy.InputError{Field: "after", Value: after, Reason: "must be an org id"}))
+		}
+	}
+	limit := defaultOrgs
+	if s := q.Get("limit"); s != "" {
+		n, err := strconv.Atoi(s)
+		if err != nil || n < 1 || n > meter.MaxOrgsPage {
+			return writeProblem(w, r, policy.Invalid(&policy.InputError{Field: "limit", Value: s, Reason: fmt.Sprintf("must be 1 to %d", meter.MaxOrgsPage)}))
+		}
+		limit = n
+	}
+	orgs, next, err := a.app.ledger.Orgs(r.Context(), after, limit)
+	if err != nil {
+		return a.fail(w, r, "", "orgs", err)
+	}
+	return writeJSON(w, r, http.StatusOK, struct {
+		Orgs []meter.OrgBalance `json:"orgs"`
+		Next string             `json:"next"`
+	}{orgs, next})
 }
 
 func (a *Admin) setPlan(w http.ResponseWriter, r *http.Request) error {

@@ -49,6 +49,8 @@ func FuzzAdminAPI(f *testing.F) {
 		{2, "/orgs/acme/topup", `{"amount": 1, "reference": "x", "extra": 1}`},
 		{2, "/orgs/acme/recharge", `[]`},
 		{0, "/orgs/acme/events?limit=0", ""},
+		{0, "/orgs?limit=2&after=acme", ""},
+		{0, "/orgs?limit=-1&after=a%2Fb", ""},
 		{2, "/orgs/acme/holds", `{"amount": 5, "feature": "flows", "ttl": "1m"}`},
 		{2, "/orgs/acme/holds", `{"amount": 500, "feature": "flows"}`},
 		{2, "/orgs/acme/holds/nope/capture", `{"amount": 1}`},

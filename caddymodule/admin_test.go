@@ -2,10 +2,12 @@ package caddymodule
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
 
+	"github.com/creditsgw/caddy-credits/internal/redistest"
 	"github.com/creditsgw/caddy-credits/policy"
 )
 
@@ -184,6 +186,7 @@ func TestAdminMethods(t *testing.T) {
 
 	// Each body would change the ledger if its route took it.
 	routes := []struct{ path, allow, body string }{
+		{"/orgs", "GET, HEAD", `{"amount": 5}`},
 		{"/orgs/m", "GET, HEAD", ``},
 		{"/orgs/m/plan", "PUT", `{"allowance": 7, "recharge_month": 2}`},
 		{"/orgs/m/topup", "POST", `{"amount": 5}`},
@@ -226,7 +229,7 @@ func TestAdminMethods(t *testing.T) {
 	}
 
 	// HEAD wherever GET: the headers of the GET, no body.
-	for _, path := range []string{"/orgs/m", "/orgs/m/events", "/orgs/m/holds"} {
+	for _, path := range []string{"/orgs", "/orgs/m", "/orgs/m/events", "/orgs/m/holds"} {
 		r := g.admin(http.MethodHead, path, "")
 		if r.status != http.StatusOK || r.header.Get("Content-Type") != "application/json" || len(r.body) != 0 {
 			t.Errorf("HEAD %s: %d %q, %d bytes", path, r.status, r.header.Get("Content-Type"), len(r.body))
@@ -236,7 +239,6 @@ func TestAdminMethods(t *testing.T) {
 	for _, c := range []struct{ method, path string }{
 		{http.MethodGet, "/orgs/m/"},
 		{http.MethodGet, "/orgs/"},
-		{http.MethodGet, "/orgs"},
 		{http.MethodPost, "/"},
 		{http.MethodGet, "/orgs/m/nothing"},
 		{http.MethodPost, hold + "/capture/again"},
@@ -272,4 +274,61 @@ func TestAdminMethods(t *testing.T) {
 	// Without the token a wrong method is a 401 like any other call.
 	r = g.do("POS", g.adminURL+"/orgs/m/topup", nil, `{"amount": 5}`)
 	wantStatus(t, r, http.StatusUnauthorized)
+}
+
+// TestAdminOrgs lists the orgs through a real Caddy, page by page, on a
+// redis-server and on a 3-node Cluster (whose orgs are spread over its
+// masters); a bad page is a 400 that changes nothing.
+func TestAdminOrgs(t *testing.T) {
+	cluster := redistest.StartCluster(t, 3, 0)
+	for _, store := range []struct{ name, line string }{
+		{"redis", ""},
+		{"cluster", "redis_cluster " + strings.Join(cluster.Addrs, " ")},
+	} {
+		t.Run(store.name, func(t *testing.T) {
+			g := startGateway(t, gatewayOptions{store: store.line})
+			names := []string{"delta", "alpha", "echo", "charlie", "bravo"}
+			for i, org := range names {
+				wantStatus(t, g.admin(http.MethodPost, "/orgs/"+org+"/topup", fmt.Sprintf(`{"amount": %d, "reference": "start"}`, i+1)), http.StatusOK)
+			}
+			var got []string
+			after := ""
+			for pages := 0; ; pages++ {
+				r := g.admin(http.MethodGet, "/orgs?limit=2&after="+after, "")
+				wantStatus(t, r, http.StatusOK)
+				var page struct {
+					Orgs []struct {
+						Org     string `json:"org"`
+						Balance int64  `json:"balance"`
+					} `json:"orgs"`
+					Next *string `json:"next"`
+				}
+				if err := json.Unmarshal(r.body, &page); err != nil || page.Next == nil || len(page.Orgs) > 2 || pages > 3 {
+					t.Fatalf("page after %q: %s (%v)", after, r.body, err)
+				}
+				for _, o := range page.Orgs {
+					got = append(got, fmt.Sprintf("%s=%d", o.Org, o.Balance))
+				}
+				if *page.Next == "" {
+					break
+				}
+				after = *page.Next
+			}
+			// Each org has the default plan's 5 credits and its top-up.
+			if want := "alpha=7 bravo=10 charlie=9 delta=6 echo=8"; strings.Join(got, " ") != want {
+				t.Fatalf("orgs %s, want %s", strings.Join(got, " "), want)
+			}
+			before := g.ledgerState("alpha")
+			for _, q := range []string{"limit=0", "limit=1001", "limit=x", "after=no/such", "after=" + strings.Repeat("a", 65)} {
+				r := g.admin(http.MethodGet, "/orgs?"+q, "")
+				wantStatus(t, r, http.StatusBadRequest)
+				if p := r.problem(t); !strings.Contains(fmt.Sprint(p["detail"]), "invalid") {
+					t.Errorf("GET /orgs?%s: problem %v", q, p)
+				}
+			}
+			if after := g.ledgerState("alpha"); after != before {
+				t.Fatalf("bad pages changed the ledger:\n%s\n%s", before, after)
+			}
+		})
+	}
 }

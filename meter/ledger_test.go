@@ -147,6 +147,43 @@ var ledgerCases = []ledgerCase{
 			e.t.Fatalf("marker lifetime %s %v", ttl, err)
 		}
 	}},
+	{name: "orgs are listed in order, page by page", cfg: plan10, run: func(e *env) {
+		names := []string{"c-org", "a-org", "b-org", "e-org", "d-org"}
+		for i, org := range names {
+			if r, err := e.ledger.Charge(e.ctx, ChargeRequest{Org: org, Feature: "rich-text", Cost: int64(i + 1)}); err != nil || !r.Charged {
+				e.t.Fatalf("%s: %+v %v", org, r, err)
+			}
+		}
+		var got []OrgBalance
+		after := ""
+		for pages := 0; ; pages++ {
+			page, next, err := e.ledger.Orgs(e.ctx, after, 2)
+			if err != nil || len(page) > 2 || pages > 3 {
+				e.t.Fatalf("page after %q: %v, next %q, %v", after, page, next, err)
+			}
+			got = append(got, page...)
+			if next == "" {
+				break
+			}
+			after = next
+		}
+		want := []OrgBalance{{"a-org", 8}, {"b-org", 7}, {"c-org", 9}, {"d-org", 5}, {"e-org", 6}}
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			e.t.Fatalf("orgs %v, want %v", got, want)
+		}
+		if page, next, err := e.ledger.Orgs(e.ctx, "e-org", 10); err != nil || len(page) != 0 || next != "" {
+			e.t.Fatalf("after the last org: %v %q %v", page, next, err)
+		}
+		for _, bad := range []struct {
+			after string
+			limit int
+		}{{"no/such", 10}, {"", 0}, {"", MaxOrgsPage + 1}} {
+			var inputErr *policy.InputError
+			if _, _, err := e.ledger.Orgs(e.ctx, bad.after, bad.limit); !errors.As(err, &inputErr) && !errors.Is(err, policy.ErrOrgMissing) {
+				e.t.Errorf("after %q, limit %d: %v, want an input error", bad.after, bad.limit, err)
+			}
+		}
+	}},
 	{name: "settle charges or refunds the difference once", cfg: plan10, run: func(e *env) {
 		if _, err := e.ledger.Charge(e.ctx, ChargeRequest{Org: "acme", Feature: "flows", Cost: 2, RequestID: "s1"}); err != nil {
 			e.t.Fatal(err)
