@@ -36,11 +36,11 @@ const maxAdminAnswer = 16 << 20
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "credits",
-		Usage: "show|plan|topup|recharge|events|holds <org> [<args>]",
+		Usage: "show|plan|topup|recharge|events|holds <org> [<args>] | orgs",
 		Short: "Reads and changes orgs' credits through a credits_admin endpoint",
 		Long: `
 Calls the admin API that the credits_admin handler serves, and prints the
-answer: an org's account, its events, or its holds.
+answer: an org's account, its events or its holds, or a page of the orgs.
 
   caddy credits show <org>
   caddy credits plan <org> <allowance> [<recharge_month>]
@@ -51,6 +51,7 @@ answer: an org's account, its events, or its holds.
   caddy credits holds <org> create <amount> --feature <f> [--ttl 15m] [--reference <ref>]
   caddy credits holds <org> capture <hold> <amount>
   caddy credits holds <org> release <hold>
+  caddy credits orgs [--after <org>] [--limit <n>]
 
 Arguments are checked against the API's ranges before any call. A top-up or
 a new hold without --reference gets a random one. A call that gets no
@@ -88,7 +89,11 @@ the --: caddy credits topup acme --token ... -- -5.
 			holds.Flags().String("feature", "", "create: the usage label its capture is counted under (required)")
 			holds.Flags().String("ttl", "", "create: how long the hold lasts unless captured or released, 1s to 24h (default: the API's, 15m)")
 			holds.Flags().String("reference", "", "create: the hold's reference; a repeat answers the same hold (default: a random one)")
+			orgs := creditsCommand("orgs [--after <org>] [--limit <n>]", "Lists the orgs, in order, with their balances", 0, 0, cmdCreditsOrgs)
+			orgs.Flags().String("after", "", "List the orgs after this one (the next page: the last org listed)")
+			orgs.Flags().Int("limit", 0, "How many orgs to list, 1 to 1000 (default: the API's, 100)")
 			cmd.AddCommand(
+				orgs,
 				creditsCommand("show <org>", "Shows an org's account", 1, 1, cmdCreditsShow),
 				creditsCommand("plan <org> <allowance> [<recharge_month>]", "Sets an org's plan; the month defaults to 1", 2, 3, cmdCreditsPlan),
 				topUp,
@@ -113,8 +118,10 @@ func creditsCommand(use, short string, minArgs, maxArgs int, run caddycmd.Comman
 				if n := fl.NArg(); n < minArgs || n > maxArgs {
 					return fmt.Errorf("wrong number of arguments (%d); usage: caddy credits %s", n, use)
 				}
-				if err := policy.ValidateOrg(fl.Arg(0)); err != nil {
-					return err
+				if minArgs > 0 {
+					if err := policy.ValidateOrg(fl.Arg(0)); err != nil {
+						return err
+					}
 				}
 				_, err := run(fl)
 				return err
@@ -181,6 +188,23 @@ func cmdCreditsEvents(fl caddycmd.Flags) (int, error) {
 		query = url.Values{"limit": {strconv.Itoa(fl.Int("limit"))}}
 	}
 	return callAdmin(fl, cliCall{method: http.MethodGet, path: []string{"orgs", fl.Arg(0), "events"}, query: query, retry: true}, printEvents)
+}
+
+func cmdCreditsOrgs(fl caddycmd.Flags) (int, error) {
+	query := url.Values{}
+	if after := fl.String("after"); after != "" {
+		if err := policy.ValidateOrg(after); err != nil {
+			return caddy.ExitCodeFailedStartup, err
+		}
+		query.Set("after", after)
+	}
+	if fl.Changed("limit") {
+		if n := fl.Int("limit"); n < 1 || n > meter.MaxOrgsPage {
+			return caddy.ExitCodeFailedStartup, &policy.InputError{Field: "limit", Value: strconv.Itoa(n), Reason: fmt.Sprintf("must be 1 to %d", meter.MaxOrgsPage)}
+		}
+		query.Set("limit", strconv.Itoa(fl.Int("limit")))
+	}
+	return callAdmin(fl, cliCall{method: http.MethodGet, path: []string{"orgs"}, query: query, retry: true}, printOrgs)
 }
 
 // cmdCreditsHolds lists an org's holds, or creates, captures or releases
@@ -601,6 +625,32 @@ func printEvents(w io.Writer, data []byte) error {
 			e.Time.UTC().Format(time.RFC3339), e.Kind, e.Delta, e.Balance, e.Feature, e.Ref)
 	}
 	return tw.Flush()
+}
+
+func printOrgs(w io.Writer, data []byte) error {
+	var answer struct {
+		Orgs []meter.OrgBalance `json:"orgs"`
+		Next string             `json:"next"`
+	}
+	if err := json.Unmarshal(data, &answer); err != nil {
+		return fmt.Errorf("not a list of orgs: %v", err)
+	}
+	if len(answer.Orgs) == 0 {
+		_, err := fmt.Fprintln(w, "no orgs")
+		return err
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	for _, o := range answer.Orgs {
+		fmt.Fprintf(tw, "%s\t%d\n", o.Org, o.Balance)
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if answer.Next != "" {
+		_, err := fmt.Fprintf(w, "more: caddy credits orgs --after %s\n", answer.Next)
+		return err
+	}
+	return nil
 }
 
 // negativeNumberHint explains the flag error of a negative number, which

@@ -74,6 +74,17 @@ func TestCommandCredits(t *testing.T) {
 		t.Errorf("show lists no usage of rich-text:\n%s", out)
 	}
 
+	// The orgs, a page at a time: acme, then month-one.
+	if out := credits(t, "orgs", "--limit", "1"); out != "acme  124\nmore: caddy credits orgs --after acme\n" {
+		t.Errorf("caddy credits orgs --limit 1:\n%s", out)
+	}
+	if out := credits(t, "orgs", "--after", "acme"); out != "month-one  7\n" {
+		t.Errorf("caddy credits orgs --after acme:\n%s", out)
+	}
+	if out := credits(t, "orgs", "--after", "zzz"); out != "no orgs\n" {
+		t.Errorf("caddy credits orgs --after zzz:\n%s", out)
+	}
+
 	out = credits(t, "recharge", "acme")
 	wantFields(t, out, map[string]string{"balance": "125", "allowance": "100 of 100 (recharges every year on month 4)", "used": "nothing this period"})
 	period := field(out, "period")
@@ -158,6 +169,8 @@ func TestCommandCredits(t *testing.T) {
 		{"amount missing", []string{"topup", "acme"}, true, []string{"wrong number of arguments", "usage: caddy credits topup <org> <amount>"}},
 		{"org missing", []string{"show"}, true, []string{"wrong number of arguments", "usage: caddy credits show <org>"}},
 		{"too many arguments", []string{"plan", "acme", "1", "2", "3"}, true, []string{"wrong number of arguments (4)"}},
+		{"orgs limit out of range", []string{"orgs", "--limit", "1001"}, true, []string{`invalid limit "1001": must be 1 to 1000`}},
+		{"orgs after a bad org", []string{"orgs", "--after", "a/b"}, true, []string{"invalid org"}},
 		{"empty org", []string{"recharge", ""}, true, []string{"org missing"}},
 		{"bad org", []string{"show", "no/such org"}, true, []string{"invalid org"}},
 		{"unknown subcommand", []string{"frobnicate", "acme"}, true, []string{"unknown command", "frobnicate"}},
