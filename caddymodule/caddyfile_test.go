@@ -13,6 +13,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddytest"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
+
+	"github.com/creditsgw/caddy-credits/internal/redistest"
 )
 
 var updateCaddyfileGolden = flag.Bool("update-caddyfile", false,
@@ -273,4 +275,38 @@ func FuzzCaddyfile(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestREADMEJSONConfig loads the README's JSON config as it is, on a real
+// redis-server: every module and field in it exists, and its durations and
+// placeholders are read.
+func TestREADMEJSONConfig(t *testing.T) {
+	readme, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, ok := strings.Cut(string(readme), "\n### JSON config\n")
+	if !ok {
+		t.Fatal("the README has no JSON config section")
+	}
+	_, block, ok := strings.Cut(section, "\n```json\n")
+	if !ok {
+		t.Fatal("the README's JSON config section has no json block")
+	}
+	block, _, _ = strings.Cut(block, "\n```\n")
+	srv := redistest.Start(t, redistest.Options{})
+	if !strings.Contains(block, "127.0.0.1:6379") {
+		t.Fatal("the README's JSON config does not name the Redis the test replaces")
+	}
+	block = strings.ReplaceAll(block, "127.0.0.1:6379", srv.Addr)
+	t.Setenv("REDIS_PASSWORD", "")
+	t.Setenv("CREDITS_ADMIN_TOKEN", "s3cret")
+	var cfg caddy.Config
+	dec := json.NewDecoder(strings.NewReader(block))
+	if err := dec.Decode(&cfg); err != nil {
+		t.Fatalf("the README's JSON config does not parse: %v\n%s", err, block)
+	}
+	if err := caddy.Validate(&cfg); err != nil {
+		t.Fatalf("the README's JSON config does not load: %v", err)
+	}
 }
