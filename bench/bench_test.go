@@ -51,8 +51,9 @@ func TestQuick(t *testing.T) {
 	}
 
 	for _, re := range []string{
-		`(?m)^bytes per org, with one call's request marker \(15 minutes\): (\d+)$`,
+		`(?m)^bytes per org, with one call's request marker and call log \(15 minutes\): (\d+)$`,
 		`(?m)^bytes per org, steady state \(markers expired\): (\d+)$`,
+		`(?m)^bytes of the org after 2000 calls, once its markers and call log have expired: (\d+) \(1 keys\)$`,
 	} {
 		m := regexp.MustCompile(re).FindStringSubmatch(report)
 		if m == nil {

@@ -184,7 +184,11 @@ func run(ctx context.Context, o options, w io.Writer) (rep *report, err error) {
 		}
 	}
 	if o.quick || o.memory {
-		if rep.memory, err = runMemory(ctx, w, ps, o.orgs, o.workers); err != nil {
+		busy := 1_000_000
+		if o.quick {
+			busy = 2000
+		}
+		if rep.memory, err = runMemory(ctx, w, ps, o.orgs, busy, o.workers); err != nil {
 			return rep, err
 		}
 	}

@@ -20,11 +20,15 @@ import (
 // memoryResult is what Redis holds per org.
 type memoryResult struct {
 	Orgs int
-	// WithMarker is used_memory per org while the request marker of its one
-	// call lives (15 minutes).
+	// WithMarker is used_memory per org while the request marker and the
+	// call log of its one call live (15 minutes).
 	WithMarker float64
-	// Steady is used_memory per org once the marker has expired.
+	// Steady is used_memory per org once they have expired.
 	Steady float64
+	// BusyCalls is how many calls the busy org made, and Busy the bytes of
+	// its keys once its markers and call log have expired.
+	BusyCalls int
+	Busy      int64
 	// Keys is MEMORY USAGE of each key kind of one org.
 	Keys []keyUsage
 }
@@ -35,10 +39,6 @@ type keyUsage struct {
 	note      string
 }
 
-// busyCalls is how many calls the busy org makes: more than the event
-// stream keeps, so it shows an org's stream at its largest.
-const busyCalls = 1100
-
 // orgName is the id of the i-th org of the memory run: 11 characters, as
 // short ids are; longer ids (a UUID is 36) make every key longer.
 func orgName(i int) string { return fmt.Sprintf("org-%07d", i) }
@@ -48,8 +48,9 @@ func orgName(i int) string { return fmt.Sprintf("org-%07d", i) }
 func requestID(i int) string { return fmt.Sprintf("g:%032x", i) }
 
 // runMemory creates n orgs through the ledger's charge script, one call
-// each, on a fresh redis-server, and reports used_memory per org.
-func runMemory(ctx context.Context, w io.Writer, ps *procs, n, workers int) (*memoryResult, error) {
+// each, on a fresh redis-server, and reports used_memory per org; then it
+// makes busy calls to one org and reports what that org keeps.
+func runMemory(ctx context.Context, w io.Writer, ps *procs, n, busy, workers int) (*memoryResult, error) {
 	_, addr, err := startRedis(ctx, ps, "redis-memory")
 	if err != nil {
 		return nil, err
@@ -111,12 +112,12 @@ func runMemory(ctx context.Context, w io.Writer, ps *procs, n, workers int) (*me
 		return nil, err
 	}
 
-	res := &memoryResult{Orgs: n}
+	res := &memoryResult{Orgs: n, BusyCalls: busy}
 	keys := ledger.Keys()
 	sample := orgName(0)
 	for _, k := range []struct{ kind, key string }{
 		{"account hash", keys.Account(sample)},
-		{"event list", keys.Events(sample)},
+		{"call log (2 events)", keys.Calls(sample)},
 		{"request marker", keys.Request(sample, requestID(0))},
 	} {
 		u, err := keyMemory(ctx, raw, k.key)
@@ -127,14 +128,15 @@ func runMemory(ctx context.Context, w io.Writer, ps *procs, n, workers int) (*me
 		res.Keys = append(res.Keys, u)
 	}
 
-	// Markers expire after 15 minutes; deleting them shows the org after that.
+	// Markers and call logs expire after 15 minutes; deleting them shows
+	// the orgs after that.
 	var deleted atomic.Int64
 	const batch = 100 // small pipelines keep Redis' query buffers small
 	err = parallel(ctx, workers, (n+batch-1)/batch, func(b int) error {
 		pipe := raw.Pipeline()
 		var cmds []*redis.IntCmd
 		for i := b * batch; i < min((b+1)*batch, n); i++ {
-			cmds = append(cmds, pipe.Del(ctx, keys.Request(orgName(i), requestID(i))))
+			cmds = append(cmds, pipe.Del(ctx, keys.Request(orgName(i), requestID(i)), keys.Calls(orgName(i))))
 		}
 		if _, err := pipe.Exec(ctx); err != nil {
 			return err
@@ -151,30 +153,65 @@ func runMemory(ctx context.Context, w io.Writer, ps *procs, n, workers int) (*me
 	if err != nil {
 		return nil, err
 	}
+	res.WithMarker = float64(with-before) / float64(n)
+	res.Steady = float64(steady-before) / float64(n)
+	fmt.Fprintf(w, "created %d orgs in %.1fs; deleted %d request markers and call logs to see the steady state\n", n, elapsed.Seconds(), deleted.Load())
+	fmt.Fprintf(w, "used_memory less client buffers: %d before, %d with the orgs, %d once their markers and call logs are gone\n", before, with, steady)
+	fmt.Fprintf(w, "bytes per org, with one call's request marker and call log (15 minutes): %.0f\n", res.WithMarker)
+	fmt.Fprintf(w, "bytes per org, steady state (markers expired): %.0f\n", res.Steady)
 
-	// An org at its largest: more calls than its event list keeps.
-	for i := range busyCalls {
-		if _, err := ledger.Charge(ctx, meter.ChargeRequest{Org: "busy", Feature: "bench", Cost: 1, RequestID: "g:busy" + strconv.Itoa(i)}); err != nil {
-			return nil, err
-		}
-	}
-	u, err := keyMemory(ctx, raw, keys.Events("busy"))
+	// One busy org: its call log is at its cap, and then it expires with
+	// the markers; what stays is the account with its usage per day.
+	start = time.Now()
+	err = parallel(ctx, workers, busy, func(i int) error {
+		_, err := ledger.Charge(ctx, meter.ChargeRequest{Org: "busy", Feature: "bench", Cost: 1, RequestID: "g:busy" + strconv.Itoa(i)})
+		return err
+	})
 	if err != nil {
 		return nil, err
 	}
-	u.kind = fmt.Sprintf("event list after %d calls", busyCalls)
+	fmt.Fprintf(w, "made %d calls to one org in %.1fs\n", busy, time.Since(start).Seconds())
+	u, err := keyMemory(ctx, raw, keys.Calls("busy"))
+	if err != nil {
+		return nil, err
+	}
+	u.kind = fmt.Sprintf("call log after %d calls", busy)
 	res.Keys = append(res.Keys, u)
-
-	res.WithMarker = float64(with-before) / float64(n)
-	res.Steady = float64(steady-before) / float64(n)
-	fmt.Fprintf(w, "created %d orgs in %.1fs; deleted %d request markers to see the steady state\n", n, elapsed.Seconds(), deleted.Load())
-	fmt.Fprintf(w, "used_memory less client buffers: %d before, %d with the orgs, %d once their markers are gone\n", before, with, steady)
-	fmt.Fprintf(w, "bytes per org, with one call's request marker (15 minutes): %.0f\n", res.WithMarker)
-	fmt.Fprintf(w, "bytes per org, steady state (markers expired): %.0f\n", res.Steady)
-	fmt.Fprintf(w, "bytes per live request marker: %.0f\n", res.WithMarker-res.Steady)
+	err = parallel(ctx, workers, (busy+batch-1)/batch, func(b int) error {
+		pipe := raw.Pipeline()
+		for i := b * batch; i < min((b+1)*batch, busy); i++ {
+			pipe.Del(ctx, keys.Request("busy", "g:busy"+strconv.Itoa(i)))
+		}
+		_, err := pipe.Exec(ctx)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("deleting the busy org's markers: %w", err)
+	}
+	if err := raw.Del(ctx, keys.Calls("busy")).Err(); err != nil {
+		return nil, err
+	}
+	var left []string
+	iter := raw.Scan(ctx, 0, meter.DefaultPrefix+":{busy}:*", 1000).Iterator()
+	for iter.Next(ctx) {
+		left = append(left, iter.Val())
+	}
+	if err := iter.Err(); err != nil {
+		return nil, err
+	}
+	for _, k := range left {
+		u, err := keyMemory(ctx, raw, k)
+		if err != nil {
+			return nil, err
+		}
+		res.Busy += u.bytes
+		u.kind = fmt.Sprintf("busy org's %s, after expiry", strings.TrimPrefix(k, meter.DefaultPrefix+":{busy}:"))
+		res.Keys = append(res.Keys, u)
+	}
+	fmt.Fprintf(w, "bytes of the org after %d calls, once its markers and call log have expired: %d (%d keys)\n", busy, res.Busy, len(left))
 	fmt.Fprintf(w, "MEMORY USAGE of one org's keys (without the keyspace's own tables):\n")
 	for _, u := range res.Keys {
-		fmt.Fprintf(w, "  %-34s %6d bytes  %s  %s\n", u.kind, u.bytes, u.key, u.note)
+		fmt.Fprintf(w, "  %-44s %7d bytes  %s  %s\n", u.kind, u.bytes, u.key, u.note)
 	}
 	return res, nil
 }

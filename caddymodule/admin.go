@@ -116,6 +116,8 @@ var adminRoutes = map[string]adminRoute{
 	"POST /orgs/{org}/topup":              (*Admin).topUp,
 	"POST /orgs/{org}/recharge":           (*Admin).recharge,
 	"GET /orgs/{org}/events":              (*Admin).events,
+	"GET /orgs/{org}/usage":               (*Admin).usage,
+	"POST /orgs/{org}/adjust":             (*Admin).adjust,
 	"POST /orgs/{org}/holds":              (*Admin).createHold,
 	"GET /orgs/{org}/holds":               (*Admin).holds,
 	"POST /orgs/{org}/holds/{id}/capture": (*Admin).captureHold,
@@ -218,6 +220,51 @@ func (a *Admin) events(w http.ResponseWriter, r *http.Request) error {
 	return writeJSON(w, r, http.StatusOK, map[string][]meter.Event{"events": events})
 }
 
+// usageDays is how many days GET .../usage answers without a from: the
+// last 30, today's included.
+const usageDays = 30
+
+// usage answers the org's usage per feature per UTC day, from..to (both
+// YYYY-MM-DD, included; to defaults to today, from to 29 days before to):
+// {"org": ..., "days": [{"date": ..., "used": {...}}, ...]}, every day of
+// the range, in order.
+func (a *Admin) usage(w http.ResponseWriter, r *http.Request) error {
+	org, err := orgParam(r)
+	if err != nil {
+		return writeProblem(w, r, policy.Invalid(err))
+	}
+	q := r.URL.Query()
+	to := time.Now().UTC()
+	if s := q.Get("to"); s != "" {
+		if to, err = parseDate("to", s); err != nil {
+			return writeProblem(w, r, policy.Invalid(err))
+		}
+	}
+	from := to.AddDate(0, 0, -(usageDays - 1))
+	if s := q.Get("from"); s != "" {
+		if from, err = parseDate("from", s); err != nil {
+			return writeProblem(w, r, policy.Invalid(err))
+		}
+	}
+	days, err := a.app.ledger.Usage(r.Context(), org, from, to)
+	if err != nil {
+		return a.fail(w, r, org, "usage", err)
+	}
+	return writeJSON(w, r, http.StatusOK, struct {
+		Org  string           `json:"org"`
+		Days []meter.DayUsage `json:"days"`
+	}{org, days})
+}
+
+// parseDate reads a query's YYYY-MM-DD.
+func parseDate(field, s string) (time.Time, error) {
+	t, err := time.Parse(time.DateOnly, s)
+	if err != nil {
+		return time.Time{}, &policy.InputError{Field: field, Value: s, Reason: "must be a date, YYYY-MM-DD"}
+	}
+	return t, nil
+}
+
 // orgs answers a page of the orgs Redis holds, in order:
 // {"orgs": [{"org": ..., "balance": n}, ...], "next": "<org or empty>"}.
 func (a *Admin) orgs(w http.ResponseWriter, r *http.Request) error {
@@ -307,6 +354,45 @@ func (a *Admin) topUp(w http.ResponseWriter, r *http.Request) error {
 	}
 	a.logger.Info("top-up", zap.String("org", org), zap.Int64("amount", *body.Amount),
 		zap.String("reference", ref), zap.Bool("applied", applied))
+	if !applied {
+		w.Header().Set(headerReplayed, "true")
+	}
+	return writeJSON(w, r, http.StatusOK, acct)
+}
+
+// adjust applies an operator's correction: {"amount": n (not 0), "reason":
+// "...", "reference": "..."}. A reference (or the call's Idempotency-Key) is
+// required, so that a retry after an unknown outcome applies it once.
+func (a *Admin) adjust(w http.ResponseWriter, r *http.Request) error {
+	org, err := orgParam(r)
+	if err != nil {
+		return writeProblem(w, r, policy.Invalid(err))
+	}
+	var body struct {
+		Amount    *int64 `json:"amount"`
+		Reason    string `json:"reason"`
+		Reference string `json:"reference"`
+	}
+	if err := decodeBody(w, r, &body); err != nil {
+		return writeProblem(w, r, policy.Invalid(err))
+	}
+	if body.Amount == nil {
+		return writeProblem(w, r, policy.Invalid(errors.New("amount is required")))
+	}
+	ref, err := reference(r, body.Reference)
+	if err != nil {
+		return writeProblem(w, r, policy.Invalid(err))
+	}
+	if ref == "" {
+		return writeProblem(w, r, policy.Invalid(errors.New("reference (or an Idempotency-Key) is required: it makes a retry apply the adjustment once")))
+	}
+	acct, applied, err := a.app.ledger.Adjust(context.WithoutCancel(r.Context()), org, *body.Amount, body.Reason, ref)
+	if err != nil {
+		return a.fail(w, r, org, "adjust", err)
+	}
+	a.app.observe(org, acct.Balance)
+	a.logger.Info("adjustment", zap.String("org", org), zap.Int64("amount", *body.Amount),
+		zap.String("reason", body.Reason), zap.String("reference", ref), zap.Bool("applied", applied))
 	if !applied {
 		w.Header().Set(headerReplayed, "true")
 	}
@@ -454,6 +540,7 @@ func (a *Admin) captureHold(w http.ResponseWriter, r *http.Request) error {
 	if repeat {
 		w.Header().Set(headerReplayed, "true")
 	}
+	a.app.observe(org, acct.Balance)
 	return writeJSON(w, r, http.StatusOK, endedAnswer{Account: acct, Hold: hold})
 }
 

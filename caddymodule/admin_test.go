@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/creditsgw/caddy-credits/internal/redistest"
 	"github.com/creditsgw/caddy-credits/policy"
@@ -330,5 +331,117 @@ func TestAdminOrgs(t *testing.T) {
 				t.Fatalf("bad pages changed the ledger:\n%s\n%s", before, after)
 			}
 		})
+	}
+}
+
+// TestAdminUsageAndAdjust reads the usage per day that real calls left,
+// against what the upstream served, and corrects a balance through a real
+// Caddy and a real redis-server.
+func TestAdminUsageAndAdjust(t *testing.T) {
+	g := startGateway(t, gatewayOptions{})
+	g.topUp("acme", 100)
+	for range 4 {
+		wantStatus(t, g.call("/rich-text/generate", "acme"), http.StatusOK)
+	}
+	for range 2 {
+		wantStatus(t, g.call("/image-studio/resize", "acme"), http.StatusOK)
+	}
+	// A call the upstream never answers is refunded: it counts nowhere.
+	wantStatus(t, g.call("/dead/x", "acme"), http.StatusBadGateway)
+
+	today := time.Now().UTC().Format(time.DateOnly)
+	type usageAnswer struct {
+		Org  string `json:"org"`
+		Days []struct {
+			Date string           `json:"date"`
+			Used map[string]int64 `json:"used"`
+		} `json:"days"`
+	}
+	read := func(query string) usageAnswer {
+		t.Helper()
+		r := g.admin(http.MethodGet, "/orgs/acme/usage"+query, "")
+		wantStatus(t, r, http.StatusOK)
+		var u usageAnswer
+		if err := json.Unmarshal(r.body, &u); err != nil {
+			t.Fatalf("%s: %v", r.body, err)
+		}
+		return u
+	}
+	// What the upstream served, at each route's cost, is today's usage
+	// (leased calls reach the ledger at the lease's next sync).
+	g.upstream.mu.Lock()
+	want := map[string]int64{"rich-text": g.upstream.byOrg["acme rich-text"], "image-studio": 2 * g.upstream.byOrg["acme image-studio"]}
+	g.upstream.mu.Unlock()
+	if want["rich-text"] != 4 || want["image-studio"] != 4 {
+		t.Fatalf("the upstream served %v", want)
+	}
+	awaitCondition(t, "today's usage", func() bool {
+		u := read("")
+		d := u.Days[len(u.Days)-1]
+		return len(u.Days) == 30 && d.Date == today && len(d.Used) == 2 &&
+			d.Used["rich-text"] == want["rich-text"] && d.Used["image-studio"] == want["image-studio"]
+	})
+	if u := read("?from=" + today + "&to=" + today); u.Org != "acme" || len(u.Days) != 1 || u.Days[0].Used["rich-text"] != 4 {
+		t.Fatalf("today alone: %+v", u)
+	}
+	if u := read("?from=2026-01-01&to=2026-01-03"); len(u.Days) != 3 || u.Days[0].Date != "2026-01-01" || len(u.Days[0].Used) != 0 {
+		t.Fatalf("days without usage: %+v", u)
+	}
+
+	before := g.ledgerState("acme")
+	balance := g.balance("acme")
+	for _, c := range []struct {
+		method, path, body string
+		status             int
+	}{
+		{http.MethodGet, "/orgs/acme/usage?from=2026-13-01", "", 400},
+		{http.MethodGet, "/orgs/acme/usage?to=yesterday", "", 400},
+		{http.MethodGet, "/orgs/acme/usage?from=2026-02-02&to=2026-02-01", "", 400},
+		{http.MethodGet, "/orgs/acme/usage?from=2024-01-01&to=2026-01-01", "", 400},
+		{http.MethodGet, "/orgs/no%20such/usage", "", 400},
+		{http.MethodGet, "/orgs/nobody/usage", "", 404},
+		{http.MethodPost, "/orgs/acme/usage", "", 405},
+		{http.MethodPost, "/orgs/acme/adjust", `{"amount": -2, "reason": "double charge"}`, 400},
+		{http.MethodPost, "/orgs/acme/adjust", `{"amount": 0, "reason": "x", "reference": "c1"}`, 400},
+		{http.MethodPost, "/orgs/acme/adjust", `{"amount": 1000000000001, "reason": "x", "reference": "c1"}`, 400},
+		{http.MethodPost, "/orgs/acme/adjust", `{"amount": 2, "reference": "c1"}`, 400},
+		{http.MethodPost, "/orgs/acme/adjust", `{"amount": 2, "reason": "a\nb", "reference": "c1"}`, 400},
+		{http.MethodPost, "/orgs/acme/adjust", `{"amount": 2, "reason": "x", "reference": "c1", "note": 1}`, 400},
+		{http.MethodPost, "/orgs/acme/adjust", `{"amount": 2.5, "reason": "x", "reference": "c1"}`, 400},
+		{http.MethodGet, "/orgs/acme/adjust", "", 405},
+	} {
+		r := g.admin(c.method, c.path, c.body)
+		if r.status != c.status {
+			t.Fatalf("%s %s %s: %d, want %d; %s", c.method, c.path, c.body, r.status, c.status, r.body)
+		}
+		r.problem(t)
+	}
+	if after := g.ledgerState("acme"); after != before {
+		t.Fatalf("refused calls changed the ledger:\n%s\n%s", before, after)
+	}
+
+	r := g.admin(http.MethodPost, "/orgs/acme/adjust", `{"amount": -12, "reason": "charged twice by the old system", "reference": "case-7"}`)
+	wantStatus(t, r, http.StatusOK)
+	if a := decodeObject(t, r); a["balance"] != float64(balance-12) {
+		t.Fatalf("after the adjustment %v, want balance %d", a, balance-12)
+	}
+	r = g.admin(http.MethodPost, "/orgs/acme/adjust", `{"amount": -12, "reason": "charged twice by the old system", "reference": "case-7"}`)
+	wantStatus(t, r, http.StatusOK)
+	if a := decodeObject(t, r); a["balance"] != float64(balance-12) || r.header.Get("Idempotent-Replayed") != "true" {
+		t.Fatalf("a repeated reference applied again: %v %v", a, r.header)
+	}
+	r = g.adminWith(http.MethodPost, "/orgs/acme/adjust", `{"amount": 20, "reason": "goodwill"}`, map[string]string{"Idempotency-Key": "case-8"})
+	wantStatus(t, r, http.StatusOK)
+	if g.balance("acme") != balance+8 {
+		t.Fatalf("balance %d after both adjustments, want %d", g.balance("acme"), balance+8)
+	}
+	ev := g.events("acme")
+	if ev[0]["kind"] != "adjust" || ev[0]["delta"] != float64(20) || ev[0]["reason"] != "goodwill" || ev[0]["ref"] != "case-8" ||
+		ev[1]["kind"] != "adjust" || ev[1]["delta"] != float64(-12) || ev[1]["reason"] != "charged twice by the old system" {
+		t.Fatalf("events %v", ev[:2])
+	}
+	// Adjustments are no usage.
+	if u := read("?from=" + today + "&to=" + today); len(u.Days[0].Used) != 2 || u.Days[0].Used["rich-text"] != 4 {
+		t.Fatalf("usage after adjustments: %+v", u)
 	}
 }

@@ -74,7 +74,11 @@ type App struct {
 	// without an upstream call); default 1 MiB, at most 16 MiB; 0 keeps none
 	// (a retry of a completed call is then answered 409).
 	IdempotencyStore *int64 `json:"idempotency_store,omitempty"`
+	// Alerts, when set, sends a signed webhook when an org's balance falls
+	// below a threshold or reaches zero.
+	Alerts *Alerts `json:"alerts,omitempty"`
 
+	notifier  *notifier
 	ledger    *meter.Ledger
 	leaser    *meter.Leaser
 	keepLimit int64
@@ -179,6 +183,12 @@ func (a *App) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
+	if a.Alerts != nil {
+		a.notifier = newNotifier(a.Alerts, a.ledger, a.logger.Named("alerts"))
+		if len(a.notifier.secret) == 0 {
+			return errors.New("credits: alerts: the secret is empty once its placeholders are replaced")
+		}
+	}
 	if lease := a.lease(); lease > 0 {
 		ledger, store := a.ledger, a.store
 		a.leaser = meter.NewLeaser(a.ledger, meter.LeaseConfig{
@@ -228,11 +238,27 @@ func (a *App) Validate() error {
 	if a.Backlog < 0 || a.Backlog > maxBacklog {
 		return fmt.Errorf("credits: backlog %d: must be 1 to %d", a.Backlog, maxBacklog)
 	}
+	if a.Alerts != nil {
+		if err := a.Alerts.validate(); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
-// Start warns about store settings that can lose credits.
+// observe tells the balance alerts, if any, the balance a call saw.
+func (a *App) observe(org string, balance int64) {
+	if a.notifier != nil {
+		a.notifier.observe(org, balance)
+	}
+}
+
+// Start starts the balance alerts, and warns about store settings that can
+// lose credits.
 func (a *App) Start() error {
+	if a.notifier != nil {
+		a.notifier.start()
+	}
 	if a.store.embedded != nil {
 		a.logger.Warn("credits are kept in the embedded store, in this process only: balances are lost on restart; set redis or redis_cluster for production")
 		return nil
@@ -241,9 +267,15 @@ func (a *App) Start() error {
 	return nil
 }
 
-// Stop does nothing: the store outlives a config reload, and Cleanup lets
-// it go with the last config that uses it.
-func (a *App) Stop() error { return nil }
+// Stop stops the balance alerts (an alert not yet delivered stays pending
+// in Redis for the next config's sweep). The store outlives a config
+// reload, and Cleanup lets it go with the last config that uses it.
+func (a *App) Stop() error {
+	if a.notifier != nil {
+		a.notifier.stop()
+	}
+	return nil
+}
 
 // Cleanup releases this config's use of the store. Caddy calls it after a
 // failed Provision too, so every field may be unset.

@@ -84,10 +84,19 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	}
 	seen := make(map[string]bool)
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		sub := d.Val()
+		if sub == "alerts" && !seen[sub] {
+			seen[sub] = true
+			al, err := parseAlerts(d)
+			if err != nil {
+				return err
+			}
+			a.Alerts = al
+			continue
+		}
 		if err := noNestedBlock(d, nesting); err != nil {
 			return err
 		}
-		sub := d.Val()
 		if seen[sub] {
 			return d.Errf("%s is given twice", sub)
 		}
@@ -213,6 +222,58 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		}
 	}
 	return nil
+}
+
+// parseAlerts reads the alerts option of the credits global option:
+//
+//	alerts <url> {
+//		secret <secret>
+//		thresholds <n>...
+//	}
+func parseAlerts(d *caddyfile.Dispenser) (*Alerts, error) {
+	args := d.RemainingArgs()
+	if len(args) != 1 {
+		return nil, d.ArgErr()
+	}
+	al := &Alerts{URL: args[0]}
+	seen := make(map[string]bool)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		if err := noNestedBlock(d, nesting); err != nil {
+			return nil, err
+		}
+		sub := d.Val()
+		if seen[sub] {
+			return nil, d.Errf("alerts: %s is given twice", sub)
+		}
+		seen[sub] = true
+		switch sub {
+		case "secret":
+			v, err := singleArg(d)
+			if err != nil {
+				return nil, err
+			}
+			al.Secret = v
+		case "thresholds":
+			vals := d.RemainingArgs()
+			if len(vals) == 0 {
+				return nil, d.ArgErr()
+			}
+			for _, v := range vals {
+				n, err := parseInt("threshold", v, 1, meter.MaxAmount)
+				if err != nil {
+					return nil, d.WrapErr(err)
+				}
+				al.Thresholds = append(al.Thresholds, n)
+			}
+		default:
+			return nil, d.Errf("alerts: unrecognized subdirective '%s'", sub)
+		}
+	}
+	if err := al.validate(); err != nil {
+		// The message never quotes the secret.
+		return nil, d.WrapErr(err)
+	}
+	return al, nil
 }
 
 // parseCredits sets up the credits handler.

@@ -68,6 +68,7 @@ func TestCaddyfileAdapt(t *testing.T) {
 			// The modules must accept what the adapter wrote: their
 			// Provision and Validate agree with the Caddyfile parser.
 			t.Setenv("CREDITS_ADMIN_TOKEN", "golden-test-token")
+			t.Setenv("CREDITS_ALERTS_SECRET", "golden-test-secret")
 			var cfg caddy.Config
 			if err := json.Unmarshal(want, &cfg); err != nil {
 				t.Fatalf("%s: %v", goldenPath, err)
@@ -178,6 +179,13 @@ func TestCaddyfileParseErrors(t *testing.T) {
 		{"lease 0", inGlobal("lease 0"), `invalid lease "0": must be off or an integer from 1 to 1000000`, "Caddyfile:3", ""},
 		{"lease twice", inGlobal("lease 5\n\t\tlease 6"), `lease is given twice`, "Caddyfile:4", ""},
 		{"global nested block", inGlobal("redis redis://localhost:6379 {", "db 2", "}"), "unexpected '{'", "Caddyfile:3", ""},
+		{"alerts without a URL", inGlobal("alerts {", "secret hush-hush", "}"), "wrong argument count", "Caddyfile:3", ""},
+		{"alerts URL not http", inGlobal("alerts ftp://hooks.example {", "secret hush-hush", "}"), `alerts url "ftp://hooks.example": must be an absolute http or https URL`, "Caddyfile:5", "hush-hush"},
+		{"alerts without a secret", inGlobal("alerts https://hooks.example {", "thresholds 10", "}"), "alerts: a secret is required", "Caddyfile:5", ""},
+		{"alerts threshold 0", inGlobal("alerts https://hooks.example {", "secret hush-hush", "thresholds 10 0", "}"), `invalid threshold "0": must be an integer from 1 to 1000000000000`, "Caddyfile:5", "hush-hush"},
+		{"alerts threshold twice", inGlobal("alerts https://hooks.example {", "secret hush-hush", "thresholds 10 10", "}"), "alerts threshold 10 is given twice", "Caddyfile:6", "hush-hush"},
+		{"alerts unknown setting", inGlobal("alerts https://hooks.example {", "secret hush-hush", "retries 3", "}"), "alerts: unrecognized subdirective 'retries'", "Caddyfile:5", "hush-hush"},
+		{"alerts twice", inGlobal("alerts https://a.example {", "secret s", "}", "alerts https://b.example {", "secret s", "}"), "alerts is given twice", "Caddyfile:6", ""},
 		{"argument on the global option", "{\n\tcredits extra\n}\n\n:8080 {\n\trespond ok\n}\n", "wrong argument count", "Caddyfile:2", ""},
 		{"global option twice", "{\n\tcredits {\n\t\tkey_prefix a\n\t}\n\tcredits {\n\t\ttimeout 1s\n\t}\n}\n\n:8080 {\n\trespond ok\n}\n", "the credits global option is given twice", "Caddyfile:5", ""},
 	} {

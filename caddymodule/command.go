@@ -36,25 +36,28 @@ const maxAdminAnswer = 16 << 20
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "credits",
-		Usage: "show|plan|topup|recharge|events|holds <org> [<args>] | orgs",
+		Usage: "show|plan|topup|adjust|recharge|events|usage|holds <org> [<args>] | orgs",
 		Short: "Reads and changes orgs' credits through a credits_admin endpoint",
 		Long: `
 Calls the admin API that the credits_admin handler serves, and prints the
-answer: an org's account, its events or its holds, or a page of the orgs.
+answer: an org's account, its events, its usage per day or its holds, or a
+page of the orgs.
 
   caddy credits show <org>
   caddy credits plan <org> <allowance> [<recharge_month>]
   caddy credits topup <org> <amount> [--reference <ref>]
+  caddy credits adjust <org> <amount> --reason <text> [--reference <ref>]
   caddy credits recharge <org>
   caddy credits events <org> [--limit <n>]
+  caddy credits usage <org> [--from <YYYY-MM-DD>] [--to <YYYY-MM-DD>]
   caddy credits holds <org>
   caddy credits holds <org> create <amount> --feature <f> [--ttl 15m] [--reference <ref>]
   caddy credits holds <org> capture <hold> <amount>
   caddy credits holds <org> release <hold>
   caddy credits orgs [--after <org>] [--limit <n>]
 
-Arguments are checked against the API's ranges before any call. A top-up or
-a new hold without --reference gets a random one. A call that gets no
+Arguments are checked against the API's ranges before any call. A top-up,
+an adjustment or a new hold without --reference gets a random one. A call that gets no
 answer, or a 502, 503 or 504, is sent again, the same (four times in all at
 most, within --timeout); a reference, or the hold's id, makes the retry
 apply once. A plan or a recharge is never sent again. When the outcome stays
@@ -83,6 +86,13 @@ the --: caddy credits topup acme --token ... -- -5.
 
 			topUp := creditsCommand("topup <org> <amount> [--reference <ref>]", "Adds purchased credits; a reference is applied once", 2, 2, cmdCreditsTopUp)
 			topUp.Flags().String("reference", "", "Reference of the payment; a repeat is not applied again (default: a random one)")
+			adjust := creditsCommand("adjust <org> <amount> --reason <text> [--reference <ref>]",
+				"Corrects an org's credits: a positive amount adds purchased credits, a negative one takes credits", 2, 2, cmdCreditsAdjust)
+			adjust.Flags().String("reason", "", "Why the correction is made; kept in its event (required)")
+			adjust.Flags().String("reference", "", "Reference of the correction; a repeat is not applied again (default: a random one)")
+			usage := creditsCommand("usage <org> [--from <YYYY-MM-DD>] [--to <YYYY-MM-DD>]", "Lists an org's usage per feature per UTC day", 1, 1, cmdCreditsUsage)
+			usage.Flags().String("from", "", "First day (default: 29 days before --to)")
+			usage.Flags().String("to", "", "Last day (default: today, UTC)")
 			events := creditsCommand("events <org> [--limit <n>]", "Lists an org's events, newest first", 1, 1, cmdCreditsEvents)
 			events.Flags().Int("limit", 0, "How many events to list, 1 to 1000 (default: the API's, 50)")
 			holds := creditsCommand(holdsUsage, "Lists an org's holds, or creates, captures or releases one", 1, 4, cmdCreditsHolds)
@@ -97,8 +107,10 @@ the --: caddy credits topup acme --token ... -- -5.
 				creditsCommand("show <org>", "Shows an org's account", 1, 1, cmdCreditsShow),
 				creditsCommand("plan <org> <allowance> [<recharge_month>]", "Sets an org's plan; the month defaults to 1", 2, 3, cmdCreditsPlan),
 				topUp,
+				adjust,
 				creditsCommand("recharge <org>", "Starts a new period for an org now", 1, 1, cmdCreditsRecharge),
 				events,
+				usage,
 				holds,
 			)
 		},
@@ -172,6 +184,54 @@ func cmdCreditsTopUp(fl caddycmd.Flags) (int, error) {
 		body:  map[string]any{"amount": amount, "reference": ref},
 		retry: true, again: "run the same command with --reference " + ref + ": it applies once",
 	}, printAccount)
+}
+
+func cmdCreditsAdjust(fl caddycmd.Flags) (int, error) {
+	amount, err := rangeArg(fl, 1, "amount", -meter.MaxAmount, meter.MaxAmount)
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	if amount == 0 {
+		return caddy.ExitCodeFailedStartup, &policy.InputError{Field: "amount", Value: "0", Reason: "must not be 0"}
+	}
+	reason := fl.String("reason")
+	if err := meter.ValidateReason(reason); err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	ref, err := referenceFlag(fl)
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	return callAdmin(fl, cliCall{
+		method: http.MethodPost, path: []string{"orgs", fl.Arg(0), "adjust"},
+		body:  map[string]any{"amount": amount, "reason": reason, "reference": ref},
+		retry: true, again: "run the same command with --reference " + ref + ": it applies once",
+	}, printAccount)
+}
+
+func cmdCreditsUsage(fl caddycmd.Flags) (int, error) {
+	query := url.Values{}
+	var dates [2]time.Time
+	for i, name := range []string{"from", "to"} {
+		if s := fl.String(name); s != "" {
+			t, err := parseDate(name, s)
+			if err != nil {
+				return caddy.ExitCodeFailedStartup, err
+			}
+			dates[i] = t
+			query.Set(name, s)
+		}
+	}
+	if !dates[0].IsZero() && !dates[1].IsZero() {
+		if dates[1].Before(dates[0]) {
+			return caddy.ExitCodeFailedStartup, &policy.InputError{Field: "to", Value: fl.String("to"), Reason: "must not be before --from"}
+		}
+		if dates[1].Sub(dates[0]) >= meter.MaxUsageDays*24*time.Hour {
+			return caddy.ExitCodeFailedStartup, &policy.InputError{Field: "to", Value: fl.String("to"),
+				Reason: fmt.Sprintf("must be at most %d days after --from", meter.MaxUsageDays-1)}
+		}
+	}
+	return callAdmin(fl, cliCall{method: http.MethodGet, path: []string{"orgs", fl.Arg(0), "usage"}, query: query, retry: true}, printUsage)
 }
 
 func cmdCreditsRecharge(fl caddycmd.Flags) (int, error) {
@@ -623,6 +683,39 @@ func printEvents(w io.Writer, data []byte) error {
 	for _, e := range answer.Events {
 		fmt.Fprintf(tw, "%s\t%s\t%+d\tbalance %d\t%s\t%s\n",
 			e.Time.UTC().Format(time.RFC3339), e.Kind, e.Delta, e.Balance, e.Feature, e.Ref)
+	}
+	return tw.Flush()
+}
+
+// printUsage prints one aligned line per day with usage: the date, the
+// day's total and each feature's credits.
+func printUsage(w io.Writer, data []byte) error {
+	var answer struct {
+		Days []meter.DayUsage `json:"days"`
+	}
+	if err := json.Unmarshal(data, &answer); err != nil {
+		return fmt.Errorf("not a list of days: %v", err)
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	any := false
+	for _, d := range answer.Days {
+		if len(d.Used) == 0 {
+			continue
+		}
+		any = true
+		var total int64
+		for _, n := range d.Used {
+			total += n
+		}
+		fmt.Fprintf(tw, "%s\t%d", d.Date, total)
+		for _, f := range slices.Sorted(maps.Keys(d.Used)) {
+			fmt.Fprintf(tw, "\t%s %d", f, d.Used[f])
+		}
+		fmt.Fprintln(tw)
+	}
+	if !any {
+		_, err := fmt.Fprintf(w, "no usage from %s to %s\n", answer.Days[0].Date, answer.Days[len(answer.Days)-1].Date)
+		return err
 	}
 	return tw.Flush()
 }

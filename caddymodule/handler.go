@@ -71,6 +71,7 @@ type Handler struct {
 	org       placeholder
 	costValue placeholder
 	logger    *zap.Logger
+	usageLog  *zap.Logger
 	outcomes  [policy.NumOutcomes]prometheus.Counter
 	charged   prometheus.Counter
 }
@@ -113,6 +114,23 @@ func headerValue(h http.Header, name string) string {
 // count counts a call's outcome.
 func (h *Handler) count(o policy.Outcome) { h.outcomes[o].Inc() }
 
+// UsageLogger is the name of the usage log's logger: one line per metered
+// call, at debug level, so that only a log that includes it pays for it.
+const UsageLogger = "http.handlers.credits.usage"
+
+// logUsage writes a metered call's line of the usage log: the org, the
+// feature, the route's cost, the credits charged, the request id (for a
+// call paid by a charge), how it was paid and its outcome.
+func (h *Handler) logUsage(o policy.Outcome, org string, cost, charged int64, requestID, paid string) {
+	ce := h.usageLog.Check(zap.DebugLevel, "metered call")
+	if ce == nil {
+		return
+	}
+	ce.Write(zap.String("org", org), zap.String("feature", h.Feature), zap.Int64("cost", cost),
+		zap.Int64("charged", charged), zap.String("request_id", requestID), zap.String("paid", paid),
+		zap.String("outcome", o.String()))
+}
+
 // CaddyModule returns the Caddy module information.
 func (Handler) CaddyModule() caddy.ModuleInfo {
 	return caddy.ModuleInfo{
@@ -124,6 +142,7 @@ func (Handler) CaddyModule() caddy.ModuleInfo {
 // Provision checks the route's settings and finds the credits app.
 func (h *Handler) Provision(ctx caddy.Context) error {
 	h.logger = ctx.Logger()
+	h.usageLog = h.logger.Named("usage")
 	app, err := appFrom(ctx)
 	if err != nil {
 		return err
@@ -296,6 +315,7 @@ func (h *Handler) pay(r *http.Request, c call, into *payments) (payment, answer)
 	}
 	d := policy.Decide(h.route, c.org, policy.Answer{Charged: res.Charged, Balance: res.Balance, Cost: c.cost})
 	if !d.Forward {
+		h.app.observe(c.org, res.Balance)
 		return nil, func(w http.ResponseWriter, r *http.Request) error {
 			setCreditsHeaders(w.Header(), d, nil)
 			return h.refuse(w, r, d.Outcome, d.Problem)
@@ -369,6 +389,7 @@ func (h *Handler) replay(res meter.ChargeResult) answer {
 			return h.refuse(w, r, policy.Replayed, policy.KeyNotKept())
 		}
 		h.count(policy.Replayed)
+		h.logUsage(policy.Replayed, h.org.value(r), res.Cost, 0, res.RequestID, "replay")
 		hdr := w.Header()
 		for k, v := range kept.header {
 			hdr[k] = v
@@ -387,6 +408,14 @@ func (h *Handler) replay(res meter.ChargeResult) answer {
 // refuse answers a call the gateway does not forward.
 func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, o policy.Outcome, p *policy.Problem) error {
 	h.count(o)
+	if o != policy.BadInput && o != policy.Unauthenticated {
+		// A call without a valid org or cost is no metered call.
+		cost := h.route.Cost
+		if p.Cost != nil {
+			cost = *p.Cost
+		}
+		h.logUsage(o, h.org.value(r), cost, 0, "", "refused")
+	}
 	if p.Feature == "" && p.Status != http.StatusUnauthorized && p.Status != http.StatusBadRequest {
 		p.Feature = h.Feature
 	}

@@ -23,6 +23,9 @@ type payment interface {
 	// the response to keep for the retries of a call with an
 	// Idempotency-Key, nil when it was too large or did not complete.
 	completed(kept []byte)
+	// how is how the call was paid, for the usage log: its request id
+	// with the ledger ("" for a leased call) and charge, lease or deferred.
+	how() (requestID, kind string)
 }
 
 // payments holds one payment of each kind, for a call to use one of.
@@ -43,6 +46,8 @@ type chargedPayment struct {
 }
 
 func (p *chargedPayment) paid() (int64, bool) { return p.balance, true }
+
+func (p *chargedPayment) how() (string, string) { return p.requestID, "charge" }
 
 func (p *chargedPayment) settle(actual int64, refund bool) (int64, bool) {
 	if actual == p.cost && !refund {
@@ -99,6 +104,8 @@ type leasedPayment struct {
 
 func (p *leasedPayment) paid() (int64, bool) { return p.balance, true }
 
+func (p *leasedPayment) how() (string, string) { return "", "lease" }
+
 func (p *leasedPayment) settle(actual int64, refund bool) (int64, bool) {
 	if refund {
 		actual = 0
@@ -119,6 +126,8 @@ type deferredPayment struct {
 }
 
 func (p *deferredPayment) paid() (int64, bool) { return 0, false }
+
+func (p *deferredPayment) how() (string, string) { return p.charge.RequestID, "deferred" }
 
 func (p *deferredPayment) settle(actual int64, refund bool) (int64, bool) {
 	if refund {

@@ -32,6 +32,8 @@ type creditsWriter struct {
 	settled  bool // the final status was seen
 	late     bool // the usage comes in a trailer: settled after the body
 	refunded bool
+	outcome  policy.Outcome // set when the call was accounted for
+	counted  bool
 	status   int
 	actual   int64
 
@@ -65,9 +67,11 @@ func (cw *creditsWriter) serve(next caddyhttp.Handler, r *http.Request) (err err
 				// going away, or by the upstream.
 				cw.abort(cw.writeErr != nil || r.Context().Err() != nil)
 			}
+			cw.logUsage()
 			panic(p)
 		}
 		cw.finish(err)
+		cw.logUsage()
 	}()
 	return next.ServeHTTP(cw, r)
 }
@@ -132,16 +136,31 @@ func (cw *creditsWriter) account(balance int64, known bool) {
 	d := h.decide(cw.c.org, balance, cw.actual)
 	switch {
 	case cw.refunded:
-		h.count(policy.Refunded)
+		cw.outcome = policy.Refunded
 	case !known:
-		h.count(policy.Unmetered)
+		cw.outcome = policy.Unmetered
 	default:
-		h.count(d.Outcome)
+		cw.outcome = d.Outcome
+	}
+	h.count(cw.outcome)
+	cw.counted = true
+	if known {
+		h.app.observe(cw.c.org, balance)
 	}
 	h.charged.Add(float64(cw.actual))
 	if known {
 		setCreditsHeaders(cw.Header(), d, &cw.vals)
 	}
+}
+
+// logUsage writes the call's line of the usage log, once it is accounted
+// for (what an undeclared trailer changed after that included).
+func (cw *creditsWriter) logUsage() {
+	if !cw.counted {
+		return
+	}
+	id, how := cw.pay.how()
+	cw.h.logUsage(cw.outcome, cw.c.org, cw.c.cost, cw.actual, id, how)
 }
 
 // usage reads the upstream's Credits-Usage, or, when it is invalid, logs

@@ -53,8 +53,8 @@ type Event struct {
 	ID string `json:"id"`
 	// Time is when the change happened, on the ledger's clock.
 	Time time.Time `json:"time"`
-	// Kind is grant, charge, settle, refund, topup, recharge, plan, hold,
-	// capture, release or expire.
+	// Kind is grant, charge, settle, refund, topup, adjust, void, recharge,
+	// plan, hold, capture, release or expire.
 	Kind string `json:"kind"`
 	// Delta is the change to the balance.
 	Delta int64 `json:"delta"`
@@ -64,6 +64,8 @@ type Event struct {
 	Feature string `json:"feature,omitempty"`
 	// Ref is the request id, top-up reference or plan of the change.
 	Ref string `json:"ref,omitempty"`
+	// Reason is an adjustment's reason.
+	Reason string `json:"reason,omitempty"`
 }
 
 // monthIndex numbers months from year 0: year*12 + month - 1.

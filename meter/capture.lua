@@ -1,4 +1,4 @@
--- KEYS: account, events, holds. ARGV[7] hold id, ARGV[8] credits to charge.
+-- KEYS: account, events, holds. ARGV[8] hold id, ARGV[9] credits to charge.
 --
 -- Charges the credits from the hold and releases the rest; usage above the
 -- hold is charged from the available balance, into debt if it must (the
@@ -10,8 +10,8 @@
 local bad = check_types({'hash', 'list', 'hash'})
 if bad then return bad end
 local account_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3]
-local id = ARGV[7]
-local amount = tonumber(ARGV[8])
+local id = ARGV[8]
+local amount = tonumber(ARGV[9])
 
 local acc, h = find_hold(account_key, holds_key, id)
 if not h then

@@ -1,8 +1,8 @@
--- KEYS: account, request marker, events, holds, the request's kept
--- response (the marker again for a call without a binding). ARGV[7] feature, ARGV[8] cost, ARGV[9] 1 for overdraft,
--- ARGV[10] overdraft limit (-1: none), ARGV[11] request id, ARGV[12] marker
--- lifetime in seconds, ARGV[13] attempt id, ARGV[14] the call's binding
--- ('-' for none), ARGV[15] how long, in seconds, a call with a binding may
+-- KEYS: account, request marker, call log, holds, the request's kept
+-- response (the marker again for a call without a binding). ARGV[8] feature, ARGV[9] cost, ARGV[10] 1 for overdraft,
+-- ARGV[11] overdraft limit (-1: none), ARGV[12] request id, ARGV[13] marker
+-- lifetime in seconds, ARGV[14] attempt id, ARGV[15] the call's binding
+-- ('-' for none), ARGV[16] how long, in seconds, a call with a binding may
 -- stay in flight before its key is free again.
 --
 -- A charge is a hold captured at once: it takes its cost of the available
@@ -26,15 +26,15 @@
 local bad = check_types({[3] = 'list'})
 if bad then return bad end
 local account_key, marker_key, events_key, holds_key, kept_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local feature = ARGV[7]
-local cost = tonumber(ARGV[8])
-local overdraft = ARGV[9] == '1'
-local limit = tonumber(ARGV[10])
-local request_id = ARGV[11]
-local marker_ttl = ARGV[12]
-local attempt = ARGV[13]
-local bind = ARGV[14]
-local in_flight_ttl = ARGV[15]
+local feature = ARGV[8]
+local cost = tonumber(ARGV[9])
+local overdraft = ARGV[10] == '1'
+local limit = tonumber(ARGV[11])
+local request_id = ARGV[12]
+local marker_ttl = ARGV[13]
+local attempt = ARGV[14]
+local bind = ARGV[15]
+local in_flight_ttl = ARGV[16]
 
 local m = parse_marker(redis.call('GET', marker_key))
 if m and m.attempt == attempt then
@@ -74,7 +74,7 @@ end
 local p = take(acc, cost)
 add_used(acc, feature, cost)
 event(acc, 'charge', -cost, feature, request_id)
-commit(account_key, events_key, acc)
+commit(account_key, events_key, acc, true)
 write_holds(holds_key, acc)
 local ttl = marker_ttl
 if bind ~= '-' then ttl = in_flight_ttl end

@@ -215,16 +215,17 @@ func (e *env) setPlan(org string, allowance int64, month int) Account {
 // change went unrecorded.
 func (e *env) checkEvents(org string) []Event {
 	e.t.Helper()
-	items, err := e.rdb.LRange(e.ctx, e.ledger.Keys().Events(org), 0, -1).Result()
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	events := make([]Event, len(items))
-	for i, item := range items {
-		if events[i], err = parseEvent(item); err != nil {
+	var lists [2][]Event
+	for i, key := range []string{e.ledger.Keys().Events(org), e.ledger.Keys().Calls(org)} {
+		items, err := e.rdb.LRange(e.ctx, key, 0, -1).Result()
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		if lists[i], err = parseEvents(items); err != nil {
 			e.t.Fatal(err)
 		}
 	}
+	events := mergeEvents(lists[0], lists[1], len(lists[0])+len(lists[1]))
 	var sum int64
 	for _, ev := range events {
 		sum += ev.Delta

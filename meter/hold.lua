@@ -1,5 +1,5 @@
--- KEYS: account, events, holds. ARGV[7] hold id, ARGV[8] amount, ARGV[9]
--- lifetime in ms, ARGV[10] feature.
+-- KEYS: account, events, holds. ARGV[8] hold id, ARGV[9] amount, ARGV[10]
+-- lifetime in ms, ARGV[11] feature.
 --
 -- Sets amount credits of the available balance aside until the hold is
 -- captured, released or expires (by Redis' clock).
@@ -9,10 +9,10 @@
 local bad = check_types({'hash', 'list', 'hash'})
 if bad then return bad end
 local account_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3]
-local id = ARGV[7]
-local amount = tonumber(ARGV[8])
-local ttl = tonumber(ARGV[9])
-local feature = ARGV[10]
+local id = ARGV[8]
+local amount = tonumber(ARGV[9])
+local ttl = tonumber(ARGV[10])
+local feature = ARGV[11]
 
 local acc = load(account_key, true)
 local fresh = not acc

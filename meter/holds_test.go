@@ -201,12 +201,13 @@ var holdCases = []ledgerCase{
 	{name: "a key of another type stops a script before it writes", cfg: plan10, run: func(e *env) {
 		e.charge("acme", 2)
 		// Data an earlier version left: events in a stream.
-		events := e.ledger.Keys().Events("acme")
-		if err := e.rdb.Del(e.ctx, events).Err(); err != nil {
-			e.t.Fatal(err)
-		}
-		if err := e.rdb.XAdd(e.ctx, &redis.XAddArgs{Stream: events, Values: []string{"k", "v"}}).Err(); err != nil {
-			e.t.Fatal(err)
+		for _, events := range []string{e.ledger.Keys().Events("acme"), e.ledger.Keys().Calls("acme")} {
+			if err := e.rdb.Del(e.ctx, events).Err(); err != nil {
+				e.t.Fatal(err)
+			}
+			if err := e.rdb.XAdd(e.ctx, &redis.XAddArgs{Stream: events, Values: []string{"k", "v"}}).Err(); err != nil {
+				e.t.Fatal(err)
+			}
 		}
 		before := e.dump()
 		calls := map[string]func() error{
@@ -226,6 +227,11 @@ var holdCases = []ledgerCase{
 			},
 		}
 		for name, call := range calls {
+			// A call's script names the call log; the others the events.
+			events := e.ledger.Keys().Events("acme")
+			if name == "charge" || name == "lease" {
+				events = e.ledger.Keys().Calls("acme")
+			}
 			if err := call(); !errors.Is(err, ErrWrongType) || !strings.Contains(err.Error(), events) {
 				e.t.Fatalf("%s: %v, want an error naming %s", name, err, events)
 			}

@@ -1,5 +1,5 @@
--- KEYS: request marker, the request's kept response. ARGV[7] attempt id,
--- ARGV[8] marker lifetime in seconds, ARGV[9] 1 to keep ARGV[10] (the
+-- KEYS: request marker, the request's kept response. ARGV[8] attempt id,
+-- ARGV[9] marker lifetime in seconds, ARGV[10] 1 to keep ARGV[11] (the
 -- response, as the gateway wrote it), 0 when it was too large to keep.
 --
 -- Marks a call with an Idempotency-Key done, once its response has gone
@@ -11,8 +11,8 @@
 local bad = check_types({'string', 'string'})
 if bad then return bad end
 local marker_key, kept_key = KEYS[1], KEYS[2]
-local attempt = ARGV[7]
-local marker_ttl = ARGV[8]
+local attempt = ARGV[8]
+local marker_ttl = ARGV[9]
 
 local m = parse_marker(redis.call('GET', marker_key))
 if not m or m.attempt ~= attempt or marker_free(m) then
@@ -23,7 +23,7 @@ if m.state == 'd' then
 end
 m.state = 'd'
 write_marker(marker_key, m, marker_ttl)
-if ARGV[9] == '1' then
-  redis.call('SET', kept_key, ARGV[10], 'EX', marker_ttl)
+if ARGV[10] == '1' then
+  redis.call('SET', kept_key, ARGV[11], 'EX', marker_ttl)
 end
 return {OK}

@@ -48,8 +48,15 @@ func (k Keys) key(org, kind string) string {
 // Account is the hash holding the org's plan, balances and usage.
 func (k Keys) Account(org string) string { return k.key(org, "a") }
 
-// Events is the org's capped event list, newest first.
+// Events is the org's capped list of account events, newest first: what
+// operators and recharges change. It is kept.
 func (k Keys) Events(org string) string { return k.key(org, "e") }
+
+// Calls is the org's capped list of call events, newest first: what calls,
+// their settles and refunds, and gateways' leases change. It expires a
+// marker's lifetime after the org's last call; the usage per day stays in
+// the account.
+func (k Keys) Calls(org string) string { return k.key(org, "c") }
 
 // TopUps is the sorted set of top-up references applied to the org, each
 // scored by when it may be forgotten.
@@ -66,3 +73,7 @@ func (k Keys) Kept(org, requestID string) string { return k.key(org, "k:"+reques
 // a call with a key has completed), that makes a repeated charge or settle
 // with the same request id a no-op.
 func (k Keys) Request(org, requestID string) string { return k.key(org, "r:"+requestID) }
+
+// Alerts is the hash of the org's balance alerts: the balance at the last
+// check, and the alerts recorded and not yet delivered.
+func (k Keys) Alerts(org string) string { return k.key(org, "w") }

@@ -75,7 +75,7 @@ func (l *Ledger) SyncLease(ctx context.Context, s LeaseSync) (LeaseState, error)
 	for _, f := range features {
 		args = append(args, f, s.Spent[f])
 	}
-	keys := []string{l.keys.Account(s.Org), l.keys.Events(s.Org), l.keys.Holds(s.Org)}
+	keys := []string{l.keys.Account(s.Org), l.keys.Calls(s.Org), l.keys.Holds(s.Org)}
 	v, err := l.run(ctx, leaseScript, keys, 3, args...)
 	if err != nil {
 		return LeaseState{}, fmt.Errorf("lease: %w", err)

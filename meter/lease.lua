@@ -1,6 +1,6 @@
--- KEYS: account, events, holds. ARGV[7] lease id, ARGV[8] sync number,
--- ARGV[9] credits the lease wants to hold, ARGV[10] credits the lease must
--- leave free for others, ARGV[11] the lease's lifetime in ms, ARGV[12] the
+-- KEYS: account, call log, holds. ARGV[8] lease id, ARGV[9] sync number,
+-- ARGV[10] credits the lease wants to hold, ARGV[11] credits the lease must
+-- leave free for others, ARGV[12] the lease's lifetime in ms, ARGV[13] the
 -- credits the lease held unspent when it sent the sync (it may spend them
 -- while the sync is on its way), then feature and net credits spent pairs
 -- since the last sync.
@@ -17,15 +17,15 @@
 local bad = check_types({'hash', 'list', 'hash'})
 if bad then return bad end
 local account_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3]
-local id = ARGV[7]
-local seq = tonumber(ARGV[8])
-local want = tonumber(ARGV[9])
-local keep = tonumber(ARGV[10])
-local ttl = tonumber(ARGV[11])
-local unspent = tonumber(ARGV[12])
+local id = ARGV[8]
+local seq = tonumber(ARGV[9])
+local want = tonumber(ARGV[10])
+local keep = tonumber(ARGV[11])
+local ttl = tonumber(ARGV[12])
+local unspent = tonumber(ARGV[13])
 
 local spends = false
-for i = 13, #ARGV, 2 do
+for i = 14, #ARGV, 2 do
   if tonumber(ARGV[i + 1]) ~= 0 then spends = true end
 end
 
@@ -49,14 +49,17 @@ end
 h = h or new_hold(acc, 'lease')
 local ref = 'lease:' .. id
 
-for i = 13, #ARGV, 2 do
+for i = 14, #ARGV, 2 do
   local feature, n = ARGV[i], tonumber(ARGV[i + 1])
   if n > 0 then
     event(acc, 'charge', hold_capture(acc, h, n), feature, ref)
     add_used(acc, feature, n)
   elseif n < 0 then
     event(acc, 'refund', hold_refund(acc, h, -n), feature, ref)
-    add_used(acc, feature, math.max(n, -used_of(acc, feature)))
+    -- A lease does not know which day a refunded call was charged on:
+    -- neither this period's usage nor today's goes below zero.
+    add_used(acc, feature, math.max(n, -used_of(acc, feature)), false)
+    add_day(acc, feature, math.max(n, -used_today(acc, feature)))
   end
 end
 
@@ -79,6 +82,6 @@ if grant > 0 then
 elseif h.state == 'l' or h.untl < srv_now() then
   h.state, h.untl = 'r', srv_now() + HOLD_KEPT_MS
 end
-commit(account_key, events_key, acc)
+commit(account_key, events_key, acc, true)
 write_holds(holds_key, acc, {[id] = h})
 return {OK, grant, balance(acc)}

@@ -16,6 +16,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/redis/go-redis/v9"
 
@@ -278,7 +280,7 @@ func (l *Ledger) Charge(ctx context.Context, req ChargeRequest) (ChargeResult, e
 	if req.Binding != "" {
 		bind, kept = req.Binding, l.keys.Kept(req.Org, req.RequestID)
 	}
-	keys := []string{l.keys.Account(req.Org), marker, l.keys.Events(req.Org), l.keys.Holds(req.Org), kept}
+	keys := []string{l.keys.Account(req.Org), marker, l.keys.Calls(req.Org), l.keys.Holds(req.Org), kept}
 	raw, err := l.eval(ctx, chargeScript, keys, []any{req.Feature, req.Cost, overdraft, limit, req.RequestID, l.markerTTL, req.Attempt,
 		bind, inFlightTTL})
 	if err != nil {
@@ -379,7 +381,7 @@ func (l *Ledger) SettleAttempt(ctx context.Context, org, requestID, attempt stri
 }
 
 func (l *Ledger) settle(ctx context.Context, org, requestID, attempt string, actual int64, refund string) (SettleResult, error) {
-	keys := []string{l.keys.Account(org), l.keys.Request(org, requestID), l.keys.Events(org), l.keys.Holds(org)}
+	keys := []string{l.keys.Account(org), l.keys.Request(org, requestID), l.keys.Calls(org), l.keys.Holds(org)}
 	v, err := l.run(ctx, settleScript, keys, 3, actual, requestID, refund, attempt)
 	if err != nil {
 		return SettleResult{}, fmt.Errorf("settle: %w", err)
@@ -437,7 +439,7 @@ func (l *Ledger) Void(ctx context.Context, org, requestID, attempt string) (int6
 	if err := validateRequestID(attempt); err != nil {
 		return 0, err
 	}
-	keys := []string{l.keys.Account(org), l.keys.Request(org, requestID), l.keys.Events(org), l.keys.Holds(org)}
+	keys := []string{l.keys.Account(org), l.keys.Request(org, requestID), l.keys.Calls(org), l.keys.Holds(org)}
 	v, err := l.run(ctx, voidScript, keys, 2, requestID, attempt, l.markerTTL)
 	if err != nil {
 		return 0, fmt.Errorf("void: %w", err)
@@ -460,7 +462,7 @@ func (l *Ledger) TopUp(ctx context.Context, org string, amount int64, reference 
 	} else if err := validateReference(reference); err != nil {
 		return Account{}, false, err
 	}
-	keys := []string{l.keys.Account(org), l.keys.TopUps(org), l.keys.Events(org), l.keys.Holds(org)}
+	keys := []string{l.keys.Account(org), l.keys.TopUps(org), l.keys.Events(org), l.keys.Holds(org), l.keys.Alerts(org)}
 	code, acct, err := l.runAccount(ctx, topUpScript, org, keys, amount, reference, MaxPurchased, l.refTTL)
 	if err != nil {
 		return Account{}, false, fmt.Errorf("top-up: %w", err)
@@ -493,6 +495,56 @@ func (l *Ledger) VoidTopUp(ctx context.Context, org string, amount int64, refere
 	keys := []string{l.keys.Account(org), l.keys.TopUps(org), l.keys.Events(org), l.keys.Holds(org)}
 	if _, _, err := l.runAccount(ctx, voidTopUpScript, org, keys, amount, reference, l.refTTL); err != nil {
 		return fmt.Errorf("void top-up: %w", err)
+	}
+	return nil
+}
+
+// MaxReason is the longest reason an adjustment may carry, in bytes.
+const MaxReason = 500
+
+// Adjust is an operator's correction of org's credits: a positive amount
+// adds purchased credits, a negative one takes credits as a charge does,
+// into debt if it must. The reason is kept in the event. A reference is
+// applied once per org (apart from top-ups' references): a repeat returns
+// the account unchanged with applied false.
+func (l *Ledger) Adjust(ctx context.Context, org string, amount int64, reason, reference string) (acct Account, applied bool, err error) {
+	if err := policy.ValidateOrg(org); err != nil {
+		return Account{}, false, err
+	}
+	if amount == 0 || amount < -MaxAmount || amount > MaxAmount {
+		return Account{}, false, &policy.InputError{Field: "amount", Value: strconv.FormatInt(amount, 10),
+			Reason: fmt.Sprintf("must be %d to %d, and not 0", -MaxAmount, MaxAmount)}
+	}
+	if err := ValidateReason(reason); err != nil {
+		return Account{}, false, err
+	}
+	if err := validateReference(reference); err != nil {
+		return Account{}, false, err
+	}
+	keys := []string{l.keys.Account(org), l.keys.TopUps(org), l.keys.Events(org), l.keys.Holds(org), l.keys.Alerts(org)}
+	code, acct, err := l.runAccount(ctx, adjustScript, org, keys, amount, reference, reason, MaxPurchased, l.refTTL)
+	if err != nil {
+		return Account{}, false, fmt.Errorf("adjust: %w", err)
+	}
+	switch code {
+	case codeOK:
+		return acct, true, nil
+	case codeRepeat:
+		return acct, false, nil
+	case codeLimit:
+		return acct, false, ErrPurchasedLimit
+	}
+	return Account{}, false, fmt.Errorf("adjust: unexpected script code %d", code)
+}
+
+// ValidateReason checks an adjustment's reason: 1 to MaxReason bytes of
+// UTF-8 text without control characters, so that it stays one line.
+func ValidateReason(reason string) error {
+	bad := reason == "" || len(reason) > MaxReason || !utf8.ValidString(reason) ||
+		strings.IndexFunc(reason, unicode.IsControl) >= 0 || strings.TrimSpace(reason) == ""
+	if bad {
+		return &policy.InputError{Field: "reason", Value: reason,
+			Reason: fmt.Sprintf("must be 1 to %d bytes of text without control characters", MaxReason)}
 	}
 	return nil
 }
@@ -565,7 +617,9 @@ func (l *Ledger) Ping(ctx context.Context) error {
 	return l.rdb.Ping(ctx).Err()
 }
 
-// Events returns up to limit of org's most recent events, newest first.
+// Events returns up to limit of org's most recent events, newest first:
+// its account events and its call events (kept a marker's lifetime after
+// the org's last call), in the order they were written.
 func (l *Ledger) Events(ctx context.Context, org string, limit int64) ([]Event, error) {
 	if err := policy.ValidateOrg(org); err != nil {
 		return nil, err
@@ -575,30 +629,67 @@ func (l *Ledger) Events(ctx context.Context, org string, limit int64) ([]Event, 
 	}
 	ctx, cancel := l.deadline(ctx)
 	defer cancel()
-	items, err := l.rdb.LRange(ctx, l.keys.Events(org), 0, limit-1).Result()
+	// Both lists are in the org's slot, so one pipeline reads them at once.
+	pipe := l.rdb.Pipeline()
+	account := pipe.LRange(ctx, l.keys.Events(org), 0, limit-1)
+	calls := pipe.LRange(ctx, l.keys.Calls(org), 0, limit-1)
+	if _, err := pipe.Exec(ctx); err != nil {
+		return nil, fmt.Errorf("events: %w", err)
+	}
+	a, err := parseEvents(account.Val())
 	if err != nil {
 		return nil, fmt.Errorf("events: %w", err)
 	}
+	c, err := parseEvents(calls.Val())
+	if err != nil {
+		return nil, fmt.Errorf("events: %w", err)
+	}
+	return mergeEvents(a, c, int(limit)), nil
+}
+
+// mergeEvents merges the org's two lists, each newest first, into up to
+// limit events, newest first: their numbers come from one sequence.
+func mergeEvents(a, c []Event, limit int) []Event {
+	events := make([]Event, 0, min(len(a)+len(c), limit))
+	for len(events) < limit && (len(a) > 0 || len(c) > 0) {
+		if len(c) == 0 || (len(a) > 0 && eventNumber(a[0]) > eventNumber(c[0])) {
+			events, a = append(events, a[0]), a[1:]
+		} else {
+			events, c = append(events, c[0]), c[1:]
+		}
+	}
+	return events
+}
+
+// eventNumber is an event's place in the org's sequence (parseEvent
+// checked that its ID is a number).
+func eventNumber(e Event) int64 {
+	n, _ := strconv.ParseInt(e.ID, 10, 64)
+	return n
+}
+
+func parseEvents(items []string) ([]Event, error) {
 	events := make([]Event, 0, len(items))
 	for _, item := range items {
 		e, err := parseEvent(item)
 		if err != nil {
-			return nil, fmt.Errorf("events: %w", err)
+			return nil, err
 		}
 		events = append(events, e)
 	}
 	return events, nil
 }
 
-// parseEvent reads one event of the list: "seq kind delta balance feature
-// ref ms", with "-" for an empty feature or ref.
+// parseEvent reads one event of a list: "seq kind delta balance feature ref
+// ms [reason]", with "-" for an empty feature or ref; the reason, when there
+// is one, is the rest of the line.
 func parseEvent(s string) (Event, error) {
-	f := strings.Split(s, " ")
-	if len(f) != 7 {
+	f := strings.SplitN(s, " ", 8)
+	if len(f) < 7 {
 		return Event{}, fmt.Errorf("event %q: %d fields, want 7", s, len(f))
 	}
-	var n [3]int64
-	for i, idx := range []int{2, 3, 6} {
+	var n [4]int64
+	for i, idx := range []int{0, 2, 3, 6} {
 		v, err := strconv.ParseInt(f[idx], 10, 64)
 		if err != nil {
 			return Event{}, fmt.Errorf("event %q: %w", s, err)
@@ -611,7 +702,12 @@ func parseEvent(s string) (Event, error) {
 		}
 		return v
 	}
-	return Event{ID: f[0], Kind: f[1], Delta: n[0], Balance: n[1], Feature: dash(f[4]), Ref: dash(f[5]), Time: time.UnixMilli(n[2]).UTC()}, nil
+	e := Event{ID: f[0], Kind: f[1], Delta: n[1], Balance: n[2], Feature: dash(f[4]), Ref: dash(f[5]),
+		Time: time.UnixMilli(n[3]).UTC()}
+	if len(f) == 8 {
+		e.Reason = f[7]
+	}
+	return e, nil
 }
 
 func (l *Ledger) deadline(ctx context.Context) (context.Context, context.CancelFunc) {
@@ -674,9 +770,9 @@ func (l *Ledger) eval(ctx context.Context, script *redis.Script, keys []string, 
 	ctx, cancel := l.deadline(ctx)
 	defer cancel()
 	now := l.now()
-	all := make([]any, 0, 6+len(args))
+	all := make([]any, 0, 7+len(args))
 	all = append(all, now.UnixMilli(), monthIndex(now), l.defaultPlan.Allowance, l.defaultPlan.RechargeMonth, l.eventsMax,
-		l.serverSkew.Load())
+		l.serverSkew.Load(), l.markerTTL)
 	all = append(all, args...)
 	var raw any
 	var err error

@@ -339,9 +339,9 @@ var ledgerCases = []ledgerCase{
 				e.t.Fatalf("event %d: %+v", i, ev)
 			}
 		}
-		n, err := e.rdb.LLen(e.ctx, e.ledger.Keys().Events("acme")).Result()
+		n, err := e.rdb.LLen(e.ctx, e.ledger.Keys().Calls("acme")).Result()
 		if err != nil || n != 10 {
-			e.t.Fatalf("%d events kept, %v: want 10", n, err)
+			e.t.Fatalf("%d call events kept, %v: want 10", n, err)
 		}
 		if events[0].ID != "301" {
 			e.t.Fatalf("newest event number %s, want 301", events[0].ID)

@@ -6,6 +6,7 @@
 -- ARGV[4] default plan recharge month, 1..12
 -- ARGV[5] the most events the org's event list keeps
 -- ARGV[6] milliseconds added to Redis' clock (0 but in the ledger's tests)
+-- ARGV[7] seconds a call's events are kept after the org's last call
 --
 -- The account hash holds: a (allowance), m (recharge month), pa and pm (a plan
 -- waiting for the next recharge), own (1 when the org has a plan of its own),
@@ -16,7 +17,9 @@
 -- number of the org's last event), ha, ho and hp (credits
 -- live holds keep: of this period's allowance, of an ended period's
 -- allowance, of purchased credits), hx (the earliest expiry of a live hold,
--- Redis time in ms) and u:<feature> (credits used by a feature this period).
+-- Redis time in ms), u:<feature> (credits used by a feature this period)
+-- and d:<yyyymmdd>:<feature> (credits used by a feature on a UTC day, net of
+-- refunds, kept 13 months).
 --
 -- balance = rem + pur + ha + ho + hp; available = rem + pur.
 --
@@ -28,6 +31,7 @@ local now_ym = tonumber(ARGV[2])
 local def_allowance = tonumber(ARGV[3])
 local def_month = tonumber(ARGV[4])
 local events_max = ARGV[5]
+local calls_ttl = ARGV[7]
 
 -- Holds expire by Redis' clock, so no gateway's clock can end another's.
 -- It is read once, when a script first needs it: most charges never do.
@@ -77,6 +81,32 @@ local function ym_unix(ym)
   return (era * 146097 + doe - 719468) * 86400
 end
 
+-- The UTC day of now_ms as yyyymmdd, and the first day still kept of the
+-- usage per day: the first of the month 13 months before this one.
+local today_s
+local function today()
+  if not today_s then
+    local z = math.floor(now_ms / 86400000) + 719468
+    local era = math.floor(z / 146097)
+    local doe = z - era * 146097
+    local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+    local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+    local mp = math.floor((5 * doy + 2) / 153)
+    local d = doy - math.floor((153 * mp + 2) / 5) + 1
+    local m = mp + 3
+    if mp >= 10 then m = mp - 9 end
+    local y = yoe + era * 400
+    if m <= 2 then y = y + 1 end
+    today_s = string.format('%04d%02d%02d', y, m, d)
+  end
+  return today_s
+end
+
+local function days_kept_from()
+  local ym = now_ym - 13
+  return string.format('%04d%02d01', math.floor(ym / 12), ym % 12 + 1)
+end
+
 -- The first month index after ym that falls in calendar month `month`.
 local function next_after(ym, month)
   local n = ym - ym % 12 + month - 1
@@ -103,8 +133,8 @@ local function available(acc)
   return acc.rem + acc.pur
 end
 
-local function event(acc, kind, delta, feature, ref, at_ms)
-  table.insert(acc.events, {kind, delta, balance(acc), feature or '', ref or '', at_ms or now_ms})
+local function event(acc, kind, delta, feature, ref, at_ms, reason)
+  table.insert(acc.events, {kind, delta, balance(acc), feature or '', ref or '', at_ms or now_ms, reason})
 end
 
 -- Starts a new period at period start ps_unix, granting the plan's allowance.
@@ -145,7 +175,7 @@ end
 
 local function new_account(allowance, month)
   local acc = {a = allowance, m = month, own = 0, rem = 0, pur = 0, ha = 0, ho = 0, hp = 0, seq = 0,
-    used = {}, used_delta = {}, events = {}, created = true, stored = {}}
+    used = {}, used_delta = {}, day_delta = {}, events = {}, created = true, stored = {}}
   for f, v in pairs(DEFAULTS) do acc.stored[f] = v end
   start_period(acc, ym_unix(now_ym - ((now_ym % 12) - (month - 1)) % 12), next_after(now_ym, month))
   return acc
@@ -158,7 +188,7 @@ end
 -- time (used_of), which keeps a charge from reading every feature's field.
 -- acc.stored keeps the fields as read, so commit writes only what changed.
 local function load(key, with_used)
-  local acc = {key = key, events = {}, used_delta = {}, stored = {}}
+  local acc = {key = key, events = {}, used_delta = {}, day_delta = {}, stored = {}}
   if with_used then
     local raw = redis.call('HGETALL', key)
     if #raw == 0 then return nil end
@@ -169,9 +199,10 @@ local function load(key, with_used)
       if not n then
         error('account field ' .. f .. ' is not a number')
       end
-      if string.sub(f, 1, 2) == 'u:' then
+      local kind = string.sub(f, 1, 2)
+      if kind == 'u:' then
         acc.used[string.sub(f, 3)] = n
-      else
+      elseif kind ~= 'd:' then
         acc.stored[f] = n
       end
     end
@@ -260,12 +291,30 @@ local function give_back(acc, p, n)
   return back
 end
 
-local function add_used(acc, feature, n)
+-- Adds n to a feature's usage on day (yyyymmdd; today when nil). The day
+-- is the call's: a refund counts on the day of the charge it gives back.
+local function add_day(acc, feature, n, day)
+  if n == 0 then return end
+  local f = 'd:' .. (day or today()) .. ':' .. feature
+  acc.day_delta[f] = (acc.day_delta[f] or 0) + n
+end
+
+-- Adds n to a feature's usage this period, and on day (today when nil; not
+-- at all when false).
+local function add_used(acc, feature, n, day)
   if n == 0 then return end
   acc.used_delta[feature] = (acc.used_delta[feature] or 0) + n
   if acc.used then
     acc.used[feature] = (acc.used[feature] or 0) + n
   end
+  if day ~= false then add_day(acc, feature, n, day) end
+end
+
+-- A feature's usage today, with what this script added to it.
+local function used_today(acc, feature)
+  local f = 'd:' .. today() .. ':' .. feature
+  if acc.created then return acc.day_delta[f] or 0 end
+  return tonumber(redis.call('HGET', acc.key, f) or 0) + (acc.day_delta[f] or 0)
 end
 
 -- A feature's usage this period, with what this script added to it.
@@ -274,9 +323,24 @@ local function used_of(acc, feature)
   return tonumber(redis.call('HGET', acc.key, 'u:' .. feature) or 0) + (acc.used_delta[feature] or 0)
 end
 
+-- Drops the usage of days older than the 13 months kept.
+local function prune_days(key)
+  local from = days_kept_from()
+  local old = {}
+  for _, f in ipairs(redis.call('HKEYS', key)) do
+    if string.sub(f, 1, 2) == 'd:' and string.sub(f, 3, 10) < from then
+      table.insert(old, f)
+    end
+  end
+  if #old > 0 then redis.call('HDEL', key, unpack(old)) end
+end
+
 -- Writes the account's fields that changed since load (all of them for a
--- new account, but those at their defaults), then its events.
-local function commit(key, events_key, acc)
+-- new account, but those at their defaults), then its events. A call's
+-- script (calls true) writes its events to the org's call log, which
+-- expires calls_ttl after the last of them: what a call did is kept in
+-- Redis as long as its request marker, and in the usage per day after.
+local function commit(key, events_key, acc, calls)
   if acc.reset_used and not acc.created then
     local fields = redis.call('HKEYS', key)
     for _, f in ipairs(fields) do
@@ -284,8 +348,9 @@ local function commit(key, events_key, acc)
     end
   end
   -- Events go to a capped list, newest first, one compact string each:
-  -- "seq kind delta balance feature ref ms" ("-" for an empty field). A
-  -- small list takes a few hundred bytes, where a stream takes 4 KB.
+  -- "seq kind delta balance feature ref ms [reason]" ("-" for an empty
+  -- field; the reason, when there is one, is the rest of the line). A small
+  -- list takes a few hundred bytes, where a stream takes 4 KB.
   if #acc.events > 0 then
     local seq = acc.seq
     local len = 0
@@ -294,11 +359,14 @@ local function commit(key, events_key, acc)
       local feature, ref = e[4], e[5]
       if feature == '' then feature = '-' end
       if ref == '' then ref = '-' end
-      len = redis.call('LPUSH', events_key, table.concat({str(seq), e[1], str(e[2]), str(e[3]), feature, ref, str(e[6])}, ' '))
+      local line = table.concat({str(seq), e[1], str(e[2]), str(e[3]), feature, ref, str(e[6])}, ' ')
+      if e[7] then line = line .. ' ' .. e[7] end
+      len = redis.call('LPUSH', events_key, line)
     end
     if len > tonumber(events_max) then
       redis.call('LTRIM', events_key, 0, tonumber(events_max) - 1)
     end
+    if calls then redis.call('EXPIRE', events_key, calls_ttl) end
     acc.seq = seq
   end
   local set, gone = {}, {}
@@ -318,6 +386,13 @@ local function commit(key, events_key, acc)
   for f, n in pairs(acc.used_delta) do
     if n ~= 0 then redis.call('HINCRBY', key, 'u:' .. f, n) end
   end
+  -- A day's first usage of a feature (a new field) prunes the days no
+  -- longer kept: once a day and feature, not at every call.
+  local prune = false
+  for f, n in pairs(acc.day_delta) do
+    if n ~= 0 and redis.call('HINCRBY', key, f, n) == n then prune = true end
+  end
+  if prune then prune_days(key) end
 end
 
 -- The account as a flat reply: rem, pur, a, m, pa, pm, own, ps, nx, ha, ho,
@@ -345,13 +420,20 @@ end
 -- attempt that charged (or voided) it; relied is 1 once another attempt with
 -- the same request id was answered as a replay of this charge, so the
 -- charge must stand; bind is what the first call's method, path, feature and
--- cost hash to ('-' for a call without an Idempotency-Key). A marker of the earlier layout (without fa and fd, and with the
--- period's start where pn stands) is read as having no debt; marker_period
--- then finds its period.
+-- cost hash to ('-' for a call without an Idempotency-Key); day is the UTC
+-- day it was charged (yyyymmdd), whose usage its settle or refund changes.
+-- A marker without day is read as charged today. A marker of the earlier
+-- layout (without fa and fd, and with the period's start where pn stands)
+-- is read as having no debt; marker_period then finds its period.
 local function parse_marker(s)
   if not s then return nil end
   local cost, feature, fa, fp, fd, bal, state, pn, attempt, relied, bind =
     string.match(s, '^(%-?%d+) (%S+) (%d+) (%d+) (%d+) (%-?%d+) (%a) (%-?%d+) (%S+) ([01]) (%S+)$')
+  local day
+  if not cost then
+    cost, feature, fa, fp, fd, bal, state, pn, attempt, relied, bind, day = string.match(s,
+      '^(%-?%d+) (%S+) (%d+) (%d+) (%d+) (%-?%d+) (%a) (%-?%d+) (%S+) ([01]) (%S+) (%d%d%d%d%d%d%d%d)$')
+  end
   if not cost then
     local ps
     cost, feature, fp, bal, state, ps, attempt, relied =
@@ -365,7 +447,8 @@ local function parse_marker(s)
       bind = '-'}
   end
   return {cost = tonumber(cost), feature = feature, fa = tonumber(fa), fp = tonumber(fp), fd = tonumber(fd),
-    balance = tonumber(bal), state = state, pn = tonumber(pn), attempt = attempt, relied = relied, bind = bind}
+    balance = tonumber(bal), state = state, pn = tonumber(pn), attempt = attempt, relied = relied, bind = bind,
+    day = day}
 end
 
 -- Sets the period of a marker of the earlier layout: this one if it started
@@ -379,7 +462,7 @@ end
 
 local function write_marker(key, m, ttl)
   local v = table.concat({str(m.cost), m.feature, str(m.fa), str(m.fp), str(m.fd), str(m.balance), m.state,
-    str(m.pn), m.attempt, m.relied, m.bind or '-'}, ' ')
+    str(m.pn), m.attempt, m.relied, m.bind or '-', m.day or today()}, ' ')
   if ttl then
     redis.call('SET', key, v, 'EX', ttl)
   else
@@ -409,9 +492,12 @@ local function settle_to(acc, m, actual, ref, refund)
   elseif diff < 0 then
     give_back(acc, m, -diff)
   end
-  -- Usage of a period that has ended stays with that period.
+  -- Usage of a period that has ended stays with that period; the day's
+  -- usage is the charge's day's, whatever the period.
   if diff ~= 0 and same_period then
-    add_used(acc, m.feature, diff)
+    add_used(acc, m.feature, diff, m.day)
+  elseif diff ~= 0 then
+    add_day(acc, m.feature, diff, m.day)
   end
   if diff ~= 0 then
     local kind = 'settle'

@@ -1,4 +1,4 @@
--- KEYS: account, events, holds. ARGV[7] allowance, ARGV[8] recharge month.
+-- KEYS: account, events, holds. ARGV[8] allowance, ARGV[9] recharge month.
 --
 -- An org without a plan of its own starts a new period on this plan at once;
 -- a change to an org's own plan waits for the next recharge.
@@ -6,8 +6,8 @@
 local bad = check_types({'hash', 'list', 'hash'})
 if bad then return bad end
 local account_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3]
-local allowance = tonumber(ARGV[7])
-local month = tonumber(ARGV[8])
+local allowance = tonumber(ARGV[8])
+local month = tonumber(ARGV[9])
 
 local acc = load(account_key, true)
 if not acc then

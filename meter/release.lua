@@ -1,4 +1,4 @@
--- KEYS: account, events, holds. ARGV[7] hold id.
+-- KEYS: account, events, holds. ARGV[8] hold id.
 --
 -- Gives a live hold's credits back. Returns {code, state, amount, until_ms,
 -- feature, account...}: OK released, REPEAT released or expired before (nothing
@@ -7,7 +7,7 @@
 local bad = check_types({'hash', 'list', 'hash'})
 if bad then return bad end
 local account_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3]
-local id = ARGV[7]
+local id = ARGV[8]
 
 local acc, h = find_hold(account_key, holds_key, id)
 if not h then

@@ -11,58 +11,59 @@ import (
 )
 
 // Every script starts with the parts of lib.lua it uses (withLib), whose
-// ARGV[1..6] are the same for all: now (unix ms), now as a month index, the
-// default plan's allowance and month, the event list's cap, and the
-// milliseconds added to Redis' clock (0 but in tests).
+// ARGV[1..7] are the same for all: now (unix ms), now as a month index, the
+// default plan's allowance and month, the event lists' cap, the
+// milliseconds added to Redis' clock (0 but in tests), and the seconds the
+// call log is kept after the last call.
 //
 //go:embed lib.lua
 var libLua string
 
-// KEYS: account, request marker, events, holds, kept response.
-// ARGV[7..15]: feature, cost, overdraft (0/1), overdraft limit (-1: none),
+// KEYS: account, request marker, call log, holds, kept response.
+// ARGV[8..16]: feature, cost, overdraft (0/1), overdraft limit (-1: none),
 // request id, marker seconds, attempt id, binding ('-': none), in-flight
 // seconds.
 //
 //go:embed charge.lua
 var chargeLua string
 
-// KEYS: account, request marker, events, holds. ARGV[7..9]: final cost,
+// KEYS: account, request marker, call log, holds. ARGV[8..10]: final cost,
 // request id, 1 for a refund.
 //
 //go:embed settle.lua
 var settleLua string
 
-// KEYS: account, request marker, events, holds. ARGV[7..9]: request id,
+// KEYS: account, request marker, call log, holds. ARGV[8..10]: request id,
 // attempt id, marker seconds.
 //
 //go:embed void.lua
 var voidLua string
 
-// KEYS: request marker, kept response. ARGV[7..10]: attempt id, marker
+// KEYS: request marker, kept response. ARGV[8..11]: attempt id, marker
 // seconds, 1 to keep the response (0: too large), the response.
 //
 //go:embed keep.lua
 var keepLua string
 
-// KEYS: account, events, holds. ARGV[7..12]: lease id, sync number, credits
+// KEYS: account, call log, holds. ARGV[8..13]: lease id, sync number, credits
 // wanted, credits to leave free, lifetime in ms, credits held unspent; then
 // feature and spent pairs.
 //
 //go:embed lease.lua
 var leaseLua string
 
-// KEYS: account, events, holds. ARGV[7..10]: hold id, amount, lifetime in
+// KEYS: account, events, holds. ARGV[8..11]: hold id, amount, lifetime in
 // ms, feature.
 //
 //go:embed hold.lua
 var holdLua string
 
-// KEYS: account, events, holds. ARGV[7..8]: hold id, credits to charge.
+// KEYS: account, events, holds. ARGV[8..9]: hold id, credits to charge.
 //
 //go:embed capture.lua
 var captureLua string
 
-// KEYS: account, events, holds. ARGV[7]: hold id.
+// KEYS: account, events, holds. ARGV[8]: hold id.
 //
 //go:embed release.lua
 var releaseLua string
@@ -72,23 +73,35 @@ var releaseLua string
 //go:embed holds.lua
 var holdsLua string
 
-// KEYS: account, top-up references, events, holds. ARGV[7..10]: amount,
+// KEYS: account, top-up references, events, holds, alerts. ARGV[8..11]: amount,
 // reference, the most purchased credits an org may hold, how long a
 // reference is kept in ms.
 //
 //go:embed topup.lua
 var topUpLua string
 
-// KEYS: account, top-up references, events, holds. ARGV[7..9]: amount,
+// KEYS: account, top-up references, events, holds. ARGV[8..10]: amount,
 // reference, how long a reference is kept in ms.
 //
 //go:embed voidtopup.lua
 var voidTopUpLua string
 
-// KEYS: account, events, holds. ARGV[7..8]: allowance, recharge month.
+// KEYS: account, references, events, holds, alerts. ARGV[8..12]: amount, reference,
+// reason, the most purchased credits an org may hold, how long a reference
+// is kept in ms.
+//
+//go:embed adjust.lua
+var adjustLua string
+
+// KEYS: account, events, holds. ARGV[8..9]: allowance, recharge month.
 //
 //go:embed plan.lua
 var planLua string
+
+// KEYS: account, alerts. ARGV[8..10]: thresholds, the check's time, org.
+//
+//go:embed alert.lua
+var alertLua string
 
 // KEYS: account, events, the recharge's marker, holds.
 //
@@ -112,6 +125,8 @@ var (
 	holdsScript     = redis.NewScript(withLib(holdsLua))
 	topUpScript     = redis.NewScript(withLib(topUpLua))
 	voidTopUpScript = redis.NewScript(withLib(voidTopUpLua))
+	adjustScript    = redis.NewScript(withLib(adjustLua))
+	alertScript     = redis.NewScript(withLib(alertLua))
 	planScript      = redis.NewScript(withLib(planLua))
 	rechargeScript  = redis.NewScript(withLib(rechargeLua))
 	accountScript   = redis.NewScript(withLib(accountLua))

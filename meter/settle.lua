@@ -1,6 +1,6 @@
--- KEYS: account, request marker, events, holds. ARGV[7] the request's final
--- cost, ARGV[8] request id, ARGV[9] 1 when the call failed and is refunded
--- (its request id is free again; the final cost is then 0), ARGV[10] the
+-- KEYS: account, request marker, call log, holds. ARGV[8] the request's final
+-- cost, ARGV[9] request id, ARGV[10] 1 when the call failed and is refunded
+-- (its request id is free again; the final cost is then 0), ARGV[11] the
 -- attempt whose charge it settles ('-': whichever stands). A settle of an
 -- attempt whose charge no longer stands (refunded, and the request id
 -- charged again by a retry) finds nothing to settle.
@@ -11,11 +11,11 @@
 local bad = check_types({'hash', 'string', 'list', 'hash'})
 if bad then return bad end
 local account_key, marker_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local actual = tonumber(ARGV[7])
-local request_id = ARGV[8]
+local actual = tonumber(ARGV[8])
+local request_id = ARGV[9]
 
 local m = parse_marker(redis.call('GET', marker_key))
-if not m or m.state == 'x' or (ARGV[10] ~= '-' and m.attempt ~= ARGV[10]) then
+if not m or m.state == 'x' or (ARGV[11] ~= '-' and m.attempt ~= ARGV[11]) then
   return {NOT_FOUND, 0, 0}
 end
 if m.state ~= 'c' then
@@ -23,8 +23,8 @@ if m.state ~= 'c' then
 end
 local acc = open(account_key)
 sweep(acc, holds_key)
-local delta = settle_to(acc, m, actual, request_id, ARGV[9] == '1')
-commit(account_key, events_key, acc)
+local delta = settle_to(acc, m, actual, request_id, ARGV[10] == '1')
+commit(account_key, events_key, acc, true)
 write_holds(holds_key, acc)
 write_marker(marker_key, m)
 return {OK, balance(acc), delta}

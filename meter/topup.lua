@@ -1,17 +1,17 @@
--- KEYS: account, top-up references, events, holds. ARGV[7] amount, ARGV[8]
--- reference, ARGV[9] the most purchased credits an org may hold, ARGV[10]
+-- KEYS: account, top-up references, events, holds, alerts. ARGV[8] amount, ARGV[9]
+-- reference, ARGV[10] the most purchased credits an org may hold, ARGV[11]
 -- how long a reference is kept, in ms.
 --
 -- Returns {code, account...}: code OK applied, REPEAT the reference was
 -- applied before (nothing written), LIMIT the top-up would pass the limit
 -- (nothing written).
-local bad = check_types({'hash', {'zset', 'set'}, 'list', 'hash'})
+local bad = check_types({'hash', {'zset', 'set'}, 'list', 'hash', 'hash'})
 if bad then return bad end
-local account_key, refs_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local amount = tonumber(ARGV[7])
-local ref = ARGV[8]
-local max_purchased = tonumber(ARGV[9])
-local ref_kept = tonumber(ARGV[10])
+local account_key, refs_key, events_key, holds_key, alerts_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local amount = tonumber(ARGV[8])
+local ref = ARGV[9]
+local max_purchased = tonumber(ARGV[10])
+local ref_kept = tonumber(ARGV[11])
 
 if ref_seen(refs_key, ref) then
   local acc = load(account_key, true) or new_account(def_allowance, def_month)
@@ -26,6 +26,10 @@ acc.pur = acc.pur + amount
 event(acc, 'topup', amount, '', ref)
 commit(account_key, events_key, acc)
 write_holds(holds_key, acc)
+-- The balance rose: the balance alerts below it are armed again.
+if redis.call('EXISTS', alerts_key) == 1 then
+  redis.call('HSET', alerts_key, 'l', str(balance(acc)))
+end
 local forget = str(srv_now() + ref_kept)
 refs_move(refs_key, forget)
 redis.call('ZADD', refs_key, forget, ref)

@@ -1,5 +1,5 @@
--- KEYS: account, request marker, events, holds. ARGV[7] request id, ARGV[8]
--- attempt id, ARGV[9] marker lifetime in seconds.
+-- KEYS: account, request marker, call log, holds. ARGV[8] request id, ARGV[9]
+-- attempt id, ARGV[10] marker lifetime in seconds.
 --
 -- Makes sure the attempt's charge, whose outcome the gateway could not
 -- learn, does not stand: a charge that ran is refunded; one that has not run
@@ -10,9 +10,9 @@
 local bad = check_types({'hash', 'string', 'list', 'hash'})
 if bad then return bad end
 local account_key, marker_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local request_id = ARGV[7]
-local attempt = ARGV[8]
-local marker_ttl = ARGV[9]
+local request_id = ARGV[8]
+local attempt = ARGV[9]
+local marker_ttl = ARGV[10]
 
 local m = parse_marker(redis.call('GET', marker_key))
 if not m then
@@ -26,7 +26,7 @@ end
 local acc = open(account_key)
 sweep(acc, holds_key)
 local delta = settle_to(acc, m, 0, request_id, true)
-commit(account_key, events_key, acc)
+commit(account_key, events_key, acc, true)
 write_holds(holds_key, acc)
 write_marker(marker_key, m)
 return {OK, delta}

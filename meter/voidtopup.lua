@@ -1,5 +1,5 @@
--- KEYS: account, top-up references, events, holds. ARGV[7] amount, ARGV[8]
--- reference, ARGV[9] how long a reference is kept, in ms.
+-- KEYS: account, top-up references, events, holds. ARGV[8] amount, ARGV[9]
+-- reference, ARGV[10] how long a reference is kept, in ms.
 --
 -- Makes sure a top-up whose outcome the gateway could not learn (it
 -- answered 503) does not stand: one that ran is taken back, as a charge
@@ -11,9 +11,9 @@
 local bad = check_types({'hash', {'zset', 'set'}, 'list', 'hash'})
 if bad then return bad end
 local account_key, refs_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local amount = tonumber(ARGV[7])
-local ref = ARGV[8]
-local ref_kept = tonumber(ARGV[9])
+local amount = tonumber(ARGV[8])
+local ref = ARGV[9]
+local ref_kept = tonumber(ARGV[10])
 local void_ref = '\0void:' .. ref
 
 local acc = load(account_key, true)
