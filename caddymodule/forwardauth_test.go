@@ -1,0 +1,192 @@
+package caddymodule
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/creditsgw/caddy-credits/internal/redistest"
+	"github.com/creditsgw/caddy-credits/meter"
+)
+
+// readmeBlock returns the first block of kind after the README's heading.
+func readmeBlock(t *testing.T, heading, kind string) string {
+	t.Helper()
+	readme, err := os.ReadFile("../README.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, ok := strings.Cut(string(readme), "\n"+heading+"\n")
+	if !ok {
+		t.Fatalf("the README has no %q", heading)
+	}
+	_, block, ok := strings.Cut(section, "\n```"+kind+"\n")
+	if !ok {
+		t.Fatalf("the README's %q has no %s block", heading, kind)
+	}
+	block, _, _ = strings.Cut(block, "\n```\n")
+	return block
+}
+
+// TestREADMEForwardAuth runs the README's forward_auth example, as written
+// but for its addresses, with a real identity service, AI backend and
+// redis-server: each caller is charged to the org its token proves, a
+// forged X-Org-Id changes nothing, and a refused caller reaches nothing.
+func TestREADMEForwardAuth(t *testing.T) {
+	block := readmeBlock(t, "### The org from an identity service", "caddyfile")
+	srv := redistest.Start(t, redistest.Options{})
+	identity := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/verify" {
+			http.Error(w, "not here", http.StatusNotFound)
+			return
+		}
+		switch r.Header.Get("Authorization") {
+		case "Bearer tok-acme":
+			w.Header().Set("X-Org-Id", "acme")
+		case "Bearer tok-beta":
+			w.Header().Set("X-Org-Id", "beta")
+		case "Bearer tok-anonymous":
+			// Authenticated, but no org.
+		default:
+			http.Error(w, "who are you?", http.StatusUnauthorized)
+			return
+		}
+		w.WriteHeader(http.StatusOK)
+	}))
+	t.Cleanup(identity.Close)
+	var mu sync.Mutex
+	served := map[string]int64{}
+	ai := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		served[r.Header.Get("X-Org-Id")]++
+		mu.Unlock()
+		fmt.Fprint(w, `{"html": "<p>ok</p>"}`)
+	}))
+	t.Cleanup(ai.Close)
+
+	port := freePort(t)
+	for _, addr := range []string{"127.0.0.1:6379", "127.0.0.1:9000", "127.0.0.1:8000", ":8080 {"} {
+		if !strings.Contains(block, addr) {
+			t.Fatalf("the README's example does not name %s, which the test replaces:\n%s", addr, block)
+		}
+	}
+	cfg := strings.NewReplacer(
+		"127.0.0.1:6379", srv.Addr,
+		"127.0.0.1:9000", strings.TrimPrefix(identity.URL, "http://"),
+		"127.0.0.1:8000", strings.TrimPrefix(ai.URL, "http://"),
+		":8080 {", fmt.Sprintf("http://127.0.0.1:%d {", port),
+	).Replace(block)
+	cfg = strings.Replace(cfg, "{\n", "{\n\tadmin off\n", 1)
+	loadCaddyfile(t, cfg)
+
+	rdb := redis.NewClient(&redis.Options{Addr: srv.Addr})
+	t.Cleanup(func() { rdb.Close() })
+	ledger, err := meter.New(rdb, meter.Config{Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	for _, org := range []string{"acme", "beta"} {
+		if _, _, err := ledger.TopUp(ctx, org, 20, "start"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	client := &http.Client{Timeout: 10 * time.Second}
+	call := func(token, forged string) int {
+		t.Helper()
+		req, _ := http.NewRequest(http.MethodPost, fmt.Sprintf("http://127.0.0.1:%d/rich-text/generate", port), nil)
+		if token != "" {
+			req.Header.Set("Authorization", "Bearer "+token)
+		}
+		if forged != "" {
+			req.Header.Set("X-Org-Id", forged)
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	for range 3 {
+		if s := call("tok-acme", ""); s != http.StatusOK {
+			t.Fatalf("acme's call: %d", s)
+		}
+	}
+	for range 2 {
+		if s := call("tok-beta", "acme"); s != http.StatusOK {
+			t.Fatalf("beta's call with a forged org: %d", s)
+		}
+	}
+	if s := call("", "acme"); s != http.StatusUnauthorized {
+		t.Fatalf("a call without a token: %d, want the identity service's 401", s)
+	}
+	if s := call("tok-anonymous", "acme"); s != http.StatusUnauthorized {
+		t.Fatalf("a call the identity service gave no org: %d, want 401", s)
+	}
+
+	mu.Lock()
+	defer mu.Unlock()
+	if served["acme"] != 3 || served["beta"] != 2 || len(served) != 2 {
+		t.Fatalf("the AI backend served %v, want acme 3 and beta 2", served)
+	}
+	for org, n := range served {
+		a, err := ledger.Account(ctx, org)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if a.Used["rich-text"] != n || a.Balance != 20-n {
+			t.Fatalf("%s: the backend served %d calls; the ledger: used %v, balance %d", org, n, a.Used, a.Balance)
+		}
+	}
+}
+
+// TestDeployCaddyfile loads deploy/Caddyfile, the one compose.yaml runs,
+// with the environment compose gives it and a real redis-server for the
+// compose file's Redis.
+func TestDeployCaddyfile(t *testing.T) {
+	compose, err := os.ReadFile("../compose.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"./deploy/Caddyfile:/etc/caddy/Caddyfile", "dockerfile: xcaddy.Dockerfile", `"--appendonly", "yes"`, `"--maxmemory-policy", "noeviction"`, "redis-data:/data"} {
+		if !strings.Contains(string(compose), want) {
+			t.Errorf("compose.yaml does not have %s", want)
+		}
+	}
+	input, err := os.ReadFile("../deploy/Caddyfile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := redistest.Start(t, redistest.Options{})
+	cfgJSON, _, err := caddyconfig.GetAdapter("caddyfile").Adapt(input, nil)
+	if err != nil {
+		t.Fatalf("deploy/Caddyfile does not adapt: %v", err)
+	}
+	var cfg caddy.Config
+	if err := json.Unmarshal([]byte(strings.ReplaceAll(string(cfgJSON), "redis://redis:6379", "redis://"+srv.Addr)), &cfg); err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range map[string]string{"CREDITS_ADMIN_TOKEN": "s3cret", "CREDITS_TOPUP_URL": "https://billing.example/topup",
+		"IDENTITY_ADDR": "127.0.0.1:9000", "AI_ADDR": "127.0.0.1:8000"} {
+		t.Setenv(k, v)
+	}
+	if err := caddy.Validate(&cfg); err != nil {
+		t.Fatalf("deploy/Caddyfile does not load: %v", err)
+	}
+	if _, err := url.Parse("redis://" + srv.Addr); err != nil {
+		t.Fatal(err)
+	}
+}
