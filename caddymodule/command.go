@@ -681,8 +681,12 @@ func printEvents(w io.Writer, data []byte) error {
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	for _, e := range answer.Events {
-		fmt.Fprintf(tw, "%s\t%s\t%+d\tbalance %d\t%s\t%s\n",
+		fmt.Fprintf(tw, "%s\t%s\t%+d\tbalance %d\t%s\t%s",
 			e.Time.UTC().Format(time.RFC3339), e.Kind, e.Delta, e.Balance, e.Feature, e.Ref)
+		if e.Reason != "" {
+			fmt.Fprintf(tw, "\t%q", e.Reason)
+		}
+		fmt.Fprintln(tw)
 	}
 	return tw.Flush()
 }

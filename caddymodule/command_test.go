@@ -170,6 +170,12 @@ func TestCommandCredits(t *testing.T) {
 		{"org missing", []string{"show"}, true, []string{"wrong number of arguments", "usage: caddy credits show <org>"}},
 		{"too many arguments", []string{"plan", "acme", "1", "2", "3"}, true, []string{"wrong number of arguments (4)"}},
 		{"orgs limit out of range", []string{"orgs", "--limit", "1001"}, true, []string{`invalid limit "1001": must be 1 to 1000`}},
+		{"adjust by 0", []string{"adjust", "acme", "0", "--reason", "x"}, true, []string{`invalid amount "0": must not be 0`}},
+		{"adjust too far", []string{"adjust", "acme", "--reason", "x", "--", "-1000000000001"}, true, []string{`invalid amount "-1000000000001"`}},
+		{"adjust without a reason", []string{"adjust", "acme", "5"}, true, []string{`invalid reason ""`}},
+		{"usage bad date", []string{"usage", "acme", "--from", "2026-13-01"}, true, []string{`invalid from "2026-13-01": must be a date, YYYY-MM-DD`}},
+		{"usage backwards", []string{"usage", "acme", "--from", "2026-02-02", "--to", "2026-02-01"}, true, []string{"must not be before --from"}},
+		{"usage too long", []string{"usage", "acme", "--from", "2024-01-01", "--to", "2026-01-01"}, true, []string{"must be at most 449 days after --from"}},
 		{"orgs after a bad org", []string{"orgs", "--after", "a/b"}, true, []string{"invalid org"}},
 		{"empty org", []string{"recharge", ""}, true, []string{"org missing"}},
 		{"bad org", []string{"show", "no/such org"}, true, []string{"invalid org"}},
@@ -209,6 +215,24 @@ func TestCommandCredits(t *testing.T) {
 
 	// Nothing above changed the account.
 	wantFields(t, credits(t, "show", "acme"), map[string]string{"balance": "125", "purchased": "25"})
+
+	// A correction, applied once per reference, with its reason in the
+	// event; and the usage per day, which a recharge does not reset.
+	for range 2 {
+		wantFields(t, credits(t, "adjust", "acme", "--reason", "charged twice", "--reference", "case-1", "--", "-5"),
+			map[string]string{"balance": "120"})
+	}
+	if e := credits(t, "events", "acme", "--limit", "1"); !strings.Contains(e, "adjust") || !strings.Contains(e, "-5") ||
+		!strings.Contains(e, "case-1") || !strings.Contains(e, `"charged twice"`) {
+		t.Errorf("the adjustment's event:\n%s", e)
+	}
+	today := time.Now().UTC().Format(time.DateOnly)
+	if out := credits(t, "usage", "acme", "--from", today, "--to", today); out != today+"  1  rich-text 1\n" {
+		t.Errorf("caddy credits usage:\n%q", out)
+	}
+	if out := credits(t, "usage", "acme", "--from", "2026-01-01", "--to", "2026-01-02"); out != "no usage from 2026-01-01 to 2026-01-02\n" {
+		t.Errorf("caddy credits usage of days without usage:\n%q", out)
+	}
 }
 
 // TestCommandCreditsToken runs a credits_admin with a token: the token from
