@@ -515,7 +515,10 @@ func TestBrowserConsole(t *testing.T) {
 	}
 	pageScreenshot(t, ctx, "console.png")
 	checkAccessibility(t, ctx)
-	checkTabOrder(t, ctx, "amount", "reference", "topup-submit", "allowance", "month", "plan-submit")
+	// From the chart's range: its table, then the forms, the adjustment's
+	// between the top-up's and the plan's.
+	pageDo(t, ctx, "focus the chart's range", chromedp.Evaluate[chromedp.Void](`document.querySelector("#chart-range input:checked").focus()`))
+	checkTabOrder(t, ctx, "chart-table-toggle", "amount", "reference", "topup-submit", "adjust-amount", "adjust-reason", "adjust-submit", "allowance", "month", "plan-submit")
 
 	// The token is kept for the tab, not beyond.
 	pageDo(t, ctx, "reload the console", chromedp.Reload())
@@ -572,6 +575,382 @@ func TestBrowserConsole(t *testing.T) {
 		if !pageEval[bool](t, ctx, `document.getElementById("account").hidden`) {
 			t.Errorf("the account of the previous org stays on screen after %q failed", org)
 		}
+	}
+}
+
+// TestBrowserConsoleUsage uses the console's org list and its search, the
+// chart of the credits used per day, and the adjust form, and checks what
+// the page shows against what the admin API answers.
+func TestBrowserConsoleUsage(t *testing.T) {
+	const token = "usage-test-token"
+	cfg, gw, admin := demoCaddyfile(t)
+	withToken := strings.Replace(cfg, "\t\tcredits_admin\n", "\t\tcredits_admin {\n\t\t\ttoken "+token+"\n\t\t}\n", 1)
+	if withToken == cfg {
+		t.Fatal("the demo Caddyfile has no bare credits_admin to give a token to")
+	}
+	startCaddyProcess(t, withToken, gw, admin)
+	api := adminAPI{base: "http://" + admin + "/admin", token: token}
+
+	// Three orgs use two features each; acme has bought credits. More orgs
+	// than one page of the list (50) make its More button needed.
+	if status := api.call(t, http.MethodPost, "/orgs/acme/topup", `{"amount": 40, "reference": "invoice-1"}`, nil); status != http.StatusOK {
+		t.Fatalf("top-up of acme: %d", status)
+	}
+	for _, c := range []struct {
+		org, path string
+		calls     int
+	}{
+		{"acme", "/rich-text/generate", 3}, {"acme", "/flows/run", 1},
+		{"acme-labs", "/background-removal/remove", 1}, {"acme-labs", "/rich-text/generate", 2},
+		{"beta", "/background-removal/remove", 2}, {"beta", "/flows/run", 1},
+	} {
+		for range c.calls {
+			if resp, p := meteredCall(t, gw, c.org, c.path); resp.StatusCode != http.StatusOK {
+				t.Fatalf("%s as %s: %d %s", c.path, c.org, resp.StatusCode, p.Detail)
+			}
+		}
+	}
+	for i := range 55 {
+		org := fmt.Sprintf("zeta-%02d", i)
+		if resp, p := meteredCall(t, gw, org, "/alt-text/describe"); resp.StatusCode != http.StatusOK {
+			t.Fatalf("a call as %s: %d %s", org, resp.StatusCode, p.Detail)
+		}
+	}
+	type orgBalance struct {
+		Org     string `json:"org"`
+		Balance int64  `json:"balance"`
+	}
+	type orgPage struct {
+		Orgs []orgBalance `json:"orgs"`
+		Next string       `json:"next"`
+	}
+	var all, first orgPage
+	api.call(t, http.MethodGet, "/orgs?limit=1000", "", &all)
+	api.call(t, http.MethodGet, "/orgs?limit=50", "", &first)
+	if len(all.Orgs) != 58 || all.Next != "" || first.Next == "" {
+		t.Fatalf("the API lists %d orgs (next %q), the first page of 50 ends at %q; want 58, and more than a page", len(all.Orgs), all.Next, first.Next)
+	}
+	balances := map[string]int64{}
+	for _, o := range all.Orgs {
+		balances[o.Org] = o.Balance
+	}
+	if balances["acme"] != 41 || balances["acme-labs"] != 2 || balances["beta"] != 2 {
+		t.Fatalf("the API's balances: %v", balances)
+	}
+
+	ctx := newBrowser(t)
+	pageOpen(t, ctx, "http://"+admin+"/admin/", "Credits usage console")
+	// Without the token, the list says why it is empty.
+	unauthorized := adminAPI{base: api.base}.problem(t, http.MethodGet, "/orgs", "")
+	pageWaitContains(t, ctx, "#orgs-count", unauthorized)
+	checkTabOrder(t, ctx, "token", "org", "show", "org-search", "org-open", "orgs-reload")
+
+	// The list, a page at a time, is the API's, balances included.
+	type listedOrg struct {
+		Org, Balance, Text string
+		Visible            bool
+	}
+	listedOrgs := func() []listedOrg {
+		t.Helper()
+		return pageEval[[]listedOrg](t, ctx, `[...document.querySelectorAll("#org-list .org-item")].map(b => ({
+			Org: b.dataset.org, Balance: b.dataset.balance,
+			Text: b.querySelector(".org-id").textContent + " " + b.querySelector(".org-balance").textContent,
+			Visible: b.checkVisibility(),
+		}))`)
+	}
+	wantListed := func(orgs []orgBalance) []listedOrg {
+		var out []listedOrg
+		for _, o := range orgs {
+			text := fmt.Sprintf("%s %d credits", o.Org, o.Balance)
+			if o.Balance == 1 || o.Balance == -1 {
+				text = fmt.Sprintf("%s %d credit", o.Org, o.Balance)
+			}
+			out = append(out, listedOrg{o.Org, fmt.Sprint(o.Balance), text, true})
+		}
+		return out
+	}
+	const orgItems = `document.querySelectorAll("#org-list .org-item").length`
+	pageType(t, ctx, "#token", token)
+	pageClick(t, ctx, "#orgs-reload")
+	pageWait(t, ctx, "the first page of orgs", orgItems+" === 50", orgItems+" + ''")
+	if got, want := listedOrgs(), wantListed(first.Orgs); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("the first page listed:\n%v\nwant the API's\n%v", got, want)
+	}
+	pageWaitContains(t, ctx, "#orgs-count", "50 organizations listed; More lists the next ones.")
+	pageWaitVisible(t, ctx, "#orgs-more")
+	pageClick(t, ctx, "#orgs-more")
+	pageWait(t, ctx, "all the orgs", orgItems+" === 58", orgItems+" + ''")
+	pageWait(t, ctx, "More goes once all are listed", `document.getElementById("orgs-more").hidden`, pageText("#orgs-count"))
+	pageWaitText(t, ctx, "#orgs-count", "58 organizations listed.")
+	got := listedOrgs()
+	if want := wantListed(all.Orgs); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("the orgs listed:\n%v\nwant the API's\n%v", got, want)
+	}
+
+	// The search filters the listed orgs by substring, in any case.
+	visible := func() []string {
+		t.Helper()
+		var out []string
+		for _, o := range listedOrgs() {
+			if o.Visible {
+				out = append(out, o.Org)
+			}
+		}
+		return out
+	}
+	for _, c := range []struct {
+		query string
+		want  []string
+		count string
+	}{
+		{"acme", []string{"acme", "acme-labs"}, "2 of 58 listed match \"acme\"."},
+		{"LABS", []string{"acme-labs"}, "1 of 58 listed match \"LABS\"."},
+		{"zeta-5", []string{"zeta-50", "zeta-51", "zeta-52", "zeta-53", "zeta-54"}, "5 of 58 listed match \"zeta-5\"."},
+		{"nobody", nil, "0 of 58 listed match \"nobody\". Open goes to that id."},
+	} {
+		pageType(t, ctx, "#org-search", c.query)
+		pageWaitText(t, ctx, "#orgs-count", c.count)
+		if got := visible(); fmt.Sprint(got) != fmt.Sprint(c.want) {
+			t.Errorf("searching %q shows %v, want %v", c.query, got, c.want)
+		}
+	}
+
+	// Open goes to the exact id typed; clicking an org opens it.
+	pageType(t, ctx, "#org-search", "beta")
+	pageClick(t, ctx, "#org-open")
+	pageWaitText(t, ctx, "#account-org", "beta")
+	pageWaitText(t, ctx, "#balance", "2")
+	pageType(t, ctx, "#org-search", "acme")
+	pageWaitText(t, ctx, "#orgs-count", "2 of 58 listed match \"acme\".")
+	pageClick(t, ctx, `#org-list .org-item[data-org="acme"]`)
+	pageWaitText(t, ctx, "#account-org", "acme")
+	pageWaitText(t, ctx, "#balance", "41")
+	if got := pageEval[[]string](t, ctx, `[...document.querySelectorAll('#org-list [aria-current="true"]')].map(b => b.dataset.org)`); fmt.Sprint(got) != "[acme]" {
+		t.Errorf("the org list marks %v as open, want [acme]", got)
+	}
+	// Cleared, as the search box's clear button does, it lists all again.
+	pageDo(t, ctx, "clear the search", chromedp.Evaluate[chromedp.Void](`(() => {
+		const e = document.getElementById("org-search");
+		e.value = "";
+		e.dispatchEvent(new Event("input", {bubbles: true}));
+	})()`))
+	pageWaitText(t, ctx, "#orgs-count", "58 organizations listed.")
+	pageDo(t, ctx, "scroll to the org list", chromedp.Evaluate[chromedp.Void](`window.scrollTo(0, 0)`))
+	pageScreenshot(t, ctx, "console-orgs.png")
+
+	// The chart: a bar a day, each the API's usage of that day, for 30
+	// days by default, then 90 and 13 months (396 days).
+	type chartDay struct {
+		Date  string           `json:"date"`
+		Used  map[string]int64 `json:"used"`
+		Total int64            `json:"total"`
+	}
+	type chart struct {
+		From, To string
+		Days     []chartDay
+		Table    [][]string
+		Legend   []string
+	}
+	readChart := func(days int) chart {
+		t.Helper()
+		ready := fmt.Sprintf(`document.querySelector('#chart[data-state="ready"] svg[data-days="%d"]') !== null`, days)
+		pageWait(t, ctx, fmt.Sprintf("a chart of %d days", days), ready, `document.getElementById("chart").dataset.state + " " + document.getElementById("chart").textContent`)
+		return pageEval[chart](t, ctx, `(() => {
+			const svg = document.querySelector("#chart svg");
+			return {
+				From: svg.dataset.from, To: svg.dataset.to,
+				Days: [...svg.querySelectorAll("g.chart-day")].map(g => ({
+					date: g.dataset.date, total: +g.dataset.total,
+					used: Object.fromEntries([...g.querySelectorAll("rect.chart-seg")].map(r => [r.dataset.feature, +r.dataset.used])),
+				})),
+				Table: [...document.querySelectorAll("#usage-table tr")].map(tr => [...tr.cells].map(c => c.textContent)),
+				Legend: [...document.querySelectorAll("#chart-legend li")].map(li => li.dataset.feature),
+			};
+		})()`)
+	}
+	// checkChart compares the chart with the API's usage of its days, and
+	// returns the API's answer.
+	checkChart := func(c chart, days int) []chartDay {
+		t.Helper()
+		var usage struct {
+			Org  string     `json:"org"`
+			Days []chartDay `json:"days"`
+		}
+		if status := api.call(t, http.MethodGet, "/orgs/acme/usage?from="+c.From+"&to="+c.To, "", &usage); status != http.StatusOK {
+			t.Fatalf("usage %s to %s: %d", c.From, c.To, status)
+		}
+		if len(usage.Days) != days || len(c.Days) != days {
+			t.Fatalf("%d days charted, the API answers %d days from %s to %s; want %d", len(c.Days), len(usage.Days), c.From, c.To, days)
+		}
+		to, err := time.Parse(time.DateOnly, c.To)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := to.AddDate(0, 0, -(days - 1)).Format(time.DateOnly); c.From != want {
+			t.Errorf("the chart of %d days starts on %s, want %s", days, c.From, want)
+		}
+		features := map[string]bool{}
+		header := []string{"Date (UTC)"}
+		for i, d := range usage.Days {
+			var total int64
+			used := map[string]int64{}
+			for f, n := range d.Used {
+				total += n
+				if n != 0 {
+					used[f] = n
+					features[f] = true
+				}
+			}
+			if got := c.Days[i]; got.Date != d.Date || got.Total != total || fmt.Sprint(got.Used) != fmt.Sprint(used) {
+				t.Errorf("day %d charted: %+v, want the API's %s: %v (%d)", i, got, d.Date, used, total)
+			}
+		}
+		for _, f := range c.Legend {
+			header = append(header, f)
+		}
+		header = append(header, "Total")
+		if len(c.Legend) != len(features) {
+			t.Errorf("legend %v, want the features %v", c.Legend, features)
+		}
+		if len(c.Table) != days+1 || fmt.Sprint(c.Table[0]) != fmt.Sprint(header) {
+			t.Fatalf("the table has %d rows, header %v; want %d, %v", len(c.Table), c.Table[0], days+1, header)
+		}
+		for i, d := range usage.Days {
+			row := []string{d.Date}
+			var total int64
+			for _, f := range c.Legend {
+				row = append(row, fmt.Sprint(d.Used[f]))
+				total += d.Used[f]
+			}
+			row = append(row, fmt.Sprint(total))
+			if got := c.Table[i+1]; fmt.Sprint(got) != fmt.Sprint(row) {
+				t.Errorf("table row %d: %v, want %v", i+1, got, row)
+			}
+		}
+		return usage.Days
+	}
+	c := readChart(30)
+	var byDefault struct {
+		Days []chartDay `json:"days"`
+	}
+	api.call(t, http.MethodGet, "/orgs/acme/usage", "", &byDefault)
+	if len(byDefault.Days) != 30 || c.From != byDefault.Days[0].Date || c.To != byDefault.Days[29].Date {
+		t.Errorf("the chart shows %s to %s, want the API's default range of %d days", c.From, c.To, len(byDefault.Days))
+	}
+	days := checkChart(c, 30)
+	if today := days[29]; today.Date != time.Now().UTC().Format(time.DateOnly) || fmt.Sprint(today.Used) != "map[flows:1 rich-text:3]" {
+		t.Errorf("acme's usage today: %+v", today)
+	}
+	if fmt.Sprint(c.Legend) != "[rich-text flows]" {
+		t.Errorf("legend %v, want the most used first", c.Legend)
+	}
+	pageWaitContains(t, ctx, "#chart-summary", "4 credits used from ")
+	pageWaitContains(t, ctx, "#chart-summary", ": rich-text 3, flows 1.")
+	checkAccessibility(t, ctx)
+	for _, r := range []struct {
+		value string
+		days  int
+	}{{"90", 90}, {"396", 396}, {"30", 30}} {
+		pageClick(t, ctx, fmt.Sprintf(`#chart-range input[value="%s"]`, r.value))
+		checkChart(readChart(r.days), r.days)
+	}
+	pageDo(t, ctx, "scroll to the chart", chromedp.Evaluate[chromedp.Void](`document.querySelector(".chart-head").scrollIntoView()`))
+	pageScreenshot(t, ctx, "console-usage.png")
+
+	// An adjustment with a negative amount: the balance falls by exactly
+	// it, and the event keeps the reason.
+	type event struct {
+		Kind   string `json:"kind"`
+		Delta  int64  `json:"delta"`
+		Reason string `json:"reason"`
+	}
+	readEvents := func() []event {
+		t.Helper()
+		var events struct {
+			Events []event `json:"events"`
+		}
+		api.call(t, http.MethodGet, "/orgs/acme/events?limit=20", "", &events)
+		return events.Events
+	}
+	balance := func() int64 {
+		t.Helper()
+		var acct testAccount
+		if status := api.call(t, http.MethodGet, "/orgs/acme", "", &acct); status != http.StatusOK {
+			t.Fatalf("acme's account: %d", status)
+		}
+		return acct.Balance
+	}
+	before := balance()
+	const reason = "Credit back a duplicate charge (ticket 4711)"
+	pageType(t, ctx, "#adjust-amount", "-7")
+	pageType(t, ctx, "#adjust-reason", reason)
+	pageDo(t, ctx, "scroll to the adjust form", chromedp.Evaluate[chromedp.Void](`document.getElementById("adjust").scrollIntoView({block: "center"})`))
+	pageScreenshot(t, ctx, "console-adjust.png")
+	pageClick(t, ctx, "#adjust-submit")
+	pageWaitContains(t, ctx, "#status", fmt.Sprintf("Adjusted acme by -7 credits: %q. Balance: %d credits.", reason, before-7))
+	if after := balance(); after != before-7 {
+		t.Errorf("acme's balance after an adjustment of -7: %d, was %d", after, before)
+	}
+	pageWaitText(t, ctx, "#balance", fmt.Sprint(before-7))
+	pageWaitText(t, ctx, "#events tbody tr:first-child td:nth-child(2)", "adjust")
+	pageWaitText(t, ctx, "#events tbody tr:first-child td:nth-child(4)", "-7")
+	pageWaitText(t, ctx, "#events tbody tr:first-child td:nth-child(7)", reason)
+	if ev := readEvents(); len(ev) == 0 || ev[0] != (event{"adjust", -7, reason}) {
+		t.Errorf("acme's last event: %+v, want the adjustment", ev)
+	}
+	pageWaitText(t, ctx, `#org-list .org-item[data-org="acme"] .org-balance`, fmt.Sprintf("%d credits", before-7))
+	if got := pageEval[string](t, ctx, `document.getElementById("adjust-amount").value + "|" + document.getElementById("adjust-reason").value`); got != "|" {
+		t.Errorf("the adjust form after success: %q, want it empty", got)
+	}
+	checkChart(readChart(30), 30)
+
+	// Bad adjustments are refused in the page with the API's own words,
+	// and nothing is sent; one the API refuses shows its detail.
+	eventsBefore := readEvents()
+	balanceBefore := balance()
+	for _, c := range []struct {
+		amount, reason, field string
+	}{
+		{"0", "nothing", "adjust-amount"},
+		{"-3", "", "adjust-reason"},
+		{"1000000000001", "too much", "adjust-amount"},
+		{"2.5", "half", "adjust-amount"},
+		{"-3", "   ", "adjust-reason"},
+	} {
+		body, _ := json.Marshal(map[string]any{"amount": json.Number(c.amount), "reason": c.reason, "reference": "check-1"})
+		detail := api.problem(t, http.MethodPost, "/orgs/acme/adjust", string(body))
+		pageType(t, ctx, "#adjust-amount", c.amount)
+		pageType(t, ctx, "#adjust-reason", c.reason)
+		pageClick(t, ctx, "#adjust-submit")
+		if c.amount == "2.5" {
+			// The API fails to decode a fraction; the page says it as it
+			// says any amount out of bounds.
+			detail = `invalid amount "2.5": must be -1000000000000 to 1000000000000, and not 0`
+		}
+		// The page's text is compared with its spaces collapsed.
+		pageWaitText(t, ctx, "#error", strings.Join(strings.Fields("Adjustment not sent: "+detail), " "))
+		if got := pageEval[string](t, ctx, `document.activeElement.id + " " + document.activeElement.getAttribute("aria-invalid")`); got != c.field+" true" {
+			t.Errorf("amount %q, reason %q: the focus is on %q, want %s, marked invalid", c.amount, c.reason, got, c.field)
+		}
+		pageType(t, ctx, "#adjust-amount", "")
+		pageType(t, ctx, "#adjust-reason", "")
+		pageClick(t, ctx, "#adjust-submit")
+		pageWaitContains(t, ctx, "#error", "Adjustment not sent: invalid amount \"\"")
+	}
+	pageWaitText(t, ctx, "#balance", fmt.Sprint(balanceBefore))
+	if after := balance(); after != balanceBefore {
+		t.Errorf("acme's balance after refused adjustments: %d, want %d", after, balanceBefore)
+	}
+	if got := readEvents(); fmt.Sprint(got) != fmt.Sprint(eventsBefore) {
+		t.Errorf("events after refused adjustments: %+v, want %+v", got, eventsBefore)
+	}
+	pageType(t, ctx, "#token", "wrong-token")
+	pageType(t, ctx, "#adjust-amount", "-1")
+	pageType(t, ctx, "#adjust-reason", "sent with a wrong token")
+	pageClick(t, ctx, "#adjust-submit")
+	pageWaitText(t, ctx, "#error", "Adjustment refused: "+unauthorized)
+	if after := balance(); after != balanceBefore {
+		t.Errorf("acme's balance after an adjustment the API refused: %d, want %d", after, balanceBefore)
 	}
 }
 

@@ -1,15 +1,27 @@
 // The usage console: reads and changes an org's credits through the admin
 // API. Every URL is relative to the page, which credits_admin serves at its
 // mount root, so the console works under any prefix. Errors shown are the
-// API's own (the problem's detail): the console checks nothing itself.
+// API's own (the problem's detail): the console checks nothing itself, but
+// for an adjustment, which it checks as the API does before sending it.
 // Every write is safe to send again: a top-up carries a reference (one the
 // console makes when the field is empty, kept in the field until the top-up
-// succeeds), and a capture or a release names its hold.
+// succeeds), an adjustment a fresh reference, kept while the same
+// adjustment is retried, and a capture or a release names its hold.
 'use strict';
 
 (() => {
 	const TOKEN_KEY = 'credits-console-token';
 	const EVENTS_SHOWN = 20;
+	const ORGS_PAGE = 50;
+	// The API's bounds of an adjustment (meter.Ledger.Adjust).
+	const MAX_AMOUNT = 1000000000000n;
+	const MAX_REASON = 500;
+	const DAY_MS = 24 * 60 * 60 * 1000;
+	// The chart's size in its own units; it scales to the page's width.
+	const CHART = { width: 800, height: 240, left: 52, right: 8, top: 12, bottom: 30 };
+	// How many colours the chart has (.s0 to .s7 in console.css).
+	const SERIES = 8;
+	const SVG = 'http://www.w3.org/2000/svg';
 
 	const $ = (id) => document.getElementById(id);
 	const el = {
@@ -24,15 +36,42 @@
 		planForm: $('plan-form'), allowance: $('allowance'), month: $('month'),
 		events: document.querySelector('#events tbody'),
 		holds: document.querySelector('#holds tbody'), holdsTable: $('holds'), holdsEmpty: $('holds-empty'),
+		orgSearchForm: $('org-search-form'), orgSearch: $('org-search'), orgsReload: $('orgs-reload'),
+		orgsCount: $('orgs-count'), orgList: $('org-list'), orgsMore: $('orgs-more'),
+		chartRange: $('chart-range'), chart: $('chart'), chartLegend: $('chart-legend'),
+		chartSummary: $('chart-summary'),
+		usageTableHead: document.querySelector('#usage-table thead tr'),
+		usageTable: document.querySelector('#usage-table tbody'),
+		adjust: $('adjust'), adjustAmount: $('adjust-amount'), adjustReason: $('adjust-reason'),
 	};
 
 	const number = new Intl.NumberFormat('en-US');
 	const longDate = new Intl.DateTimeFormat('en-GB', { dateStyle: 'long', timeZone: 'UTC' });
+	const dayMonth = new Intl.DateTimeFormat('en-GB', { day: 'numeric', month: 'short', timeZone: 'UTC' });
+	const monthOnly = new Intl.DateTimeFormat('en-GB', { month: 'short', timeZone: 'UTC' });
+	const monthYear = new Intl.DateTimeFormat('en-GB', { month: 'short', year: 'numeric', timeZone: 'UTC' });
 	const months = ['January', 'February', 'March', 'April', 'May', 'June', 'July',
 		'August', 'September', 'October', 'November', 'December'];
 
 	// The account on screen, if any.
 	let shown = null;
+
+	// The orgs listed so far, in the API's order, each with its list item,
+	// and the org to list from next ('' when all are listed); loaded says
+	// whether a first page came. orgsCall counts the list's calls, so that
+	// only the latest one's answer is shown.
+	const listed = new Map();
+	let orgsNext = '';
+	let orgsLoaded = false;
+	let orgsCall = 0;
+
+	// chartCall counts the chart's reads, likewise.
+	let chartCall = 0;
+
+	// pendingAdjust is the adjustment last sent whose outcome is unknown:
+	// sent again unchanged, it goes with the same reference, so it applies
+	// once.
+	let pendingAdjust = null;
 
 	class APIError extends Error {
 		constructor(status, detail) {
@@ -154,6 +193,7 @@
 		el.period.replaceChildren('(since ', timeElement(acct.period_start, longDate.format(new Date(acct.period_start))), ')');
 		renderUsage(acct.used || {});
 		el.account.hidden = false;
+		updateListed(acct.org, acct.balance);
 	}
 
 	// renderUsage draws the credits used per feature as horizontal bars,
@@ -207,6 +247,7 @@
 			cell((ev.delta > 0 ? '+' : '') + number.format(ev.delta), 'num');
 			cell(number.format(ev.balance), 'num');
 			cell(ev.ref || '', 'ref').title = ev.ref || '';
+			cell(ev.reason || '', 'reason').title = ev.reason || '';
 			return tr;
 		}));
 	}
@@ -259,6 +300,402 @@
 		}));
 		el.holdsTable.hidden = holds.length === 0;
 		el.holdsEmpty.hidden = holds.length !== 0;
+	}
+
+	// The org list. Each org is a button that opens it; the search box
+	// hides the ones whose id does not contain what is typed.
+
+	function orgItem(org, balance) {
+		const li = document.createElement('li');
+		const button = document.createElement('button');
+		button.type = 'button';
+		button.className = 'org-item';
+		button.dataset.org = org;
+		const name = document.createElement('span');
+		name.className = 'org-id';
+		name.textContent = org;
+		const figure = document.createElement('span');
+		figure.className = 'org-balance';
+		button.append(name, figure);
+		button.addEventListener('click', () => {
+			el.org.value = org;
+			busy(el.lookup, show);
+		});
+		li.append(button);
+		const item = { li, button, figure, balance: 0 };
+		setListedBalance(item, balance);
+		return item;
+	}
+
+	function setListedBalance(item, balance) {
+		item.balance = balance;
+		item.button.dataset.balance = String(balance);
+		item.figure.textContent = credits(balance);
+	}
+
+	// updateListed shows a new balance of a listed org, and which org is open.
+	function updateListed(org, balance) {
+		const item = listed.get(org);
+		if (item) {
+			setListedBalance(item, balance);
+		}
+		for (const [id, it] of listed) {
+			if (id === org) {
+				it.button.setAttribute('aria-current', 'true');
+			} else {
+				it.button.removeAttribute('aria-current');
+			}
+		}
+	}
+
+	function filterOrgs() {
+		const q = el.orgSearch.value.trim().toLowerCase();
+		let matches = 0;
+		for (const [org, item] of listed) {
+			item.li.hidden = q !== '' && !org.toLowerCase().includes(q);
+			if (!item.li.hidden) {
+				matches++;
+			}
+		}
+		if (!orgsLoaded) {
+			return;
+		}
+		const more = orgsNext ? '; More lists the next ones' : '';
+		if (q === '') {
+			el.orgsCount.textContent = listed.size === 0
+				? 'Redis holds no organizations yet.'
+				: number.format(listed.size) + (listed.size === 1 ? ' organization' : ' organizations') + ' listed' + more + '.';
+		} else {
+			el.orgsCount.textContent = number.format(matches) + ' of ' + number.format(listed.size) +
+				' listed match ' + JSON.stringify(el.orgSearch.value.trim()) + more +
+				(matches === 0 ? '. Open goes to that id.' : '.');
+		}
+	}
+
+	// loadOrgs lists the first page of orgs again or, with more, the next.
+	async function loadOrgs(more) {
+		const n = ++orgsCall;
+		const after = more ? orgsNext : '';
+		try {
+			const data = await call('GET', 'orgs?limit=' + ORGS_PAGE + (after ? '&after=' + encodeURIComponent(after) : ''));
+			if (n !== orgsCall) {
+				return;
+			}
+			if (!more) {
+				listed.clear();
+				el.orgList.replaceChildren();
+			}
+			for (const o of data.orgs || []) {
+				const item = orgItem(o.org, o.balance);
+				listed.set(o.org, item);
+				el.orgList.append(item.li);
+			}
+			orgsNext = data.next || '';
+			orgsLoaded = true;
+			el.orgsMore.hidden = orgsNext === '';
+			if (shown) {
+				updateListed(shown.org, shown.balance);
+			}
+			filterOrgs();
+		} catch (err) {
+			if (n === orgsCall) {
+				el.orgsCount.textContent = 'Could not list the organizations: ' + err.message;
+			}
+		}
+	}
+
+	// The chart of the credits used per day: a stacked bar a day, a colour
+	// a feature. The summary and the table say the same in text.
+
+	function isoDate(ms) {
+		return new Date(ms).toISOString().slice(0, 10);
+	}
+
+	function dayMs(date) {
+		return Date.parse(date + 'T00:00:00Z');
+	}
+
+	function chartDays() {
+		const checked = el.chartRange.querySelector('input:checked');
+		return Number(checked ? checked.value : 30);
+	}
+
+	function svg(name, attrs) {
+		const e = document.createElementNS(SVG, name);
+		for (const [k, v] of Object.entries(attrs || {})) {
+			e.setAttribute(k, String(v));
+		}
+		return e;
+	}
+
+	// niceStep is a step of 1, 2 or 5 times a power of ten, at least 1,
+	// about a quarter of max.
+	function niceStep(max) {
+		const rough = Math.max(1, max / 4);
+		const p = 10 ** Math.floor(Math.log10(rough));
+		const m = rough / p;
+		return Math.max(1, (m <= 1 ? 1 : m <= 2 ? 2 : m <= 5 ? 5 : 10) * p);
+	}
+
+	function dayText(day) {
+		const parts = Object.entries(day.used).map(([f, n]) => f + ' ' + number.format(n));
+		return longDate.format(new Date(dayMs(day.date))) + ': ' + credits(day.total) +
+			(parts.length ? ' (' + parts.join(', ') + ')' : '');
+	}
+
+	function renderChart(data, from, to) {
+		const days = (data.days || []).map((d) => {
+			const used = {};
+			let total = 0;
+			for (const [f, n] of Object.entries(d.used || {})) {
+				used[f] = Number(n) || 0;
+				total += used[f];
+			}
+			return { date: d.date, used, total };
+		});
+		// The features, the most used first, keep one colour throughout.
+		const totals = new Map();
+		for (const d of days) {
+			for (const [f, n] of Object.entries(d.used)) {
+				totals.set(f, (totals.get(f) || 0) + n);
+			}
+		}
+		const features = [...totals.keys()].sort((a, b) => totals.get(b) - totals.get(a) || a.localeCompare(b));
+		const series = new Map(features.map((f, i) => [f, 's' + (i % SERIES)]));
+
+		const { width, height, left, right, top, bottom } = CHART;
+		const plotW = width - left - right, plotH = height - top - bottom;
+		const max = Math.max(0, ...days.map((d) => d.total));
+		const step = niceStep(max);
+		const ceiling = Math.max(step, Math.ceil(max / step) * step);
+		const y = (v) => top + plotH - plotH * v / ceiling;
+
+		const root = svg('svg', {
+			viewBox: '0 0 ' + width + ' ' + height, role: 'img', class: 'chart-svg',
+			'aria-label': 'Credits used per day, ' + from + ' to ' + to + ', a stacked bar a day',
+		});
+		root.dataset.from = from;
+		root.dataset.to = to;
+		root.dataset.days = String(days.length);
+		const grid = svg('g', { class: 'chart-grid', 'aria-hidden': 'true' });
+		for (let v = 0; v <= ceiling; v += step) {
+			grid.append(svg('line', { x1: left, x2: width - right, y1: y(v), y2: y(v) }));
+			const label = svg('text', { x: left - 6, y: y(v) + 4, 'text-anchor': 'end', class: 'chart-axis' });
+			label.textContent = number.format(v);
+			grid.append(label);
+		}
+		root.append(grid);
+
+		const slot = plotW / Math.max(1, days.length);
+		const barW = Math.max(1, slot * 0.75);
+		const bars = svg('g', { class: 'chart-bars' });
+		const axis = svg('g', { class: 'chart-x', 'aria-hidden': 'true' });
+		// Below two months, a date every few days; above, each month's first.
+		const every = Math.ceil(64 / slot);
+		days.forEach((d, i) => {
+			const x = left + i * slot;
+			const g = svg('g', { class: 'chart-day' });
+			g.dataset.date = d.date;
+			g.dataset.total = String(d.total);
+			const title = svg('title');
+			title.textContent = dayText(d);
+			g.append(title, svg('rect', { class: 'chart-hit', x, y: top, width: slot, height: plotH }));
+			let base = 0;
+			for (const f of features) {
+				const n = d.used[f];
+				if (!n) {
+					continue;
+				}
+				const seg = svg('rect', {
+					class: 'chart-seg ' + series.get(f), x: x + (slot - barW) / 2,
+					y: y(base + n), width: barW, height: y(base) - y(base + n),
+				});
+				seg.dataset.feature = f;
+				seg.dataset.used = String(n);
+				g.append(seg);
+				base += n;
+			}
+			bars.append(g);
+
+			const date = new Date(dayMs(d.date));
+			let label = '';
+			if (days.length <= 60) {
+				label = i % every === 0 ? dayMonth.format(date) : '';
+			} else if (date.getUTCDate() === 1) {
+				label = date.getUTCMonth() === 0 ? monthYear.format(date) : monthOnly.format(date);
+			}
+			if (label) {
+				axis.append(svg('line', { x1: x + slot / 2, x2: x + slot / 2, y1: top + plotH, y2: top + plotH + 4 }));
+				const text = svg('text', { x: x + slot / 2, y: height - 10, 'text-anchor': 'middle', class: 'chart-axis' });
+				text.textContent = label;
+				axis.append(text);
+			}
+		});
+		root.append(bars, axis, svg('line', { class: 'chart-base', x1: left, x2: width - right, y1: top + plotH, y2: top + plotH }));
+		el.chart.replaceChildren(root);
+		el.chart.dataset.state = 'ready';
+
+		el.chartLegend.replaceChildren(...features.map((f) => {
+			const li = document.createElement('li');
+			li.dataset.feature = f;
+			const swatch = document.createElement('span');
+			swatch.className = 'swatch ' + series.get(f);
+			swatch.setAttribute('aria-hidden', 'true');
+			li.append(swatch, f + ' ' + credits(totals.get(f)));
+			return li;
+		}));
+		el.chartLegend.hidden = features.length === 0;
+
+		const sum = days.reduce((s, d) => s + d.total, 0);
+		const span = longDate.format(new Date(dayMs(from))) + ' to ' + longDate.format(new Date(dayMs(to))) +
+			' (' + number.format(days.length) + ' days, UTC)';
+		if (sum === 0) {
+			el.chartSummary.textContent = 'No credits used from ' + span + '.';
+		} else {
+			const busiest = days.reduce((a, b) => (b.total > a.total ? b : a));
+			el.chartSummary.textContent = credits(sum) + ' used from ' + span + ': ' +
+				features.map((f) => f + ' ' + number.format(totals.get(f))).join(', ') +
+				'. The most on ' + dayText(busiest) + '.';
+		}
+
+		const th = (text, cls) => {
+			const e = document.createElement('th');
+			e.scope = 'col';
+			if (cls) {
+				e.className = cls;
+			}
+			e.textContent = text;
+			return e;
+		};
+		el.usageTableHead.replaceChildren(th('Date (UTC)'), ...features.map((f) => th(f, 'num')), th('Total', 'num'));
+		el.usageTable.replaceChildren(...days.map((d) => {
+			const tr = document.createElement('tr');
+			tr.dataset.date = d.date;
+			const date = document.createElement('th');
+			date.scope = 'row';
+			date.textContent = d.date;
+			tr.append(date);
+			for (const v of [...features.map((f) => d.used[f] || 0), d.total]) {
+				const td = document.createElement('td');
+				td.className = 'num';
+				td.textContent = number.format(v);
+				tr.append(td);
+			}
+			return tr;
+		}));
+	}
+
+	// refreshChart reads the org's usage per day over the range chosen,
+	// ending today (UTC).
+	async function refreshChart(org) {
+		const n = ++chartCall;
+		const days = chartDays();
+		const now = Date.now();
+		const to = isoDate(now), from = isoDate(now - (days - 1) * DAY_MS);
+		el.chart.dataset.state = 'loading';
+		el.chart.setAttribute('aria-busy', 'true');
+		try {
+			const data = await call('GET', orgPath(org, 'usage') + '?from=' + from + '&to=' + to);
+			if (n === chartCall) {
+				renderChart(data, from, to);
+			}
+		} catch (err) {
+			if (n === chartCall) {
+				el.chart.dataset.state = 'error';
+				const p = document.createElement('p');
+				p.className = 'chart-message';
+				p.textContent = 'The usage per day could not be read: ' + err.message;
+				el.chart.replaceChildren(p);
+				el.chartLegend.replaceChildren();
+				el.chartSummary.textContent = '';
+				el.usageTableHead.replaceChildren();
+				el.usageTable.replaceChildren();
+			}
+		} finally {
+			if (n === chartCall) {
+				el.chart.removeAttribute('aria-busy');
+			}
+		}
+	}
+
+	// An adjustment is checked here as the API checks it, with the API's
+	// words, so that a mistake costs no call.
+
+	class InputError extends Error {
+		constructor(field, value, reason) {
+			super('invalid ' + field + ' ' + JSON.stringify(value.length > 80 ? value.slice(0, 80) + '...' : value) + ': ' + reason);
+			this.field = field;
+		}
+	}
+
+	// adjustAmount is the amount typed, as a JSON integer, or throws.
+	function adjustAmount(text) {
+		const s = text.trim();
+		const reason = 'must be ' + (-MAX_AMOUNT) + ' to ' + MAX_AMOUNT + ', and not 0';
+		if (!/^-?\d+$/.test(s)) {
+			throw new InputError('amount', s, reason);
+		}
+		const n = BigInt(s);
+		if (n === 0n || n > MAX_AMOUNT || n < -MAX_AMOUNT) {
+			throw new InputError('amount', n.toString(), reason);
+		}
+		return n.toString();
+	}
+
+	// checkReason throws unless reason is 1 to MAX_REASON bytes of text
+	// without control characters (one line), not only spaces.
+	function checkReason(reason) {
+		const bad = reason === '' || new TextEncoder().encode(reason).length > MAX_REASON ||
+			/\p{Cc}|\p{Cs}/u.test(reason) ||
+			/^[\t\n\v\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*$/.test(reason);
+		if (bad) {
+			throw new InputError('reason', reason, 'must be 1 to ' + MAX_REASON + ' bytes of text without control characters');
+		}
+	}
+
+	async function adjust() {
+		const org = shown.org;
+		el.adjustAmount.removeAttribute('aria-invalid');
+		el.adjustReason.removeAttribute('aria-invalid');
+		const reason = el.adjustReason.value;
+		let amount;
+		try {
+			amount = adjustAmount(el.adjustAmount.value);
+			checkReason(reason);
+		} catch (err) {
+			const field = err.field === 'amount' ? el.adjustAmount : el.adjustReason;
+			field.setAttribute('aria-invalid', 'true');
+			fail('Adjustment not sent', err);
+			field.focus();
+			return;
+		}
+		const again = pendingAdjust && pendingAdjust.org === org &&
+			pendingAdjust.amount === amount && pendingAdjust.reason === reason;
+		const reference = again ? pendingAdjust.reference : newReference();
+		pendingAdjust = { org, amount, reason, reference };
+		const body = jsonObject([
+			['amount', amount],
+			['reason', JSON.stringify(reason)],
+			['reference', JSON.stringify(reference)],
+		]);
+		try {
+			const acct = await call('POST', orgPath(org, 'adjust'), body);
+			pendingAdjust = null;
+			renderAccount(acct);
+			el.adjustAmount.value = '';
+			el.adjustReason.value = '';
+			await Promise.all([refreshEvents(org), refreshChart(org)]).catch(() => {});
+			say('Adjusted ' + org + ' by ' + (amount.startsWith('-') ? '' : '+') + credits(Number(amount)) +
+				': ' + JSON.stringify(reason) + '. Balance: ' + credits(acct.balance) + '.');
+		} catch (err) {
+			fail('Adjustment refused', err);
+			if (outcomeUnknown(err)) {
+				el.status.textContent = 'Press Apply adjustment again to retry: it goes with the same reference, ' +
+					reference + ', and applies once.';
+			} else {
+				pendingAdjust = null;
+			}
+		}
 	}
 
 	function fillPlanForm(acct) {
@@ -338,9 +775,15 @@
 			renderHolds(holds.holds || []);
 			fillPlanForm(acct);
 			say('Showing organization ' + acct.org + '.');
+			refreshChart(acct.org);
+			if (!orgsLoaded) {
+				loadOrgs(false);
+			}
 		} catch (err) {
 			shown = null;
+			chartCall++;
 			el.account.hidden = true;
+			updateListed('', 0);
 			fail('Could not show organization ' + JSON.stringify(org), err);
 		}
 	}
@@ -415,4 +858,25 @@
 		ev.preventDefault();
 		busy(el.planForm, setPlan);
 	});
+	el.adjust.addEventListener('submit', (ev) => {
+		ev.preventDefault();
+		busy(el.adjust, adjust);
+	});
+	el.orgSearch.addEventListener('input', filterOrgs);
+	el.orgSearchForm.addEventListener('submit', (ev) => {
+		ev.preventDefault();
+		const org = el.orgSearch.value.trim();
+		if (org !== '') {
+			el.org.value = org;
+			busy(el.orgSearchForm, show);
+		}
+	});
+	el.orgsReload.addEventListener('click', () => busyButton(el.orgsReload, () => loadOrgs(false)));
+	el.orgsMore.addEventListener('click', () => busyButton(el.orgsMore, () => loadOrgs(true)));
+	el.chartRange.addEventListener('change', () => {
+		if (shown) {
+			refreshChart(shown.org);
+		}
+	});
+	loadOrgs(false);
 })();
