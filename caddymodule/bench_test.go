@@ -60,7 +60,9 @@ http://127.0.0.1:%[2]d {
 // over loopback HTTP, to a real upstream, with a real redis-server: plain
 // is reverse_proxy alone, metered is credits in front of it with the
 // default settings (which lease a busy org's credits), metered-lease-off
-// the same with lease off, one charge script per call. The difference is
+// the same with lease off, one charge script per call, and
+// metered-alerts-down the default settings with balance alerts whose
+// receiver is down (every call below the threshold). The difference is
 // what metering costs a call;
 // allocs/op counts the client's, Caddy's and
 // the upstream's allocations together, alike on both.
@@ -75,6 +77,10 @@ func BenchmarkRequestPath(b *testing.B) {
 	client := &http.Client{Transport: &http.Transport{MaxIdleConns: 1024, MaxIdleConnsPerHost: 1024}}
 	b.Cleanup(client.CloseIdleConnections)
 
+	// Alerts to a receiver that is down: the org's balance is below the
+	// threshold at every call, every check finds the receiver unreachable,
+	// and the deliveries retry in the background.
+	down := fmt.Sprintf("alerts http://127.0.0.1:%d/hook {\n\t\t\tsecret bench\n\t\t\tthresholds 1000000000000\n\t\t}", freePort(b))
 	loaded := "none"
 	for _, route := range []struct {
 		name, path, charged, option string
@@ -82,6 +88,7 @@ func BenchmarkRequestPath(b *testing.B) {
 		{"plain", "/plain/v1/generate", "", ""},
 		{"metered", "/metered/v1/generate", "1", ""},
 		{"metered-lease-off", "/metered/v1/generate", "1", "lease off"},
+		{"metered-alerts-down", "/metered/v1/generate", "1", down},
 	} {
 		if route.option != loaded {
 			loadBenchCaddyfile(b, fmt.Sprintf(benchRequestPathCaddyfile, srv.Addr, port, up.Listener.Addr(), route.option))
