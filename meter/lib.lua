@@ -18,8 +18,8 @@
 -- live holds keep: of this period's allowance, of an ended period's
 -- allowance, of purchased credits), hx (the earliest expiry of a live hold,
 -- Redis time in ms), u:<feature> (credits used by a feature this period)
--- and d:<yyyymmdd>:<feature> (credits used by a feature on a UTC day, net of
--- refunds, kept 13 months).
+-- and <yyyymmdd>:<feature> (credits used by a feature on a UTC day, net of
+-- refunds, kept 13 months; the only fields that start with a digit).
 --
 -- balance = rem + pur + ha + ho + hp; available = rem + pur.
 --
@@ -114,12 +114,14 @@ local function next_after(ym, month)
   return n
 end
 
--- The account hash's fields but u:<feature>, and the value each reads as
--- when it is absent (nil: no default; a, m, own, rem, pur, ps and nx must be
--- there).
+-- The account hash's fields but u:<feature> and <yyyymmdd>:<feature>, and the
+-- value each reads as when it is absent (nil: no default; a, rem and nx
+-- must be there; ps, absent, is the start of the plan year that ends at nx).
+-- A field at its default is not written: an idle org's hash holds what
+-- tells it apart, and no more.
 local FIELDS = {'a', 'm', 'own', 'rem', 'pur', 'ps', 'nx', 'pn', 'cd', 'seq', 'ha', 'ho', 'hp', 'hx', 'pa', 'pm'}
-local DEFAULTS = {pn = 0, cd = 0, seq = 0, ha = 0, ho = 0, hp = 0}
-local REQUIRED = {'a', 'm', 'own', 'rem', 'pur', 'ps', 'nx'}
+local DEFAULTS = {m = 1, own = 0, pur = 0, pn = 0, cd = 0, seq = 0, ha = 0, ho = 0, hp = 0}
+local REQUIRED = {'a', 'rem', 'nx'}
 
 local function held(acc)
   return acc.ha + acc.ho + acc.hp
@@ -173,12 +175,18 @@ local function catch_up(acc)
   end
 end
 
+-- A new account's first period is number 0 (the default: not written).
 local function new_account(allowance, month)
-  local acc = {a = allowance, m = month, own = 0, rem = 0, pur = 0, ha = 0, ho = 0, hp = 0, seq = 0,
+  local acc = {a = allowance, m = month, own = 0, rem = 0, pur = 0, ha = 0, ho = 0, hp = 0, seq = 0, pn = -1,
     used = {}, used_delta = {}, day_delta = {}, events = {}, created = true, stored = {}}
-  for f, v in pairs(DEFAULTS) do acc.stored[f] = v end
   start_period(acc, ym_unix(now_ym - ((now_ym % 12) - (month - 1)) % 12), next_after(now_ym, month))
   return acc
+end
+
+-- Whether an account field is a day's usage: <yyyymmdd>:<feature>.
+local function is_day(f)
+  local c = string.byte(f, 1)
+  return c ~= nil and c >= 48 and c <= 57
 end
 
 -- Loads the account at key, or nil when Redis holds nothing for it. A field
@@ -186,7 +194,8 @@ end
 -- with_used, acc.used holds every feature's usage this period (reply needs
 -- it); without, usage is only added to (add_used) or read one feature at a
 -- time (used_of), which keeps a charge from reading every feature's field.
--- acc.stored keeps the fields as read, so commit writes only what changed.
+-- acc.stored keeps the fields as the hash holds them (nil when absent), so
+-- commit writes only what changed.
 local function load(key, with_used)
   local acc = {key = key, events = {}, used_delta = {}, day_delta = {}, stored = {}}
   if with_used then
@@ -199,10 +208,9 @@ local function load(key, with_used)
       if not n then
         error('account field ' .. f .. ' is not a number')
       end
-      local kind = string.sub(f, 1, 2)
-      if kind == 'u:' then
+      if string.sub(f, 1, 2) == 'u:' then
         acc.used[string.sub(f, 3)] = n
-      elseif kind ~= 'd:' then
+      elseif not is_day(f) then
         acc.stored[f] = n
       end
     end
@@ -227,12 +235,12 @@ local function load(key, with_used)
       error('account field ' .. f .. ' is missing')
     end
   end
-  for f, v in pairs(DEFAULTS) do
-    if not acc.stored[f] then acc.stored[f] = v end
-  end
   for _, f in ipairs(FIELDS) do
-    acc[f] = acc.stored[f]
+    local v = acc.stored[f]
+    if v == nil then v = DEFAULTS[f] end
+    acc[f] = v
   end
+  if not acc.ps then acc.ps = ym_unix(acc.nx - 12) end
   catch_up(acc)
   return acc
 end
@@ -295,7 +303,7 @@ end
 -- is the call's: a refund counts on the day of the charge it gives back.
 local function add_day(acc, feature, n, day)
   if n == 0 then return end
-  local f = 'd:' .. (day or today()) .. ':' .. feature
+  local f = (day or today()) .. ':' .. feature
   acc.day_delta[f] = (acc.day_delta[f] or 0) + n
 end
 
@@ -312,7 +320,7 @@ end
 
 -- A feature's usage today, with what this script added to it.
 local function used_today(acc, feature)
-  local f = 'd:' .. today() .. ':' .. feature
+  local f = today() .. ':' .. feature
   if acc.created then return acc.day_delta[f] or 0 end
   return tonumber(redis.call('HGET', acc.key, f) or 0) + (acc.day_delta[f] or 0)
 end
@@ -328,7 +336,7 @@ local function prune_days(key)
   local from = days_kept_from()
   local old = {}
   for _, f in ipairs(redis.call('HKEYS', key)) do
-    if string.sub(f, 1, 2) == 'd:' and string.sub(f, 3, 10) < from then
+    if is_day(f) and string.sub(f, 1, 8) < from then
       table.insert(old, f)
     end
   end
@@ -372,6 +380,9 @@ local function commit(key, events_key, acc, calls)
   local set, gone = {}, {}
   for _, f in ipairs(FIELDS) do
     local v = acc[f]
+    -- A field at its default, or a period start the next recharge
+    -- implies, is left out.
+    if v == DEFAULTS[f] or (f == 'ps' and v == ym_unix(acc.nx - 12)) then v = nil end
     if v ~= acc.stored[f] then
       if v == nil then
         table.insert(gone, f)

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"sort"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/creditsgw/caddy-credits/policy"
@@ -57,11 +56,11 @@ func (l *Ledger) Usage(ctx context.Context, org string, from, to time.Time) ([]D
 	first, last := from.Format("20060102"), to.Format("20060102")
 	byDay := make(map[string]map[string]int64)
 	for f, v := range fields {
-		// d:<yyyymmdd>:<feature>
-		if len(f) < 12 || !strings.HasPrefix(f, "d:") || f[10] != ':' {
+		// <yyyymmdd>:<feature>: the only fields that start with a digit.
+		if len(f) < 10 || f[0] < '0' || f[0] > '9' || f[8] != ':' {
 			continue
 		}
-		day, feature := f[2:10], f[11:]
+		day, feature := f[:8], f[9:]
 		if day < first || day > last {
 			continue
 		}

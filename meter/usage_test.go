@@ -113,7 +113,7 @@ var usageCases = []ledgerCase{
 			}
 			var days []string
 			for _, f := range fields {
-				if strings.HasPrefix(f, "d:") {
+				if f[0] >= '0' && f[0] <= '9' {
 					days = append(days, f)
 				}
 			}
