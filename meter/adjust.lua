@@ -36,13 +36,6 @@ end
 event(acc, 'adjust', amount, '', ARGV[9], nil, reason)
 commit(account_key, events_key, acc)
 write_holds(holds_key, acc)
--- The balance rose: the balance alerts below it are armed again.
-if redis.call('EXISTS', alerts_key) == 1 then
-  redis.call('HSET', alerts_key, 'l', str(balance(acc)))
-end
-local forget = str(srv_now() + ref_kept)
-refs_move(refs_key, forget)
-redis.call('ZADD', refs_key, forget, ref)
-redis.call('ZREMRANGEBYSCORE', refs_key, '-inf', str(srv_now()))
-redis.call('PEXPIRE', refs_key, ref_kept)
+if amount > 0 then rearm_alerts(alerts_key, acc) end
+remember_ref(refs_key, ref, ref_kept)
 return reply(acc, {OK})

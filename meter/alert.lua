@@ -6,8 +6,9 @@
 -- gateways checking at once one records each alert: balance.below for
 -- each threshold the balance is now below and was not below at the last
 -- check, balance.exhausted when the balance reached zero since. The hash
--- holds l (the balance at the last check; a top-up or an adjustment sets
--- it too, which re-arms the thresholds below the new balance), pn (the
+-- holds l (the balance at the last check; a top-up or an adjustment that
+-- adds credits raises it to the new balance, which re-arms the thresholds
+-- below that), pn (the
 -- period of the last check: a new period re-arms them all), n (the alerts
 -- recorded so far) and p:<id> (each pending alert's body, until a gateway
 -- delivered it) with c:<id> (when a gateway last took it on, Redis ms).

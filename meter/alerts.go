@@ -2,7 +2,6 @@ package meter
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"slices"
 	"strconv"
@@ -114,16 +113,7 @@ func (l *Ledger) StaleAlerts(ctx context.Context, stale time.Duration) ([]Alert,
 		}
 		return iter.Err()
 	}
-	var err error
-	switch c := l.rdb.(type) {
-	case *redis.ClusterClient:
-		err = c.ForEachMaster(ctx, scan)
-	case *redis.Client:
-		err = scan(ctx, c)
-	default:
-		err = errors.New("cannot scan this kind of Redis client")
-	}
-	if err != nil {
+	if err := l.eachNode(ctx, scan); err != nil {
 		return nil, fmt.Errorf("stale alerts: %w", err)
 	}
 	slices.SortFunc(out, func(a, b Alert) int { return strings.Compare(a.ID, b.ID) })

@@ -467,6 +467,13 @@ func (l *Ledger) TopUp(ctx context.Context, org string, amount int64, reference 
 	if err != nil {
 		return Account{}, false, fmt.Errorf("top-up: %w", err)
 	}
+	return appliedOnce("top-up", code, acct)
+}
+
+// appliedOnce reads the code of a write applied once per reference: OK
+// applied, REPEAT applied before (the account unchanged), LIMIT refused at
+// the purchased limit.
+func appliedOnce(what string, code int64, acct Account) (Account, bool, error) {
 	switch code {
 	case codeOK:
 		return acct, true, nil
@@ -475,7 +482,7 @@ func (l *Ledger) TopUp(ctx context.Context, org string, amount int64, reference 
 	case codeLimit:
 		return acct, false, ErrPurchasedLimit
 	}
-	return Account{}, false, fmt.Errorf("top-up: unexpected script code %d", code)
+	return Account{}, false, fmt.Errorf("%s: unexpected script code %d", what, code)
 }
 
 // VoidTopUp makes sure a top-up whose outcome could not be learned does
@@ -526,15 +533,7 @@ func (l *Ledger) Adjust(ctx context.Context, org string, amount int64, reason, r
 	if err != nil {
 		return Account{}, false, fmt.Errorf("adjust: %w", err)
 	}
-	switch code {
-	case codeOK:
-		return acct, true, nil
-	case codeRepeat:
-		return acct, false, nil
-	case codeLimit:
-		return acct, false, ErrPurchasedLimit
-	}
-	return Account{}, false, fmt.Errorf("adjust: unexpected script code %d", code)
+	return appliedOnce("adjust", code, acct)
 }
 
 // ValidateReason checks an adjustment's reason: 1 to MaxReason bytes of

@@ -718,3 +718,24 @@ local function refs_move(key, forget)
     redis.call('ZADD', key, forget, r)
   end
 end
+
+-- Records ref as applied, to be forgotten ref_kept ms from now, and forgets
+-- the references past their time.
+local function remember_ref(key, ref, ref_kept)
+  local forget = str(srv_now() + ref_kept)
+  refs_move(key, forget)
+  redis.call('ZADD', key, forget, ref)
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', str(srv_now()))
+  redis.call('PEXPIRE', key, ref_kept)
+end
+
+-- The balance rose: the balance alerts below it are armed again. The
+-- balance of the org's last alert check (alert.lua) is raised to it, never
+-- lowered, so a fall that no check has seen yet is still alerted.
+local function rearm_alerts(key, acc)
+  if redis.call('EXISTS', key) == 0 then return end
+  local last = tonumber(redis.call('HGET', key, 'l'))
+  if not last or last < balance(acc) then
+    redis.call('HSET', key, 'l', str(balance(acc)))
+  end
+end

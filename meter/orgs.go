@@ -60,15 +60,7 @@ func (l *Ledger) Orgs(ctx context.Context, after string, limit int) (orgs []OrgB
 		}
 		return iter.Err()
 	}
-	switch c := l.rdb.(type) {
-	case *redis.ClusterClient:
-		err = c.ForEachMaster(ctx, scan)
-	case *redis.Client:
-		err = scan(ctx, c)
-	default:
-		err = errors.New("cannot list the orgs of this kind of Redis client")
-	}
-	if err != nil {
+	if err := l.eachNode(ctx, scan); err != nil {
 		return nil, "", fmt.Errorf("orgs: %w", err)
 	}
 	slices.Sort(ids)
@@ -88,6 +80,18 @@ func (l *Ledger) Orgs(ctx context.Context, after string, limit int) (orgs []OrgB
 		orgs = append(orgs, OrgBalance{Org: org, Balance: acct.Balance})
 	}
 	return orgs, next, nil
+}
+
+// eachNode runs scan on the one Redis, or on every Cluster master: what a
+// scan of the keyspace needs.
+func (l *Ledger) eachNode(ctx context.Context, scan func(context.Context, *redis.Client) error) error {
+	switch c := l.rdb.(type) {
+	case *redis.ClusterClient:
+		return c.ForEachMaster(ctx, scan)
+	case *redis.Client:
+		return scan(ctx, c)
+	}
+	return errors.New("cannot scan the keys of this kind of Redis client")
 }
 
 // orgOf returns the org of key, one of the org's keys of kind.
