@@ -289,19 +289,7 @@ func FuzzCaddyfile(f *testing.F) {
 // redis-server: every module and field in it exists, and its durations and
 // placeholders are read.
 func TestREADMEJSONConfig(t *testing.T) {
-	readme, err := os.ReadFile("../README.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, section, ok := strings.Cut(string(readme), "\n### JSON config\n")
-	if !ok {
-		t.Fatal("the README has no JSON config section")
-	}
-	_, block, ok := strings.Cut(section, "\n```json\n")
-	if !ok {
-		t.Fatal("the README's JSON config section has no json block")
-	}
-	block, _, _ = strings.Cut(block, "\n```\n")
+	block := readmeBlock(t, "### JSON config", "json")
 	srv := redistest.Start(t, redistest.Options{})
 	if !strings.Contains(block, "127.0.0.1:6379") {
 		t.Fatal("the README's JSON config does not name the Redis the test replaces")

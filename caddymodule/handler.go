@@ -118,6 +118,10 @@ func (h *Handler) count(o policy.Outcome) { h.outcomes[o].Inc() }
 // call, at debug level, so that only a log that includes it pays for it.
 const UsageLogger = "http.handlers.credits.usage"
 
+// usageLogged reports whether a log takes the usage log's lines, so that
+// the request path reads nothing for a line no log takes.
+func (h *Handler) usageLogged() bool { return h.usageLog.Core().Enabled(zap.DebugLevel) }
+
 // logUsage writes a metered call's line of the usage log: the org, the
 // feature, the route's cost, the credits charged, the request id (for a
 // call paid by a charge), how it was paid and its outcome.
@@ -389,7 +393,9 @@ func (h *Handler) replay(res meter.ChargeResult) answer {
 			return h.refuse(w, r, policy.Replayed, policy.KeyNotKept())
 		}
 		h.count(policy.Replayed)
-		h.logUsage(policy.Replayed, h.org.value(r), res.Cost, 0, res.RequestID, "replay")
+		if h.usageLogged() {
+			h.logUsage(policy.Replayed, h.org.value(r), res.Cost, 0, res.RequestID, "replay")
+		}
 		hdr := w.Header()
 		for k, v := range kept.header {
 			hdr[k] = v
@@ -408,7 +414,7 @@ func (h *Handler) replay(res meter.ChargeResult) answer {
 // refuse answers a call the gateway does not forward.
 func (h *Handler) refuse(w http.ResponseWriter, r *http.Request, o policy.Outcome, p *policy.Problem) error {
 	h.count(o)
-	if o != policy.BadInput && o != policy.Unauthenticated {
+	if o != policy.BadInput && o != policy.Unauthenticated && h.usageLogged() {
 		// A call without a valid org or cost is no metered call.
 		cost := h.route.Cost
 		if p.Cost != nil {

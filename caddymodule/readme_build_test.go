@@ -16,19 +16,7 @@ import (
 // The docker build needs a Docker daemon: its Dockerfile's xcaddy build
 // must be the xcaddy line's, with the clone at /src.
 func TestREADMEBuild(t *testing.T) {
-	readme, err := os.ReadFile("../README.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, section, ok := strings.Cut(string(readme), "\n## Build\n")
-	if !ok {
-		t.Fatal("the README has no Build section")
-	}
-	_, block, ok := strings.Cut(section, "\n```sh\n")
-	if !ok {
-		t.Fatal("the README's Build section has no sh block")
-	}
-	block, _, _ = strings.Cut(block, "\n```\n")
+	block := readmeBlock(t, "## Build", "sh")
 	lines := strings.Split(strings.TrimSpace(block), "\n")
 	if len(lines) != 3 {
 		t.Fatalf("the Build section has %d commands, want 3: %q", len(lines), lines)
