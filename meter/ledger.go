@@ -117,6 +117,8 @@ type Ledger struct {
 	keyTTL      string
 	refTTL      int64 // ms
 	now         func() time.Time
+	// charges sends concurrent charges together.
+	charges *batcher
 	// serverSkew is milliseconds added to Redis' clock; tests move it.
 	serverSkew atomic.Int64
 }
@@ -179,6 +181,7 @@ func New(rdb redis.UniversalClient, cfg Config) (*Ledger, error) {
 		keyTTL:      strconv.FormatInt(int64(cfg.KeyTTL/time.Second), 10),
 		refTTL:      cfg.ReferenceTTL.Milliseconds(),
 		now:         cfg.Now,
+		charges:     newBatcher(rdb, batchLanes, batchMax, chargesScript),
 	}, nil
 }
 
@@ -281,7 +284,7 @@ func (l *Ledger) Charge(ctx context.Context, req ChargeRequest) (ChargeResult, e
 		bind, kept = req.Binding, l.keys.Kept(req.Org, req.RequestID)
 	}
 	keys := []string{l.keys.Account(req.Org), marker, l.keys.Calls(req.Org), l.keys.Holds(req.Org), kept}
-	raw, err := l.eval(ctx, chargeScript, keys, []any{req.Feature, req.Cost, overdraft, limit, req.RequestID, l.markerTTL, req.Attempt,
+	raw, err := l.evalWith(ctx, l.charges, chargeScript, keys, []any{req.Feature, req.Cost, overdraft, limit, req.RequestID, l.markerTTL, req.Attempt,
 		bind, inFlightTTL})
 	if err != nil {
 		return ChargeResult{}, fmt.Errorf("charge: %w", err)
@@ -766,10 +769,16 @@ func (l *Ledger) runAccount(ctx context.Context, script *redis.Script, org strin
 // connection broke is sent again, on a fresh connection, while the deadline
 // allows.
 func (l *Ledger) eval(ctx context.Context, script *redis.Script, keys []string, args []any) ([]any, error) {
+	return l.evalWith(ctx, nil, script, keys, args)
+}
+
+// evalWith is eval whose first try goes through batcher b, when there is
+// one, together with other concurrent calls.
+func (l *Ledger) evalWith(ctx context.Context, b *batcher, script *redis.Script, keys []string, args []any) ([]any, error) {
 	ctx, cancel := l.deadline(ctx)
 	defer cancel()
 	now := l.now()
-	all := make([]any, 0, 7+len(args))
+	all := make([]any, 0, common+len(args))
 	all = append(all, now.UnixMilli(), monthIndex(now), l.defaultPlan.Allowance, l.defaultPlan.RechargeMonth, l.eventsMax,
 		l.serverSkew.Load(), l.markerTTL)
 	all = append(all, args...)
@@ -777,8 +786,18 @@ func (l *Ledger) eval(ctx context.Context, script *redis.Script, keys []string, 
 	var err error
 	sent := false // whether any try may have reached Redis
 	for try, wait := 0, 5*time.Millisecond; ; try, wait = try+1, wait*2 {
-		raw, err = script.Run(ctx, l.rdb, keys, all...).Result()
-		sent = sent || (err == nil || !neverSent(err))
+		if try == 0 && b != nil {
+			var s bool
+			raw, err, s = b.run(ctx, script, keys, all)
+			if s && redis.HasErrorPrefix(err, "NOSCRIPT") {
+				// A pipeline sends the script's hash alone; Run loads it.
+				raw, err = script.Run(ctx, l.rdb, keys, all...).Result()
+			}
+			sent = s && (err == nil || !neverSent(err))
+		} else {
+			raw, err = script.Run(ctx, l.rdb, keys, all...).Result()
+			sent = sent || (err == nil || !neverSent(err))
+		}
 		if err == nil || try == maxTries-1 || !retryable(err) {
 			break
 		}
@@ -805,6 +824,10 @@ func (l *Ledger) eval(ctx context.Context, script *redis.Script, keys []string, 
 	}
 	return v, nil
 }
+
+// common is the number of arguments every script takes first (lib.lua's
+// ARGV[1..7]).
+const common = 7
 
 // inFlightTTL is DefaultInFlightTTL in seconds, as the charge script takes
 // it; noBinding is the binding of a call without a key. Both are boxed once.

@@ -53,10 +53,11 @@ local OK, REFUSED, REPEAT, NOT_FOUND, LIMIT, VOIDED, WRONG_TYPE, ENDED, IN_FLIGH
 local HOLD_KEPT_MS = 86400000
 
 -- Checks each key against the type the script uses it as ('none' is always
--- fine: the key is new). Returns nil, or the reply that names the key.
-local function check_types(types)
+-- fine: the key is new): types[i] is KEYS[k + i]'s (k is 0 when nil).
+-- Returns nil, or the reply that names the key by i.
+local function check_types(types, k)
   for i, want in pairs(types) do
-    local got = redis.call('TYPE', KEYS[i])['ok']
+    local got = redis.call('TYPE', KEYS[(k or 0) + i])['ok']
     if got ~= 'none' and got ~= want and not (type(want) == 'table' and (want[1] == got or want[2] == got)) then
       return {WRONG_TYPE, i, got}
     end
@@ -195,9 +196,13 @@ end
 -- it); without, usage is only added to (add_used) or read one feature at a
 -- time (used_of), which keeps a charge from reading every feature's field.
 -- acc.stored keeps the fields as the hash holds them (nil when absent), so
--- commit writes only what changed.
-local function load(key, with_used)
+-- commit writes only what changed. extra, without with_used, names usage
+-- fields to read with the others (a charge's feature this period and
+-- today): commit then sets them in the same HSET as the rest, where it
+-- would add to each with an HINCRBY of its own.
+local function load(key, with_used, extra)
   local acc = {key = key, events = {}, used_delta = {}, day_delta = {}, stored = {}}
+  local stored = acc.stored
   if with_used then
     local raw = redis.call('HGETALL', key)
     if #raw == 0 then return nil end
@@ -211,34 +216,45 @@ local function load(key, with_used)
       if string.sub(f, 1, 2) == 'u:' then
         acc.used[string.sub(f, 3)] = n
       elseif not is_day(f) then
-        acc.stored[f] = n
+        stored[f] = n
       end
+    end
+    for _, f in ipairs(FIELDS) do
+      local v = stored[f]
+      if v == nil then v = DEFAULTS[f] end
+      acc[f] = v
     end
   else
-    local raw = redis.call('HMGET', key, unpack(FIELDS))
-    for i, f in ipairs(FIELDS) do
+    -- The hot path of every charge: one pass over the reply.
+    local names = FIELDS
+    if extra then
+      names = {unpack(FIELDS)}
+      for _, f in ipairs(extra) do table.insert(names, f) end
+    end
+    local raw = redis.call('HMGET', key, unpack(names))
+    local known = {}
+    for i, f in ipairs(names) do
       local v = raw[i]
       if v then
-        local n = tonumber(v)
-        if not n then
+        v = tonumber(v)
+        if not v then
           error('account field ' .. f .. ' is not a number')
         end
-        acc.stored[f] = n
+        stored[f] = v
+      else
+        v = DEFAULTS[f]
       end
+      if i > #FIELDS then known[f] = v or 0 else acc[f] = v end
     end
-    if not acc.stored.a and not acc.stored.rem and redis.call('EXISTS', key) == 0 then
+    if not stored.a and not stored.rem and redis.call('EXISTS', key) == 0 then
       return nil
     end
+    if extra then acc.known = known end
   end
   for _, f in ipairs(REQUIRED) do
-    if not acc.stored[f] then
+    if not stored[f] then
       error('account field ' .. f .. ' is missing')
     end
-  end
-  for _, f in ipairs(FIELDS) do
-    local v = acc.stored[f]
-    if v == nil then v = DEFAULTS[f] end
-    acc[f] = v
   end
   if not acc.ps then acc.ps = ym_unix(acc.nx - 12) end
   catch_up(acc)
@@ -392,16 +408,32 @@ local function commit(key, events_key, acc, calls)
       end
     end
   end
+  -- Usage is added to: a field load read (acc.known) is set with the
+  -- others, any other one gets an HINCRBY. A day's first usage of a
+  -- feature (a new field) prunes the days no longer kept: once a day and
+  -- feature, not at every call.
+  local known = acc.known or {}
+  local prune = false
+  local add = {}
+  for f, n in pairs(acc.used_delta) do
+    if n ~= 0 then add['u:' .. f] = n end
+  end
+  for f, n in pairs(acc.day_delta) do
+    if n ~= 0 then add[f] = n end
+  end
+  for f, n in pairs(add) do
+    local was = known[f]
+    if was then
+      table.insert(set, f)
+      table.insert(set, str(was + n))
+      if was == 0 and is_day(f) then prune = true end
+      add[f] = nil
+    end
+  end
   if #set > 0 then redis.call('HSET', key, unpack(set)) end
   if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
-  for f, n in pairs(acc.used_delta) do
-    if n ~= 0 then redis.call('HINCRBY', key, 'u:' .. f, n) end
-  end
-  -- A day's first usage of a feature (a new field) prunes the days no
-  -- longer kept: once a day and feature, not at every call.
-  local prune = false
-  for f, n in pairs(acc.day_delta) do
-    if n ~= 0 and redis.call('HINCRBY', key, f, n) == n then prune = true end
+  for f, n in pairs(add) do
+    if redis.call('HINCRBY', key, f, n) == n and is_day(f) then prune = true end
   end
   if prune then prune_days(key) end
 end
@@ -738,4 +770,72 @@ local function rearm_alerts(key, acc)
   if not last or last < balance(acc) then
     redis.call('HSET', key, 'l', str(balance(acc)))
   end
+end
+
+-- A call's charge: KEYS[k + 1 .. k + 5] and ARGV[a + 1 .. a + 9] are
+-- charge.lua's KEYS and ARGV[8..16] (charge.lua runs charge(0, 7); a batch
+-- of charges, charges.lua, one after another).
+local function charge(k, a)
+  -- Of the keys, only the events list is written to after another key, and
+  -- only it could stop the script halfway; the others fail their first
+  -- read, before any write. Checking it alone keeps the hot path short.
+  local bad = check_types({[3] = 'list'}, k)
+  if bad then return bad end
+  local account_key, marker_key, events_key, holds_key, kept_key = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4],
+    KEYS[k + 5]
+  local feature = ARGV[a + 1]
+  local cost = tonumber(ARGV[a + 2])
+  local overdraft = ARGV[a + 3] == '1'
+  local limit = tonumber(ARGV[a + 4])
+  local request_id = ARGV[a + 5]
+  local marker_ttl = ARGV[a + 6]
+  local attempt = ARGV[a + 7]
+  local bind = ARGV[a + 8]
+  local in_flight_ttl = ARGV[a + 9]
+
+  local m = parse_marker(redis.call('GET', marker_key))
+  if m and m.attempt == attempt then
+    if m.state == 'x' then return {VOIDED, 0, 0} end
+    return {OK, m.balance, m.cost}
+  end
+  if m and not marker_free(m) then
+    if m.bind ~= bind then
+      return {MISMATCH, m.balance, 0}
+    end
+    if (m.state == 'c' or m.state == 'u') and bind ~= '-' then
+      return {IN_FLIGHT, m.balance, 0}
+    end
+    if m.relied ~= '1' then
+      m.relied = '1'
+      write_marker(marker_key, m)
+    end
+    local kept = false
+    if bind ~= '-' then kept = redis.call('GET', kept_key) end
+    return {REPEAT, m.balance, m.cost, kept}
+  end
+
+  local acc = load(account_key, false, {'u:' .. feature, today() .. ':' .. feature})
+  local fresh = not acc
+  if fresh then
+    acc = new_account(def_allowance, def_month)
+  end
+  sweep(acc, holds_key)
+  local free = available(acc)
+  if (not overdraft and free < cost) or (overdraft and limit >= 0 and free - cost < -limit) then
+    return {REFUSED, balance(acc), 0}
+  end
+
+  if fresh then
+    event(acc, 'grant', acc.rem, '', 'default-plan')
+  end
+  local p = take(acc, cost)
+  add_used(acc, feature, cost)
+  event(acc, 'charge', -cost, feature, request_id)
+  commit(account_key, events_key, acc, true)
+  if acc.swept then write_holds(holds_key, acc) end
+  local ttl = marker_ttl
+  if bind ~= '-' then ttl = in_flight_ttl end
+  write_marker(marker_key, {cost = cost, feature = feature, fa = p.fa, fp = p.fp, fd = p.fd,
+    balance = balance(acc), state = 'c', pn = acc.pn, attempt = attempt, relied = '0', bind = bind}, ttl)
+  return {OK, balance(acc), cost}
 end

@@ -27,6 +27,12 @@ var libLua string
 //go:embed charge.lua
 var chargeLua string
 
+// KEYS: five per charge, as charge.lua's. ARGV[8..]: nine per charge, as
+// charge.lua's ARGV[8..16].
+//
+//go:embed charges.lua
+var chargesLua string
+
 // KEYS: account, request marker, call log, holds. ARGV[8..10]: final cost,
 // request id, 1 for a refund.
 //
@@ -115,6 +121,7 @@ var accountLua string
 
 var (
 	chargeScript    = redis.NewScript(withLib(chargeLua))
+	chargesScript   = redis.NewScript(withLib(chargesLua))
 	settleScript    = redis.NewScript(withLib(settleLua))
 	voidScript      = redis.NewScript(withLib(voidLua))
 	keepScript      = redis.NewScript(withLib(keepLua))
