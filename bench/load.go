@@ -32,6 +32,9 @@ type routeRun struct {
 	round int
 	route string // plain or metered
 	res   wrkResult
+	// caddyCPU and redisCPU are the CPU time each process used per
+	// request served in the run; zero when unknown.
+	caddyCPU, redisCPU time.Duration
 }
 
 // scenarioResult is a scenario's rounds and what they add up to.
@@ -52,6 +55,9 @@ type scenarioResult struct {
 	non2xx, socketErrors    int64
 	meteredServed, charged  int64
 	ledgerChecked, ledgerOK bool
+	// The median CPU time per request of Caddy and of Redis, per route.
+	caddyPlain, caddyMetered time.Duration
+	redisPlain, redisMetered time.Duration
 }
 
 // loadEnv is what the load scenarios run against.
@@ -64,6 +70,24 @@ type loadEnv struct {
 	rounds  int
 	d       time.Duration
 	warmup  time.Duration
+	// The processes whose CPU time per request is measured.
+	caddyPid, redisPid int
+}
+
+// cpuPerRequest runs f and returns the CPU time Caddy and Redis used
+// meanwhile, each divided by n(), the requests f served.
+func (e *loadEnv) cpuPerRequest(f func() error, n func() int64) (caddy, redis time.Duration, err error) {
+	c0, okC := cpuTime(e.caddyPid)
+	r0, okR := cpuTime(e.redisPid)
+	if err := f(); err != nil {
+		return 0, 0, err
+	}
+	c1, okC1 := cpuTime(e.caddyPid)
+	r1, okR1 := cpuTime(e.redisPid)
+	if reqs := n(); reqs > 0 && okC && okC1 && okR && okR1 {
+		caddy, redis = (c1-c0)/time.Duration(reqs), (r1-r0)/time.Duration(reqs)
+	}
+	return caddy, redis, nil
 }
 
 // runScenario warms both routes up, then runs rounds of plain and metered
@@ -99,7 +123,8 @@ func (e *loadEnv) runScenario(ctx context.Context, w io.Writer, sc scenario) (*s
 		}
 		fmt.Fprintf(w, "warm-up: %v per route, not counted\n", e.warmup)
 	}
-	fmt.Fprintf(w, "%-6s %-8s %12s %10s %10s %8s %8s\n", "round", "route", "requests/s", "p50", "p99", "non-2xx", "sockerr")
+	fmt.Fprintf(w, "%-6s %-8s %12s %10s %10s %8s %8s %10s %10s\n", "round", "route", "requests/s", "p50", "p99", "non-2xx", "sockerr",
+		"caddy-cpu", "redis-cpu")
 	for round := 1; round <= e.rounds; round++ {
 		order := []string{"plain", "metered"}
 		if round%2 == 0 {
@@ -107,14 +132,19 @@ func (e *loadEnv) runScenario(ctx context.Context, w io.Writer, sc scenario) (*s
 		}
 		var rps [2]float64 // plain, metered
 		for _, route := range order {
-			res, line, err := run(route, e.d)
+			var res wrkResult
+			var line string
+			caddyCPU, redisCPU, err := e.cpuPerRequest(func() (err error) {
+				res, line, err = run(route, e.d)
+				return err
+			}, func() int64 { return res.Requests })
 			if err != nil {
 				return nil, err
 			}
 			if round == 1 && route == order[0] {
 				fmt.Fprintf(w, "# %s\n", strings.Replace(line, e.gw.base+plainPath, e.gw.base+"/{plain,metered}/v1/generate", 1))
 			}
-			r.runs = append(r.runs, routeRun{round: round, route: route, res: res})
+			r.runs = append(r.runs, routeRun{round: round, route: route, res: res, caddyCPU: caddyCPU, redisCPU: redisCPU})
 			r.non2xx += res.Non2xx
 			r.socketErrors += res.SocketErrors
 			if route == "plain" {
@@ -122,12 +152,13 @@ func (e *loadEnv) runScenario(ctx context.Context, w io.Writer, sc scenario) (*s
 			} else {
 				rps[1] = res.RPS
 			}
-			fmt.Fprintf(w, "%-6d %-8s %12.1f %10s %10s %8d %8d\n", round, route, res.RPS, ms(res.P50), ms(res.P99), res.Non2xx, res.SocketErrors)
+			fmt.Fprintf(w, "%-6d %-8s %12.1f %10s %10s %8d %8d %10s %10s\n", round, route, res.RPS, ms(res.P50), ms(res.P99), res.Non2xx,
+				res.SocketErrors, us(caddyCPU), us(redisCPU))
 		}
 		r.ratios = append(r.ratios, rps[1]/rps[0])
 	}
 
-	var p50s, p99s, rpss [2][]float64 // plain, metered
+	var p50s, p99s, rpss, caddys, rediss [2][]float64 // plain, metered
 	for _, run := range r.runs {
 		i := 0
 		if run.route == "metered" {
@@ -136,14 +167,20 @@ func (e *loadEnv) runScenario(ctx context.Context, w io.Writer, sc scenario) (*s
 		p50s[i] = append(p50s[i], float64(run.res.P50))
 		p99s[i] = append(p99s[i], float64(run.res.P99))
 		rpss[i] = append(rpss[i], run.res.RPS)
+		caddys[i] = append(caddys[i], float64(run.caddyCPU))
+		rediss[i] = append(rediss[i], float64(run.redisCPU))
 	}
+	r.caddyPlain, r.caddyMetered = time.Duration(median(caddys[0])), time.Duration(median(caddys[1]))
+	r.redisPlain, r.redisMetered = time.Duration(median(rediss[0])), time.Duration(median(rediss[1]))
 	r.Ratio = median(r.ratios)
 	r.rpsPlain, r.rpsMetered = median(rpss[0]), median(rpss[1])
 	r.p50Plain, r.p50Metered = time.Duration(median(p50s[0])), time.Duration(median(p50s[1]))
 	r.p99Plain, r.p99Metered = time.Duration(median(p99s[0])), time.Duration(median(p99s[1]))
 	r.P99Added = r.p99Metered - r.p99Plain
-	fmt.Fprintf(w, "median plain   %12.1f %10s %10s\n", r.rpsPlain, ms(r.p50Plain), ms(r.p99Plain))
-	fmt.Fprintf(w, "median metered %12.1f %10s %10s\n", r.rpsMetered, ms(r.p50Metered), ms(r.p99Metered))
+	fmt.Fprintf(w, "median plain   %12.1f %10s %10s %17s %10s %10s\n", r.rpsPlain, ms(r.p50Plain), ms(r.p99Plain), "",
+		us(r.caddyPlain), us(r.redisPlain))
+	fmt.Fprintf(w, "median metered %12.1f %10s %10s %17s %10s %10s\n", r.rpsMetered, ms(r.p50Metered), ms(r.p99Metered), "",
+		us(r.caddyMetered), us(r.redisMetered))
 	per := make([]string, len(r.ratios))
 	for i, x := range r.ratios {
 		per[i] = fmt.Sprintf("%.3f", x)
@@ -234,6 +271,14 @@ func median(xs []float64) float64 {
 // ms formats d in milliseconds, as wrk's latencies compare best.
 func ms(d time.Duration) string {
 	return fmt.Sprintf("%.2fms", float64(d)/float64(time.Millisecond))
+}
+
+// us prints a CPU time per request in µs, or "-" when it is unknown.
+func us(d time.Duration) string {
+	if d <= 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.0fµs", float64(d)/float64(time.Microsecond))
 }
 
 func signedMS(d time.Duration) string {

@@ -223,7 +223,7 @@ func runLoad(ctx context.Context, o options, w io.Writer, ps *procs, rep *report
 	if err != nil {
 		return err
 	}
-	_, redisAddr, err := startRedis(ctx, ps, "redis")
+	redisProc, redisAddr, err := startRedis(ctx, ps, "redis")
 	if err != nil {
 		return err
 	}
@@ -251,7 +251,8 @@ func runLoad(ctx context.Context, o options, w io.Writer, ps *procs, rep *report
 	}
 	fmt.Fprintf(w, "%d rounds of %v per route per scenario, plain and metered back to back, alternating which goes first\n", o.rounds, o.duration)
 
-	env := &loadEnv{wrk: wrk, gw: gw, ledger: ledger, dir: ps.dir, threads: o.threads, rounds: o.rounds, d: o.duration, warmup: o.warmup}
+	env := &loadEnv{wrk: wrk, gw: gw, ledger: ledger, dir: ps.dir, threads: o.threads, rounds: o.rounds, d: o.duration, warmup: o.warmup,
+		caddyPid: gw.proc.cmd.Process.Pid, redisPid: redisProc.cmd.Process.Pid}
 	for _, sc := range o.scenarios {
 		r, err := env.runScenario(ctx, w, sc)
 		if err != nil {

@@ -5,7 +5,10 @@ package main
 import (
 	"fmt"
 	"os"
+	"strconv"
+	"strings"
 	"syscall"
+	"time"
 )
 
 // sysProcAttr puts a child in its own process group, so that killGroup also
@@ -45,4 +48,36 @@ func raiseFileLimit(want uint64) (uint64, error) {
 		return 0, fmt.Errorf("setrlimit NOFILE %d: %w", lim.Cur, err)
 	}
 	return lim.Cur, nil
+}
+
+// clockTick is the unit of /proc/<pid>/stat's CPU times: USER_HZ, 100 on
+// every Linux architecture Go runs on.
+const clockTick = 10 * time.Millisecond
+
+// cpuTime returns the CPU time (user and system) process pid has used.
+func cpuTime(pid int) (time.Duration, bool) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, false
+	}
+	// The command name, in parentheses, may hold spaces: the fields are
+	// counted from its end. utime and stime are fields 14 and 15.
+	s := string(b)
+	end := strings.LastIndexByte(s, ')')
+	if end < 0 {
+		return 0, false
+	}
+	f := strings.Fields(s[end+1:])
+	if len(f) < 13 {
+		return 0, false
+	}
+	var total int64
+	for _, v := range f[11:13] {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil {
+			return 0, false
+		}
+		total += n
+	}
+	return time.Duration(total) * clockTick, true
 }

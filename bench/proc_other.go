@@ -5,6 +5,7 @@ package main
 import (
 	"os"
 	"syscall"
+	"time"
 )
 
 func sysProcAttr() *syscall.SysProcAttr { return nil }
@@ -14,3 +15,6 @@ func killGroup(p *os.Process) { _ = p.Kill() }
 // raiseFileLimit leaves the limit alone outside Linux; the 2,000-connection
 // scenario may then run out of file descriptors. Zero means unchanged.
 func raiseFileLimit(uint64) (uint64, error) { return 0, nil }
+
+// cpuTime is known on Linux only.
+func cpuTime(int) (time.Duration, bool) { return 0, false }

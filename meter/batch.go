@@ -12,16 +12,19 @@ import (
 // A batcher sends concurrent charges together. A charge that finds a lane
 // free goes at once, as one command; one that finds every lane busy waits in
 // the queue, and the lane that frees up first sends the whole queue in one
-// pipelined round trip (on a Cluster, one per node, by the keys' hash
-// tags). N concurrent charges then cost the gateway and Redis a read and a
-// write for all of them instead of one each.
+// round trip: on a single Redis, one run of a script that runs each charge
+// in turn; on a Cluster, whose orgs live in different slots, one pipeline
+// per node. N concurrent charges then cost the gateway and Redis one call
+// for all of them instead of one each.
 //
 // Each charge keeps its own deadline and its own outcome: one whose
 // deadline passes while it waits leaves the queue unsent, having changed
 // nothing; one whose deadline passes once it is sent is as a charge whose
 // reply is late, and its request id resolves it as for any other. A charge
-// with a reply is answered by the reply of its own command, not the
-// batch's: a script error or NOSCRIPT is its alone.
+// is answered by its own reply, not the batch's: a script error is its
+// alone.
+//
+// mu guards busy, queue and each queued command's sent.
 type batcher struct {
 	rdb redis.UniversalClient
 	// many, when set, runs a batch in one script run instead of a
@@ -42,7 +45,7 @@ type queued struct {
 	keys   []string
 	args   []any
 
-	sent bool          // taken from the queue; under batcher.mu
+	sent bool          // taken from the queue
 	done chan struct{} // closed once raw and err are set
 	raw  any
 	err  error
@@ -71,7 +74,7 @@ func newBatcher(rdb redis.UniversalClient, lanes, max int, many *redis.Script) *
 // run runs script once, alone or with other commands. sent reports whether
 // the command may have reached Redis: false when its context ended while it
 // waited.
-func (b *batcher) run(ctx context.Context, script *redis.Script, keys []string, args []any) (raw any, err error, sent bool) {
+func (b *batcher) run(ctx context.Context, script *redis.Script, keys []string, args []any) (raw any, sent bool, err error) {
 	b.mu.Lock()
 	if b.busy < b.lanes {
 		// A free lane means an empty queue: the queue forms only while
@@ -80,14 +83,14 @@ func (b *batcher) run(ctx context.Context, script *redis.Script, keys []string, 
 		b.mu.Unlock()
 		raw, err = script.Run(ctx, b.rdb, keys, args...).Result()
 		b.next()
-		return raw, err, true
+		return raw, true, err
 	}
 	q := &queued{ctx: ctx, script: script, keys: keys, args: args, done: make(chan struct{})}
 	b.queue = append(b.queue, q)
 	b.mu.Unlock()
 	select {
 	case <-q.done:
-		return q.raw, q.err, true
+		return q.raw, true, q.err
 	case <-ctx.Done():
 	}
 	b.mu.Lock()
@@ -99,15 +102,15 @@ func (b *batcher) run(ctx context.Context, script *redis.Script, keys []string, 
 			}
 		}
 		b.mu.Unlock()
-		return nil, ctx.Err(), false
+		return nil, false, ctx.Err()
 	}
 	b.mu.Unlock()
 	select {
 	case <-q.done:
 		// The reply came as the deadline passed: it is the outcome.
-		return q.raw, q.err, true
+		return q.raw, true, q.err
 	default:
-		return nil, ctx.Err(), true
+		return nil, true, ctx.Err()
 	}
 }
 

@@ -281,14 +281,7 @@ func TestBatchedCharges(t *testing.T) {
 				}
 				wait := b.queue(orgs, b.charge)
 				flush := func(ctx context.Context, c *redis.Client) error { return c.ScriptFlush(ctx).Err() }
-				var err error
-				switch c := b.rdb.(type) {
-				case *redis.ClusterClient:
-					err = c.ForEachMaster(b.ctx, flush)
-				case *redis.Client:
-					err = flush(b.ctx, c)
-				}
-				if err != nil {
+				if err := b.ledger.eachNode(b.ctx, flush); err != nil {
 					t.Fatal(err)
 				}
 				res, errs := wait()

@@ -788,7 +788,7 @@ func (l *Ledger) evalWith(ctx context.Context, b *batcher, script *redis.Script,
 	for try, wait := 0, 5*time.Millisecond; ; try, wait = try+1, wait*2 {
 		if try == 0 && b != nil {
 			var s bool
-			raw, err, s = b.run(ctx, script, keys, all)
+			raw, s, err = b.run(ctx, script, keys, all)
 			if s && redis.HasErrorPrefix(err, "NOSCRIPT") {
 				// A pipeline sends the script's hash alone; Run loads it.
 				raw, err = script.Run(ctx, l.rdb, keys, all...).Result()
