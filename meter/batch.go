@@ -3,6 +3,7 @@ package meter
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 
@@ -95,11 +96,8 @@ func (b *batcher) run(ctx context.Context, script *redis.Script, keys []string, 
 	}
 	b.mu.Lock()
 	if !q.sent {
-		for i, o := range b.queue {
-			if o == q {
-				b.queue = append(b.queue[:i], b.queue[i+1:]...)
-				break
-			}
+		if i := slices.Index(b.queue, q); i >= 0 {
+			b.queue = slices.Delete(b.queue, i, i+1)
 		}
 		b.mu.Unlock()
 		return nil, false, ctx.Err()
