@@ -261,6 +261,13 @@ func (ls *Leaser) Spend(org, feature string, cost int64) (balance int64, ok bool
 		if le = ls.lock(org); le == nil {
 			return 0, false, nil
 		}
+		if le.state == counting {
+			// The lease was given back and forgotten meanwhile: this is a
+			// new one, not leased yet, which must not sync before its org
+			// is busy (a flush forgets a counting lease, holding nothing).
+			le.mu.Unlock()
+			return 0, false, nil
+		}
 		now = time.Now()
 	}
 	if le.state == returning || now.Sub(le.starved) < ls.cfg.Flush {
@@ -566,8 +573,9 @@ func (ls *Leaser) due(org string, le *lease, now time.Time) (s LeaseSync, ok boo
 	idle := now.Sub(le.used) > ls.cfg.Idle
 	owes := len(le.spent) > 0 || le.inFlight != nil
 	switch {
-	case le.state == counting:
-		// Never leased: a quiet org is charged call by call.
+	case le.state == counting && le.given && !owes:
+		// Never leased: a quiet org is charged call by call. (A counting
+		// lease that holds credits goes on below, and gives them back.)
 		if idle {
 			ls.end(org, le)
 		}
