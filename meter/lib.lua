@@ -155,6 +155,11 @@ local function start_period(acc, ps_unix, next_ym)
   acc.nx = next_ym or next_after(now_ym, acc.m)
   acc.used = {}
   acc.reset_used = true
+  -- A usage field a charge read with the account (load's extra) starts
+  -- the new period at zero, as every other feature's does.
+  for f in pairs(acc.known or {}) do
+    if string.sub(f, 1, 2) == 'u:' then acc.known[f] = 0 end
+  end
 end
 
 -- Applies the yearly recharges that fell due since the last operation.

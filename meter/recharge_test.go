@@ -41,6 +41,19 @@ var rechargeCases = []ledgerCase{
 			e.t.Fatal("a second read wrote")
 		}
 	}},
+	{name: "a charge that starts the period counts only its own usage", cfg: plan10, run: func(e *env) {
+		// No read between the two charges: the second one applies the
+		// recharge, and its feature's usage starts again from zero.
+		e.charge("acme", 4)
+		e.clock.Set(midnight(2027, time.January, 1))
+		e.charge("acme", 1)
+		a := e.account("acme")
+		e.wantBalance(a, 9, 9, 0)
+		if len(a.Used) != 1 || a.Used["rich-text"] != 1 {
+			e.t.Fatalf("used after the recharge: %v, want rich-text 1", a.Used)
+		}
+		e.checkEvents("acme")
+	}},
 	{name: "debt carries over the recharge", cfg: plan10, run: func(e *env) {
 		if _, err := e.ledger.Charge(e.ctx, ChargeRequest{Org: "acme", Feature: "flows", Cost: 25, Overdraft: true, OverdraftLimit: NoLimit}); err != nil {
 			e.t.Fatal(err)
