@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"runtime"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -134,4 +135,130 @@ func redisCPU(b *testing.B, rdb redis.UniversalClient) time.Duration {
 		b.Fatal(err)
 	}
 	return time.Duration(total * float64(time.Second))
+}
+
+// BenchmarkChargeScript measures what one charge costs Redis inside the
+// script, from INFO commandstats: the charges script's time per charge in
+// batches of 100 charges of 100 orgs on a real redis-server, and the part
+// of it its commands take (the rest is the script's own Lua). commands-only
+// runs a script of the same seven commands per charge (TYPE, GET, HMGET,
+// LPUSH, EXPIRE, HSET, SET) on the same keys with none of the charge's
+// logic: what any charge script that reads and writes as this one does
+// pays Redis, whatever its Lua.
+//
+//	go test -run '^$' -bench ChargeScript -benchtime 2000x ./meter/
+func BenchmarkChargeScript(b *testing.B) {
+	srv := redistest.Start(b, redistest.Options{})
+	rdb := redis.NewClient(&redis.Options{Addr: srv.Addr})
+	defer rdb.Close()
+	l, err := New(rdb, Config{Prefix: "s", DefaultPlan: Plan{Allowance: MaxAmount}, Timeout: 5 * time.Second})
+	if err != nil {
+		b.Fatal(err)
+	}
+	ctx := context.Background()
+	const orgs = 100
+	batch := func(script *redis.Script) error {
+		now := l.now()
+		keys := make([]string, 0, orgs*5)
+		args := []any{now.UnixMilli(), monthIndex(now), l.defaultPlan.Allowance, l.defaultPlan.RechargeMonth, l.eventsMax,
+			int64(0), l.markerTTL}
+		for i := range orgs {
+			org, id := fmt.Sprintf("org-%d", i), NewRequestID()
+			marker := l.keys.Request(org, id)
+			keys = append(keys, l.keys.Account(org), marker, l.keys.Calls(org), l.keys.Holds(org), marker)
+			args = append(args, "rich-text", int64(1), "0", "-1", id, l.markerTTL, NewRequestID(), noBinding, inFlightTTL)
+		}
+		raw, err := script.Run(ctx, rdb, keys, args...).Slice()
+		if err != nil {
+			return err
+		}
+		for _, r := range raw {
+			if v, ok := r.([]any); !ok || v[0] != int64(codeOK) {
+				return fmt.Errorf("a charge answered %v", r)
+			}
+		}
+		return nil
+	}
+	for _, sc := range []struct {
+		name   string
+		script *redis.Script
+	}{
+		{"charges", chargesScript},
+		{"commands-only", redis.NewScript(commandsOnlyLua)},
+	} {
+		b.Run(sc.name, func(b *testing.B) {
+			// The orgs exist, as a busy Redis' do.
+			if err := batch(chargesScript); err != nil {
+				b.Fatal(err)
+			}
+			if err := batch(sc.script); err != nil {
+				b.Fatal(err)
+			}
+			if err := rdb.ConfigResetStat(ctx).Err(); err != nil {
+				b.Fatal(err)
+			}
+			b.ResetTimer()
+			for range b.N {
+				if err := batch(sc.script); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.StopTimer()
+			script, commands := scriptTime(b, rdb)
+			n := float64(b.N * orgs)
+			b.ReportMetric(script.Seconds()*1e6/n, "script-µs/charge")
+			b.ReportMetric(commands.Seconds()*1e6/n, "commands-µs/charge")
+		})
+	}
+}
+
+// commandsOnlyLua is BenchmarkChargeScript's floor: the charges script's
+// keys, arguments and reply, and per charge the commands a charge of an
+// existing org runs, with fixed values and no logic.
+const commandsOnlyLua = `
+local out = {}
+for i = 0, (#ARGV - 7) / 9 - 1 do
+  local k, a = i * 5, 7 + i * 9
+  redis.call('TYPE', KEYS[k + 3])
+  redis.call('GET', KEYS[k + 2])
+  redis.call('HMGET', KEYS[k + 1], 'u:rich-text', '20261201:rich-text', 'a', 'm', 'own', 'rem', 'pur', 'ps', 'nx', 'pn',
+    'cd', 'seq', 'ha', 'ho', 'hp', 'hx', 'pa', 'pm')
+  redis.call('LPUSH', KEYS[k + 3], '12 charge -1 999 rich-text ' .. ARGV[a + 5] .. ' ' .. ARGV[1])
+  redis.call('EXPIRE', KEYS[k + 3], ARGV[7])
+  redis.call('HSET', KEYS[k + 1], 'rem', '999', 'seq', '12', 'u:rich-text', '5', '20261201:rich-text', '5')
+  redis.call('SET', KEYS[k + 2], '1 rich-text 1 0 0 999 c 0 ' .. ARGV[a + 7] .. ' 0 - 20261201', 'EX', ARGV[a + 6])
+  out[i + 1] = {0, 999, 1}
+end
+return out
+`
+
+// scriptTime reads INFO commandstats: the time EVALSHA and EVAL took, and
+// the time of every other command (those the scripts ran).
+func scriptTime(b *testing.B, rdb *redis.Client) (script, commands time.Duration) {
+	info, err := rdb.Info(context.Background(), "commandstats").Result()
+	if err != nil {
+		b.Fatal(err)
+	}
+	for line := range strings.Lines(info) {
+		name, rest, ok := strings.Cut(strings.TrimSpace(line), ":")
+		if !ok || !strings.HasPrefix(name, "cmdstat_") {
+			continue
+		}
+		var calls, usec int64
+		if _, err := fmt.Sscanf(rest, "calls=%d,usec=%d", &calls, &usec); err != nil {
+			b.Fatalf("INFO commandstats %q: %v", line, err)
+		}
+		d := time.Duration(usec) * time.Microsecond
+		switch name {
+		case "cmdstat_evalsha", "cmdstat_eval":
+			script += d
+		case "cmdstat_config|resetstat", "cmdstat_info":
+		default:
+			commands += d
+		}
+	}
+	if script == 0 {
+		b.Fatal("INFO commandstats shows no script time")
+	}
+	return script, commands
 }

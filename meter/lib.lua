@@ -24,7 +24,9 @@
 -- balance = rem + pur + ha + ho + hp; available = rem + pur.
 --
 -- Nothing is written until the script's checks are done: every key's type is
--- checked first (check_types), and a script that refuses writes nothing.
+-- checked first (check_types; a charge, whose keys but its call log fail
+-- their first read when they hold another type, checks the call log as it
+-- first writes to it: see commit), and a script that refuses writes nothing.
 
 local now_ms = tonumber(ARGV[1])
 local now_ym = tonumber(ARGV[2])
@@ -53,11 +55,11 @@ local OK, REFUSED, REPEAT, NOT_FOUND, LIMIT, VOIDED, WRONG_TYPE, ENDED, IN_FLIGH
 local HOLD_KEPT_MS = 86400000
 
 -- Checks each key against the type the script uses it as ('none' is always
--- fine: the key is new): types[i] is KEYS[k + i]'s (k is 0 when nil).
--- Returns nil, or the reply that names the key by i.
-local function check_types(types, k)
-  for i, want in pairs(types) do
-    local got = redis.call('TYPE', KEYS[(k or 0) + i])['ok']
+-- fine: the key is new): types[i] is KEYS[i]'s. Returns nil, or the reply
+-- that names the key by i.
+local function check_types(types)
+  for i, want in ipairs(types) do
+    local got = redis.call('TYPE', KEYS[i])['ok']
     if got ~= 'none' and got ~= want and not (type(want) == 'table' and (want[1] == got or want[2] == got)) then
       return {WRONG_TYPE, i, got}
     end
@@ -231,15 +233,19 @@ local function load(key, with_used, extra)
     end
   else
     -- The hot path of every charge: one pass over the reply.
-    local names = FIELDS
-    if extra then
-      names = {unpack(FIELDS)}
-      for _, f in ipairs(extra) do table.insert(names, f) end
+    -- The extra fields come first: unpack must be the last argument.
+    local nx = extra and #extra or 0
+    local raw
+    if nx == 2 then
+      raw = redis.call('HMGET', key, extra[1], extra[2], unpack(FIELDS))
+    elseif nx > 0 then
+      error('load reads at most two extra fields')
+    else
+      raw = redis.call('HMGET', key, unpack(FIELDS))
     end
-    local raw = redis.call('HMGET', key, unpack(names))
-    local known = {}
-    for i, f in ipairs(names) do
-      local v = raw[i]
+    for i = 1, #FIELDS do
+      local f = FIELDS[i]
+      local v = raw[nx + i]
       if v then
         v = tonumber(v)
         if not v then
@@ -249,12 +255,25 @@ local function load(key, with_used, extra)
       else
         v = DEFAULTS[f]
       end
-      if i > #FIELDS then known[f] = v or 0 else acc[f] = v end
+      acc[f] = v
+    end
+    if nx > 0 then
+      local known = {}
+      for i = 1, nx do
+        local f, v = extra[i], raw[i]
+        if v then
+          v = tonumber(v)
+          if not v then
+            error('account field ' .. f .. ' is not a number')
+          end
+        end
+        known[f] = v or 0
+      end
+      acc.known = known
     end
     if not stored.a and not stored.rem and redis.call('EXISTS', key) == 0 then
       return nil
     end
-    if extra then acc.known = known end
   end
   for _, f in ipairs(REQUIRED) do
     if not stored[f] then
@@ -364,18 +383,14 @@ local function prune_days(key)
   if #old > 0 then redis.call('HDEL', key, unpack(old)) end
 end
 
--- Writes the account's fields that changed since load (all of them for a
--- new account, but those at their defaults), then its events. A call's
+-- Writes the account's events, then its fields that changed since load
+-- (all of them for a new account, but those at their defaults). A call's
 -- script (calls true) writes its events to the org's call log, which
 -- expires calls_ttl after the last of them: what a call did is kept in
 -- Redis as long as its request marker, and in the usage per day after.
+-- The first event is the first write: when the events key is not a list,
+-- commit writes nothing and returns the type it holds (nil otherwise).
 local function commit(key, events_key, acc, calls)
-  if acc.reset_used and not acc.created then
-    local fields = redis.call('HKEYS', key)
-    for _, f in ipairs(fields) do
-      if string.sub(f, 1, 2) == 'u:' then redis.call('HDEL', key, f) end
-    end
-  end
   -- Events go to a capped list, newest first, one compact string each:
   -- "seq kind delta balance feature ref ms [reason]" ("-" for an empty
   -- field; the reason, when there is one, is the rest of the line). A small
@@ -383,14 +398,23 @@ local function commit(key, events_key, acc, calls)
   if #acc.events > 0 then
     local seq = acc.seq
     local len = 0
-    for _, e in ipairs(acc.events) do
+    for i, e in ipairs(acc.events) do
       seq = seq + 1
       local feature, ref = e[4], e[5]
       if feature == '' then feature = '-' end
       if ref == '' then ref = '-' end
-      local line = table.concat({str(seq), e[1], str(e[2]), str(e[3]), feature, ref, str(e[6])}, ' ')
+      local line = string.format('%d %s %d %d %s %s %d', seq, e[1], e[2], e[3], feature, ref, e[6])
       if e[7] then line = line .. ' ' .. e[7] end
-      len = redis.call('LPUSH', events_key, line)
+      if i == 1 then
+        -- The first write: a list of another type stops the script here,
+        -- before anything is written.
+        len = redis.pcall('LPUSH', events_key, line)
+        if type(len) == 'table' then
+          return redis.call('TYPE', events_key)['ok']
+        end
+      else
+        len = redis.call('LPUSH', events_key, line)
+      end
     end
     if len > tonumber(events_max) then
       redis.call('LTRIM', events_key, 0, tonumber(events_max) - 1)
@@ -398,18 +422,26 @@ local function commit(key, events_key, acc, calls)
     if calls then redis.call('EXPIRE', events_key, calls_ttl) end
     acc.seq = seq
   end
+  if acc.reset_used and not acc.created then
+    local fields = redis.call('HKEYS', key)
+    for _, f in ipairs(fields) do
+      if string.sub(f, 1, 2) == 'u:' then redis.call('HDEL', key, f) end
+    end
+  end
   local set, gone = {}, {}
-  for _, f in ipairs(FIELDS) do
+  local stored = acc.stored
+  for i = 1, #FIELDS do
+    local f = FIELDS[i]
     local v = acc[f]
     -- A field at its default, or a period start the next recharge
     -- implies, is left out.
     if v == DEFAULTS[f] or (f == 'ps' and v == ym_unix(acc.nx - 12)) then v = nil end
-    if v ~= acc.stored[f] then
+    if v ~= stored[f] then
       if v == nil then
-        table.insert(gone, f)
+        gone[#gone + 1] = f
       else
-        table.insert(set, f)
-        table.insert(set, str(v))
+        set[#set + 1] = f
+        set[#set + 1] = str(v)
       end
     end
   end
@@ -509,8 +541,8 @@ local function marker_period(m, acc)
 end
 
 local function write_marker(key, m, ttl)
-  local v = table.concat({str(m.cost), m.feature, str(m.fa), str(m.fp), str(m.fd), str(m.balance), m.state,
-    str(m.pn), m.attempt, m.relied, m.bind or '-', m.day or today()}, ' ')
+  local v = string.format('%d %s %d %d %d %d %s %d %s %s %s %s', m.cost, m.feature, m.fa, m.fp, m.fd, m.balance,
+    m.state, m.pn, m.attempt, m.relied, m.bind or '-', m.day or today())
   if ttl then
     redis.call('SET', key, v, 'EX', ttl)
   else
@@ -781,11 +813,9 @@ end
 -- charge.lua's KEYS and ARGV[8..16] (charge.lua runs charge(0, 7); a batch
 -- of charges, charges.lua, one after another).
 local function charge(k, a)
-  -- Of the keys, only the events list is written to after another key, and
-  -- only it could stop the script halfway; the others fail their first
-  -- read, before any write. Checking it alone keeps the hot path short.
-  local bad = check_types({[3] = 'list'}, k)
-  if bad then return bad end
+  -- Every key but the call log fails its first read, before any write,
+  -- when it holds another type; the call log is the first key written, and
+  -- commit stops there when it is not a list.
   local account_key, marker_key, events_key, holds_key, kept_key = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4],
     KEYS[k + 5]
   local feature = ARGV[a + 1]
@@ -836,7 +866,8 @@ local function charge(k, a)
   local p = take(acc, cost)
   add_used(acc, feature, cost)
   event(acc, 'charge', -cost, feature, request_id)
-  commit(account_key, events_key, acc, true)
+  local bad = commit(account_key, events_key, acc, true)
+  if bad then return {WRONG_TYPE, 3, bad} end
   if acc.swept then write_holds(holds_key, acc) end
   local ttl = marker_ttl
   if bind ~= '-' then ttl = in_flight_ttl end
