@@ -157,7 +157,7 @@ local function start_period(acc, ps_unix, next_ym)
   acc.nx = next_ym or next_after(now_ym, acc.m)
   acc.used = {}
   acc.reset_used = true
-  -- A usage field a charge read with the account (load's extra) starts
+  -- A usage field a charge read with the account (load's feature) starts
   -- the new period at zero, as every other feature's does.
   for f in pairs(acc.known or {}) do
     if string.sub(f, 1, 2) == 'u:' then acc.known[f] = 0 end
@@ -191,6 +191,16 @@ local function new_account(allowance, month)
   return acc
 end
 
+-- An account field's value v as a number; an error, raised before any
+-- write, when it is not one.
+local function field_number(f, v)
+  local n = tonumber(v)
+  if not n then
+    error('account field ' .. f .. ' is not a number')
+  end
+  return n
+end
+
 -- Whether an account field is a day's usage: <yyyymmdd>:<feature>.
 local function is_day(f)
   local c = string.byte(f, 1)
@@ -203,11 +213,11 @@ end
 -- it); without, usage is only added to (add_used) or read one feature at a
 -- time (used_of), which keeps a charge from reading every feature's field.
 -- acc.stored keeps the fields as the hash holds them (nil when absent), so
--- commit writes only what changed. extra, without with_used, names usage
--- fields to read with the others (a charge's feature this period and
--- today): commit then sets them in the same HSET as the rest, where it
+-- commit writes only what changed. feature, without with_used, is a
+-- charge's: its usage this period and today is read with the other fields
+-- (acc.known), and commit sets it in the same HSET as the rest, where it
 -- would add to each with an HINCRBY of its own.
-local function load(key, with_used, extra)
+local function load(key, with_used, feature)
   local acc = {key = key, events = {}, used_delta = {}, day_delta = {}, stored = {}}
   local stored = acc.stored
   if with_used then
@@ -215,11 +225,8 @@ local function load(key, with_used, extra)
     if #raw == 0 then return nil end
     acc.used = {}
     for i = 1, #raw, 2 do
-      local f, v = raw[i], raw[i + 1]
-      local n = tonumber(v)
-      if not n then
-        error('account field ' .. f .. ' is not a number')
-      end
+      local f = raw[i]
+      local n = field_number(f, raw[i + 1])
       if string.sub(f, 1, 2) == 'u:' then
         acc.used[string.sub(f, 3)] = n
       elseif not is_day(f) then
@@ -232,44 +239,29 @@ local function load(key, with_used, extra)
       acc[f] = v
     end
   else
-    -- The hot path of every charge: one pass over the reply.
-    -- The extra fields come first: unpack must be the last argument.
-    local nx = extra and #extra or 0
-    local raw
-    if nx == 2 then
-      raw = redis.call('HMGET', key, extra[1], extra[2], unpack(FIELDS))
-    elseif nx > 0 then
-      error('load reads at most two extra fields')
+    -- The hot path of every charge: one pass over the reply. The
+    -- feature's fields come first, as unpack must be the last argument.
+    local nf, raw = 0, nil
+    if feature then
+      nf = 2
+      raw = redis.call('HMGET', key, 'u:' .. feature, today() .. ':' .. feature, unpack(FIELDS))
     else
       raw = redis.call('HMGET', key, unpack(FIELDS))
     end
     for i = 1, #FIELDS do
       local f = FIELDS[i]
-      local v = raw[nx + i]
+      local v = raw[nf + i]
       if v then
-        v = tonumber(v)
-        if not v then
-          error('account field ' .. f .. ' is not a number')
-        end
+        v = field_number(f, v)
         stored[f] = v
       else
         v = DEFAULTS[f]
       end
       acc[f] = v
     end
-    if nx > 0 then
-      local known = {}
-      for i = 1, nx do
-        local f, v = extra[i], raw[i]
-        if v then
-          v = tonumber(v)
-          if not v then
-            error('account field ' .. f .. ' is not a number')
-          end
-        end
-        known[f] = v or 0
-      end
-      acc.known = known
+    if feature then
+      acc.known = {['u:' .. feature] = field_number('u:' .. feature, raw[1] or 0),
+        [today() .. ':' .. feature] = field_number(today() .. ':' .. feature, raw[2] or 0)}
     end
     if not stored.a and not stored.rem and redis.call('EXISTS', key) == 0 then
       return nil
@@ -849,7 +841,7 @@ local function charge(k, a)
     return {REPEAT, m.balance, m.cost, kept}
   end
 
-  local acc = load(account_key, false, {'u:' .. feature, today() .. ':' .. feature})
+  local acc = load(account_key, false, feature)
   local fresh = not acc
   if fresh then
     acc = new_account(def_allowance, def_month)
