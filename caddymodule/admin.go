@@ -549,11 +549,29 @@ func (a *Admin) releaseHold(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return writeProblem(w, r, policy.Invalid(err))
 	}
-	if err := decodeBody(w, r, &struct{}{}); err != nil {
+	// A gateway's lease is released only by an operator who knows the
+	// gateway is gone, and only once it is unreported.
+	var body struct {
+		GatewayGone bool   `json:"gateway_gone"`
+		Reason      string `json:"reason"`
+	}
+	if err := decodeBody(w, r, &body); err != nil {
 		return writeProblem(w, r, policy.Invalid(err))
 	}
 	id := r.PathValue("id")
-	hold, acct, repeat, err := a.app.ledger.ReleaseHold(r.Context(), org, id)
+	var (
+		hold   meter.Hold
+		acct   meter.Account
+		repeat bool
+	)
+	switch {
+	case body.GatewayGone:
+		hold, acct, repeat, err = a.app.ledger.ReleaseLease(r.Context(), org, id, body.Reason)
+	case body.Reason != "":
+		return writeProblem(w, r, policy.Invalid(errors.New("reason is for a lease released with gateway_gone")))
+	default:
+		hold, acct, repeat, err = a.app.ledger.ReleaseHold(r.Context(), org, id)
+	}
 	if err != nil {
 		return a.failHold(w, r, org, id, "release", hold, err)
 	}
@@ -570,6 +588,14 @@ func (a *Admin) failHold(w http.ResponseWriter, r *http.Request, org, id, call s
 	switch {
 	case errors.Is(err, meter.ErrHoldNotFound):
 		return writeProblem(w, r, policy.Status(http.StatusNotFound, "org "+org+" has no hold "+id))
+	case errors.Is(err, meter.ErrLease) && hold.State == meter.HoldUnreported && call == "release":
+		return writeProblem(w, r, policy.Status(http.StatusConflict, fmt.Sprintf(
+			"hold %s is a gateway's unreported lease: release it with {\"gateway_gone\": true, \"reason\": \"...\"} once you know its gateway is gone", id)))
+	case errors.Is(err, meter.ErrLease):
+		return writeProblem(w, r, policy.Status(http.StatusConflict, fmt.Sprintf(
+			"hold %s is a gateway's lease (%s): only its gateway can %s it", id, hold.State, call)))
+	case errors.Is(err, meter.ErrNotLease):
+		return writeProblem(w, r, policy.Invalid(fmt.Errorf("hold %s is not a gateway's lease: gateway_gone is for leases", id)))
 	case errors.Is(err, meter.ErrHoldEnded):
 		return writeProblem(w, r, policy.Status(http.StatusConflict, fmt.Sprintf("hold %s was %s: it cannot be %s", id, hold.State, map[string]string{"capture": "captured", "release": "released"}[call])))
 	}

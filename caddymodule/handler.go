@@ -274,9 +274,9 @@ type answer func(http.ResponseWriter, *http.Request) error
 func (h *Handler) pay(r *http.Request, c call, into *payments) (payment, answer) {
 	var storeErr error
 	if ls := h.app.leaser; ls != nil && c.key == "" {
-		balance, ok, err := ls.Spend(c.org, h.Feature, c.cost)
+		rc, ok, err := ls.Spend(c.org, h.Feature, c.cost)
 		if ok {
-			into.leased = leasedPayment{leaser: ls, org: c.org, feature: h.Feature, cost: c.cost, balance: balance}
+			into.leased = leasedPayment{leaser: ls, org: c.org, feature: h.Feature, cost: c.cost, receipt: rc}
 			return &into.leased, nil
 		}
 		storeErr = err

@@ -190,6 +190,25 @@ func (g *leasedGateway) admin(t *testing.T, method, path, body string) leasedAcc
 	return a
 }
 
+// leasedHold is one of an org's holds, as GET /holds lists it.
+type leasedHold struct {
+	ID         string `json:"hold"`
+	State      string `json:"state"`
+	Amount     int64  `json:"amount"`
+	LastReport string `json:"last_report"`
+}
+
+func (g *leasedGateway) holds(t *testing.T, org string) []leasedHold {
+	t.Helper()
+	var out struct {
+		Holds []leasedHold `json:"holds"`
+	}
+	if err := g.adminCall(http.MethodGet, "/orgs/"+org+"/holds", "", &out); err != nil {
+		t.Fatal(err)
+	}
+	return out.Holds
+}
+
 func (g *leasedGateway) account(t *testing.T, org string) leasedAccount {
 	t.Helper()
 	return g.admin(t, http.MethodGet, "/orgs/"+org, "")
@@ -707,10 +726,11 @@ func TestLeasedReloadDuringRedisStall(t *testing.T) {
 }
 
 // TestLeasedGatewayKilled kills a leasing gateway mid-load without warning.
-// Its lease expires in Redis; what it lost is what it spent and had not
-// reported: at least nothing (no credits are created), at most about one
-// flush interval (250ms) of calls, plus one lease block for a report on its
-// way.
+// Its lease outlives its lifetime in Redis as unreported, keeping its
+// credits, until an operator who knows the gateway is gone releases it.
+// What it lost is what it spent and had not reported: at least nothing (no
+// credits are created), at most about one flush interval (250ms) of calls,
+// plus one lease block for a report on its way.
 func TestLeasedGatewayKilled(t *testing.T) {
 	srv := redistest.Start(t, redistest.Options{})
 	up := startUpstream(t)
@@ -735,12 +755,27 @@ func TestLeasedGatewayKilled(t *testing.T) {
 	load.stop()
 	heldAtKill := reader.account(t, org).Held
 
-	var final leasedAccount
-	eventuallyWithin(t, 40*time.Second, "the killed gateway's lease expires in Redis", func() bool {
-		final = reader.account(t, org)
-		return final.Held == 0
+	// Past its lifetime (30s), the lease is unreported and still keeps its
+	// credits: the gateway may have spent them.
+	var lease leasedHold
+	eventuallyWithin(t, 40*time.Second, "the killed gateway's lease is unreported", func() bool {
+		for _, h := range reader.holds(t, org) {
+			if strings.HasPrefix(h.ID, "lease:") && h.State == "unreported" {
+				lease = h
+				return true
+			}
+		}
+		return false
 	})
 	expired := time.Since(load.begun) - killedAt
+	if held := reader.account(t, org).Held; held != lease.Amount || held == 0 {
+		t.Fatalf("held %d, the unreported lease %+v: an unreported lease must keep its credits", held, lease)
+	}
+	// Releasing it without gateway_gone is refused; with it, it is done.
+	if err := reader.adminCall(http.MethodDelete, "/orgs/"+org+"/holds/"+lease.ID, "", &struct{}{}); err == nil || !strings.Contains(err.Error(), "409") {
+		t.Fatalf("release of an unreported lease without gateway_gone: %v", err)
+	}
+	final := reader.admin(t, http.MethodDelete, "/orgs/"+org+"/holds/"+lease.ID, `{"gateway_gone": true, "reason": "gateway A was killed"}`)
 	answered := up.forwarded(org, leasedRoute)
 	charged := start - final.Balance
 	loss := answered - charged
@@ -749,7 +784,7 @@ func TestLeasedGatewayKilled(t *testing.T) {
 	rate := load.sentIn(killedAt-time.Second, killedAt)
 	quarter := (rate + 3) / 4
 	bound := quarter + block
-	t.Logf("killed after %s of load at %d calls/s; the lease (%d held just after the kill) expired %s later; answered %d, charged %d: loss %d credits, bound %d (%d calls in 250ms + a block of %d); answers %s",
+	t.Logf("killed after %s of load at %d calls/s; the lease (%d held just after the kill) was unreported %s later and released; answered %d, charged %d: loss %d credits, bound %d (%d calls in 250ms + a block of %d); answers %s",
 		killedAt.Round(time.Millisecond), rate, heldAtKill, expired.Round(time.Millisecond), answered, charged, loss, bound, quarter, block, load)
 
 	if charged > answered {
@@ -759,7 +794,7 @@ func TestLeasedGatewayKilled(t *testing.T) {
 		t.Errorf("the kill lost %d credits, over the bound of %d (%d calls in 250ms at the rate before the kill, plus a block of %d)", loss, bound, quarter, block)
 	}
 	if final.Balance < 0 || final.Held != 0 {
-		t.Errorf("account %+v after the lease expired", final)
+		t.Errorf("account %+v after the lease was released", final)
 	}
 	load.wantOnly(t, http.StatusOK, http.StatusServiceUnavailable, 0)
 }

@@ -95,14 +95,17 @@ func (p *chargedPayment) completed(kept []byte) {
 	}
 }
 
-// leasedPayment was paid from this gateway's lease.
+// leasedPayment was paid from this gateway's lease. The lease's Leaser is
+// the one that paid it, even after a reload closed it: a refund or a settle
+// finds the charge it corrects there.
 type leasedPayment struct {
-	leaser        *meter.Leaser
-	org, feature  string
-	cost, balance int64
+	leaser       *meter.Leaser
+	org, feature string
+	cost         int64
+	receipt      meter.Receipt
 }
 
-func (p *leasedPayment) paid() (int64, bool) { return p.balance, true }
+func (p *leasedPayment) paid() (int64, bool) { return p.receipt.Balance, true }
 
 func (p *leasedPayment) how() (string, string) { return "", "lease" }
 
@@ -111,9 +114,9 @@ func (p *leasedPayment) settle(actual int64, refund bool) (int64, bool) {
 		actual = 0
 	}
 	if actual == p.cost {
-		return p.balance, true
+		return p.receipt.Balance, true
 	}
-	return p.leaser.Adjust(p.org, p.feature, p.cost, actual), true
+	return p.leaser.Adjust(p.org, p.feature, p.receipt, p.cost, actual), true
 }
 
 func (p *leasedPayment) completed([]byte) {}

@@ -6,7 +6,8 @@
 -- available balance, and its event says so.
 -- Returns {code, state, captured, until_ms, feature, account...}: OK captured, REPEAT
 -- captured before (its record; nothing written), NOT_FOUND no such hold,
--- ENDED the hold was released (nothing written).
+-- ENDED the hold was released (nothing written), LEASE the hold is a
+-- gateway's lease, which only its gateway captures (nothing written).
 local bad = check_types({'hash', 'list', 'hash'})
 if bad then return bad end
 local account_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3]
@@ -16,6 +17,9 @@ local amount = tonumber(ARGV[9])
 local acc, h = find_hold(account_key, holds_key, id)
 if not h then
   return {NOT_FOUND}
+end
+if is_lease(id) then
+  return reply(acc, {LEASE, h.state, 0, h.untl, h.feature})
 end
 if h.state == 'c' then
   return reply(acc, {REPEAT, h.state, h.cap, h.untl, h.feature})

@@ -31,6 +31,13 @@ var (
 	// ErrHoldEnded means a hold cannot be captured because it was
 	// released, or released because it was captured.
 	ErrHoldEnded = errors.New("the hold has ended")
+	// ErrLease means the hold is a gateway's lease, which only its gateway
+	// captures and releases; an operator releases an unreported one, once
+	// its gateway is known to be gone (ReleaseLease).
+	ErrLease = errors.New("the hold is a gateway's lease")
+	// ErrNotLease means ReleaseLease was asked to release a hold that is
+	// no gateway's lease.
+	ErrNotLease = errors.New("the hold is not a gateway's lease")
 )
 
 // Hold states.
@@ -39,9 +46,20 @@ const (
 	HoldCaptured = "captured"
 	HoldReleased = "released"
 	HoldExpired  = "expired"
+	// HoldUnreported is a lease whose gateway did not report within its
+	// lifetime: it keeps its credits, which the gateway may have spent,
+	// until the gateway reports, an operator releases it, or a day after
+	// its last report.
+	HoldUnreported = "unreported"
 )
 
-var holdStates = map[string]string{"l": HoldLive, "c": HoldCaptured, "r": HoldReleased, "x": HoldExpired}
+var holdStates = map[string]string{"l": HoldLive, "c": HoldCaptured, "r": HoldReleased, "x": HoldExpired, "u": HoldUnreported}
+
+// leasePrefix starts the id of every gateway's lease among an org's holds.
+const leasePrefix = "lease:"
+
+// IsLease reports whether a hold id names a gateway's lease.
+func IsLease(id string) bool { return strings.HasPrefix(id, leasePrefix) }
 
 // Hold is credits of an org's available balance set aside, for a long job
 // or by a gateway's lease.
@@ -56,9 +74,13 @@ type Hold struct {
 	Captured int64 `json:"captured,omitempty"`
 	// Feature is the usage label its capture is counted under.
 	Feature string `json:"feature"`
-	// Expires is when a live hold expires, by Redis' clock; for a hold that
-	// has ended, when its record is dropped.
+	// Expires is when a live hold expires, by Redis' clock; for an
+	// unreported lease, when it is released anyway; for a hold that has
+	// ended, when its record is dropped.
 	Expires time.Time `json:"expires"`
+	// LastReport is when a lease's gateway last reported to the ledger, by
+	// Redis' clock; absent for other holds.
+	LastReport *time.Time `json:"last_report,omitempty"`
 }
 
 // HoldRequest asks for a hold.
@@ -144,14 +166,38 @@ func (l *Ledger) CaptureHold(ctx context.Context, org, id string, amount int64) 
 }
 
 // ReleaseHold gives the hold's credits back. Releasing a hold that was
-// released or expired changes nothing, with repeat true.
+// released or expired changes nothing, with repeat true. A gateway's live
+// or unreported lease is not released so: ErrLease.
 func (l *Ledger) ReleaseHold(ctx context.Context, org, id string) (h Hold, acct Account, repeat bool, err error) {
 	if err := validateHoldCall(org, id); err != nil {
 		return Hold{}, Account{}, false, err
 	}
-	code, h, acct, err := l.runHold(ctx, releaseScript, org, id)
+	code, h, acct, err := l.runHold(ctx, releaseScript, org, id, 0, "")
 	if err != nil {
 		return Hold{}, Account{}, false, fmt.Errorf("release: %w", err)
+	}
+	return holdAnswer(code, h, acct)
+}
+
+// ReleaseLease gives back the credits of a lease whose gateway an operator
+// knows is gone, with the reason in its event. Only an unreported lease is
+// released so (a live one is its gateway's: ErrLease); a hold that is no
+// lease is ErrNotLease. Credits the gateway spent and did not report are
+// given back with the rest: if it comes back, its report is charged then,
+// into debt if it must.
+func (l *Ledger) ReleaseLease(ctx context.Context, org, id, reason string) (h Hold, acct Account, repeat bool, err error) {
+	if err := validateHoldCall(org, id); err != nil {
+		return Hold{}, Account{}, false, err
+	}
+	if err := ValidateReason(reason); err != nil {
+		return Hold{}, Account{}, false, err
+	}
+	code, h, acct, err := l.runHold(ctx, releaseScript, org, id, 1, reason)
+	if err != nil {
+		return Hold{}, Account{}, false, fmt.Errorf("release: %w", err)
+	}
+	if code == codeRefused {
+		return h, acct, false, ErrNotLease
 	}
 	return holdAnswer(code, h, acct)
 }
@@ -164,6 +210,8 @@ func holdAnswer(code int64, h Hold, acct Account) (Hold, Account, bool, error) {
 		return Hold{}, Account{}, false, ErrHoldNotFound
 	case codeEnded:
 		return h, acct, false, ErrHoldEnded
+	case codeLease:
+		return h, acct, false, ErrLease
 	}
 	return Hold{}, Account{}, false, fmt.Errorf("unexpected script code %d", code)
 }
@@ -186,14 +234,22 @@ func (l *Ledger) Holds(ctx context.Context, org string) ([]Hold, error) {
 		return nil, fmt.Errorf("holds: reply has %d fields", len(v))
 	}
 	n, ok := v[1].(int64)
-	if !ok || n < 0 || len(v) != 2+6*int(n) {
+	if !ok || n < 0 || len(v) != 2+7*int(n) {
 		return nil, fmt.Errorf("holds: reply has %d fields for %v holds", len(v), v[1])
 	}
 	holds := make([]Hold, 0, n)
-	for i := 2; i < len(v); i += 6 {
+	for i := 2; i < len(v); i += 7 {
 		h, err := parseHold(v[i : i+6])
 		if err != nil {
 			return nil, fmt.Errorf("holds: %w", err)
+		}
+		rep, ok := v[i+6].(int64)
+		if !ok {
+			return nil, fmt.Errorf("holds: hold %s: last report is %T, not an integer", h.ID, v[i+6])
+		}
+		if rep > 0 {
+			t := time.UnixMilli(rep).UTC()
+			h.LastReport = &t
 		}
 		holds = append(holds, h)
 	}

@@ -2,7 +2,8 @@
 --
 -- Lists the org's holds, leases included, with any expiry that fell due
 -- written. Returns {OK, n, then n times id, state, amount, captured,
--- until_ms, feature}, or {NOT_FOUND} when Redis holds nothing for the org.
+-- until_ms, feature, last report ms (a lease's; 0 for others)}, or
+-- {NOT_FOUND} when Redis holds nothing for the org.
 local bad = check_types({'hash', 'list', 'hash'})
 if bad then return bad end
 local account_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3]
@@ -20,7 +21,7 @@ for id, e in pairs(acc.swept) do
   local h = e[1]
   if h then
     n = n + 1
-    for _, v in ipairs({id, h.state, hold_amount(h), h.cap, h.untl, h.feature}) do
+    for _, v in ipairs({id, h.state, hold_amount(h), h.cap, h.untl, h.feature, h.rep}) do
       table.insert(out, v)
     end
   end

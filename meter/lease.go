@@ -35,8 +35,26 @@ type LeaseSync struct {
 	// spends nothing meanwhile.
 	Unspent int64
 	// Spent is the credits spent per feature since the last sync, net of
-	// refunds.
+	// the refunds of those same calls.
 	Spent map[string]int64
+	// Late corrects calls that an earlier sync reported: a refund, or usage
+	// above the cost. Each counts on the day and in the period that sync
+	// charged them.
+	Late []LateSpend
+}
+
+// LateSpend is a correction of calls an earlier sync of a lease reported.
+type LateSpend struct {
+	// Feature is the calls' feature.
+	Feature string
+	// Day is the UTC day the earlier sync charged them on, yyyymmdd; empty
+	// when it is not known (then today).
+	Day string
+	// Period is the number of the credit period the earlier sync charged
+	// them in (LeaseState.Period); -1 when it is not known (then this one).
+	Period int64
+	// Credits is charged when above zero, and given back when below.
+	Credits int64
 }
 
 // LeaseState is the ledger's answer to a sync.
@@ -47,6 +65,10 @@ type LeaseState struct {
 	Balance int64
 	// Repeat is true when the sync's number was applied before.
 	Repeat bool
+	// Day is the UTC day the sync's spending was charged on, yyyymmdd.
+	Day string
+	// Period is the number of the credit period it was charged in.
+	Period int64
 }
 
 // SyncLease charges what a lease spent and sets what it holds, in one
@@ -70,17 +92,48 @@ func (l *Ledger) SyncLease(ctx context.Context, s LeaseSync) (LeaseState, error)
 		features = append(features, f)
 	}
 	sort.Strings(features)
-	args := make([]any, 0, 6+2*len(features))
-	args = append(args, "lease:"+s.ID, s.Seq, s.Want, s.Keep, s.TTL.Milliseconds(), s.Unspent)
+	for _, c := range s.Late {
+		if err := policy.ValidateFeature(c.Feature); err != nil {
+			return LeaseState{}, err
+		}
+		if !validDay(c.Day) || c.Period < -1 || c.Credits < -MaxAmount || c.Credits > MaxAmount {
+			return LeaseState{}, fmt.Errorf("lease sync: late spending %+v out of range", c)
+		}
+	}
+	args := make([]any, 0, 7+2*len(features)+4*len(s.Late))
+	args = append(args, leasePrefix+s.ID, s.Seq, s.Want, s.Keep, s.TTL.Milliseconds(), s.Unspent, len(features))
 	for _, f := range features {
 		args = append(args, f, s.Spent[f])
 	}
+	for _, c := range s.Late {
+		args = append(args, c.Feature, c.Day, c.Period, c.Credits)
+	}
 	keys := []string{l.keys.Account(s.Org), l.keys.Calls(s.Org), l.keys.Holds(s.Org)}
-	v, err := l.run(ctx, leaseScript, keys, 3, args...)
+	v, err := l.eval(ctx, leaseScript, keys, args)
 	if err != nil {
 		return LeaseState{}, fmt.Errorf("lease: %w", err)
 	}
-	return LeaseState{Held: v[1], Balance: v[2], Repeat: v[0] == codeRepeat}, nil
+	if len(v) < 5 {
+		return LeaseState{}, fmt.Errorf("lease: reply has %d fields", len(v))
+	}
+	code, ok1 := v[0].(int64)
+	held, ok2 := v[1].(int64)
+	balance, ok3 := v[2].(int64)
+	day, ok4 := v[3].(string)
+	period, ok5 := v[4].(int64)
+	if !ok1 || !ok2 || !ok3 || !ok4 || !ok5 || (code != codeOK && code != codeRepeat) {
+		return LeaseState{}, fmt.Errorf("lease: unexpected reply %v", v)
+	}
+	return LeaseState{Held: held, Balance: balance, Repeat: code == codeRepeat, Day: day, Period: period}, nil
+}
+
+// validDay reports whether day is empty or a yyyymmdd date.
+func validDay(day string) bool {
+	if day == "" {
+		return true
+	}
+	_, err := time.Parse("20060102", day)
+	return err == nil && len(day) == 8
 }
 
 // LeaseConfig sets how a Leaser leases.
@@ -137,6 +190,16 @@ type Leaser struct {
 	syncs sync.RWMutex
 	stop  chan struct{}
 	done  chan struct{}
+	// closedAll is closed once Close has reported and given back every
+	// lease.
+	closedAll chan struct{}
+	// after serializes the reports made after Close: the ledger applies a
+	// lease's syncs in the order of their numbers, and skips one whose
+	// number is below one it applied.
+	after sync.Mutex
+	// queued is set once a report was handed to cfg.Unreported: the reports
+	// after it must follow it there, in order.
+	queued atomic.Bool
 }
 
 // leaseState is what a lease may do.
@@ -164,7 +227,11 @@ type lease struct {
 	held     int64            // credits held and not yet spent
 	balance  int64            // the org's balance: at the last sync, less spending since
 	spent    spending         // since the last sync was sent
+	open     *report          // what spent will be charged as; nil until a call spends
+	late     []lateSpend      // corrections of calls an earlier sync reported, to send
 	inFlight map[string]int64 // the spending of a sync whose answer is not known yet
+	lateOut  []LateSpend      // the corrections of that sync
+	sending  *report          // what inFlight is charged as
 	unspent  int64            // what the lease held when inFlight was sent
 	seq      int64            // of the last sync sent; 0 before the first
 	block    int64            // the credits a renewal asks for: Size, more for an org that outruns it
@@ -175,6 +242,41 @@ type lease struct {
 	calls    int              // calls counted before the first lease
 	sync     *syncAnswer      // of the sync on its way; nil when none is
 	given    bool             // the ledger holds nothing for the lease: never leased, or given back
+}
+
+// report is one sync's worth of a lease's spending: the calls spent between
+// two syncs are charged together, on one day and in one period. A call
+// keeps its report (in its Receipt), so that a refund or a settle of it
+// later counts where it was charged, whatever happened to the lease since.
+type report struct {
+	day    string // yyyymmdd, once the ledger has charged it
+	period int64
+	done   bool
+}
+
+// late is where a correction of a call of report r counts: the day and
+// period it was charged on, or, not known, today's.
+func (r *report) late(feature string, n int64) LateSpend {
+	if r == nil || !r.done {
+		return LateSpend{Feature: feature, Period: -1, Credits: n}
+	}
+	return LateSpend{Feature: feature, Day: r.day, Period: r.period, Credits: n}
+}
+
+// lateSpend is a correction of a call that an earlier sync reported, or
+// that a sync on its way reports.
+type lateSpend struct {
+	feature string
+	rep     *report
+	n       int64
+}
+
+// Receipt is a call's spending from a lease: its balance after, and what
+// Adjust needs to find the report that charges it.
+type Receipt struct {
+	// Balance is the org's balance after the call, as the lease knows it.
+	Balance int64
+	rep     *report
 }
 
 // syncAnswer is how a sync ended, for the calls that wait for it: err is
@@ -202,7 +304,8 @@ const flushWorkers = 32
 // NewLeaser starts a leaser; Close ends its leases.
 func NewLeaser(ledger *Ledger, cfg LeaseConfig, logger *zap.Logger) *Leaser {
 	ls := &Leaser{ledger: ledger, cfg: cfg, id: "gw:" + NewRequestID()[:16], logger: logger,
-		flushing: make(chan struct{}, flushWorkers), stop: make(chan struct{}), done: make(chan struct{})}
+		flushing: make(chan struct{}, flushWorkers), stop: make(chan struct{}), done: make(chan struct{}),
+		closedAll: make(chan struct{})}
 	go ls.loop()
 	return ls
 }
@@ -214,10 +317,10 @@ func NewLeaser(ledger *Ledger, cfg LeaseConfig, logger *zap.Logger) *Leaser {
 // not answer in time (the sync this call sent or waited for failed): a
 // charge of the call's own would fare no better, and none was sent (Unsent
 // reports true).
-func (ls *Leaser) Spend(org, feature string, cost int64) (balance int64, ok bool, err error) {
+func (ls *Leaser) Spend(org, feature string, cost int64) (rc Receipt, ok bool, err error) {
 	le := ls.lock(org)
 	if le == nil {
-		return 0, false, nil
+		return Receipt{}, false, nil
 	}
 	now := time.Now()
 	le.used = now
@@ -225,11 +328,11 @@ func (ls *Leaser) Spend(org, feature string, cost int64) (balance int64, ok bool
 		// An org is leased once it is busy: a lease costs two store calls
 		// (take and give back), a lone call one.
 		le.mu.Unlock()
-		return 0, false, nil
+		return Receipt{}, false, nil
 	}
 	for {
 		if le.canSpend(cost, now, ls.cfg.TTL) {
-			balance = le.take(feature, cost)
+			rc = le.take(feature, cost)
 			renew := le.sync == nil && le.held < le.block/2
 			var s LeaseSync
 			if renew {
@@ -240,7 +343,7 @@ func (ls *Leaser) Spend(org, feature string, cost int64) (balance int64, ok bool
 				// A failure is logged; the next sync sends it again.
 				go ls.finish(le, s)
 			}
-			return balance, true, nil
+			return rc, true, nil
 		}
 		answer := le.sync
 		if answer == nil {
@@ -256,17 +359,17 @@ func (ls *Leaser) Spend(org, feature string, cost int64) (balance int64, ok bool
 		le.mu.Unlock()
 		<-answer.done
 		if answer.err != nil && !errors.Is(answer.err, errClosed) {
-			return 0, false, unsentError{fmt.Errorf("lease renewal: %w", answer.err)}
+			return Receipt{}, false, unsentError{fmt.Errorf("lease renewal: %w", answer.err)}
 		}
 		if le = ls.lock(org); le == nil {
-			return 0, false, nil
+			return Receipt{}, false, nil
 		}
 		if le.state == counting {
 			// The lease was given back and forgotten meanwhile: this is a
 			// new one, not leased yet, which must not sync before its org
 			// is busy (a flush forgets a counting lease, holding nothing).
 			le.mu.Unlock()
-			return 0, false, nil
+			return Receipt{}, false, nil
 		}
 		now = time.Now()
 	}
@@ -276,23 +379,23 @@ func (ls *Leaser) Spend(org, feature string, cost int64) (balance int64, ok bool
 		// charged on their own, and a renewal is tried again at most once
 		// a Flush.
 		le.mu.Unlock()
-		return 0, false, nil
+		return Receipt{}, false, nil
 	}
 	// The lease is empty or stale: this call waits for a renewal.
 	s := ls.begin(org, le, max(le.block, cost))
 	le.mu.Unlock()
 	if err := ls.finish(le, s); err != nil {
 		if errors.Is(err, errClosed) {
-			return 0, false, nil
+			return Receipt{}, false, nil
 		}
-		return 0, false, unsentError{fmt.Errorf("lease renewal: %w", err)}
+		return Receipt{}, false, unsentError{fmt.Errorf("lease renewal: %w", err)}
 	}
 	if le = ls.lock(org); le == nil {
-		return 0, false, nil
+		return Receipt{}, false, nil
 	}
 	defer le.mu.Unlock()
 	if !le.canSpend(cost, time.Now(), ls.cfg.TTL) {
-		return 0, false, nil
+		return Receipt{}, false, nil
 	}
 	return le.take(feature, cost), true, nil
 }
@@ -316,11 +419,14 @@ func (le *lease) canSpend(cost int64, now time.Time, ttl time.Duration) bool {
 }
 
 // take spends cost credits of the lease's.
-func (le *lease) take(feature string, cost int64) int64 {
+func (le *lease) take(feature string, cost int64) Receipt {
 	le.held -= cost
 	le.balance -= cost
 	le.spent.add(feature, cost)
-	return le.balance
+	if le.open == nil {
+		le.open = new(report)
+	}
+	return Receipt{Balance: le.balance, rep: le.open}
 }
 
 // spending is credits spent per feature: a route has one feature, an org
@@ -376,23 +482,40 @@ func (ls *Leaser) lock(org string) *lease {
 }
 
 // Adjust changes a leased call's cost after the fact: a refund (actual 0)
-// or a settle to what the upstream reported. It returns the balance after.
-func (ls *Leaser) Adjust(org, feature string, charged, actual int64) int64 {
+// or a settle to what the upstream reported. rc is the call's Receipt. It
+// returns the balance after.
+//
+// The change is reported with the call's own report when that is still to
+// be sent; otherwise it corrects the report that charged the call, on its
+// day and in its period, under the same lease, so that a refund gives back
+// what that lease captured. After Close, it waits for Close to report
+// everything, then reports the change on its own, under the same lease id.
+func (ls *Leaser) Adjust(org, feature string, rc Receipt, charged, actual int64) int64 {
+	diff := actual - charged
 	le := ls.lock(org)
 	if le == nil {
-		// Closed: report the change on its own, under a lease id of its
-		// own, which holds nothing.
-		s := LeaseSync{Org: org, ID: ls.id + ":" + NewRequestID()[:8], Seq: 1, TTL: time.Second,
-			Spent: map[string]int64{feature: actual - charged}}
+		<-ls.closedAll
+		ls.after.Lock()
+		defer ls.after.Unlock()
+		s := LeaseSync{Org: org, ID: ls.id, Seq: ls.seq.Add(1), TTL: time.Second,
+			Late: []LateSpend{rc.rep.late(feature, diff)}}
+		if ls.queued.Load() {
+			ls.unreported(s, errQueued)
+			return rc.Balance - diff
+		}
 		st, err := ls.ledger.SyncLease(context.Background(), s)
 		if err != nil {
 			ls.unreported(s, err)
+			return rc.Balance - diff
 		}
 		return st.Balance
 	}
 	defer le.mu.Unlock()
-	diff := actual - charged
-	le.spent.add(feature, diff)
+	if rc.rep != nil && rc.rep == le.open {
+		le.spent.add(feature, diff)
+	} else {
+		le.late = append(le.late, lateSpend{feature: feature, rep: rc.rep, n: diff})
+	}
 	le.balance -= diff
 	// An extra charge is taken from what the lease holds, as far as it
 	// holds it, and reported either way. A refund is reported and does not
@@ -402,6 +525,11 @@ func (ls *Leaser) Adjust(org, feature string, charged, actual int64) int64 {
 		le.held = max(le.held-diff, 0)
 	}
 	return le.balance
+}
+
+// owes reports whether the lease has spending or corrections to report.
+func (le *lease) owes() bool {
+	return len(le.spent) > 0 || len(le.late) > 0 || le.inFlight != nil
 }
 
 // begin marks a sync of the lease as on its way, asking to hold want
@@ -415,6 +543,14 @@ func (ls *Leaser) begin(org string, le *lease, want int64) LeaseSync {
 			le.inFlight[f.feature] += f.n
 		}
 		le.spent = le.spent[:0]
+		le.sending, le.open = le.open, nil
+		// Every report the corrections name was answered before this sync
+		// began (a sync waits for the one before it), so its day is known.
+		le.lateOut = nil
+		for _, c := range le.late {
+			le.lateOut = mergeLate(le.lateOut, c.rep.late(c.feature, c.n))
+		}
+		le.late = le.late[:0]
 		le.unspent = le.held
 		if want == 0 {
 			// Giving the credits back: none may be spent until the ledger
@@ -433,7 +569,19 @@ func (ls *Leaser) begin(org string, le *lease, want int64) LeaseSync {
 	}
 	le.sync = &syncAnswer{done: make(chan struct{})}
 	return LeaseSync{Org: org, ID: ls.id, Seq: le.seq, Want: want, Keep: ls.keep(le), TTL: ls.cfg.TTL,
-		Unspent: le.unspent, Spent: le.inFlight}
+		Unspent: le.unspent, Spent: le.inFlight, Late: le.lateOut}
+}
+
+// mergeLate adds c to out, summed with a correction of the same feature,
+// day and period.
+func mergeLate(out []LateSpend, c LateSpend) []LateSpend {
+	for i := range out {
+		if out[i].Feature == c.Feature && out[i].Day == c.Day && out[i].Period == c.Period {
+			out[i].Credits += c.Credits
+			return out
+		}
+	}
+	return append(out, c)
 }
 
 // keep is the credits le leaves free for others: Keep, as many times more as
@@ -484,7 +632,11 @@ func (le *lease) applied(s LeaseSync, st LeaseState, err error, sent time.Time) 
 	// Applied now or, its answer lost, before: either way the ledger holds
 	// st.Held for this lease, of which the lease has spent what it spent
 	// since the sync was sent.
-	le.inFlight = nil
+	le.inFlight, le.lateOut = nil, nil
+	if le.sending != nil {
+		le.sending.day, le.sending.period, le.sending.done = st.Day, st.Period, true
+		le.sending = nil
+	}
 	if le.state == returning {
 		le.state = active
 	}
@@ -504,7 +656,10 @@ func (ls *Leaser) end(org string, le *lease) {
 	le.state = ended
 }
 
-var errClosed = errors.New("leases closed")
+var (
+	errClosed = errors.New("leases closed")
+	errQueued = errors.New("an earlier report of the leases waits in the backlog")
+)
 
 func (ls *Leaser) loop() {
 	defer close(ls.done)
@@ -571,7 +726,7 @@ func (ls *Leaser) due(org string, le *lease, now time.Time) (s LeaseSync, ok boo
 		return LeaseSync{}, false
 	}
 	idle := now.Sub(le.used) > ls.cfg.Idle
-	owes := len(le.spent) > 0 || le.inFlight != nil
+	owes := le.owes()
 	switch {
 	case le.state == counting && le.given && !owes:
 		// Never leased: a quiet org is charged call by call. (A counting
@@ -616,7 +771,7 @@ func (ls *Leaser) giveBack(org string, le *lease) {
 		}
 		// Done once it owes nothing and the ledger holds nothing for it,
 		// whatever the lease's own count says.
-		if len(le.inFlight) == 0 && len(le.spent) == 0 && le.given {
+		if len(le.inFlight) == 0 && len(le.lateOut) == 0 && len(le.spent) == 0 && len(le.late) == 0 && le.given {
 			ls.end(org, le)
 			return
 		}
@@ -626,8 +781,8 @@ func (ls *Leaser) giveBack(org string, le *lease) {
 		le.mu.Lock()
 		if err != nil {
 			ls.unreported(s, err)
-			if s.Unspent > 0 || len(le.spent) > 0 {
-				le.inFlight = nil
+			if s.Unspent > 0 || len(le.spent) > 0 || len(le.late) > 0 {
+				le.inFlight, le.lateOut = nil, nil
 				ls.unreported(ls.begin(org, le, 0), err)
 				le.sync = nil
 			}
@@ -640,14 +795,23 @@ func (ls *Leaser) giveBack(org string, le *lease) {
 // unreported hands a report that could not be made to cfg.Unreported, or
 // logs it as lost.
 func (ls *Leaser) unreported(s LeaseSync, err error) {
+	ls.queued.Store(true)
 	if ls.cfg.Unreported != nil {
 		ls.logger.Warn("lease report failed; it is kept and sent again until the store takes it",
-			zap.String("org", s.Org), zap.Int64("credits", sum(s.Spent)), zap.Error(err))
+			zap.String("org", s.Org), zap.Int64("credits", sum(s.Spent)+lateSum(s.Late)), zap.Error(err))
 		ls.cfg.Unreported(s)
 		return
 	}
 	ls.logger.Error("lease report lost: the store did not take it", zap.String("org", s.Org),
-		zap.Int64("credits", sum(s.Spent)), zap.Error(err))
+		zap.Int64("credits", sum(s.Spent)+lateSum(s.Late)), zap.Error(err))
+}
+
+func lateSum(late []LateSpend) int64 {
+	var n int64
+	for _, c := range late {
+		n += c.Credits
+	}
+	return n
 }
 
 func sum(spent map[string]int64) int64 {
@@ -670,6 +834,7 @@ func (ls *Leaser) Close() {
 	ls.syncs.Lock()
 	ls.syncs.Unlock()
 	ls.closeAll()
+	close(ls.closedAll)
 }
 
 // Pending returns the credits spent from leases and not yet reported.
@@ -679,6 +844,12 @@ func (ls *Leaser) Pending() int64 {
 		le := v.(*lease)
 		le.mu.Lock()
 		n += le.spent.total() + sum(le.inFlight)
+		for _, c := range le.late {
+			n += c.n
+		}
+		for _, c := range le.lateOut {
+			n += c.Credits
+		}
 		le.mu.Unlock()
 		return true
 	})

@@ -2,6 +2,7 @@ package meter
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -150,17 +151,17 @@ var leaseCases = []ledgerCase{
 	{name: "an idle lease gives its credits back", cfg: Config{DefaultPlan: Plan{Allowance: 1000}}, run: func(e *env) {
 		ls := NewLeaser(e.ledger, testLease, zap.NewNop())
 		defer ls.Close()
-		var bal int64
+		var rc Receipt
 		var ok bool
 		for range leaseAfter + 1 { // an org is leased once it is busy
-			if bal, ok, _ = ls.Spend("acme", "alt-text", 3); ok {
+			if rc, ok, _ = ls.Spend("acme", "alt-text", 3); ok {
 				break
 			}
 		}
-		if !ok || bal != 997 {
-			e.t.Fatalf("spend: %d %v", bal, ok)
+		if !ok || rc.Balance != 997 {
+			e.t.Fatalf("spend: %d %v", rc.Balance, ok)
 		}
-		if got := ls.Adjust("acme", "alt-text", 3, 0); got != 1000 {
+		if got := ls.Adjust("acme", "alt-text", rc, 3, 0); got != 1000 {
 			e.t.Fatalf("balance after a refund: %d", got)
 		}
 		ls.Spend("acme", "alt-text", 2)
@@ -260,7 +261,7 @@ var leaseCases = []ledgerCase{
 		}
 		e.checkEvents("acme")
 	}},
-	{name: "an expired lease holds nothing", cfg: Config{DefaultPlan: Plan{Allowance: 100}}, run: func(e *env) {
+	{name: "a lease whose gateway stopped reporting keeps its credits for a day", cfg: Config{DefaultPlan: Plan{Allowance: 100}}, run: func(e *env) {
 		if _, err := e.ledger.SyncLease(e.ctx, LeaseSync{Org: "acme", ID: "gone", Seq: 1, Want: 80, TTL: time.Minute}); err != nil {
 			e.t.Fatal(err)
 		}
@@ -273,13 +274,79 @@ var leaseCases = []ledgerCase{
 		if r := e.charge("acme", 21); r.Charged {
 			e.t.Fatalf("a gateway's clock ended a lease: %+v", r)
 		}
+		// Past its lifetime by Redis' clock, the lease is unreported: its
+		// gateway may have spent its credits, so no one else may.
 		e.moveServerClock(2 * time.Minute)
+		if r := e.charge("acme", 21); r.Charged {
+			e.t.Fatalf("an unreported lease's credits were spent again: %+v", r)
+		}
+		holds, err := e.ledger.Holds(e.ctx, "acme")
+		if err != nil || len(holds) != 1 || holds[0].State != HoldUnreported || holds[0].Amount != 80 || holds[0].LastReport == nil {
+			e.t.Fatalf("holds: %+v %v", holds, err)
+		}
+		if _, _, _, err := e.ledger.CaptureHold(e.ctx, "acme", "lease:gone", 5); !errors.Is(err, ErrLease) {
+			e.t.Fatalf("capture of a lease: %v", err)
+		}
+		if _, _, _, err := e.ledger.ReleaseHold(e.ctx, "acme", "lease:gone"); !errors.Is(err, ErrLease) {
+			e.t.Fatalf("release of a lease: %v", err)
+		}
+		// A day after its last report it is released anyway.
+		e.moveServerClock(24 * time.Hour)
 		if r := e.charge("acme", 100); !r.Charged {
-			e.t.Fatalf("an expired lease still holds credits: %+v", r)
+			e.t.Fatalf("a lease unreported for a day still holds credits: %+v", r)
 		}
 		events := e.checkEvents("acme")
-		if ev := events[1]; ev.Kind != "expire" || ev.Ref != "hold:lease:gone" || ev.Delta != 0 {
+		if ev := events[1]; ev.Kind != "expire" || ev.Ref != "lease:gone" || ev.Delta != 0 {
 			e.t.Fatalf("the expiry's event: %+v", ev)
+		}
+	}},
+	{name: "a gateway cut off reports to its unreported lease", cfg: Config{DefaultPlan: Plan{Allowance: 100}}, run: func(e *env) {
+		if _, err := e.ledger.SyncLease(e.ctx, LeaseSync{Org: "acme", ID: "gw", Seq: 1, Want: 50, TTL: time.Minute}); err != nil {
+			e.t.Fatal(err)
+		}
+		e.moveServerClock(time.Hour)
+		if r := e.charge("acme", 51); r.Charged {
+			e.t.Fatalf("an unreported lease's credits were spent again: %+v", r)
+		}
+		// Back, the gateway reports the 30 it spent and gives the rest back.
+		st, err := e.ledger.SyncLease(e.ctx, LeaseSync{Org: "acme", ID: "gw", Seq: 2, TTL: time.Minute, Spent: map[string]int64{"f": 30}})
+		if err != nil || st.Held != 0 || st.Balance != 70 {
+			e.t.Fatalf("sync: %+v %v", st, err)
+		}
+		acct := e.account("acme")
+		if acct.Available != 70 || acct.Used["f"] != 30 {
+			e.t.Fatalf("account %+v", acct)
+		}
+		e.checkEvents("acme")
+	}},
+	{name: "an operator releases an unreported lease whose gateway is gone", cfg: Config{DefaultPlan: Plan{Allowance: 100}}, run: func(e *env) {
+		if _, err := e.ledger.SyncLease(e.ctx, LeaseSync{Org: "acme", ID: "gw", Seq: 1, Want: 50, TTL: time.Minute}); err != nil {
+			e.t.Fatal(err)
+		}
+		if _, _, _, err := e.ledger.ReleaseLease(e.ctx, "acme", "lease:gw", "host decommissioned"); !errors.Is(err, ErrLease) {
+			e.t.Fatalf("release of a live lease: %v", err)
+		}
+		h, _, _, err := e.ledger.CreateHold(e.ctx, HoldRequest{Org: "acme", Feature: "f", Amount: 5})
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		if _, _, _, err := e.ledger.ReleaseLease(e.ctx, "acme", h.ID, "not a lease"); !errors.Is(err, ErrNotLease) {
+			e.t.Fatalf("gateway_gone on a hold: %v", err)
+		}
+		e.moveServerClock(2 * time.Minute)
+		h, acct, _, err := e.ledger.ReleaseLease(e.ctx, "acme", "lease:gw", "host decommissioned")
+		if err != nil || h.State != HoldReleased || acct.Available != 95 {
+			e.t.Fatalf("release: %+v %+v %v", h, acct, err)
+		}
+		events := e.checkEvents("acme")
+		if ev := events[0]; ev.Kind != "release" || ev.Ref != "lease:gw" || ev.Reason != "host decommissioned" {
+			e.t.Fatalf("the release's event: %+v", ev)
+		}
+		// A gateway that comes back after all is charged what it spent,
+		// into debt if it must: the bound the operator accepted.
+		st, err := e.ledger.SyncLease(e.ctx, LeaseSync{Org: "acme", ID: "gw", Seq: 2, TTL: time.Minute, Spent: map[string]int64{"f": 20}})
+		if err != nil || st.Balance != 80 {
+			e.t.Fatalf("sync after the release: %+v %v", st, err)
 		}
 	}},
 }
@@ -298,7 +365,7 @@ func (e *env) leased(org string) int64 {
 		if _, err := fmt.Sscanf(v, "%s %d %d %d", &state, &ofa, &fa, &fp); err != nil {
 			e.t.Fatalf("hold %s: record %q: %v", id, v, err)
 		}
-		if state == "l" && strings.HasPrefix(id, "lease:") {
+		if (state == "l" || state == "u") && strings.HasPrefix(id, "lease:") {
 			sum += ofa + fa + fp
 		}
 	}

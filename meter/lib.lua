@@ -47,7 +47,8 @@ local function srv_now()
 end
 
 -- Return codes, as in Go (scripts.go).
-local OK, REFUSED, REPEAT, NOT_FOUND, LIMIT, VOIDED, WRONG_TYPE, ENDED, IN_FLIGHT, MISMATCH = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9
+local OK, REFUSED, REPEAT, NOT_FOUND, LIMIT, VOIDED, WRONG_TYPE, ENDED, IN_FLIGHT, MISMATCH, LEASE =
+  0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
 
 -- How long a hold's record stays once it is captured, released or expired:
 -- a repeated capture answers the same, a late capture of an expired hold is
@@ -350,9 +351,10 @@ local function add_used(acc, feature, n, day)
   if day ~= false then add_day(acc, feature, n, day) end
 end
 
--- A feature's usage today, with what this script added to it.
-local function used_today(acc, feature)
-  local f = today() .. ':' .. feature
+-- A feature's usage on day (yyyymmdd; today when nil), with what this
+-- script added to it.
+local function used_on(acc, feature, day)
+  local f = (day or today()) .. ':' .. feature
   if acc.created then return acc.day_delta[f] or 0 end
   return tonumber(redis.call('HGET', acc.key, f) or 0) + (acc.day_delta[f] or 0)
 end
@@ -582,23 +584,48 @@ local function settle_to(acc, m, actual, ref, refund)
 end
 
 -- Holds. The holds hash maps a hold's id to its record:
--- "state ofa fa fp pn until seq cap cfa cfp cfd feature": state l (live), x
--- (expired), c (captured) or r (released); ofa, fa and fp the credits it keeps
--- of an ended period's allowance, of period pn's allowance and of purchased
--- credits; until its expiry (live) or when the record goes (otherwise), in
--- Redis ms; seq the last sync number of a lease; cap the credits captured;
--- cfa, cfp and cfd the parts of what was captured, for a lease's refunds;
--- feature the usage label. A lease is a hold too, captured as its calls
--- spend it.
+-- "state ofa fa fp pn until seq cap cfa cfp cfd feature [rep]": state l
+-- (live), u (unreported: a lease whose gateway did not report within its
+-- lifetime), x (expired), c (captured) or r (released); ofa, fa and fp the
+-- credits it keeps of an ended period's allowance, of period pn's allowance
+-- and of purchased credits; until its expiry (live), when it is released
+-- anyway (unreported) or when the record goes (otherwise), in Redis ms; seq
+-- the last sync number of a lease; cap the credits captured; cfa, cfp and
+-- cfd the parts of what was captured, for a lease's refunds; feature the
+-- usage label; rep, a lease's alone, its last report in Redis ms. A lease is
+-- a hold too, captured as its calls spend it; its id starts with "lease:".
+local LIVE, UNREPORTED, EXPIRED, CAPTURED, RELEASED = 'l', 'u', 'x', 'c', 'r'
+
+-- How long a lease whose gateway stopped reporting keeps its credits after
+-- its last report. The gateway may have spent them and not been able to
+-- say so: they are given to no one else until it reports, an operator
+-- releases the lease, or this time has passed.
+local UNREPORTED_KEPT_MS = 86400000
+
+local function is_lease(id)
+  return string.sub(id, 1, 6) == 'lease:'
+end
+
+-- The ref of a hold's events: a lease's id, "hold:<id>" for others.
+local function hold_ref(id)
+  if is_lease(id) then return id end
+  return 'hold:' .. id
+end
+
+-- Whether a hold keeps credits: live, or a lease not heard from.
+local function keeps(h)
+  return h.state == LIVE or h.state == UNREPORTED
+end
+
 local function parse_hold(acc, s)
-  local st, ofa, fa, fp, pn, untl, seq, cap, cfa, cfp, cfd, feature = string.match(s,
-    '^(%a) (%d+) (%d+) (%d+) (%-?%d+) (%d+) (%d+) (%-?%d+) (%d+) (%d+) (%d+) (%S+)$')
+  local st, ofa, fa, fp, pn, untl, seq, cap, cfa, cfp, cfd, feature, rep = string.match(s,
+    '^(%a) (%d+) (%d+) (%d+) (%-?%d+) (%d+) (%d+) (%-?%d+) (%d+) (%d+) (%d+) (%S+) ?(%d*)$')
   if not st then
     error('corrupt hold record')
   end
   local h = {state = st, ofa = tonumber(ofa), fa = tonumber(fa), fp = tonumber(fp), pn = tonumber(pn),
     untl = tonumber(untl), seq = tonumber(seq), cap = tonumber(cap), cfa = tonumber(cfa),
-    cfp = tonumber(cfp), cfd = tonumber(cfd), feature = feature}
+    cfp = tonumber(cfp), cfd = tonumber(cfd), feature = feature, rep = tonumber(rep) or 0}
   -- A period ended since the record was written: the allowance it keeps is
   -- an ended period's, and what it captured is no longer given back but for
   -- purchased credits (a lease's captures are not told apart by period).
@@ -609,8 +636,10 @@ local function parse_hold(acc, s)
 end
 
 local function hold_str(h)
-  return table.concat({h.state, str(h.ofa), str(h.fa), str(h.fp), str(h.pn), str(h.untl), str(h.seq),
+  local s = table.concat({h.state, str(h.ofa), str(h.fa), str(h.fp), str(h.pn), str(h.untl), str(h.seq),
     str(h.cap), str(h.cfa), str(h.cfp), str(h.cfd), h.feature}, ' ')
+  if h.rep > 0 then s = s .. ' ' .. str(h.rep) end
+  return s
 end
 
 local function hold_amount(h)
@@ -618,8 +647,8 @@ local function hold_amount(h)
 end
 
 local function new_hold(acc, feature)
-  return {state = 'r', ofa = 0, fa = 0, fp = 0, pn = acc.pn, untl = 0, seq = 0, cap = 0, cfa = 0, cfp = 0,
-    cfd = 0, feature = feature or '-'}
+  return {state = RELEASED, ofa = 0, fa = 0, fp = 0, pn = acc.pn, untl = 0, seq = 0, cap = 0, cfa = 0, cfp = 0,
+    cfd = 0, feature = feature or '-', rep = 0}
 end
 
 -- Sets n more credits of the available balance aside in hold h.
@@ -673,9 +702,11 @@ local function hold_refund(acc, h, n)
 end
 
 -- Ends every live hold whose time has passed, giving its credits back, and
--- drops the records whose time to be kept has passed. It reads the holds
--- hash only when the earliest expiry is due, or when force is set; what it
--- changed waits in acc.swept for write_holds.
+-- drops the records whose time to be kept has passed. A lease whose time
+-- has passed is not ended but unreported: it keeps its credits until its
+-- gateway reports, or UNREPORTED_KEPT_MS after its last report. It reads the
+-- holds hash only when the earliest expiry is due, or when force is set;
+-- what it changed waits in acc.swept for write_holds.
 local function sweep(acc, key, force)
   if not force and not (acc.hx and acc.hx <= srv_now()) then return end
   local raw = redis.call('HGETALL', key)
@@ -684,16 +715,23 @@ local function sweep(acc, key, force)
   for i = 1, #raw, 2 do
     local id = raw[i]
     local h = parse_hold(acc, raw[i + 1])
-    if h.state == 'l' and h.untl <= srv_now() then
+    local changed = false
+    if h.state == LIVE and h.untl <= srv_now() and is_lease(id) then
+      -- A lease of an earlier version has no rep: its expiry stands for it.
+      local last = h.rep
+      if last == 0 then last = h.untl end
+      h.state, h.untl, changed = UNREPORTED, last + UNREPORTED_KEPT_MS, true
+    end
+    if keeps(h) and h.untl <= srv_now() then
       local delta = hold_less(acc, h, hold_amount(h))
-      h.state, h.untl = 'x', srv_now() + HOLD_KEPT_MS
-      event(acc, 'expire', delta, h.feature, 'hold:' .. id)
+      h.state, h.untl = EXPIRED, srv_now() + HOLD_KEPT_MS
+      event(acc, 'expire', delta, h.feature, hold_ref(id))
       out[id] = {h, true}
-    elseif h.state ~= 'l' and h.untl <= srv_now() then
+    elseif not keeps(h) and h.untl <= srv_now() then
       out[id] = {nil, true}
     else
-      if h.state == 'l' and (not hx or h.untl < hx) then hx = h.untl end
-      out[id] = {h, false}
+      if keeps(h) and (not hx or h.untl < hx) then hx = h.untl end
+      out[id] = {h, changed}
     end
   end
   if acc.hx ~= hx then
@@ -711,7 +749,7 @@ local function get_hold(acc, key, id)
   local v = redis.call('HGET', key, id)
   if not v then return nil end
   local h = parse_hold(acc, v)
-  if h.state ~= 'l' and h.untl <= srv_now() then
+  if not keeps(h) and h.untl <= srv_now() then
     -- Its time to be kept has passed; sweep drops it.
     return nil
   end
@@ -752,7 +790,7 @@ local function write_holds(key, acc, changed)
   for id, h in pairs(changed) do
     redis.call('HSET', key, id, hold_str(h))
     local t = h.untl
-    if h.state == 'l' then t = t + HOLD_KEPT_MS end
+    if keeps(h) then t = t + HOLD_KEPT_MS end
     if t > last then last = t end
   end
   if last > 0 and last > srv_now() and redis.call('PTTL', key) < last - srv_now() then

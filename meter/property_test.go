@@ -55,7 +55,7 @@ type modelCharge struct {
 }
 
 type modelHold struct {
-	state         byte // l, x, c or r
+	state         byte // l, u, x, c or r
 	ofa, fa, fp   int64
 	pn            int
 	until         time.Duration // on the moved clock: expiry, or when the record goes
@@ -63,9 +63,14 @@ type modelHold struct {
 	captured      int64
 	cfa, cfp, cfd int64
 	feature       string
+	rep           time.Duration // a lease's last report, on the moved clock
 }
 
 const holdKept = 24 * time.Hour
+
+// unreportedKept is how long a lease keeps its credits after its last
+// report, once its gateway stops reporting.
+const unreportedKept = 24 * time.Hour
 
 func nextMonthStart(after time.Time, month int) time.Time {
 	t := time.Date(after.Year(), time.Month(month), 1, 0, 0, 0, 0, time.UTC)
@@ -186,13 +191,20 @@ func (m *model) holdCapture(org string, a *modelAccount, h *modelHold, n int64) 
 }
 
 // sweep ends the org's holds whose time has passed and drops the records
-// whose time to be kept has passed.
+// whose time to be kept has passed. A lease past its time is unreported,
+// keeping its credits for a day after its last report.
 func (m *model) sweep(org string, a *modelAccount) {
 	for key, h := range m.holds {
 		if !strings.HasPrefix(key, org+" ") || h.until > m.srv {
 			continue
 		}
-		if h.state == 'l' {
+		if h.state == 'l' && strings.HasPrefix(key, org+" lease:") {
+			h.state, h.until = 'u', h.rep+unreportedKept
+			if h.until > m.srv {
+				continue
+			}
+		}
+		if h.state == 'l' || h.state == 'u' {
 			m.holdLess(org, a, h, h.amount())
 			h.state, h.until = 'x', m.srv+holdKept
 		} else {
@@ -232,6 +244,9 @@ func checkModel(t *testing.T, rt *rapid.T, s store) {
 	orgs := []string{"a", "b"}
 	var ids []string
 	holdIDs := []string{"nope"}
+	// periods maps an org's period numbers, the ledger's (from its lease
+	// syncs' answers) to the model's: {ledger, model} of the same period.
+	periods := map[string][2]int64{}
 	steps := rapid.IntRange(1, 60).Draw(rt, "steps")
 	for range steps {
 		org := rapid.SampledFrom(orgs).Draw(rt, "org")
@@ -494,8 +509,17 @@ func checkModel(t *testing.T, rt *rapid.T, s store) {
 					s.Spent[f] = n
 				}
 			}
+			// Corrections of calls an earlier sync reported: in this
+			// period, in the one before, or in one not known.
+			if p, ok := periods[org]; ok && a != nil && rapid.IntRange(0, 2).Draw(rt, "late") == 0 {
+				pn := p[0] + int64(a.pn) - p[1] - rapid.Int64Range(0, 1).Draw(rt, "late period")
+				if rapid.IntRange(0, 3).Draw(rt, "late period unknown") == 0 {
+					pn = -1
+				}
+				s.Late = append(s.Late, LateSpend{Feature: "flows", Period: pn, Credits: rapid.Int64Range(-10, 10).Draw(rt, "late credits")})
+			}
 			kept := int64(0)
-			if a != nil && mh != nil && mh.state == 'l' {
+			if a != nil && mh != nil && (mh.state == 'l' || mh.state == 'u') {
 				kept = mh.amount()
 			}
 			s.Unspent = rapid.Int64Range(0, kept+5).Draw(rt, "unspent")
@@ -528,22 +552,31 @@ func checkModel(t *testing.T, rt *rapid.T, s store) {
 				features = append(features, f)
 			}
 			sort.Strings(features)
-			for _, f := range features {
-				n := s.Spent[f]
+			spend := func(f string, n int64, thisPeriod bool) {
 				if n > 0 {
 					m.holdCapture(org, a, mh, n)
-					a.used[f] += n
-				} else {
+					if thisPeriod {
+						a.used[f] += n
+					}
+				} else if n < 0 {
 					p := parts{mh.cfa, mh.cfp, mh.cfd, a.pn}
 					back := a.giveBack(&p, -n)
 					mh.cfa, mh.cfp, mh.cfd = p.fa, p.fp, p.fd
 					m.charged[org] += n
 					m.grants[org] += back + n
-					a.used[f] += max(n, -a.used[f])
+					if thisPeriod {
+						a.used[f] += max(n, -a.used[f])
+					}
 				}
 			}
+			for _, f := range features {
+				spend(f, s.Spent[f], true)
+			}
+			for _, c := range s.Late {
+				spend(c.Feature, c.Credits, c.Period == -1 || c.Period-periods[org][0] == int64(a.pn)-periods[org][1])
+			}
 			kept = 0
-			if mh.state == 'l' {
+			if mh.state == 'l' || mh.state == 'u' {
 				kept = mh.amount()
 			}
 			grant := max(min(s.Unspent, kept), min(s.Want, kept+a.available()-s.Keep))
@@ -552,12 +585,13 @@ func checkModel(t *testing.T, rt *rapid.T, s store) {
 			} else if grant < kept {
 				m.holdLess(org, a, mh, kept-grant)
 			}
-			mh.seq = seq
+			mh.seq, mh.rep = seq, m.srv
 			if grant > 0 {
 				mh.state, mh.until = 'l', m.srv+s.TTL
-			} else if mh.state == 'l' || mh.until < m.srv {
+			} else if mh.state == 'l' || mh.state == 'u' || mh.until < m.srv {
 				mh.state, mh.until = 'r', m.srv+holdKept
 			}
+			periods[org] = [2]int64{got.Period, int64(a.pn)}
 			if got.Repeat || got.Held != grant || got.Balance != a.balance() {
 				rt.Fatalf("sync: %+v, model held %d balance %d", got, grant, a.balance())
 			}

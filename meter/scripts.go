@@ -51,9 +51,10 @@ var voidLua string
 //go:embed keep.lua
 var keepLua string
 
-// KEYS: account, call log, holds. ARGV[8..13]: lease id, sync number, credits
-// wanted, credits to leave free, lifetime in ms, credits held unspent; then
-// feature and spent pairs.
+// KEYS: account, call log, holds. ARGV[8..14]: lease id, sync number,
+// credits wanted, credits to leave free, lifetime in ms, credits held
+// unspent, the number n of spent pairs; then n feature and spent pairs, then
+// feature, day, period and credits of each late correction.
 //
 //go:embed lease.lua
 var leaseLua string
@@ -69,7 +70,8 @@ var holdLua string
 //go:embed capture.lua
 var captureLua string
 
-// KEYS: account, events, holds. ARGV[8]: hold id.
+// KEYS: account, events, holds. ARGV[8..10]: hold id, 1 when a lease's
+// gateway is gone, the reason.
 //
 //go:embed release.lua
 var releaseLua string
@@ -274,6 +276,7 @@ const (
 	codeEnded     = 7
 	codeInFlight  = 8
 	codeMismatch  = 9
+	codeLease     = 10
 )
 
 // ErrWrongType means a key the script needs holds another type of data
