@@ -3,7 +3,6 @@ package policy
 import (
 	"bytes"
 	"encoding/json"
-	"path"
 	"strconv"
 	"strings"
 )
@@ -46,10 +45,14 @@ func (f UsageFormat) String() string {
 const MaxPrice = 1_000_000
 
 // Price is what a model's tokens cost: credits per 1,000,000 input and
-// output tokens, for models whose name matches the glob Model (path.Match
-// syntax; "*" matches every model).
+// output tokens, for models whose name matches the glob Model. In the glob,
+// "*" matches any run of characters, "/" included, so "*" matches every
+// model and "meta-llama/*" every model under meta-llama/.
 type Price struct {
-	// Model is a glob of model names, e.g. gpt-4o* or claude-3-5-*.
+	// Model is a glob of model names, e.g. gpt-4o*, claude-3-5-* or
+	// openai/*: * matches any run of characters, / included, ? one
+	// character, [a-z] one of a class, [^a-z] one outside it, and \ quotes
+	// the character after it.
 	Model string `json:"model"`
 	// In is the credits per 1,000,000 input tokens.
 	In int64 `json:"in"`
@@ -62,8 +65,8 @@ func (p Price) Validate() error {
 	if p.Model == "" {
 		return &InputError{Field: "price model", Value: p.Model, Reason: "must be a model name or glob"}
 	}
-	if _, err := path.Match(p.Model, ""); err != nil {
-		return &InputError{Field: "price model", Value: p.Model, Reason: "must be a valid glob"}
+	if !globOK(p.Model) {
+		return &InputError{Field: "price model", Value: p.Model, Reason: "must be a glob: * any run of characters, ? one, [a-z] one of a class, \\ quotes the next"}
 	}
 	for _, n := range []int64{p.In, p.Out} {
 		if n < 0 || n > MaxPrice {
@@ -92,7 +95,7 @@ const maxTokens = 1_000_000_000_000
 // MaxCost. ok is false when no price matches.
 func PriceOf(prices []Price, model string, t Tokens) (credits int64, ok bool) {
 	for _, p := range prices {
-		if m, _ := path.Match(p.Model, model); !m {
+		if !matchGlob(p.Model, model) {
 			continue
 		}
 		// Split to stay exact: tokens up to 10^12 times prices up to 10^6.
