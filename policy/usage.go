@@ -113,9 +113,6 @@ const (
 	// maxUsageLine is the longest server-sent event line read; a longer
 	// one is passed over.
 	maxUsageLine = 64 << 10
-	// maxUsageJSON is the largest JSON answer read for its usage; a larger
-	// one is charged the route's cost.
-	maxUsageJSON = 1 << 20
 	// usageHead is how much of the start of a stream is read line by line
 	// (with the line it ends in), for Anthropic's message_start.
 	usageHead = 64 << 10
@@ -130,17 +127,17 @@ const (
 
 // UsageReader reads the usage of an answer as its body passes through, in
 // bounded memory whatever the body's size: a server-sent event stream's
-// first 64 KiB line by line and its last lines once it ends (or is cut), a
-// JSON answer up to 1 MiB. What it reads depends on the body alone, never
+// first 64 KiB line by line and its last lines once it ends (or is cut); a
+// JSON answer of any size in one pass that keeps only the top-level members
+// its usage is read from. What it reads depends on the body alone, never
 // on how it was cut into pieces. It never fails; what it cannot read leaves
 // Tokens unseen, and the call is charged its hold.
 type UsageReader struct {
 	format UsageFormat
 	sse    bool
-	line   []byte // the SSE line read so far
-	skip   bool   // the current line is too long: pass it over
-	body   []byte // the JSON answer read so far
-	over   bool   // the JSON answer is too large
+	line   []byte   // the SSE line read so far
+	skip   bool     // the current line is too long: pass it over
+	json   jsonScan // a JSON answer's scan
 	tokens Tokens
 
 	offset   int64  // the stream's bytes so far
@@ -159,13 +156,7 @@ func NewUsageReader(format UsageFormat, contentType string) *UsageReader {
 func (u *UsageReader) Write(p []byte) (int, error) {
 	n := len(p)
 	if !u.sse {
-		if !u.over {
-			if len(u.body)+len(p) > maxUsageJSON {
-				u.over, u.body = true, nil
-			} else {
-				u.body = append(u.body, p...)
-			}
-		}
+		u.json.write(p)
 		return n, nil
 	}
 	if !u.headDone {
@@ -300,9 +291,8 @@ func (u *UsageReader) Tokens() Tokens {
 			tail = rest
 		}
 		u.tail, u.tailNL = u.tail[:0], 0
-	} else if !u.over && len(u.body) > 0 {
-		u.read(u.body)
-		u.body = nil
+	} else if m := u.json.members(); m != nil {
+		u.read(m)
 	}
 	return u.tokens
 }
