@@ -125,6 +125,8 @@ func TestCaddyfileParseErrors(t *testing.T) {
 		{"low_balance on an overdraft route", inSite(with("low_balance 10", "on_exhausted overdraft")...), `invalid low_balance "10": needs on_exhausted notice; this route is overdraft`, "Caddyfile:5", ""},
 		{"low_balance 0", inSite(with("on_exhausted notice", "low_balance 0")...), `invalid low_balance "0": must be an integer from 1 to 1000000000000`, "Caddyfile:6", ""},
 		{"bad fail_mode", inSite(with("fail_mode sometimes")...), `invalid fail_mode "sometimes": must be open or closed`, "Caddyfile:5", ""},
+		{"price with a bad glob", inSite(with("usage openai", "price gpt-[4 1 1")...), `invalid price model "gpt-[4": must be a glob`, "Caddyfile:6", ""},
+		{"price with a backward class", inSite(with("usage openai", "price o[9-1] 1 1")...), `invalid price model "o[9-1]": must be a glob`, "Caddyfile:6", ""},
 		{"duplicated subdirective", inSite(with("cost 2", "cost 3")...), "cost is given twice", "Caddyfile:6", ""},
 		{"extra argument", inSite("org acme extra", "feature rich-text"), "wrong argument count", "Caddyfile:3", ""},
 		{"missing argument", inSite("org acme", "feature"), "wrong argument count", "Caddyfile:4", ""},

@@ -135,3 +135,23 @@ func ExampleProblem_JSON() {
 	// {"type":"https://creditsgw.dev/problems/invalid-input","title":"Invalid input","status":400,"detail":"invalid idempotency key \"has space\": must be 1 to 255 printable ASCII characters without spaces"}
 	// {"type":"https://creditsgw.dev/problems/store-unavailable","title":"Credit store unavailable","status":503,"detail":"The credit balance could not be checked just now; try again shortly."}
 }
+
+// A token-priced route charges the price of the first glob that matches
+// the model. A * crosses the slash that OpenRouter's, vLLM's and Together's
+// model names hold.
+func ExamplePriceOf() {
+	prices := []policy.Price{
+		{Model: "gpt-4o*", In: 2500, Out: 10000},
+		{Model: "meta-llama/*", In: 500, Out: 1000},
+		{Model: "*", In: 1000, Out: 4000},
+	}
+	used := policy.Tokens{Input: 1000, Output: 2000, Seen: true}
+	for _, model := range []string{"gpt-4o-mini-2024-07-18", "meta-llama/Llama-3-70b", "openai/gpt-4o"} {
+		credits, _ := policy.PriceOf(prices, model, used)
+		fmt.Println(model+":", credits)
+	}
+	// Output:
+	// gpt-4o-mini-2024-07-18: 23
+	// meta-llama/Llama-3-70b: 3
+	// openai/gpt-4o: 9
+}

@@ -3,7 +3,6 @@ package policy
 import (
 	"bytes"
 	"encoding/json"
-	"path"
 	"strconv"
 	"strings"
 )
@@ -46,10 +45,14 @@ func (f UsageFormat) String() string {
 const MaxPrice = 1_000_000
 
 // Price is what a model's tokens cost: credits per 1,000,000 input and
-// output tokens, for models whose name matches the glob Model (path.Match
-// syntax; "*" matches every model).
+// output tokens, for models whose name matches the glob Model. In the glob,
+// "*" matches any run of characters, "/" included, so "*" matches every
+// model and "meta-llama/*" every model under meta-llama/.
 type Price struct {
-	// Model is a glob of model names, e.g. gpt-4o* or claude-3-5-*.
+	// Model is a glob of model names, e.g. gpt-4o*, claude-3-5-* or
+	// openai/*: * matches any run of characters, / included, ? one
+	// character, [a-z] one of a class, [^a-z] one outside it, and \ quotes
+	// the character after it.
 	Model string `json:"model"`
 	// In is the credits per 1,000,000 input tokens.
 	In int64 `json:"in"`
@@ -62,8 +65,8 @@ func (p Price) Validate() error {
 	if p.Model == "" {
 		return &InputError{Field: "price model", Value: p.Model, Reason: "must be a model name or glob"}
 	}
-	if _, err := path.Match(p.Model, ""); err != nil {
-		return &InputError{Field: "price model", Value: p.Model, Reason: "must be a valid glob"}
+	if !globOK(p.Model) {
+		return &InputError{Field: "price model", Value: p.Model, Reason: "must be a glob: * any run of characters, ? one, [a-z] one of a class, \\ quotes the next"}
 	}
 	for _, n := range []int64{p.In, p.Out} {
 		if n < 0 || n > MaxPrice {
@@ -92,7 +95,7 @@ const maxTokens = 1_000_000_000_000
 // MaxCost. ok is false when no price matches.
 func PriceOf(prices []Price, model string, t Tokens) (credits int64, ok bool) {
 	for _, p := range prices {
-		if m, _ := path.Match(p.Model, model); !m {
+		if !matchGlob(p.Model, model) {
 			continue
 		}
 		// Split to stay exact: tokens up to 10^12 times prices up to 10^6.
@@ -110,9 +113,6 @@ const (
 	// maxUsageLine is the longest server-sent event line read; a longer
 	// one is passed over.
 	maxUsageLine = 64 << 10
-	// maxUsageJSON is the largest JSON answer read for its usage; a larger
-	// one is charged the route's cost.
-	maxUsageJSON = 1 << 20
 	// usageHead is how much of the start of a stream is read line by line
 	// (with the line it ends in), for Anthropic's message_start.
 	usageHead = 64 << 10
@@ -127,17 +127,17 @@ const (
 
 // UsageReader reads the usage of an answer as its body passes through, in
 // bounded memory whatever the body's size: a server-sent event stream's
-// first 64 KiB line by line and its last lines once it ends (or is cut), a
-// JSON answer up to 1 MiB. What it reads depends on the body alone, never
+// first 64 KiB line by line and its last lines once it ends (or is cut); a
+// JSON answer of any size in one pass that keeps only the top-level members
+// its usage is read from. What it reads depends on the body alone, never
 // on how it was cut into pieces. It never fails; what it cannot read leaves
 // Tokens unseen, and the call is charged its hold.
 type UsageReader struct {
 	format UsageFormat
 	sse    bool
-	line   []byte // the SSE line read so far
-	skip   bool   // the current line is too long: pass it over
-	body   []byte // the JSON answer read so far
-	over   bool   // the JSON answer is too large
+	line   []byte   // the SSE line read so far
+	skip   bool     // the current line is too long: pass it over
+	json   jsonScan // a JSON answer's scan
 	tokens Tokens
 
 	offset   int64  // the stream's bytes so far
@@ -156,13 +156,7 @@ func NewUsageReader(format UsageFormat, contentType string) *UsageReader {
 func (u *UsageReader) Write(p []byte) (int, error) {
 	n := len(p)
 	if !u.sse {
-		if !u.over {
-			if len(u.body)+len(p) > maxUsageJSON {
-				u.over, u.body = true, nil
-			} else {
-				u.body = append(u.body, p...)
-			}
-		}
+		u.json.write(p)
 		return n, nil
 	}
 	if !u.headDone {
@@ -297,9 +291,8 @@ func (u *UsageReader) Tokens() Tokens {
 			tail = rest
 		}
 		u.tail, u.tailNL = u.tail[:0], 0
-	} else if !u.over && len(u.body) > 0 {
-		u.read(u.body)
-		u.body = nil
+	} else if m := u.json.members(); m != nil {
+		u.read(m)
 	}
 	return u.tokens
 }

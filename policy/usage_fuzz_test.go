@@ -22,6 +22,13 @@ func FuzzUsageReader(f *testing.F) {
 		`data: ` + strings.Repeat(`{"a":`, 20000),
 		`data: {"usage":` + strings.Repeat("[", 100000),
 		"data: {\"usage\":{\"prompt_tokens\":7}}\r\n",
+		// JSON answers: the usage after a long text, escapes, keys in
+		// another case or spelled with escapes, a cut or trailing answer.
+		`{"model":"meta-llama/Llama-3-70b","choices":[{"message":{"content":"` + strings.Repeat(`a\"{[`, 3000) + `"}}],"usage":{"prompt_tokens":1001,"completion_tokens":1001}}`,
+		`{"type":"message","model":"claude-3-5-sonnet-20241022","content":[{"type":"text","text":"hi"}],"usage":{"input_tokens":3,"output_tokens":4}}`,
+		`{"Usage":{"prompt_tokens":1},"us\u0061ge":{"completion_tokens":2},"MODEL":"openai/gpt-4o"}`,
+		`{"usage":{"prompt_tokens":1,"completion_tokens":2}} {}`,
+		`{"usage":{"prompt_tokens":1,"completion_tokens":2}`,
 	} {
 		f.Add(s, uint16(7), true)
 		f.Add(s, uint16(1), false)
