@@ -613,7 +613,7 @@ func TestWire(t *testing.T) {
 	t.Run("browser origin sees the headers", func(t *testing.T) {
 		g.t = t
 		r := g.call("/rich-text/generate", "cors", "Origin", "https://app.example")
-		wantHeaders(t, r, map[string]string{"Access-Control-Expose-Headers": "Credits-Remaining, Credits-Charged, Credits-Notice"})
+		wantHeaders(t, r, map[string]string{"Access-Control-Expose-Headers": "Credits-Remaining, Credits-Charged, Credits-Notice, Credits-Hold"})
 		r = g.call("/rich-text/generate", "cors")
 		wantHeaders(t, r, map[string]string{"Access-Control-Expose-Headers": ""})
 	})
