@@ -29,13 +29,16 @@ type creditsWriter struct {
 	pay   payment // one of kinds
 	kinds payments
 
-	settled  bool // the final status was seen
-	late     bool // the usage comes in a trailer: settled after the body
-	refunded bool
-	outcome  policy.Outcome // set when the call was accounted for
-	counted  bool
-	status   int
-	actual   int64
+	settled   bool // the final status was seen
+	late      bool // the usage comes in a trailer: settled after the body
+	refunded  bool
+	outcome   policy.Outcome // set when the call was accounted for
+	accounted bool
+	status    int
+	actual    int64
+	byHeader  bool  // settled to a Credits-Usage header
+	balance   int64 // the balance after the settle, when known
+	known     bool
 
 	keeping bool   // the body is kept, for a call with an Idempotency-Key
 	kept    []byte // the body so far
@@ -67,11 +70,11 @@ func (cw *creditsWriter) serve(next caddyhttp.Handler, r *http.Request) (err err
 				// going away, or by the upstream.
 				cw.abort(cw.writeErr != nil || r.Context().Err() != nil)
 			}
-			cw.logUsage()
+			cw.record()
 			panic(p)
 		}
 		cw.finish(err)
-		cw.logUsage()
+		cw.record()
 	}()
 	return next.ServeHTTP(cw, r)
 }
@@ -108,7 +111,7 @@ func (cw *creditsWriter) settle(status int) {
 		cw.late, cw.usage = true, policy.NewUsageReader(f, hdr.Get("Content-Type"))
 	}
 	if hasUsage && !cw.late {
-		cw.actual = cw.usageOf(usage)
+		cw.actual, cw.byHeader = cw.usageOf(usage), true
 	}
 	if cw.late && !cw.refunded {
 		// Settled after the body: the headers say what the call holds.
@@ -126,14 +129,14 @@ func (cw *creditsWriter) settle(status int) {
 	cw.account(cw.pay.settle(cw.actual, cw.refunded))
 }
 
-// account counts the settled call and sets its Credits headers: in the
-// headers, or in the trailers when it settled after the body.
+// account takes in the settled call's outcome and sets its Credits
+// headers: in the headers, or in the trailers when it settled after the
+// body. It counts nothing: record does, once the response is done.
 func (cw *creditsWriter) account(balance int64, known bool) {
-	h := cw.h
 	if cw.refunded {
 		cw.actual = 0
 	}
-	d := h.decide(cw.c.org, balance, cw.actual)
+	d := cw.h.decide(cw.c.org, balance, cw.actual)
 	switch {
 	case cw.refunded:
 		cw.outcome = policy.Refunded
@@ -142,25 +145,37 @@ func (cw *creditsWriter) account(balance int64, known bool) {
 	default:
 		cw.outcome = d.Outcome
 	}
-	h.count(cw.outcome)
-	cw.counted = true
-	if known {
-		h.app.observe(cw.c.org, balance)
-	}
-	h.charged.Add(float64(cw.actual))
+	cw.accounted, cw.balance, cw.known = true, balance, known
 	if known {
 		setCreditsHeaders(cw.Header(), d, &cw.vals)
 	}
 }
 
-// logUsage writes the call's line of the usage log, once it is accounted
-// for (what an undeclared trailer changed after that included).
-func (cw *creditsWriter) logUsage() {
-	if !cw.counted {
+// record counts the call once, with its final charge, after it was settled
+// and its response went out: its outcome, the credits charged (never
+// negative, as a Prometheus counter needs), the balance for the alerts and
+// its line of the usage log. Nothing here can stop a settle or cut a
+// response: a counting that fails is logged and the call stands.
+func (cw *creditsWriter) record() {
+	if !cw.accounted {
 		return
 	}
+	defer func() {
+		if p := recover(); p != nil {
+			cw.h.logger.Error("counting a settled call failed; its charge stands",
+				zap.String("feature", cw.h.Feature), zap.Any("panic", p))
+		}
+	}()
+	h := cw.h
+	h.count(cw.outcome)
+	if cw.actual > 0 {
+		h.charged.Add(float64(cw.actual))
+	}
+	if cw.known {
+		h.app.observe(cw.c.org, cw.balance)
+	}
 	id, how := cw.pay.how()
-	cw.h.logUsage(cw.outcome, cw.c.org, cw.c.cost, cw.actual, id, how)
+	h.logUsage(cw.outcome, cw.c.org, cw.c.cost, cw.actual, id, how)
 }
 
 // usage reads the upstream's Credits-Usage, or, when it is invalid, logs
@@ -204,13 +219,17 @@ func (cw *creditsWriter) finish(err error) {
 			cw.actual = cw.usageOf(usage)
 		}
 		cw.account(cw.pay.settle(cw.actual, false))
+	case hasUsage && cw.byHeader:
+		// Credits-Usage is sent once: the header settled the call.
+		cw.h.logger.Warn("ignoring a Credits-Usage trailer after a Credits-Usage header",
+			zap.Strings("value", usage), zap.String("feature", cw.h.Feature))
 	case hasUsage:
 		// An undeclared trailer: the headers are gone, the ledger is not.
-		n := cw.usageOf(usage)
-		if n != cw.actual {
-			cw.h.charged.Add(float64(n - cw.actual))
+		// The call settled at its headers to its cost, which moved
+		// nothing, so this is its one settle.
+		if n := cw.usageOf(usage); n != cw.actual {
+			cw.balance, cw.known = cw.pay.settle(n, false)
 			cw.actual = n
-			cw.pay.settle(n, false)
 		}
 	}
 	if cw.refunded {
