@@ -3,6 +3,7 @@ package caddymodule
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -10,6 +11,9 @@ import (
 	"net/textproto"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
@@ -48,18 +52,91 @@ type creditsWriter struct {
 	model    string              // the request's model, when the answer names none
 	writeErr error               // the client could not be written to
 
+	// lingers: the call outlives its client, within bounds, to learn its
+	// final usage or keep its response.
+	lingers bool
+	linger  linger
+
 	vals [3]string // the Credits header values
 }
 
 func newCreditsWriter(w http.ResponseWriter, h *Handler, c call) *creditsWriter {
 	return &creditsWriter{ResponseWriterWrapper: caddyhttp.ResponseWriterWrapper{ResponseWriter: w},
-		h: h, c: c, keeping: c.key != "" && h.app.keepLimit > 0, limit: h.app.keepLimit}
+		h: h, c: c, keeping: c.key != "" && h.app.keepLimit > 0, limit: h.app.keepLimit,
+		lingers: h.route.Usage != policy.UsageHeader || c.key != ""}
+}
+
+// After its client left, a call whose usage comes at the end of its answer,
+// or whose response is kept for an Idempotency-Key, goes on reading the
+// upstream's answer: for lingerTime at least, and lingerBytes more of it.
+// A client that leaves then never lowers the charge, and the key's retries
+// get the kept response as soon as the upstream is done.
+const (
+	lingerTime        = 30 * time.Second
+	lingerBytes int64 = 16 << 20
+)
+
+// lingerBounds are the bounds in force; tests shorten them.
+var lingerBounds struct{ time, bytes atomic.Int64 }
+
+func init() {
+	lingerBounds.time.Store(int64(lingerTime))
+	lingerBounds.bytes.Store(lingerBytes)
+}
+
+// linger gives the upstream call a context that the client's going does
+// not cancel, and cancels it itself when a bound is reached.
+type linger struct {
+	cancel context.CancelFunc
+	stop   func() bool // stops watching the client's context
+	read   int64       // bytes of the answer read since the client left
+	left   sync.Once
+	timer  *time.Timer // set by left
+}
+
+// start returns the request to pass on, with the lingering context.
+func (l *linger) start(r *http.Request) *http.Request {
+	client := r.Context()
+	var ctx context.Context
+	ctx, l.cancel = context.WithCancel(context.WithoutCancel(client))
+	l.stop = context.AfterFunc(client, l.leave)
+	return r.WithContext(ctx)
+}
+
+// leave starts the time the call has left once its client is gone: when
+// the client's context ends, or a write to the client fails.
+func (l *linger) leave() {
+	l.left.Do(func() { l.timer = time.AfterFunc(time.Duration(lingerBounds.time.Load()), l.cancel) })
+}
+
+// more counts n bytes read for no client, and cancels the upstream call
+// past the bound.
+func (l *linger) more(n int) {
+	l.read += int64(n)
+	if l.read > lingerBounds.bytes.Load() {
+		l.cancel()
+	}
+}
+
+// end releases the lingering context once the call is done.
+func (l *linger) end() {
+	l.stop()
+	l.left.Do(func() {}) // no timer starts after this
+	if l.timer != nil {
+		l.timer.Stop()
+	}
+	l.cancel()
 }
 
 // serve passes the call on and settles it however it ends: with a response,
 // with an error and no response (refunded as the error's status says), or
 // with a panic further down (refunded, then the panic goes on).
 func (cw *creditsWriter) serve(next caddyhttp.Handler, r *http.Request) (err error) {
+	client := r.Context()
+	if cw.lingers {
+		r = cw.linger.start(r)
+		defer cw.linger.end()
+	}
 	defer func() {
 		if p := recover(); p != nil {
 			switch {
@@ -68,7 +145,7 @@ func (cw *creditsWriter) serve(next caddyhttp.Handler, r *http.Request) (err err
 			case p == http.ErrAbortHandler:
 				// The response was cut after its headers: by the client
 				// going away, or by the upstream.
-				cw.abort(cw.writeErr != nil || r.Context().Err() != nil)
+				cw.abort(cw.writeErr != nil || client.Err() != nil)
 			}
 			cw.record()
 			panic(p)
@@ -262,24 +339,33 @@ func (cw *creditsWriter) tokensCost(t policy.Tokens) int64 {
 }
 
 // abort settles a call whose response was cut after its headers. Cut by
-// the upstream, it is charged the usage seen, and refunded when none was;
-// with the client gone, it is charged the usage seen, else its hold. A call
-// that had settled at its headers stands.
+// the upstream, it is charged the usage seen, and refunded when none was.
+// With the client gone (and the rest of the answer not read within the
+// bounds), it is charged the usage seen, and never less than its hold: a
+// departing client never lowers the charge. A call that had settled at its
+// headers stands. A charged call's key is done: its retries learn at once
+// that there is no response to replay.
 func (cw *creditsWriter) abort(clientGone bool) {
-	if !cw.late || cw.refunded {
+	if cw.refunded {
 		return
 	}
-	var t policy.Tokens
-	if cw.usage != nil {
-		t = cw.usage.Tokens()
+	if cw.late {
+		var t policy.Tokens
+		if cw.usage != nil {
+			t = cw.usage.Tokens()
+		}
+		if !t.Seen && !clientGone {
+			cw.refunded = true
+			cw.account(cw.pay.settle(0, true))
+			return
+		}
+		cw.actual = cw.tokensCost(t)
+		if clientGone {
+			cw.actual = max(cw.actual, cw.c.cost)
+		}
+		cw.account(cw.pay.settle(cw.actual, false))
 	}
-	if !t.Seen && !clientGone {
-		cw.refunded = true
-		cw.account(cw.pay.settle(0, true))
-		return
-	}
-	cw.actual = cw.tokensCost(t)
-	cw.account(cw.pay.settle(cw.actual, false))
+	cw.pay.completed(nil)
 }
 
 // dropCreditsTrailers takes the Credits headers out of the upstream's
@@ -337,9 +423,20 @@ func (cw *creditsWriter) Write(b []byte) (int, error) {
 	if cw.usage != nil {
 		cw.usage.Write(b)
 	}
+	if cw.lingers && cw.writeErr != nil {
+		// The client is gone: the answer is read on, for no one.
+		cw.linger.more(len(b))
+		return len(b), nil
+	}
 	n, err := cw.ResponseWriter.Write(b)
 	if err != nil && cw.writeErr == nil {
 		cw.writeErr = err
+	}
+	if err != nil && cw.lingers {
+		// Swallowed, so that reverse_proxy reads the answer to its end.
+		cw.linger.leave()
+		cw.linger.more(len(b) - n)
+		return len(b), nil
 	}
 	return n, err
 }
@@ -350,7 +447,7 @@ func (cw *creditsWriter) ReadFrom(r io.Reader) (int64, error) {
 	if !cw.settled {
 		cw.WriteHeader(http.StatusOK)
 	}
-	if cw.keeping || cw.usage != nil {
+	if cw.keeping || cw.usage != nil || cw.lingers {
 		return io.Copy(writerOnly{cw}, r)
 	}
 	return cw.ResponseWriterWrapper.ReadFrom(r)
@@ -365,7 +462,17 @@ func (cw *creditsWriter) FlushError() error {
 	if !cw.settled {
 		cw.WriteHeader(http.StatusOK)
 	}
-	return http.NewResponseController(cw.ResponseWriter).Flush()
+	if cw.lingers && cw.writeErr != nil {
+		return nil
+	}
+	err := http.NewResponseController(cw.ResponseWriter).Flush()
+	if err != nil && cw.lingers && !errors.Is(err, http.ErrNotSupported) {
+		// The client is gone: as in Write.
+		cw.writeErr = err
+		cw.linger.leave()
+		return nil
+	}
+	return err
 }
 
 // Flush is FlushError for callers that use http.Flusher.
