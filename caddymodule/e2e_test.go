@@ -26,7 +26,7 @@ import (
 // what it receives; the path tells it how to answer: /fail answers 500,
 // /usage/<n> sets Credits-Usage: n, /usage-raw sends the X-Usage request
 // header's values as Credits-Usage, /trailer/<n> sends Credits-Usage: n as a
-// declared trailer, /hints sends a 103 with Credits headers first, /slow
+// declared trailer, /undeclared/<n> as a trailer it did not announce, /hints sends a 103 with Credits headers first, /slow
 // answers after a second, and /hang holds the call until the gateway or the client gives up.
 type upstream struct {
 	*httptest.Server
@@ -81,6 +81,14 @@ func startUpstream(t *testing.T) *upstream {
 			w.Header().Set("Credits-Usage", n)
 			w.Header().Set("X-Checksum", "abc")
 			w.Header().Set(http.TrailerPrefix+"Credits-Notice", "low")
+			return
+		}
+		if _, n, ok := strings.Cut(r.URL.Path, "/undeclared/"); ok {
+			w.Header().Set("Content-Type", "text/plain")
+			io.WriteString(w, "streamed answer\n")
+			// A flush makes the body chunked: trailers need it.
+			http.NewResponseController(w).Flush()
+			w.Header().Set(http.TrailerPrefix+"Credits-Usage", n)
 			return
 		}
 		if strings.HasSuffix(r.URL.Path, "/slow") {
@@ -613,7 +621,7 @@ func TestWire(t *testing.T) {
 	t.Run("browser origin sees the headers", func(t *testing.T) {
 		g.t = t
 		r := g.call("/rich-text/generate", "cors", "Origin", "https://app.example")
-		wantHeaders(t, r, map[string]string{"Access-Control-Expose-Headers": "Credits-Remaining, Credits-Charged, Credits-Notice"})
+		wantHeaders(t, r, map[string]string{"Access-Control-Expose-Headers": "Credits-Remaining, Credits-Charged, Credits-Notice, Credits-Hold"})
 		r = g.call("/rich-text/generate", "cors")
 		wantHeaders(t, r, map[string]string{"Access-Control-Expose-Headers": ""})
 	})

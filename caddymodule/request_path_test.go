@@ -47,7 +47,10 @@ func TestIdempotencyKey(t *testing.T) {
 		if g.upstream.calls.Load() != before {
 			t.Fatal("a retry in flight reached the upstream")
 		}
-		// The client of the first call goes away: refunded, key free.
+		// The client of the first call goes away: the upstream is given
+		// the linger time to answer; it does not, so the call is cut,
+		// refunded, and its key free.
+		setLingerBounds(t, 500*time.Millisecond, lingerBytes)
 		cancel()
 		<-done
 		waitFor(t, "the refund of the abandoned call", func() bool { return g.balance("flight") == 5 })

@@ -3,6 +3,7 @@ package caddymodule
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -10,6 +11,9 @@ import (
 	"net/textproto"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
@@ -29,13 +33,16 @@ type creditsWriter struct {
 	pay   payment // one of kinds
 	kinds payments
 
-	settled  bool // the final status was seen
-	late     bool // the usage comes in a trailer: settled after the body
-	refunded bool
-	outcome  policy.Outcome // set when the call was accounted for
-	counted  bool
-	status   int
-	actual   int64
+	settled   bool // the final status was seen
+	late      bool // the usage comes in a trailer: settled after the body
+	refunded  bool
+	outcome   policy.Outcome // set when the call was accounted for
+	accounted bool
+	status    int
+	actual    int64
+	byHeader  bool  // settled to a Credits-Usage header
+	balance   int64 // the balance after the settle, when known
+	known     bool
 
 	keeping bool   // the body is kept, for a call with an Idempotency-Key
 	kept    []byte // the body so far
@@ -45,18 +52,91 @@ type creditsWriter struct {
 	model    string              // the request's model, when the answer names none
 	writeErr error               // the client could not be written to
 
+	// lingers: the call outlives its client, within bounds, to learn its
+	// final usage or keep its response.
+	lingers bool
+	linger  linger
+
 	vals [3]string // the Credits header values
 }
 
 func newCreditsWriter(w http.ResponseWriter, h *Handler, c call) *creditsWriter {
 	return &creditsWriter{ResponseWriterWrapper: caddyhttp.ResponseWriterWrapper{ResponseWriter: w},
-		h: h, c: c, keeping: c.key != "" && h.app.keepLimit > 0, limit: h.app.keepLimit}
+		h: h, c: c, keeping: c.key != "" && h.app.keepLimit > 0, limit: h.app.keepLimit,
+		lingers: h.route.Usage != policy.UsageHeader || c.key != ""}
+}
+
+// After its client left, a call whose usage comes at the end of its answer,
+// or whose response is kept for an Idempotency-Key, goes on reading the
+// upstream's answer: for lingerTime at least, and lingerBytes more of it.
+// A client that leaves then never lowers the charge, and the key's retries
+// get the kept response as soon as the upstream is done.
+const (
+	lingerTime        = 30 * time.Second
+	lingerBytes int64 = 16 << 20
+)
+
+// lingerBounds are the bounds in force; tests shorten them.
+var lingerBounds struct{ time, bytes atomic.Int64 }
+
+func init() {
+	lingerBounds.time.Store(int64(lingerTime))
+	lingerBounds.bytes.Store(lingerBytes)
+}
+
+// linger gives the upstream call a context that the client's going does
+// not cancel, and cancels it itself when a bound is reached.
+type linger struct {
+	cancel context.CancelFunc
+	stop   func() bool // stops watching the client's context
+	read   int64       // bytes of the answer read since the client left
+	left   sync.Once
+	timer  *time.Timer // set by left
+}
+
+// start returns the request to pass on, with the lingering context.
+func (l *linger) start(r *http.Request) *http.Request {
+	client := r.Context()
+	var ctx context.Context
+	ctx, l.cancel = context.WithCancel(context.WithoutCancel(client))
+	l.stop = context.AfterFunc(client, l.leave)
+	return r.WithContext(ctx)
+}
+
+// leave starts the time the call has left once its client is gone: when
+// the client's context ends, or a write to the client fails.
+func (l *linger) leave() {
+	l.left.Do(func() { l.timer = time.AfterFunc(time.Duration(lingerBounds.time.Load()), l.cancel) })
+}
+
+// more counts n bytes read for no client, and cancels the upstream call
+// past the bound.
+func (l *linger) more(n int) {
+	l.read += int64(n)
+	if l.read > lingerBounds.bytes.Load() {
+		l.cancel()
+	}
+}
+
+// end releases the lingering context once the call is done.
+func (l *linger) end() {
+	l.stop()
+	l.left.Do(func() {}) // no timer starts after this
+	if l.timer != nil {
+		l.timer.Stop()
+	}
+	l.cancel()
 }
 
 // serve passes the call on and settles it however it ends: with a response,
 // with an error and no response (refunded as the error's status says), or
 // with a panic further down (refunded, then the panic goes on).
 func (cw *creditsWriter) serve(next caddyhttp.Handler, r *http.Request) (err error) {
+	client := r.Context()
+	if cw.lingers {
+		r = cw.linger.start(r)
+		defer cw.linger.end()
+	}
 	defer func() {
 		if p := recover(); p != nil {
 			switch {
@@ -65,13 +145,13 @@ func (cw *creditsWriter) serve(next caddyhttp.Handler, r *http.Request) (err err
 			case p == http.ErrAbortHandler:
 				// The response was cut after its headers: by the client
 				// going away, or by the upstream.
-				cw.abort(cw.writeErr != nil || r.Context().Err() != nil)
+				cw.abort(cw.writeErr != nil || client.Err() != nil)
 			}
-			cw.logUsage()
+			cw.record()
 			panic(p)
 		}
 		cw.finish(err)
-		cw.logUsage()
+		cw.record()
 	}()
 	return next.ServeHTTP(cw, r)
 }
@@ -108,7 +188,7 @@ func (cw *creditsWriter) settle(status int) {
 		cw.late, cw.usage = true, policy.NewUsageReader(f, hdr.Get("Content-Type"))
 	}
 	if hasUsage && !cw.late {
-		cw.actual = cw.usageOf(usage)
+		cw.actual, cw.byHeader = cw.usageOf(usage), true
 	}
 	if cw.late && !cw.refunded {
 		// Settled after the body: the headers say what the call holds.
@@ -126,14 +206,14 @@ func (cw *creditsWriter) settle(status int) {
 	cw.account(cw.pay.settle(cw.actual, cw.refunded))
 }
 
-// account counts the settled call and sets its Credits headers: in the
-// headers, or in the trailers when it settled after the body.
+// account takes in the settled call's outcome and sets its Credits
+// headers: in the headers, or in the trailers when it settled after the
+// body. It counts nothing: record does, once the response is done.
 func (cw *creditsWriter) account(balance int64, known bool) {
-	h := cw.h
 	if cw.refunded {
 		cw.actual = 0
 	}
-	d := h.decide(cw.c.org, balance, cw.actual)
+	d := cw.h.decide(cw.c.org, balance, cw.actual)
 	switch {
 	case cw.refunded:
 		cw.outcome = policy.Refunded
@@ -142,25 +222,37 @@ func (cw *creditsWriter) account(balance int64, known bool) {
 	default:
 		cw.outcome = d.Outcome
 	}
-	h.count(cw.outcome)
-	cw.counted = true
-	if known {
-		h.app.observe(cw.c.org, balance)
-	}
-	h.charged.Add(float64(cw.actual))
+	cw.accounted, cw.balance, cw.known = true, balance, known
 	if known {
 		setCreditsHeaders(cw.Header(), d, &cw.vals)
 	}
 }
 
-// logUsage writes the call's line of the usage log, once it is accounted
-// for (what an undeclared trailer changed after that included).
-func (cw *creditsWriter) logUsage() {
-	if !cw.counted {
+// record counts the call once, with its final charge, after it was settled
+// and its response went out: its outcome, the credits charged (never
+// negative, as a Prometheus counter needs), the balance for the alerts and
+// its line of the usage log. Nothing here can stop a settle or cut a
+// response: a counting that fails is logged and the call stands.
+func (cw *creditsWriter) record() {
+	if !cw.accounted {
 		return
 	}
+	defer func() {
+		if p := recover(); p != nil {
+			cw.h.logger.Error("counting a settled call failed; its charge stands",
+				zap.String("feature", cw.h.Feature), zap.Any("panic", p))
+		}
+	}()
+	h := cw.h
+	h.count(cw.outcome)
+	if cw.actual > 0 {
+		h.charged.Add(float64(cw.actual))
+	}
+	if cw.known {
+		h.app.observe(cw.c.org, cw.balance)
+	}
 	id, how := cw.pay.how()
-	cw.h.logUsage(cw.outcome, cw.c.org, cw.c.cost, cw.actual, id, how)
+	h.logUsage(cw.outcome, cw.c.org, cw.c.cost, cw.actual, id, how)
 }
 
 // usage reads the upstream's Credits-Usage, or, when it is invalid, logs
@@ -204,13 +296,17 @@ func (cw *creditsWriter) finish(err error) {
 			cw.actual = cw.usageOf(usage)
 		}
 		cw.account(cw.pay.settle(cw.actual, false))
+	case hasUsage && cw.byHeader:
+		// Credits-Usage is sent once: the header settled the call.
+		cw.h.logger.Warn("ignoring a Credits-Usage trailer after a Credits-Usage header",
+			zap.Strings("value", usage), zap.String("feature", cw.h.Feature))
 	case hasUsage:
 		// An undeclared trailer: the headers are gone, the ledger is not.
-		n := cw.usageOf(usage)
-		if n != cw.actual {
-			cw.h.charged.Add(float64(n - cw.actual))
+		// The call settled at its headers to its cost, which moved
+		// nothing, so this is its one settle.
+		if n := cw.usageOf(usage); n != cw.actual {
+			cw.balance, cw.known = cw.pay.settle(n, false)
 			cw.actual = n
-			cw.pay.settle(n, false)
 		}
 	}
 	if cw.refunded {
@@ -243,24 +339,33 @@ func (cw *creditsWriter) tokensCost(t policy.Tokens) int64 {
 }
 
 // abort settles a call whose response was cut after its headers. Cut by
-// the upstream, it is charged the usage seen, and refunded when none was;
-// with the client gone, it is charged the usage seen, else its hold. A call
-// that had settled at its headers stands.
+// the upstream, it is charged the usage seen, and refunded when none was.
+// With the client gone (and the rest of the answer not read within the
+// bounds), it is charged the usage seen, and never less than its hold: a
+// departing client never lowers the charge. A call that had settled at its
+// headers stands. A charged call's key is done: its retries learn at once
+// that there is no response to replay.
 func (cw *creditsWriter) abort(clientGone bool) {
-	if !cw.late || cw.refunded {
+	if cw.refunded {
 		return
 	}
-	var t policy.Tokens
-	if cw.usage != nil {
-		t = cw.usage.Tokens()
+	if cw.late {
+		var t policy.Tokens
+		if cw.usage != nil {
+			t = cw.usage.Tokens()
+		}
+		if !t.Seen && !clientGone {
+			cw.refunded = true
+			cw.account(cw.pay.settle(0, true))
+			return
+		}
+		cw.actual = cw.tokensCost(t)
+		if clientGone {
+			cw.actual = max(cw.actual, cw.c.cost)
+		}
+		cw.account(cw.pay.settle(cw.actual, false))
 	}
-	if !t.Seen && !clientGone {
-		cw.refunded = true
-		cw.account(cw.pay.settle(0, true))
-		return
-	}
-	cw.actual = cw.tokensCost(t)
-	cw.account(cw.pay.settle(cw.actual, false))
+	cw.pay.completed(nil)
 }
 
 // dropCreditsTrailers takes the Credits headers out of the upstream's
@@ -318,9 +423,20 @@ func (cw *creditsWriter) Write(b []byte) (int, error) {
 	if cw.usage != nil {
 		cw.usage.Write(b)
 	}
+	if cw.lingers && cw.writeErr != nil {
+		// The client is gone: the answer is read on, for no one.
+		cw.linger.more(len(b))
+		return len(b), nil
+	}
 	n, err := cw.ResponseWriter.Write(b)
 	if err != nil && cw.writeErr == nil {
 		cw.writeErr = err
+	}
+	if err != nil && cw.lingers {
+		// Swallowed, so that reverse_proxy reads the answer to its end.
+		cw.linger.leave()
+		cw.linger.more(len(b) - n)
+		return len(b), nil
 	}
 	return n, err
 }
@@ -331,7 +447,7 @@ func (cw *creditsWriter) ReadFrom(r io.Reader) (int64, error) {
 	if !cw.settled {
 		cw.WriteHeader(http.StatusOK)
 	}
-	if cw.keeping || cw.usage != nil {
+	if cw.keeping || cw.usage != nil || cw.lingers {
 		return io.Copy(writerOnly{cw}, r)
 	}
 	return cw.ResponseWriterWrapper.ReadFrom(r)
@@ -346,7 +462,17 @@ func (cw *creditsWriter) FlushError() error {
 	if !cw.settled {
 		cw.WriteHeader(http.StatusOK)
 	}
-	return http.NewResponseController(cw.ResponseWriter).Flush()
+	if cw.lingers && cw.writeErr != nil {
+		return nil
+	}
+	err := http.NewResponseController(cw.ResponseWriter).Flush()
+	if err != nil && cw.lingers && !errors.Is(err, http.ErrNotSupported) {
+		// The client is gone: as in Write.
+		cw.writeErr = err
+		cw.linger.leave()
+		return nil
+	}
+	return err
 }
 
 // Flush is FlushError for callers that use http.Flusher.

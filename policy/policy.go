@@ -24,8 +24,8 @@ const (
 
 // ExposeHeaders is the value of Access-Control-Expose-Headers on a response
 // to a request with an Origin, so that a browser frontend can read the
-// Credits headers.
-const ExposeHeaders = HeaderRemaining + ", " + HeaderCharged + ", " + HeaderNotice
+// Credits headers, the hold of a call settled after its body included.
+const ExposeHeaders = HeaderRemaining + ", " + HeaderCharged + ", " + HeaderNotice + ", " + HeaderHold
 
 // creditsPrefix is the prefix every Credits header shares.
 const creditsPrefix = "Credits-"

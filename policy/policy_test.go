@@ -572,7 +572,7 @@ func TestHeaders(t *testing.T) {
 		policy.HeaderNotice != "Credits-Notice" || policy.HeaderUsage != "Credits-Usage" {
 		t.Error("a header name differs from the SPEC")
 	}
-	if policy.ExposeHeaders != "Credits-Remaining, Credits-Charged, Credits-Notice" {
+	if policy.ExposeHeaders != "Credits-Remaining, Credits-Charged, Credits-Notice, Credits-Hold" {
 		t.Errorf("ExposeHeaders = %q", policy.ExposeHeaders)
 	}
 	if policy.ContentTypeProblem != "application/problem+json" {

@@ -54,13 +54,13 @@ func KeyInFlight() *Problem {
 }
 
 // KeyNotKept returns the 409 problem of a call whose Idempotency-Key's
-// first call completed with a response too large to keep.
+// first call completed with a response too large to keep, or cut.
 func KeyNotKept() *Problem {
 	return &Problem{
 		Type:   TypeKeyNotKept,
 		Title:  "Idempotency-Key response not kept",
 		Status: http.StatusConflict,
-		Detail: "The call with this Idempotency-Key completed, and its response was too large to keep for a replay; use a new key for a new call.",
+		Detail: "The call with this Idempotency-Key completed, and its response was too large to keep for a replay, or was cut before its end; use a new key for a new call.",
 	}
 }
 
