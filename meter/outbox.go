@@ -273,8 +273,9 @@ func (o *Outbox) take() (*lane, Deferred) {
 				default:
 				}
 			}
+			d := l.calls[0]
 			o.mu.Unlock()
-			return l, l.calls[0]
+			return l, d
 		}
 		o.mu.Unlock()
 		select {
