@@ -2,6 +2,7 @@ package caddymodule
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"net/http"
 	"os"
@@ -11,6 +12,10 @@ import (
 	"testing"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/creditsgw/caddy-credits/internal/faultproxy"
 	"github.com/creditsgw/caddy-credits/internal/redistest"
@@ -219,4 +224,63 @@ func TestStoreOutOfMemory(t *testing.T) {
 	if lines := logLines(t, logFile, "OOM command not allowed"); len(lines) == 0 {
 		t.Error("the log never names the OOM")
 	}
+}
+
+// TestBacklogLostAtShutdownCounted closes a store whose Redis never
+// answers, with two charges waiting: both are lost, and the log and
+// caddy_credits_backlog_dropped_total{reason="shutdown"} count them.
+func TestBacklogLostAtShutdownCounted(t *testing.T) {
+	core, logs := observer.New(zapcore.InfoLevel)
+	s, err := openStore(fmt.Sprintf("redis://127.0.0.1:%d", freePort(t)), nil, 10, zap.New(core))
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := prometheus.NewRegistry()
+	m, err := newMetrics(reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.metrics.Store(m)
+	ledger, err := meter.New(s.rdb, meter.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{"g:lost-1", "g:lost-2"} {
+		if !s.later(meter.LaterCharge{Ledger: ledger, Charge: meter.ChargeRequest{Org: "lost", Feature: "f", Cost: 1, RequestID: id,
+			Attempt: id[2:], Overdraft: true, OverdraftLimit: meter.NoLimit}}) {
+			t.Fatal("the backlog refused a call")
+		}
+	}
+	if err := s.Destruct(); err != nil {
+		t.Fatal(err)
+	}
+	if n := counterValue(t, reg, "caddy_credits_backlog_dropped_total", "reason", "shutdown"); n != 2 {
+		t.Errorf(`caddy_credits_backlog_dropped_total{reason="shutdown"} = %v, want 2`, n)
+	}
+	lost := logs.FilterMessage("ledger calls lost at shutdown: the store did not take them in time").All()
+	if len(lost) != 1 || lost[0].ContextMap()["count"] != int64(2) {
+		t.Errorf("the loss is not logged with its count: %v", logs.All())
+	}
+}
+
+// counterValue reads a counter of reg, by its name and one label.
+func counterValue(t *testing.T, reg *prometheus.Registry, name, label, value string) float64 {
+	t.Helper()
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		if f.GetName() != name {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == label && l.GetValue() == value {
+					return m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return 0
 }
