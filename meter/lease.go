@@ -781,7 +781,11 @@ func (ls *Leaser) giveBack(org string, le *lease) {
 		le.mu.Lock()
 		if err != nil {
 			ls.unreported(s, err)
-			if s.Unspent > 0 || len(le.spent) > 0 || len(le.late) > 0 {
+			// s may repeat a sync the ledger applied, whose repeat gives
+			// nothing back: a last one after it gives back whatever the
+			// ledger may hold for the lease, and reports what was spent
+			// since.
+			if !le.given || len(le.spent) > 0 || len(le.late) > 0 {
 				le.inFlight, le.lateOut = nil, nil
 				ls.unreported(ls.begin(org, le, 0), err)
 				le.sync = nil

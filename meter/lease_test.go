@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -479,6 +480,75 @@ func TestLeaseNearTheEnd(t *testing.T) {
 		t.Fatalf("%d lease syncs for 100 calls; want the one that found nothing to lease", n)
 	}
 	if acct := e.account("acme"); acct.Balance != 0 {
+		t.Fatalf("account %+v", acct)
+	}
+}
+
+// loseLeaseReplies runs lease syncs in Redis and, while on, loses their
+// replies (the command ran; the gateway hears EOF).
+type loseLeaseReplies struct {
+	redistest.CommandHook
+	on atomic.Bool
+}
+
+func (h *loseLeaseReplies) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error {
+		err := next(ctx, cmd)
+		if err == nil && h.on.Load() && strings.Contains(fmt.Sprint(cmd.Args()), " lease:gw:") {
+			cmd.SetErr(io.EOF)
+			return io.EOF
+		}
+		return err
+	}
+}
+
+// TestLeaseClosedAfterLostReply: a lease's first sync ran in Redis but its
+// reply was lost, and the leaser closes while replies are still lost: the
+// reports it hands on end with one that gives the lease's credits back, so
+// once they are applied no lease holds credits of the org (a repeat of the
+// lost sync alone would give nothing back, and the lease would stay
+// unreported for a day).
+func TestLeaseClosedAfterLostReply(t *testing.T) {
+	mini := miniredis.RunT(t)
+	rdb := redis.NewClient(&redis.Options{Addr: mini.Addr(), MaxRetries: -1})
+	lose := &loseLeaseReplies{}
+	rdb.AddHook(lose)
+	e := newEnv(t, rdb, Config{DefaultPlan: Plan{Allowance: 1000}, Timeout: time.Second})
+	var handed []LeaseSync
+	var mu sync.Mutex
+	cfg := testLease
+	cfg.Flush, cfg.Idle = time.Hour, time.Hour
+	cfg.Unreported = func(s LeaseSync) {
+		mu.Lock()
+		handed = append(handed, s)
+		mu.Unlock()
+	}
+	ls := NewLeaser(e.ledger, cfg, zap.NewNop())
+	for range leaseAfter {
+		if _, ok, _ := ls.Spend("acme", "f", 1); ok {
+			t.Fatal("a quiet org was leased")
+		}
+	}
+	lose.on.Store(true)
+	if _, ok, err := ls.Spend("acme", "f", 1); ok || err == nil {
+		t.Fatalf("a lease whose renewal's reply was lost paid a call: %v %v", ok, err)
+	}
+	if e.leased("acme") == 0 {
+		t.Fatal("the lost sync did not run in Redis")
+	}
+	ls.Close()
+	lose.on.Store(false)
+	mu.Lock()
+	defer mu.Unlock()
+	for _, s := range handed {
+		if _, err := e.ledger.SyncLease(e.ctx, s); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := e.leased("acme"); n != 0 {
+		t.Fatalf("after the %d reports handed on, a lease still holds %d credits", len(handed), n)
+	}
+	if acct := e.account("acme"); acct.Held != 0 || acct.Balance != 1000 {
 		t.Fatalf("account %+v", acct)
 	}
 }
