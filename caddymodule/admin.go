@@ -603,8 +603,10 @@ func (a *Admin) failHold(w http.ResponseWriter, r *http.Request, org, id, call s
 }
 
 // fail answers the error of a ledger call: 400 for bad input, 404 for an
-// org Redis holds nothing for, 500 for ledger data of the wrong type (a
-// retry cannot help; an operator must look), else 503 with Retry-After.
+// org Redis holds nothing for, 500 for an org's corrupt ledger data (a key
+// of the wrong type, a field that is not a number: a retry cannot help; an
+// operator must look), else 503 with Retry-After: the store could not do it
+// now (down, slow, out of memory), as meter.Classify says.
 func (a *Admin) fail(w http.ResponseWriter, r *http.Request, org, call string, err error) error {
 	var inputErr *policy.InputError
 	switch {
@@ -612,13 +614,22 @@ func (a *Admin) fail(w http.ResponseWriter, r *http.Request, org, call string, e
 		return writeProblem(w, r, policy.Invalid(err))
 	case errors.Is(err, meter.ErrNotFound):
 		return writeProblem(w, r, policy.Status(http.StatusNotFound, "Redis holds nothing for org "+org))
-	case errors.Is(err, meter.ErrWrongType):
+	case meter.Classify(err) == meter.Refused:
+		// A refusal the call's own handler did not answer: a retry gets
+		// it again.
+		a.logger.Error("admin call refused by the ledger", zap.String("org", org), zap.String("call", call), zap.Error(err))
+		return writeProblem(w, r, policy.Status(http.StatusInternalServerError, "the ledger refused this call: "+err.Error()))
+	case meter.Classify(err) == meter.Corrupt:
 		a.app.metrics.storeErrors.Inc()
 		a.logger.Error("admin call found corrupt ledger data", zap.String("org", org), zap.String("call", call), zap.Error(err))
-		return writeProblem(w, r, policy.Status(http.StatusInternalServerError, "the ledger's data of org "+org+" is of the wrong type; nothing was written"))
+		detail := "the ledger's data of org " + org + " is corrupt; nothing was written"
+		if errors.Is(err, meter.ErrWrongType) {
+			detail = "the ledger's data of org " + org + " is of the wrong type; nothing was written"
+		}
+		return writeProblem(w, r, policy.Status(http.StatusInternalServerError, detail))
 	}
 	a.app.metrics.storeErrors.Inc()
-	a.logger.Error("admin call failed", zap.String("org", org), zap.String("call", call), zap.Error(err))
+	a.logger.Error("admin call failed: the store could not do it now", zap.String("org", org), zap.String("call", call), zap.Error(err))
 	w.Header().Set("Retry-After", "1")
 	return writeProblem(w, r, policy.Unavailable())
 }
@@ -635,11 +646,10 @@ func (a *Admin) health(w http.ResponseWriter, r *http.Request) error {
 }
 
 // unknownOutcome reports whether a ledger write's error leaves unknown
-// whether it was applied: it may have reached Redis, and was no refusal.
+// whether it was applied: it may have reached Redis and changed something
+// (Redis refused none of it), and was no answer of the ledger's.
 func unknownOutcome(err error) bool {
-	var inputErr *policy.InputError
-	return !meter.Unsent(err) && !errors.As(err, &inputErr) && !errors.Is(err, meter.ErrPurchasedLimit) &&
-		!errors.Is(err, meter.ErrNotFound) && !errors.Is(err, meter.ErrWrongType)
+	return !meter.Unsent(err) && !meter.Permanent(err)
 }
 
 // writeJSON answers v as JSON with status; a HEAD gets the headers only.

@@ -8,7 +8,9 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
 
+	"github.com/creditsgw/caddy-credits/meter"
 	"github.com/creditsgw/caddy-credits/policy"
 )
 
@@ -76,6 +78,11 @@ func (b *Balance) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	acct, err := b.app.ledger.Balance(r.Context(), org)
 	if err != nil {
 		b.app.metrics.storeErrors.Inc()
+		if meter.Classify(err) == meter.Corrupt {
+			// A retry cannot help: an operator must look.
+			b.app.logger.Error("the org's ledger data cannot be used", zap.String("org", org), zap.Error(err))
+			return writeProblem(w, r, policy.Status(http.StatusInternalServerError, "the credit ledger's data of org "+org+" cannot be used"))
+		}
 		w.Header().Set("Retry-After", "1")
 		return writeProblem(w, r, policy.Unavailable())
 	}

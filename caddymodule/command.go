@@ -53,7 +53,7 @@ page of the orgs.
   caddy credits holds <org>
   caddy credits holds <org> create <amount> --feature <f> [--ttl 15m] [--reference <ref>]
   caddy credits holds <org> capture <hold> <amount>
-  caddy credits holds <org> release <hold>
+  caddy credits holds <org> release <hold> [--gateway-gone --reason <why>]
   caddy credits orgs [--after <org>] [--limit <n>]
 
 Arguments are checked against the API's ranges before any call. A top-up,
@@ -99,6 +99,8 @@ the --: caddy credits topup acme --token ... -- -5.
 			holds.Flags().String("feature", "", "create: the usage label its capture is counted under (required)")
 			holds.Flags().String("ttl", "", "create: how long the hold lasts unless captured or released, 1s to 24h (default: the API's, 15m)")
 			holds.Flags().String("reference", "", "create: the hold's reference; a repeat answers the same hold (default: a random one)")
+			holds.Flags().Bool("gateway-gone", false, "release: release a gateway's unreported lease, whose gateway you know is gone")
+			holds.Flags().String("reason", "", "release --gateway-gone: why the lease is released; kept in its event (required)")
 			orgs := creditsCommand("orgs [--after <org>] [--limit <n>]", "Lists the orgs, in order, with their balances", 0, 0, cmdCreditsOrgs)
 			orgs.Flags().String("after", "", "List the orgs after this one (the next page: the last org listed)")
 			orgs.Flags().Int("limit", 0, "How many orgs to list, 1 to 1000 (default: the API's, 100)")
@@ -147,7 +149,7 @@ func creditsCommand(use, short string, minArgs, maxArgs int, run caddycmd.Comman
 	}
 }
 
-const holdsUsage = "holds <org> [create <amount> --feature <f> [--ttl <d>] [--reference <ref>] | capture <hold> <amount> | release <hold>]"
+const holdsUsage = "holds <org> [create <amount> --feature <f> [--ttl <d>] [--reference <ref>] | capture <hold> <amount> | release <hold> [--gateway-gone --reason <why>]]"
 
 func cmdCreditsShow(fl caddycmd.Flags) (int, error) {
 	return callAdmin(fl, cliCall{method: http.MethodGet, path: []string{"orgs", fl.Arg(0)}, retry: true}, printAccount)
@@ -287,6 +289,13 @@ func cmdCreditsHolds(fl caddycmd.Flags) (int, error) {
 			}
 		}
 	}
+	if action != "release" {
+		for _, name := range []string{"gateway-gone", "reason"} {
+			if fl.Changed(name) {
+				return caddy.ExitCodeFailedStartup, fmt.Errorf("--%s is only for caddy credits holds <org> release", name)
+			}
+		}
+	}
 	switch action {
 	case "create":
 		amount, err := rangeArg(fl, 2, "amount", 1, meter.MaxAmount)
@@ -335,10 +344,20 @@ func cmdCreditsHolds(fl caddycmd.Flags) (int, error) {
 		if err := meter.ValidateHoldID(id); err != nil {
 			return caddy.ExitCodeFailedStartup, err
 		}
-		return callAdmin(fl, cliCall{
+		call := cliCall{
 			method: http.MethodDelete, path: []string{"orgs", org, "holds", id},
 			retry: true, again: "run it again: a hold is released once",
-		}, printEnded)
+		}
+		if fl.Bool("gateway-gone") {
+			reason := fl.String("reason")
+			if err := meter.ValidateReason(reason); err != nil {
+				return caddy.ExitCodeFailedStartup, err
+			}
+			call.body = map[string]any{"gateway_gone": true, "reason": reason}
+		} else if fl.Changed("reason") {
+			return caddy.ExitCodeFailedStartup, errors.New("--reason goes with --gateway-gone")
+		}
+		return callAdmin(fl, call, printEnded)
 	}
 	return callAdmin(fl, cliCall{method: http.MethodGet, path: []string{"orgs", org, "holds"}, retry: true}, printHolds)
 }
@@ -628,8 +647,11 @@ func printHoldAndAccount(w io.Writer, h meter.Hold, a meter.Account) error {
 // holdUntil names what a hold's time is: when a live hold expires, or
 // until when an ended one is kept.
 func holdUntil(h meter.Hold) string {
-	if h.State == meter.HoldLive {
+	switch h.State {
+	case meter.HoldLive:
 		return "expires"
+	case meter.HoldUnreported:
+		return "released"
 	}
 	return "kept until"
 }

@@ -481,6 +481,10 @@ func TestCommandHolds(t *testing.T) {
 		{"release too many", []string{"holds", "cli", "release", id, "x"}, true, []string{"wrong number of arguments (4)"}},
 		{"list too many", []string{"holds", "cli", "create", "1", "2", "3"}, true, []string{"wrong number of arguments (5)"}},
 		{"feature on release", []string{"holds", "cli", "release", id, "--feature", "f"}, true, []string{"--feature is only for caddy credits holds <org> create"}},
+		{"gateway gone on a hold", []string{"holds", "cli", "release", id2, "--gateway-gone", "--reason", "gone"}, false, []string{"answered 400 Bad Request", "is not a gateway's lease"}},
+		{"gateway gone without reason", []string{"holds", "cli", "release", id2, "--gateway-gone"}, true, []string{`invalid reason ""`}},
+		{"reason without gateway gone", []string{"holds", "cli", "release", id2, "--reason", "x"}, true, []string{"--reason goes with --gateway-gone"}},
+		{"gateway gone on capture", []string{"holds", "cli", "capture", id, "1", "--gateway-gone"}, true, []string{"--gateway-gone is only for caddy credits holds <org> release"}},
 		{"ttl on list", []string{"holds", "cli", "--ttl", "1m"}, true, []string{"--ttl is only for"}},
 		{"bad org", []string{"holds", "a b"}, true, []string{"invalid org"}},
 	} {

@@ -297,6 +297,9 @@ func (h *Handler) pay(r *http.Request, c call, into *payments) (payment, answer)
 		// The lease needed the store and it did not answer in time: the
 		// call is answered as when a charge does not get through.
 		h.app.metrics.storeErrors.Inc()
+		if meter.Permanent(storeErr) {
+			return nil, h.broken(charge, storeErr)
+		}
 		return h.storeDown(charge, storeErr, into)
 	}
 
@@ -310,6 +313,8 @@ func (h *Handler) pay(r *http.Request, c call, into *payments) (payment, answer)
 		return nil, h.conflict(policy.InFlight, policy.KeyInFlight())
 	case errors.Is(err, meter.ErrMismatch):
 		return nil, h.conflict(policy.KeyMismatch, policy.KeyMismatched())
+	case meter.Permanent(err):
+		return nil, h.broken(charge, err)
 	case err != nil:
 		return h.storeDown(charge, err, into)
 	case res.Replay && res.Kept == nil:
@@ -337,6 +342,19 @@ func (h *Handler) observeStore(err error) {
 	}
 }
 
+// broken answers a call whose charge failed for a reason no retry cures
+// (the org's ledger data is corrupt): 500, not forwarded on any fail_mode,
+// since no later charge could bill it. The script wrote nothing.
+func (h *Handler) broken(charge meter.ChargeRequest, err error) answer {
+	h.logger.Error("the org's ledger data cannot be used; refusing the call", zap.String("org", charge.Org),
+		zap.String("feature", h.Feature), zap.String("request_id", charge.RequestID),
+		zap.Stringer("class", meter.Classify(err)), zap.Error(err))
+	return func(w http.ResponseWriter, r *http.Request) error {
+		return h.refuse(w, r, policy.StoreDown, policy.Status(http.StatusInternalServerError,
+			"the credit ledger's data of org "+charge.Org+" cannot be used; nothing was charged, and a retry cannot help until an operator fixes it"))
+	}
+}
+
 // storeDown pays for a call whose charge the store did not take: when
 // failing open, the call goes on and its charge waits in the backlog; when
 // failing closed, it is answered 503.
@@ -352,14 +370,14 @@ func (h *Handler) storeDown(charge meter.ChargeRequest, err error, into *payment
 		}
 		if h.app.store.later(later) {
 			h.app.metrics.unmetered.Inc()
-			h.logger.Warn("store did not answer; forwarding and charging later",
+			h.logger.Warn("store could not take the charge now; forwarding and charging later",
 				zap.String("feature", h.Feature), zap.String("request_id", charge.RequestID), zap.Error(err))
 			into.deferred = deferredPayment{h: h, charge: charge}
 			return &into.deferred, nil
 		}
 		h.logger.Error("store did not answer and the fail-open backlog is full; refusing", zap.String("feature", h.Feature))
 	} else {
-		h.logger.Warn("store did not answer; refusing", zap.String("feature", h.Feature), zap.Error(err))
+		h.logger.Warn("store could not take the charge now; refusing", zap.String("feature", h.Feature), zap.Error(err))
 	}
 	// The charge may have run even so (a lost reply, a timeout after Redis
 	// took it): void it, so a refused call is never left charged.

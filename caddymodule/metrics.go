@@ -14,6 +14,11 @@ type metrics struct {
 	storeDuration prometheus.Histogram
 	storeErrors   prometheus.Counter
 	unmetered     prometheus.Counter
+	// dropped counts deferred ledger calls that left the backlog
+	// unapplied, by reason: failed (a failure no retry cures, such as an
+	// org's corrupt data) or shutdown (still waiting when the store
+	// closed).
+	dropped *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -40,8 +45,12 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Namespace: ns, Subsystem: sub, Name: "unmetered_total",
 			Help: "Calls forwarded by fail_mode open while the store did not answer; their charges wait in the backlog.",
 		}),
+		dropped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "backlog_dropped_total",
+			Help: "Deferred ledger calls that left the backlog unapplied: failed (no retry could apply them, e.g. an org's corrupt data) or shutdown (still waiting when the store closed).",
+		}, []string{"reason"}),
 	}
-	cs := []prometheus.Collector{m.requests, m.charged, m.storeDuration, m.storeErrors, m.unmetered}
+	cs := []prometheus.Collector{m.requests, m.charged, m.storeDuration, m.storeErrors, m.unmetered, m.dropped}
 	for i, c := range cs {
 		if err := reg.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError
@@ -56,5 +65,6 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	m.storeDuration = cs[2].(prometheus.Histogram)
 	m.storeErrors = cs[3].(prometheus.Counter)
 	m.unmetered = cs[4].(prometheus.Counter)
+	m.dropped = cs[5].(*prometheus.CounterVec)
 	return m, nil
 }

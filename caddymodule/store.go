@@ -42,9 +42,12 @@ func openStore(url string, cluster []string, backlog int, logger *zap.Logger) (*
 		}
 		s.rdb = rdb
 	}
-	s.outbox = meter.NewOutbox(backlog, logger, s.reloadSlots, func() {
+	s.outbox = meter.NewOutbox(backlog, logger, s.reloadSlots, func(dropped bool) {
 		if m := s.metrics.Load(); m != nil {
 			m.storeErrors.Inc()
+			if dropped {
+				m.dropped.WithLabelValues("failed").Inc()
+			}
 		}
 	})
 	return s, nil
@@ -71,6 +74,9 @@ const drainGrace = 5 * time.Second
 func (s *store) Destruct() error {
 	if n := s.outbox.Close(drainGrace); n > 0 {
 		s.logger.Error("ledger calls lost at shutdown: the store did not take them in time", zap.Int64("count", n))
+		if m := s.metrics.Load(); m != nil {
+			m.dropped.WithLabelValues("shutdown").Add(float64(n))
+		}
 	}
 	if s.embedded != nil {
 		return s.embedded.Close()

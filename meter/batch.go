@@ -206,7 +206,7 @@ func (b *batcher) sendMany(ctx context.Context, batch []*queued) {
 		if err != nil {
 			q.err = err
 		} else if r, ok := replies[i].([]any); ok && len(r) == 2 && r[0] == int64(-1) {
-			q.err = fmt.Errorf("script error: %v", r[1])
+			q.err = scriptError(fmt.Sprint(r[1]))
 		} else {
 			q.raw = replies[i]
 		}

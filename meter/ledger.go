@@ -636,15 +636,15 @@ func (l *Ledger) Events(ctx context.Context, org string, limit int64) ([]Event, 
 	account := pipe.LRange(ctx, l.keys.Events(org), 0, limit-1)
 	calls := pipe.LRange(ctx, l.keys.Calls(org), 0, limit-1)
 	if _, err := pipe.Exec(ctx); err != nil {
-		return nil, fmt.Errorf("events: %w", err)
+		return nil, classify(fmt.Errorf("events: %w", err))
 	}
 	a, err := parseEvents(account.Val())
 	if err != nil {
-		return nil, fmt.Errorf("events: %w", err)
+		return nil, &classed{class: Corrupt, err: fmt.Errorf("events: %w", err)}
 	}
 	c, err := parseEvents(calls.Val())
 	if err != nil {
-		return nil, fmt.Errorf("events: %w", err)
+		return nil, &classed{class: Corrupt, err: fmt.Errorf("events: %w", err)}
 	}
 	return mergeEvents(a, c, int(limit)), nil
 }
@@ -793,10 +793,10 @@ func (l *Ledger) evalWith(ctx context.Context, b *batcher, script *redis.Script,
 				// A pipeline sends the script's hash alone; Run loads it.
 				raw, err = script.Run(ctx, l.rdb, keys, all...).Result()
 			}
-			sent = s && (err == nil || !neverSent(err))
+			sent = s && (err == nil || !changedNothing(err))
 		} else {
 			raw, err = script.Run(ctx, l.rdb, keys, all...).Result()
-			sent = sent || (err == nil || !neverSent(err))
+			sent = sent || (err == nil || !changedNothing(err))
 		}
 		if err == nil || try == maxTries-1 || !retryable(err) {
 			break
@@ -811,16 +811,16 @@ func (l *Ledger) evalWith(ctx context.Context, b *batcher, script *redis.Script,
 	}
 	if err != nil {
 		if !sent {
-			return nil, unsentError{err}
+			return nil, classify(unsentError{err})
 		}
-		return nil, err
+		return nil, classify(err)
 	}
 	v, ok := raw.([]any)
 	if !ok {
 		return nil, fmt.Errorf("script reply is %T, not an array", raw)
 	}
 	if len(v) > 0 && v[0] == int64(codeWrongType) {
-		return nil, wrongType(keys, v)
+		return nil, classify(wrongType(keys, v))
 	}
 	return v, nil
 }
@@ -863,23 +863,25 @@ func retryable(err error) bool {
 	return false
 }
 
-// unsentError is the error of a store call none of whose tries reached
-// Redis.
+// unsentError is the error of a store call none of whose tries changed
+// anything.
 type unsentError struct{ err error }
 
 func (e unsentError) Error() string { return e.err.Error() }
 func (e unsentError) Unwrap() error { return e.err }
 
-// Unsent reports whether a store call's error means it never reached Redis
-// (no connection could be had), so it certainly changed nothing. Any other
-// error leaves the outcome unknown.
+// Unsent reports whether a store call's error means it certainly changed
+// nothing: it never reached Redis (no connection could be had), or Redis
+// refused it before it wrote (out of memory, loading, a replica: see
+// transientCodes). Any other error leaves the outcome unknown.
 func Unsent(err error) bool {
 	var u unsentError
 	return errors.As(err, &u)
 }
 
-func neverSent(err error) bool {
-	if errors.Is(err, redis.ErrPoolTimeout) {
+// changedNothing reports whether one try's error means it changed nothing.
+func changedNothing(err error) bool {
+	if errors.Is(err, redis.ErrPoolTimeout) || refused(err) {
 		return true
 	}
 	var op *net.OpError

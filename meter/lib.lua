@@ -401,9 +401,11 @@ local function commit(key, events_key, acc, calls)
       if e[7] then line = line .. ' ' .. e[7] end
       if i == 1 then
         -- The first write: a list of another type stops the script here,
-        -- before anything is written.
+        -- before anything is written. Any other refusal (OOM: Redis at
+        -- maxmemory) is the store's, not the data's: raised as it came.
         len = redis.pcall('LPUSH', events_key, line)
         if type(len) == 'table' then
+          if string.sub(len.err, 1, 9) ~= 'WRONGTYPE' then error(len) end
           return redis.call('TYPE', events_key)['ok']
         end
       else

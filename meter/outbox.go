@@ -2,14 +2,10 @@ package meter
 
 import (
 	"context"
-	"errors"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
-
-	"github.com/creditsgw/caddy-credits/policy"
 )
 
 // Deferred is a ledger call kept for later, while the store does not
@@ -21,6 +17,9 @@ type Deferred interface {
 	apply(ctx context.Context) error
 	// what names the call in logs.
 	what() []zap.Field
+	// org is the org whose data the call changes: an org's calls are
+	// applied in order, and apart from other orgs'.
+	org() string
 }
 
 // LaterCharge is a fail-open call's charge, applied as overdraft: the call
@@ -41,10 +40,12 @@ func (d LaterCharge) apply(ctx context.Context) error {
 	}
 	res, err := d.Ledger.Charge(ctx, d.Charge)
 	if err == nil && !res.Charged {
-		return errors.New("deferred overdraft charge refused")
+		return errOverdraftRefused
 	}
 	return err
 }
+
+func (d LaterCharge) org() string { return d.Charge.Org }
 
 func (d LaterCharge) what() []zap.Field {
 	return []zap.Field{zap.String("call", "charge"), zap.String("org", d.Charge.Org), zap.String("request_id", d.Charge.RequestID)}
@@ -63,6 +64,8 @@ func (d LaterSettle) apply(ctx context.Context) error {
 	return err
 }
 
+func (d LaterSettle) org() string { return d.Org }
+
 func (d LaterSettle) what() []zap.Field {
 	return []zap.Field{zap.String("call", "settle"), zap.String("org", d.Org), zap.String("request_id", d.RequestID)}
 }
@@ -78,6 +81,8 @@ type LaterKeep struct {
 func (d LaterKeep) apply(ctx context.Context) error {
 	return d.Ledger.Keep(ctx, d.Org, d.RequestID, d.Attempt, d.Response)
 }
+
+func (d LaterKeep) org() string { return d.Org }
 
 func (d LaterKeep) what() []zap.Field {
 	return []zap.Field{zap.String("call", "keep"), zap.String("org", d.Org), zap.String("request_id", d.RequestID)}
@@ -95,6 +100,8 @@ func (d LaterVoid) apply(ctx context.Context) error {
 	return err
 }
 
+func (d LaterVoid) org() string { return d.Org }
+
 func (d LaterVoid) what() []zap.Field {
 	return []zap.Field{zap.String("call", "void"), zap.String("org", d.Org), zap.String("request_id", d.RequestID)}
 }
@@ -109,6 +116,8 @@ type LaterVoidTopUp struct {
 func (d LaterVoidTopUp) apply(ctx context.Context) error {
 	return d.Ledger.VoidTopUp(ctx, d.Org, d.Amount, d.Reference)
 }
+
+func (d LaterVoidTopUp) org() string { return d.Org }
 
 func (d LaterVoidTopUp) what() []zap.Field {
 	return []zap.Field{zap.String("call", "void top-up"), zap.String("org", d.Org)}
@@ -126,104 +135,210 @@ func (d LaterLeaseReport) apply(ctx context.Context) error {
 	return err
 }
 
+func (d LaterLeaseReport) org() string { return d.Sync.Org }
+
 func (d LaterLeaseReport) what() []zap.Field {
 	return []zap.Field{zap.String("call", "lease report"), zap.String("org", d.Sync.Org), zap.Int64("credits", sum(d.Sync.Spent))}
 }
 
-// Outbox applies deferred ledger calls in order, each until the store takes
-// it, with backoff. It is bounded: Add refuses a call when it is full.
+// Outbox applies deferred ledger calls, each until the store takes it, with
+// backoff. Calls of one org are applied in the order they came (a charge
+// before its settle or void); orgs do not wait for each other: each org has
+// its lane, and a few workers take the lanes in turn. A call that fails for
+// a reason no retry cures (Permanent: an org's corrupt data, a charge too
+// old to send again) leaves at once, logged and counted; one that fails
+// because the store could not do it now (Transient: down, out of memory,
+// failing over) waits at the head of its org's lane, and only that lane
+// backs off. It is bounded: Add refuses a call when it is full.
 type Outbox struct {
-	queue   chan Deferred
-	waiting atomic.Int64
-	logger  *zap.Logger
-	// retry, if set, runs after each failed try (e.g. to reload a Cluster's
-	// slot map); failed counts each.
-	retry, failed func()
+	size   int
+	logger *zap.Logger
+	// retry, if set, runs after each failed try that will be tried again
+	// (e.g. to reload a Cluster's slot map); failed, if set, counts each
+	// failed try, dropped true for a call that left unapplied.
+	retry  func()
+	failed func(dropped bool)
 
+	// mu guards n, lanes, ready and stopped. A lane is in lanes while it
+	// holds calls, and then in exactly one place: ready, taken by a worker,
+	// or waiting out its backoff.
+	mu      sync.Mutex
+	n       int
+	lanes   map[string]*lane
+	ready   []*lane
+	stopped bool
+
+	wake      chan struct{} // a lane became ready
+	drained   chan struct{} // the outbox became empty
 	stop      chan struct{}
-	done      chan struct{}
-	drained   chan struct{} // signalled when the queue empties
+	workers   sync.WaitGroup
 	closeOnce sync.Once
 }
 
+// lane holds one org's waiting calls, oldest first.
+type lane struct {
+	org   string
+	calls []Deferred
+	wait  time.Duration // backoff after its first call's last failure
+}
+
+// outboxWorkers is how many orgs' calls are tried at once: a few, so that
+// one org's slow store (a Cluster node that does not answer) holds up no
+// other org's.
+const outboxWorkers = 4
+
+// Backoff of a lane whose first call failed for a transient reason.
+const (
+	firstWait = 50 * time.Millisecond
+	maxWait   = 2 * time.Second
+)
+
 // NewOutbox starts an outbox of size calls.
-func NewOutbox(size int, logger *zap.Logger, retry, failed func()) *Outbox {
-	o := &Outbox{queue: make(chan Deferred, size), logger: logger, retry: retry, failed: failed,
-		stop: make(chan struct{}), done: make(chan struct{}), drained: make(chan struct{}, 1)}
-	go o.drain()
+func NewOutbox(size int, logger *zap.Logger, retry func(), failed func(dropped bool)) *Outbox {
+	o := &Outbox{size: size, logger: logger, retry: retry, failed: failed, lanes: map[string]*lane{},
+		wake: make(chan struct{}, 1), drained: make(chan struct{}, 1), stop: make(chan struct{})}
+	o.workers.Add(outboxWorkers)
+	for range outboxWorkers {
+		go o.work()
+	}
 	return o
 }
 
-// Add queues d; false when the outbox is full.
+// Add queues d behind its org's earlier calls; false when the outbox is
+// full or closed.
 func (o *Outbox) Add(d Deferred) bool {
-	select {
-	case o.queue <- d:
-		o.waiting.Add(1)
-		return true
-	default:
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	if o.n >= o.size || o.stopped {
 		return false
 	}
+	o.n++
+	org := d.org()
+	l := o.lanes[org]
+	if l == nil {
+		l = &lane{org: org}
+		o.lanes[org] = l
+		o.readyLocked(l)
+	}
+	l.calls = append(l.calls, d)
+	return true
 }
 
 // Waiting returns how many calls wait.
-func (o *Outbox) Waiting() int64 { return o.waiting.Load() }
+func (o *Outbox) Waiting() int64 {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return int64(o.n)
+}
 
-func (o *Outbox) drain() {
-	defer close(o.done)
+// readyLocked puts l at the end of the ready lanes and wakes a worker.
+// Called with mu held.
+func (o *Outbox) readyLocked(l *lane) {
+	o.ready = append(o.ready, l)
+	select {
+	case o.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (o *Outbox) work() {
+	defer o.workers.Done()
+	for {
+		l, d := o.take()
+		if l == nil {
+			return
+		}
+		o.done(l, d, d.apply(context.Background()))
+	}
+}
+
+// take waits for a ready lane and returns it with its first call; nil once
+// the outbox stops.
+func (o *Outbox) take() (*lane, Deferred) {
 	for {
 		select {
 		case <-o.stop:
-			return
-		case d := <-o.queue:
-			if !o.apply(d) {
-				return
-			}
-			if o.waiting.Add(-1) == 0 {
+			return nil, nil
+		default:
+		}
+		o.mu.Lock()
+		if len(o.ready) > 0 {
+			l := o.ready[0]
+			o.ready[0] = nil
+			o.ready = o.ready[1:]
+			if len(o.ready) > 0 {
+				// Another worker may take the next lane.
 				select {
-				case o.drained <- struct{}{}:
+				case o.wake <- struct{}{}:
 				default:
 				}
 			}
+			d := l.calls[0]
+			o.mu.Unlock()
+			return l, d
+		}
+		o.mu.Unlock()
+		select {
+		case <-o.stop:
+			return nil, nil
+		case <-o.wake:
 		}
 	}
 }
 
-// apply makes d, retrying with backoff while the store fails. It returns
-// false when the outbox is closing.
-func (o *Outbox) apply(d Deferred) bool {
-	wait := 50 * time.Millisecond
-	for {
-		err := d.apply(context.Background())
-		if err == nil {
-			return true
-		}
-		var inputErr *policy.InputError
-		if errors.As(err, &inputErr) || errors.Is(err, ErrUnknownRequest) || errors.Is(err, ErrVoided) || errors.Is(err, ErrWrongType) ||
-			errors.Is(err, ErrInFlight) || errors.Is(err, ErrMismatch) || errors.Is(err, ErrTooLate) {
-			o.logger.Error("dropping a deferred ledger call", append(d.what(), zap.Error(err))...)
-			return true
-		}
+// done takes the outcome of a try of d, the first call of lane l: applied
+// or failed for good, d leaves and the lane goes to the end of the ready
+// ones; failed for now, the lane backs off.
+func (o *Outbox) done(l *lane, d Deferred, err error) {
+	class := Classify(err)
+	if class == Transient {
 		if o.failed != nil {
-			o.failed()
+			o.failed(false)
 		}
 		if o.retry != nil {
 			o.retry()
 		}
-		select {
-		case <-o.stop:
-			return false
-		case <-time.After(wait):
+		l.wait = min(max(l.wait*2, firstWait), maxWait)
+		time.AfterFunc(l.wait, func() {
+			o.mu.Lock()
+			o.readyLocked(l)
+			o.mu.Unlock()
+		})
+		return
+	}
+	if err != nil {
+		o.logger.Error("dropping a deferred ledger call: no retry can apply it", append(d.what(),
+			zap.String("class", class.String()), zap.Error(err))...)
+		if o.failed != nil {
+			o.failed(true)
 		}
-		wait = min(wait*2, 2*time.Second)
+	}
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	l.calls[0] = nil
+	l.calls = l.calls[1:]
+	l.wait = 0
+	o.n--
+	if len(l.calls) > 0 {
+		o.readyLocked(l)
+	} else {
+		delete(o.lanes, l.org)
+	}
+	if o.n == 0 {
+		select {
+		case o.drained <- struct{}{}:
+		default:
+		}
 	}
 }
 
-// Close waits up to grace for the calls waiting to be applied, then stops.
-// It returns how many were still waiting: they are lost.
+// Close waits up to grace for the calls waiting to be applied, then stops:
+// it refuses new calls and waits for the tries under way. It returns how
+// many calls were still waiting: they are lost.
 func (o *Outbox) Close(grace time.Duration) int64 {
 	timer := time.NewTimer(grace)
 	defer timer.Stop()
-	for o.waiting.Load() > 0 {
+	for o.Waiting() > 0 {
 		select {
 		case <-o.drained:
 		case <-timer.C:
@@ -234,7 +349,12 @@ func (o *Outbox) Close(grace time.Duration) int64 {
 }
 
 func (o *Outbox) stopNow() int64 {
-	o.closeOnce.Do(func() { close(o.stop) })
-	<-o.done
-	return o.waiting.Load()
+	o.closeOnce.Do(func() {
+		o.mu.Lock()
+		o.stopped = true
+		o.mu.Unlock()
+		close(o.stop)
+	})
+	o.workers.Wait()
+	return o.Waiting()
 }
