@@ -181,9 +181,22 @@ type rndReloader struct {
 	ch     chan int
 	done   chan struct{}
 
-	mu   sync.Mutex
-	took []time.Duration
-	errs []error
+	mu      sync.Mutex
+	took    []time.Duration
+	errs    []error
+	windows [][2]time.Time // when each reload began and ended
+}
+
+// during reports whether a reload ran at some time between from and to.
+func (r *rndReloader) during(from, to time.Time) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, w := range r.windows {
+		if w[0].Before(to) && w[1].After(from) {
+			return true
+		}
+	}
+	return false
 }
 
 func startReloader(name string, reload func() error) *rndReloader {
@@ -195,6 +208,7 @@ func startReloader(name string, reload func() error) *rndReloader {
 			err := r.reload()
 			r.mu.Lock()
 			r.took = append(r.took, time.Since(began).Round(time.Millisecond))
+			r.windows = append(r.windows, [2]time.Time{began, time.Now()})
 			if err != nil {
 				r.errs = append(r.errs, err)
 			}
