@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"bufio"
 	"cmp"
 	"context"
 	"encoding/json"
@@ -59,12 +60,16 @@ var rndRoutes = []struct {
 	closed bool
 	// unlimited: overdraft without a limit, so never a 402.
 	unlimited bool
+	// streamed: usage openai; the upstream streams its answer with the
+	// usage last, and cost is the hold.
+	streamed bool
 }{
-	{"rich-text", 1, true, false},          // notice
-	{"background-removal", 0, true, false}, // block, cost from X-Cost
-	{"image-studio", 2, false, false},      // block, fail_mode open
-	{"flows", 1, true, false},              // overdraft to -10, fail_mode closed
-	{"templates", 1, false, true},          // overdraft, fail_mode open
+	{"rich-text", 1, true, false, false},          // notice
+	{"background-removal", 0, true, false, false}, // block, cost from X-Cost
+	{"image-studio", 2, false, false, false},      // block, fail_mode open
+	{"flows", 1, true, false, false},              // overdraft to -10, fail_mode closed
+	{"templates", 1, false, true, false},          // overdraft, fail_mode open
+	{"chat", 3, true, false, true},                // block, rndChatSite
 }
 
 // rndRouteCost is the cost of a call on route with the X-Cost header xcost,
@@ -96,9 +101,12 @@ const (
 	rndSlow                  // 200 after half a second
 	rndHang                  // no answer; the client gives up mid-call: refunded
 	rndStream                // 200 and a body that trickles; the client goes away after the headers: charged
+	// rndLeave, on the streamed route: the client goes away after the
+	// first event, and the upstream goes on to the usage: charged it.
+	rndLeave
 )
 
-var rndKindNames = [...]string{"ok", "usage", "fail", "slow", "hang", "stream"}
+var rndKindNames = [...]string{"ok", "usage", "fail", "slow", "hang", "stream", "leave"}
 
 func (k rndKind) String() string { return rndKindNames[k] }
 
@@ -109,7 +117,7 @@ type rndCall struct {
 	org    string
 	route  int
 	kind   rndKind
-	usage  int64 // the Credits-Usage of rndUsage
+	usage  int64 // the Credits-Usage of rndUsage; the tokens of a streamed answer
 	xcost  int64 // the X-Cost header, on a route whose cost it sets
 	key    string
 	repeat bool          // the key is an earlier call's, and so is the rest of the call
@@ -119,6 +127,10 @@ type rndCall struct {
 func (c rndCall) path() string {
 	name := rndRoutes[c.route].name
 	switch c.kind {
+	case rndOK, rndLeave:
+		if rndRoutes[c.route].streamed {
+			return fmt.Sprintf("/%s/sse/%d", name, c.usage)
+		}
 	case rndUsage:
 		return fmt.Sprintf("/%s/usage/%d", name, c.usage)
 	case rndFail:
@@ -135,7 +147,7 @@ func (c rndCall) path() string {
 
 // cost is what the call is charged when the upstream answers it.
 func (c rndCall) cost() int64 {
-	if c.kind == rndUsage {
+	if c.kind == rndUsage || rndRoutes[c.route].streamed {
 		return c.usage
 	}
 	if rndRoutes[c.route].cost == 0 {
@@ -153,6 +165,9 @@ func (c rndCall) body() string {
 		return "(no answer)"
 	case rndStream:
 		return "streamed\nend\n"
+	}
+	if rndRoutes[c.route].streamed {
+		return strings.Join(rndSSE(c.usage), "")
 	}
 	return "ai answer for " + c.path() + "\n"
 }
@@ -190,6 +205,12 @@ func planCalls(rng *rand.Rand, n int, orgs []string, gateways int) []rndCall {
 		}
 		if rndRoutes[c.route].cost == 0 {
 			c.xcost = 1 + rng.Int64N(3)
+		}
+		if rndRoutes[c.route].streamed && c.kind != rndFail && c.kind != rndHang {
+			c.kind, c.usage = rndOK, 1+rng.Int64N(8)
+			if rng.IntN(2) == 0 {
+				c.kind = rndLeave
+			}
 		}
 		if rng.IntN(100) < 40 {
 			c.key = fmt.Sprintf("rk-%d", i)
@@ -286,6 +307,10 @@ func (u *ledgerUpstream) serve(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Credits-Notice", "upstream")
 	w.Header().Set("Content-Type", "text/plain")
 	ctx := r.Context()
+	if n, ok := strings.CutPrefix(rest, "sse/"); ok {
+		u.stream(ctx, w, a, n, end)
+		return
+	}
 	switch rest {
 	case "fail":
 		end(failed)
@@ -331,6 +356,43 @@ func (u *ledgerUpstream) serve(w http.ResponseWriter, r *http.Request) {
 	end(answered)
 }
 
+// stream answers a call of the streamed route: its events one by one, a
+// little apart. The call is answered, and charged the hold, once the first
+// event went out, and charged its usage once the usage event did.
+func (u *ledgerUpstream) stream(ctx context.Context, w http.ResponseWriter, a *arrival, tokens string, end func(outcome)) {
+	n, _ := strconv.ParseInt(tokens, 10, 64)
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.WriteHeader(http.StatusOK)
+	rc := http.NewResponseController(w)
+	for i, event := range rndSSE(n) {
+		if i > 0 {
+			select {
+			case <-ctx.Done():
+				panic(http.ErrAbortHandler)
+			case <-time.After(15 * time.Millisecond):
+			}
+		}
+		_, err := io.WriteString(w, event)
+		if err == nil {
+			err = rc.Flush()
+		}
+		if err != nil {
+			if i == 0 {
+				end(unanswered)
+			}
+			panic(http.ErrAbortHandler)
+		}
+		switch i {
+		case 0:
+			end(answered)
+		case rndSSEUsage:
+			u.mu.Lock()
+			a.cost = n
+			u.mu.Unlock()
+		}
+	}
+}
+
 // inProgress returns the calls the upstream works on, by call id.
 func (u *ledgerUpstream) inProgress() map[int]string {
 	u.mu.Lock()
@@ -356,6 +418,10 @@ type rndResult struct {
 	header   http.Header
 	body     string
 	replayed bool
+	left     bool // the client went away before the end of the answer
+	// began and ended bound the call, for an error on a connection that
+	// a reload closed.
+	began, ended time.Time
 }
 
 // rndClients sends the calls and keeps, for the calls whose client gave up,
@@ -364,6 +430,7 @@ type rndClients struct {
 	client *http.Client
 	urls   []string
 	clock  *atomic.Int64
+	leave  bool // rndLeave's clients go away after the first event
 
 	mu      sync.Mutex
 	gaveUp  map[int]int64
@@ -407,6 +474,27 @@ func (cl *rndClients) do(c rndCall) rndResult {
 		cl.gaveUp[c.id] = cl.clock.Add(1)
 		cl.mu.Unlock()
 		cancel()
+		res.left = true
+		return res
+	}
+	if c.kind == rndLeave && cl.leave && resp.StatusCode == http.StatusOK && !res.replayed {
+		// Gone after the first event, before the usage.
+		rd := bufio.NewReader(resp.Body)
+		for {
+			line, err := rd.ReadString('\n')
+			if err != nil {
+				res.err = err
+				return res
+			}
+			if line == "\n" {
+				break
+			}
+		}
+		cl.mu.Lock()
+		cl.gaveUp[c.id] = cl.clock.Add(1)
+		cl.mu.Unlock()
+		cancel()
+		res.left = true
 		return res
 	}
 	data, err := io.ReadAll(resp.Body)
@@ -450,7 +538,7 @@ func (c rndCall) check(r rndResult) string {
 		if charged != "" && charged != strconv.FormatInt(c.cost(), 10) {
 			return fmt.Sprintf("Credits-Charged %s, want %d", charged, c.cost())
 		}
-		if c.kind != rndStream && r.body != c.body() {
+		if !r.left && r.body != c.body() {
 			return fmt.Sprintf("body %q, want %q", r.body, c.body())
 		}
 	case http.StatusPaymentRequired:
@@ -561,29 +649,60 @@ func randomizedSeed(t *testing.T) uint64 {
 // which replies are cut, differ from run to run.
 func TestRandomizedPath(t *testing.T) {
 	seed := randomizedSeed(t)
-	t.Logf("seed %d (rerun with %s=%d)", seed, randomizedSeedEnv, seed)
+	edges := randomizedEdges(t)
+	t.Logf("seed %d, edges %s (rerun with %s=%d %s=%s)", seed, edges, randomizedSeedEnv, seed, randomizedEdgesEnv, edges)
 	rng := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
 
+	// Orgs on plans from tiny (402s within the first calls) to plenty,
+	// one with purchased credits only, and two that the corrupt edge may
+	// corrupt.
+	orgs := []string{"rnd-tiny", "rnd-small", "rnd-mid", "rnd-big", "rnd-plenty", "rnd-bought", "rnd-frail-1", "rnd-frail-2"}
+	allowances := []int64{15, 120, 600, 1_000_000, 1_000_000, 0, 1_000_000, 1_000_000}
+	const gateways = 2
+	calls := planCalls(rng, randomizedCalls, orgs, gateways)
+	cutFrom, cutTo := len(calls)/5, len(calls)*4/5
+	// Heavy enough that now and then all four tries of one store call lose
+	// their replies, so that the gateway must void, defer or resend.
+	cutEvery := []int{3 + rng.IntN(3), 2 + rng.IntN(2)}
+	plan := planEdges(rng, cutFrom, cutTo, orgs[6:])
+
+	buildCaddy(t) // before the clocks are set: the first build takes a while
+	var offset time.Duration
+	var midnight time.Time
+	if edges.Midnight {
+		offset, midnight = rndMidnight(plan.midnightIn)
+		t.Setenv(clockOffsetEnv, offset.String())
+		t.Logf("the gateways' clocks are %s ahead: UTC midnight %s comes in %s", offset, midnight.Format(time.DateOnly), plan.midnightIn)
+	}
+	gatewayNow := func() time.Time { return time.Now().UTC().Add(offset) }
+
 	srv := redistest.Start(t, redistest.Options{})
+	rdb := srv.Client(t)
 	proxies := []*faultproxy.Proxy{faultproxy.Start(t, srv.Addr), faultproxy.Start(t, srv.Addr)}
 	var clock atomic.Int64
 	up := startLedgerUpstream(t, &clock)
 
 	// The first gateway runs in this process; startGateway's own upstream
 	// is replaced by the recording one with a config reload.
-	g := startGateway(t, gatewayOptions{store: "redis redis://" + proxies[0].Addr, site: rndMetricsSite})
+	site := rndMetricsSite + "\n\t" + strings.ReplaceAll(rndChatSite, "{UPSTREAM}", up.URL)
+	g := startGateway(t, gatewayOptions{store: "redis redis://" + proxies[0].Addr, site: site})
 	g.redis = srv
 	g.config = strings.ReplaceAll(g.config, g.upstream.URL, up.URL)
 	loadCaddyfile(t, g.config)
-	// The second is a caddy process of its own.
-	port, adminPort := freePort(t), freePort(t)
+	reloadInProcess, err := inProcessReload(g.config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The second is a caddy process of its own, with Caddy's admin
+	// endpoint for its reloads.
+	port, adminPort, caddyAdmin := freePort(t), freePort(t), freePort(t)
 	cfg := strings.NewReplacer(
 		"{STORE}", "redis redis://"+proxies[1].Addr, "{TIMEOUT}", "300ms", "{PORT}", fmt.Sprint(port),
 		"{ADMINPORT}", fmt.Sprint(adminPort), "{DEADPORT}", fmt.Sprint(freePort(t)), "{UPSTREAM}", up.URL,
-		"{GLOBAL}", "", "{OPTIONS}", "", "{SITE}", rndMetricsSite,
+		"{GLOBAL}", "", "{OPTIONS}", "", "{SITE}", site,
 	).Replace(gatewayCaddyfile)
-	cfg = strings.Replace(cfg, "admin off", "admin off\n\tpersist_config off", 1)
-	startCaddyProcess(t, cfg, fmt.Sprintf("127.0.0.1:%d", port))
+	cfg = strings.Replace(cfg, "admin off", fmt.Sprintf("admin 127.0.0.1:%d\n\tpersist_config off", caddyAdmin), 1)
+	startCaddyProcess(t, cfg, fmt.Sprintf("127.0.0.1:%d", port), fmt.Sprintf("127.0.0.1:%d", caddyAdmin))
 	urls := []string{g.url, fmt.Sprintf("http://127.0.0.1:%d", port)}
 
 	for _, u := range urls {
@@ -594,11 +713,8 @@ func TestRandomizedPath(t *testing.T) {
 		t.Fatalf("the recording upstream received %d of the 2 warm-up calls", n)
 	}
 
-	// Orgs on plans from tiny (402s within the first calls) to plenty,
-	// and one with purchased credits only.
-	month := int(time.Now().UTC().Month()) // the next recharge is a year away
-	orgs := []string{"rnd-tiny", "rnd-small", "rnd-mid", "rnd-big", "rnd-plenty", "rnd-bought"}
-	for i, allowance := range []int64{15, 120, 600, 1_000_000, 1_000_000, 0} {
+	month := int(gatewayNow().Month()) // the next recharge is a year away
+	for i, allowance := range allowances {
 		r := g.admin(http.MethodPut, "/orgs/"+orgs[i]+"/plan", fmt.Sprintf(`{"allowance": %d, "recharge_month": %d}`, allowance, month))
 		wantStatus(t, r, http.StatusOK)
 	}
@@ -608,33 +724,59 @@ func TestRandomizedPath(t *testing.T) {
 		start[org] = g.balance(org)
 	}
 
-	calls := planCalls(rng, randomizedCalls, orgs, len(urls))
-	cutFrom, cutTo := len(calls)/5, len(calls)*4/5
-	// Heavy enough that now and then all four tries of one store call lose
-	// their replies, so that the gateway must void, defer or resend.
-	cutEvery := []int{3 + rng.IntN(3), 2 + rng.IntN(2)}
 	t.Logf("cutting one reply in %d to the in-process gateway and one in %d to the caddy process during calls %d to %d",
 		cutEvery[0], cutEvery[1], cutFrom, cutTo)
+	if edges.Reload {
+		t.Logf("reloading the in-process gateway before calls %v and the caddy process before calls %v", plan.reloadAt[0], plan.reloadAt[1])
+	}
+	if edges.Partition {
+		t.Logf("cutting gateway %d off from Redis for %s from call %d", plan.partitioned, plan.partitionFor, plan.partitionAt)
+	}
+	if edges.OOM {
+		t.Logf("Redis out of memory for %s from call %d", plan.oomFor, plan.oomAt)
+	}
+	// corrupted are the orgs the corrupt edge corrupts: their answers and
+	// charges are not checked, every other org's are, exactly.
+	corrupted := map[string]rndCorruption{}
+	if edges.Corrupt {
+		for _, c := range plan.corrupt {
+			corrupted[c.org] = c
+			t.Logf("corrupting %s's %s (to a %s) before call %d", c.org, c.key(), c.wrongType(), plan.corruptAt)
+		}
+	}
+	checked := slices.DeleteFunc(slices.Clone(orgs), func(org string) bool { _, ok := corrupted[org]; return ok })
 
+	reloaders := []*rndReloader{
+		startReloader("the in-process gateway", reloadInProcess),
+		startReloader("the caddy process", processReload(&http.Client{Timeout: time.Minute}, fmt.Sprintf("127.0.0.1:%d", caddyAdmin), cfg)),
+	}
 	cl := &rndClients{
 		client: &http.Client{Timeout: 20 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 2 * randomizedWorkers}},
-		urls:   urls, clock: &clock, gaveUp: map[int]int64{}, results: make([]rndResult, len(calls)),
+		urls:   urls, clock: &clock, leave: edges.Leave, gaveUp: map[int]int64{}, results: make([]rndResult, len(calls)),
 	}
 	defer cl.client.CloseIdleConnections()
 	began := time.Now()
+	gatewayBegan := gatewayNow()
 	work := make(chan int)
 	var wg sync.WaitGroup
 	for range randomizedWorkers {
 		wg.Go(func() {
 			for i := range work {
+				began := time.Now()
 				res := cl.do(calls[i])
+				res.began, res.ended = began, time.Now()
 				cl.mu.Lock()
 				cl.results[i] = res
 				cl.mu.Unlock()
 			}
 		})
 	}
+	var partition *rndPartition
+	var oom *rndOOM
 	sent := 0
+	// The middle calls are spread over rndMiddle, one every slot.
+	slot := rndMiddle / time.Duration(cutTo-cutFrom)
+	var middle time.Time
 	for i := range calls {
 		if time.Since(began) > randomizedBudget {
 			t.Logf("time is up after %d calls", i)
@@ -642,6 +784,7 @@ func TestRandomizedPath(t *testing.T) {
 		}
 		switch i {
 		case cutFrom:
+			middle = time.Now()
 			for j, p := range proxies {
 				p.CutReplyEvery(cutEvery[j])
 			}
@@ -650,13 +793,59 @@ func TestRandomizedPath(t *testing.T) {
 				p.CutReplyEvery(0)
 			}
 		}
+		if i >= cutFrom && i < cutTo {
+			time.Sleep(time.Until(middle.Add(time.Duration(i-cutFrom) * slot))) // pacing, not a wait
+		}
+		if edges.Reload {
+			for j, at := range plan.reloadAt {
+				if slices.Contains(at, i) {
+					reloaders[j].ch <- i
+				}
+			}
+		}
+		if edges.Partition && i == plan.partitionAt {
+			partition = startPartition(proxies[plan.partitioned], plan.partitionFor)
+		}
+		if edges.OOM && i == plan.oomAt {
+			oom = startOOM(rdb, plan.oomFor)
+		}
+		if edges.Corrupt && i == plan.corruptAt {
+			for _, c := range plan.corrupt {
+				if err := c.apply(t.Context(), rdb); err != nil {
+					t.Fatalf("corrupting %s: %v", c.org, err)
+				}
+			}
+		}
 		work <- i
 		sent++
 	}
 	close(work)
 	wg.Wait()
+	gatewayEnded := gatewayNow()
 	for _, p := range proxies {
 		p.CutReplyEvery(0)
+	}
+	for _, r := range reloaders {
+		r.stop(t)
+	}
+	if partition != nil {
+		<-partition.done
+	}
+	if oom != nil {
+		<-oom.done
+		if oom.err != nil {
+			t.Errorf("Redis out of memory: %v", oom.err)
+		}
+		t.Logf("Redis at maxmemory %d for %s refused %d calls", oom.limit, plan.oomFor, oom.refused)
+		if oom.refused == 0 {
+			t.Errorf("Redis at its memory limit refused no call: the OOM edge did not happen")
+		}
+	}
+	if edges.Midnight {
+		t.Logf("the calls ran from %s to %s on the gateways' clocks", gatewayBegan.Format(time.TimeOnly+".000"), gatewayEnded.Format(time.TimeOnly+".000"))
+		if !gatewayBegan.Before(midnight) || !gatewayEnded.After(midnight) {
+			t.Errorf("UTC midnight %s of the gateways' clocks did not fall during the calls", midnight)
+		}
 	}
 	callsTook := time.Since(began)
 
@@ -679,7 +868,7 @@ func TestRandomizedPath(t *testing.T) {
 	lastChange := time.Now()
 	for deadline := time.Now().Add(rndSettleLimit); ; {
 		now := map[string]int64{}
-		for _, org := range orgs {
+		for _, org := range checked {
 			now[org] = g.balance(org)
 		}
 		for i, u := range urls {
@@ -720,9 +909,20 @@ func TestRandomizedPath(t *testing.T) {
 	var problems []string
 	statuses := [2]map[int]int{{}, {}}
 	clientOK, clientFail := map[string]int64{}, map[string]int64{}
-	replays := 0
+	replays, reloadCut := 0, 0
 	for i, r := range results {
 		c := calls[i]
+		if _, ok := corrupted[c.org]; ok {
+			continue
+		}
+		// A reload closes its old server's idle connections: a call sent on
+		// one as it closes fails without an answer (Go's client resends only
+		// idempotent requests). Whatever reached the upstream is counted
+		// there.
+		if r.err != nil && !errors.Is(r.err, context.Canceled) && reloaders[c.via].during(r.began, r.ended) {
+			reloadCut++
+			continue
+		}
 		if p := c.check(r); p != "" {
 			problems = append(problems, fmt.Sprintf("call %d (%s %s via %d, key %q): %s", c.id, c.org, c.path(), c.via, c.key, p))
 		}
@@ -777,13 +977,13 @@ func TestRandomizedPath(t *testing.T) {
 		byRoute                map[string]int64
 	}
 	tallies := map[string]*tally{}
-	for _, org := range orgs {
+	for _, org := range checked {
 		tallies[org] = &tally{byRoute: map[string]int64{}}
 	}
 	for _, a := range arrivals {
 		tl := tallies[a.org]
 		if tl == nil {
-			continue // the warm-up
+			continue // the warm-up, or a corrupted org
 		}
 		switch a.outcome {
 		case answered:
@@ -798,7 +998,18 @@ func TestRandomizedPath(t *testing.T) {
 			t.Errorf("call %d of %s: no outcome at the upstream", a.call, a.org)
 		}
 	}
-	for _, org := range orgs {
+	leftCharged := 0 // clients that left a streamed answer, charged its usage
+	for i, r := range results {
+		if c := calls[i]; r.left && c.kind == rndLeave && tallies[c.org] != nil {
+			for _, a := range arrivals {
+				if a.call == c.id && a.outcome == answered && a.cost == c.usage && c.usage != rndRoutes[c.route].cost {
+					leftCharged++
+				}
+			}
+		}
+	}
+	bothDays := 0 // orgs with usage on both sides of midnight
+	for _, org := range checked {
 		tl := tallies[org]
 		a := g.account(org)
 		final := int64(a["balance"].(float64))
@@ -816,8 +1027,32 @@ func TestRandomizedPath(t *testing.T) {
 				t.Errorf("org %s: used %s %v, but the upstream's answers on it cost %d", org, rt.name, got, tl.byRoute[rt.name])
 			}
 		}
+		if edges.Midnight {
+			// The days add up to the period's usage.
+			sum, days := dayUsage(t, g, org, midnight)
+			for _, rt := range rndRoutes {
+				got, _ := used[rt.name].(float64)
+				if sum[rt.name] != int64(got) {
+					off = true
+					t.Errorf("org %s: its days' usage of %s adds up to %d, but used is %v; days %v", org, rt.name, sum[rt.name], got, days)
+				}
+			}
+			var before, after int64
+			for _, d := range days {
+				for _, n := range d.Used {
+					if d.Date < midnight.Format(time.DateOnly) {
+						before += n
+					} else {
+						after += n
+					}
+				}
+			}
+			if before > 0 && after > 0 {
+				bothDays++
+			}
+		}
 		if held, _ := a["held"].(float64); held != 0 {
-			t.Errorf("org %s: %v credits held, with no hold or lease", org, held)
+			t.Errorf("org %s: %v credits held, with no hold or lease; holds %v", org, held, g.holds(org))
 		}
 		if clientOK[org] != tl.answered || clientFail[org] != tl.failed {
 			t.Errorf("org %s: the clients got %d answers and %d 5xx from the upstream, which sent %d and %d",
@@ -881,6 +1116,21 @@ func TestRandomizedPath(t *testing.T) {
 			t.Errorf("no %s: the mix did not exercise them", name)
 		}
 	}
+	if edges.Leave && leftCharged == 0 {
+		t.Errorf("no client that left a streamed answer was charged its usage: the mix did not exercise them")
+	}
+	if edges.Midnight && bothDays == 0 {
+		t.Errorf("no org used credits on both days of midnight: the mix did not exercise it")
+	}
+	// The corrupt keys are still what the edge made them: no gateway wrote
+	// over them.
+	for _, c := range corrupted {
+		if typ, err := rdb.Type(t.Context(), c.key()).Result(); err != nil || typ != c.wrongType() {
+			t.Errorf("%s is now a %q (%v), not the %s it was corrupted to", c.key(), typ, err, c.wrongType())
+		}
+	}
+	t.Logf("%d calls failed on a connection a reload closed", reloadCut)
+	t.Logf("%d clients left a streamed answer and were charged its usage; %d orgs used credits on both days of midnight", leftCharged, bothDays)
 	kinds := map[string]int{}
 	for _, c := range calls[:sent] {
 		name := c.kind.String()
@@ -894,7 +1144,7 @@ func TestRandomizedPath(t *testing.T) {
 	t.Logf("%d calls in %s, settled in %s; kinds %v", sent, callsTook.Round(time.Millisecond), settleTook.Round(time.Millisecond), kinds)
 	t.Logf("answers by status (0: the client gave up): in-process %v, caddy process %v; %d replays", statuses[0], statuses[1], replays)
 	t.Logf("%d upstream calls; replies cut: %d and %d", len(arrivals), proxies[0].Cuts(), proxies[1].Cuts())
-	for _, org := range orgs {
+	for _, org := range checked {
 		tl := tallies[org]
 		t.Logf("org %s: start %d, charged %d for %d answered calls (%d failed, %d abandoned at the upstream)",
 			org, start[org], tl.cost, tl.answered, tl.failed, tl.hung)
@@ -903,7 +1153,7 @@ func TestRandomizedPath(t *testing.T) {
 		drained(t)
 	}
 	if t.Failed() {
-		t.Logf("seed %d (rerun with %s=%d)", seed, randomizedSeedEnv, seed)
+		t.Logf("seed %d, edges %s (rerun with %s=%d %s=%s)", seed, edges, randomizedSeedEnv, seed, randomizedEdgesEnv, edges)
 	}
 }
 
