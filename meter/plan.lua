@@ -26,11 +26,13 @@ end
 local acc = load(account_key, true)
 local before
 if images_kept > 0 then
-  -- An image needs an account: a new org is opened on the default plan
-  -- first, which this plan then replaces at once.
-  acc = acc or open(account_key, true)
-  sweep(acc, holds_key)
-  acc, before = image_before(account_key, events_key, holds_key, acc)
+  -- A new org's image is empty: its void leaves the org on the default
+  -- plan.
+  before = {}
+  if acc then
+    sweep(acc, holds_key)
+    acc, before = image_before(account_key, events_key, holds_key, acc)
+  end
 end
 if not acc then
   acc = new_account(allowance, month)

@@ -36,11 +36,17 @@ if ref_seen(refs_key, ref) then
     local after = balance(acc)
     local seq = acc.seq
     redis.call('DEL', account_key)
-    if #images[1] > 0 then redis.call('HSET', account_key, unpack(images[1])) end
-    -- Events keep their numbers: the sequence goes on from the write's.
-    redis.call('HSET', account_key, 'seq', str(seq))
-    acc = load(account_key, true)
-    sweep(acc, holds_key)
+    if #images[1] > 0 then
+      redis.call('HSET', account_key, unpack(images[1]))
+      -- Events keep their numbers: the sequence goes on from the write's.
+      redis.call('HSET', account_key, 'seq', str(seq))
+      acc = load(account_key, true)
+      sweep(acc, holds_key)
+    else
+      -- The write made the account: the org is left on the default plan.
+      acc = new_account(def_allowance, def_month)
+      acc.seq = seq
+    end
     event(acc, 'void', balance(acc) - after, '', ARGV[9], nil, 'the ' .. kind .. ' answered 503 is undone')
   elseif acc then
     sweep(acc, holds_key)
