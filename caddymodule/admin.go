@@ -321,7 +321,7 @@ func (a *Admin) setPlan(w http.ResponseWriter, r *http.Request) error {
 	}
 	a.logger.Info("plan set", zap.String("org", org), zap.Int64("allowance", plan.Allowance), zap.Int("recharge_month", plan.RechargeMonth),
 		zap.String("reference", ref), zap.Bool("applied", applied))
-	return answerWrite(w, r, http.StatusOK, applied, acct)
+	return answerWrite(w, r, http.StatusOK, applied || own, acct)
 }
 
 func (a *Admin) topUp(w http.ResponseWriter, r *http.Request) error {
@@ -353,7 +353,7 @@ func (a *Admin) topUp(w http.ResponseWriter, r *http.Request) error {
 	}
 	a.logger.Info("top-up", zap.String("org", org), zap.Int64("amount", *body.Amount),
 		zap.String("reference", ref), zap.Bool("applied", applied))
-	return answerWrite(w, r, http.StatusOK, applied, acct)
+	return answerWrite(w, r, http.StatusOK, applied || own, acct)
 }
 
 // adjust applies an operator's correction: {"amount": n (not 0), "reason":
@@ -412,11 +412,13 @@ func (a *Admin) recharge(w http.ResponseWriter, r *http.Request) error {
 		return a.failWrite(w, r, org, "recharge", ref, a.voidWrite(own, org, "recharge", ref), err)
 	}
 	a.logger.Info("recharged", zap.String("org", org), zap.String("reference", ref), zap.Bool("applied", applied))
-	return answerWrite(w, r, http.StatusOK, applied, acct)
+	return answerWrite(w, r, http.StatusOK, applied || own, acct)
 }
 
 // answerWrite answers a write applied once per reference: acct, marked as
-// a replay when the reference had been applied before.
+// a replay when the reference had been applied before. A reference of the
+// gateway's own is counted as applied: only the ledger's resend of this
+// very call can have applied it before.
 func answerWrite(w http.ResponseWriter, r *http.Request, status int, applied bool, acct meter.Account) error {
 	if !applied {
 		w.Header().Set(headerReplayed, "true")
@@ -494,7 +496,7 @@ func (a *Admin) createHold(w http.ResponseWriter, r *http.Request) error {
 	a.logger.Info("hold", zap.String("org", org), zap.String("hold", hold.ID), zap.String("feature", hold.Feature),
 		zap.Int64("amount", req.Amount), zap.Duration("ttl", req.TTL), zap.String("reference", req.Reference), zap.Bool("repeat", repeat))
 	status := http.StatusCreated
-	if repeat {
+	if repeat && !own {
 		status = http.StatusOK
 		w.Header().Set(headerReplayed, "true")
 	}
