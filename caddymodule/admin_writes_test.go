@@ -42,21 +42,22 @@ func TestAdminExactJSON(t *testing.T) {
 	if err := json.Unmarshal(r.body, &hold); err != nil {
 		t.Fatal(err)
 	}
-	// Each route's first field and a value of it, then the rest of a good body.
-	routes := []struct{ method, path, field, value, rest string }{
-		{http.MethodPut, "/plan", "allowance", "100", `, "recharge_month": 1`},
-		{http.MethodPost, "/topup", "amount", "5", `, "reference": "t-1"`},
-		{http.MethodPost, "/recharge", "reference", `"rc-1"`, ``},
-		{http.MethodPost, "/adjust", "amount", "5", `, "reason": "fix", "reference": "a-1"`},
-		{http.MethodPost, "/holds", "amount", "5", `, "feature": "jobs", "reference": "h-1"`},
-		{http.MethodPost, "/holds/" + hold.Hold + "/capture", "amount", "5", ``},
+	// Each route's first field and two values of it, then the rest of a
+	// good body.
+	routes := []struct{ method, path, field, value, other, rest string }{
+		{http.MethodPut, "/plan", "allowance", "100", "200", `, "recharge_month": 1`},
+		{http.MethodPost, "/topup", "amount", "5", "6", `, "reference": "t-1"`},
+		{http.MethodPost, "/recharge", "reference", `"rc-1"`, `"rc-2"`, ``},
+		{http.MethodPost, "/adjust", "amount", "5", "6", `, "reason": "fix", "reference": "a-1"`},
+		{http.MethodPost, "/holds", "amount", "5", "6", `, "feature": "jobs", "reference": "h-1"`},
+		{http.MethodPost, "/holds/" + hold.Hold + "/capture", "amount", "5", "6", ``},
 	}
 	before := adminState(g, "acme")
 	for _, rt := range routes {
 		upper := strings.ToUpper(rt.field[:1]) + rt.field[1:]
 		bodies := []struct{ body, want string }{
 			{fmt.Sprintf(`{"%s": %s%s}`, upper, rt.value, rt.rest), fmt.Sprintf(`unknown field \"%s\"`, upper)},
-			{fmt.Sprintf(`{"%s": %s, "%s": %s%s}`, rt.field, rt.value, rt.field, rt.value, rt.rest), fmt.Sprintf(`field \"%s\" given twice`, rt.field)},
+			{fmt.Sprintf(`{"%s": %s, "%s": %s%s}`, rt.field, rt.value, rt.field, rt.other, rt.rest), fmt.Sprintf(`field \"%s\" given twice`, rt.field)},
 			{fmt.Sprintf(`{"%s": {"n": 1, "n": 2}%s}`, rt.field, rt.rest), `field \"n\" given twice`},
 			{fmt.Sprintf(`{"%s": [{"n": 1, "n": 2}]%s}`, rt.field, rt.rest), `field \"n\" given twice`},
 		}
