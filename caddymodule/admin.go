@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"reflect"
 	"strconv"
 	"strings"
 	"time"
@@ -301,6 +302,7 @@ func (a *Admin) setPlan(w http.ResponseWriter, r *http.Request) error {
 	var body struct {
 		Allowance     *int64 `json:"allowance"`
 		RechargeMonth *int   `json:"recharge_month"`
+		Reference     string `json:"reference"`
 	}
 	if err := decodeBody(w, r, &body); err != nil {
 		return writeProblem(w, r, policy.Invalid(err))
@@ -308,13 +310,18 @@ func (a *Admin) setPlan(w http.ResponseWriter, r *http.Request) error {
 	if body.Allowance == nil || body.RechargeMonth == nil {
 		return writeProblem(w, r, policy.Invalid(errors.New("allowance and recharge_month are required")))
 	}
-	plan := meter.Plan{Allowance: *body.Allowance, RechargeMonth: *body.RechargeMonth}
-	acct, err := a.app.ledger.SetPlan(r.Context(), org, plan)
+	ref, own, err := writeReference(r, body.Reference)
 	if err != nil {
-		return a.fail(w, r, org, "plan", err)
+		return writeProblem(w, r, policy.Invalid(err))
 	}
-	a.logger.Info("plan set", zap.String("org", org), zap.Int64("allowance", plan.Allowance), zap.Int("recharge_month", plan.RechargeMonth))
-	return writeJSON(w, r, http.StatusOK, acct)
+	plan := meter.Plan{Allowance: *body.Allowance, RechargeMonth: *body.RechargeMonth}
+	acct, applied, err := a.app.ledger.SetPlan(context.WithoutCancel(r.Context()), org, plan, ref)
+	if err != nil {
+		return a.failWrite(w, r, org, "plan", ref, a.voidWrite(own, org, "plan", ref), err)
+	}
+	a.logger.Info("plan set", zap.String("org", org), zap.Int64("allowance", plan.Allowance), zap.Int("recharge_month", plan.RechargeMonth),
+		zap.String("reference", ref), zap.Bool("applied", applied))
+	return answerWrite(w, r, http.StatusOK, applied || own, acct)
 }
 
 func (a *Admin) topUp(w http.ResponseWriter, r *http.Request) error {
@@ -332,32 +339,21 @@ func (a *Admin) topUp(w http.ResponseWriter, r *http.Request) error {
 	if body.Amount == nil {
 		return writeProblem(w, r, policy.Invalid(errors.New("amount is required")))
 	}
-	ref, err := reference(r, body.Reference)
+	ref, own, err := writeReference(r, body.Reference)
 	if err != nil {
 		return writeProblem(w, r, policy.Invalid(err))
 	}
-	// A top-up without a reference gets one of the gateway's own, which no
-	// retry can send again: if its outcome is unknown it is voided.
-	own := ref == ""
-	if own {
-		ref = "gw:" + meter.NewRequestID()
-	}
 	acct, applied, err := a.app.ledger.TopUp(context.WithoutCancel(r.Context()), org, *body.Amount, ref)
 	if err != nil {
-		if own && unknownOutcome(err) {
-			if !a.app.store.later(meter.LaterVoidTopUp{Ledger: a.app.ledger, Org: org, Reference: ref, Amount: *body.Amount}) {
-				a.logger.Error("could not queue the void of a top-up with an unknown outcome; the backlog is full",
-					zap.String("org", org), zap.String("reference", ref))
-			}
+		var void meter.Deferred
+		if own {
+			void = meter.LaterVoidTopUp{Ledger: a.app.ledger, Org: org, Reference: ref, Amount: *body.Amount}
 		}
-		return a.fail(w, r, org, "topup", err)
+		return a.failWrite(w, r, org, "top-up", ref, void, err)
 	}
 	a.logger.Info("top-up", zap.String("org", org), zap.Int64("amount", *body.Amount),
 		zap.String("reference", ref), zap.Bool("applied", applied))
-	if !applied {
-		w.Header().Set(headerReplayed, "true")
-	}
-	return writeJSON(w, r, http.StatusOK, acct)
+	return answerWrite(w, r, http.StatusOK, applied || own, acct)
 }
 
 // adjust applies an operator's correction: {"amount": n (not 0), "reason":
@@ -388,15 +384,12 @@ func (a *Admin) adjust(w http.ResponseWriter, r *http.Request) error {
 	}
 	acct, applied, err := a.app.ledger.Adjust(context.WithoutCancel(r.Context()), org, *body.Amount, body.Reason, ref)
 	if err != nil {
-		return a.fail(w, r, org, "adjust", err)
+		return a.failWrite(w, r, org, "adjustment", ref, nil, err)
 	}
 	a.app.observe(org, acct.Balance)
 	a.logger.Info("adjustment", zap.String("org", org), zap.Int64("amount", *body.Amount),
 		zap.String("reason", body.Reason), zap.String("reference", ref), zap.Bool("applied", applied))
-	if !applied {
-		w.Header().Set(headerReplayed, "true")
-	}
-	return writeJSON(w, r, http.StatusOK, acct)
+	return answerWrite(w, r, http.StatusOK, applied, acct)
 }
 
 func (a *Admin) recharge(w http.ResponseWriter, r *http.Request) error {
@@ -404,15 +397,45 @@ func (a *Admin) recharge(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return writeProblem(w, r, policy.Invalid(err))
 	}
-	if err := decodeBody(w, r, &struct{}{}); err != nil {
+	var body struct {
+		Reference string `json:"reference"`
+	}
+	if err := decodeBody(w, r, &body); err != nil {
 		return writeProblem(w, r, policy.Invalid(err))
 	}
-	acct, err := a.app.ledger.Recharge(r.Context(), org)
+	ref, own, err := writeReference(r, body.Reference)
 	if err != nil {
-		return a.fail(w, r, org, "recharge", err)
+		return writeProblem(w, r, policy.Invalid(err))
 	}
-	a.logger.Info("recharged", zap.String("org", org))
-	return writeJSON(w, r, http.StatusOK, acct)
+	acct, applied, err := a.app.ledger.Recharge(context.WithoutCancel(r.Context()), org, ref)
+	if err != nil {
+		return a.failWrite(w, r, org, "recharge", ref, a.voidWrite(own, org, "recharge", ref), err)
+	}
+	a.logger.Info("recharged", zap.String("org", org), zap.String("reference", ref), zap.Bool("applied", applied))
+	return answerWrite(w, r, http.StatusOK, applied || own, acct)
+}
+
+// answerWrite answers a write applied once per reference: acct, marked as
+// a replay when the reference had been applied before. A reference of the
+// gateway's own is counted as applied: only the ledger's resend of this
+// very call can have applied it before.
+func answerWrite(w http.ResponseWriter, r *http.Request, status int, applied bool, acct meter.Account) error {
+	if !applied {
+		w.Header().Set(headerReplayed, "true")
+	}
+	return writeJSON(w, r, status, acct)
+}
+
+// voidWrite is the void of a plan or a recharge (kind) of the gateway's own
+// reference, to queue when its outcome is unknown; nil for a caller's.
+func (a *Admin) voidWrite(own bool, org, kind, ref string) meter.Deferred {
+	if !own {
+		return nil
+	}
+	return meter.LaterVoidWrite{Ledger: a.app.ledger, Org: org, Kind: kind, Reference: ref, Stands: func() {
+		a.logger.Error("a "+kind+" answered 503 had applied, and the account changed before its void: it stands",
+			zap.String("org", org), zap.String("reference", ref))
+	}}
 }
 
 // heldAnswer is the answer of a new hold: the hold, and the account after.
@@ -455,20 +478,25 @@ func (a *Admin) createHold(w http.ResponseWriter, r *http.Request) error {
 			return writeProblem(w, r, policy.Invalid(err))
 		}
 	}
-	if req.Reference, err = reference(r, body.Reference); err != nil {
+	var own bool
+	if req.Reference, own, err = writeReference(r, body.Reference); err != nil {
 		return writeProblem(w, r, policy.Invalid(err))
 	}
-	hold, acct, repeat, err := a.app.ledger.CreateHold(r.Context(), req)
+	hold, acct, repeat, err := a.app.ledger.CreateHold(context.WithoutCancel(r.Context()), req)
 	switch {
 	case errors.Is(err, meter.ErrInsufficient):
 		return writeProblem(w, r, policy.HoldShort(org, req.Feature, acct.Balance, acct.Available, req.Amount, a.app.TopUpURL))
 	case err != nil:
-		return a.fail(w, r, org, "hold", err)
+		var void meter.Deferred
+		if own {
+			void = meter.LaterVoidHold{Ledger: a.app.ledger, Org: org, ID: meter.HoldID(req.Reference)}
+		}
+		return a.failWrite(w, r, org, "hold", req.Reference, void, err)
 	}
 	a.logger.Info("hold", zap.String("org", org), zap.String("hold", hold.ID), zap.String("feature", hold.Feature),
 		zap.Int64("amount", req.Amount), zap.Duration("ttl", req.TTL), zap.String("reference", req.Reference), zap.Bool("repeat", repeat))
 	status := http.StatusCreated
-	if repeat {
+	if repeat && !own {
 		status = http.StatusOK
 		w.Header().Set(headerReplayed, "true")
 	}
@@ -486,8 +514,19 @@ func holdTTL(s string) (time.Duration, error) {
 	return d, nil
 }
 
-// reference is the body's reference of a top-up or hold or, without one,
-// the request's Idempotency-Key; empty when there is neither.
+// writeReference is the reference of a write that takes one but does not
+// require it: reference's, or else a fresh one of the gateway's own (own),
+// which no client can send again, so a write of unknown outcome under it is
+// voided.
+func writeReference(r *http.Request, body string) (ref string, own bool, err error) {
+	if ref, err = reference(r, body); err != nil || ref != "" {
+		return ref, false, err
+	}
+	return meter.NewOwnReference(), true, nil
+}
+
+// reference is the body's reference of a write or, without one, the
+// request's Idempotency-Key; empty when there is neither.
 func reference(r *http.Request, ref string) (string, error) {
 	if ref != "" {
 		return ref, nil
@@ -532,7 +571,7 @@ func (a *Admin) captureHold(w http.ResponseWriter, r *http.Request) error {
 		return writeProblem(w, r, policy.Invalid(errors.New("amount is required")))
 	}
 	id := r.PathValue("id")
-	hold, acct, repeat, err := a.app.ledger.CaptureHold(r.Context(), org, id, *body.Amount)
+	hold, acct, repeat, err := a.app.ledger.CaptureHold(context.WithoutCancel(r.Context()), org, id, *body.Amount)
 	if err != nil {
 		return a.failHold(w, r, org, id, "capture", hold, err)
 	}
@@ -564,13 +603,14 @@ func (a *Admin) releaseHold(w http.ResponseWriter, r *http.Request) error {
 		acct   meter.Account
 		repeat bool
 	)
+	ctx := context.WithoutCancel(r.Context())
 	switch {
 	case body.GatewayGone:
-		hold, acct, repeat, err = a.app.ledger.ReleaseLease(r.Context(), org, id, body.Reason)
+		hold, acct, repeat, err = a.app.ledger.ReleaseLease(ctx, org, id, body.Reason)
 	case body.Reason != "":
 		return writeProblem(w, r, policy.Invalid(errors.New("reason is for a lease released with gateway_gone")))
 	default:
-		hold, acct, repeat, err = a.app.ledger.ReleaseHold(r.Context(), org, id)
+		hold, acct, repeat, err = a.app.ledger.ReleaseHold(ctx, org, id)
 	}
 	if err != nil {
 		return a.failHold(w, r, org, id, "release", hold, err)
@@ -599,7 +639,48 @@ func (a *Admin) failHold(w http.ResponseWriter, r *http.Request, org, id, call s
 	case errors.Is(err, meter.ErrHoldEnded):
 		return writeProblem(w, r, policy.Status(http.StatusConflict, fmt.Sprintf("hold %s was %s: it cannot be %s", id, hold.State, map[string]string{"capture": "captured", "release": "released"}[call])))
 	}
-	return a.fail(w, r, org, call, err)
+	// The hold's id is the reference of its capture and its release: a
+	// hold ends once.
+	return a.failWrite(w, r, org, call, "", nil, err)
+}
+
+// failWrite answers the error of a write of reference ref. When its outcome
+// is unknown (it may have reached Redis), the answer is a 503 that says
+// what became of it. With the caller's reference (void nil), the outcome
+// is unknown, and the same write sent again with the same reference applies
+// once. With the gateway's own, void is queued: it makes sure the write
+// never stands, so it may be sent again. A capture or a release (ref empty)
+// names its hold, which ends once.
+func (a *Admin) failWrite(w http.ResponseWriter, r *http.Request, org, call, ref string, void meter.Deferred, err error) error {
+	if !unknownOutcome(err) {
+		return a.fail(w, r, org, call, err)
+	}
+	a.app.metrics.storeErrors.Inc()
+	var detail string
+	switch {
+	case ref == "":
+		detail = fmt.Sprintf("The credit store did not answer in time, so whether the %s was applied is unknown. "+
+			"Send the same %s again: a hold ends once, and a repeat answers its result.", call, call)
+	case void == nil:
+		detail = fmt.Sprintf("The credit store did not answer in time, so whether the %s was applied is unknown. "+
+			"Send the same %s again with the same reference, %q: it applies exactly once and answers its result.", call, call, ref)
+	case a.app.store.later(void):
+		detail = fmt.Sprintf("The credit store did not answer in time. The %s was not applied: the gateway voids it, so that it never applies later. "+
+			"It may be sent again; with a reference (the body's reference, or an Idempotency-Key), a retry applies exactly once.", call)
+		if call == "plan" || call == "recharge" {
+			detail += fmt.Sprintf(" (Should the %s have applied and a call have been charged before the void, it stands: the org's events say so.)", call)
+		}
+	default:
+		a.logger.Error("could not queue the void of a write with an unknown outcome; the backlog is full",
+			zap.String("org", org), zap.String("call", call), zap.String("reference", ref))
+		detail = fmt.Sprintf("The credit store did not answer in time, so whether the %s was applied is unknown, and the gateway could not void it. "+
+			"Read the account before sending it again.", call)
+	}
+	a.logger.Error("admin write of unknown outcome", zap.String("org", org), zap.String("call", call),
+		zap.String("reference", ref), zap.Bool("voided", void != nil), zap.Error(err))
+	w.Header().Set("Retry-After", "1")
+	return writeProblem(w, r, &policy.Problem{Type: policy.TypeStoreUnavailable, Title: "Credit store unavailable",
+		Status: http.StatusServiceUnavailable, Detail: detail, Org: org})
 }
 
 // fail answers the error of a ledger call: 400 for bad input, 404 for an
@@ -691,8 +772,10 @@ func headerBytes(h http.Header) int {
 	return n
 }
 
-// decodeBody reads one JSON object, strictly: unknown fields, trailing data
-// and bodies over 64 KiB are errors. An empty body is an empty object.
+// decodeBody reads one JSON object into the struct v points to, strictly:
+// unknown fields, names that match a field's only without case, a key given
+// twice in any object, trailing data and bodies over 64 KiB are errors. An
+// empty body is an empty object.
 func decodeBody(w http.ResponseWriter, r *http.Request, v any) error {
 	data, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxAdminBody))
 	if err != nil {
@@ -705,6 +788,11 @@ func decodeBody(w http.ResponseWriter, r *http.Request, v any) error {
 	if len(bytes.TrimSpace(data)) == 0 {
 		data = []byte("{}")
 	}
+	// encoding/json matches names without case and keeps the last of two
+	// equal keys: the keys are checked first, exactly.
+	if err := exactKeys(data, v); err != nil {
+		return fmt.Errorf("bad JSON body: %w", err)
+	}
 	dec := json.NewDecoder(bytes.NewReader(data))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
@@ -714,6 +802,90 @@ func decodeBody(w http.ResponseWriter, r *http.Request, v any) error {
 		return errors.New("bad JSON body: more than one value")
 	}
 	return nil
+}
+
+// exactKeys checks the keys of a JSON body: no object has a key twice, and
+// each key of the top object is the JSON name of a field of the struct v
+// points to, case included. Malformed JSON is left to the decoder to
+// report.
+func exactKeys(data []byte, v any) error {
+	names := jsonNames(v)
+	type object struct {
+		seen    map[string]bool
+		wantKey bool
+	}
+	var stack []*object // nil for an array
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.UseNumber()
+	for {
+		tok, err := dec.Token()
+		if err != nil {
+			return nil
+		}
+		var top *object
+		if len(stack) > 0 {
+			top = stack[len(stack)-1]
+		}
+		if key, ok := tok.(string); ok && top != nil && top.wantKey {
+			if top.seen[key] {
+				return fmt.Errorf("field %q given twice", key)
+			}
+			top.seen[key] = true
+			top.wantKey = false
+			if len(stack) == 1 && !names[key] {
+				return unknownField(key, names)
+			}
+			continue
+		}
+		if d, ok := tok.(json.Delim); ok && (d == '}' || d == ']') {
+			stack = stack[:len(stack)-1]
+			continue
+		}
+		// A value: in an object, a key comes next.
+		if top != nil {
+			top.wantKey = true
+		}
+		switch tok {
+		case json.Delim('{'):
+			stack = append(stack, &object{seen: map[string]bool{}, wantKey: true})
+		case json.Delim('['):
+			stack = append(stack, nil)
+		}
+	}
+}
+
+// unknownField is the error of a key the call does not take.
+func unknownField(key string, names map[string]bool) error {
+	for name := range names {
+		if strings.EqualFold(name, key) {
+			return fmt.Errorf("unknown field %q: names match exactly, case included; did you mean %q?", key, name)
+		}
+	}
+	return fmt.Errorf("unknown field %q", key)
+}
+
+// jsonNames is the set of JSON names of the fields of the struct v points
+// to.
+func jsonNames(v any) map[string]bool {
+	names := map[string]bool{}
+	t := reflect.TypeOf(v)
+	for t.Kind() == reflect.Pointer {
+		t = t.Elem()
+	}
+	if t.Kind() != reflect.Struct {
+		return names
+	}
+	for f := range t.Fields() {
+		name, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+		if name == "-" || !f.IsExported() {
+			continue
+		}
+		if name == "" {
+			name = f.Name
+		}
+		names[name] = true
+	}
+	return names
 }
 
 func methodNotAllowed(method string) *policy.Problem {

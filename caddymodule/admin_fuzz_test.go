@@ -33,7 +33,7 @@ func FuzzAdminAPI(f *testing.F) {
 	outbox := meter.NewOutbox(100, zap.NewNop(), nil, nil)
 	f.Cleanup(func() { outbox.Close(0) })
 	admin := &Admin{app: &App{ledger: ledger, metrics: m, store: &store{rdb: rdb, outbox: outbox}}, logger: zap.NewNop()}
-	if _, err := ledger.SetPlan(f.Context(), "acme", meter.Plan{Allowance: 100, RechargeMonth: 3}); err != nil {
+	if _, _, err := ledger.SetPlan(f.Context(), "acme", meter.Plan{Allowance: 100, RechargeMonth: 3}, ""); err != nil {
 		f.Fatal(err)
 	}
 

@@ -44,10 +44,10 @@ answer: an org's account, its events, its usage per day or its holds, or a
 page of the orgs.
 
   caddy credits show <org>
-  caddy credits plan <org> <allowance> [<recharge_month>]
+  caddy credits plan <org> <allowance> [<recharge_month>] [--reference <ref>]
   caddy credits topup <org> <amount> [--reference <ref>]
   caddy credits adjust <org> <amount> --reason <text> [--reference <ref>]
-  caddy credits recharge <org>
+  caddy credits recharge <org> [--reference <ref>]
   caddy credits events <org> [--limit <n>]
   caddy credits usage <org> [--from <YYYY-MM-DD>] [--to <YYYY-MM-DD>]
   caddy credits holds <org>
@@ -56,11 +56,11 @@ page of the orgs.
   caddy credits holds <org> release <hold> [--gateway-gone --reason <why>]
   caddy credits orgs [--after <org>] [--limit <n>]
 
-Arguments are checked against the API's ranges before any call. A top-up,
-an adjustment or a new hold without --reference gets a random one. A call that gets no
-answer, or a 502, 503 or 504, is sent again, the same (four times in all at
-most, within --timeout); a reference, or the hold's id, makes the retry
-apply once. A plan or a recharge is never sent again. When the outcome stays
+Arguments are checked against the API's ranges before any call. A plan, a
+top-up, an adjustment, a recharge or a new hold without --reference gets a
+random one. A call that gets no answer, or a 502, 503 or 504, is sent
+again, the same (four times in all at most, within --timeout); a reference,
+or the hold's id, makes the retry apply once. When the outcome stays
 unknown, the error names the reference to run the command again with.
 
 --endpoint is the URL at which credits_admin is mounted; without the flag
@@ -84,6 +84,10 @@ the --: caddy credits topup acme --token ... -- -5.
 			cmd.RunE = func(cmd *cobra.Command, _ []string) error { return cmd.Help() }
 			cmd.SetFlagErrorFunc(negativeNumberHint)
 
+			plan := creditsCommand("plan <org> <allowance> [<recharge_month>] [--reference <ref>]", "Sets an org's plan; the month defaults to 1", 2, 3, cmdCreditsPlan)
+			plan.Flags().String("reference", "", "Reference of the plan change; a repeat is not applied again (default: a random one)")
+			recharge := creditsCommand("recharge <org> [--reference <ref>]", "Starts a new period for an org now", 1, 1, cmdCreditsRecharge)
+			recharge.Flags().String("reference", "", "Reference of the recharge; a repeat is not applied again (default: a random one)")
 			topUp := creditsCommand("topup <org> <amount> [--reference <ref>]", "Adds purchased credits; a reference is applied once", 2, 2, cmdCreditsTopUp)
 			topUp.Flags().String("reference", "", "Reference of the payment; a repeat is not applied again (default: a random one)")
 			adjust := creditsCommand("adjust <org> <amount> --reason <text> [--reference <ref>]",
@@ -107,10 +111,10 @@ the --: caddy credits topup acme --token ... -- -5.
 			cmd.AddCommand(
 				orgs,
 				creditsCommand("show <org>", "Shows an org's account", 1, 1, cmdCreditsShow),
-				creditsCommand("plan <org> <allowance> [<recharge_month>]", "Sets an org's plan; the month defaults to 1", 2, 3, cmdCreditsPlan),
+				plan,
 				topUp,
 				adjust,
-				creditsCommand("recharge <org>", "Starts a new period for an org now", 1, 1, cmdCreditsRecharge),
+				recharge,
 				events,
 				usage,
 				holds,
@@ -166,10 +170,15 @@ func cmdCreditsPlan(fl caddycmd.Flags) (int, error) {
 			return caddy.ExitCodeFailedStartup, err
 		}
 	}
-	// Not sent again: a plan set for an org on the default plan starts a
-	// new period.
-	body := map[string]int64{"allowance": allowance, "recharge_month": month}
-	return callAdmin(fl, cliCall{method: http.MethodPut, path: []string{"orgs", fl.Arg(0), "plan"}, body: body}, printAccount)
+	ref, err := referenceFlag(fl)
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	return callAdmin(fl, cliCall{
+		method: http.MethodPut, path: []string{"orgs", fl.Arg(0), "plan"},
+		body:  map[string]any{"allowance": allowance, "recharge_month": month, "reference": ref},
+		retry: true, again: "run the same command with --reference " + ref + ": it applies once",
+	}, printAccount)
 }
 
 func cmdCreditsTopUp(fl caddycmd.Flags) (int, error) {
@@ -237,8 +246,14 @@ func cmdCreditsUsage(fl caddycmd.Flags) (int, error) {
 }
 
 func cmdCreditsRecharge(fl caddycmd.Flags) (int, error) {
-	// Not sent again: each recharge starts a new period.
-	return callAdmin(fl, cliCall{method: http.MethodPost, path: []string{"orgs", fl.Arg(0), "recharge"}}, printAccount)
+	ref, err := referenceFlag(fl)
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	return callAdmin(fl, cliCall{
+		method: http.MethodPost, path: []string{"orgs", fl.Arg(0), "recharge"}, body: map[string]string{"reference": ref},
+		retry: true, again: "run the same command with --reference " + ref + ": it applies once",
+	}, printAccount)
 }
 
 func cmdCreditsEvents(fl caddycmd.Flags) (int, error) {

@@ -585,13 +585,32 @@ func TestCommandRetry(t *testing.T) {
 		t.Fatalf("the capture was sent %d times, want 2", n)
 	}
 
-	// A recharge is not sent again: a second one would start another period.
-	_, err = run("recharge", "retry")
-	if err == nil || !strings.Contains(err.Error(), "cannot reach") {
-		t.Fatalf("a recharge whose answer is lost: %v", err)
+	// A plan and a recharge are sent again with their reference, and apply
+	// once.
+	out, err = run("plan", "retry", "50", "2")
+	if err != nil || !strings.HasPrefix(field(out, "next plan"), "50, recharging on month 2") {
+		t.Fatalf("plan through a lost answer: %v\n%s", err, out)
 	}
-	if n := len(p.bodiesOf("/admin/orgs/retry/recharge")); n != 1 {
-		t.Fatalf("the recharge was sent %d times, want 1", n)
+	sameBodies("/admin/orgs/retry/plan", 2)
+	out, err = run("recharge", "retry")
+	if err != nil {
+		t.Fatalf("recharge through a lost answer: %v\n%s", err, out)
+	}
+	ref = sameBodies("/admin/orgs/retry/recharge", 2)
+	recharges := 0
+	for _, e := range g.events("retry") {
+		if e["kind"] == "recharge" {
+			recharges++
+			if e["ref"] != "manual" {
+				t.Errorf("recharge event %v", e)
+			}
+		}
+	}
+	if recharges != 1 {
+		t.Fatalf("%d recharge events, want 1 (reference %s)", recharges, ref)
+	}
+	if p := g.account("retry")["plan"].(map[string]any); p["allowance"] != float64(50) {
+		t.Fatalf("plan after the recharge %v, want the plan set, once", p)
 	}
 
 	// Every answer lost: the top-up applied once, and the error says how to

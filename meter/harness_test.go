@@ -204,7 +204,7 @@ func (e *env) topUp(org string, amount int64, ref string) Account {
 
 func (e *env) setPlan(org string, allowance int64, month int) Account {
 	e.t.Helper()
-	a, err := e.ledger.SetPlan(e.ctx, org, Plan{Allowance: allowance, RechargeMonth: month})
+	a, _, err := e.ledger.SetPlan(e.ctx, org, Plan{Allowance: allowance, RechargeMonth: month}, "")
 	if err != nil {
 		e.t.Fatal(err)
 	}

@@ -146,6 +146,22 @@ func (l *Ledger) CreateHold(ctx context.Context, req HoldRequest) (h Hold, acct 
 	return Hold{}, Account{}, false, fmt.Errorf("hold: unexpected script code %d", code)
 }
 
+// VoidHold makes sure a hold whose outcome could not be learned does not
+// stand: a live one is released, and one still on its way finds a released
+// record of its id and sets nothing aside. A hold that ended is left as it
+// is. It is for holds of references no client can send again (the
+// gateway's own); a repeat changes nothing.
+func (l *Ledger) VoidHold(ctx context.Context, org, id string) error {
+	if err := validateHoldCall(org, id); err != nil {
+		return err
+	}
+	keys := []string{l.keys.Account(org), l.keys.Events(org), l.keys.Holds(org)}
+	if _, err := l.run(ctx, voidHoldScript, keys, 1, id); err != nil {
+		return fmt.Errorf("void hold: %w", err)
+	}
+	return nil
+}
+
 // CaptureHold charges amount credits from the hold and releases the rest.
 // Usage above the hold is charged too, into debt if it must: the work was
 // done. A hold that expired is charged all the same, from the available

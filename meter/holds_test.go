@@ -157,7 +157,7 @@ var holdCases = []ledgerCase{
 		e.setPlan("acme", 10000, 1)
 		e.sync(LeaseSync{Org: "acme", ID: "gw", Seq: 1, Want: 200, TTL: time.Minute})
 		e.setPlan("acme", 0, 1)
-		if _, err := e.ledger.Recharge(e.ctx, "acme"); err != nil {
+		if _, _, err := e.ledger.Recharge(e.ctx, "acme", ""); err != nil {
 			e.t.Fatal(err)
 		}
 		// The lease spends the 200 it holds; the balance never goes below
@@ -217,7 +217,7 @@ var holdCases = []ledgerCase{
 			},
 			"top-up": func() error { _, _, err := e.ledger.TopUp(e.ctx, "acme", 5, ""); return err },
 			"plan": func() error {
-				_, err := e.ledger.SetPlan(e.ctx, "acme", Plan{Allowance: 5, RechargeMonth: 2})
+				_, _, err := e.ledger.SetPlan(e.ctx, "acme", Plan{Allowance: 5, RechargeMonth: 2}, "")
 				return err
 			},
 			"hold": func() error { _, _, _, err := e.hold("acme", 1, time.Hour, ""); return err },

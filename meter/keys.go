@@ -58,9 +58,15 @@ func (k Keys) Events(org string) string { return k.key(org, "e") }
 // the account.
 func (k Keys) Calls(org string) string { return k.key(org, "c") }
 
-// TopUps is the sorted set of top-up references applied to the org, each
-// scored by when it may be forgotten.
+// TopUps is the sorted set of the references of writes applied to the org
+// (top-ups, adjustments, plans, recharges, and the voids of the gateway's
+// own), each scored by when it may be forgotten. Each kind but top-ups
+// keeps its references apart with a prefix of its own.
 func (k Keys) TopUps(org string) string { return k.key(org, "t") }
+
+// Images is the account as a write of the gateway's own reference found it
+// and left it, kept for a while so that the write's void can undo it.
+func (k Keys) Images(org, reference string) string { return k.key(org, "i:"+reference) }
 
 // Holds is the hash of the org's holds, gateways' leases included.
 func (k Keys) Holds(org string) string { return k.key(org, "h") }

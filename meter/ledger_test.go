@@ -283,7 +283,7 @@ var ledgerCases = []ledgerCase{
 			e.t.Fatal(err)
 		}
 		e.wantBalance(e.account("acme"), -7, -7, 0)
-		a, err := e.ledger.Recharge(e.ctx, "acme")
+		a, _, err := e.ledger.Recharge(e.ctx, "acme", "")
 		if err != nil {
 			e.t.Fatal(err)
 		}
@@ -297,9 +297,9 @@ var ledgerCases = []ledgerCase{
 		e.charge("acme", 4)
 		// The script runs; its reply is lost as if the connection broke,
 		// so the recharge is sent again.
-		lose := &watchCommands{loseFirst: true, match: func(cmd redis.Cmder) bool { return strings.Contains(fmt.Sprint(cmd.Args()), ":r:rc:") }}
+		lose := &watchCommands{loseFirst: true, match: func(cmd redis.Cmder) bool { return strings.Contains(fmt.Sprint(cmd.Args()), ":i:recharge:") }}
 		e.rdb.AddHook(lose)
-		a, err := e.ledger.Recharge(e.ctx, "acme")
+		a, _, err := e.ledger.Recharge(e.ctx, "acme", "")
 		if err != nil || lose.n.Load() != 2 {
 			e.t.Fatalf("recharge: %v; sent %d times, want twice (the first reply lost)", err, lose.n.Load())
 		}
@@ -357,11 +357,11 @@ var ledgerCases = []ledgerCase{
 			wantInputError(e.t, err, org == "")
 			_, _, err = e.ledger.TopUp(e.ctx, org, 1, "x")
 			wantInputError(e.t, err, org == "")
-			_, err = e.ledger.SetPlan(e.ctx, org, Plan{1, 1})
+			_, _, err = e.ledger.SetPlan(e.ctx, org, Plan{1, 1}, "")
 			wantInputError(e.t, err, org == "")
 			_, err = e.ledger.Refund(e.ctx, org, "r")
 			wantInputError(e.t, err, org == "")
-			_, err = e.ledger.Recharge(e.ctx, org)
+			_, _, err = e.ledger.Recharge(e.ctx, org, "")
 			wantInputError(e.t, err, org == "")
 			_, err = e.ledger.Events(e.ctx, org, 1)
 			wantInputError(e.t, err, org == "")
@@ -387,7 +387,7 @@ var ledgerCases = []ledgerCase{
 			wantInputError(e.t, err, false)
 		}
 		for _, p := range []Plan{{-1, 1}, {MaxAmount + 1, 1}, {1, 0}, {1, 13}} {
-			_, err := e.ledger.SetPlan(e.ctx, "acme", p)
+			_, _, err := e.ledger.SetPlan(e.ctx, "acme", p, "")
 			wantInputError(e.t, err, false)
 		}
 		for _, actual := range []int64{-1, policy.MaxCost + 1} {

@@ -123,6 +123,46 @@ func (d LaterVoidTopUp) what() []zap.Field {
 	return []zap.Field{zap.String("call", "void top-up"), zap.String("org", d.Org)}
 }
 
+// LaterVoidHold voids a hold answered 503 (of the gateway's own
+// reference).
+type LaterVoidHold struct {
+	Ledger  *Ledger
+	Org, ID string
+}
+
+func (d LaterVoidHold) apply(ctx context.Context) error {
+	return d.Ledger.VoidHold(ctx, d.Org, d.ID)
+}
+
+func (d LaterVoidHold) org() string { return d.Org }
+
+func (d LaterVoidHold) what() []zap.Field {
+	return []zap.Field{zap.String("call", "void hold"), zap.String("org", d.Org), zap.String("hold", d.ID)}
+}
+
+// LaterVoidWrite voids a plan or a recharge (Kind) answered 503 (of the
+// gateway's own reference). Stands, when set, is told when the write had
+// applied and could not be undone.
+type LaterVoidWrite struct {
+	Ledger               *Ledger
+	Org, Kind, Reference string
+	Stands               func()
+}
+
+func (d LaterVoidWrite) apply(ctx context.Context) error {
+	stands, err := d.Ledger.VoidWrite(ctx, d.Org, d.Kind, d.Reference)
+	if stands && d.Stands != nil {
+		d.Stands()
+	}
+	return err
+}
+
+func (d LaterVoidWrite) org() string { return d.Org }
+
+func (d LaterVoidWrite) what() []zap.Field {
+	return []zap.Field{zap.String("call", "void "+d.Kind), zap.String("org", d.Org), zap.String("reference", d.Reference)}
+}
+
 // LaterLeaseReport is a lease's report that a closing leaser could not
 // make.
 type LaterLeaseReport struct {

@@ -1,15 +1,39 @@
--- KEYS: account, events, holds. ARGV[8] allowance, ARGV[9] recharge month.
+-- KEYS: account, events, holds, references, the write's images. ARGV[8]
+-- allowance, ARGV[9] recharge month, ARGV[10] reference, ARGV[11] how long
+-- a reference is kept, in ms, ARGV[12] how long the images are kept, in ms
+-- (0: none are kept).
 --
 -- An org without a plan of its own starts a new period on this plan at once;
--- a change to an org's own plan waits for the next recharge.
--- Returns {OK, account...}.
-local bad = check_types({'hash', 'list', 'hash'})
+-- a change to an org's own plan waits for the next recharge. A reference is
+-- applied once per org; plans' references are apart from other writes'.
+-- With images, the account as the plan found it and as it left it are kept,
+-- so that voidwrite.lua can undo it.
+-- Returns {code, account...}: OK applied, REPEAT the reference was applied
+-- before (nothing written).
+local bad = check_types({'hash', 'list', 'hash', {'zset', 'set'}, 'string'})
 if bad then return bad end
-local account_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3]
+local account_key, events_key, holds_key, refs_key, images_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local allowance = tonumber(ARGV[8])
 local month = tonumber(ARGV[9])
+local ref = '\0plan:' .. ARGV[10]
+local ref_kept = tonumber(ARGV[11])
+local images_kept = tonumber(ARGV[12])
 
+if ref_seen(refs_key, ref) then
+  local acc = load(account_key, true) or new_account(def_allowance, def_month)
+  return reply(acc, {REPEAT})
+end
 local acc = load(account_key, true)
+local before
+if images_kept > 0 then
+  -- A new org's image is empty: its void leaves the org on the default
+  -- plan.
+  before = {}
+  if acc then
+    sweep(acc, holds_key)
+    acc, before = image_before(account_key, events_key, holds_key, acc)
+  end
+end
 if not acc then
   acc = new_account(allowance, month)
   acc.own = 1
@@ -18,10 +42,10 @@ if not acc then
 else
   sweep(acc, holds_key)
   if acc.own ~= 1 then
-    local before = balance(acc)
+    local before_balance = balance(acc)
     acc.a, acc.m, acc.own = allowance, month, 1
     start_period(acc, math.floor(now_ms / 1000))
-    event(acc, 'plan', balance(acc) - before, '', str(allowance) .. '/' .. str(month))
+    event(acc, 'plan', balance(acc) - before_balance, '', str(allowance) .. '/' .. str(month))
   elseif acc.a == allowance and acc.m == month then
     if acc.pa then
       acc.pa, acc.pm = nil, nil
@@ -34,4 +58,6 @@ else
 end
 commit(account_key, events_key, acc)
 write_holds(holds_key, acc)
+if before then keep_images(images_key, account_key, before, images_kept) end
+remember_ref(refs_key, ref, ref_kept)
 return reply(acc, {OK})

@@ -371,7 +371,7 @@ func checkModel(t *testing.T, rt *rapid.T, s store) {
 			}
 		case 4: // plan
 			p := Plan{Allowance: rapid.Int64Range(0, 50).Draw(rt, "allowance"), RechargeMonth: rapid.IntRange(1, 12).Draw(rt, "month")}
-			if _, err := e.ledger.SetPlan(e.ctx, org, p); err != nil {
+			if _, _, err := e.ledger.SetPlan(e.ctx, org, p, ""); err != nil {
 				rt.Fatal(err)
 			}
 			a := m.accounts[org]
@@ -391,7 +391,7 @@ func checkModel(t *testing.T, rt *rapid.T, s store) {
 				a.next = &p
 			}
 		case 5: // recharge now
-			if _, err := e.ledger.Recharge(e.ctx, org); err != nil {
+			if _, _, err := e.ledger.Recharge(e.ctx, org, ""); err != nil {
 				rt.Fatal(err)
 			}
 			a := m.account(org, now, true)

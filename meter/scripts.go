@@ -101,7 +101,9 @@ var voidTopUpLua string
 //go:embed adjust.lua
 var adjustLua string
 
-// KEYS: account, events, holds. ARGV[8..9]: allowance, recharge month.
+// KEYS: account, events, holds, references, images. ARGV[8..12]:
+// allowance, recharge month, reference, how long a reference is kept in ms,
+// how long the images are kept in ms (0: none).
 //
 //go:embed plan.lua
 var planLua string
@@ -111,10 +113,24 @@ var planLua string
 //go:embed alert.lua
 var alertLua string
 
-// KEYS: account, events, the recharge's marker, holds.
+// KEYS: account, events, holds, references, images. ARGV[8..10]:
+// reference, how long a reference is kept in ms, how long the images are
+// kept in ms (0: none).
 //
 //go:embed recharge.lua
 var rechargeLua string
+
+// KEYS: account, events, holds, references, images. ARGV[8..10]: the
+// write's kind (plan or recharge), its reference, how long a reference is
+// kept in ms.
+//
+//go:embed voidwrite.lua
+var voidWriteLua string
+
+// KEYS: account, events, holds. ARGV[8]: hold id.
+//
+//go:embed voidhold.lua
+var voidHoldLua string
 
 // KEYS: account, events, holds.
 //
@@ -138,6 +154,8 @@ var (
 	alertScript     = redis.NewScript(withLib(alertLua))
 	planScript      = redis.NewScript(withLib(planLua))
 	rechargeScript  = redis.NewScript(withLib(rechargeLua))
+	voidWriteScript = redis.NewScript(withLib(voidWriteLua))
+	voidHoldScript  = redis.NewScript(withLib(voidHoldLua))
 	accountScript   = redis.NewScript(withLib(accountLua))
 )
 

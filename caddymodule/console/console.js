@@ -5,8 +5,8 @@
 // for an adjustment, which it checks as the API does before sending it.
 // Every write is safe to send again: a top-up carries a reference (one the
 // console makes when the field is empty, kept in the field until the top-up
-// succeeds), an adjustment a fresh reference, kept while the same
-// adjustment is retried, and a capture or a release names its hold.
+// succeeds), an adjustment or a plan a fresh reference, kept while the same
+// one is retried, and a capture or a release names its hold.
 'use strict';
 
 (() => {
@@ -73,6 +73,9 @@
 	// once.
 	let pendingAdjust = null;
 
+	// pendingPlan is the plan last sent whose outcome is unknown, likewise.
+	let pendingPlan = null;
+
 	class APIError extends Error {
 		constructor(status, detail) {
 			super(detail);
@@ -118,7 +121,8 @@
 		return 'orgs/' + encodeURIComponent(org) + (action ? '/' + action : '');
 	}
 
-	// newReference is a random top-up reference: sent again, it applies once.
+	// newReference is a random reference of a write: sent again, it applies
+	// once.
 	function newReference() {
 		const bytes = crypto.getRandomValues(new Uint8Array(16));
 		return 'console-' + Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
@@ -821,12 +825,20 @@
 
 	async function setPlan() {
 		const org = shown.org;
+		const allowance = el.allowance.value.trim();
+		const month = el.month.value;
+		const again = pendingPlan && pendingPlan.org === org &&
+			pendingPlan.allowance === allowance && pendingPlan.month === month;
+		const reference = again ? pendingPlan.reference : newReference();
+		pendingPlan = { org, allowance, month, reference };
 		const body = jsonObject([
-			['allowance', el.allowance.value.trim() === '' ? undefined : jsonNumber(el.allowance.value)],
-			['recharge_month', jsonNumber(el.month.value)],
+			['allowance', allowance === '' ? undefined : jsonNumber(allowance)],
+			['recharge_month', jsonNumber(month)],
+			['reference', JSON.stringify(reference)],
 		]);
 		try {
 			const acct = await call('PUT', orgPath(org, 'plan'), body);
+			pendingPlan = null;
 			renderAccount(acct);
 			fillPlanForm(acct);
 			await refreshEvents(org).catch(() => {});
@@ -835,6 +847,12 @@
 				: 'Plan of ' + org + ' set: ' + planText(acct.plan) + '.');
 		} catch (err) {
 			fail('Plan refused', err);
+			if (outcomeUnknown(err)) {
+				el.status.textContent = 'Press Set plan again to retry: it goes with the same reference, ' +
+					reference + ', and applies once.';
+			} else {
+				pendingPlan = null;
+			}
 		}
 	}
 
