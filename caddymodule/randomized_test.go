@@ -811,8 +811,18 @@ func TestRandomizedPath(t *testing.T) {
 		}
 		if edges.Corrupt && i == plan.corruptAt {
 			for _, c := range plan.corrupt {
-				if err := c.apply(t.Context(), rdb); err != nil {
-					t.Fatalf("corrupting %s: %v", c.org, err)
+				// Redis refuses the writes while it is out of memory (the
+				// OOM edge may still run): try until it takes them.
+				deadline := time.Now().Add(10 * time.Second)
+				for {
+					err := c.apply(t.Context(), rdb)
+					if err == nil {
+						break
+					}
+					if time.Now().After(deadline) || !strings.Contains(err.Error(), "OOM") && !strings.Contains(err.Error(), "EXECABORT") {
+						t.Fatalf("corrupting %s: %v", c.org, err)
+					}
+					time.Sleep(20 * time.Millisecond)
 				}
 			}
 		}
