@@ -287,14 +287,14 @@ func FuzzCaddyfile(f *testing.F) {
 	})
 }
 
-// TestREADMEJSONConfig loads the README's JSON config as it is, on a real
-// redis-server: every module and field in it exists, and its durations and
-// placeholders are read.
+// TestREADMEJSONConfig loads the JSON config of docs/caddyfile.md as it
+// is, on a real redis-server: every module and field in it exists, and its
+// durations and placeholders are read.
 func TestREADMEJSONConfig(t *testing.T) {
-	block := readmeBlock(t, "### JSON config", "json")
+	block := readmeBlock(t, "../docs/caddyfile.md", "## JSON config", "json")
 	srv := redistest.Start(t, redistest.Options{})
 	if !strings.Contains(block, "127.0.0.1:6379") {
-		t.Fatal("the README's JSON config does not name the Redis the test replaces")
+		t.Fatal("the JSON config does not name the Redis the test replaces")
 	}
 	block = strings.ReplaceAll(block, "127.0.0.1:6379", srv.Addr)
 	t.Setenv("REDIS_PASSWORD", "")
@@ -302,9 +302,9 @@ func TestREADMEJSONConfig(t *testing.T) {
 	var cfg caddy.Config
 	dec := json.NewDecoder(strings.NewReader(block))
 	if err := dec.Decode(&cfg); err != nil {
-		t.Fatalf("the README's JSON config does not parse: %v\n%s", err, block)
+		t.Fatalf("the JSON config does not parse: %v\n%s", err, block)
 	}
 	if err := caddy.Validate(&cfg); err != nil {
-		t.Fatalf("the README's JSON config does not load: %v", err)
+		t.Fatalf("the JSON config does not load: %v", err)
 	}
 }

@@ -21,31 +21,32 @@ import (
 	"github.com/creditsgw/caddy-credits/meter"
 )
 
-// readmeBlock returns the first block of kind after the README's heading.
-func readmeBlock(t *testing.T, heading, kind string) string {
+// readmeBlock returns the first block of kind after the heading of file, a
+// path from this package's directory (../README.md, ../docs/caddyfile.md).
+func readmeBlock(t *testing.T, file, heading, kind string) string {
 	t.Helper()
-	readme, err := os.ReadFile("../README.md")
+	doc, err := os.ReadFile(file)
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, section, ok := strings.Cut(string(readme), "\n"+heading+"\n")
+	_, section, ok := strings.Cut(string(doc), "\n"+heading+"\n")
 	if !ok {
-		t.Fatalf("the README has no %q", heading)
+		t.Fatalf("%s has no %q", file, heading)
 	}
 	_, block, ok := strings.Cut(section, "\n```"+kind+"\n")
 	if !ok {
-		t.Fatalf("the README's %q has no %s block", heading, kind)
+		t.Fatalf("%s's %q has no %s block", file, heading, kind)
 	}
 	block, _, _ = strings.Cut(block, "\n```\n")
 	return block
 }
 
-// TestREADMEForwardAuth runs the README's forward_auth example, as written
-// but for its addresses, with a real identity service, AI backend and
-// redis-server: each caller is charged to the org its token proves, a
+// TestREADMEForwardAuth runs the forward_auth example of
+// docs/operations.md, as written but for its addresses, with a real
+// identity service, AI backend and redis-server: each caller is charged to the org its token proves, a
 // forged X-Org-Id changes nothing, and a refused caller reaches nothing.
 func TestREADMEForwardAuth(t *testing.T) {
-	block := readmeBlock(t, "### The org from an identity service", "caddyfile")
+	block := readmeBlock(t, "../docs/operations.md", "## The org from an identity service", "caddyfile")
 	srv := redistest.Start(t, redistest.Options{})
 	identity := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.URL.Path != "/verify" {
@@ -79,7 +80,7 @@ func TestREADMEForwardAuth(t *testing.T) {
 	port := freePort(t)
 	for _, addr := range []string{"127.0.0.1:6379", "127.0.0.1:9000", "127.0.0.1:8000", ":8080 {"} {
 		if !strings.Contains(block, addr) {
-			t.Fatalf("the README's example does not name %s, which the test replaces:\n%s", addr, block)
+			t.Fatalf("the example does not name %s, which the test replaces:\n%s", addr, block)
 		}
 	}
 	cfg := strings.NewReplacer(

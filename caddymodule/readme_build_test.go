@@ -16,7 +16,7 @@ import (
 // The docker build needs a Docker daemon: its Dockerfile's xcaddy build
 // must be the xcaddy line's, with the clone at /src.
 func TestREADMEBuild(t *testing.T) {
-	block := readmeBlock(t, "## Build", "sh")
+	block := readmeBlock(t, "../README.md", "## Build", "sh")
 	lines := strings.Split(strings.TrimSpace(block), "\n")
 	if len(lines) != 3 {
 		t.Fatalf("the Build section has %d commands, want 3: %q", len(lines), lines)

@@ -1,0 +1,343 @@
+package caddymodule
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/creditsgw/caddy-credits/internal/redistest"
+)
+
+// TestREADMEProduction runs the README's production Caddyfile, as written
+// but for its addresses and its log file, in a caddy process with a
+// stand-in identity service, a real upstream, a real redis-server and an
+// alert receiver. Each caller is charged to the org its token proves and a
+// client's X-Org-Id is not trusted; the balance endpoint answers the
+// caller's own org; the admin API needs its token; the alerts and the usage
+// log say what the upstream served.
+func TestREADMEProduction(t *testing.T) {
+	block := readmeBlock(t, "../README.md", "## A production Caddyfile", "caddyfile")
+	srv := redistest.Start(t, redistest.Options{})
+	identity := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/verify" {
+			http.Error(w, "not here", http.StatusNotFound)
+			return
+		}
+		switch r.Header.Get("Authorization") {
+		case "Bearer tok-acme":
+			w.Header().Set("X-Org-Id", "acme")
+		case "Bearer tok-beta":
+			w.Header().Set("X-Org-Id", "beta")
+		case "Bearer tok-anonymous":
+			// Authenticated, but no org.
+		default:
+			http.Error(w, "who are you?", http.StatusUnauthorized)
+			return
+		}
+		w.WriteHeader(http.StatusOK)
+	}))
+	t.Cleanup(identity.Close)
+	var mu sync.Mutex
+	served := map[string]int64{}
+	ai := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		served[r.Header.Get("X-Org-Id")]++
+		mu.Unlock()
+		fmt.Fprint(w, `{"html": "<p>ok</p>"}`)
+	}))
+	t.Cleanup(ai.Close)
+	receiver := startAlertReceiver(t)
+	usageLog := filepath.Join(t.TempDir(), "credits-usage.log")
+
+	gw, admin := freePort(t), freePort(t)
+	replace := []string{
+		"127.0.0.1:6379", srv.Addr,
+		"127.0.0.1:9000", strings.TrimPrefix(identity.URL, "http://"),
+		"127.0.0.1:8000", strings.TrimPrefix(ai.URL, "http://"),
+		"https://billing.example.com/hooks/credits", receiver.url(),
+		"/var/log/caddy/credits-usage.log", usageLog,
+		"api.example.com {", fmt.Sprintf("http://127.0.0.1:%d {", gw),
+		":2020 {", fmt.Sprintf(":%d {", admin),
+		"{\n\tcredits {", "{\n\tadmin off\n\tcredits {",
+	}
+	for i := 0; i < len(replace); i += 2 {
+		if !strings.Contains(block, replace[i]) {
+			t.Fatalf("the production Caddyfile does not have %q, which the test replaces:\n%s", replace[i], block)
+		}
+	}
+	cfg := strings.NewReplacer(replace...).Replace(block)
+	t.Setenv("CREDITS_ADMIN_TOKEN", "adm1n-token")
+	t.Setenv("CREDITS_ALERTS_SECRET", alertSecret)
+	gwAddr, adminAddr := fmt.Sprintf("127.0.0.1:%d", gw), fmt.Sprintf("127.0.0.1:%d", admin)
+	startCaddyProcess(t, cfg, gwAddr, adminAddr)
+
+	client := &http.Client{Timeout: 10 * time.Second}
+	do := func(method, url, token, org, body string) (int, []byte) {
+		t.Helper()
+		req, _ := http.NewRequest(method, url, strings.NewReader(body))
+		if token != "" {
+			req.Header.Set("Authorization", "Bearer "+token)
+		}
+		if org != "" {
+			req.Header.Set("X-Org-Id", org)
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		data, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, data
+	}
+	adminURL := "http://" + adminAddr + "/admin"
+	gwURL := "http://" + gwAddr
+
+	// The admin API: its token, or nothing.
+	if s, _ := do(http.MethodPost, adminURL+"/orgs/acme/topup", "", "", `{"amount": 102, "reference": "inv-a"}`); s != http.StatusUnauthorized {
+		t.Fatalf("a top-up without the admin token: %d, want 401", s)
+	}
+	if s, _ := do(http.MethodPost, adminURL+"/orgs/acme/topup", "wrong", "", `{"amount": 102, "reference": "inv-a"}`); s != http.StatusUnauthorized {
+		t.Fatalf("a top-up with a wrong admin token: %d, want 401", s)
+	}
+	for org, amount := range map[string]int{"acme": 102, "beta": 20} {
+		if s, body := do(http.MethodPost, adminURL+"/orgs/"+org+"/topup", "adm1n-token", "", fmt.Sprintf(`{"amount": %d, "reference": "inv-%s"}`, amount, org)); s != http.StatusOK {
+			t.Fatalf("%s's top-up with the admin token: %d %s", org, s, body)
+		}
+	}
+
+	for range 3 {
+		if s, body := do(http.MethodPost, gwURL+"/rich-text/generate", "tok-acme", "", ""); s != http.StatusOK {
+			t.Fatalf("acme's call: %d %s", s, body)
+		}
+	}
+	for range 2 {
+		if s, body := do(http.MethodPost, gwURL+"/rich-text/generate", "tok-beta", "acme", ""); s != http.StatusOK {
+			t.Fatalf("beta's call with a forged org: %d %s", s, body)
+		}
+	}
+	if s, _ := do(http.MethodPost, gwURL+"/rich-text/generate", "", "acme", ""); s != http.StatusUnauthorized {
+		t.Fatalf("a call without a token: %d, want the identity service's 401", s)
+	}
+	if s, _ := do(http.MethodPost, gwURL+"/rich-text/generate", "tok-anonymous", "acme", ""); s != http.StatusUnauthorized {
+		t.Fatalf("a call the identity service gave no org: %d, want 401", s)
+	}
+
+	// The balance endpoint answers the org the token proves, whatever the
+	// client's X-Org-Id says.
+	balance := func(token, forged string) (int, map[string]any) {
+		t.Helper()
+		s, body := do(http.MethodGet, gwURL+"/credits/balance", token, forged, "")
+		var b map[string]any
+		if s == http.StatusOK {
+			if err := json.Unmarshal(body, &b); err != nil {
+				t.Fatalf("the balance is no JSON: %s", body)
+			}
+		}
+		return s, b
+	}
+	if s, b := balance("tok-acme", "beta"); s != http.StatusOK || b["org"] != "acme" || b["balance"] != float64(99) {
+		t.Fatalf("acme's balance, asked with X-Org-Id beta: %d %v, want acme's 99", s, b)
+	}
+	if s, b := balance("tok-beta", "acme"); s != http.StatusOK || b["org"] != "beta" || b["balance"] != float64(18) {
+		t.Fatalf("beta's balance, asked with X-Org-Id acme: %d %v, want beta's 18", s, b)
+	}
+	if s, _ := balance("", "acme"); s != http.StatusUnauthorized {
+		t.Fatalf("a balance without a token: %d, want 401", s)
+	}
+
+	mu.Lock()
+	if served["acme"] != 3 || served["beta"] != 2 || len(served) != 2 {
+		t.Fatalf("the AI backend served %v, want acme 3 and beta 2", served)
+	}
+	mu.Unlock()
+	for org, want := range map[string]int64{"acme": 99, "beta": 18} {
+		s, body := do(http.MethodGet, adminURL+"/orgs/"+org, "adm1n-token", "", "")
+		var a struct {
+			Balance int64            `json:"balance"`
+			Used    map[string]int64 `json:"used"`
+		}
+		if s != http.StatusOK || json.Unmarshal(body, &a) != nil {
+			t.Fatalf("%s's account: %d %s", org, s, body)
+		}
+		if a.Balance != want || a.Used["rich-text"] != served[org] {
+			t.Fatalf("%s: the backend served %d calls; the ledger: balance %d, used %v", org, served[org], a.Balance, a.Used)
+		}
+	}
+
+	// Both orgs fell below the threshold of 100: one signed alert each.
+	awaitCondition(t, "an alert for each org", func() bool {
+		receiver.mu.Lock()
+		defer receiver.mu.Unlock()
+		return len(receiver.accepted) >= 2
+	})
+	receiver.mu.Lock()
+	got := map[string]string{}
+	for _, a := range receiver.accepted {
+		got[fmt.Sprint(a["org"])] = fmt.Sprintf("%v %v", a["type"], a["threshold"])
+	}
+	bad := receiver.badSigs
+	receiver.mu.Unlock()
+	if bad != 0 || len(got) != 2 || got["acme"] != "balance.below 100" || got["beta"] != "balance.below 100" {
+		t.Fatalf("alerts %v (%d badly signed), want balance.below 100 for acme and beta", got, bad)
+	}
+
+	// The usage log: one line per metered call, each charged 1, to the org
+	// the token proves.
+	perOrg := map[string]int64{}
+	awaitCondition(t, "five lines in the usage log", func() bool {
+		f, err := os.Open(usageLog)
+		if err != nil {
+			return false
+		}
+		defer f.Close()
+		clear(perOrg)
+		n := 0
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			var l struct {
+				Org     string `json:"org"`
+				Charged int64  `json:"charged"`
+			}
+			if err := json.Unmarshal(sc.Bytes(), &l); err != nil {
+				t.Fatalf("a line of the usage log is no JSON: %s", sc.Text())
+			}
+			perOrg[l.Org] += l.Charged
+			n++
+		}
+		return n >= 5
+	})
+	if perOrg["acme"] != 3 || perOrg["beta"] != 2 || len(perOrg) != 2 {
+		t.Fatalf("the usage log charged %v, want acme 3 and beta 2", perOrg)
+	}
+}
+
+// TestDocLinks checks every relative link of the documentation: the file
+// it names exists, and its #anchor is a heading of that file, slugged as
+// GitHub does.
+func TestDocLinks(t *testing.T) {
+	files := []string{"../README.md", "../BENCHMARKS.md", "../CHANGELOG.md"}
+	docs, err := filepath.Glob("../docs/*.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(docs) < 4 {
+		t.Fatalf("docs/ has %d Markdown files, want at least 4", len(docs))
+	}
+	files = append(files, docs...)
+	anchors := map[string]map[string]bool{}
+	anchorsOf := func(path string) map[string]bool {
+		if a, ok := anchors[path]; ok {
+			return a
+		}
+		data, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		a := headingSlugs(string(data))
+		anchors[path] = a
+		return a
+	}
+	links := 0
+	for _, file := range files {
+		data, err := os.ReadFile(file)
+		if err != nil {
+			t.Fatalf("%s: %v", file, err)
+		}
+		for _, link := range markdownLinks(string(data)) {
+			if regexp.MustCompile(`^[a-z]+:`).MatchString(link) {
+				continue // http:, https:, mailto:
+			}
+			links++
+			target, anchor, _ := strings.Cut(link, "#")
+			path := file
+			if target != "" {
+				path = filepath.Join(filepath.Dir(file), target)
+				if _, err := os.Stat(path); err != nil {
+					t.Errorf("%s: the link %q names no file", file, link)
+					continue
+				}
+			}
+			if anchor != "" && !anchorsOf(path)[anchor] {
+				t.Errorf("%s: the link %q names no heading of %s", file, link, path)
+			}
+		}
+	}
+	if links < 50 {
+		t.Fatalf("found %d relative links, want the documentation's many", links)
+	}
+}
+
+// markdownLinks returns the targets of the inline links and images of a
+// Markdown text, outside code blocks and code spans.
+func markdownLinks(text string) []string {
+	var links []string
+	link := regexp.MustCompile(`\]\(([^)\s]+)\)`)
+	span := regexp.MustCompile("`[^`]*`")
+	for _, line := range proseLines(text) {
+		for _, m := range link.FindAllStringSubmatch(span.ReplaceAllString(line, ""), -1) {
+			links = append(links, m[1])
+		}
+	}
+	return links
+}
+
+// headingSlugs returns the anchors GitHub gives the headings of a Markdown
+// text: lower case, punctuation dropped, spaces made hyphens, and -1, -2...
+// after a slug already given.
+func headingSlugs(text string) map[string]bool {
+	slugs := map[string]bool{}
+	heading := regexp.MustCompile(`^#{1,6} (.*)$`)
+	drop := regexp.MustCompile(`[^\p{L}\p{N} _-]`)
+	for _, line := range proseLines(text) {
+		m := heading.FindStringSubmatch(line)
+		if m == nil {
+			continue
+		}
+		slug := strings.ReplaceAll(drop.ReplaceAllString(strings.ToLower(strings.TrimSpace(m[1])), ""), " ", "-")
+		s := slug
+		for i := 1; slugs[s]; i++ {
+			s = fmt.Sprintf("%s-%d", slug, i)
+		}
+		slugs[s] = true
+	}
+	return slugs
+}
+
+// proseLines returns the lines of a Markdown text outside fenced code
+// blocks.
+func proseLines(text string) []string {
+	var lines []string
+	fenced := false
+	for _, line := range strings.Split(text, "\n") {
+		if strings.HasPrefix(strings.TrimSpace(line), "```") {
+			fenced = !fenced
+			continue
+		}
+		if !fenced {
+			lines = append(lines, line)
+		}
+	}
+	return lines
+}
+
+func TestHeadingSlugs(t *testing.T) {
+	got := headingSlugs("# A b\n## `credits.js`\n```sh\n# not a heading\n```\n## Where scenario c's time goes\n### From 0.3 to 0.4\n## A b\n")
+	for _, want := range []string{"a-b", "creditsjs", "where-scenario-cs-time-goes", "from-03-to-04", "a-b-1"} {
+		if !got[want] {
+			t.Errorf("no slug %q in %v", want, got)
+		}
+	}
+	if got["not-a-heading"] || len(got) != 5 {
+		t.Errorf("slugs %v, want 5 and none from a code block", got)
+	}
+}
