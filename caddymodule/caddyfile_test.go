@@ -106,7 +106,7 @@ func TestCaddyfileParseErrors(t *testing.T) {
 		// credits
 		{"unknown subdirective", inSite(with("bogus 1")...), "unrecognized subdirective 'bogus'", "Caddyfile:5", ""},
 		{"missing org", inSite("feature rich-text"), "org is required", "Caddyfile:2", ""},
-		{"empty org", inSite(`org ""`, "feature rich-text"), "org is empty", "Caddyfile:3", ""},
+		{"empty org", inSite(`org ""`, "feature rich-text"), "org is required", "Caddyfile:3", ""},
 		{"invalid literal org", inSite(`org "acme corp"`, "feature rich-text"), `invalid org "acme corp"`, "Caddyfile:3", ""},
 		{"missing feature", inSite("org acme"), "feature is required", "Caddyfile:2", ""},
 		{"invalid feature", inSite("org acme", `feature "rich text"`), `invalid feature "rich text"`, "Caddyfile:4", ""},

@@ -32,8 +32,11 @@ func ParseMode(s string) (Mode, error) {
 			return Mode(m), nil
 		}
 	}
-	return Block, &InputError{Field: "mode", Value: s, Reason: "must be block, notice or overdraft"}
+	return Block, &InputError{Field: "mode", Value: s, Reason: modeReason}
 }
+
+// modeReason says what a valid mode looks like.
+const modeReason = "must be block, notice or overdraft"
 
 // String returns the mode's Caddyfile spelling, e.g. "notice".
 func (m Mode) String() string {

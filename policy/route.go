@@ -6,6 +6,13 @@ import (
 	"strings"
 )
 
+// HasPlaceholder reports whether a setting holds a placeholder, such as
+// {http.request.header.X-Org-Id}: its value is known only per request (or
+// at load, for {env.*}), so it is checked then.
+func HasPlaceholder(s string) bool {
+	return strings.IndexByte(s, '{') >= 0
+}
+
 var errFeatureMissing = errors.New("feature is required")
 
 // MaxAmount is the largest overdraft limit or low-balance threshold.
@@ -53,13 +60,13 @@ func NewRoute(s RouteSettings) (Route, error) {
 	if s.OnExhausted != "" {
 		m, err := ParseMode(s.OnExhausted)
 		if err != nil {
-			return Route{}, &InputError{Field: "on_exhausted", Value: s.OnExhausted, Reason: "must be block, notice or overdraft"}
+			return Route{}, &InputError{Field: "on_exhausted", Value: s.OnExhausted, Reason: modeReason}
 		}
 		r.Mode = m
 	}
 	switch {
 	case s.Cost == "":
-	case strings.Contains(s.Cost, "{"):
+	case HasPlaceholder(s.Cost):
 		r.Cost = 0 // resolved per request
 	default:
 		n, err := ParseCost(s.Cost)
@@ -74,8 +81,7 @@ func NewRoute(s RouteSettings) (Route, error) {
 				Reason: "needs on_exhausted overdraft; this route is " + r.Mode.String()}
 		}
 		if *s.OverdraftLimit < 0 || *s.OverdraftLimit > MaxAmount {
-			return Route{}, &InputError{Field: "overdraft_limit", Value: strconv.FormatInt(*s.OverdraftLimit, 10),
-				Reason: "must be an integer from 0 to " + strconv.FormatInt(MaxAmount, 10)}
+			return Route{}, RangeError("overdraft_limit", strconv.FormatInt(*s.OverdraftLimit, 10), 0, MaxAmount)
 		}
 		r.OverdraftLimit = *s.OverdraftLimit
 	}
@@ -85,8 +91,7 @@ func NewRoute(s RouteSettings) (Route, error) {
 				Reason: "needs on_exhausted notice; this route is " + r.Mode.String()}
 		}
 		if s.LowBalance < 1 || s.LowBalance > MaxAmount {
-			return Route{}, &InputError{Field: "low_balance", Value: strconv.FormatInt(s.LowBalance, 10),
-				Reason: "must be an integer from 1 to " + strconv.FormatInt(MaxAmount, 10)}
+			return Route{}, RangeError("low_balance", strconv.FormatInt(s.LowBalance, 10), 1, MaxAmount)
 		}
 	}
 	if s.Usage != "" {
