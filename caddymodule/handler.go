@@ -18,6 +18,7 @@ import (
 
 	"github.com/creditsgw/caddy-credits/meter"
 	"github.com/creditsgw/caddy-credits/policy"
+	"github.com/creditsgw/caddy-credits/usage"
 )
 
 func init() {
@@ -228,7 +229,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return ans(w, r)
 	}
 	cw.pay = pay
-	if h.route.Usage != policy.UsageHeader {
+	if h.route.Usage != nil {
 		cw.model = peekModel(r)
 	}
 	return cw.serve(next, r)
@@ -253,7 +254,7 @@ func peekModel(r *http.Request) string {
 	if n == maxPeek {
 		return ""
 	}
-	return policy.ModelOf(buf)
+	return usage.ModelOf(buf)
 }
 
 // resolve reads the call's org, cost and Idempotency-Key, or the problem

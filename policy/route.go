@@ -4,7 +4,13 @@ import (
 	"errors"
 	"strconv"
 	"strings"
+
+	"github.com/creditsgw/caddy-credits/usage"
 )
+
+// UsageHeader is the usage setting of a route whose real cost is the
+// upstream's Credits-Usage header or trailer.
+const UsageHeader = "header"
 
 // HasPlaceholder reports whether a setting holds a placeholder, such as
 // {http.request.header.X-Org-Id}: its value is known only per request (or
@@ -39,7 +45,8 @@ type RouteSettings struct {
 	FailMode string
 	// TopUpURL goes into refusals' problem bodies.
 	TopUpURL string
-	// Usage is header, openai or anthropic; empty for header.
+	// Usage is header, or the name of a usage.Format (openai,
+	// anthropic); empty for header.
 	Usage string
 	// Prices price the tokens of a route whose usage is openai or
 	// anthropic; the first whose glob matches the model wins.
@@ -94,15 +101,15 @@ func NewRoute(s RouteSettings) (Route, error) {
 			return Route{}, RangeError("low_balance", strconv.FormatInt(s.LowBalance, 10), 1, MaxAmount)
 		}
 	}
-	if s.Usage != "" {
-		f, err := ParseUsageFormat(s.Usage)
-		if err != nil {
-			return Route{}, err
+	if s.Usage != "" && s.Usage != UsageHeader {
+		f, ok := usage.Lookup(s.Usage)
+		if !ok {
+			return Route{}, &InputError{Field: "usage", Value: s.Usage, Reason: "must be " + UsageHeader + ", " + usage.Names()}
 		}
 		r.Usage = f
 	}
-	if len(s.Prices) > 0 && r.Usage == UsageHeader {
-		return Route{}, &InputError{Field: "price", Value: s.Prices[0].Model, Reason: "needs usage openai or anthropic"}
+	if len(s.Prices) > 0 && r.Usage == nil {
+		return Route{}, &InputError{Field: "price", Value: s.Prices[0].Model, Reason: "needs usage " + usage.Names()}
 	}
 	for _, p := range s.Prices {
 		if err := p.Validate(); err != nil {

@@ -1,114 +1,11 @@
-package policy
+package usage
 
 import (
 	"bytes"
-	"encoding/json"
-	"strconv"
 	"strings"
 )
 
-// UsageFormat is where a route's real cost comes from.
-type UsageFormat uint8
-
-const (
-	// UsageHeader reads the upstream's Credits-Usage header or trailer.
-	UsageHeader UsageFormat = iota
-	// UsageOpenAI reads the usage object of an OpenAI-style JSON answer, or
-	// of the server-sent event that carries it.
-	UsageOpenAI
-	// UsageAnthropic reads the usage of Anthropic's message_start and
-	// message_delta events, or of its JSON answer.
-	UsageAnthropic
-)
-
-var usageNames = [...]string{UsageHeader: "header", UsageOpenAI: "openai", UsageAnthropic: "anthropic"}
-
-// ParseUsageFormat parses a Caddyfile usage value.
-func ParseUsageFormat(s string) (UsageFormat, error) {
-	for f, name := range usageNames {
-		if s == name {
-			return UsageFormat(f), nil
-		}
-	}
-	return UsageHeader, &InputError{Field: "usage", Value: s, Reason: "must be header, openai or anthropic"}
-}
-
-// String returns the format's Caddyfile spelling.
-func (f UsageFormat) String() string {
-	if int(f) < len(usageNames) {
-		return usageNames[f]
-	}
-	return "UsageFormat(" + strconv.Itoa(int(f)) + ")"
-}
-
-// MaxPrice is the most credits a price may ask per 1,000,000 tokens.
-const MaxPrice = 1_000_000
-
-// Price is what a model's tokens cost: credits per 1,000,000 input and
-// output tokens, for models whose name matches the glob Model. In the glob,
-// "*" matches any run of characters, "/" included, so "*" matches every
-// model and "meta-llama/*" every model under meta-llama/.
-type Price struct {
-	// Model is a glob of model names, e.g. gpt-4o*, claude-3-5-* or
-	// openai/*: * matches any run of characters, / included, ? one
-	// character, [a-z] one of a class, [^a-z] one outside it, and \ quotes
-	// the character after it.
-	Model string `json:"model"`
-	// In is the credits per 1,000,000 input tokens.
-	In int64 `json:"in"`
-	// Out is the credits per 1,000,000 output tokens.
-	Out int64 `json:"out"`
-}
-
-// Validate checks the price's glob and amounts.
-func (p Price) Validate() error {
-	if p.Model == "" {
-		return &InputError{Field: "price model", Value: p.Model, Reason: "must be a model name or glob"}
-	}
-	if !globOK(p.Model) {
-		return &InputError{Field: "price model", Value: p.Model, Reason: "must be a glob: * any run of characters, ? one, [a-z] one of a class, \\ quotes the next"}
-	}
-	for _, n := range []int64{p.In, p.Out} {
-		if n < 0 || n > MaxPrice {
-			return &InputError{Field: "price", Value: strconv.FormatInt(n, 10), Reason: "must be 0 to " + strconv.Itoa(MaxPrice) + " credits per 1,000,000 tokens"}
-		}
-	}
-	return nil
-}
-
-// Tokens is the usage an answer reported.
-type Tokens struct {
-	// Model is the model the answer names, if any.
-	Model string
-	// Input and Output are the tokens reported.
-	Input, Output int64
-	// Seen is true once any usage was read.
-	Seen bool
-}
-
-// maxTokens bounds the tokens counted, so that a price times them stays an
-// exact integer.
-const maxTokens = 1_000_000_000_000
-
-// PriceOf returns the credits the tokens cost at the first price whose glob
-// matches model: ceil((input*in + output*out) / 1,000,000), at most
-// MaxCost. ok is false when no price matches.
-func PriceOf(prices []Price, model string, t Tokens) (credits int64, ok bool) {
-	for _, p := range prices {
-		if !matchGlob(p.Model, model) {
-			continue
-		}
-		// Split to stay exact: tokens up to 10^12 times prices up to 10^6.
-		in, out := min(t.Input, maxTokens), min(t.Output, maxTokens)
-		whole := (in/1_000_000)*p.In + (out/1_000_000)*p.Out
-		rest := (in%1_000_000)*p.In + (out%1_000_000)*p.Out
-		credits = whole + (rest+999_999)/1_000_000
-		return min(credits, MaxCost), true
-	}
-	return 0, false
-}
-
-// Limits of a UsageReader.
+// Limits of a Reader.
 const (
 	// maxUsageLine is the longest server-sent event line read; a longer
 	// one is passed over.
@@ -125,15 +22,15 @@ const (
 	tailLines = 8
 )
 
-// UsageReader reads the usage of an answer as its body passes through, in
+// Reader reads the usage of an answer as its body passes through, in
 // bounded memory whatever the body's size: a server-sent event stream's
 // first 64 KiB line by line and its last lines once it ends (or is cut); a
 // JSON answer of any size in one pass that keeps only the top-level members
 // its usage is read from. What it reads depends on the body alone, never
 // on how it was cut into pieces. It never fails; what it cannot read leaves
 // Tokens unseen, and the call is charged its hold.
-type UsageReader struct {
-	format UsageFormat
+type Reader struct {
+	format Format
 	sse    bool
 	line   []byte   // the SSE line read so far
 	skip   bool     // the current line is too long: pass it over
@@ -147,13 +44,13 @@ type UsageReader struct {
 	tailCut  bool   // tail starts inside a line (cut by its size)
 }
 
-// NewUsageReader returns a reader for an answer of contentType.
-func NewUsageReader(format UsageFormat, contentType string) *UsageReader {
-	return &UsageReader{format: format, sse: strings.HasPrefix(strings.TrimSpace(strings.ToLower(contentType)), "text/event-stream")}
+// NewReader returns a reader of an answer of contentType in format.
+func NewReader(format Format, contentType string) *Reader {
+	return &Reader{format: format, sse: strings.HasPrefix(strings.TrimSpace(strings.ToLower(contentType)), "text/event-stream")}
 }
 
 // Write reads a piece of the body; it never fails.
-func (u *UsageReader) Write(p []byte) (int, error) {
+func (u *Reader) Write(p []byte) (int, error) {
 	n := len(p)
 	if !u.sse {
 		u.json.write(p)
@@ -181,7 +78,7 @@ func (u *UsageReader) Write(p []byte) (int, error) {
 }
 
 // lines reads the head of a stream line by line.
-func (u *UsageReader) lines(p []byte) {
+func (u *Reader) lines(p []byte) {
 	for len(p) > 0 {
 		if len(u.line) == 0 && !u.skip && !hasUsage(p) {
 			// No usage in the rest of this piece: only the line it ends in
@@ -219,7 +116,7 @@ func (u *UsageReader) lines(p []byte) {
 // they hold enough lines, so a stream's middle costs a few lines per piece
 // however large the pieces are. (Forward searches: Go's backward byte
 // search is a byte at a time.)
-func (u *UsageReader) addTail(p []byte) {
+func (u *Reader) addTail(p []byte) {
 	lo := max(0, len(p)-maxUsageLine) // bytes before lo are never in the tail
 	nl := 0
 	for w := 4 << 10; ; w *= 2 {
@@ -261,7 +158,7 @@ func (u *UsageReader) addTail(p []byte) {
 
 // keep adds the start of a line that goes on in the next piece, passing
 // over a line longer than maxUsageLine.
-func (u *UsageReader) keep(p []byte) {
+func (u *Reader) keep(p []byte) {
 	if u.skip {
 		return
 	}
@@ -273,7 +170,7 @@ func (u *UsageReader) keep(p []byte) {
 }
 
 // Tokens returns the usage read; call it once the body has ended.
-func (u *UsageReader) Tokens() Tokens {
+func (u *Reader) Tokens() Tokens {
 	if u.sse {
 		if len(u.line) > 0 && !u.skip {
 			u.event(u.line)
@@ -298,7 +195,7 @@ func (u *UsageReader) Tokens() Tokens {
 }
 
 // event reads one SSE line: a data line's JSON.
-func (u *UsageReader) event(line []byte) {
+func (u *Reader) event(line []byte) {
 	data, ok := bytes.CutPrefix(bytes.TrimRight(line, "\r"), []byte("data:"))
 	if !ok {
 		return
@@ -307,7 +204,7 @@ func (u *UsageReader) event(line []byte) {
 	if len(data) == 0 || data[0] != '{' {
 		return // [DONE] and the like
 	}
-	// Only an event with a usage is worth decoding: in both formats it
+	// Only an event with a usage is worth decoding: in the formats read it
 	// names the model too. The rest of a stream is passed over at the
 	// speed of a byte search.
 	if !hasUsage(data) {
@@ -338,76 +235,5 @@ func hasUsage(data []byte) bool {
 	}
 }
 
-// usageDoc is the part of an answer, or of one of its events, that names
-// its model and usage, in the formats read.
-type usageDoc struct {
-	Type    string      `json:"type"`
-	Model   string      `json:"model"`
-	Usage   *usageCount `json:"usage"`
-	Message *struct {
-		Model string      `json:"model"`
-		Usage *usageCount `json:"usage"`
-	} `json:"message"`
-}
-
-type usageCount struct {
-	PromptTokens     *int64 `json:"prompt_tokens"`
-	CompletionTokens *int64 `json:"completion_tokens"`
-	InputTokens      *int64 `json:"input_tokens"`
-	OutputTokens     *int64 `json:"output_tokens"`
-}
-
-func (u *UsageReader) read(data []byte) {
-	var d usageDoc
-	if json.Unmarshal(data, &d) != nil {
-		return
-	}
-	if d.Model != "" {
-		u.tokens.Model = d.Model
-	}
-	if d.Message != nil && d.Message.Model != "" {
-		u.tokens.Model = d.Message.Model
-	}
-	switch u.format {
-	case UsageOpenAI:
-		if d.Usage != nil && (d.Usage.PromptTokens != nil || d.Usage.CompletionTokens != nil) {
-			u.tokens.Input, u.tokens.Output = count(d.Usage.PromptTokens), count(d.Usage.CompletionTokens)
-			u.tokens.Seen = true
-		}
-	case UsageAnthropic:
-		// message_start carries the input and the first output tokens;
-		// each message_delta the output tokens so far; a JSON answer both.
-		usage := d.Usage
-		if d.Message != nil && d.Message.Usage != nil {
-			usage = d.Message.Usage
-		}
-		if usage == nil {
-			return
-		}
-		if usage.InputTokens != nil {
-			u.tokens.Input, u.tokens.Seen = count(usage.InputTokens), true
-		}
-		if usage.OutputTokens != nil {
-			u.tokens.Output, u.tokens.Seen = count(usage.OutputTokens), true
-		}
-	}
-}
-
-// count reads a token count; a negative one counts as none.
-func count(n *int64) int64 {
-	if n == nil || *n < 0 {
-		return 0
-	}
-	return *n
-}
-
-// ModelOf returns the model a JSON request body names, or "".
-func ModelOf(body []byte) string {
-	var d struct {
-		Model string `json:"model"`
-	}
-	if json.Unmarshal(body, &d) != nil {
-		return ""
-	}
-	return d.Model
-}
+// read reads one JSON answer, or one event of a stream.
+func (u *Reader) read(data []byte) { u.format.Read(data, &u.tokens) }
