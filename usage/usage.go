@@ -5,8 +5,8 @@
 //
 // The formats read report their usage in a top-level member named usage,
 // or in the usage of a top-level message; the reader keeps those members
-// (and type and model) of a JSON answer, and reads the events of a stream
-// that carry a usage.
+// (and the model) of a JSON answer, and reads the events of a stream that
+// carry a usage. A format that reports elsewhere extends those too.
 package usage
 
 import (
