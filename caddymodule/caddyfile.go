@@ -51,7 +51,12 @@ const maxBacklog = 10_000_000
 //		default_plan <allowance> [<recharge_month>]
 //		topup_url <url>
 //		backlog <n>
-//		lease <n>
+//		lease <n>|off
+//		idempotency_store <size>
+//		alerts <url> {
+//			secret <secret>
+//			thresholds <n>...
+//		}
 //	}
 //
 // Every subdirective is optional, and so is the block. redis takes a
@@ -62,7 +67,7 @@ const maxBacklog = 10_000_000
 // default_plan is granted to every org that has no plan of its own; its
 // recharge month defaults to 1 (January). backlog bounds the fail-open
 // charges that may wait for the store at once; lease, the credits a gateway
-// takes at a time to spend without a store call (off by default).
+// takes at a time to spend without a store call (100 by default).
 func parseGlobal(d *caddyfile.Dispenser, existingVal any) (any, error) {
 	if existingVal != nil {
 		// Caddy would silently keep only the last one.
