@@ -190,12 +190,12 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err != nil {
 				return d.WrapErr(err)
 			}
-			if n == 0 {
-				// 0 is how the JSON config asks for the default.
+			// 0 is how the JSON config asks for the default; a number no
+			// int holds (on a 32-bit platform) is out of range too.
+			if n == 0 || int64(int(n)) != n {
 				return d.WrapErr(backlogError(v))
 			}
-			// Kept within an int on any platform; Validate checks the range.
-			a.Backlog = int(max(min(n, maxBacklog+1), -1))
+			a.Backlog = int(n)
 		case "lease":
 			v, err := singleArg(d)
 			if err != nil {
