@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/url"
 	"slices"
+	"strconv"
 	"sync"
 	"time"
 
@@ -18,6 +19,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/creditsgw/caddy-credits/meter"
+	"github.com/creditsgw/caddy-credits/policy"
 )
 
 // Alerts sends a signed webhook when an org's balance falls below each of
@@ -60,18 +62,18 @@ const (
 func (al *Alerts) validate() error {
 	u, err := url.Parse(al.URL)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return fmt.Errorf("credits: alerts url %q: must be an absolute http or https URL", al.URL)
+		return fmt.Errorf("alerts url %q: must be an absolute http or https URL", al.URL)
 	}
 	if al.Secret == "" {
-		return errors.New("credits: alerts: a secret is required, to sign the webhooks")
+		return errors.New("alerts: a secret is required, to sign the webhooks")
 	}
 	seen := make(map[int64]bool)
 	for _, t := range al.Thresholds {
 		if t < 1 || t > meter.MaxAmount {
-			return fmt.Errorf("credits: alerts threshold %d: must be 1 to %d", t, meter.MaxAmount)
+			return policy.RangeError("threshold", strconv.FormatInt(t, 10), 1, meter.MaxAmount)
 		}
 		if seen[t] {
-			return fmt.Errorf("credits: alerts threshold %d is given twice", t)
+			return fmt.Errorf("alerts threshold %d is given twice", t)
 		}
 		seen[t] = true
 	}

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -223,27 +224,53 @@ func (a *App) lease() int64 {
 
 // Validate checks the settings against each other.
 func (a *App) Validate() error {
-	if a.Redis != "" && len(a.RedisCluster) > 0 {
-		return errors.New("credits: redis and redis_cluster both set; choose one")
-	}
-	if a.Timeout < 0 {
-		return fmt.Errorf("credits: timeout %s: must be positive", time.Duration(a.Timeout))
-	}
-	if a.Lease != nil && (*a.Lease < 0 || *a.Lease > policy.MaxCost) {
-		return fmt.Errorf("credits: lease %d: must be 0 (off) to %d", *a.Lease, policy.MaxCost)
-	}
-	if a.IdempotencyStore != nil && (*a.IdempotencyStore < 0 || *a.IdempotencyStore > maxIdempotencyStore) {
-		return fmt.Errorf("credits: idempotency_store %d: must be 0 to %d bytes", *a.IdempotencyStore, maxIdempotencyStore)
-	}
-	if a.Backlog < 0 || a.Backlog > maxBacklog {
-		return fmt.Errorf("credits: backlog %d: must be 1 to %d", a.Backlog, maxBacklog)
-	}
-	if a.Alerts != nil {
-		if err := a.Alerts.validate(); err != nil {
-			return err
-		}
+	err := a.validate()
+	if err != nil {
+		return fmt.Errorf("credits: %w", err)
 	}
 	return nil
+}
+
+// validate checks the settings; each error names the setting at fault, so
+// that the Caddyfile parser can point at its line.
+func (a *App) validate() error {
+	if a.Redis != "" && len(a.RedisCluster) > 0 {
+		return &settingError{fields: []string{"redis", "redis_cluster"}, msg: "redis and redis_cluster are both given; choose one"}
+	}
+	// A zero timeout or backlog is the default, filled in by Provision.
+	if a.Timeout < 0 {
+		return timeoutError(time.Duration(a.Timeout).String())
+	}
+	if a.Lease != nil && (*a.Lease < 0 || *a.Lease > policy.MaxCost) {
+		return leaseError(strconv.FormatInt(*a.Lease, 10))
+	}
+	if a.IdempotencyStore != nil && (*a.IdempotencyStore < 0 || *a.IdempotencyStore > maxIdempotencyStore) {
+		return idempotencyStoreError(strconv.FormatInt(*a.IdempotencyStore, 10))
+	}
+	if a.Backlog < 0 || a.Backlog > maxBacklog {
+		return backlogError(strconv.Itoa(a.Backlog))
+	}
+	if a.Alerts != nil {
+		return a.Alerts.validate()
+	}
+	return nil
+}
+
+// The errors of the app's settings, one message per rule.
+func timeoutError(v string) error {
+	return &policy.InputError{Field: "timeout", Value: v, Reason: "must be a duration above 0, e.g. 100ms"}
+}
+
+func leaseError(v string) error {
+	return &policy.InputError{Field: "lease", Value: v, Reason: fmt.Sprintf("must be off or an integer from 1 to %d", policy.MaxCost)}
+}
+
+func idempotencyStoreError(v string) error {
+	return &policy.InputError{Field: "idempotency_store", Value: v, Reason: "must be a size such as 1MiB, at most 16MiB; 0 keeps none"}
+}
+
+func backlogError(v string) error {
+	return policy.RangeError("backlog", v, 1, maxBacklog)
 }
 
 // observe tells the balance alerts, if any, the balance a call saw.

@@ -3,6 +3,7 @@ package caddymodule
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"net/http"
 	"time"
 
@@ -46,8 +47,8 @@ func (b *Balance) Provision(ctx caddy.Context) error {
 
 // Validate checks that an org is configured.
 func (b *Balance) Validate() error {
-	if b.Org == "" {
-		return errors.New("credits_balance: org is required")
+	if err := checkOrg(b.Org); err != nil {
+		return fmt.Errorf("credits_balance: %w", err)
 	}
 	return nil
 }

@@ -3,7 +3,7 @@ package caddymodule
 import (
 	"errors"
 	"fmt"
-	"github.com/dustin/go-humanize"
+	"math"
 	"net"
 	"net/url"
 	"strconv"
@@ -14,6 +14,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/dustin/go-humanize"
 
 	"github.com/creditsgw/caddy-credits/meter"
 	"github.com/creditsgw/caddy-credits/policy"
@@ -50,7 +51,12 @@ const maxBacklog = 10_000_000
 //		default_plan <allowance> [<recharge_month>]
 //		topup_url <url>
 //		backlog <n>
-//		lease <n>
+//		lease <n>|off
+//		idempotency_store <size>
+//		alerts <url> {
+//			secret <secret>
+//			thresholds <n>...
+//		}
 //	}
 //
 // Every subdirective is optional, and so is the block. redis takes a
@@ -61,7 +67,7 @@ const maxBacklog = 10_000_000
 // default_plan is granted to every org that has no plan of its own; its
 // recharge month defaults to 1 (January). backlog bounds the fail-open
 // charges that may wait for the store at once; lease, the credits a gateway
-// takes at a time to spend without a store call (off by default).
+// takes at a time to spend without a store call (100 by default).
 func parseGlobal(d *caddyfile.Dispenser, existingVal any) (any, error) {
 	if existingVal != nil {
 		// Caddy would silently keep only the last one.
@@ -79,33 +85,26 @@ func parseGlobal(d *caddyfile.Dispenser, existingVal any) (any, error) {
 // parseGlobal for the syntax.
 func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume option name
+	option := d.Token()
 	if d.NextArg() {
 		return d.ArgErr()
 	}
-	seen := make(map[string]bool)
+	subs := newSubdirectives(d, "")
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
-		sub := d.Val()
-		if sub == "alerts" && !seen[sub] {
-			seen[sub] = true
+		if err := noNestedBlock(d, nesting); err != nil {
+			return err
+		}
+		if err := subs.once(); err != nil {
+			return err
+		}
+		switch d.Val() {
+		case "alerts":
 			al, err := parseAlerts(d)
 			if err != nil {
 				return err
 			}
 			a.Alerts = al
-			continue
-		}
-		if err := noNestedBlock(d, nesting); err != nil {
-			return err
-		}
-		if seen[sub] {
-			return d.Errf("%s is given twice", sub)
-		}
-		seen[sub] = true
-		switch sub {
 		case "redis":
-			if seen["redis_cluster"] {
-				return d.Err("redis and redis_cluster are both given; choose one")
-			}
 			v, err := singleArg(d)
 			if err != nil {
 				return err
@@ -116,9 +115,6 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			a.Redis = v
 		case "redis_cluster":
-			if seen["redis"] {
-				return d.Err("redis and redis_cluster are both given; choose one")
-			}
 			nodes := d.RemainingArgs()
 			if len(nodes) == 0 {
 				return d.ArgErr()
@@ -128,7 +124,7 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				if err := checkNode(node); err != nil {
 					return d.WrapErr(err)
 				}
-				placeholders = placeholders || strings.Contains(node, "{")
+				placeholders = placeholders || policy.HasPlaceholder(node)
 			}
 			if !placeholders {
 				// The URLs must agree on the cluster's credentials.
@@ -152,8 +148,9 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			dur, err := caddy.ParseDuration(v)
-			if err != nil || dur <= 0 {
-				return d.WrapErr(inputError("timeout", v, "must be a duration above 0, e.g. 100ms"))
+			// 0 is how the JSON config asks for the default.
+			if err != nil || dur == 0 {
+				return d.WrapErr(timeoutError(v))
 			}
 			a.Timeout = caddy.Duration(dur)
 		case "default_plan":
@@ -161,13 +158,13 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if len(args) < 1 || len(args) > 2 {
 				return d.ArgErr()
 			}
-			allowance, err := parseInt("allowance", args[0], 0, meter.MaxAmount)
+			allowance, err := parseIntIn("allowance", args[0], 0, meter.MaxAmount)
 			if err != nil {
 				return d.WrapErr(err)
 			}
 			plan := &meter.Plan{Allowance: allowance, RechargeMonth: 1}
 			if len(args) == 2 {
-				month, err := parseInt("recharge_month", args[1], 1, 12)
+				month, err := parseIntIn("recharge_month", args[1], 1, 12)
 				if err != nil {
 					return d.WrapErr(err)
 				}
@@ -189,9 +186,14 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err != nil {
 				return err
 			}
-			n, err := parseInt("backlog", v, 1, maxBacklog)
+			n, err := parseInt("backlog", v)
 			if err != nil {
 				return d.WrapErr(err)
+			}
+			// 0 is how the JSON config asks for the default; a number no
+			// int holds (on a 32-bit platform) is out of range too.
+			if n == 0 || int64(int(n)) != n {
+				return d.WrapErr(backlogError(v))
 			}
 			a.Backlog = int(n)
 		case "lease":
@@ -201,8 +203,9 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			var n int64
 			if v != "off" {
-				if n, err = strconv.ParseInt(v, 10, 64); err != nil || n < 1 || n > policy.MaxCost {
-					return d.WrapErr(inputError("lease", v, fmt.Sprintf("must be off or an integer from 1 to %d", policy.MaxCost)))
+				// 0 is how the JSON config says off.
+				if n, err = strconv.ParseInt(v, 10, 64); err != nil || n == 0 {
+					return d.WrapErr(leaseError(v))
 				}
 			}
 			a.Lease = &n
@@ -212,14 +215,18 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			n, err := humanize.ParseBytes(v)
-			if err != nil || n > maxIdempotencyStore {
-				return d.WrapErr(inputError("idempotency_store", v, "must be a size such as 1MiB, at most 16MiB; 0 keeps none"))
+			if err != nil || n > math.MaxInt64 {
+				return d.WrapErr(idempotencyStoreError(v))
 			}
 			size := int64(n)
 			a.IdempotencyStore = &size
 		default:
-			return d.Errf("unrecognized subdirective '%s'", sub)
+			return subs.unknown()
 		}
+	}
+	// The rules between settings, and their ranges, are the app's own.
+	if err := a.Validate(); err != nil {
+		return subs.errAt(err, option, "")
 	}
 	return nil
 }
@@ -236,17 +243,15 @@ func parseAlerts(d *caddyfile.Dispenser) (*Alerts, error) {
 		return nil, d.ArgErr()
 	}
 	al := &Alerts{URL: args[0]}
-	seen := make(map[string]bool)
+	subs := newSubdirectives(d, "alerts: ")
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		if err := noNestedBlock(d, nesting); err != nil {
 			return nil, err
 		}
-		sub := d.Val()
-		if seen[sub] {
-			return nil, d.Errf("alerts: %s is given twice", sub)
+		if err := subs.once(); err != nil {
+			return nil, err
 		}
-		seen[sub] = true
-		switch sub {
+		switch d.Val() {
 		case "secret":
 			v, err := singleArg(d)
 			if err != nil {
@@ -259,19 +264,20 @@ func parseAlerts(d *caddyfile.Dispenser) (*Alerts, error) {
 				return nil, d.ArgErr()
 			}
 			for _, v := range vals {
-				n, err := parseInt("threshold", v, 1, meter.MaxAmount)
+				n, err := parseInt("threshold", v)
 				if err != nil {
 					return nil, d.WrapErr(err)
 				}
 				al.Thresholds = append(al.Thresholds, n)
 			}
+			subs.alias("threshold")
 		default:
-			return nil, d.Errf("alerts: unrecognized subdirective '%s'", sub)
+			return nil, subs.unknown()
 		}
 	}
 	if err := al.validate(); err != nil {
 		// The message never quotes the secret.
-		return nil, d.WrapErr(err)
+		return nil, subs.errAt(err, d.Token(), "")
 	}
 	return al, nil
 }
@@ -313,136 +319,89 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if d.NextArg() {
 		return d.ArgErr()
 	}
-	seen := make(map[string]caddyfile.Token)
+	subs := newSubdirectives(d, "")
+	var prices []caddyfile.Token
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		if err := noNestedBlock(d, nesting); err != nil {
 			return err
 		}
-		sub := d.Val()
-		if _, ok := seen[sub]; ok && sub != "price" {
-			return d.Errf("%s is given twice", sub)
-		}
-		seen[sub] = d.Token()
-		switch sub {
-		case "org":
-			v, err := singleArg(d)
-			if err != nil {
-				return err
-			}
-			if err := checkOrg(v); err != nil {
-				return d.WrapErr(err)
-			}
-			h.Org = v
-		case "feature":
-			v, err := singleArg(d)
-			if err != nil {
-				return err
-			}
-			if err := policy.ValidateFeature(v); err != nil {
-				return d.WrapErr(err)
-			}
-			h.Feature = v
-		case "cost":
-			v, err := singleArg(d)
-			if err != nil {
-				return err
-			}
-			// A placeholder is checked on each request: a bad value is a 400.
-			if !strings.Contains(v, "{") {
-				if _, err := policy.ParseCost(v); err != nil {
-					return d.WrapErr(err)
-				}
-			}
-			h.Cost = v
-		case "on_exhausted":
-			v, err := singleArg(d)
-			if err != nil {
-				return err
-			}
-			if _, err := policy.ParseMode(v); err != nil {
-				return d.WrapErr(inputError("on_exhausted", v, "must be block, notice or overdraft"))
-			}
-			h.OnExhausted = v
-		case "overdraft_limit":
-			v, err := singleArg(d)
-			if err != nil {
-				return err
-			}
-			n, err := parseInt("overdraft_limit", v, 0, meter.MaxAmount)
-			if err != nil {
-				return d.WrapErr(err)
-			}
-			h.OverdraftLimit = &n
-		case "low_balance":
-			v, err := singleArg(d)
-			if err != nil {
-				return err
-			}
-			n, err := parseInt("low_balance", v, 1, meter.MaxAmount)
-			if err != nil {
-				return d.WrapErr(err)
-			}
-			h.LowBalance = n
-		case "fail_mode":
-			v, err := singleArg(d)
-			if err != nil {
-				return err
-			}
-			if v != "open" && v != "closed" {
-				return d.WrapErr(inputError("fail_mode", v, "must be open or closed"))
-			}
-			h.FailMode = v
-		case "usage":
-			v, err := singleArg(d)
-			if err != nil {
-				return err
-			}
-			if _, err := policy.ParseUsageFormat(v); err != nil {
-				return d.WrapErr(err)
-			}
-			h.Usage = v
-		case "price":
+		if d.Val() == "price" {
 			// Repeatable: one line per model glob.
+			prices = append(prices, d.Token())
 			args := d.RemainingArgs()
 			if len(args) != 3 {
 				return d.ArgErr()
 			}
-			in, err := parseInt("price", args[1], 0, policy.MaxPrice)
+			in, err := parseInt("price", args[1])
 			if err != nil {
 				return d.WrapErr(err)
 			}
-			out, err := parseInt("price", args[2], 0, policy.MaxPrice)
+			out, err := parseInt("price", args[2])
 			if err != nil {
 				return d.WrapErr(err)
 			}
-			p := policy.Price{Model: args[0], In: in, Out: out}
-			if err := p.Validate(); err != nil {
-				return d.WrapErr(err)
+			h.Prices = append(h.Prices, policy.Price{Model: args[0], In: in, Out: out})
+			continue
+		}
+		if err := subs.once(); err != nil {
+			return err
+		}
+		var err error
+		switch d.Val() {
+		case "org":
+			h.Org, err = singleArg(d)
+		case "feature":
+			h.Feature, err = singleArg(d)
+		case "cost":
+			h.Cost, err = singleArg(d)
+		case "on_exhausted":
+			h.OnExhausted, err = singleArg(d)
+		case "overdraft_limit":
+			var n int64
+			n, err = singleInt(d)
+			h.OverdraftLimit = &n
+		case "low_balance":
+			h.LowBalance, err = singleInt(d)
+			if err == nil && h.LowBalance == 0 {
+				// 0 is how the JSON config says none.
+				err = d.WrapErr(policy.RangeError("low_balance", "0", 1, policy.MaxAmount))
 			}
-			h.Prices = append(h.Prices, p)
+		case "fail_mode":
+			h.FailMode, err = singleArg(d)
+		case "usage":
+			h.Usage, err = singleArg(d)
 		default:
-			return d.Errf("unrecognized subdirective '%s'", sub)
+			err = subs.unknown()
+		}
+		if err != nil {
+			return err
 		}
 	}
 
-	// Subdirectives come in any order, so the rules between them wait for
-	// the end of the block; they are the route's, as Provision checks them.
-	if h.Org == "" {
-		return errAt(directive, "credits: org is required")
+	// Subdirectives come in any order, so the rules wait for the end of the
+	// block: they are the handler's, as Provision and Validate check them.
+	if err := checkOrg(h.Org); err != nil {
+		return subs.errAt(err, directive, "credits: ")
 	}
-	if h.Feature == "" {
-		return errAt(directive, "credits: feature is required")
-	}
-	_, err := policy.NewRoute(policy.RouteSettings{Feature: h.Feature, Cost: h.Cost, OnExhausted: h.OnExhausted,
-		OverdraftLimit: h.OverdraftLimit, LowBalance: h.LowBalance, FailMode: h.FailMode, Usage: h.Usage, Prices: h.Prices})
-	var ie *policy.InputError
-	if errors.As(err, &ie) {
-		if tok, ok := seen[ie.Field]; ok {
-			return errAt(tok, err.Error())
+	if _, err := policy.NewRoute(h.settings()); err != nil {
+		var ie *policy.InputError
+		if errors.As(err, &ie) && strings.HasPrefix(ie.Field, "price") {
+			return errAt(priceAt(h.Prices, prices), err.Error())
 		}
-		return errAt(directive, "credits: "+err.Error())
+		return subs.errAt(err, directive, "credits: ")
 	}
-	return err
+	return nil
+}
+
+// priceAt returns the line of the price at fault: the first that its own
+// rules refuse, else the first (a price on a route that takes none).
+func priceAt(prices []policy.Price, at []caddyfile.Token) caddyfile.Token {
+	for i, p := range prices {
+		if p.Validate() != nil {
+			return at[i]
+		}
+	}
+	return at[0]
 }
 
 // parseCreditsBalance sets up the credits_balance handler.
@@ -469,32 +428,27 @@ func (b *Balance) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if d.NextArg() {
 		return d.ArgErr()
 	}
-	seen := make(map[string]bool)
+	subs := newSubdirectives(d, "")
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		if err := noNestedBlock(d, nesting); err != nil {
 			return err
 		}
-		sub := d.Val()
-		if seen[sub] {
-			return d.Errf("%s is given twice", sub)
+		if err := subs.once(); err != nil {
+			return err
 		}
-		seen[sub] = true
-		switch sub {
+		switch d.Val() {
 		case "org":
 			v, err := singleArg(d)
 			if err != nil {
 				return err
 			}
-			if err := checkOrg(v); err != nil {
-				return d.WrapErr(err)
-			}
 			b.Org = v
 		default:
-			return d.Errf("unrecognized subdirective '%s'", sub)
+			return subs.unknown()
 		}
 	}
-	if b.Org == "" {
-		return errAt(directive, "credits_balance: org is required")
+	if err := checkOrg(b.Org); err != nil {
+		return subs.errAt(err, directive, "credits_balance: ")
 	}
 	return nil
 }
@@ -525,17 +479,15 @@ func (a *Admin) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if d.NextArg() {
 		return d.ArgErr()
 	}
-	seen := make(map[string]bool)
+	subs := newSubdirectives(d, "")
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		if err := noNestedBlock(d, nesting); err != nil {
 			return err
 		}
-		sub := d.Val()
-		if seen[sub] {
-			return d.Errf("%s is given twice", sub)
+		if err := subs.once(); err != nil {
+			return err
 		}
-		seen[sub] = true
-		switch sub {
+		switch d.Val() {
 		case "token":
 			v, err := singleArg(d)
 			if err != nil {
@@ -548,7 +500,7 @@ func (a *Admin) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			a.Token = v
 		default:
-			return d.Errf("unrecognized subdirective '%s'", sub)
+			return subs.unknown()
 		}
 	}
 	return nil
@@ -576,11 +528,103 @@ func singleArg(d *caddyfile.Dispenser) (string, error) {
 	return v, nil
 }
 
-// parseInt parses a decimal integer from lo to hi.
-func parseInt(field, s string, lo, hi int64) (int64, error) {
+// subdirectives remembers where each subdirective of a block was given:
+// none may be given twice, and a rule checked after the block points at
+// the line of the setting it names.
+type subdirectives struct {
+	d *caddyfile.Dispenser
+	// prefix starts each message, e.g. "alerts: " in a nested block.
+	prefix string
+	at     map[string]caddyfile.Token
+}
+
+func newSubdirectives(d *caddyfile.Dispenser, prefix string) *subdirectives {
+	return &subdirectives{d: d, prefix: prefix, at: make(map[string]caddyfile.Token)}
+}
+
+// once records the current subdirective, and refuses it the second time.
+func (s *subdirectives) once() error {
+	sub := s.d.Val()
+	if _, ok := s.at[sub]; ok {
+		return s.d.Errf("%s%s is given twice", s.prefix, sub)
+	}
+	s.at[sub] = s.d.Token()
+	return nil
+}
+
+// alias makes the errors about field point at the current subdirective,
+// whose name is another (thresholds gives each threshold).
+func (s *subdirectives) alias(field string) { s.at[field] = s.d.Token() }
+
+// unknown refuses the current subdirective.
+func (s *subdirectives) unknown() error {
+	return s.d.Errf("%sunrecognized subdirective '%s'", s.prefix, s.d.Val())
+}
+
+// errAt reports a rule that the block breaks at the line of the setting it
+// names (of the last given, for a rule between two), else at fallback with
+// prefix before its message.
+func (s *subdirectives) errAt(err error, fallback caddyfile.Token, prefix string) error {
+	var fields []string
+	var msg string
+	var ie *policy.InputError
+	var se *settingError
+	if errors.As(err, &ie) {
+		fields, msg = []string{ie.Field}, ie.Error()
+	} else if errors.As(err, &se) {
+		fields, msg = se.fields, se.Error()
+	}
+	var at *caddyfile.Token
+	for _, f := range fields {
+		if tok, ok := s.at[f]; ok && (at == nil || tok.Line > at.Line) {
+			at = &tok
+		}
+	}
+	if at != nil {
+		return errAt(*at, msg)
+	}
+	return errAt(fallback, prefix+err.Error())
+}
+
+// settingError is a broken rule about settings that has no value to quote,
+// e.g. a required one missing.
+type settingError struct {
+	// fields are the settings the rule is about.
+	fields []string
+	msg    string
+}
+
+func (e *settingError) Error() string { return e.msg }
+
+// singleInt returns the one argument of the current subdirective, a
+// decimal integer; its range is the setting's rule.
+func singleInt(d *caddyfile.Dispenser) (int64, error) {
+	field := d.Val()
+	v, err := singleArg(d)
+	if err != nil {
+		return 0, err
+	}
+	n, err := parseInt(field, v)
+	if err != nil {
+		return 0, d.WrapErr(err)
+	}
+	return n, nil
+}
+
+// parseInt parses a decimal integer; its range is the setting's rule.
+func parseInt(field, s string) (int64, error) {
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil {
+		return 0, inputError(field, s, "must be an integer")
+	}
+	return n, nil
+}
+
+// parseIntIn parses a decimal integer from lo to hi.
+func parseIntIn(field, s string, lo, hi int64) (int64, error) {
 	n, err := strconv.ParseInt(s, 10, 64)
 	if err != nil || n < lo || n > hi {
-		return 0, inputError(field, s, fmt.Sprintf("must be an integer from %d to %d", lo, hi))
+		return 0, policy.RangeError(field, s, lo, hi)
 	}
 	return n, nil
 }
@@ -591,25 +635,10 @@ func inputError(field, value, reason string) error {
 	return &policy.InputError{Field: field, Value: value, Reason: reason}
 }
 
-// checkOrg checks an org that is written out; one with a placeholder is
-// checked on each request.
-func checkOrg(org string) error {
-	if strings.Contains(org, "{") {
-		return nil
-	}
-	if err := policy.ValidateOrg(org); err != nil {
-		if errors.Is(err, policy.ErrOrgMissing) {
-			return errors.New("org is empty")
-		}
-		return err
-	}
-	return nil
-}
-
 // checkRedisURL checks a Redis URL as the store will parse it, unless it
 // holds placeholders, which are replaced when the config loads.
 func checkRedisURL(s string) error {
-	if strings.Contains(s, "{") {
+	if policy.HasPlaceholder(s) {
 		return nil
 	}
 	_, err := meter.ParseURL(s)
@@ -619,7 +648,7 @@ func checkRedisURL(s string) error {
 // checkNode checks a Redis Cluster seed node: host:port, or a URL as
 // checkRedisURL checks it.
 func checkNode(node string) error {
-	if strings.Contains(node, "://") || strings.Contains(node, "{") {
+	if strings.Contains(node, "://") || policy.HasPlaceholder(node) {
 		return checkRedisURL(node)
 	}
 	host, port, err := net.SplitHostPort(node)

@@ -106,7 +106,7 @@ func TestCaddyfileParseErrors(t *testing.T) {
 		// credits
 		{"unknown subdirective", inSite(with("bogus 1")...), "unrecognized subdirective 'bogus'", "Caddyfile:5", ""},
 		{"missing org", inSite("feature rich-text"), "org is required", "Caddyfile:2", ""},
-		{"empty org", inSite(`org ""`, "feature rich-text"), "org is empty", "Caddyfile:3", ""},
+		{"empty org", inSite(`org ""`, "feature rich-text"), "org is required", "Caddyfile:3", ""},
 		{"invalid literal org", inSite(`org "acme corp"`, "feature rich-text"), `invalid org "acme corp"`, "Caddyfile:3", ""},
 		{"missing feature", inSite("org acme"), "feature is required", "Caddyfile:2", ""},
 		{"invalid feature", inSite("org acme", `feature "rich text"`), `invalid feature "rich text"`, "Caddyfile:4", ""},
@@ -306,5 +306,57 @@ func TestREADMEJSONConfig(t *testing.T) {
 	}
 	if err := caddy.Validate(&cfg); err != nil {
 		t.Fatalf("the JSON config does not load: %v", err)
+	}
+}
+
+// TestConfigRulesOneMessage: a rule broken in a Caddyfile and the same rule
+// broken in a JSON config give one message, the module's own: the
+// Caddyfile's at the line of the setting at fault.
+func TestConfigRulesOneMessage(t *testing.T) {
+	route := func(fields string) string {
+		return `{"apps":{"http":{"servers":{"s":{"listen":["127.0.0.1:0"],"routes":[{"handle":[{"handler":"credits",` + fields + `}]}]}}}}}`
+	}
+	app := func(fields string) string { return `{"apps":{"credits":{` + fields + `}}}` }
+	for _, tc := range []struct {
+		name      string
+		caddyfile string
+		at        string
+		json      string
+		want      string
+	}{
+		{"on_exhausted", inSite("org acme", "feature f", "on_exhausted never"), "Caddyfile:5",
+			route(`"org":"acme","feature":"f","on_exhausted":"never"`), `invalid on_exhausted "never": must be block, notice or overdraft`},
+		{"fail_mode", inSite("org acme", "feature f", "fail_mode sometimes"), "Caddyfile:5",
+			route(`"org":"acme","feature":"f","fail_mode":"sometimes"`), `invalid fail_mode "sometimes": must be open or closed`},
+		{"usage", inSite("org acme", "feature f", "usage gemini"), "Caddyfile:5",
+			route(`"org":"acme","feature":"f","usage":"gemini"`), `invalid usage "gemini": must be header, openai or anthropic`},
+		{"org empty", inSite(`org ""`, "feature f"), "Caddyfile:3",
+			route(`"org":"","feature":"f"`), "org is required"},
+		{"org written out", inSite(`org "acme corp"`, "feature f"), "Caddyfile:3",
+			route(`"org":"acme corp","feature":"f"`), `invalid org "acme corp"`},
+		{"lease", inGlobal("lease -5"), "Caddyfile:3",
+			app(`"lease":-5`), `invalid lease "-5": must be off or an integer from 1 to 1000000`},
+		{"backlog", inGlobal("backlog 10000001"), "Caddyfile:3",
+			app(`"backlog":10000001`), `invalid backlog "10000001": must be an integer from 1 to 10000000`},
+		{"timeout", inGlobal("timeout -1s"), "Caddyfile:3",
+			app(`"timeout":"-1s"`), `invalid timeout "-1s": must be a duration above 0`},
+		{"redis and redis_cluster", inGlobal("redis redis://127.0.0.1:6379", "redis_cluster 127.0.0.1:7000"), "Caddyfile:4",
+			app(`"redis":"redis://127.0.0.1:6379","redis_cluster":["127.0.0.1:7000"]`), "redis and redis_cluster are both given; choose one"},
+		{"alerts threshold", inGlobal("alerts https://hooks.example {", "secret s", "thresholds 0", "}"), "Caddyfile:5",
+			app(`"alerts":{"url":"https://hooks.example","secret":"s","thresholds":[0]}`), `invalid threshold "0": must be an integer from 1 to 1000000000000`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := adaptCaddyfile(tc.caddyfile)
+			if err == nil || !strings.Contains(err.Error(), tc.want) || !strings.Contains(err.Error(), ", at "+tc.at) {
+				t.Errorf("Caddyfile: %v; want %q at %s", err, tc.want, tc.at)
+			}
+			var cfg caddy.Config
+			if err := json.Unmarshal([]byte(tc.json), &cfg); err != nil {
+				t.Fatal(err)
+			}
+			if err := caddy.Validate(&cfg); err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("JSON: %v; want %q", err, tc.want)
+			}
+		})
 	}
 }

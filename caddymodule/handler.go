@@ -18,6 +18,7 @@ import (
 
 	"github.com/creditsgw/caddy-credits/meter"
 	"github.com/creditsgw/caddy-credits/policy"
+	"github.com/creditsgw/caddy-credits/usage"
 )
 
 func init() {
@@ -152,9 +153,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	h.app = app
-	h.route, err = policy.NewRoute(policy.RouteSettings{Feature: h.Feature, Cost: h.Cost, OnExhausted: h.OnExhausted,
-		OverdraftLimit: h.OverdraftLimit, LowBalance: h.LowBalance, FailMode: h.FailMode, TopUpURL: app.TopUpURL,
-		Usage: h.Usage, Prices: h.Prices})
+	settings := h.settings()
+	settings.TopUpURL = app.TopUpURL
+	h.route, err = policy.NewRoute(settings)
 	if err != nil {
 		return fmt.Errorf("credits: %w", err)
 	}
@@ -166,16 +167,34 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	return nil
 }
 
+// settings are the route's settings, for policy.NewRoute to check.
+func (h *Handler) settings() policy.RouteSettings {
+	return policy.RouteSettings{Feature: h.Feature, Cost: h.Cost, OnExhausted: h.OnExhausted,
+		OverdraftLimit: h.OverdraftLimit, LowBalance: h.LowBalance, FailMode: h.FailMode,
+		Usage: h.Usage, Prices: h.Prices}
+}
+
 // Validate checks what Provision could not: an org to charge.
 func (h *Handler) Validate() error {
-	if h.Org == "" {
-		return errors.New("credits: org is required")
+	if err := checkOrg(h.Org); err != nil {
+		return fmt.Errorf("credits: %w", err)
 	}
 	return nil
 }
 
-func containsPlaceholder(s string) bool {
-	return strings.IndexByte(s, '{') >= 0
+// errOrgRequired is the error of a handler with no org.
+var errOrgRequired = &settingError{fields: []string{"org"}, msg: "org is required"}
+
+// checkOrg checks a handler's org: required, and valid when it is written
+// out (one with a placeholder is checked on each request).
+func checkOrg(org string) error {
+	if org == "" {
+		return errOrgRequired
+	}
+	if policy.HasPlaceholder(org) {
+		return nil
+	}
+	return policy.ValidateOrg(org)
 }
 
 // call is one metered call, resolved from its request.
@@ -210,7 +229,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		return ans(w, r)
 	}
 	cw.pay = pay
-	if h.route.Usage != policy.UsageHeader {
+	if h.route.Usage != nil {
 		cw.model = peekModel(r)
 	}
 	return cw.serve(next, r)
@@ -235,7 +254,7 @@ func peekModel(r *http.Request) string {
 	if n == maxPeek {
 		return ""
 	}
-	return policy.ModelOf(buf)
+	return usage.ModelOf(buf)
 }
 
 // resolve reads the call's org, cost and Idempotency-Key, or the problem

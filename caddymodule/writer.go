@@ -19,6 +19,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/creditsgw/caddy-credits/policy"
+	"github.com/creditsgw/caddy-credits/usage"
 )
 
 // creditsWriter settles a forwarded call's payment when the response's
@@ -48,9 +49,9 @@ type creditsWriter struct {
 	kept    []byte // the body so far
 	limit   int64
 
-	usage    *policy.UsageReader // reads the answer's usage, on an openai or anthropic route
-	model    string              // the request's model, when the answer names none
-	writeErr error               // the client could not be written to
+	usage    *usage.Reader // reads the answer's usage, on an openai or anthropic route
+	model    string        // the request's model, when the answer names none
+	writeErr error         // the client could not be written to
 
 	// lingers: the call outlives its client, within bounds, to learn its
 	// final usage or keep its response.
@@ -63,7 +64,7 @@ type creditsWriter struct {
 func newCreditsWriter(w http.ResponseWriter, h *Handler, c call) *creditsWriter {
 	return &creditsWriter{ResponseWriterWrapper: caddyhttp.ResponseWriterWrapper{ResponseWriter: w},
 		h: h, c: c, keeping: c.key != "" && h.app.keepLimit > 0, limit: h.app.keepLimit,
-		lingers: h.route.Usage != policy.UsageHeader || c.key != ""}
+		lingers: h.route.Usage != nil || c.key != ""}
 }
 
 // After its client left, a call whose usage comes at the end of its answer,
@@ -177,18 +178,18 @@ func statusOf(err error) int {
 func (cw *creditsWriter) settle(status int) {
 	cw.settled, cw.status = true, status
 	hdr := cw.Header()
-	usage, hasUsage := hdr[policy.HeaderUsage]
+	reported, hasUsage := hdr[policy.HeaderUsage]
 	cw.late = dropCreditsTrailers(hdr)
 	stripCreditsHeaders(hdr)
 
 	cw.refunded = status >= 500 || status == statusClientClosed
 	cw.actual = cw.c.cost
-	if f := cw.h.route.Usage; f != policy.UsageHeader && !cw.refunded {
+	if f := cw.h.route.Usage; f != nil && !cw.refunded {
 		// The usage is in the body: settled when the body has passed.
-		cw.late, cw.usage = true, policy.NewUsageReader(f, hdr.Get("Content-Type"))
+		cw.late, cw.usage = true, usage.NewReader(f, hdr.Get("Content-Type"))
 	}
 	if hasUsage && !cw.late {
-		cw.actual, cw.byHeader = cw.usageOf(usage), true
+		cw.actual, cw.byHeader = cw.usageOf(reported), true
 	}
 	if cw.late && !cw.refunded {
 		// Settled after the body: the headers say what the call holds.
@@ -322,7 +323,7 @@ func (cw *creditsWriter) finish(err error) {
 // tokensCost is what the tokens an answer reported cost at the route's
 // prices; an answer without usage, or a model without a price, costs the
 // hold.
-func (cw *creditsWriter) tokensCost(t policy.Tokens) int64 {
+func (cw *creditsWriter) tokensCost(t usage.Tokens) int64 {
 	if !t.Seen {
 		return cw.c.cost
 	}
@@ -350,7 +351,7 @@ func (cw *creditsWriter) abort(clientGone bool) {
 		return
 	}
 	if cw.late {
-		var t policy.Tokens
+		var t usage.Tokens
 		if cw.usage != nil {
 			t = cw.usage.Tokens()
 		}

@@ -3,6 +3,8 @@ package policy
 import (
 	"net/http"
 	"strconv"
+
+	"github.com/creditsgw/caddy-credits/usage"
 )
 
 // Mode is what a route does with a call when the organization's credits
@@ -32,8 +34,11 @@ func ParseMode(s string) (Mode, error) {
 			return Mode(m), nil
 		}
 	}
-	return Block, &InputError{Field: "mode", Value: s, Reason: "must be block, notice or overdraft"}
+	return Block, &InputError{Field: "mode", Value: s, Reason: modeReason}
 }
+
+// modeReason says what a valid mode looks like.
+const modeReason = "must be block, notice or overdraft"
 
 // String returns the mode's Caddyfile spelling, e.g. "notice".
 func (m Mode) String() string {
@@ -66,9 +71,10 @@ type Route struct {
 	// FailOpen forwards a call whose charge the store did not take, and
 	// charges it once the store answers.
 	FailOpen bool
-	// Usage is where the call's real cost comes from.
-	Usage UsageFormat
-	// Prices price the tokens of a route whose Usage is not UsageHeader.
+	// Usage is the format of the usage an answer reports, whose tokens
+	// are the call's real cost; nil for the upstream's Credits-Usage.
+	Usage usage.Format
+	// Prices price the tokens of a route with a Usage.
 	Prices []Price
 }
 

@@ -4,6 +4,7 @@ import (
 	"fmt"
 
 	"github.com/creditsgw/caddy-credits/policy"
+	"github.com/creditsgw/caddy-credits/usage"
 )
 
 // A call that the credits pay for goes upstream; the response tells the
@@ -145,7 +146,7 @@ func ExamplePriceOf() {
 		{Model: "meta-llama/*", In: 500, Out: 1000},
 		{Model: "*", In: 1000, Out: 4000},
 	}
-	used := policy.Tokens{Input: 1000, Output: 2000, Seen: true}
+	used := usage.Tokens{Input: 1000, Output: 2000, Seen: true}
 	for _, model := range []string{"gpt-4o-mini-2024-07-18", "meta-llama/Llama-3-70b", "openai/gpt-4o"} {
 		credits, _ := policy.PriceOf(prices, model, used)
 		fmt.Println(model+":", credits)

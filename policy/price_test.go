@@ -10,11 +10,12 @@ import (
 	"pgregory.net/rapid"
 
 	"github.com/creditsgw/caddy-credits/policy"
+	"github.com/creditsgw/caddy-credits/usage"
 )
 
 // matches reports whether a price of the glob prices the model.
 func matches(glob, model string) bool {
-	_, ok := policy.PriceOf([]policy.Price{{Model: glob, In: 1, Out: 1}}, model, policy.Tokens{Seen: true})
+	_, ok := policy.PriceOf([]policy.Price{{Model: glob, In: 1, Out: 1}}, model, usage.Tokens{Seen: true})
 	return ok
 }
 
@@ -68,7 +69,7 @@ func TestPriceGlob(t *testing.T) {
 	// The first matching price wins, a slash in the name or not.
 	prices := []policy.Price{{Model: "meta-llama/*", In: 3000, Out: 0}, {Model: "*", In: 1000, Out: 0}}
 	for model, want := range map[string]int64{"meta-llama/Llama-3-70b": 3, "openai/gpt-4o": 1, "o1": 1} {
-		if got, ok := policy.PriceOf(prices, model, policy.Tokens{Input: 1000, Seen: true}); !ok || got != want {
+		if got, ok := policy.PriceOf(prices, model, usage.Tokens{Input: 1000, Seen: true}); !ok || got != want {
 			t.Errorf("%s: %d %v, want %d", model, got, ok, want)
 		}
 	}
@@ -153,4 +154,28 @@ func TestPriceGlobReference(t *testing.T) {
 			t.Fatalf("glob %q, name %q: matched %v, the reference %v", glob, name, got, want)
 		}
 	})
+}
+
+func TestPriceOf(t *testing.T) {
+	prices := []policy.Price{{Model: "gpt-4o*", In: 2000, Out: 8000}, {Model: "*", In: 1, Out: 1}}
+	for _, tc := range []struct {
+		model   string
+		in, out int64
+		want    int64
+	}{
+		{"gpt-4o-mini", 1000, 2000, 18},
+		{"gpt-4o", 1, 0, 1},               // rounded up
+		{"gpt-4o", 0, 0, 0},               // nothing used
+		{"other", 999_999, 1, 1},          // exactly 1
+		{"other", 1_000_000, 1, 2},        // just over
+		{"gpt-4o", 1e12, 1e12, 1_000_000}, // at most MaxCost
+	} {
+		got, ok := policy.PriceOf(prices, tc.model, usage.Tokens{Input: tc.in, Output: tc.out, Seen: true})
+		if !ok || got != tc.want {
+			t.Errorf("%s %d/%d: %d %v, want %d", tc.model, tc.in, tc.out, got, ok, tc.want)
+		}
+	}
+	if _, ok := policy.PriceOf(prices[:1], "claude", usage.Tokens{Seen: true}); ok {
+		t.Error("a model with no price was priced")
+	}
 }

@@ -4,7 +4,20 @@ import (
 	"errors"
 	"strconv"
 	"strings"
+
+	"github.com/creditsgw/caddy-credits/usage"
 )
+
+// UsageHeader is the usage setting of a route whose real cost is the
+// upstream's Credits-Usage header or trailer.
+const UsageHeader = "header"
+
+// HasPlaceholder reports whether a setting holds a placeholder, such as
+// {http.request.header.X-Org-Id}: its value is known only per request (or
+// at load, for {env.*}), so it is checked then.
+func HasPlaceholder(s string) bool {
+	return strings.IndexByte(s, '{') >= 0
+}
 
 var errFeatureMissing = errors.New("feature is required")
 
@@ -32,7 +45,8 @@ type RouteSettings struct {
 	FailMode string
 	// TopUpURL goes into refusals' problem bodies.
 	TopUpURL string
-	// Usage is header, openai or anthropic; empty for header.
+	// Usage is header, or the name of a usage.Format (openai,
+	// anthropic); empty for header.
 	Usage string
 	// Prices price the tokens of a route whose usage is openai or
 	// anthropic; the first whose glob matches the model wins.
@@ -53,13 +67,13 @@ func NewRoute(s RouteSettings) (Route, error) {
 	if s.OnExhausted != "" {
 		m, err := ParseMode(s.OnExhausted)
 		if err != nil {
-			return Route{}, &InputError{Field: "on_exhausted", Value: s.OnExhausted, Reason: "must be block, notice or overdraft"}
+			return Route{}, &InputError{Field: "on_exhausted", Value: s.OnExhausted, Reason: modeReason}
 		}
 		r.Mode = m
 	}
 	switch {
 	case s.Cost == "":
-	case strings.Contains(s.Cost, "{"):
+	case HasPlaceholder(s.Cost):
 		r.Cost = 0 // resolved per request
 	default:
 		n, err := ParseCost(s.Cost)
@@ -74,8 +88,7 @@ func NewRoute(s RouteSettings) (Route, error) {
 				Reason: "needs on_exhausted overdraft; this route is " + r.Mode.String()}
 		}
 		if *s.OverdraftLimit < 0 || *s.OverdraftLimit > MaxAmount {
-			return Route{}, &InputError{Field: "overdraft_limit", Value: strconv.FormatInt(*s.OverdraftLimit, 10),
-				Reason: "must be an integer from 0 to " + strconv.FormatInt(MaxAmount, 10)}
+			return Route{}, RangeError("overdraft_limit", strconv.FormatInt(*s.OverdraftLimit, 10), 0, MaxAmount)
 		}
 		r.OverdraftLimit = *s.OverdraftLimit
 	}
@@ -85,19 +98,18 @@ func NewRoute(s RouteSettings) (Route, error) {
 				Reason: "needs on_exhausted notice; this route is " + r.Mode.String()}
 		}
 		if s.LowBalance < 1 || s.LowBalance > MaxAmount {
-			return Route{}, &InputError{Field: "low_balance", Value: strconv.FormatInt(s.LowBalance, 10),
-				Reason: "must be an integer from 1 to " + strconv.FormatInt(MaxAmount, 10)}
+			return Route{}, RangeError("low_balance", strconv.FormatInt(s.LowBalance, 10), 1, MaxAmount)
 		}
 	}
-	if s.Usage != "" {
-		f, err := ParseUsageFormat(s.Usage)
-		if err != nil {
-			return Route{}, err
+	if s.Usage != "" && s.Usage != UsageHeader {
+		f, ok := usage.Lookup(s.Usage)
+		if !ok {
+			return Route{}, &InputError{Field: "usage", Value: s.Usage, Reason: "must be " + UsageHeader + ", " + usage.Names()}
 		}
 		r.Usage = f
 	}
-	if len(s.Prices) > 0 && r.Usage == UsageHeader {
-		return Route{}, &InputError{Field: "price", Value: s.Prices[0].Model, Reason: "needs usage openai or anthropic"}
+	if len(s.Prices) > 0 && r.Usage == nil {
+		return Route{}, &InputError{Field: "price", Value: s.Prices[0].Model, Reason: "needs usage " + usage.Names()}
 	}
 	for _, p := range s.Prices {
 		if err := p.Validate(); err != nil {

@@ -53,6 +53,13 @@ func (e *InputError) Error() string {
 	return fmt.Sprintf("invalid %s %q: %s", e.Field, v, e.Reason)
 }
 
+// RangeError is the error of an integer setting outside lo..hi, or of one
+// that is not an integer: every integer range reads the same.
+func RangeError(field, value string, lo, hi int64) *InputError {
+	return &InputError{Field: field, Value: value,
+		Reason: "must be an integer from " + strconv.FormatInt(lo, 10) + " to " + strconv.FormatInt(hi, 10)}
+}
+
 // ValidateOrg checks an org id against IDPattern. It returns ErrOrgMissing
 // when org is empty, and an *InputError when org is otherwise invalid.
 func ValidateOrg(org string) error {
@@ -122,11 +129,7 @@ func ParseCost(s string) (int64, error) {
 
 // costError is the error of a cost that ParseCost rejects.
 func costError(s string) error {
-	return &InputError{
-		Field:  "cost",
-		Value:  s,
-		Reason: "must be an integer from " + strconv.Itoa(MinCost) + " to " + strconv.Itoa(MaxCost),
-	}
+	return RangeError("cost", s, MinCost, MaxCost)
 }
 
 // ValidateIdempotencyKey checks an Idempotency-Key header value: 1 to 255

@@ -1,4 +1,4 @@
-package policy
+package usage
 
 import (
 	"fmt"
@@ -11,15 +11,15 @@ import (
 
 // wholeJSON is the reference: the usage a read of the whole answer at once
 // finds, as encoding/json decodes it.
-func wholeJSON(format UsageFormat, body []byte) Tokens {
-	u := &UsageReader{format: format}
+func wholeJSON(format Format, body []byte) Tokens {
+	u := &Reader{format: format}
 	u.read(body)
 	return u.tokens
 }
 
 // streamJSON reads an answer in the pieces given.
-func streamJSON(format UsageFormat, pieces [][]byte) Tokens {
-	u := NewUsageReader(format, "application/json")
+func streamJSON(format Format, pieces [][]byte) Tokens {
+	u := NewReader(format, "application/json")
 	for _, p := range pieces {
 		u.Write(p)
 	}
@@ -99,11 +99,11 @@ func TestUsageJSONReference(t *testing.T) {
 				body = body[:i]
 			}
 		}
-		for _, format := range []UsageFormat{UsageOpenAI, UsageAnthropic} {
+		for _, format := range []Format{OpenAI{}, Anthropic{}} {
 			want := wholeJSON(format, body)
 			n := rapid.IntRange(1, len(body)+1).Draw(t, "piece")
 			if got := streamJSON(format, cutEvery(body, n)); got != want {
-				t.Fatalf("%v, %q in pieces of %d: %+v, a whole read %+v", format, body, n, got, want)
+				t.Fatalf("%v, %q in pieces of %d: %+v, a whole read %+v", format.Name(), body, n, got, want)
 			}
 		}
 	})
@@ -134,15 +134,15 @@ func FuzzUsageJSON(f *testing.F) {
 		f.Add(s, uint16(7))
 	}
 	f.Fuzz(func(t *testing.T, body string, cut uint16) {
-		for _, format := range []UsageFormat{UsageOpenAI, UsageAnthropic} {
+		for _, format := range []Format{OpenAI{}, Anthropic{}} {
 			got := streamJSON(format, cutEvery([]byte(body), int(cut)%97+1))
 			if len(body) <= maxKept {
 				// The kept members cannot outgrow the answer.
 				if want := wholeJSON(format, []byte(body)); got != want {
-					t.Fatalf("%v: %+v, a whole read %+v", format, got, want)
+					t.Fatalf("%v: %+v, a whole read %+v", format.Name(), got, want)
 				}
 			} else if whole := streamJSON(format, [][]byte{[]byte(body)}); got != whole {
-				t.Fatalf("%v: %+v in pieces, %+v whole", format, got, whole)
+				t.Fatalf("%v: %+v in pieces, %+v whole", format.Name(), got, whole)
 			}
 		}
 	})
@@ -183,7 +183,7 @@ func TestUsageJSONMemory(t *testing.T) {
 		var before, after runtime.MemStats
 		runtime.GC()
 		runtime.ReadMemStats(&before)
-		u := NewUsageReader(UsageOpenAI, "application/json; charset=utf-8")
+		u := NewReader(OpenAI{}, "application/json; charset=utf-8")
 		for rest := body; len(rest) > 0; {
 			n := min(len(rest), 32<<10)
 			u.Write(rest[:n])

@@ -1,4 +1,4 @@
-package policy_test
+package usage_test
 
 import (
 	"fmt"
@@ -7,7 +7,7 @@ import (
 
 	"pgregory.net/rapid"
 
-	"github.com/creditsgw/caddy-credits/policy"
+	"github.com/creditsgw/caddy-credits/usage"
 )
 
 // A stream far longer than the reader's head: its usage is read from its
@@ -27,13 +27,13 @@ func TestUsageReaderLongStream(t *testing.T) {
 		b.WriteString("event: message_stop\n" + `data: {"type":"message_stop"}` + "\n\n")
 		body := b.String()
 
-		whole := policy.NewUsageReader(policy.UsageAnthropic, "text/event-stream")
+		whole := usage.NewReader(usage.Anthropic{}, "text/event-stream")
 		whole.Write([]byte(body))
 		want := whole.Tokens()
-		if body := len(body); body > 64<<10 && want != (policy.Tokens{Model: "claude-x", Input: 11, Output: 42, Seen: true}) {
+		if body := len(body); body > 64<<10 && want != (usage.Tokens{Model: "claude-x", Input: 11, Output: 42, Seen: true}) {
 			t.Fatalf("a %d-byte stream read whole: %+v", body, want)
 		}
-		pieces := policy.NewUsageReader(policy.UsageAnthropic, "text/event-stream")
+		pieces := usage.NewReader(usage.Anthropic{}, "text/event-stream")
 		for rest := body; len(rest) > 0; {
 			n := min(len(rest), rapid.IntRange(1, 100<<10).Draw(t, "piece"))
 			pieces.Write([]byte(rest[:n]))
@@ -51,9 +51,9 @@ func TestUsageReaderLongStream(t *testing.T) {
 	b.WriteString(`data: {"model":"m","usage":{"prompt_tokens":999,"completion_tokens":999}}` + "\n\n")
 	b.WriteString(strings.Repeat("data: {\"choices\":[{\"delta\":{\"content\":\"z\"}}],\"usage\":null}\n\n", 5000))
 	b.WriteString(`data: {"model":"m","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}` + "\n\ndata: [DONE]\n\n")
-	u := policy.NewUsageReader(policy.UsageOpenAI, "text/event-stream")
+	u := usage.NewReader(usage.OpenAI{}, "text/event-stream")
 	u.Write([]byte(b.String()))
-	if got := u.Tokens(); got != (policy.Tokens{Model: "m", Input: 3, Output: 4, Seen: true}) {
+	if got := u.Tokens(); got != (usage.Tokens{Model: "m", Input: 3, Output: 4, Seen: true}) {
 		t.Errorf("read %+v, want the usage the stream ends with", got)
 	}
 }

@@ -1,10 +1,11 @@
-package policy_test
+package usage_test
 
 import (
 	"strings"
 	"testing"
 
 	"github.com/creditsgw/caddy-credits/policy"
+	"github.com/creditsgw/caddy-credits/usage"
 )
 
 // FuzzUsageReader feeds arbitrary answers, in arbitrary pieces, to the SSE
@@ -38,49 +39,25 @@ func FuzzUsageReader(f *testing.F) {
 		if sse {
 			ct = "text/event-stream"
 		}
-		for _, format := range []policy.UsageFormat{policy.UsageOpenAI, policy.UsageAnthropic} {
-			whole := policy.NewUsageReader(format, ct)
+		for _, format := range []usage.Format{usage.OpenAI{}, usage.Anthropic{}} {
+			whole := usage.NewReader(format, ct)
 			whole.Write([]byte(body))
 			want := whole.Tokens()
-			pieces := policy.NewUsageReader(format, ct)
+			pieces := usage.NewReader(format, ct)
 			step := int(cut)%64 + 1
 			for i := 0; i < len(body); i += step {
 				pieces.Write([]byte(body[i:min(i+step, len(body))]))
 			}
 			if got := pieces.Tokens(); got != want {
-				t.Fatalf("%v: read whole %+v, in pieces of %d %+v", format, want, step, got)
+				t.Fatalf("%v: read whole %+v, in pieces of %d %+v", format.Name(), want, step, got)
 			}
 			if want.Input < 0 || want.Output < 0 || (!want.Seen && (want.Input != 0 || want.Output != 0)) {
-				t.Fatalf("%v: tokens %+v", format, want)
+				t.Fatalf("%v: tokens %+v", format.Name(), want)
 			}
 			n, _ := policy.PriceOf([]policy.Price{{Model: "*", In: policy.MaxPrice, Out: policy.MaxPrice}}, want.Model, want)
 			if n < 0 || n > policy.MaxCost {
-				t.Fatalf("%v: price %d of %+v", format, n, want)
+				t.Fatalf("%v: price %d of %+v", format.Name(), n, want)
 			}
 		}
 	})
-}
-
-func TestPriceOf(t *testing.T) {
-	prices := []policy.Price{{Model: "gpt-4o*", In: 2000, Out: 8000}, {Model: "*", In: 1, Out: 1}}
-	for _, tc := range []struct {
-		model   string
-		in, out int64
-		want    int64
-	}{
-		{"gpt-4o-mini", 1000, 2000, 18},
-		{"gpt-4o", 1, 0, 1},               // rounded up
-		{"gpt-4o", 0, 0, 0},               // nothing used
-		{"other", 999_999, 1, 1},          // exactly 1
-		{"other", 1_000_000, 1, 2},        // just over
-		{"gpt-4o", 1e12, 1e12, 1_000_000}, // at most MaxCost
-	} {
-		got, ok := policy.PriceOf(prices, tc.model, policy.Tokens{Input: tc.in, Output: tc.out, Seen: true})
-		if !ok || got != tc.want {
-			t.Errorf("%s %d/%d: %d %v, want %d", tc.model, tc.in, tc.out, got, ok, tc.want)
-		}
-	}
-	if _, ok := policy.PriceOf(prices[:1], "claude", policy.Tokens{Seen: true}); ok {
-		t.Error("a model with no price was priced")
-	}
 }

@@ -1,4 +1,4 @@
-package policy
+package usage
 
 import (
 	"bytes"
@@ -50,7 +50,7 @@ const (
 
 // jsonScan reads a JSON answer as it streams past, in bounded memory: it
 // checks the answer's syntax as encoding/json does and keeps, of the
-// top-level object, only the members the usage is read from (type, model,
+// top-level object, only the members the usage is read from (model,
 // usage, and message's model and usage). Decoding the kept members gives
 // what decoding the whole answer would, however large the answer.
 type jsonScan struct {
@@ -331,9 +331,9 @@ func (s *jsonScan) endKey() {
 	if !s.keyOn || len(s.key) > maxKey {
 		return
 	}
-	names := []string{"type", "model", "usage", "message"}
+	names := []string{"model", "usage", "message"}
 	if len(s.stack) == 2 {
-		names = names[1:3] // message's model and usage
+		names = names[:2] // message's model and usage
 	}
 	// A key written with escapes is compared as read; encoding/json
 	// matches names without case.
