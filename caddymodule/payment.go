@@ -7,7 +7,6 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/creditsgw/caddy-credits/meter"
-	"github.com/creditsgw/caddy-credits/policy"
 )
 
 // payment is how a forwarded call was paid for. Each kind settles through
@@ -161,9 +160,4 @@ func (m *metrics) observeStore(err error) {
 	if err != nil && !errors.Is(err, meter.ErrInFlight) && !errors.Is(err, meter.ErrMismatch) {
 		m.storeErrors.Inc()
 	}
-}
-
-// decide is the decision a payment's balance makes for a call of cost.
-func (h *Handler) decide(org string, balance, cost int64) policy.Decision {
-	return policy.Decide(h.route, org, policy.Answer{Charged: true, Balance: balance, Cost: cost})
 }

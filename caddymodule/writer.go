@@ -300,6 +300,11 @@ func (cw *creditsWriter) account(balance int64, known bool) {
 	}
 }
 
+// decide is the decision a payment's balance makes for a call of cost.
+func (h *Handler) decide(org string, balance, cost int64) policy.Decision {
+	return policy.Decide(h.route, org, policy.Answer{Charged: true, Balance: balance, Cost: cost})
+}
+
 // record counts the call once, with its final charge, after it was settled
 // and its response went out: its outcome, the credits charged (never
 // negative, as a Prometheus counter needs), the balance for the alerts and
