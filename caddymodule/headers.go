@@ -62,3 +62,20 @@ func dropCreditsTrailers(hdr http.Header) (usage bool) {
 	}
 	return usage
 }
+
+// takeCreditsTrailers takes the upstream's Credits trailers out of hdr, and
+// a Credits-Usage it set after the headers, and returns that Credits-Usage:
+// the trailer's over the header's.
+func takeCreditsTrailers(hdr http.Header) (usage []string, ok bool) {
+	usage, ok = hdr[policy.HeaderUsage]
+	if v, found := hdr[http.TrailerPrefix+policy.HeaderUsage]; found {
+		usage, ok = v, true
+	}
+	for k := range hdr {
+		if name, found := strings.CutPrefix(k, http.TrailerPrefix); found && policy.IsCreditsHeader(name) {
+			delete(hdr, k)
+		}
+	}
+	delete(hdr, policy.HeaderUsage)
+	return usage, ok
+}

@@ -6,7 +6,6 @@ import (
 	"io"
 	"net/http"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -352,16 +351,7 @@ func (cw *creditsWriter) finish(err error) {
 		cw.settle(statusOf(err))
 	}
 	hdr := cw.Header()
-	usage, hasUsage := hdr[policy.HeaderUsage]
-	if v, ok := hdr[http.TrailerPrefix+policy.HeaderUsage]; ok {
-		usage, hasUsage = v, true
-	}
-	for k := range hdr {
-		if name, ok := strings.CutPrefix(k, http.TrailerPrefix); ok && policy.IsCreditsHeader(name) {
-			delete(hdr, k)
-		}
-	}
-	delete(hdr, policy.HeaderUsage)
+	usage, hasUsage := takeCreditsTrailers(hdr)
 	switch cw.phase {
 	case phaseRefunded:
 		return
