@@ -8,8 +8,8 @@ import (
 	"github.com/creditsgw/caddy-credits/policy"
 )
 
-// stripCreditsHeaders takes every Credits header out of h: a client's
-// request, or an upstream's response, never sets them.
+// stripCreditsHeaders takes every Credits header out of h: only the gateway
+// sets them, never a client's request or an upstream's response.
 func stripCreditsHeaders(h http.Header) {
 	for name := range h {
 		if policy.IsCreditsHeader(name) {

@@ -49,6 +49,7 @@ type keptResponse struct {
 	body   []byte
 }
 
+// parseKept reads a response encodeKept wrote.
 func parseKept(data []byte) (keptResponse, error) {
 	r := textproto.NewReader(bufio.NewReader(bytes.NewReader(data)))
 	line, err := r.ReadLine()
