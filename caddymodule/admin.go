@@ -104,7 +104,8 @@ func (a *Admin) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Ha
 
 // adminRoute answers one admin call. It is an http.Handler of adminMux, so
 // that the mux fills in the path's values; the Admin and the returned error
-// travel in the request's context, in an adminCall.
+// travel in the request's context, in an adminCall. For bad input a route
+// returns invalid(err), which its ServeHTTP answers 400.
 type adminRoute func(a *Admin, w http.ResponseWriter, r *http.Request) error
 
 // adminRoutes maps each admin call, a ServeMux pattern, to its route. A GET
@@ -112,17 +113,17 @@ type adminRoute func(a *Admin, w http.ResponseWriter, r *http.Request) error
 var adminRoutes = map[string]adminRoute{
 	"GET /health":                         (*Admin).health,
 	"GET /orgs":                           (*Admin).orgs,
-	"GET /orgs/{org}":                     (*Admin).account,
-	"PUT /orgs/{org}/plan":                (*Admin).setPlan,
-	"POST /orgs/{org}/topup":              (*Admin).topUp,
-	"POST /orgs/{org}/recharge":           (*Admin).recharge,
-	"GET /orgs/{org}/events":              (*Admin).events,
-	"GET /orgs/{org}/usage":               (*Admin).usage,
-	"POST /orgs/{org}/adjust":             (*Admin).adjust,
-	"POST /orgs/{org}/holds":              (*Admin).createHold,
-	"GET /orgs/{org}/holds":               (*Admin).holds,
-	"POST /orgs/{org}/holds/{id}/capture": (*Admin).captureHold,
-	"DELETE /orgs/{org}/holds/{id}":       (*Admin).releaseHold,
+	"GET /orgs/{org}":                     withOrg((*Admin).account),
+	"PUT /orgs/{org}/plan":                withOrg((*Admin).setPlan),
+	"POST /orgs/{org}/topup":              withOrg((*Admin).topUp),
+	"POST /orgs/{org}/recharge":           withOrg((*Admin).recharge),
+	"GET /orgs/{org}/events":              withOrg((*Admin).events),
+	"GET /orgs/{org}/usage":               withOrg((*Admin).usage),
+	"POST /orgs/{org}/adjust":             withOrg((*Admin).adjust),
+	"POST /orgs/{org}/holds":              withOrg((*Admin).createHold),
+	"GET /orgs/{org}/holds":               withOrg((*Admin).holds),
+	"POST /orgs/{org}/holds/{id}/capture": withOrg((*Admin).captureHold),
+	"DELETE /orgs/{org}/holds/{id}":       withOrg((*Admin).releaseHold),
 }
 
 // adminMux matches a call's method exactly and its path to a route.
@@ -144,8 +145,37 @@ type adminCall struct {
 
 func (route adminRoute) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	call := r.Context().Value(adminCallKey{}).(*adminCall)
-	call.err = route(call.admin, w, r)
+	err := route(call.admin, w, r)
+	if bad, ok := err.(badInput); ok {
+		err = writeProblem(w, r, policy.Invalid(bad.err))
+	}
+	call.err = err
 }
+
+// orgRoute answers an admin call on one org, the path's {org}, checked.
+type orgRoute func(a *Admin, w http.ResponseWriter, r *http.Request, org string) error
+
+// withOrg checks the path's org before route runs: an invalid one is
+// answered 400, and route is not run.
+func withOrg(route orgRoute) adminRoute {
+	return func(a *Admin, w http.ResponseWriter, r *http.Request) error {
+		org := r.PathValue("org")
+		if err := policy.ValidateOrg(org); err != nil {
+			return invalid(err)
+		}
+		return route(a, w, r, org)
+	}
+}
+
+// badInput is a route's error for a call's bad input: the route's caller
+// answers it 400 with err's words, so that no route writes that answer
+// itself.
+type badInput struct{ err error }
+
+func (b badInput) Error() string { return b.err.Error() }
+
+// invalid is the error a route returns for bad input.
+func invalid(err error) error { return badInput{err} }
 
 func isAdminRoute(h http.Handler) bool {
 	_, ok := h.(adminRoute)
@@ -181,17 +211,7 @@ func (p *probeWriter) WriteHeader(status int) {
 	}
 }
 
-// orgParam is the org of the call's path, checked.
-func orgParam(r *http.Request) (string, error) {
-	org := r.PathValue("org")
-	return org, policy.ValidateOrg(org)
-}
-
-func (a *Admin) account(w http.ResponseWriter, r *http.Request) error {
-	org, err := orgParam(r)
-	if err != nil {
-		return writeProblem(w, r, policy.Invalid(err))
-	}
+func (a *Admin) account(w http.ResponseWriter, r *http.Request, org string) error {
 	acct, err := a.app.ledger.Account(r.Context(), org)
 	if err != nil {
 		return a.fail(w, r, org, "account", err)
@@ -199,16 +219,13 @@ func (a *Admin) account(w http.ResponseWriter, r *http.Request) error {
 	return writeJSON(w, r, http.StatusOK, acct)
 }
 
-func (a *Admin) events(w http.ResponseWriter, r *http.Request) error {
-	org, err := orgParam(r)
-	if err != nil {
-		return writeProblem(w, r, policy.Invalid(err))
-	}
+func (a *Admin) events(w http.ResponseWriter, r *http.Request, org string) error {
 	limit := int64(defaultEvents)
 	if s := r.URL.Query().Get("limit"); s != "" {
+		var err error
 		limit, err = strconv.ParseInt(s, 10, 64)
 		if err != nil || limit < 1 || limit > maxEvents {
-			return writeProblem(w, r, policy.Invalid(&policy.InputError{Field: "limit", Value: s, Reason: fmt.Sprintf("must be 1 to %d", maxEvents)}))
+			return invalid(&policy.InputError{Field: "limit", Value: s, Reason: fmt.Sprintf("must be 1 to %d", maxEvents)})
 		}
 	}
 	events, err := a.app.ledger.Events(r.Context(), org, limit)
@@ -229,22 +246,19 @@ const usageDays = 30
 // YYYY-MM-DD, included; to defaults to today, from to 29 days before to):
 // {"org": ..., "days": [{"date": ..., "used": {...}}, ...]}, every day of
 // the range, in order.
-func (a *Admin) usage(w http.ResponseWriter, r *http.Request) error {
-	org, err := orgParam(r)
-	if err != nil {
-		return writeProblem(w, r, policy.Invalid(err))
-	}
+func (a *Admin) usage(w http.ResponseWriter, r *http.Request, org string) error {
 	q := r.URL.Query()
 	to := time.Now().UTC()
+	var err error
 	if s := q.Get("to"); s != "" {
 		if to, err = parseDate("to", s); err != nil {
-			return writeProblem(w, r, policy.Invalid(err))
+			return invalid(err)
 		}
 	}
 	from := to.AddDate(0, 0, -(usageDays - 1))
 	if s := q.Get("from"); s != "" {
 		if from, err = parseDate("from", s); err != nil {
-			return writeProblem(w, r, policy.Invalid(err))
+			return invalid(err)
 		}
 	}
 	days, err := a.app.ledger.Usage(r.Context(), org, from, to)
@@ -273,14 +287,14 @@ func (a *Admin) orgs(w http.ResponseWriter, r *http.Request) error {
 	after := q.Get("after")
 	if after != "" {
 		if err := policy.ValidateOrg(after); err != nil {
-			return writeProblem(w, r, policy.Invalid(&policy.InputError{Field: "after", Value: after, Reason: "must be an org id"}))
+			return invalid(&policy.InputError{Field: "after", Value: after, Reason: "must be an org id"})
 		}
 	}
 	limit := defaultOrgs
 	if s := q.Get("limit"); s != "" {
 		n, err := strconv.Atoi(s)
 		if err != nil || n < 1 || n > meter.MaxOrgsPage {
-			return writeProblem(w, r, policy.Invalid(&policy.InputError{Field: "limit", Value: s, Reason: fmt.Sprintf("must be 1 to %d", meter.MaxOrgsPage)}))
+			return invalid(&policy.InputError{Field: "limit", Value: s, Reason: fmt.Sprintf("must be 1 to %d", meter.MaxOrgsPage)})
 		}
 		limit = n
 	}
@@ -294,25 +308,21 @@ func (a *Admin) orgs(w http.ResponseWriter, r *http.Request) error {
 	}{orgs, next})
 }
 
-func (a *Admin) setPlan(w http.ResponseWriter, r *http.Request) error {
-	org, err := orgParam(r)
-	if err != nil {
-		return writeProblem(w, r, policy.Invalid(err))
-	}
+func (a *Admin) setPlan(w http.ResponseWriter, r *http.Request, org string) error {
 	var body struct {
 		Allowance     *int64 `json:"allowance"`
 		RechargeMonth *int   `json:"recharge_month"`
 		Reference     string `json:"reference"`
 	}
 	if err := decodeBody(w, r, &body); err != nil {
-		return writeProblem(w, r, policy.Invalid(err))
+		return invalid(err)
 	}
 	if body.Allowance == nil || body.RechargeMonth == nil {
-		return writeProblem(w, r, policy.Invalid(errors.New("allowance and recharge_month are required")))
+		return invalid(errors.New("allowance and recharge_month are required"))
 	}
 	ref, own, err := writeReference(r, body.Reference)
 	if err != nil {
-		return writeProblem(w, r, policy.Invalid(err))
+		return invalid(err)
 	}
 	plan := meter.Plan{Allowance: *body.Allowance, RechargeMonth: *body.RechargeMonth}
 	acct, applied, err := a.app.ledger.SetPlan(context.WithoutCancel(r.Context()), org, plan, ref)
@@ -324,24 +334,20 @@ func (a *Admin) setPlan(w http.ResponseWriter, r *http.Request) error {
 	return answerWrite(w, r, http.StatusOK, applied || own, acct)
 }
 
-func (a *Admin) topUp(w http.ResponseWriter, r *http.Request) error {
-	org, err := orgParam(r)
-	if err != nil {
-		return writeProblem(w, r, policy.Invalid(err))
-	}
+func (a *Admin) topUp(w http.ResponseWriter, r *http.Request, org string) error {
 	var body struct {
 		Amount    *int64 `json:"amount"`
 		Reference string `json:"reference"`
 	}
 	if err := decodeBody(w, r, &body); err != nil {
-		return writeProblem(w, r, policy.Invalid(err))
+		return invalid(err)
 	}
 	if body.Amount == nil {
-		return writeProblem(w, r, policy.Invalid(errors.New("amount is required")))
+		return invalid(errors.New("amount is required"))
 	}
 	ref, own, err := writeReference(r, body.Reference)
 	if err != nil {
-		return writeProblem(w, r, policy.Invalid(err))
+		return invalid(err)
 	}
 	acct, applied, err := a.app.ledger.TopUp(context.WithoutCancel(r.Context()), org, *body.Amount, ref)
 	if err != nil {
@@ -359,28 +365,24 @@ func (a *Admin) topUp(w http.ResponseWriter, r *http.Request) error {
 // adjust applies an operator's correction: {"amount": n (not 0), "reason":
 // "...", "reference": "..."}. A reference (or the call's Idempotency-Key) is
 // required, so that a retry after an unknown outcome applies it once.
-func (a *Admin) adjust(w http.ResponseWriter, r *http.Request) error {
-	org, err := orgParam(r)
-	if err != nil {
-		return writeProblem(w, r, policy.Invalid(err))
-	}
+func (a *Admin) adjust(w http.ResponseWriter, r *http.Request, org string) error {
 	var body struct {
 		Amount    *int64 `json:"amount"`
 		Reason    string `json:"reason"`
 		Reference string `json:"reference"`
 	}
 	if err := decodeBody(w, r, &body); err != nil {
-		return writeProblem(w, r, policy.Invalid(err))
+		return invalid(err)
 	}
 	if body.Amount == nil {
-		return writeProblem(w, r, policy.Invalid(errors.New("amount is required")))
+		return invalid(errors.New("amount is required"))
 	}
 	ref, err := reference(r, body.Reference)
 	if err != nil {
-		return writeProblem(w, r, policy.Invalid(err))
+		return invalid(err)
 	}
 	if ref == "" {
-		return writeProblem(w, r, policy.Invalid(errors.New("reference (or an Idempotency-Key) is required: it makes a retry apply the adjustment once")))
+		return invalid(errors.New("reference (or an Idempotency-Key) is required: it makes a retry apply the adjustment once"))
 	}
 	acct, applied, err := a.app.ledger.Adjust(context.WithoutCancel(r.Context()), org, *body.Amount, body.Reason, ref)
 	if err != nil {
@@ -392,20 +394,16 @@ func (a *Admin) adjust(w http.ResponseWriter, r *http.Request) error {
 	return answerWrite(w, r, http.StatusOK, applied, acct)
 }
 
-func (a *Admin) recharge(w http.ResponseWriter, r *http.Request) error {
-	org, err := orgParam(r)
-	if err != nil {
-		return writeProblem(w, r, policy.Invalid(err))
-	}
+func (a *Admin) recharge(w http.ResponseWriter, r *http.Request, org string) error {
 	var body struct {
 		Reference string `json:"reference"`
 	}
 	if err := decodeBody(w, r, &body); err != nil {
-		return writeProblem(w, r, policy.Invalid(err))
+		return invalid(err)
 	}
 	ref, own, err := writeReference(r, body.Reference)
 	if err != nil {
-		return writeProblem(w, r, policy.Invalid(err))
+		return invalid(err)
 	}
 	acct, applied, err := a.app.ledger.Recharge(context.WithoutCancel(r.Context()), org, ref)
 	if err != nil {
@@ -455,11 +453,7 @@ type endedAnswer struct {
 // a repeated reference, capture or release.
 const headerReplayed = "Idempotent-Replayed"
 
-func (a *Admin) createHold(w http.ResponseWriter, r *http.Request) error {
-	org, err := orgParam(r)
-	if err != nil {
-		return writeProblem(w, r, policy.Invalid(err))
-	}
+func (a *Admin) createHold(w http.ResponseWriter, r *http.Request, org string) error {
 	var body struct {
 		Amount    *int64  `json:"amount"`
 		Feature   *string `json:"feature"`
@@ -467,20 +461,21 @@ func (a *Admin) createHold(w http.ResponseWriter, r *http.Request) error {
 		Reference string  `json:"reference"`
 	}
 	if err := decodeBody(w, r, &body); err != nil {
-		return writeProblem(w, r, policy.Invalid(err))
+		return invalid(err)
 	}
 	if body.Amount == nil || body.Feature == nil {
-		return writeProblem(w, r, policy.Invalid(errors.New("amount and feature are required")))
+		return invalid(errors.New("amount and feature are required"))
 	}
 	req := meter.HoldRequest{Org: org, Feature: *body.Feature, Amount: *body.Amount, TTL: meter.DefaultHoldTTL}
+	var err error
 	if body.TTL != nil {
 		if req.TTL, err = holdTTL(*body.TTL); err != nil {
-			return writeProblem(w, r, policy.Invalid(err))
+			return invalid(err)
 		}
 	}
 	var own bool
 	if req.Reference, own, err = writeReference(r, body.Reference); err != nil {
-		return writeProblem(w, r, policy.Invalid(err))
+		return invalid(err)
 	}
 	hold, acct, repeat, err := a.app.ledger.CreateHold(context.WithoutCancel(r.Context()), req)
 	switch {
@@ -541,11 +536,7 @@ func reference(r *http.Request, ref string) (string, error) {
 	return key, nil
 }
 
-func (a *Admin) holds(w http.ResponseWriter, r *http.Request) error {
-	org, err := orgParam(r)
-	if err != nil {
-		return writeProblem(w, r, policy.Invalid(err))
-	}
+func (a *Admin) holds(w http.ResponseWriter, r *http.Request, org string) error {
 	holds, err := a.app.ledger.Holds(r.Context(), org)
 	if err != nil {
 		return a.fail(w, r, org, "holds", err)
@@ -556,19 +547,15 @@ func (a *Admin) holds(w http.ResponseWriter, r *http.Request) error {
 	return writeJSON(w, r, http.StatusOK, map[string][]meter.Hold{"holds": holds})
 }
 
-func (a *Admin) captureHold(w http.ResponseWriter, r *http.Request) error {
-	org, err := orgParam(r)
-	if err != nil {
-		return writeProblem(w, r, policy.Invalid(err))
-	}
+func (a *Admin) captureHold(w http.ResponseWriter, r *http.Request, org string) error {
 	var body struct {
 		Amount *int64 `json:"amount"`
 	}
 	if err := decodeBody(w, r, &body); err != nil {
-		return writeProblem(w, r, policy.Invalid(err))
+		return invalid(err)
 	}
 	if body.Amount == nil {
-		return writeProblem(w, r, policy.Invalid(errors.New("amount is required")))
+		return invalid(errors.New("amount is required"))
 	}
 	id := r.PathValue("id")
 	hold, acct, repeat, err := a.app.ledger.CaptureHold(context.WithoutCancel(r.Context()), org, id, *body.Amount)
@@ -583,11 +570,7 @@ func (a *Admin) captureHold(w http.ResponseWriter, r *http.Request) error {
 	return writeJSON(w, r, http.StatusOK, endedAnswer{Account: acct, Hold: hold})
 }
 
-func (a *Admin) releaseHold(w http.ResponseWriter, r *http.Request) error {
-	org, err := orgParam(r)
-	if err != nil {
-		return writeProblem(w, r, policy.Invalid(err))
-	}
+func (a *Admin) releaseHold(w http.ResponseWriter, r *http.Request, org string) error {
 	// A gateway's lease is released only by an operator who knows the
 	// gateway is gone, and only once it is unreported.
 	var body struct {
@@ -595,20 +578,21 @@ func (a *Admin) releaseHold(w http.ResponseWriter, r *http.Request) error {
 		Reason      string `json:"reason"`
 	}
 	if err := decodeBody(w, r, &body); err != nil {
-		return writeProblem(w, r, policy.Invalid(err))
+		return invalid(err)
 	}
 	id := r.PathValue("id")
 	var (
 		hold   meter.Hold
 		acct   meter.Account
 		repeat bool
+		err    error
 	)
 	ctx := context.WithoutCancel(r.Context())
 	switch {
 	case body.GatewayGone:
 		hold, acct, repeat, err = a.app.ledger.ReleaseLease(ctx, org, id, body.Reason)
 	case body.Reason != "":
-		return writeProblem(w, r, policy.Invalid(errors.New("reason is for a lease released with gateway_gone")))
+		return invalid(errors.New("reason is for a lease released with gateway_gone"))
 	default:
 		hold, acct, repeat, err = a.app.ledger.ReleaseHold(ctx, org, id)
 	}
@@ -635,7 +619,7 @@ func (a *Admin) failHold(w http.ResponseWriter, r *http.Request, org, id, call s
 		return writeProblem(w, r, policy.Status(http.StatusConflict, fmt.Sprintf(
 			"hold %s is a gateway's lease (%s): only its gateway can %s it", id, hold.State, call)))
 	case errors.Is(err, meter.ErrNotLease):
-		return writeProblem(w, r, policy.Invalid(fmt.Errorf("hold %s is not a gateway's lease: gateway_gone is for leases", id)))
+		return invalid(fmt.Errorf("hold %s is not a gateway's lease: gateway_gone is for leases", id))
 	case errors.Is(err, meter.ErrHoldEnded):
 		return writeProblem(w, r, policy.Status(http.StatusConflict, fmt.Sprintf("hold %s was %s: it cannot be %s", id, hold.State, map[string]string{"capture": "captured", "release": "released"}[call])))
 	}
@@ -692,7 +676,7 @@ func (a *Admin) fail(w http.ResponseWriter, r *http.Request, org, call string, e
 	var inputErr *policy.InputError
 	switch {
 	case errors.As(err, &inputErr), errors.Is(err, policy.ErrOrgMissing), errors.Is(err, meter.ErrPurchasedLimit):
-		return writeProblem(w, r, policy.Invalid(err))
+		return invalid(err)
 	case errors.Is(err, meter.ErrNotFound):
 		return writeProblem(w, r, policy.Status(http.StatusNotFound, "Redis holds nothing for org "+org))
 	case meter.Classify(err) == meter.Refused:
@@ -887,12 +871,6 @@ func jsonNames(v any) map[string]bool {
 	}
 	return names
 }
-
-func methodNotAllowed(method string) *policy.Problem {
-	return policy.Status(http.StatusMethodNotAllowed, "method "+method+" not allowed here")
-}
-
-func itoa(n int64) string { return strconv.FormatInt(n, 10) }
 
 // Interface guards
 var (

@@ -162,7 +162,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	// A store an earlier config opened has the same URL, checked then: a
 	// reload that keeps it never waits for Redis (which may be stalled).
 	if a.store.embedded == nil && !shared {
-		if err := a.checkCredentials(); err != nil {
+		if err := a.store.checkCredentials(a.logger); err != nil {
 			return err
 		}
 	}
@@ -290,7 +290,7 @@ func (a *App) Start() error {
 		a.logger.Warn("credits are kept in the embedded store, in this process only: balances are lost on restart; set redis or redis_cluster for production")
 		return nil
 	}
-	go a.checkStore()
+	go a.store.checkSettings(a.logger)
 	return nil
 }
 
@@ -317,92 +317,6 @@ func (a *App) Cleanup() error {
 	}
 	_, err := stores.Delete(a.poolKey)
 	return err
-}
-
-// checkCredentials fails a config whose Redis refuses its user or password
-// (WRONGPASS, NOAUTH): such a config could never charge, so Caddy does not
-// start with it, and a reload to it keeps the old config. A Redis that does
-// not answer is no error: it may come up later, and the routes follow their
-// fail_mode until it does. The message names the address, never the
-// password.
-func (a *App) checkCredentials() error {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-	defer cancel()
-	err := a.store.rdb.Ping(ctx).Err()
-	if err == nil {
-		return nil
-	}
-	var addrs []string
-	switch c := a.store.rdb.(type) {
-	case *redis.ClusterClient:
-		addrs = c.Options().Addrs
-	case *redis.Client:
-		addrs = []string{c.Options().Addr}
-	}
-	where := strings.Join(addrs, " ")
-	if refusedCredentials(err) {
-		return fmt.Errorf("credits: Redis at %s refused the gateway's credentials (%v): check the user and password of the redis URL", where, err)
-	}
-	a.logger.Warn("cannot reach Redis at start; the routes follow their fail_mode until it answers",
-		zap.String("redis", where), zap.Error(err))
-	return nil
-}
-
-// refusedCredentials reports whether err is Redis refusing a connection's
-// user or password.
-func refusedCredentials(err error) bool {
-	msg := err.Error()
-	for _, p := range []string{"WRONGPASS", "NOAUTH", "ERR invalid password", "ERR AUTH", "ERR Client sent AUTH"} {
-		if strings.HasPrefix(msg, p) {
-			return true
-		}
-	}
-	return false
-}
-
-// checkStore warns when Redis can evict keys or lose writes on restart.
-func (a *App) checkStore() {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	check := func(ctx context.Context, c *redis.Client) error {
-		addr := c.Options().Addr
-		policy, err := c.ConfigGet(ctx, "maxmemory-policy").Result()
-		if err != nil {
-			a.logger.Info("cannot read the Redis configuration to check it", zap.String("redis", addr), zap.Error(err))
-			return nil
-		}
-		if p := policy["maxmemory-policy"]; p != "noeviction" {
-			a.logger.Warn("Redis may evict credit keys under memory pressure: set maxmemory-policy noeviction",
-				zap.String("redis", addr), zap.String("maxmemory_policy", p))
-		}
-		persist, err := c.ConfigGet(ctx, "appendonly").Result()
-		if err != nil {
-			return nil
-		}
-		save, err := c.ConfigGet(ctx, "save").Result()
-		if err != nil {
-			return nil
-		}
-		if persist["appendonly"] != "yes" && strings.TrimSpace(save["save"]) == "" {
-			a.logger.Warn("Redis persistence is off: a Redis restart loses every balance; enable appendonly yes",
-				zap.String("redis", addr))
-		} else if persist["appendonly"] != "yes" {
-			a.logger.Warn("Redis saves snapshots only: a Redis crash loses the charges and top-ups since the last one; enable appendonly yes",
-				zap.String("redis", addr))
-		}
-		return nil
-	}
-	var err error
-	switch c := a.store.rdb.(type) {
-	case *redis.ClusterClient:
-		err = c.ForEachShard(ctx, check)
-	case *redis.Client:
-		err = check(ctx, c)
-	}
-	if err != nil {
-		a.logger.Warn("cannot reach Redis at start", zap.Error(err))
-	}
-	a.logger.Info("store checked")
 }
 
 // appFrom returns the credits app of the config being provisioned, creating

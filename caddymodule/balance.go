@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strconv"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -101,6 +102,13 @@ func (b *Balance) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 	_, err = w.Write(append(body, '\n'))
 	return err
 }
+
+// methodNotAllowed is the problem of a method the balance does not answer.
+func methodNotAllowed(method string) *policy.Problem {
+	return policy.Status(http.StatusMethodNotAllowed, "method "+method+" not allowed here")
+}
+
+func itoa(n int64) string { return strconv.FormatInt(n, 10) }
 
 // Interface guards
 var (

@@ -75,6 +75,7 @@ type Handler struct {
 	usageLog  *zap.Logger
 	outcomes  [policy.NumOutcomes]prometheus.Counter
 	charged   prometheus.Counter
+	via       ledgerAccess // what this route's payments settle through
 }
 
 // placeholder is a setting that may hold placeholders. The common case, a
@@ -164,6 +165,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.outcomes[o] = app.metrics.requests.WithLabelValues(h.Feature, policy.Outcome(o).String())
 	}
 	h.charged = app.metrics.charged.WithLabelValues(h.Feature)
+	h.via = ledgerAccess{ledger: app.ledger, later: app.store.later, logger: h.logger, observe: app.metrics.observeStore}
 	return nil
 }
 
@@ -326,7 +328,7 @@ func (h *Handler) pay(r *http.Request, c call, into *payments) (payment, answer)
 	// store calls run to their own deadline.
 	ctx := context.WithoutCancel(r.Context())
 	res, err := h.app.ledger.Charge(ctx, charge)
-	h.observeStore(err)
+	h.app.metrics.observeStore(err)
 	switch {
 	case errors.Is(err, meter.ErrInFlight):
 		return nil, h.conflict(policy.InFlight, policy.KeyInFlight())
@@ -349,16 +351,9 @@ func (h *Handler) pay(r *http.Request, c call, into *payments) (payment, answer)
 			return h.refuse(w, r, d.Outcome, d.Problem)
 		}
 	}
-	into.charged = chargedPayment{h: h, ctx: ctx, org: c.org, requestID: charge.RequestID, attempt: attempt,
+	into.charged = chargedPayment{via: &h.via, ctx: ctx, org: c.org, requestID: charge.RequestID, attempt: attempt,
 		cost: c.cost, balance: res.Balance, keyed: c.key != ""}
 	return &into.charged, nil
-}
-
-// observeStore counts a store call of the request path.
-func (h *Handler) observeStore(err error) {
-	if err != nil && !errors.Is(err, meter.ErrInFlight) && !errors.Is(err, meter.ErrMismatch) {
-		h.app.metrics.storeErrors.Inc()
-	}
 }
 
 // broken answers a call whose charge failed for a reason no retry cures
@@ -391,7 +386,7 @@ func (h *Handler) storeDown(charge meter.ChargeRequest, err error, into *payment
 			h.app.metrics.unmetered.Inc()
 			h.logger.Warn("store could not take the charge now; forwarding and charging later",
 				zap.String("feature", h.Feature), zap.String("request_id", charge.RequestID), zap.Error(err))
-			into.deferred = deferredPayment{h: h, charge: charge}
+			into.deferred = deferredPayment{via: &h.via, charge: charge}
 			return &into.deferred, nil
 		}
 		h.logger.Error("store did not answer and the fail-open backlog is full; refusing", zap.String("feature", h.Feature))

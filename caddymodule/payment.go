@@ -2,11 +2,11 @@ package caddymodule
 
 import (
 	"context"
+	"errors"
 
 	"go.uber.org/zap"
 
 	"github.com/creditsgw/caddy-credits/meter"
-	"github.com/creditsgw/caddy-credits/policy"
 )
 
 // payment is how a forwarded call was paid for. Each kind settles through
@@ -28,6 +28,17 @@ type payment interface {
 	how() (requestID, kind string)
 }
 
+// ledgerAccess is what a payment settles through, and nothing more: the
+// ledger, the store's outbox for the calls the store cannot take now, a
+// logger, and the count of the store's errors. Each handler has one, which
+// its calls' payments share.
+type ledgerAccess struct {
+	ledger  *meter.Ledger
+	later   func(meter.Deferred) bool // queues a call in the outbox; false when it is full
+	logger  *zap.Logger
+	observe func(error) // counts a store call's error
+}
+
 // payments holds one payment of each kind, for a call to use one of.
 type payments struct {
 	charged  chargedPayment
@@ -37,7 +48,7 @@ type payments struct {
 
 // chargedPayment is a charge of the call's own in the ledger.
 type chargedPayment struct {
-	h                       *Handler
+	via                     *ledgerAccess
 	ctx                     context.Context
 	org, requestID, attempt string
 	cost, balance           int64
@@ -53,21 +64,16 @@ func (p *chargedPayment) settle(actual int64, refund bool) (int64, bool) {
 	if actual == p.cost && !refund {
 		return p.balance, true
 	}
-	ledger := p.h.app.ledger
-	var (
-		res meter.SettleResult
-		err error
-	)
 	if refund {
 		actual = 0
 	}
-	res, err = ledger.SettleAttempt(p.ctx, p.org, p.requestID, p.attempt, actual, refund)
-	p.h.observeStore(err)
+	res, err := p.via.ledger.SettleAttempt(p.ctx, p.org, p.requestID, p.attempt, actual, refund)
+	p.via.observe(err)
 	if err != nil {
-		d := meter.LaterSettle{Ledger: ledger, Org: p.org, RequestID: p.requestID, Attempt: p.attempt, Actual: actual, Refund: refund}
+		d := meter.LaterSettle{Ledger: p.via.ledger, Org: p.org, RequestID: p.requestID, Attempt: p.attempt, Actual: actual, Refund: refund}
 		p.queued = true
-		if !p.h.app.store.later(d) {
-			p.h.logger.Error("store did not take a settle and the backlog is full; settle lost",
+		if !p.via.later(d) {
+			p.via.logger.Error("store did not take a settle and the backlog is full; settle lost",
 				zap.String("request_id", p.requestID), zap.Error(err))
 		}
 		return p.balance + p.cost - actual, false
@@ -82,16 +88,16 @@ func (p *chargedPayment) completed(kept []byte) {
 	if p.queued {
 		// Kept after the settle that waits in the outbox, never before it:
 		// a kept call can no longer be settled.
-		d := meter.LaterKeep{Ledger: p.h.app.ledger, Org: p.org, RequestID: p.requestID, Attempt: p.attempt, Response: kept}
-		if !p.h.app.store.later(d) {
-			p.h.logger.Warn("could not queue the keeping of a response; the backlog is full", zap.String("request_id", p.requestID))
+		d := meter.LaterKeep{Ledger: p.via.ledger, Org: p.org, RequestID: p.requestID, Attempt: p.attempt, Response: kept}
+		if !p.via.later(d) {
+			p.via.logger.Warn("could not queue the keeping of a response; the backlog is full", zap.String("request_id", p.requestID))
 		}
 		return
 	}
-	if err := p.h.app.ledger.Keep(p.ctx, p.org, p.requestID, p.attempt, kept); err != nil {
+	if err := p.via.ledger.Keep(p.ctx, p.org, p.requestID, p.attempt, kept); err != nil {
 		// The key stays in flight until its marker's in-flight time runs
 		// out; its charge stands either way.
-		p.h.logger.Warn("could not keep a response for its Idempotency-Key", zap.String("request_id", p.requestID), zap.Error(err))
+		p.via.logger.Warn("could not keep a response for its Idempotency-Key", zap.String("request_id", p.requestID), zap.Error(err))
 	}
 }
 
@@ -124,7 +130,7 @@ func (p *leasedPayment) completed([]byte) {}
 // deferredPayment is a fail-open call's charge, waiting in the backlog for
 // the store.
 type deferredPayment struct {
-	h      *Handler
+	via    *ledgerAccess
 	charge meter.ChargeRequest
 }
 
@@ -137,10 +143,10 @@ func (p *deferredPayment) settle(actual int64, refund bool) (int64, bool) {
 		actual = 0
 	}
 	if actual != p.charge.Cost || refund {
-		d := meter.LaterSettle{Ledger: p.h.app.ledger, Org: p.charge.Org, RequestID: p.charge.RequestID, Attempt: p.charge.Attempt,
+		d := meter.LaterSettle{Ledger: p.via.ledger, Org: p.charge.Org, RequestID: p.charge.RequestID, Attempt: p.charge.Attempt,
 			Actual: actual, Refund: refund}
-		if !p.h.app.store.later(d) {
-			p.h.logger.Error("fail-open backlog full; settle lost", zap.String("request_id", p.charge.RequestID))
+		if !p.via.later(d) {
+			p.via.logger.Error("fail-open backlog full; settle lost", zap.String("request_id", p.charge.RequestID))
 		}
 	}
 	return 0, false
@@ -148,7 +154,10 @@ func (p *deferredPayment) settle(actual int64, refund bool) (int64, bool) {
 
 func (p *deferredPayment) completed([]byte) {}
 
-// decide is the decision a payment's balance makes for a call of cost.
-func (h *Handler) decide(org string, balance, cost int64) policy.Decision {
-	return policy.Decide(h.route, org, policy.Answer{Charged: true, Balance: balance, Cost: cost})
+// observeStore counts a store call's error: an in-flight or mismatched
+// Idempotency-Key is the ledger's answer, not the store failing.
+func (m *metrics) observeStore(err error) {
+	if err != nil && !errors.Is(err, meter.ErrInFlight) && !errors.Is(err, meter.ErrMismatch) {
+		m.storeErrors.Inc()
+	}
 }

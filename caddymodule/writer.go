@@ -1,16 +1,11 @@
 package caddymodule
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"net/http"
-	"net/textproto"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -34,24 +29,20 @@ type creditsWriter struct {
 	pay   payment // one of kinds
 	kinds payments
 
-	settled   bool // the final status was seen
-	late      bool // the usage comes in a trailer: settled after the body
-	refunded  bool
-	outcome   policy.Outcome // set when the call was accounted for
-	accounted bool
-	status    int
-	actual    int64
-	byHeader  bool  // settled to a Credits-Usage header
-	balance   int64 // the balance after the settle, when known
-	known     bool
+	phase    phase
+	outcome  policy.Outcome // set once the call is accounted for
+	status   int
+	actual   int64
+	balance  int64 // the balance after the settle, when known
+	known    bool
+	writeErr error // the client could not be written to
 
 	keeping bool   // the body is kept, for a call with an Idempotency-Key
 	kept    []byte // the body so far
 	limit   int64
 
-	usage    *usage.Reader // reads the answer's usage, on an openai or anthropic route
-	model    string        // the request's model, when the answer names none
-	writeErr error         // the client could not be written to
+	usage *usage.Reader // reads the answer's usage, on an openai or anthropic route
+	model string        // the request's model, when the answer names none
 
 	// lingers: the call outlives its client, within bounds, to learn its
 	// final usage or keep its response.
@@ -60,6 +51,39 @@ type creditsWriter struct {
 
 	vals [3]string // the Credits header values
 }
+
+// phase is where a call is in its settling. Each change is one method:
+//
+//	forwarding --settle--> settled | settledByHeader | awaitingUsage | refunded
+//	awaitingUsage --settleAfterBody--> settledAfterBody
+//	awaitingUsage --refund--> refunded (cut before any usage was seen)
+//	settled --correct--> settled (an undeclared Credits-Usage trailer, once)
+//	settled | settledByHeader | settledAfterBody --complete--> done
+type phase uint8
+
+const (
+	// phaseForwarding: no final status yet; nothing is settled.
+	phaseForwarding phase = iota
+	// phaseAwaitingUsage: the headers went out with the call's hold; its
+	// usage comes after the body, in a trailer or in the body itself.
+	phaseAwaitingUsage
+	// phaseSettled: settled at the headers to the route's cost.
+	phaseSettled
+	// phaseSettledByHeader: settled at the headers to the upstream's
+	// Credits-Usage header, which is sent once.
+	phaseSettledByHeader
+	// phaseSettledAfterBody: settled to the usage the body or a trailer
+	// reported.
+	phaseSettledAfterBody
+	// phaseRefunded: the call failed, and its payment was given back.
+	phaseRefunded
+	// phaseDone: settled, and the payment was told how the call completed.
+	phaseDone
+)
+
+// accounted reports whether the call's outcome and charge are known, for
+// record to count.
+func (p phase) accounted() bool { return p != phaseForwarding && p != phaseAwaitingUsage }
 
 func newCreditsWriter(w http.ResponseWriter, h *Handler, c call) *creditsWriter {
 	return &creditsWriter{ResponseWriterWrapper: caddyhttp.ResponseWriterWrapper{ResponseWriter: w},
@@ -141,7 +165,7 @@ func (cw *creditsWriter) serve(next caddyhttp.Handler, r *http.Request) (err err
 	defer func() {
 		if p := recover(); p != nil {
 			switch {
-			case !cw.settled:
+			case cw.phase == phaseForwarding:
 				cw.settle(http.StatusInternalServerError)
 			case p == http.ErrAbortHandler:
 				// The response was cut after its headers: by the client
@@ -173,60 +197,112 @@ func statusOf(err error) int {
 }
 
 // settle settles the payment on the final status, and sets the Credits
-// headers. A call whose upstream announced a Credits-Usage trailer is only
-// refunded here, if it failed; its usage settles it after the body.
+// headers: forwarding becomes refunded, settled at the headers, or, when
+// the usage comes after the body (in the body on an openai or anthropic
+// route, or in a Credits-Usage trailer the upstream announced), awaiting
+// usage.
 func (cw *creditsWriter) settle(status int) {
-	cw.settled, cw.status = true, status
+	cw.status = status
 	hdr := cw.Header()
 	reported, hasUsage := hdr[policy.HeaderUsage]
-	cw.late = dropCreditsTrailers(hdr)
+	trailer := dropCreditsTrailers(hdr)
 	stripCreditsHeaders(hdr)
 
-	cw.refunded = status >= 500 || status == statusClientClosed
-	cw.actual = cw.c.cost
-	if f := cw.h.route.Usage; f != nil && !cw.refunded {
-		// The usage is in the body: settled when the body has passed.
-		cw.late, cw.usage = true, usage.NewReader(f, hdr.Get("Content-Type"))
-	}
-	if hasUsage && !cw.late {
-		cw.actual, cw.byHeader = cw.usageOf(reported), true
-	}
-	if cw.late && !cw.refunded {
-		// Settled after the body: the headers say what the call holds.
-		balance, known := cw.pay.paid()
-		hdr[policy.HeaderHold] = []string{strconv.FormatInt(cw.c.cost, 10)}
-		if known {
-			cw.vals[0] = strconv.FormatInt(balance, 10)
-			hdr[policy.HeaderRemaining] = cw.vals[0:1:1]
+	f := cw.h.route.Usage
+	switch {
+	case status >= 500 || status == statusClientClosed:
+		if hasUsage && !trailer {
+			cw.usageOf(reported) // an invalid one is logged; a refund charges nothing
 		}
-		hdr.Add("Trailer", policy.HeaderCharged+", "+policy.HeaderRemaining)
-		// Trailers need a chunked body (HTTP/1.1), not a known length.
-		hdr.Del("Content-Length")
-		return
+		cw.refund()
+	case f != nil:
+		cw.awaitUsage(usage.NewReader(f, hdr.Get("Content-Type")))
+	case trailer:
+		cw.awaitUsage(nil)
+	case hasUsage:
+		cw.settleAt(phaseSettledByHeader, cw.usageOf(reported))
+	default:
+		cw.settleAt(phaseSettled, cw.c.cost)
 	}
-	cw.account(cw.pay.settle(cw.actual, cw.refunded))
+}
+
+// settleAt settles the call at its headers to actual: forwarding becomes
+// settled or settledByHeader.
+func (cw *creditsWriter) settleAt(p phase, actual int64) {
+	cw.phase, cw.actual = p, actual
+	cw.account(cw.pay.settle(actual, false))
+}
+
+// refund gives the call's payment back in full: forwarding or
+// awaitingUsage becomes refunded.
+func (cw *creditsWriter) refund() {
+	cw.phase, cw.actual = phaseRefunded, 0
+	cw.account(cw.pay.settle(0, true))
+}
+
+// awaitUsage sends the headers with what the call holds, and leaves the
+// settle for after the body: forwarding becomes awaitingUsage. r reads the
+// usage in the body; nil, the usage comes in a trailer.
+func (cw *creditsWriter) awaitUsage(r *usage.Reader) {
+	cw.phase, cw.usage = phaseAwaitingUsage, r
+	hdr := cw.Header()
+	balance, known := cw.pay.paid()
+	hdr[policy.HeaderHold] = []string{strconv.FormatInt(cw.c.cost, 10)}
+	if known {
+		cw.vals[0] = strconv.FormatInt(balance, 10)
+		hdr[policy.HeaderRemaining] = cw.vals[0:1:1]
+	}
+	hdr.Add("Trailer", policy.HeaderCharged+", "+policy.HeaderRemaining)
+	// Trailers need a chunked body (HTTP/1.1), not a known length.
+	hdr.Del("Content-Length")
+}
+
+// settleAfterBody settles the call to the usage its body or trailer
+// reported: awaitingUsage becomes settledAfterBody.
+func (cw *creditsWriter) settleAfterBody(actual int64) {
+	cw.phase, cw.actual = phaseSettledAfterBody, actual
+	cw.account(cw.pay.settle(actual, false))
+}
+
+// correct settles a call settled at its cost again, to an undeclared
+// Credits-Usage trailer: the headers are gone, the ledger is not. The
+// settle at the cost moved nothing, so this is the call's one settle.
+func (cw *creditsWriter) correct(actual int64) {
+	if actual != cw.actual {
+		cw.balance, cw.known = cw.pay.settle(actual, false)
+		cw.actual = actual
+	}
+}
+
+// complete tells the payment that the call's response went out (kept, for
+// an Idempotency-Key's retries, or nil): a settled call becomes done.
+func (cw *creditsWriter) complete(kept []byte) {
+	cw.phase = phaseDone
+	cw.pay.completed(kept)
 }
 
 // account takes in the settled call's outcome and sets its Credits
 // headers: in the headers, or in the trailers when it settled after the
 // body. It counts nothing: record does, once the response is done.
 func (cw *creditsWriter) account(balance int64, known bool) {
-	if cw.refunded {
-		cw.actual = 0
-	}
 	d := cw.h.decide(cw.c.org, balance, cw.actual)
 	switch {
-	case cw.refunded:
+	case cw.phase == phaseRefunded:
 		cw.outcome = policy.Refunded
 	case !known:
 		cw.outcome = policy.Unmetered
 	default:
 		cw.outcome = d.Outcome
 	}
-	cw.accounted, cw.balance, cw.known = true, balance, known
+	cw.balance, cw.known = balance, known
 	if known {
 		setCreditsHeaders(cw.Header(), d, &cw.vals)
 	}
+}
+
+// decide is the decision a payment's balance makes for a call of cost.
+func (h *Handler) decide(org string, balance, cost int64) policy.Decision {
+	return policy.Decide(h.route, org, policy.Answer{Charged: true, Balance: balance, Cost: cost})
 }
 
 // record counts the call once, with its final charge, after it was settled
@@ -235,7 +311,7 @@ func (cw *creditsWriter) account(balance int64, known bool) {
 // its line of the usage log. Nothing here can stop a settle or cut a
 // response: a counting that fails is logged and the call stands.
 func (cw *creditsWriter) record() {
-	if !cw.accounted {
+	if !cw.phase.accounted() {
 		return
 	}
 	defer func() {
@@ -269,55 +345,40 @@ func (cw *creditsWriter) usageOf(values []string) int64 {
 }
 
 // finish settles a call that wrote no response, settles a call whose usage
-// came in a trailer, keeps the upstream's Credits trailers from the client,
-// and tells the payment how the call completed.
+// came after the body, keeps the upstream's Credits trailers from the
+// client, and tells the payment how the call completed.
 func (cw *creditsWriter) finish(err error) {
-	if !cw.settled {
+	if cw.phase == phaseForwarding {
 		cw.settle(statusOf(err))
 	}
 	hdr := cw.Header()
-	usage, hasUsage := hdr[policy.HeaderUsage]
-	if v, ok := hdr[http.TrailerPrefix+policy.HeaderUsage]; ok {
-		usage, hasUsage = v, true
-	}
-	for k := range hdr {
-		if name, ok := strings.CutPrefix(k, http.TrailerPrefix); ok && policy.IsCreditsHeader(name) {
-			delete(hdr, k)
-		}
-	}
-	delete(hdr, policy.HeaderUsage)
-	switch {
-	case cw.refunded:
-	case cw.late && cw.usage != nil:
-		cw.actual = cw.tokensCost(cw.usage.Tokens())
-		cw.account(cw.pay.settle(cw.actual, false))
-	case cw.late:
-		cw.actual = cw.c.cost
-		if hasUsage {
-			cw.actual = cw.usageOf(usage)
-		}
-		cw.account(cw.pay.settle(cw.actual, false))
-	case hasUsage && cw.byHeader:
-		// Credits-Usage is sent once: the header settled the call.
-		cw.h.logger.Warn("ignoring a Credits-Usage trailer after a Credits-Usage header",
-			zap.Strings("value", usage), zap.String("feature", cw.h.Feature))
-	case hasUsage:
-		// An undeclared trailer: the headers are gone, the ledger is not.
-		// The call settled at its headers to its cost, which moved
-		// nothing, so this is its one settle.
-		if n := cw.usageOf(usage); n != cw.actual {
-			cw.balance, cw.known = cw.pay.settle(n, false)
-			cw.actual = n
-		}
-	}
-	if cw.refunded {
+	reported, hasUsage := takeCreditsTrailers(hdr)
+	switch cw.phase {
+	case phaseRefunded:
 		return
+	case phaseAwaitingUsage:
+		actual := cw.c.cost
+		if cw.usage != nil {
+			actual = cw.tokensCost(cw.usage.Tokens())
+		} else if hasUsage {
+			actual = cw.usageOf(reported)
+		}
+		cw.settleAfterBody(actual)
+	case phaseSettledByHeader:
+		if hasUsage {
+			cw.h.logger.Warn("ignoring a Credits-Usage trailer after a Credits-Usage header",
+				zap.Strings("value", reported), zap.String("feature", cw.h.Feature))
+		}
+	case phaseSettled:
+		if hasUsage {
+			cw.correct(cw.usageOf(reported))
+		}
 	}
 	var kept []byte
 	if cw.keeping && err == nil {
 		kept = encodeKept(cw.status, hdr, cw.kept)
 	}
-	cw.pay.completed(kept)
+	cw.complete(kept)
 }
 
 // tokensCost is what the tokens an answer reported cost at the route's
@@ -347,54 +408,25 @@ func (cw *creditsWriter) tokensCost(t usage.Tokens) int64 {
 // headers stands. A charged call's key is done: its retries learn at once
 // that there is no response to replay.
 func (cw *creditsWriter) abort(clientGone bool) {
-	if cw.refunded {
+	switch cw.phase {
+	case phaseRefunded:
 		return
-	}
-	if cw.late {
+	case phaseAwaitingUsage:
 		var t usage.Tokens
 		if cw.usage != nil {
 			t = cw.usage.Tokens()
 		}
 		if !t.Seen && !clientGone {
-			cw.refunded = true
-			cw.account(cw.pay.settle(0, true))
+			cw.refund()
 			return
 		}
-		cw.actual = cw.tokensCost(t)
+		actual := cw.tokensCost(t)
 		if clientGone {
-			cw.actual = max(cw.actual, cw.c.cost)
+			actual = max(actual, cw.c.cost)
 		}
-		cw.account(cw.pay.settle(cw.actual, false))
+		cw.settleAfterBody(actual)
 	}
-	cw.pay.completed(nil)
-}
-
-// dropCreditsTrailers takes the Credits headers out of the upstream's
-// Trailer announcement, and reports whether it announced Credits-Usage.
-func dropCreditsTrailers(hdr http.Header) (usage bool) {
-	announced, ok := hdr["Trailer"]
-	if !ok {
-		return false
-	}
-	var keep []string
-	for _, v := range announced {
-		for name := range strings.SplitSeq(v, ",") {
-			name = strings.TrimSpace(name)
-			switch {
-			case name == "":
-			case policy.IsCreditsHeader(name):
-				usage = usage || strings.EqualFold(name, policy.HeaderUsage)
-			default:
-				keep = append(keep, name)
-			}
-		}
-	}
-	if len(keep) == 0 {
-		delete(hdr, "Trailer")
-	} else {
-		hdr["Trailer"] = []string{strings.Join(keep, ", ")}
-	}
-	return usage
+	cw.complete(nil)
 }
 
 // WriteHeader settles on the final status, then sends the headers. A 1xx
@@ -402,7 +434,7 @@ func dropCreditsTrailers(hdr http.Header) (usage bool) {
 func (cw *creditsWriter) WriteHeader(status int) {
 	if status < 200 && status != http.StatusSwitchingProtocols {
 		stripCreditsHeaders(cw.Header())
-	} else if !cw.settled {
+	} else if cw.phase == phaseForwarding {
 		cw.settle(status)
 	}
 	cw.ResponseWriter.WriteHeader(status)
@@ -411,7 +443,7 @@ func (cw *creditsWriter) WriteHeader(status int) {
 // Write sends an implicit 200 through WriteHeader first, and keeps the body
 // of a call with an Idempotency-Key, up to the limit.
 func (cw *creditsWriter) Write(b []byte) (int, error) {
-	if !cw.settled {
+	if cw.phase == phaseForwarding {
 		cw.WriteHeader(http.StatusOK)
 	}
 	if cw.keeping {
@@ -445,7 +477,7 @@ func (cw *creditsWriter) Write(b []byte) (int, error) {
 // ReadFrom keeps the wrapped writer's fast path without skipping the
 // settle; a body being kept goes through Write.
 func (cw *creditsWriter) ReadFrom(r io.Reader) (int64, error) {
-	if !cw.settled {
+	if cw.phase == phaseForwarding {
 		cw.WriteHeader(http.StatusOK)
 	}
 	if cw.keeping || cw.usage != nil || cw.lingers {
@@ -460,7 +492,7 @@ type writerOnly struct{ io.Writer }
 // FlushError settles before the first flush sends the headers;
 // http.ResponseController finds it before unwrapping the writer.
 func (cw *creditsWriter) FlushError() error {
-	if !cw.settled {
+	if cw.phase == phaseForwarding {
 		cw.WriteHeader(http.StatusOK)
 	}
 	if cw.lingers && cw.writeErr != nil {
@@ -478,84 +510,6 @@ func (cw *creditsWriter) FlushError() error {
 
 // Flush is FlushError for callers that use http.Flusher.
 func (cw *creditsWriter) Flush() { _ = cw.FlushError() }
-
-// notKept are the response headers a kept response leaves out: they belong
-// to one connection or one answer, or the replay sets them anew.
-var notKept = map[string]bool{
-	"Connection": true, "Keep-Alive": true, "Transfer-Encoding": true, "Trailer": true, "Upgrade": true,
-	"Content-Length": true, "Date": true, policy.HeaderHold: true,
-}
-
-// encodeKept writes a response to keep: its status on a line, its headers
-// as on the wire, a blank line, its body.
-func encodeKept(status int, hdr http.Header, body []byte) []byte {
-	var b bytes.Buffer
-	b.WriteString(strconv.Itoa(status))
-	b.WriteString("\r\n")
-	keep := make(http.Header, len(hdr))
-	for k, v := range hdr {
-		if !notKept[k] && !policy.IsCreditsHeader(k) && !strings.HasPrefix(k, http.TrailerPrefix) {
-			keep[k] = v
-		}
-	}
-	_ = keep.Write(&b)
-	b.WriteString("\r\n")
-	b.Write(body)
-	return b.Bytes()
-}
-
-// keptResponse is a response encodeKept wrote.
-type keptResponse struct {
-	status int
-	header http.Header
-	body   []byte
-}
-
-func parseKept(data []byte) (keptResponse, error) {
-	r := textproto.NewReader(bufio.NewReader(bytes.NewReader(data)))
-	line, err := r.ReadLine()
-	if err != nil {
-		return keptResponse{}, err
-	}
-	status, err := strconv.Atoi(line)
-	if err != nil || status < 200 || status > 599 {
-		return keptResponse{}, fmt.Errorf("status line %q", line)
-	}
-	mh, err := r.ReadMIMEHeader()
-	if err != nil {
-		return keptResponse{}, err
-	}
-	body, err := io.ReadAll(r.R)
-	if err != nil {
-		return keptResponse{}, err
-	}
-	return keptResponse{status: status, header: http.Header(mh), body: body}, nil
-}
-
-func stripCreditsHeaders(h http.Header) {
-	for name := range h {
-		if policy.IsCreditsHeader(name) {
-			delete(h, name)
-		}
-	}
-}
-
-// setCreditsHeaders sets the Credits headers of a decision. vals, when not
-// nil, holds the values, so that a settled call allocates no slices for
-// them; it must belong to this response alone.
-func setCreditsHeaders(h http.Header, d policy.Decision, vals *[3]string) {
-	if vals == nil {
-		vals = new([3]string)
-	}
-	vals[0] = strconv.FormatInt(d.Remaining, 10)
-	vals[1] = strconv.FormatInt(d.Charged, 10)
-	h[policy.HeaderRemaining] = vals[0:1:1]
-	h[policy.HeaderCharged] = vals[1:2:2]
-	if d.Notice != "" {
-		vals[2] = d.Notice
-		h[policy.HeaderNotice] = vals[2:3:3]
-	}
-}
 
 // Interface guards
 var (
