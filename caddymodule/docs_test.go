@@ -6,12 +6,10 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -28,34 +26,7 @@ import (
 func TestREADMEProduction(t *testing.T) {
 	block := readmeBlock(t, "../README.md", "## A production Caddyfile", "caddyfile")
 	srv := redistest.Start(t, redistest.Options{})
-	identity := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path != "/verify" {
-			http.Error(w, "not here", http.StatusNotFound)
-			return
-		}
-		switch r.Header.Get("Authorization") {
-		case "Bearer tok-acme":
-			w.Header().Set("X-Org-Id", "acme")
-		case "Bearer tok-beta":
-			w.Header().Set("X-Org-Id", "beta")
-		case "Bearer tok-anonymous":
-			// Authenticated, but no org.
-		default:
-			http.Error(w, "who are you?", http.StatusUnauthorized)
-			return
-		}
-		w.WriteHeader(http.StatusOK)
-	}))
-	t.Cleanup(identity.Close)
-	var mu sync.Mutex
-	served := map[string]int64{}
-	ai := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		mu.Lock()
-		served[r.Header.Get("X-Org-Id")]++
-		mu.Unlock()
-		fmt.Fprint(w, `{"html": "<p>ok</p>"}`)
-	}))
-	t.Cleanup(ai.Close)
+	identity, ai, servedNow := startAuthStandIns(t)
 	receiver := startAlertReceiver(t)
 	usageLog := filepath.Join(t.TempDir(), "credits-usage.log")
 
@@ -155,11 +126,10 @@ func TestREADMEProduction(t *testing.T) {
 		t.Fatalf("a balance without a token: %d, want 401", s)
 	}
 
-	mu.Lock()
+	served := servedNow()
 	if served["acme"] != 3 || served["beta"] != 2 || len(served) != 2 {
 		t.Fatalf("the AI backend served %v, want acme 3 and beta 2", served)
 	}
-	mu.Unlock()
 	for org, want := range map[string]int64{"acme": 99, "beta": 18} {
 		s, body := do(http.MethodGet, adminURL+"/orgs/"+org, "adm1n-token", "", "")
 		var a struct {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -48,34 +49,7 @@ func readmeBlock(t *testing.T, file, heading, kind string) string {
 func TestREADMEForwardAuth(t *testing.T) {
 	block := readmeBlock(t, "../docs/operations.md", "## The org from an identity service", "caddyfile")
 	srv := redistest.Start(t, redistest.Options{})
-	identity := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.URL.Path != "/verify" {
-			http.Error(w, "not here", http.StatusNotFound)
-			return
-		}
-		switch r.Header.Get("Authorization") {
-		case "Bearer tok-acme":
-			w.Header().Set("X-Org-Id", "acme")
-		case "Bearer tok-beta":
-			w.Header().Set("X-Org-Id", "beta")
-		case "Bearer tok-anonymous":
-			// Authenticated, but no org.
-		default:
-			http.Error(w, "who are you?", http.StatusUnauthorized)
-			return
-		}
-		w.WriteHeader(http.StatusOK)
-	}))
-	t.Cleanup(identity.Close)
-	var mu sync.Mutex
-	served := map[string]int64{}
-	ai := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		mu.Lock()
-		served[r.Header.Get("X-Org-Id")]++
-		mu.Unlock()
-		fmt.Fprint(w, `{"html": "<p>ok</p>"}`)
-	}))
-	t.Cleanup(ai.Close)
+	identity, ai, servedNow := startAuthStandIns(t)
 
 	port := freePort(t)
 	for _, addr := range []string{"127.0.0.1:6379", "127.0.0.1:9000", "127.0.0.1:8000", ":8080 {"} {
@@ -138,8 +112,7 @@ func TestREADMEForwardAuth(t *testing.T) {
 		t.Fatalf("a call the identity service gave no org: %d, want 401", s)
 	}
 
-	mu.Lock()
-	defer mu.Unlock()
+	served := servedNow()
 	if served["acme"] != 3 || served["beta"] != 2 || len(served) != 2 {
 		t.Fatalf("the AI backend served %v, want acme 3 and beta 2", served)
 	}
@@ -190,4 +163,47 @@ func TestDeployCaddyfile(t *testing.T) {
 	if _, err := url.Parse("redis://" + srv.Addr); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// startAuthStandIns starts a stand-in identity service (GET /verify: the
+// bearer tokens tok-acme and tok-beta prove orgs acme and beta,
+// tok-anonymous proves no org, any other is refused) and an AI backend
+// that counts the calls it serves per X-Org-Id; servedNow returns a copy of
+// those counts.
+func startAuthStandIns(t *testing.T) (identity, ai *httptest.Server, servedNow func() map[string]int64) {
+	t.Helper()
+	identity = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/verify" {
+			http.Error(w, "not here", http.StatusNotFound)
+			return
+		}
+		switch r.Header.Get("Authorization") {
+		case "Bearer tok-acme":
+			w.Header().Set("X-Org-Id", "acme")
+		case "Bearer tok-beta":
+			w.Header().Set("X-Org-Id", "beta")
+		case "Bearer tok-anonymous":
+			// Authenticated, but no org.
+		default:
+			http.Error(w, "who are you?", http.StatusUnauthorized)
+			return
+		}
+		w.WriteHeader(http.StatusOK)
+	}))
+	t.Cleanup(identity.Close)
+	var mu sync.Mutex
+	served := map[string]int64{}
+	ai = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		served[r.Header.Get("X-Org-Id")]++
+		mu.Unlock()
+		fmt.Fprint(w, `{"html": "<p>ok</p>"}`)
+	}))
+	t.Cleanup(ai.Close)
+	servedNow = func() map[string]int64 {
+		mu.Lock()
+		defer mu.Unlock()
+		return maps.Clone(served)
+	}
+	return identity, ai, servedNow
 }
