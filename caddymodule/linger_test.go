@@ -1,7 +1,6 @@
 package caddymodule
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"io"
@@ -235,16 +234,7 @@ func TestClientLeavesMidStream(t *testing.T) {
 		if resp.StatusCode != http.StatusOK || resp.Header.Get("Credits-Hold") != "20" {
 			t.Fatalf("%s: %d, Credits-Hold %q", path, resp.StatusCode, resp.Header.Get("Credits-Hold"))
 		}
-		rd := bufio.NewReader(resp.Body)
-		for n := 0; n < events; {
-			line, err := rd.ReadString('\n')
-			if err != nil {
-				t.Fatal(err)
-			}
-			if strings.HasPrefix(line, "data:") {
-				n++
-			}
-		}
+		readEvents(t, resp.Body, events)
 		cancel()
 		resp.Body.Close()
 	}

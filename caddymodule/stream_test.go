@@ -255,16 +255,7 @@ func TestStreamedUsage(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		rd := bufio.NewReader(resp.Body)
-		for n := 0; n < 3; {
-			line, err := rd.ReadString('\n')
-			if err != nil {
-				t.Fatal(err)
-			}
-			if strings.HasPrefix(line, "data:") {
-				n++
-			}
-		}
+		readEvents(t, resp.Body, 3)
 		cancel()
 		resp.Body.Close()
 		// (1000*2000 + 1000*8000) / 1e6 = 10.
@@ -282,4 +273,20 @@ func TestStreamedUsage(t *testing.T) {
 			t.Fatalf("balance %d", b)
 		}
 	})
+}
+
+// readEvents reads a server-sent event stream until n data lines have
+// passed.
+func readEvents(t *testing.T, body io.Reader, n int) {
+	t.Helper()
+	rd := bufio.NewReader(body)
+	for seen := 0; seen < n; {
+		line, err := rd.ReadString('\n')
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.HasPrefix(line, "data:") {
+			seen++
+		}
+	}
 }
