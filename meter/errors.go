@@ -144,7 +144,7 @@ func classifyReply(msg string) Class {
 	if strings.HasPrefix(msg, "WRONGTYPE") {
 		return Corrupt
 	}
-	// An error a script raised (lib.lua's "account field ... is not a
+	// An error a script raised (lua/lib/account.lua's "account field ... is not a
 	// number", "corrupt hold record", or a Lua error on data it could not
 	// read): Redis names the script's line, "user_script:<n>:".
 	if strings.Contains(msg, "user_script:") {

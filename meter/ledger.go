@@ -896,7 +896,7 @@ func (l *Ledger) evalWith(ctx context.Context, b *batcher, script *redis.Script,
 	return v, nil
 }
 
-// common is the number of arguments every script takes first (lib.lua's
+// common is the number of arguments every script takes first (lua/lib/base.lua's
 // ARGV[1..7]).
 const common = 7
 

@@ -1,60 +1,73 @@
 package meter
 
 import (
+	"context"
+	"io/fs"
 	"strings"
 	"testing"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/creditsgw/caddy-credits/internal/redistest"
 )
 
-func TestWithLib(t *testing.T) {
-	defined := map[string]bool{}
-	for _, p := range libParts {
-		if len(p.names) == 0 {
-			t.Fatalf("a part of lib.lua defines no name:\n%s", p.text)
-		}
-		for _, n := range p.names {
-			defined[n] = true
-		}
+// Every script in lua/ assembles, carries each file it includes once and no
+// include line, and compiles on a real Redis.
+func TestScripts(t *testing.T) {
+	srv := redistest.Start(t, redistest.Options{})
+	rdb := redis.NewClient(&redis.Options{Addr: srv.Addr})
+	t.Cleanup(func() { rdb.Close() })
+	names, err := fs.Glob(scripts, "lua/*.lua")
+	if err != nil || len(names) == 0 {
+		t.Fatalf("no scripts in lua/: %v", err)
 	}
-	for _, name := range []string{"load", "sweep", "commit", "srv_now", "OK", "FIELDS"} {
-		if !defined[name] {
-			t.Errorf("lib.lua's parts do not define %s", name)
-		}
-	}
-
-	// Every lib name a composed script's code uses is defined in it, before
-	// the script's own body.
-	for name, body := range map[string]string{
-		"charge": chargeLua, "settle": settleLua, "void": voidLua, "keep": keepLua, "lease": leaseLua,
-		"hold": holdLua, "capture": captureLua, "release": releaseLua, "holds": holdsLua, "topup": topUpLua,
-		"voidtopup": voidTopUpLua, "plan": planLua, "recharge": rechargeLua, "account": accountLua,
-	} {
-		script := withLib(body)
-		if !strings.HasSuffix(script, body) {
-			t.Errorf("%s: the script does not end with its body", name)
-		}
-		have := map[string]bool{}
-		for _, line := range strings.Split(script, "\n") {
-			if m := luaFunction.FindStringSubmatch(line); m != nil {
-				have[m[1]] = true
-			} else if m := luaLocals.FindStringSubmatch(line); m != nil {
-				for _, n := range strings.Split(m[1], ",") {
-					have[strings.TrimSpace(n)] = true
+	for _, path := range names {
+		name := strings.TrimPrefix(path, "lua/")
+		t.Run(name, func(t *testing.T) {
+			text, err := Script(name)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if strings.Contains(text, includeLine) {
+				t.Errorf("an include line is left in the assembled script")
+			}
+			for _, lib := range []string{"base", "account", "marker", "holds", "refs", "images", "alerts", "calls"} {
+				head, err := scripts.ReadFile("lua/lib/" + lib + ".lua")
+				if err != nil {
+					t.Fatal(err)
+				}
+				// Each library file's first definition is its own.
+				var def string
+				for line := range strings.Lines(string(head)) {
+					if strings.HasPrefix(line, "local ") {
+						def = line
+						break
+					}
+				}
+				if n := strings.Count(text, def); def == "" || n > 1 {
+					t.Errorf("lib/%s.lua's first definition is carried %d times", lib, n)
 				}
 			}
-		}
-		for _, id := range luaIdent.FindAllString(code(script), -1) {
-			if defined[id] && !have[id] {
-				t.Errorf("%s uses %s, which its script does not define", name, id)
+			if err := rdb.ScriptLoad(context.Background(), text).Err(); err != nil {
+				t.Errorf("Redis does not compile it: %v", err)
 			}
-		}
+		})
 	}
 
-	// A script carries only what it uses: keep touches no account.
-	keep := withLib(keepLua)
+	// A script carries only what it includes: keep touches no account.
+	keep, err := Script("keep.lua")
+	if err != nil {
+		t.Fatal(err)
+	}
 	if strings.Contains(keep, "local function load(") || strings.Contains(keep, "local function sweep(") {
 		t.Errorf("the keep script carries account functions it never calls")
 	}
-	if n, all := len(withLib(chargeLua)), len(libLua)+len(chargeLua); n >= all {
-		t.Errorf("the charge script is %d bytes, the whole library and its body %d", n, all)
+}
+
+// An include of a file that is missing, or one that includes itself, is
+// an error that names it.
+func TestScriptIncludeErrors(t *testing.T) {
+	if _, err := Script("nothing.lua"); err == nil || !strings.Contains(err.Error(), "nothing.lua") {
+		t.Errorf("a missing script: %v", err)
 	}
 }

@@ -8,6 +8,9 @@
 -- Returns {code, balance, delta}: code OK settled (delta is the change to
 -- the balance), REPEAT settled before (nothing written), NOT_FOUND no charge
 -- with this request id (nothing written).
+
+--#include lib/calls.lua
+
 local bad = check_types({'hash', 'string', 'list', 'hash'})
 if bad then return bad end
 local account_key, marker_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]

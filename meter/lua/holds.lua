@@ -4,6 +4,9 @@
 -- written. Returns {OK, n, then n times id, state, amount, captured,
 -- until_ms, feature, last report ms (a lease's; 0 for others)}, or
 -- {NOT_FOUND} when Redis holds nothing for the org.
+
+--#include lib/holds.lua
+
 local bad = check_types({'hash', 'list', 'hash'})
 if bad then return bad end
 local account_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3]

@@ -9,6 +9,11 @@
 -- left it are kept, so that voidwrite.lua can undo it.
 -- Returns {code, account...}: OK applied, REPEAT the reference was applied
 -- before (nothing written but what fell due).
+
+--#include lib/holds.lua
+--#include lib/refs.lua
+--#include lib/images.lua
+
 local bad = check_types({'hash', 'list', 'hash', {'zset', 'set'}, 'string'})
 if bad then return bad end
 local account_key, events_key, holds_key, refs_key, images_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]

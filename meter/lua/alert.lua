@@ -14,6 +14,9 @@
 -- delivered it) with c:<id> (when a gateway last took it on, Redis ms).
 -- Nothing is written for an org Redis does not hold.
 -- Returns {code, id, body, id, body...}.
+
+--#include lib/account.lua
+
 local bad = check_types({'hash', 'hash'})
 if bad then return bad end
 local account_key, alerts_key = KEYS[1], KEYS[2]

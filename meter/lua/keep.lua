@@ -8,6 +8,9 @@
 -- charged may, and only while its charge stands.
 -- Returns {code}: OK kept, REPEAT done before, NOT_FOUND no charge of this
 -- attempt stands (nothing written).
+
+--#include lib/marker.lua
+
 local bad = check_types({'string', 'string'})
 if bad then return bad end
 local marker_key, kept_key = KEYS[1], KEYS[2]

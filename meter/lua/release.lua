@@ -9,6 +9,9 @@
 -- no such hold, ENDED the hold was captured (nothing written), LEASE a lease
 -- that may not be released so (nothing written), REFUSED gateway_gone for a
 -- hold that is no lease (nothing written).
+
+--#include lib/holds.lua
+
 local bad = check_types({'hash', 'list', 'hash'})
 if bad then return bad end
 local account_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3]

@@ -7,6 +7,9 @@
 -- raised an error (a corrupt account, say) stopped before it wrote
 -- anything, as a charge alone does; its reply is {-1, the error}, and the
 -- charges after it run.
+
+--#include lib/calls.lua
+
 local out = {}
 for i = 0, (#ARGV - 7) / 9 - 1 do
   local ok, r = pcall(charge, i * 5, 7 + i * 9)

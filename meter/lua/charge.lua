@@ -20,4 +20,7 @@
 -- binding differs, VOIDED this attempt was voided (nothing charged). A
 -- request refunded in full, refused, or voided by another attempt, is free to
 -- charge again.
+
+--#include lib/calls.lua
+
 return charge(0, 7)

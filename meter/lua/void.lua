@@ -7,6 +7,9 @@
 -- answered with as a replay stands.
 -- Returns {code, delta}: OK done (delta is the refund, 0 if nothing had been
 -- charged), REPEAT nothing to do.
+
+--#include lib/calls.lua
+
 local bad = check_types({'hash', 'string', 'list', 'hash'})
 if bad then return bad end
 local account_key, marker_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]

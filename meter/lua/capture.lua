@@ -8,6 +8,9 @@
 -- captured before (its record; nothing written), NOT_FOUND no such hold,
 -- ENDED the hold was released (nothing written), LEASE the hold is a
 -- gateway's lease, which only its gateway captures (nothing written).
+
+--#include lib/holds.lua
+
 local bad = check_types({'hash', 'list', 'hash'})
 if bad then return bad end
 local account_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3]

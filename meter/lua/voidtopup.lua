@@ -8,6 +8,10 @@
 -- void is recorded too, so that a void sent again changes nothing. Only for
 -- references no client can send again (the gateway's own random ones).
 -- Returns {code, account...}: OK done, REPEAT voided before.
+
+--#include lib/holds.lua
+--#include lib/refs.lua
+
 local bad = check_types({'hash', {'zset', 'set'}, 'list', 'hash'})
 if bad then return bad end
 local account_key, refs_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]

@@ -20,6 +20,9 @@
 -- has ended, for a day.
 -- Returns {code, held, balance, day, period}: OK applied, REPEAT a repeat;
 -- day and period are those the sync's spending was charged on and in.
+
+--#include lib/holds.lua
+
 local bad = check_types({'hash', 'list', 'hash'})
 if bad then return bad end
 local account_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3]

@@ -8,6 +8,9 @@
 -- hold that ended (captured by an operator who found it, or expired) is
 -- left as it is.
 -- Returns {code}: OK released or kept from applying, REPEAT it had ended.
+
+--#include lib/holds.lua
+
 local bad = check_types({'hash', 'list', 'hash'})
 if bad then return bad end
 local account_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3]

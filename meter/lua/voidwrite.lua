@@ -12,6 +12,11 @@
 -- Only for references no client can send again (the gateway's own).
 -- Returns {code, account...}: OK done (undone, or never applied), ENDED the
 -- write ran and stands, REPEAT voided before.
+
+--#include lib/holds.lua
+--#include lib/refs.lua
+--#include lib/images.lua
+
 local bad = check_types({'hash', 'list', 'hash', {'zset', 'set'}, 'string'})
 if bad then return bad end
 local account_key, events_key, holds_key, refs_key, images_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]

@@ -5,6 +5,11 @@
 -- Returns {code, account...}: code OK applied, REPEAT the reference was
 -- applied before (nothing written), LIMIT the top-up would pass the limit
 -- (nothing written).
+
+--#include lib/holds.lua
+--#include lib/refs.lua
+--#include lib/alerts.lua
+
 local bad = check_types({'hash', {'zset', 'set'}, 'list', 'hash', 'hash'})
 if bad then return bad end
 local account_key, refs_key, events_key, holds_key, alerts_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]

@@ -3,6 +3,9 @@
 -- Returns {OK, account...}, or {NOT_FOUND} when Redis holds nothing for the
 -- org. A recharge or an expiry that fell due is written, as any operation
 -- would.
+
+--#include lib/holds.lua
+
 local bad = check_types({'hash', 'list', 'hash'})
 if bad then return bad end
 local account_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3]

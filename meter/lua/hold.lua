@@ -6,6 +6,9 @@
 -- Returns {code, state, amount, until_ms, feature, account...}: OK held, REPEAT a hold
 -- with this id exists (its record; nothing written), REFUSED the available
 -- balance is short (nothing written).
+
+--#include lib/holds.lua
+
 local bad = check_types({'hash', 'list', 'hash'})
 if bad then return bad end
 local account_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3]

@@ -1,0 +1,106 @@
+-- A call's charge, and its settle or refund.
+
+--#include lib/account.lua
+--#include lib/marker.lua
+--#include lib/holds.lua
+
+-- Sets a charged request's final cost: refunded (the call failed; its id is
+-- free again) or settled to its usage. Returns the change to the balance.
+local function settle_to(acc, m, actual, ref, refund)
+  marker_period(m, acc)
+  local before = balance(acc)
+  local diff = actual - m.cost
+  local same_period = m.pn == acc.pn
+  if diff > 0 then
+    if not same_period then
+      -- The marker keeps one period: the allowance it took of an ended
+      -- one is not given back, so it is dropped before this period's.
+      m.fa, m.pn = 0, acc.pn
+    end
+    add_parts(m, take(acc, diff))
+  elseif diff < 0 then
+    give_back(acc, m, -diff)
+  end
+  -- Usage of a period that has ended stays with that period; the day's
+  -- usage is the charge's day's, whatever the period.
+  if diff ~= 0 and same_period then
+    add_used(acc, m.feature, diff, m.day)
+  elseif diff ~= 0 then
+    add_day(acc, m.feature, diff, m.day)
+  end
+  if diff ~= 0 then
+    local kind = 'settle'
+    if refund then kind = 'refund' end
+    event(acc, kind, balance(acc) - before, m.feature, ref)
+  end
+  m.cost, m.balance = actual, balance(acc)
+  if refund then m.state = 'r' else m.state = 'u' end
+  return balance(acc) - before
+end
+
+-- A call's charge: KEYS[k + 1 .. k + 5] and ARGV[a + 1 .. a + 9] are
+-- charge.lua's KEYS and ARGV[8..16] (charge.lua runs charge(0, 7); a batch
+-- of charges, charges.lua, one after another).
+local function charge(k, a)
+  -- Every key but the call log fails its first read, before any write,
+  -- when it holds another type; the call log is the first key written, and
+  -- commit stops there when it is not a list.
+  local account_key, marker_key, events_key, holds_key, kept_key = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4],
+    KEYS[k + 5]
+  local feature = ARGV[a + 1]
+  local cost = tonumber(ARGV[a + 2])
+  local overdraft = ARGV[a + 3] == '1'
+  local limit = tonumber(ARGV[a + 4])
+  local request_id = ARGV[a + 5]
+  local marker_ttl = ARGV[a + 6]
+  local attempt = ARGV[a + 7]
+  local bind = ARGV[a + 8]
+  local in_flight_ttl = ARGV[a + 9]
+
+  local m = parse_marker(redis.call('GET', marker_key))
+  if m and m.attempt == attempt then
+    if m.state == 'x' then return {VOIDED, 0, 0} end
+    return {OK, m.balance, m.cost}
+  end
+  if m and not marker_free(m) then
+    if m.bind ~= bind then
+      return {MISMATCH, m.balance, 0}
+    end
+    if (m.state == 'c' or m.state == 'u') and bind ~= '-' then
+      return {IN_FLIGHT, m.balance, 0}
+    end
+    if m.relied ~= '1' then
+      m.relied = '1'
+      write_marker(marker_key, m)
+    end
+    local kept = false
+    if bind ~= '-' then kept = redis.call('GET', kept_key) end
+    return {REPEAT, m.balance, m.cost, kept}
+  end
+
+  local acc = load(account_key, false, feature)
+  local fresh = not acc
+  if fresh then
+    acc = new_account(def_allowance, def_month)
+  end
+  sweep(acc, holds_key)
+  local free = available(acc)
+  if (not overdraft and free < cost) or (overdraft and limit >= 0 and free - cost < -limit) then
+    return {REFUSED, balance(acc), 0}
+  end
+
+  if fresh then
+    event(acc, 'grant', acc.rem, '', 'default-plan')
+  end
+  local p = take(acc, cost)
+  add_used(acc, feature, cost)
+  event(acc, 'charge', -cost, feature, request_id)
+  local bad = commit(account_key, events_key, acc, true)
+  if bad then return {WRONG_TYPE, 3, bad} end
+  if acc.swept then write_holds(holds_key, acc) end
+  local ttl = marker_ttl
+  if bind ~= '-' then ttl = in_flight_ttl end
+  write_marker(marker_key, {cost = cost, feature = feature, fa = p.fa, fp = p.fp, fd = p.fd,
+    balance = balance(acc), state = 'c', pn = acc.pn, attempt = attempt, relied = '0', bind = bind}, ttl)
+  return {OK, balance(acc), cost}
+end
