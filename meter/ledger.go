@@ -24,6 +24,9 @@ import (
 	"github.com/creditsgw/caddy-credits/policy"
 )
 
+// MaxGrants is the most grants an org may have live or pending.
+const MaxGrants = 100
+
 // Limits of the amounts the ledger accepts.
 const (
 	// MaxAmount is the largest top-up, plan allowance or overdraft limit.
@@ -454,6 +457,14 @@ func (l *Ledger) Void(ctx context.Context, org, requestID, attempt string) (int6
 // per org: a repeat returns the account unchanged with applied false. An
 // empty reference means a fresh random one.
 func (l *Ledger) TopUp(ctx context.Context, org string, amount int64, reference string) (acct Account, applied bool, err error) {
+	return l.TopUpExpiring(ctx, org, amount, reference, time.Time{})
+}
+
+// TopUpExpiring is TopUp whose credits expire at expires (zero: never).
+// Credits that expire are a purchased grant of their own (one more of the
+// org's MaxGrants); those that never do add to the org's standing
+// purchased grant.
+func (l *Ledger) TopUpExpiring(ctx context.Context, org string, amount int64, reference string, expires time.Time) (acct Account, applied bool, err error) {
 	if err := policy.ValidateOrg(org); err != nil {
 		return Account{}, false, err
 	}
@@ -466,7 +477,7 @@ func (l *Ledger) TopUp(ctx context.Context, org string, amount int64, reference 
 		return Account{}, false, err
 	}
 	keys := []string{l.keys.Account(org), l.keys.TopUps(org), l.keys.Events(org), l.keys.Holds(org), l.keys.Alerts(org)}
-	code, acct, err := l.runAccount(ctx, topUpScript, org, keys, amount, reference, MaxPurchased, l.refTTL)
+	code, acct, err := l.runAccount(ctx, topUpScript, org, keys, amount, reference, MaxPurchased, l.refTTL, unixMilli(expires), MaxGrants)
 	if err != nil {
 		return Account{}, false, fmt.Errorf("top-up: %w", err)
 	}
@@ -484,6 +495,10 @@ func appliedOnce(what string, code int64, acct Account) (Account, bool, error) {
 		return acct, false, nil
 	case codeLimit:
 		return acct, false, ErrPurchasedLimit
+	case codeFull:
+		return acct, false, ErrGrantsFull
+	case codeEnded:
+		return acct, false, ErrExpiresPast
 	}
 	return Account{}, false, fmt.Errorf("%s: unexpected script code %d", what, code)
 }
@@ -589,7 +604,7 @@ func (l *Ledger) SetPlan(ctx context.Context, org string, plan Plan, reference s
 		return Account{}, false, err
 	}
 	keys := []string{l.keys.Account(org), l.keys.Events(org), l.keys.Holds(org), l.keys.TopUps(org), l.keys.Images(org, "plan:"+reference)}
-	code, acct, err := l.runAccount(ctx, planScript, org, keys, plan.Allowance, plan.RechargeMonth, reference, l.refTTL, imagesKept(reference))
+	code, acct, err := l.runAccount(ctx, planScript, org, keys, plan.Allowance, plan.RechargeMonth, reference, l.refTTL, imagesKept(reference), plan.Rollover)
 	if err != nil {
 		return Account{}, false, fmt.Errorf("set plan: %w", err)
 	}
@@ -993,6 +1008,9 @@ func validatePlan(p Plan) error {
 	}
 	if p.RechargeMonth < 1 || p.RechargeMonth > 12 {
 		return rangeError("recharge month", int64(p.RechargeMonth), 1, 12)
+	}
+	if p.Rollover < 0 || p.Rollover > p.Allowance {
+		return rangeError("rollover", p.Rollover, 0, p.Allowance)
 	}
 	return nil
 }

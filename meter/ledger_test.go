@@ -47,7 +47,7 @@ var ledgerCases = []ledgerCase{
 		}
 		a := e.account("acme")
 		e.wantBalance(a, 7, 7, 0)
-		if a.Used["rich-text"] != 3 || a.OwnPlan || a.Plan != (Plan{10, 1}) {
+		if a.Used["rich-text"] != 3 || a.OwnPlan || a.Plan != (Plan{10, 1, 0}) {
 			e.t.Fatalf("account: %+v", a)
 		}
 		if !a.PeriodStart.Equal(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)) ||
@@ -246,7 +246,7 @@ var ledgerCases = []ledgerCase{
 		e.charge("acme", 4)
 		a := e.setPlan("acme", 100, 6)
 		e.wantBalance(a, 100, 100, 0)
-		if !a.OwnPlan || a.Plan != (Plan{100, 6}) || a.NextPlan != nil || len(a.Used) != 0 ||
+		if !a.OwnPlan || a.Plan != (Plan{100, 6, 0}) || a.NextPlan != nil || len(a.Used) != 0 ||
 			!a.PeriodStart.Equal(e.clock.Now().Truncate(time.Second)) ||
 			!a.NextRecharge.Equal(time.Date(2026, 6, 1, 0, 0, 0, 0, time.UTC)) {
 			e.t.Fatalf("account: %+v", a)
@@ -265,13 +265,13 @@ var ledgerCases = []ledgerCase{
 		e.charge("acme", 30)
 		a := e.setPlan("acme", 500, 9)
 		e.wantBalance(a, 70, 70, 0)
-		if a.Plan != (Plan{100, 6}) || a.NextPlan == nil || *a.NextPlan != (Plan{500, 9}) {
+		if a.Plan != (Plan{100, 6, 0}) || a.NextPlan == nil || *a.NextPlan != (Plan{500, 9, 0}) {
 			e.t.Fatalf("account: %+v", a)
 		}
 		e.clock.Set(date(2026, time.June, 1))
 		a = e.account("acme")
 		e.wantBalance(a, 500, 500, 0)
-		if a.Plan != (Plan{500, 9}) || a.NextPlan != nil ||
+		if a.Plan != (Plan{500, 9, 0}) || a.NextPlan != nil ||
 			!a.NextRecharge.Equal(time.Date(2026, 9, 1, 0, 0, 0, 0, time.UTC)) {
 			e.t.Fatalf("after recharge: %+v", a)
 		}
@@ -357,7 +357,7 @@ var ledgerCases = []ledgerCase{
 			wantInputError(e.t, err, org == "")
 			_, _, err = e.ledger.TopUp(e.ctx, org, 1, "x")
 			wantInputError(e.t, err, org == "")
-			_, _, err = e.ledger.SetPlan(e.ctx, org, Plan{1, 1}, "")
+			_, _, err = e.ledger.SetPlan(e.ctx, org, Plan{1, 1, 0}, "")
 			wantInputError(e.t, err, org == "")
 			_, err = e.ledger.Refund(e.ctx, org, "r")
 			wantInputError(e.t, err, org == "")
@@ -386,7 +386,7 @@ var ledgerCases = []ledgerCase{
 			_, _, err := e.ledger.TopUp(e.ctx, "acme", amount, "r2")
 			wantInputError(e.t, err, false)
 		}
-		for _, p := range []Plan{{-1, 1}, {MaxAmount + 1, 1}, {1, 0}, {1, 13}} {
+		for _, p := range []Plan{{-1, 1, 0}, {MaxAmount + 1, 1, 0}, {1, 0, 0}, {1, 13, 0}} {
 			_, _, err := e.ledger.SetPlan(e.ctx, "acme", p, "")
 			wantInputError(e.t, err, false)
 		}

@@ -34,6 +34,7 @@ type modelAccount struct {
 	ha, ho, hp   int64 // held: this period's allowance, an ended one's, purchased
 	pn           int
 	cd           int64 // debt carried into this period, not cancelled yet
+	dp           int64 // debt of this period that top-ups repaid
 	periodStart  time.Time
 	nextRecharge time.Time
 	used         map[string]int64
@@ -107,7 +108,7 @@ func (m *model) startPeriod(org string, a *modelAccount, at time.Time) {
 		a.plan, a.next = *a.next, nil
 	}
 	before := a.rem
-	a.cd = max(-a.rem, 0)
+	a.cd, a.dp = max(-a.rem, 0), 0
 	a.rem = a.plan.Allowance + min(a.rem, 0)
 	m.grants[org] += a.rem - before
 	a.ho, a.ha = a.ho+a.ha, 0
@@ -140,7 +141,10 @@ func (a *modelAccount) giveBack(p *parts, n int64) int64 {
 		d = min(d, a.cd)
 		a.cd -= d
 	}
-	a.rem, back = a.rem+d, back+d
+	// Debt repaid since by a top-up goes back as purchased credits.
+	c := min(d, max(-a.rem, 0))
+	r := min(d-c, a.dp)
+	a.rem, a.pur, a.dp, back = a.rem+d-r, a.pur+r, a.dp-r, back+d
 	f := min(n, p.fp)
 	p.fp, n = p.fp-f, n-f
 	a.pur, back = a.pur+f, back+f
@@ -366,7 +370,12 @@ func checkModel(t *testing.T, rt *rapid.T, s store) {
 			}
 			if applied {
 				m.refs[org+" "+ref] = true
-				m.account(org, now, true).pur += amount
+				// A top-up repays debt first.
+				a := m.account(org, now, true)
+				repaid := min(amount, max(-a.rem, 0))
+				a.rem += repaid
+				a.dp += repaid
+				a.pur += amount - repaid
 				m.topUps[org] += amount
 			}
 		case 4: // plan

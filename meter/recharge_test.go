@@ -58,14 +58,19 @@ var rechargeCases = []ledgerCase{
 		if _, err := e.ledger.Charge(e.ctx, ChargeRequest{Org: "acme", Feature: "flows", Cost: 25, Overdraft: true, OverdraftLimit: NoLimit}); err != nil {
 			e.t.Fatal(err)
 		}
+		// A top-up repays debt first: 15 of debt, 3 paid, 12 left.
 		e.topUp("acme", 3, "t1")
-		e.wantBalance(e.account("acme"), -12, -15, 3)
+		e.wantBalance(e.account("acme"), -12, -12, 0)
+		if a := e.account("acme"); a.Debt != 12 {
+			e.t.Fatalf("debt %d, want 12", a.Debt)
+		}
+		// The new allowance repays the rest: 10 - 12.
 		e.clock.Set(midnight(2027, time.January, 1))
-		e.wantBalance(e.account("acme"), -2, -5, 3)
-		// Two more recharges due at once: -5 -> 5 -> 10.
+		e.wantBalance(e.account("acme"), -2, -2, 0)
+		// Two more recharges due at once: -2 -> 8 -> 10.
 		e.clock.Set(midnight(2029, time.January, 1).Add(time.Hour))
 		a := e.account("acme")
-		e.wantBalance(a, 13, 10, 3)
+		e.wantBalance(a, 10, 10, 0)
 		if !a.PeriodStart.Equal(midnight(2029, time.January, 1)) || !a.NextRecharge.Equal(midnight(2030, time.January, 1)) {
 			e.t.Fatalf("period %s to %s", a.PeriodStart, a.NextRecharge)
 		}

@@ -38,6 +38,9 @@ var (
 	voidWriteScript = newScript("voidwrite.lua")
 	voidHoldScript  = newScript("voidhold.lua")
 	accountScript   = newScript("account.lua")
+	grantScript     = newScript("grant.lua")
+	grantsScript    = newScript("grants.lua")
+	voidGrantScript = newScript("voidgrant.lua")
 )
 
 const includeLine = "--#include "
@@ -106,6 +109,7 @@ const (
 	codeInFlight  = 8
 	codeMismatch  = 9
 	codeLease     = 10
+	codeFull      = 11
 )
 
 // ErrWrongType means a key the script needs holds another type of data

@@ -71,3 +71,84 @@ func TestScriptIncludeErrors(t *testing.T) {
 		t.Errorf("a missing script: %v", err)
 	}
 }
+
+// Every function and constant a script's files define is used only after
+// its definition: a name used earlier would be a global, which Redis
+// refuses when it runs.
+func TestScriptsDefineBeforeUse(t *testing.T) {
+	names, err := fs.Glob(scripts, "lua/*.lua")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, path := range names {
+		name := strings.TrimPrefix(path, "lua/")
+		text, err := Script(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defined := map[string]int{} // name -> line of its definition
+		lines := strings.Split(text, "\n")
+		for i, line := range lines {
+			rest, ok := strings.CutPrefix(line, "local ")
+			if !ok {
+				continue
+			}
+			rest, fn := strings.CutPrefix(rest, "function ")
+			decl, _, _ := strings.Cut(rest, "=")
+			decl, _, _ = strings.Cut(decl, "(")
+			for _, n := range strings.Split(decl, ",") {
+				if n = strings.TrimSpace(n); n != "" && (fn || n == strings.ToUpper(n)) {
+					if _, seen := defined[n]; !seen {
+						defined[n] = i
+					}
+				}
+			}
+		}
+		for i, line := range lines {
+			code, _, _ := strings.Cut(line, "--")
+			for _, word := range luaWords(code) {
+				if at, ok := defined[word]; ok && at > i {
+					t.Errorf("%s: line %d uses %s before its definition on line %d", name, i+1, word, at+1)
+				}
+			}
+		}
+	}
+}
+
+// luaWords are the identifiers of a line of Lua, outside its strings.
+func luaWords(line string) []string {
+	var words []string
+	var quote byte
+	start := -1
+	for i := 0; i <= len(line); i++ {
+		var c byte
+		if i < len(line) {
+			c = line[i]
+		}
+		if quote != 0 {
+			if c == quote {
+				quote = 0
+			}
+			continue
+		}
+		ident := c == '_' || c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' && start >= 0
+		if ident {
+			if start < 0 {
+				start = i
+			}
+			continue
+		}
+		// A field (after a dot) or a table's key (before a single =) is
+		// not a use of a local.
+		after := strings.TrimLeft(line[i:], " ")
+		key := strings.HasPrefix(after, "=") && !strings.HasPrefix(after, "==")
+		if start >= 0 && (start == 0 || line[start-1] != '.') && !key {
+			words = append(words, line[start:i])
+		}
+		start = -1
+		if c == '\'' || c == '"' {
+			quote = c
+		}
+	}
+	return words
+}

@@ -1,7 +1,7 @@
 -- KEYS: account, events, holds, references, the write's images. ARGV[8]
 -- allowance, ARGV[9] recharge month, ARGV[10] reference, ARGV[11] how long
 -- a reference is kept, in ms, ARGV[12] how long the images are kept, in ms
--- (0: none are kept).
+-- (0: none are kept), ARGV[13] rollover (0..allowance).
 --
 -- An org without a plan of its own starts a new period on this plan at once;
 -- a change to an org's own plan waits for the next recharge. A reference is
@@ -23,6 +23,9 @@ local month = tonumber(ARGV[9])
 local ref = '\0plan:' .. ARGV[10]
 local ref_kept = tonumber(ARGV[11])
 local images_kept = tonumber(ARGV[12])
+local rollover = tonumber(ARGV[13])
+local name = str(allowance) .. '/' .. str(month)
+if rollover > 0 then name = name .. '/' .. str(rollover) end
 
 if ref_seen(refs_key, ref) then
   local acc = load(account_key, true) or new_account(def_allowance, def_month)
@@ -43,22 +46,24 @@ if not acc then
   acc = new_account(allowance, month)
   acc.own = 1
   start_period(acc, math.floor(now_ms / 1000))
-  event(acc, 'plan', balance(acc), '', str(allowance) .. '/' .. str(month))
+  acc.ro = rollover
+  event(acc, 'plan', balance(acc), '', name)
 else
   sweep(acc, holds_key)
   if acc.own ~= 1 then
     local before_balance = balance(acc)
     acc.a, acc.m, acc.own = allowance, month, 1
     start_period(acc, math.floor(now_ms / 1000))
-    event(acc, 'plan', balance(acc) - before_balance, '', str(allowance) .. '/' .. str(month))
-  elseif acc.a == allowance and acc.m == month then
+    acc.ro = rollover
+    event(acc, 'plan', balance(acc) - before_balance, '', name)
+  elseif acc.a == allowance and acc.m == month and acc.ro == rollover then
     if acc.pa then
-      acc.pa, acc.pm = nil, nil
-      event(acc, 'plan', 0, '', str(allowance) .. '/' .. str(month))
+      acc.pa, acc.pm, acc.pr = nil, nil, nil
+      event(acc, 'plan', 0, '', name)
     end
-  elseif acc.pa ~= allowance or acc.pm ~= month then
-    acc.pa, acc.pm = allowance, month
-    event(acc, 'plan', 0, '', str(allowance) .. '/' .. str(month))
+  elseif acc.pa ~= allowance or acc.pm ~= month or acc.pr ~= rollover then
+    acc.pa, acc.pm, acc.pr = allowance, month, rollover
+    event(acc, 'plan', 0, '', name)
   end
 end
 commit(account_key, events_key, acc)

@@ -17,6 +17,8 @@ local amount = tonumber(ARGV[8])
 local ref = ARGV[9]
 local max_purchased = tonumber(ARGV[10])
 local ref_kept = tonumber(ARGV[11])
+local expires = tonumber(ARGV[12])
+local max_grants = tonumber(ARGV[13])
 
 if ref_seen(refs_key, ref) then
   local acc = load(account_key, true) or new_account(def_allowance, def_month)
@@ -27,7 +29,20 @@ sweep(acc, holds_key)
 if acc.pur + acc.hp + amount > max_purchased then
   return reply(acc, {LIMIT})
 end
-acc.pur = acc.pur + amount
+if expires > 0 then
+  if expires <= srv_now() then
+    return reply(acc, {ENDED})
+  end
+  if open_grants(acc) >= max_grants then
+    return reply(acc, {FULL})
+  end
+  add_grant(acc, new_grant(acc, PURCHASED, amount, DEFAULT_PRIORITY, srv_now(), expires, ref))
+  acc.grants[#acc.grants].rem = repay(acc, amount)
+  acc.gx_dirty = true
+else
+  acc.pt = (acc.pt or acc.pur + acc.hp) + amount
+  acc.pur = acc.pur + repay(acc, amount)
+end
 event(acc, 'topup', amount, '', ref)
 commit(account_key, events_key, acc)
 write_holds(holds_key, acc)

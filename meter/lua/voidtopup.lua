@@ -28,9 +28,20 @@ local applied = ref_seen(refs_key, ref)
 if applied and acc then
   sweep(acc, holds_key)
   local before = balance(acc)
-  local from_purchased = math.min(amount, math.max(acc.pur, 0))
-  acc.pur = acc.pur - from_purchased
-  acc.rem = acc.rem - (amount - from_purchased)
+  local g = grant_by_ref(acc, ref)
+  if g and g.kind == PURCHASED then
+    -- A top-up with an expiry made a grant of its own: it is voided, and
+    -- what of it was spent or repaid debt is taken again, into debt if it
+    -- must, so that the balance loses the top-up's amount.
+    local lost = 0
+    if grant_live(g) then lost = end_grant(acc, g, GRANT_VOIDED, srv_now()) end
+    acc.rem = acc.rem - (amount - lost)
+  else
+    local from_purchased = math.min(amount, math.max(acc.pur, 0))
+    acc.pur = acc.pur - from_purchased
+    acc.rem = acc.rem - (amount - from_purchased)
+    if acc.pt then acc.pt = acc.pt - amount end
+  end
   event(acc, 'void', balance(acc) - before, '', ref)
   commit(account_key, events_key, acc)
   write_holds(holds_key, acc)

@@ -3,44 +3,230 @@
 
 --#include lib/base.lua
 
--- The account hash's fields but u:<feature> and <yyyymmdd>:<feature>, and the
--- value each reads as when it is absent (nil: no default; a, rem and nx
--- must be there; ps, absent, is the start of the plan year that ends at nx).
--- A field at its default is not written: an idle org's hash holds what
--- tells it apart, and no more.
-local FIELDS = {'a', 'm', 'own', 'rem', 'pur', 'ps', 'nx', 'pn', 'cd', 'seq', 'ha', 'ho', 'hp', 'hx', 'pa', 'pm'}
-local DEFAULTS = {m = 1, own = 0, pur = 0, pn = 0, cd = 0, seq = 0, ha = 0, ho = 0, hp = 0}
+-- The account hash's fields but u:<feature>, <yyyymmdd>:<feature>, gl and
+-- g:<id>, and the value each reads as when it is absent (nil: no default;
+-- a, rem and nx must be there; ps, absent, is the start of the plan year
+-- that ends at nx). A field at its default is not written: an idle org's
+-- hash holds what tells it apart, and no more.
+--
+-- An org's credits are grants. Two of them live in the account's own
+-- fields: this period's allowance (rem: what is free of it; below zero it
+-- is debt, which the next credits granted repay first) and the standing
+-- purchased grant (pur: top-ups with no expiry, and positive adjustments,
+-- all of one kind and priority, so they are one grant; pt is all it was
+-- given). Every other grant (rollover, purchased with an expiry,
+-- promotional) is a field g:<id> of its own (see parse_grant); gl lists the
+-- ids of those live or pending, gn is the last id given, gx the Redis time
+-- (ms) at which the earliest of them starts or expires, and hq the credits
+-- live holds took from grants that have since ended. ro is the plan's
+-- rollover, pr that of the plan waiting for the next recharge. dp is the
+-- debt of this period that credits granted since repaid: a refund of the
+-- charge that made it gives them back as purchased credits.
+local FIELDS = {'a', 'm', 'own', 'rem', 'pur', 'ps', 'nx', 'pn', 'cd', 'seq', 'ha', 'ho', 'hp', 'hx', 'pa', 'pm',
+  'ro', 'pr', 'pt', 'gn', 'gx', 'hq', 'dp'}
+local DEFAULTS = {m = 1, own = 0, pur = 0, pn = 0, cd = 0, seq = 0, ha = 0, ho = 0, hp = 0, ro = 0, gn = 0, hq = 0,
+  dp = 0}
 local REQUIRED = {'a', 'rem', 'nx'}
 
-local function held(acc)
-  return acc.ha + acc.ho + acc.hp
+-- What a charge reads of the account: the fields, then gl.
+local READ = {unpack(FIELDS)}
+READ[#READ + 1] = 'gl'
+
+-- Grant kinds and states, as the admin API names them in full.
+local ALLOWANCE, ROLLOVER, PURCHASED, PROMOTIONAL = 'a', 'r', 'p', 'o'
+local GRANT_PENDING, GRANT_LIVE, GRANT_SPENT, GRANT_EXPIRED, GRANT_VOIDED = 'p', 'l', 's', 'x', 'v'
+
+-- The priority of the grants the account keeps in its own fields.
+local DEFAULT_PRIORITY = 50
+
+-- How long a grant that ended stays listed.
+local ENDED_KEPT_MS = 90 * 86400000
+
+-- A grant's field: "state kind amount remaining held priority effective
+-- expires ended ref [reason]": amount what it gave, remaining what it can
+-- still give, held what live holds took from it, effective and expires
+-- (0: never) in Redis ms, ended when it was spent, expired or voided (0:
+-- not yet), ref its reference ('-': none), reason the rest of the line.
+local function parse_grant(id, s)
+  local st, kind, amount, rem, hld, prio, eff, exp, ended, ref, reason = string.match(s,
+    '^(%a) (%a) (%d+) (%d+) (%d+) (%d+) (%d+) (%d+) (%d+) (%S+) ?(.*)$')
+  if not st then
+    error('corrupt grant record')
+  end
+  return {id = id, state = st, kind = kind, amount = tonumber(amount), rem = tonumber(rem), held = tonumber(hld),
+    prio = tonumber(prio), eff = tonumber(eff), exp = tonumber(exp), ended = tonumber(ended), ref = ref,
+    reason = reason}
 end
 
-local function balance(acc)
-  return acc.rem + acc.pur + held(acc)
+local function grant_str(g)
+  local s = string.format('%s %s %d %d %d %d %d %d %d %s', g.state, g.kind, g.amount, g.rem, g.held, g.prio, g.eff,
+    g.exp, g.ended, g.ref)
+  if g.reason and g.reason ~= '' then s = s .. ' ' .. g.reason end
+  return s
+end
+
+local function grant_live(g)
+  return g.state == GRANT_LIVE
+end
+
+-- The extra grants' sums: free (remaining of live ones) and held (what
+-- holds took from live ones).
+local function grant_sums(acc)
+  local free, hld = 0, 0
+  for _, g in ipairs(acc.grants or {}) do
+    if grant_live(g) then
+      free, hld = free + g.rem, hld + g.held
+    end
+  end
+  return free, hld
+end
+
+local function held(acc)
+  local h = acc.ha + acc.ho + acc.hp + acc.hq
+  if acc.grants then
+    local _, gh = grant_sums(acc)
+    h = h + gh
+  end
+  return h
 end
 
 local function available(acc)
-  return acc.rem + acc.pur
+  local v = acc.rem + acc.pur
+  if acc.grants then
+    local gf = grant_sums(acc)
+    v = v + gf
+  end
+  return v
+end
+
+local function balance(acc)
+  return available(acc) + held(acc)
 end
 
 local function event(acc, kind, delta, feature, ref, at_ms, reason)
   table.insert(acc.events, {kind, delta, balance(acc), feature or '', ref or '', at_ms or now_ms, reason})
 end
 
+-- Repays debt (a negative rem) out of n credits just granted; returns what
+-- is left of them.
+local function repay(acc, n)
+  local r = math.min(n, math.max(-acc.rem, 0))
+  acc.rem, acc.dp = acc.rem + r, acc.dp + r
+  return n - r
+end
+
+-- Marks grant g changed, for commit.
+local function touch(acc, g)
+  acc.gdirty = acc.gdirty or {}
+  acc.gdirty[g.id] = g
+end
+
+-- Adds a grant to the account (acc.grants, the live and pending ones, and
+-- acc.gmap, every one read). Returns it.
+local function add_grant(acc, g)
+  acc.grants = acc.grants or {}
+  acc.gmap = acc.gmap or {}
+  table.insert(acc.grants, g)
+  acc.gmap[g.id] = g
+  touch(acc, g)
+  return g
+end
+
+-- Ends grant g (spent, expired or voided) at Redis time t: what live holds
+-- took from it stays theirs (hq); what remains of it is gone. Returns the
+-- credits lost.
+local function end_grant(acc, g, state, t)
+  local lost = g.rem
+  if g.state == GRANT_LIVE then
+    acc.hq = acc.hq + g.held
+  end
+  g.state, g.rem, g.held, g.ended = state, 0, 0, t
+  touch(acc, g)
+  return lost
+end
+
+-- Makes the extra grants whose time came live or expired, by Redis' clock:
+-- a pending grant that becomes live repays debt first (event grant); an
+-- expired one loses what remains of it (event expire). A rollover grant
+-- expires with its period, at the recharge (start_period).
+local function grant_times(acc)
+  if not acc.grants or not acc.gx or acc.gx > srv_now() then return end
+  local t = srv_now()
+  for _, g in ipairs(acc.grants) do
+    if g.state == GRANT_PENDING and g.eff <= t then
+      g.state = GRANT_LIVE
+      g.rem = repay(acc, g.rem)
+      touch(acc, g)
+      event(acc, 'grant', g.amount, '', 'g' .. g.id, g.eff)
+    end
+    if g.state == GRANT_LIVE and g.kind ~= ROLLOVER and g.exp > 0 and g.exp <= t then
+      local lost = end_grant(acc, g, GRANT_EXPIRED, g.exp)
+      event(acc, 'expire', -lost, '', 'g' .. g.id, g.exp)
+    end
+  end
+  acc.gx_dirty = true
+end
+
+-- A new extra grant: the next id, at Redis time eff (pending until then).
+local function new_grant(acc, kind, amount, prio, eff, exp, ref, reason)
+  acc.gn = acc.gn + 1
+  return {id = str(acc.gn), state = GRANT_LIVE, kind = kind, amount = amount, rem = amount, held = 0, prio = prio,
+    eff = eff, exp = exp, ended = 0, ref = ref or '-', reason = reason}
+end
+
+-- How many extra grants are live or pending.
+local function open_grants(acc)
+  local n = 0
+  for _, g in ipairs(acc.grants or {}) do
+    if g.state == GRANT_LIVE or g.state == GRANT_PENDING then n = n + 1 end
+  end
+  return n
+end
+
+-- Grants an extra grant: live at once (repaying debt first) when its
+-- effective time has come, pending otherwise. Writes the grant event, whose
+-- delta is what it adds to the balance now.
+local function grant(acc, g)
+  if g.eff > srv_now() then
+    g.state = GRANT_PENDING
+    add_grant(acc, g)
+    event(acc, 'grant', 0, '', 'g' .. g.id, nil, g.reason)
+  else
+    g.rem = repay(acc, g.rem)
+    add_grant(acc, g)
+    event(acc, 'grant', g.amount, '', 'g' .. g.id, nil, g.reason)
+  end
+  acc.gx_dirty = true
+  return g
+end
+
 -- Starts a new period at period start ps_unix, granting the plan's allowance.
--- Unused allowance expires and debt carries over. Allowance that live holds
--- keep stays theirs, as allowance of an ended period.
+-- The rollover grants carried into the period that ends expire; up to the
+-- ending plan's rollover of its unused allowance becomes a rollover grant
+-- of the new period; the rest of it expires. The new allowance repays debt
+-- first, and debt carries over. Allowance that live holds keep stays
+-- theirs, as allowance of an ended period.
 local function start_period(acc, ps_unix, next_ym)
+  for _, g in ipairs(acc.grants or {}) do
+    if g.kind == ROLLOVER and g.state == GRANT_LIVE then
+      end_grant(acc, g, GRANT_EXPIRED, ps_unix * 1000)
+    end
+  end
+  local carry = math.min(math.max(acc.rem, 0), acc.ro or 0)
   if acc.pa then
     acc.a, acc.m, acc.pa, acc.pm = acc.pa, acc.pm, nil, nil
+    acc.ro, acc.pr = acc.pr or 0, nil
   end
-  acc.cd = math.max(-acc.rem, 0)
+  acc.cd, acc.dp = math.max(-acc.rem, 0), 0
   acc.rem = acc.a + math.min(acc.rem, 0)
   acc.ho, acc.ha = acc.ho + acc.ha, 0
   acc.pn = (acc.pn or 0) + 1
   acc.ps = ps_unix
   acc.nx = next_ym or next_after(now_ym, acc.m)
+  if carry > 0 then
+    add_grant(acc, new_grant(acc, ROLLOVER, carry, DEFAULT_PRIORITY, ps_unix * 1000, ym_unix(acc.nx) * 1000))
+    acc.gx_dirty = true
+  end
   acc.used = {}
   acc.reset_used = true
   -- A usage field a charge read with the account (load's feature) starts
@@ -71,8 +257,8 @@ end
 
 -- A new account's first period is number 0 (the default: not written).
 local function new_account(allowance, month)
-  local acc = {a = allowance, m = month, own = 0, rem = 0, pur = 0, ha = 0, ho = 0, hp = 0, seq = 0, pn = -1,
-    used = {}, used_delta = {}, day_delta = {}, events = {}, created = true, stored = {}}
+  local acc = {a = allowance, m = month, own = 0, rem = 0, pur = 0, ha = 0, ho = 0, hp = 0, hq = 0, seq = 0, pn = -1,
+    ro = 0, gn = 0, dp = 0, used = {}, used_delta = {}, day_delta = {}, events = {}, created = true, stored = {}}
   start_period(acc, ym_unix(now_ym - ((now_ym % 12) - (month - 1)) % 12), next_after(now_ym, month))
   return acc
 end
@@ -106,17 +292,22 @@ end
 local function load(key, with_used, feature)
   local acc = {key = key, events = {}, used_delta = {}, day_delta = {}, stored = {}}
   local stored = acc.stored
+  local gl, records = nil, {}
   if with_used then
     local raw = redis.call('HGETALL', key)
     if #raw == 0 then return nil end
     acc.used = {}
     for i = 1, #raw, 2 do
       local f = raw[i]
-      local n = field_number(f, raw[i + 1])
-      if string.sub(f, 1, 2) == 'u:' then
-        acc.used[string.sub(f, 3)] = n
+      local p2 = string.sub(f, 1, 2)
+      if p2 == 'u:' then
+        acc.used[string.sub(f, 3)] = field_number(f, raw[i + 1])
+      elseif p2 == 'g:' then
+        records[string.sub(f, 3)] = raw[i + 1]
+      elseif f == 'gl' then
+        gl = raw[i + 1]
       elseif not is_day(f) then
-        stored[f] = n
+        stored[f] = field_number(f, raw[i + 1])
       end
     end
     for _, f in ipairs(FIELDS) do
@@ -130,10 +321,11 @@ local function load(key, with_used, feature)
     local nf, raw = 0, nil
     if feature then
       nf = 2
-      raw = redis.call('HMGET', key, 'u:' .. feature, today() .. ':' .. feature, unpack(FIELDS))
+      raw = redis.call('HMGET', key, 'u:' .. feature, today() .. ':' .. feature, unpack(READ))
     else
-      raw = redis.call('HMGET', key, unpack(FIELDS))
+      raw = redis.call('HMGET', key, unpack(READ))
     end
+    gl = raw[nf + #READ]
     for i = 1, #FIELDS do
       local f = FIELDS[i]
       local v = raw[nf + i]
@@ -159,6 +351,27 @@ local function load(key, with_used, feature)
     end
   end
   if not acc.ps then acc.ps = ym_unix(acc.nx - 12) end
+  if gl then
+    -- The extra grants, live and pending, in the order gl lists them.
+    local ids = {}
+    for id in string.gmatch(gl, '%S+') do ids[#ids + 1] = id end
+    if not with_used and #ids > 0 then
+      local fields = {}
+      for i, id in ipairs(ids) do fields[i] = 'g:' .. id end
+      local vals = redis.call('HMGET', key, unpack(fields))
+      for i, id in ipairs(ids) do records[id] = vals[i] end
+    end
+    acc.grants, acc.gmap = {}, {}
+    for _, id in ipairs(ids) do
+      if not records[id] then error('grant ' .. id .. ' is missing') end
+      local g = parse_grant(id, records[id])
+      acc.grants[#acc.grants + 1] = g
+      acc.gmap[id] = g
+    end
+    acc.gl = gl
+  end
+  acc.records = records
+  grant_times(acc)
   catch_up(acc)
   return acc
 end
@@ -172,31 +385,148 @@ local function open(key, with_used)
   return acc
 end
 
--- Takes n credits of the available balance: allowance first, then purchased
--- credits, then (only where the caller allows it) debt. Returns the parts
--- taken: {fa = allowance, fp = purchased, fd = debt, pn = this period}.
+-- The grants that can give credits now, in burn-down order: priority, then
+-- the earliest expiry (none last), then purchased credits after the
+-- others (the money paid is kept longest), then the oldest; a rollover
+-- grant, as old as the allowance and expiring with it, goes first. Each is
+-- 'a' (this period's allowance), 'p' (the standing purchased grant) or an
+-- extra grant's record.
+local function burn_order(acc)
+  local list = {
+    {w = 'a', prio = DEFAULT_PRIORITY, exp = ym_unix(acc.nx) * 1000, paid = 0, eff = acc.ps * 1000, n = math.huge},
+    {w = 'p', prio = DEFAULT_PRIORITY, exp = math.huge, paid = 1, eff = 0, n = 0},
+  }
+  for _, g in ipairs(acc.grants) do
+    if grant_live(g) and g.rem > 0 then
+      local exp, paid = g.exp, 0
+      if exp == 0 then exp = math.huge end
+      if g.kind == PURCHASED then paid = 1 end
+      list[#list + 1] = {w = g, prio = g.prio, exp = exp, paid = paid, eff = g.eff, n = tonumber(g.id)}
+    end
+  end
+  table.sort(list, function(x, y)
+    if x.prio ~= y.prio then return x.prio < y.prio end
+    if x.exp ~= y.exp then return x.exp < y.exp end
+    if x.paid ~= y.paid then return x.paid < y.paid end
+    if x.eff ~= y.eff then return x.eff < y.eff end
+    return x.n < y.n
+  end)
+  return list
+end
+
+-- Takes n credits of the available balance, from the grants in burn-down
+-- order, then (only where the caller allows it) into debt. Returns the
+-- parts taken: {fa = allowance, fp = purchased, fd = debt, pn = this
+-- period, g = {[id] = credits} of the extra grants, or nil}.
 local function take(acc, n)
-  local fa = math.min(n, math.max(acc.rem, 0))
-  local fp = math.min(n - fa, math.max(acc.pur, 0))
-  local fd = n - fa - fp
-  acc.rem = acc.rem - fa - fd
-  acc.pur = acc.pur - fp
-  return {fa = fa, fp = fp, fd = fd, pn = acc.pn}
+  if not acc.grants then
+    local fa = math.min(n, math.max(acc.rem, 0))
+    local fp = math.min(n - fa, math.max(acc.pur, 0))
+    local fd = n - fa - fp
+    acc.rem = acc.rem - fa - fd
+    acc.pur = acc.pur - fp
+    return {fa = fa, fp = fp, fd = fd, pn = acc.pn}
+  end
+  local p = {fa = 0, fp = 0, fd = 0, pn = acc.pn}
+  for _, c in ipairs(burn_order(acc)) do
+    if n == 0 then break end
+    local x
+    if c.w == 'a' then
+      x = math.min(n, math.max(acc.rem, 0))
+      acc.rem, p.fa = acc.rem - x, p.fa + x
+    elseif c.w == 'p' then
+      x = math.min(n, math.max(acc.pur, 0))
+      acc.pur, p.fp = acc.pur - x, p.fp + x
+    else
+      local g = c.w
+      x = math.min(n, g.rem)
+      g.rem = g.rem - x
+      p.g = p.g or {}
+      p.g[g.id] = (p.g[g.id] or 0) + x
+      touch(acc, g)
+    end
+    n = n - x
+  end
+  p.fd = n
+  acc.rem = acc.rem - n
+  return p
 end
 
 -- Adds parts q to parts p (the same period's).
 local function add_parts(p, q)
   p.fa, p.fp, p.fd = p.fa + q.fa, p.fp + q.fp, p.fd + q.fd
+  for id, x in pairs(q.g or {}) do
+    p.g = p.g or {}
+    p.g[id] = (p.g[id] or 0) + x
+  end
+end
+
+-- The extra grant with id, read when the account did not (one that has
+-- ended); nil when there is none.
+local function grant_of(acc, id)
+  acc.gmap = acc.gmap or {}
+  local g = acc.gmap[id]
+  if g then return g end
+  local s = acc.records and acc.records[id]
+  if not s and not acc.created then s = redis.call('HGET', acc.key, 'g:' .. id) end
+  if not s then return nil end
+  g = parse_grant(id, s)
+  acc.gmap[id] = g
+  return g
+end
+
+-- The extra grant made with reference ref, or nil. It reads every grant's
+-- record (the account loaded with its usage has them all).
+local function grant_by_ref(acc, ref)
+  for id, s in pairs(acc.records or {}) do
+    local g = grant_of(acc, id)
+    if g.ref == ref then return g end
+  end
+  for _, g in ipairs(acc.grants or {}) do
+    if g.ref == ref then return g end
+  end
+  return nil
+end
+
+-- Gives n credits back to extra grant id, where a charge or a hold took
+-- them. A spent grant that has not expired takes them and is live again; an
+-- expired or voided one does not: they are gone with it. Returns what was
+-- given back.
+local function grant_back(acc, id, n)
+  local g = grant_of(acc, id)
+  if not g or n == 0 then return 0 end
+  if g.state == GRANT_SPENT and (g.exp == 0 or g.exp > srv_now()) then
+    g.state, g.ended = GRANT_LIVE, 0
+    acc.grants = acc.grants or {}
+    table.insert(acc.grants, g)
+    acc.gx_dirty = true
+  end
+  if not grant_live(g) then return 0 end
+  g.rem = g.rem + n
+  touch(acc, g)
+  return n
+end
+
+-- The ids of parts' extra grants, highest first: given back in the reverse
+-- of the order of their ids.
+local function part_ids(g)
+  local ids = {}
+  for id in pairs(g or {}) do ids[#ids + 1] = id end
+  table.sort(ids, function(x, y) return tonumber(x) > tonumber(y) end)
+  return ids
 end
 
 -- Gives back up to n of the credits a charge took (its parts p, which shrink
--- by what is given back), in the reverse of the order they were taken: debt,
--- purchased credits, allowance. Purchased credits go back to purchased, and
--- never more than were taken. Allowance taken in a period that has ended is
--- not given back: it expired with its period. Debt is cancelled: this
--- period's at once; an ended period's only as far as it was carried into
--- this one and no refund has cancelled it yet (acc.cd), so a refund never
--- lifts the allowance above the plan. Returns the change to the balance.
+-- by what is given back): debt first, then purchased credits, then the
+-- extra grants, then allowance. Each part goes back to the grant it came
+-- from, and never more than was taken. Allowance taken in a period that
+-- has ended is not given back: it expired with its period; nor is what an
+-- extra grant gave that has since expired or been voided. Debt is
+-- cancelled: this period's at once (what credits granted since repaid of
+-- it comes back as purchased credits); an ended period's only as far as it
+-- was carried into this one and no refund has cancelled it yet (acc.cd), so
+-- a refund never lifts the allowance above the plan. Returns the change to
+-- the balance.
 local function give_back(acc, p, n)
   local back = 0
   local d = math.min(n, p.fd)
@@ -205,10 +535,21 @@ local function give_back(acc, p, n)
     d = math.min(d, acc.cd)
     acc.cd = acc.cd - d
   end
-  acc.rem, back = acc.rem + d, back + d
+  -- Debt still owed is cancelled; what credits granted since repaid of it
+  -- (dp) goes back as purchased credits, which never expire; the rest was
+  -- repaid by the allowance, and goes back to it.
+  local c = math.min(d, math.max(-acc.rem, 0))
+  local r = math.min(d - c, acc.dp)
+  acc.rem, acc.pur, acc.dp, back = acc.rem + d - r, acc.pur + r, acc.dp - r, back + d
   local f = math.min(n, p.fp)
   p.fp, n = p.fp - f, n - f
   acc.pur, back = acc.pur + f, back + f
+  for _, id in ipairs(part_ids(p.g)) do
+    local x = math.min(n, p.g[id])
+    p.g[id], n = p.g[id] - x, n - x
+    if p.g[id] == 0 then p.g[id] = nil end
+    back = back + grant_back(acc, id, x)
+  end
   local a = math.min(n, p.fa)
   p.fa = p.fa - a
   if p.pn == acc.pn then
@@ -309,7 +650,47 @@ local function commit(key, events_key, acc, calls)
       if string.sub(f, 1, 2) == 'u:' then redis.call('HDEL', key, f) end
     end
   end
-  local set, gone = {}, {}
+  local gfields = {}
+  if acc.grants then
+    -- A grant with nothing left and nothing held is spent; gl lists those
+    -- still live or pending, and gx the earliest time one of them starts
+    -- or expires.
+    local ids = {}
+    local gx = nil
+    for _, g in ipairs(acc.grants) do
+      if grant_live(g) and g.rem == 0 and g.held == 0 then
+        end_grant(acc, g, GRANT_SPENT, srv_now())
+      end
+      if g.state == GRANT_LIVE or g.state == GRANT_PENDING then
+        ids[#ids + 1] = g.id
+        local t = nil
+        if g.state == GRANT_PENDING then
+          t = g.eff
+        elseif g.kind ~= ROLLOVER and g.exp > 0 then
+          t = g.exp
+        end
+        if t and (not gx or t < gx) then gx = t end
+      end
+    end
+    acc.gx = gx
+    local gl = table.concat(ids, ' ')
+    if gl == '' then gl = nil end
+    if gl ~= acc.gl then
+      if gl then
+        gfields[#gfields + 1] = 'gl'
+        gfields[#gfields + 1] = gl
+      else
+        acc.gl_gone = true
+      end
+    end
+    acc.gl = gl
+  end
+  for id, g in pairs(acc.gdirty or {}) do
+    gfields[#gfields + 1] = 'g:' .. id
+    gfields[#gfields + 1] = grant_str(g)
+  end
+  local set, gone = gfields, {}
+  if acc.gl_gone then gone[1] = 'gl' end
   local stored = acc.stored
   for i = 1, #FIELDS do
     local f = FIELDS[i]
@@ -357,12 +738,30 @@ local function commit(key, events_key, acc, calls)
 end
 
 -- The account as a flat reply: rem, pur, a, m, pa, pm, own, ps, nx, ha, ho,
--- hp, then feature and used pairs. pa and pm are -1 when no plan is waiting.
+-- hp, ro, pr, hq, then the free and held credits of the live extra grants
+-- of each kind (promotional, rollover, purchased), the time and amount of
+-- the next expiry of a live extra grant (-1 and 0: none), then feature and
+-- used pairs. pa, pm and pr are -1 when no plan is waiting.
 local function reply(acc, head)
   if not acc.used then error('reply needs the account loaded with its usage') end
   local out = head or {}
+  local sums = {[PROMOTIONAL] = {0, 0}, [ROLLOVER] = {0, 0}, [PURCHASED] = {0, 0}}
+  local nxe, nxa = -1, 0
+  for _, g in ipairs(acc.grants or {}) do
+    if grant_live(g) then
+      local k = sums[g.kind]
+      k[1], k[2] = k[1] + g.rem, k[2] + g.held
+      if g.exp > 0 and (nxe < 0 or g.exp <= nxe) then
+        if g.exp ~= nxe then nxa = 0 end
+        nxe, nxa = g.exp, nxa + g.rem
+      end
+    end
+  end
+  local pr = -1
+  if acc.pa then pr = acc.pr or 0 end
   local fields = {acc.rem, acc.pur, acc.a, acc.m, acc.pa or -1, acc.pm or -1, acc.own, acc.ps, acc.nx,
-    acc.ha, acc.ho, acc.hp}
+    acc.ha, acc.ho, acc.hp, acc.ro, pr, acc.hq, sums[PROMOTIONAL][1], sums[PROMOTIONAL][2], sums[ROLLOVER][1],
+    sums[ROLLOVER][2], sums[PURCHASED][1], sums[PURCHASED][2], nxe, nxa}
   for _, v in ipairs(fields) do table.insert(out, v) end
   for f, n in pairs(acc.used) do
     table.insert(out, f)

@@ -47,8 +47,8 @@ local function srv_now()
 end
 
 -- Return codes, as in Go (scripts.go).
-local OK, REFUSED, REPEAT, NOT_FOUND, LIMIT, VOIDED, WRONG_TYPE, ENDED, IN_FLIGHT, MISMATCH, LEASE =
-  0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+local OK, REFUSED, REPEAT, NOT_FOUND, LIMIT, VOIDED, WRONG_TYPE, ENDED, IN_FLIGHT, MISMATCH, LEASE, FULL =
+  0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
 
 -- How long a hold's record stays once it is captured, released or expired:
 -- a repeated capture answers the same, a late capture of an expired hold is
@@ -116,4 +116,24 @@ local function next_after(ym, month)
   local n = ym - ym % 12 + month - 1
   if n <= ym then n = n + 12 end
   return n
+end
+
+-- Credits per grant id, {[id] = n}, as text: "id=n,id=n" ('' for none).
+local function parts_str(g)
+  local out = {}
+  for id, n in pairs(g or {}) do
+    if n > 0 then out[#out + 1] = id .. '=' .. string.format('%d', n) end
+  end
+  table.sort(out)
+  return table.concat(out, ',')
+end
+
+-- The parts parts_str wrote; an error when they are not that.
+local function parse_parts(s)
+  local g = {}
+  for id, n in string.gmatch(s, '(%d+)=(%d+)') do
+    g[id] = tonumber(n)
+  end
+  if parts_str(g) ~= s then error('corrupt grant parts') end
+  return g
 end

@@ -100,7 +100,7 @@ local function charge(k, a)
   if acc.swept then write_holds(holds_key, acc) end
   local ttl = marker_ttl
   if bind ~= '-' then ttl = in_flight_ttl end
-  write_marker(marker_key, {cost = cost, feature = feature, fa = p.fa, fp = p.fp, fd = p.fd,
+  write_marker(marker_key, {cost = cost, feature = feature, fa = p.fa, fp = p.fp, fd = p.fd, g = p.g,
     balance = balance(acc), state = 'c', pn = acc.pn, attempt = attempt, relied = '0', bind = bind}, ttl)
   return {OK, balance(acc), cost}
 end

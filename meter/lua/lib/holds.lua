@@ -37,6 +37,11 @@ local function keeps(h)
 end
 
 local function parse_hold(acc, s)
+  -- The parts of extra grants, " g:<parts>" kept and " c:<parts>"
+  -- captured, end the record when there are any.
+  local cg, hg = '', ''
+  s = string.gsub(s, ' c:(%S+)$', function(x) cg = x return '' end)
+  s = string.gsub(s, ' g:(%S+)$', function(x) hg = x return '' end)
   local st, ofa, fa, fp, pn, untl, seq, cap, cfa, cfp, cfd, feature, rep = string.match(s,
     '^(%a) (%d+) (%d+) (%d+) (%-?%d+) (%d+) (%d+) (%-?%d+) (%d+) (%d+) (%d+) (%S+) ?(%d*)$')
   if not st then
@@ -44,10 +49,12 @@ local function parse_hold(acc, s)
   end
   local h = {state = st, ofa = tonumber(ofa), fa = tonumber(fa), fp = tonumber(fp), pn = tonumber(pn),
     untl = tonumber(untl), seq = tonumber(seq), cap = tonumber(cap), cfa = tonumber(cfa),
-    cfp = tonumber(cfp), cfd = tonumber(cfd), feature = feature, rep = tonumber(rep) or 0}
+    cfp = tonumber(cfp), cfd = tonumber(cfd), feature = feature, rep = tonumber(rep) or 0,
+    g = parse_parts(hg), cg = parse_parts(cg)}
   -- A period ended since the record was written: the allowance it keeps is
   -- an ended period's, and what it captured is no longer given back but for
-  -- purchased credits (a lease's captures are not told apart by period).
+  -- purchased credits and extra grants (a lease's captures are not told
+  -- apart by period).
   if h.pn ~= acc.pn then
     h.ofa, h.fa, h.cfa, h.cfd, h.pn = h.ofa + h.fa, 0, 0, 0, acc.pn
   end
@@ -58,16 +65,21 @@ local function hold_str(h)
   local s = table.concat({h.state, str(h.ofa), str(h.fa), str(h.fp), str(h.pn), str(h.untl), str(h.seq),
     str(h.cap), str(h.cfa), str(h.cfp), str(h.cfd), h.feature}, ' ')
   if h.rep > 0 then s = s .. ' ' .. str(h.rep) end
+  local g, cg = parts_str(h.g), parts_str(h.cg)
+  if g ~= '' then s = s .. ' g:' .. g end
+  if cg ~= '' then s = s .. ' c:' .. cg end
   return s
 end
 
 local function hold_amount(h)
-  return h.ofa + h.fa + h.fp
+  local n = h.ofa + h.fa + h.fp
+  for _, x in pairs(h.g) do n = n + x end
+  return n
 end
 
 local function new_hold(acc, feature)
   return {state = RELEASED, ofa = 0, fa = 0, fp = 0, pn = acc.pn, untl = 0, seq = 0, cap = 0, cfa = 0, cfp = 0,
-    cfd = 0, feature = feature or '-', rep = 0}
+    cfd = 0, feature = feature or '-', rep = 0, g = {}, cg = {}}
 end
 
 -- Sets n more credits of the available balance aside in hold h.
@@ -75,16 +87,59 @@ local function hold_more(acc, h, n)
   local p = take(acc, n)
   h.fa, h.fp = h.fa + p.fa, h.fp + p.fp
   acc.ha, acc.hp = acc.ha + p.fa, acc.hp + p.fp
+  for id, x in pairs(p.g or {}) do
+    local g = grant_of(acc, id)
+    g.held = g.held + x
+    h.g[id] = (h.g[id] or 0) + x
+  end
 end
 
--- Gives back up to n of what hold h keeps, to the buckets it came from: this
--- period's allowance and purchased credits go back to be spent again, an
--- ended period's allowance is gone with its period. Returns the change to
--- the balance.
+-- Takes up to n of what hold h keeps of extra grants, those that ended
+-- first: a live grant's part goes back to it (back true) or is spent; an
+-- ended grant's is gone either way. Returns what it took, and the parts
+-- taken of each grant.
+local function hold_grants(acc, h, n, back)
+  local ids = {}
+  for id in pairs(h.g) do ids[#ids + 1] = id end
+  local function ended(id)
+    local g = grant_of(acc, id)
+    return not (g and grant_live(g))
+  end
+  table.sort(ids, function(x, y)
+    local ex, ey = ended(x), ended(y)
+    if ex ~= ey then return ex end
+    return tonumber(x) < tonumber(y)
+  end)
+  local took, parts = 0, {}
+  for _, id in ipairs(ids) do
+    if n == 0 then break end
+    local x = math.min(n, h.g[id])
+    h.g[id] = h.g[id] - x
+    if h.g[id] == 0 then h.g[id] = nil end
+    local g = grant_of(acc, id)
+    if g and grant_live(g) then
+      g.held = g.held - x
+      if back then g.rem = g.rem + x end
+      touch(acc, g)
+    else
+      acc.hq = acc.hq - x
+    end
+    parts[id] = x
+    n, took = n - x, took + x
+  end
+  return took, parts
+end
+
+-- Gives back up to n of what hold h keeps, to the grants it came from: this
+-- period's allowance, purchased credits and live extra grants get theirs
+-- back to be spent again; an ended period's allowance and ended grants' are
+-- gone with them. Returns the change to the balance.
 local function hold_less(acc, h, n)
   local before = balance(acc)
   local o = math.min(n, h.ofa)
   h.ofa, acc.ho, n = h.ofa - o, acc.ho - o, n - o
+  local took = hold_grants(acc, h, n, true)
+  n = n - took
   local f = math.min(n, h.fp)
   h.fp, acc.hp, acc.pur, n = h.fp - f, acc.hp - f, acc.pur + f, n - f
   local a = math.min(n, h.fa)
@@ -93,13 +148,16 @@ local function hold_less(acc, h, n)
 end
 
 -- Charges n credits from hold h: what it keeps first (an ended period's
--- allowance, then this period's, then purchased credits), then, for usage
--- above the hold, the available balance, into debt if it must. Returns the
--- change to the balance.
+-- allowance, extra grants', this period's allowance, then purchased
+-- credits), then, for usage above the hold, the available balance, into
+-- debt if it must. Returns the change to the balance.
 local function hold_capture(acc, h, n)
   local before = balance(acc)
   local o = math.min(n, h.ofa)
   h.ofa, acc.ho, n = h.ofa - o, acc.ho - o, n - o
+  local took, parts = hold_grants(acc, h, n, false)
+  n = n - took
+  for id, x in pairs(parts) do h.cg[id] = (h.cg[id] or 0) + x end
   local a = math.min(n, h.fa)
   h.fa, acc.ha, h.cfa, n = h.fa - a, acc.ha - a, h.cfa + a, n - a
   local f = math.min(n, h.fp)
@@ -107,6 +165,7 @@ local function hold_capture(acc, h, n)
   if n > 0 then
     local p = take(acc, n)
     h.cfa, h.cfp, h.cfd = h.cfa + p.fa, h.cfp + p.fp, h.cfd + p.fd
+    for id, x in pairs(p.g or {}) do h.cg[id] = (h.cg[id] or 0) + x end
   end
   return balance(acc) - before
 end
@@ -114,9 +173,9 @@ end
 -- Gives back up to n credits that hold h captured (a lease's call refunded
 -- after its spending was reported), as give_back does for a charge.
 local function hold_refund(acc, h, n)
-  local p = {fa = h.cfa, fp = h.cfp, fd = h.cfd, pn = acc.pn}
+  local p = {fa = h.cfa, fp = h.cfp, fd = h.cfd, pn = acc.pn, g = h.cg}
   local back = give_back(acc, p, n)
-  h.cfa, h.cfp, h.cfd = p.fa, p.fp, p.fd
+  h.cfa, h.cfp, h.cfd, h.cg = p.fa, p.fp, p.fd, p.g or {}
   return back
 end
 

@@ -19,6 +19,10 @@
 -- is read as having no debt; marker_period then finds its period.
 local function parse_marker(s)
   if not s then return nil end
+  -- The parts taken of extra grants, " g:<parts>", end the marker when
+  -- there are any.
+  local gp = ''
+  s = string.gsub(s, ' g:(%S+)$', function(x) gp = x return '' end)
   local cost, feature, fa, fp, fd, bal, state, pn, attempt, relied, bind =
     string.match(s, '^(%-?%d+) (%S+) (%d+) (%d+) (%d+) (%-?%d+) (%a) (%-?%d+) (%S+) ([01]) (%S+)$')
   local day
@@ -40,7 +44,7 @@ local function parse_marker(s)
   end
   return {cost = tonumber(cost), feature = feature, fa = tonumber(fa), fp = tonumber(fp), fd = tonumber(fd),
     balance = tonumber(bal), state = state, pn = tonumber(pn), attempt = attempt, relied = relied, bind = bind,
-    day = day}
+    day = day, g = parse_parts(gp)}
 end
 
 -- Sets the period of a marker of the earlier layout: this one if it started
@@ -55,6 +59,8 @@ end
 local function write_marker(key, m, ttl)
   local v = string.format('%d %s %d %d %d %d %s %d %s %s %s %s', m.cost, m.feature, m.fa, m.fp, m.fd, m.balance,
     m.state, m.pn, m.attempt, m.relied, m.bind or '-', m.day or today())
+  local gp = parts_str(m.g)
+  if gp ~= '' then v = v .. ' g:' .. gp end
   if ttl then
     redis.call('SET', key, v, 'EX', ttl)
   else

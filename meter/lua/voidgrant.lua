@@ -1,0 +1,39 @@
+-- KEYS: account, events, holds. ARGV[8] grant id, ARGV[9] reason.
+--
+-- Voids an extra grant: what remains of it is gone (event void); what live
+-- holds took from it stays theirs.
+-- Returns {code, state, account...}: OK voided, REPEAT voided before
+-- (nothing written), ENDED the grant had ended (spent or expired; state
+-- says which), NOT_FOUND no such org or grant.
+
+--#include lib/holds.lua
+
+local bad = check_types({'hash', 'list', 'hash'})
+if bad then return bad end
+local account_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3]
+local id = ARGV[8]
+local reason = ARGV[9]
+
+local acc = load(account_key, true)
+if not acc then return {NOT_FOUND} end
+local g = grant_of(acc, id)
+if not g then return {NOT_FOUND} end
+sweep(acc, holds_key)
+local code = OK
+if g.state == GRANT_VOIDED then
+  code = REPEAT
+elseif g.state ~= GRANT_LIVE and g.state ~= GRANT_PENDING then
+  code = ENDED
+else
+  local lost = 0
+  if g.state == GRANT_LIVE then lost = end_grant(acc, g, GRANT_VOIDED, srv_now())
+  else g.state, g.ended = GRANT_VOIDED, srv_now() touch(acc, g) end
+  g.reason = reason
+  event(acc, 'void', -lost, '', 'g' .. g.id, nil, reason)
+  acc.gx_dirty = true
+end
+if #acc.events > 0 or acc.gdirty then
+  commit(account_key, events_key, acc)
+  write_holds(holds_key, acc)
+end
+return reply(acc, {code, g.state})
