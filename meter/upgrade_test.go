@@ -385,6 +385,9 @@ func canonical(t *testing.T, keys []storedKey) {
 
 // writeUpgradeFixture writes the fixture with the ledger's code as it is:
 // each org's history, the keys it left, and what the ledger reads of them.
+// Times to live run on Redis' own clock, which the ledger clock's jumps of
+// days do not move: the request markers and call logs of earlier days are
+// still there, as they are for calls made minutes before an upgrade.
 func writeUpgradeFixture(t *testing.T) {
 	srv := redistest.Start(t, redistest.Options{})
 	rdb := mustClient(t, ClientOptions{URL: "redis://" + srv.Addr})
