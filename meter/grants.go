@@ -389,8 +389,29 @@ func (l *Ledger) VoidGrant(ctx context.Context, org, id, reason string) (Account
 	if n, err := strconv.ParseUint(num, 10, 32); !ok || err != nil || n == 0 || "g"+strconv.FormatUint(n, 10) != id {
 		return Account{}, ErrGrantNotFound
 	}
-	keys := []string{l.keys.Account(org), l.keys.Events(org), l.keys.Holds(org)}
-	v, err := l.eval(ctx, voidGrantScript, keys, []any{num, reason})
+	return l.voidGrant(ctx, org, num, "", reason)
+}
+
+// VoidGrantRef makes sure a grant of the gateway's own reference, whose
+// outcome could not be learned, does not stand: voided if it was made,
+// never made if it still arrives. A repeat changes nothing.
+func (l *Ledger) VoidGrantRef(ctx context.Context, org, reference string) error {
+	if err := policy.ValidateOrg(org); err != nil {
+		return err
+	}
+	if err := validateReference(reference); err != nil {
+		return err
+	}
+	_, err := l.voidGrant(ctx, org, "", reference, "")
+	if errors.Is(err, ErrGrantNotFound) || errors.Is(err, ErrGrantEnded) {
+		return nil
+	}
+	return err
+}
+
+func (l *Ledger) voidGrant(ctx context.Context, org, num, reference, reason string) (Account, error) {
+	keys := []string{l.keys.Account(org), l.keys.Events(org), l.keys.Holds(org), l.keys.TopUps(org)}
+	v, err := l.eval(ctx, voidGrantScript, keys, []any{num, reason, reference, l.refTTL})
 	if err != nil {
 		return Account{}, fmt.Errorf("void grant: %w", err)
 	}

@@ -269,6 +269,30 @@ var grantCases = []ledgerCase{
 		e.grant("acme", 1, 0, -1, "one-more")
 		e.checkEvents("acme")
 	}},
+	{name: "a grant of the gateway's own reference is voided, and never applies late", cfg: plan10, run: func(e *env) {
+		ref := NewOwnReference()
+		e.grant("acme", 5, 0, -1, ref)
+		if err := e.ledger.VoidGrantRef(e.ctx, "acme", ref); err != nil {
+			e.t.Fatal(err)
+		}
+		e.wantBalance(e.account("acme"), 10, 10, 0)
+		// One voided before it arrived never applies.
+		late := NewOwnReference()
+		if err := e.ledger.VoidGrantRef(e.ctx, "acme", late); err != nil {
+			e.t.Fatal(err)
+		}
+		if _, a, applied, err := e.ledger.Grant(e.ctx, "acme", GrantRequest{Amount: 5, Reference: late}); err != nil || applied || a.Balance != 10 {
+			e.t.Fatalf("a grant after its void: applied %v, %+v, %v", applied, a, err)
+		}
+		e.checkEvents("acme")
+		// So on an org Redis has never seen.
+		if err := e.ledger.VoidGrantRef(e.ctx, "newco", late); err != nil {
+			e.t.Fatal(err)
+		}
+		if _, _, applied, err := e.ledger.Grant(e.ctx, "newco", GrantRequest{Amount: 5, Reference: late}); err != nil || applied {
+			e.t.Fatalf("a grant after its void, on a new org: applied %v, %v", applied, err)
+		}
+	}},
 	{name: "a grant's reference is applied once", cfg: plan10, run: func(e *env) {
 		g := e.grant("acme", 5, 0, -1, "p1")
 		again, a, applied, err := e.ledger.Grant(e.ctx, "acme", GrantRequest{Amount: 5, Reference: "p1"})

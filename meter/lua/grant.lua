@@ -32,10 +32,10 @@ local max_grants = tonumber(ARGV[16])
 local seen_ref = '\0grant:' .. ref
 
 local acc = load(account_key, true)
-if ref ~= '-' and acc and ref_seen(refs_key, seen_ref) then
-  local g = grant_by_ref(acc, ref)
+if ref ~= '-' and ref_seen(refs_key, seen_ref) then
+  local g = acc and grant_by_ref(acc, ref)
   if g then return reply(acc, {REPEAT, g.id, grant_str(g)}) end
-  return reply(acc, {REPEAT, '', ''})
+  return reply(acc or new_account(def_allowance, def_month), {REPEAT, '', ''})
 end
 if effective == 0 then effective = srv_now() end
 if expires > 0 and (expires <= srv_now() or expires <= effective) then

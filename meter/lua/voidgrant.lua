@@ -1,23 +1,38 @@
--- KEYS: account, events, holds. ARGV[8] grant id, ARGV[9] reason.
+-- KEYS: account, events, holds, references. ARGV[8] grant id ('' to find it
+-- by its reference), ARGV[9] reason, ARGV[10] the grant's reference (''
+-- when found by id), ARGV[11] how long a reference is kept, in ms.
 --
 -- Voids an extra grant: what remains of it is gone (event void); what live
--- holds took from it stays theirs.
+-- holds took from it stays theirs. Found by its reference (a grant of the
+-- gateway's own reference, whose outcome it could not learn), the
+-- reference is also marked applied, so that a grant still on its way never
+-- applies.
 -- Returns {code, state, account...}: OK voided, REPEAT voided before
 -- (nothing written), ENDED the grant had ended (spent or expired; state
 -- says which), NOT_FOUND no such org or grant.
 
 --#include lib/holds.lua
+--#include lib/refs.lua
 
-local bad = check_types({'hash', 'list', 'hash'})
+local bad = check_types({'hash', 'list', 'hash', {'zset', 'set'}})
 if bad then return bad end
-local account_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3]
+local account_key, events_key, holds_key, refs_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local id = ARGV[8]
 local reason = ARGV[9]
+local ref = ARGV[10]
+local ref_kept = tonumber(ARGV[11])
 
 local acc = load(account_key, true)
-if not acc then return {NOT_FOUND} end
-local g = grant_of(acc, id)
-if not g then return {NOT_FOUND} end
+local g = nil
+if ref ~= '' then
+  if acc then g = grant_by_ref(acc, ref) end
+  remember_ref(refs_key, '\0grant:' .. ref, ref_kept)
+  if not g then return {NOT_FOUND} end
+else
+  if not acc then return {NOT_FOUND} end
+  g = grant_of(acc, id)
+  if not g then return {NOT_FOUND} end
+end
 sweep(acc, holds_key)
 local code = OK
 if g.state == GRANT_VOIDED then
