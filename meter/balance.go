@@ -14,13 +14,16 @@ func (l *Ledger) Account(ctx context.Context, org string) (Account, error) {
 	if err := policy.ValidateOrg(org); err != nil {
 		return Account{}, err
 	}
-	keys := []string{l.keys.Account(org), l.keys.Events(org), l.keys.Holds(org)}
-	code, acct, err := l.runAccount(ctx, accountScript, org, keys)
+	r, err := l.call(ctx, "account", accountCall{org})
+	if err != nil {
+		return Account{}, err
+	}
+	if r.err != nil {
+		return Account{}, r.err
+	}
+	acct, err := r.account(org)
 	if err != nil {
 		return Account{}, fmt.Errorf("account: %w", err)
-	}
-	if code == codeNotFound {
-		return Account{}, ErrNotFound
 	}
 	return acct, nil
 }
@@ -34,3 +37,19 @@ func (l *Ledger) Balance(ctx context.Context, org string) (Account, error) {
 	}
 	return acct, err
 }
+
+// accountScript, lua/account.lua, reads an org's account, writing what fell
+// due.
+// KEYS: account, events, holds. No ARGV after the head.
+// Reply: {code, account...}, or {NOT_FOUND}.
+var accountScript = bind("account.lua", replyCodes{codeOK: nil, codeNotFound: ErrNotFound})
+
+type accountCall struct{ org string }
+
+func (accountCall) script() *luaScript { return accountScript }
+
+func (c accountCall) keys(k Keys) []string {
+	return []string{k.Account(c.org), k.Events(c.org), k.Holds(c.org)}
+}
+
+func (accountCall) args(*Ledger) []any { return nil }

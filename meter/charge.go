@@ -83,51 +83,77 @@ func (l *Ledger) Charge(ctx context.Context, req ChargeRequest) (ChargeResult, e
 	if req.Attempt == "" {
 		req.Attempt = NewRequestID()
 	}
-	overdraft, limit := "0", "-1"
-	if req.Overdraft {
-		overdraft = "1"
-		limit = strconv.FormatInt(req.OverdraftLimit, 10)
-	}
-	marker := l.keys.Request(req.Org, req.RequestID)
-	// A call without a key has no kept response: its marker stands in, so
-	// that no key is built for nothing.
-	var bind any = noBinding
-	kept := marker
-	if req.Binding != "" {
-		bind, kept = req.Binding, l.keys.Kept(req.Org, req.RequestID)
-	}
-	keys := []string{l.keys.Account(req.Org), marker, l.keys.Calls(req.Org), l.keys.Holds(req.Org), kept}
-	raw, err := l.evalWith(ctx, l.charges, chargeScript, keys, []any{req.Feature, req.Cost, overdraft, limit, req.RequestID, l.markerTTL, req.Attempt,
-		bind, inFlightTTL})
+	r, err := l.callWith(ctx, l.charges, "charge", chargeCall(req))
 	if err != nil {
-		return ChargeResult{}, fmt.Errorf("charge: %w", err)
+		return ChargeResult{}, err
 	}
-	v, err := ints(raw, 3)
+	if r.err != nil {
+		return ChargeResult{}, r.err
+	}
+	v, err := ints(r.v, 3)
 	if err != nil {
 		return ChargeResult{}, fmt.Errorf("charge: %w", err)
 	}
 	res := ChargeResult{Balance: v[1], Cost: v[2], RequestID: req.RequestID, Attempt: req.Attempt}
-	switch v[0] {
+	switch r.code {
 	case codeOK:
 		res.Charged = true
-	case codeRefused:
 	case codeRepeat:
 		res.Charged, res.Replay = true, true
-		if len(raw) > 3 {
-			if kept, ok := raw[3].(string); ok {
+		if len(r.v) > 3 {
+			if kept, ok := r.v[3].(string); ok {
 				res.Kept = []byte(kept)
 			}
 		}
-	case codeInFlight:
-		return ChargeResult{}, ErrInFlight
-	case codeMismatch:
-		return ChargeResult{}, ErrMismatch
-	case codeVoided:
-		return ChargeResult{}, ErrVoided
-	default:
-		return ChargeResult{}, fmt.Errorf("charge: unexpected script code %d", v[0])
 	}
 	return res, nil
+}
+
+// chargeScript, lua/charge.lua, charges a call.
+// KEYS: account, request marker, call log, holds, the request's kept
+// response (the marker again for a call without a binding).
+// ARGV[8] feature, ARGV[9] cost, ARGV[10] 1 for overdraft, ARGV[11]
+// overdraft limit (-1: none), ARGV[12] request id, ARGV[13] marker lifetime
+// in seconds, ARGV[14] attempt id, ARGV[15] the call's binding ('-': none),
+// ARGV[16] how long a call with a binding may stay in flight, in seconds.
+// Reply: {code, balance, charged, kept response}; REFUSED charged nothing.
+var chargeScript = bind("charge.lua", replyCodes{codeOK: nil, codeRefused: nil, codeRepeat: nil,
+	codeInFlight: ErrInFlight, codeMismatch: ErrMismatch, codeVoided: ErrVoided})
+
+// chargesScript, lua/charges.lua, runs the charges of a batch (batch.go)
+// one after another on a single Redis. KEYS: chargeCall's, five per charge.
+// ARGV: the head once, then chargeCall's nine per charge. Reply: one
+// charge's reply per charge, or {-1, message} for a charge that raised an
+// error.
+var chargesScript = newScript("charges.lua")
+
+// chargeCall is a validated charge whose request id and attempt are set.
+type chargeCall ChargeRequest
+
+func (chargeCall) script() *luaScript { return chargeScript }
+
+func (c chargeCall) keys(k Keys) []string {
+	marker := k.Request(c.Org, c.RequestID)
+	// A call without a binding has no kept response: its marker stands in,
+	// so that no key is built for nothing.
+	kept := marker
+	if c.Binding != "" {
+		kept = k.Kept(c.Org, c.RequestID)
+	}
+	return []string{k.Account(c.Org), marker, k.Calls(c.Org), k.Holds(c.Org), kept}
+}
+
+func (c chargeCall) args(l *Ledger) []any {
+	overdraft, limit := "0", "-1"
+	if c.Overdraft {
+		overdraft = "1"
+		limit = strconv.FormatInt(c.OverdraftLimit, 10)
+	}
+	var bind any = noBinding
+	if c.Binding != "" {
+		bind = c.Binding
+	}
+	return []any{c.Feature, c.Cost, overdraft, limit, c.RequestID, l.markerTTL, c.Attempt, bind, inFlightTTL}
 }
 
 // inFlightTTL is DefaultInFlightTTL in seconds, as the charge script takes

@@ -38,12 +38,42 @@ func (l *Ledger) SetPlan(ctx context.Context, org string, plan Plan, reference s
 	if reference, err = checkReference(reference); err != nil {
 		return Account{}, false, err
 	}
-	keys := []string{l.keys.Account(org), l.keys.Events(org), l.keys.Holds(org), l.keys.TopUps(org), l.keys.Images(org, "plan:"+reference)}
-	code, acct, err := l.runAccount(ctx, planScript, org, keys, plan.Allowance, plan.RechargeMonth, reference, l.refTTL, imagesKept(reference))
+	r, err := l.call(ctx, "set plan", planCall{org: org, plan: plan, reference: reference})
 	if err != nil {
-		return Account{}, false, fmt.Errorf("set plan: %w", err)
+		return Account{}, false, err
 	}
-	return appliedOnce("set plan", code, acct)
+	return appliedOnce("set plan", org, r)
+}
+
+// planScript, lua/plan.lua, gives an org a plan of its own.
+// KEYS: account, events, holds, references, the write's images.
+// ARGV[8] allowance, ARGV[9] recharge month, ARGV[10] reference, ARGV[11]
+// how long a reference is kept, in ms, ARGV[12] how long the images are
+// kept, in ms (0: none are kept).
+// Reply: {code, account...}.
+var planScript = bind("plan.lua", replyCodes{codeOK: nil, codeRepeat: nil})
+
+type planCall struct {
+	org       string
+	plan      Plan
+	reference string
+}
+
+func (planCall) script() *luaScript { return planScript }
+
+func (c planCall) keys(k Keys) []string {
+	return writeKeys(k, c.org, "plan", c.reference)
+}
+
+func (c planCall) args(l *Ledger) []any {
+	return []any{c.plan.Allowance, c.plan.RechargeMonth, c.reference, l.refTTL, imagesKept(c.reference)}
+}
+
+// writeKeys are the KEYS of a plan, a recharge and their void: account,
+// events, holds, references, and the images of the write of kind and
+// reference.
+func writeKeys(k Keys, org, kind, reference string) []string {
+	return []string{k.Account(org), k.Events(org), k.Holds(org), k.TopUps(org), k.Images(org, kind+":"+reference)}
 }
 
 // Recharge starts a new period for org now: the allowance is granted again,
@@ -59,12 +89,28 @@ func (l *Ledger) Recharge(ctx context.Context, org, reference string) (acct Acco
 	if reference, err = checkReference(reference); err != nil {
 		return Account{}, false, err
 	}
-	keys := []string{l.keys.Account(org), l.keys.Events(org), l.keys.Holds(org), l.keys.TopUps(org), l.keys.Images(org, "recharge:"+reference)}
-	code, acct, err := l.runAccount(ctx, rechargeScript, org, keys, reference, l.refTTL, imagesKept(reference))
+	r, err := l.call(ctx, "recharge", rechargeCall{org: org, reference: reference})
 	if err != nil {
-		return Account{}, false, fmt.Errorf("recharge: %w", err)
+		return Account{}, false, err
 	}
-	return appliedOnce("recharge", code, acct)
+	return appliedOnce("recharge", org, r)
+}
+
+// rechargeScript, lua/recharge.lua, starts a new period now.
+// KEYS: account, events, holds, references, the write's images.
+// ARGV[8] reference, ARGV[9] how long a reference is kept, in ms, ARGV[10]
+// how long the images are kept, in ms (0: none are kept).
+// Reply: {code, account...}.
+var rechargeScript = bind("recharge.lua", replyCodes{codeOK: nil, codeRepeat: nil})
+
+type rechargeCall struct{ org, reference string }
+
+func (rechargeCall) script() *luaScript { return rechargeScript }
+
+func (c rechargeCall) keys(k Keys) []string { return writeKeys(k, c.org, "recharge", c.reference) }
+
+func (c rechargeCall) args(l *Ledger) []any {
+	return []any{c.reference, l.refTTL, imagesKept(c.reference)}
 }
 
 // checkReference checks a write's reference; an empty one becomes a fresh
@@ -92,19 +138,32 @@ func (l *Ledger) VoidWrite(ctx context.Context, org, kind, reference string) (st
 	if err := validateReference(reference); err != nil {
 		return false, err
 	}
-	keys := []string{l.keys.Account(org), l.keys.Events(org), l.keys.Holds(org), l.keys.TopUps(org), l.keys.Images(org, kind+":"+reference)}
-	code, _, err := l.runAccount(ctx, voidWriteScript, org, keys, kind, reference, l.refTTL)
+	what := "void " + kind
+	r, err := l.call(ctx, what, voidWriteCall{org: org, kind: kind, reference: reference})
 	if err != nil {
-		return false, fmt.Errorf("void %s: %w", kind, err)
+		return false, err
 	}
-	switch code {
-	case codeOK, codeRepeat:
-		return false, nil
-	case codeEnded:
-		return true, nil
+	if _, err := r.account(org); err != nil {
+		return false, fmt.Errorf("%s: %w", what, err)
 	}
-	return false, fmt.Errorf("void %s: unexpected script code %d", kind, code)
+	return r.code == codeEnded, nil
 }
+
+// voidWriteScript, lua/voidwrite.lua, makes sure a plan or a recharge does
+// not stand.
+// KEYS: account, events, holds, references, the write's images.
+// ARGV[8] the write's kind, plan or recharge, ARGV[9] its reference,
+// ARGV[10] how long a reference is kept, in ms.
+// Reply: {code, account...}: ENDED the write ran and stands.
+var voidWriteScript = bind("voidwrite.lua", replyCodes{codeOK: nil, codeRepeat: nil, codeEnded: nil})
+
+type voidWriteCall struct{ org, kind, reference string }
+
+func (voidWriteCall) script() *luaScript { return voidWriteScript }
+
+func (c voidWriteCall) keys(k Keys) []string { return writeKeys(k, c.org, c.kind, c.reference) }
+
+func (c voidWriteCall) args(l *Ledger) []any { return []any{c.kind, c.reference, l.refTTL} }
 
 func validatePlan(p Plan) error {
 	if p.Allowance < 0 || p.Allowance > MaxAmount {

@@ -33,7 +33,7 @@ func (l *Ledger) Settle(ctx context.Context, org, requestID string, actual int64
 	if actual < 0 || actual > policy.MaxCost {
 		return SettleResult{}, rangeError("actual cost", actual, 0, policy.MaxCost)
 	}
-	return l.settle(ctx, org, requestID, "-", actual, "0")
+	return l.settle(ctx, settleCall{org: org, requestID: requestID, actual: actual})
 }
 
 // Refund gives back all a charged request took, because the call failed:
@@ -46,7 +46,7 @@ func (l *Ledger) Refund(ctx context.Context, org, requestID string) (SettleResul
 	if err := validateRequestID(requestID); err != nil {
 		return SettleResult{}, err
 	}
-	return l.settle(ctx, org, requestID, "-", 0, "1")
+	return l.settle(ctx, settleCall{org: org, requestID: requestID, refund: true})
 }
 
 // SettleAttempt is Settle, or Refund when refund is set, of one attempt's
@@ -66,28 +66,61 @@ func (l *Ledger) SettleAttempt(ctx context.Context, org, requestID, attempt stri
 	if actual < 0 || actual > policy.MaxCost {
 		return SettleResult{}, rangeError("actual cost", actual, 0, policy.MaxCost)
 	}
-	flag := "0"
 	if refund {
-		flag, actual = "1", 0
+		actual = 0
 	}
-	return l.settle(ctx, org, requestID, attempt, actual, flag)
+	return l.settle(ctx, settleCall{org: org, requestID: requestID, attempt: attempt, actual: actual, refund: refund})
 }
 
-func (l *Ledger) settle(ctx context.Context, org, requestID, attempt string, actual int64, refund string) (SettleResult, error) {
-	keys := []string{l.keys.Account(org), l.keys.Request(org, requestID), l.keys.Calls(org), l.keys.Holds(org)}
-	v, err := l.run(ctx, settleScript, keys, 3, actual, requestID, refund, attempt)
+func (l *Ledger) settle(ctx context.Context, c settleCall) (SettleResult, error) {
+	r, err := l.call(ctx, "settle", c)
+	if err != nil {
+		return SettleResult{}, err
+	}
+	if r.err != nil {
+		return SettleResult{}, r.err
+	}
+	v, err := ints(r.v, 3)
 	if err != nil {
 		return SettleResult{}, fmt.Errorf("settle: %w", err)
 	}
-	switch v[0] {
-	case codeOK:
-		return SettleResult{Balance: v[1], Delta: v[2]}, nil
-	case codeRepeat:
+	if r.code == codeRepeat {
 		return SettleResult{Balance: v[1], Repeat: true}, nil
-	case codeNotFound:
-		return SettleResult{}, ErrUnknownRequest
 	}
-	return SettleResult{}, fmt.Errorf("settle: unexpected script code %d", v[0])
+	return SettleResult{Balance: v[1], Delta: v[2]}, nil
+}
+
+// settleScript, lua/settle.lua, sets a charged request's final cost.
+// KEYS: account, request marker, call log, holds.
+// ARGV[8] the final cost (0 for a refund), ARGV[9] request id, ARGV[10] 1 to
+// refund (the call failed; its request id is free again), ARGV[11] the
+// attempt whose charge it settles ('-': whichever stands).
+// Reply: {code, balance, delta}.
+var settleScript = bind("settle.lua", replyCodes{codeOK: nil, codeRepeat: nil, codeNotFound: ErrUnknownRequest})
+
+// settleCall is a settle, or with refund a refund, of a request's charge;
+// of one attempt's charge when attempt is set.
+type settleCall struct {
+	org, requestID, attempt string
+	actual                  int64
+	refund                  bool
+}
+
+func (settleCall) script() *luaScript { return settleScript }
+
+func (c settleCall) keys(k Keys) []string {
+	return []string{k.Account(c.org), k.Request(c.org, c.requestID), k.Calls(c.org), k.Holds(c.org)}
+}
+
+func (c settleCall) args(*Ledger) []any {
+	refund, attempt := "0", c.attempt
+	if c.refund {
+		refund = "1"
+	}
+	if attempt == "" {
+		attempt = "-"
+	}
+	return []any{c.actual, c.requestID, refund, attempt}
 }
 
 // Keep marks a call with an Idempotency-Key done once its response has gone
@@ -101,19 +134,38 @@ func (l *Ledger) Keep(ctx context.Context, org, requestID, attempt string, respo
 	if err := validateRequestID(requestID); err != nil {
 		return err
 	}
+	r, err := l.call(ctx, "keep", keepCall{org: org, requestID: requestID, attempt: attempt, response: response})
+	if err != nil {
+		return err
+	}
+	return r.err
+}
+
+// keepScript, lua/keep.lua, marks a call with an Idempotency-Key done.
+// KEYS: request marker, the request's kept response.
+// ARGV[8] attempt id, ARGV[9] the marker's lifetime in seconds, ARGV[10] 1
+// to keep ARGV[11] (the response), 0 when it was too large to keep.
+// Reply: {code}.
+var keepScript = bind("keep.lua", replyCodes{codeOK: nil, codeRepeat: nil, codeNotFound: ErrUnknownRequest})
+
+// keepCall keeps response (nil: too large to keep) for a request's retries.
+type keepCall struct {
+	org, requestID, attempt string
+	response                []byte
+}
+
+func (keepCall) script() *luaScript { return keepScript }
+
+func (c keepCall) keys(k Keys) []string {
+	return []string{k.Request(c.org, c.requestID), k.Kept(c.org, c.requestID)}
+}
+
+func (c keepCall) args(l *Ledger) []any {
 	keep := "1"
-	if response == nil {
+	if c.response == nil {
 		keep = "0"
 	}
-	keys := []string{l.keys.Request(org, requestID), l.keys.Kept(org, requestID)}
-	v, err := l.run(ctx, keepScript, keys, 1, attempt, l.keyTTL, keep, response)
-	if err != nil {
-		return fmt.Errorf("keep: %w", err)
-	}
-	if v[0] == codeNotFound {
-		return ErrUnknownRequest
-	}
-	return nil
+	return []any{c.attempt, l.keyTTL, keep, c.response}
 }
 
 // Void makes sure the charge of one attempt at a call does not stand, when
@@ -132,10 +184,31 @@ func (l *Ledger) Void(ctx context.Context, org, requestID, attempt string) (int6
 	if err := validateRequestID(attempt); err != nil {
 		return 0, err
 	}
-	keys := []string{l.keys.Account(org), l.keys.Request(org, requestID), l.keys.Calls(org), l.keys.Holds(org)}
-	v, err := l.run(ctx, voidScript, keys, 2, requestID, attempt, l.markerTTL)
+	r, err := l.call(ctx, "void", voidCall{org: org, requestID: requestID, attempt: attempt})
+	if err != nil {
+		return 0, err
+	}
+	v, err := ints(r.v, 2)
 	if err != nil {
 		return 0, fmt.Errorf("void: %w", err)
 	}
 	return v[1], nil
 }
+
+// voidScript, lua/void.lua, makes sure an attempt's charge does not stand.
+// KEYS: account, request marker, call log, holds.
+// ARGV[8] request id, ARGV[9] attempt id, ARGV[10] the marker's lifetime in
+// seconds.
+// Reply: {code, delta}: the credits given back.
+var voidScript = bind("void.lua", replyCodes{codeOK: nil, codeRepeat: nil})
+
+// voidCall voids one attempt's charge.
+type voidCall struct{ org, requestID, attempt string }
+
+func (voidCall) script() *luaScript { return voidScript }
+
+func (c voidCall) keys(k Keys) []string {
+	return []string{k.Account(c.org), k.Request(c.org, c.requestID), k.Calls(c.org), k.Holds(c.org)}
+}
+
+func (c voidCall) args(l *Ledger) []any { return []any{c.requestID, c.attempt, l.markerTTL} }

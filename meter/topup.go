@@ -26,27 +26,43 @@ func (l *Ledger) TopUp(ctx context.Context, org string, amount int64, reference 
 	} else if err := validateReference(reference); err != nil {
 		return Account{}, false, err
 	}
-	keys := []string{l.keys.Account(org), l.keys.TopUps(org), l.keys.Events(org), l.keys.Holds(org), l.keys.Alerts(org)}
-	code, acct, err := l.runAccount(ctx, topUpScript, org, keys, amount, reference, MaxPurchased, l.refTTL)
+	r, err := l.call(ctx, "top-up", topUpCall{org: org, amount: amount, reference: reference})
 	if err != nil {
-		return Account{}, false, fmt.Errorf("top-up: %w", err)
+		return Account{}, false, err
 	}
-	return appliedOnce("top-up", code, acct)
+	return appliedOnce("top-up", org, r)
 }
 
-// appliedOnce reads the code of a write applied once per reference: OK
-// applied, REPEAT applied before (the account unchanged), LIMIT refused at
-// the purchased limit.
-func appliedOnce(what string, code int64, acct Account) (Account, bool, error) {
-	switch code {
-	case codeOK:
-		return acct, true, nil
-	case codeRepeat:
-		return acct, false, nil
-	case codeLimit:
-		return acct, false, ErrPurchasedLimit
+// topUpScript, lua/topup.lua, adds purchased credits.
+// KEYS: account, references, events, holds, alerts.
+// ARGV[8] amount, ARGV[9] reference, ARGV[10] the most purchased credits an
+// org may hold, ARGV[11] how long a reference is kept, in ms.
+// Reply: {code, account...}.
+var topUpScript = bind("topup.lua", replyCodes{codeOK: nil, codeRepeat: nil, codeLimit: ErrPurchasedLimit})
+
+type topUpCall struct {
+	org       string
+	amount    int64
+	reference string
+}
+
+func (topUpCall) script() *luaScript { return topUpScript }
+
+func (c topUpCall) keys(k Keys) []string {
+	return []string{k.Account(c.org), k.TopUps(c.org), k.Events(c.org), k.Holds(c.org), k.Alerts(c.org)}
+}
+
+func (c topUpCall) args(l *Ledger) []any { return []any{c.amount, c.reference, MaxPurchased, l.refTTL} }
+
+// appliedOnce reads the reply of a write applied once per reference: the
+// account, whether the write was applied now (OK) or before (REPEAT), and
+// the error its code means.
+func appliedOnce(what, org string, r reply) (Account, bool, error) {
+	acct, err := r.account(org)
+	if err != nil {
+		return Account{}, false, fmt.Errorf("%s: %w", what, err)
 	}
-	return Account{}, false, fmt.Errorf("%s: unexpected script code %d", what, code)
+	return acct, r.code == codeOK, r.err
 }
 
 // VoidTopUp makes sure a top-up whose outcome could not be learned does
@@ -63,12 +79,36 @@ func (l *Ledger) VoidTopUp(ctx context.Context, org string, amount int64, refere
 	if err := validateReference(reference); err != nil {
 		return err
 	}
-	keys := []string{l.keys.Account(org), l.keys.TopUps(org), l.keys.Events(org), l.keys.Holds(org)}
-	if _, _, err := l.runAccount(ctx, voidTopUpScript, org, keys, amount, reference, l.refTTL); err != nil {
+	r, err := l.call(ctx, "void top-up", voidTopUpCall{org: org, amount: amount, reference: reference})
+	if err != nil {
+		return err
+	}
+	if _, err := r.account(org); err != nil {
 		return fmt.Errorf("void top-up: %w", err)
 	}
 	return nil
 }
+
+// voidTopUpScript, lua/voidtopup.lua, makes sure a top-up does not stand.
+// KEYS: account, references, events, holds.
+// ARGV[8] amount, ARGV[9] reference, ARGV[10] how long a reference is kept,
+// in ms.
+// Reply: {code, account...}.
+var voidTopUpScript = bind("voidtopup.lua", replyCodes{codeOK: nil, codeRepeat: nil})
+
+type voidTopUpCall struct {
+	org       string
+	amount    int64
+	reference string
+}
+
+func (voidTopUpCall) script() *luaScript { return voidTopUpScript }
+
+func (c voidTopUpCall) keys(k Keys) []string {
+	return []string{k.Account(c.org), k.TopUps(c.org), k.Events(c.org), k.Holds(c.org)}
+}
+
+func (c voidTopUpCall) args(l *Ledger) []any { return []any{c.amount, c.reference, l.refTTL} }
 
 // MaxReason is the longest reason an adjustment may carry, in bytes.
 const MaxReason = 500
@@ -92,12 +132,35 @@ func (l *Ledger) Adjust(ctx context.Context, org string, amount int64, reason, r
 	if err := validateReference(reference); err != nil {
 		return Account{}, false, err
 	}
-	keys := []string{l.keys.Account(org), l.keys.TopUps(org), l.keys.Events(org), l.keys.Holds(org), l.keys.Alerts(org)}
-	code, acct, err := l.runAccount(ctx, adjustScript, org, keys, amount, reference, reason, MaxPurchased, l.refTTL)
+	r, err := l.call(ctx, "adjust", adjustCall{org: org, amount: amount, reason: reason, reference: reference})
 	if err != nil {
-		return Account{}, false, fmt.Errorf("adjust: %w", err)
+		return Account{}, false, err
 	}
-	return appliedOnce("adjust", code, acct)
+	return appliedOnce("adjust", org, r)
+}
+
+// adjustScript, lua/adjust.lua, is an operator's correction.
+// KEYS: account, references, events, holds, alerts.
+// ARGV[8] amount (not 0), ARGV[9] reference, ARGV[10] reason, ARGV[11] the
+// most purchased credits an org may hold, ARGV[12] how long a reference is
+// kept, in ms.
+// Reply: {code, account...}.
+var adjustScript = bind("adjust.lua", replyCodes{codeOK: nil, codeRepeat: nil, codeLimit: ErrPurchasedLimit})
+
+type adjustCall struct {
+	org               string
+	amount            int64
+	reason, reference string
+}
+
+func (adjustCall) script() *luaScript { return adjustScript }
+
+func (c adjustCall) keys(k Keys) []string {
+	return []string{k.Account(c.org), k.TopUps(c.org), k.Events(c.org), k.Holds(c.org), k.Alerts(c.org)}
+}
+
+func (c adjustCall) args(l *Ledger) []any {
+	return []any{c.amount, c.reference, c.reason, MaxPurchased, l.refTTL}
 }
 
 // ValidateReason checks an adjustment's reason: 1 to MaxReason bytes of

@@ -20,16 +20,6 @@ func (l *Ledger) deadline(ctx context.Context) (context.Context, context.CancelF
 	return context.WithTimeout(ctx, l.timeout)
 }
 
-// run runs script with the common arguments followed by args, and checks the
-// reply is at least n integers.
-func (l *Ledger) run(ctx context.Context, script *redis.Script, keys []string, n int, args ...any) ([]int64, error) {
-	v, err := l.eval(ctx, script, keys, args)
-	if err != nil {
-		return nil, err
-	}
-	return ints(v, n)
-}
-
 // ints reads the first n fields of a script reply, which must be integers.
 func ints(v []any, n int) ([]int64, error) {
 	if len(v) < n {
@@ -46,35 +36,32 @@ func ints(v []any, n int) ([]int64, error) {
 	return out, nil
 }
 
-func (l *Ledger) runAccount(ctx context.Context, script *redis.Script, org string, keys []string, args ...any) (int64, Account, error) {
-	v, err := l.eval(ctx, script, keys, args)
-	if err != nil {
-		return 0, Account{}, err
-	}
-	if len(v) == 0 {
-		return 0, Account{}, errors.New("empty script reply")
-	}
-	code, ok := v[0].(int64)
-	if !ok {
-		return 0, Account{}, fmt.Errorf("script code is %T, not an integer", v[0])
-	}
-	if code == codeNotFound {
-		return code, Account{}, nil
-	}
-	acct, err := parseAccount(org, v[1:])
-	return code, acct, err
+// call runs b's script and decodes its reply. Every script is idempotent
+// (by request id, reference, lease sequence number, or because it sets a
+// state), so a call whose connection broke is sent again, on a fresh
+// connection, while the deadline allows. err, prefixed with what, is the
+// store's error or a broken reply; the reply's err is what its code means.
+func (l *Ledger) call(ctx context.Context, what string, b binding) (reply, error) {
+	return l.callWith(ctx, nil, what, b)
 }
 
-// eval runs script. Every script is idempotent (by request id, reference,
-// lease sequence number, or because it sets a state), so a call whose
-// connection broke is sent again, on a fresh connection, while the deadline
-// allows.
-func (l *Ledger) eval(ctx context.Context, script *redis.Script, keys []string, args []any) ([]any, error) {
-	return l.evalWith(ctx, nil, script, keys, args)
-}
-
-// evalWith is eval whose first try goes through batcher b, when there is
+// callWith is call whose first try goes through batcher q, when there is
 // one, together with other concurrent calls.
+func (l *Ledger) callWith(ctx context.Context, q *batcher, what string, b binding) (reply, error) {
+	s := b.script()
+	keys := b.keys(l.keys)
+	v, err := l.evalWith(ctx, q, s.Script, keys, b.args(l))
+	var r reply
+	if err == nil {
+		r, err = s.decode(keys, v)
+	}
+	if err != nil {
+		return reply{}, fmt.Errorf("%s: %w", what, err)
+	}
+	return r, nil
+}
+
+// evalWith runs script, its first try through batcher b when there is one.
 func (l *Ledger) evalWith(ctx context.Context, b *batcher, script *redis.Script, keys []string, args []any) ([]any, error) {
 	ctx, cancel := l.deadline(ctx)
 	defer cancel()
@@ -119,9 +106,6 @@ func (l *Ledger) evalWith(ctx context.Context, b *batcher, script *redis.Script,
 	v, ok := raw.([]any)
 	if !ok {
 		return nil, fmt.Errorf("script reply is %T, not an array", raw)
-	}
-	if len(v) > 0 && v[0] == int64(codeWrongType) {
-		return nil, classify(wrongType(keys, v))
 	}
 	return v, nil
 }
