@@ -33,16 +33,11 @@ func (l *Ledger) CheckAlerts(ctx context.Context, org string, thresholds []int64
 	if err := policy.ValidateOrg(org); err != nil {
 		return nil, err
 	}
-	ts := make([]string, len(thresholds))
-	for i, t := range thresholds {
-		ts[i] = strconv.FormatInt(t, 10)
-	}
-	keys := []string{l.keys.Account(org), l.keys.Alerts(org)}
-	at := l.now().UTC().Format(time.RFC3339)
-	v, err := l.eval(ctx, alertScript, keys, []any{strings.Join(ts, " "), at, org})
+	r, err := l.call(ctx, "alerts", alertCall{org: org, thresholds: thresholds})
 	if err != nil {
-		return nil, fmt.Errorf("alerts: %w", err)
+		return nil, err
 	}
+	v := r.v
 	var alerts []Alert
 	for i := 1; i+1 < len(v); i += 2 {
 		id, ok1 := v[i].(string)
@@ -55,7 +50,31 @@ func (l *Ledger) CheckAlerts(ctx context.Context, org string, thresholds []int64
 	return alerts, nil
 }
 
-// AlertDelivered drops a delivered alert from the org's pending alerts.
+// alertScript, lua/alert.lua, records the balance alerts that are due.
+// KEYS: account, alerts.
+// ARGV[8] the thresholds, space-separated, ARGV[9] the time of the check
+// (RFC 3339), ARGV[10] the org.
+// Reply: {code, id, body, id, body...}.
+var alertScript = bind("alert.lua", replyCodes{codeOK: nil})
+
+type alertCall struct {
+	org        string
+	thresholds []int64
+}
+
+func (alertCall) script() *luaScript { return alertScript }
+
+func (c alertCall) keys(k Keys) []string { return []string{k.Account(c.org), k.Alerts(c.org)} }
+
+func (c alertCall) args(l *Ledger) []any {
+	ts := make([]string, len(c.thresholds))
+	for i, t := range c.thresholds {
+		ts[i] = strconv.FormatInt(t, 10)
+	}
+	return []any{strings.Join(ts, " "), l.now().UTC().Format(time.RFC3339), c.org}
+}
+
+// AlertDelivered drops// AlertDelivered drops a delivered alert from the org's pending alerts.
 func (l *Ledger) AlertDelivered(ctx context.Context, a Alert) error {
 	ctx, cancel := l.deadline(ctx)
 	defer cancel()

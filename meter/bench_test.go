@@ -157,13 +157,14 @@ func BenchmarkChargeScript(b *testing.B) {
 	}
 	ctx := context.Background()
 	const orgs = 100
+	prefix := "org"
 	batch := func(script *redis.Script) error {
 		now := l.now()
 		keys := make([]string, 0, orgs*5)
 		args := []any{now.UnixMilli(), monthIndex(now), l.defaultPlan.Allowance, l.defaultPlan.RechargeMonth, l.eventsMax,
 			int64(0), l.markerTTL}
 		for i := range orgs {
-			org, id := fmt.Sprintf("org-%d", i), NewRequestID()
+			org, id := fmt.Sprintf("%s-%d", prefix, i), NewRequestID()
 			marker := l.keys.Request(org, id)
 			keys = append(keys, l.keys.Account(org), marker, l.keys.Calls(org), l.keys.Holds(org), marker)
 			args = append(args, "rich-text", int64(1), "0", "-1", id, l.markerTTL, NewRequestID(), noBinding, inFlightTTL)
@@ -182,14 +183,27 @@ func BenchmarkChargeScript(b *testing.B) {
 	for _, sc := range []struct {
 		name   string
 		script *redis.Script
+		grants int // live promotional grants of each org, beside its allowance
 	}{
-		{"charges", chargesScript},
-		{"commands-only", redis.NewScript(commandsOnlyLua)},
+		{"charges", chargesScript, 0},
+		{"charges-3-grants", chargesScript, 3},
+		{"commands-only", redis.NewScript(commandsOnlyLua), 0},
 	} {
 		b.Run(sc.name, func(b *testing.B) {
+			prefix = sc.name
 			// The orgs exist, as a busy Redis' do.
 			if err := batch(chargesScript); err != nil {
 				b.Fatal(err)
+			}
+			for i := range orgs {
+				for g := range sc.grants {
+					// Grants that expire and never run out in the benchmark:
+					// each charge reads them, and takes from the first.
+					req := GrantRequest{Amount: MaxAmount, Expires: time.Now().Add(time.Duration(g+1) * 24 * time.Hour)}
+					if _, _, _, err := l.Grant(ctx, fmt.Sprintf("%s-%d", prefix, i), req); err != nil {
+						b.Fatal(err)
+					}
+				}
 			}
 			if err := batch(sc.script); err != nil {
 				b.Fatal(err)

@@ -205,24 +205,19 @@ func (l *Ledger) Grant(ctx context.Context, org string, req GrantRequest) (g Gra
 	if ref == "" {
 		ref = NewRequestID()
 	}
-	keys := []string{l.keys.Account(org), l.keys.TopUps(org), l.keys.Events(org), l.keys.Holds(org), l.keys.Alerts(org)}
-	v, err := l.eval(ctx, grantScript, keys, []any{req.Amount, "o", prio, unixMilli(req.Effective), unixMilli(req.Expires), ref, req.Reason, l.refTTL, MaxGrants})
+	r, err := l.call(ctx, "grant", grantCall{org: org, req: req, priority: prio, reference: ref})
 	if err != nil {
-		return Grant{}, Account{}, false, fmt.Errorf("grant: %w", err)
+		return Grant{}, Account{}, false, err
 	}
-	code, err := replyCode(v)
-	if err != nil {
-		return Grant{}, Account{}, false, fmt.Errorf("grant: %w", err)
+	if r.code == codeEnded {
+		return Grant{}, Account{}, false, r.err
 	}
-	if code == codeEnded {
-		return Grant{}, Account{}, false, ErrExpiresPast
+	if len(r.v) < 3 {
+		return Grant{}, Account{}, false, fmt.Errorf("grant: reply has %d fields", len(r.v))
 	}
-	if len(v) < 3 {
-		return Grant{}, Account{}, false, fmt.Errorf("grant: reply has %d fields", len(v))
-	}
-	id, _ := v[1].(string)
-	rec, _ := v[2].(string)
-	acct, err = parseAccount(org, v[3:])
+	id, _ := r.v[1].(string)
+	rec, _ := r.v[2].(string)
+	acct, err = parseAccount(org, r.v[3:])
 	if err != nil {
 		return Grant{}, Account{}, false, fmt.Errorf("grant: %w", err)
 	}
@@ -231,27 +226,35 @@ func (l *Ledger) Grant(ctx context.Context, org string, req GrantRequest) (g Gra
 			return Grant{}, Account{}, false, err
 		}
 	}
-	switch code {
-	case codeOK:
-		return g, acct, true, nil
-	case codeRepeat:
-		return g, acct, false, nil
-	case codeFull:
-		return Grant{}, acct, false, ErrGrantsFull
-	}
-	return Grant{}, Account{}, false, fmt.Errorf("grant: unexpected script code %d", code)
+	return g, acct, r.code == codeOK, r.err
 }
 
-// replyCode reads a script reply's code.
-func replyCode(v []any) (int64, error) {
-	if len(v) == 0 {
-		return 0, errors.New("empty script reply")
-	}
-	code, ok := v[0].(int64)
-	if !ok {
-		return 0, fmt.Errorf("script code is %T, not an integer", v[0])
-	}
-	return code, nil
+// grantScript, lua/grant.lua, gives an org a grant.
+// KEYS: account, references, events, holds, alerts.
+// ARGV[8] amount, ARGV[9] kind letter, ARGV[10] priority, ARGV[11]
+// effective, Redis ms (0: now), ARGV[12] expires, Redis ms (0: never),
+// ARGV[13] reference, ARGV[14] reason, ARGV[15] how long a reference is
+// kept, in ms, ARGV[16] the most grants an org may have live or pending.
+// Reply: {code, id, record, account...} ({ENDED} alone).
+var grantScript = bind("grant.lua", replyCodes{codeOK: nil, codeRepeat: nil, codeEnded: ErrExpiresPast,
+	codeFull: ErrGrantsFull})
+
+type grantCall struct {
+	org       string
+	req       GrantRequest
+	priority  int
+	reference string
+}
+
+func (grantCall) script() *luaScript { return grantScript }
+
+func (c grantCall) keys(k Keys) []string {
+	return []string{k.Account(c.org), k.TopUps(c.org), k.Events(c.org), k.Holds(c.org), k.Alerts(c.org)}
+}
+
+func (c grantCall) args(l *Ledger) []any {
+	return []any{c.req.Amount, "o", c.priority, unixMilli(c.req.Effective), unixMilli(c.req.Expires), c.reference,
+		c.req.Reason, l.refTTL, MaxGrants}
 }
 
 // Grants lists org's grants: those live and pending in burn-down order
@@ -261,18 +264,14 @@ func (l *Ledger) Grants(ctx context.Context, org string) ([]Grant, Account, erro
 	if err := policy.ValidateOrg(org); err != nil {
 		return nil, Account{}, err
 	}
-	keys := []string{l.keys.Account(org), l.keys.Events(org), l.keys.Holds(org)}
-	v, err := l.eval(ctx, grantsScript, keys, nil)
+	r, err := l.call(ctx, "grants", grantsCall{org: org})
 	if err != nil {
-		return nil, Account{}, fmt.Errorf("grants: %w", err)
+		return nil, Account{}, err
 	}
-	code, err := replyCode(v)
-	if err != nil {
-		return nil, Account{}, fmt.Errorf("grants: %w", err)
+	if r.err != nil {
+		return nil, Account{}, r.err
 	}
-	if code == codeNotFound {
-		return nil, Account{}, ErrNotFound
-	}
+	v := r.v
 	if len(v) < 2 {
 		return nil, Account{}, fmt.Errorf("grants: reply has %d fields", len(v))
 	}
@@ -299,6 +298,21 @@ func (l *Ledger) Grants(ctx context.Context, org string) ([]Grant, Account, erro
 	}
 	return ordered(acct, grants), acct, nil
 }
+
+// grantsScript, lua/grants.lua, lists an org's grants.
+// KEYS: account, events, holds.
+// Reply: {code, n, n id and record pairs, account...} ({NOT_FOUND} alone).
+var grantsScript = bind("grants.lua", replyCodes{codeOK: nil, codeNotFound: ErrNotFound})
+
+type grantsCall struct{ org string }
+
+func (grantsCall) script() *luaScript { return grantsScript }
+
+func (c grantsCall) keys(k Keys) []string {
+	return []string{k.Account(c.org), k.Events(c.org), k.Holds(c.org)}
+}
+
+func (grantsCall) args(*Ledger) []any { return nil }
 
 // ordered is the grants of acct in the order Grants lists them, with the
 // two grants the account keeps in its own fields.
@@ -410,30 +424,40 @@ func (l *Ledger) VoidGrantRef(ctx context.Context, org, reference string) error 
 }
 
 func (l *Ledger) voidGrant(ctx context.Context, org, num, reference, reason string) (Account, error) {
-	keys := []string{l.keys.Account(org), l.keys.Events(org), l.keys.Holds(org), l.keys.TopUps(org)}
-	v, err := l.eval(ctx, voidGrantScript, keys, []any{num, reason, reference, l.refTTL})
+	r, err := l.call(ctx, "void grant", voidGrantCall{org: org, num: num, reference: reference, reason: reason})
+	if err != nil {
+		return Account{}, err
+	}
+	if r.code == codeNotFound {
+		return Account{}, r.err
+	}
+	if len(r.v) < 2 {
+		return Account{}, fmt.Errorf("void grant: reply has %d fields", len(r.v))
+	}
+	acct, err := parseAccount(org, r.v[2:])
 	if err != nil {
 		return Account{}, fmt.Errorf("void grant: %w", err)
 	}
-	code, err := replyCode(v)
-	if err != nil {
-		return Account{}, fmt.Errorf("void grant: %w", err)
-	}
-	if code == codeNotFound {
-		return Account{}, ErrGrantNotFound
-	}
-	if len(v) < 2 {
-		return Account{}, fmt.Errorf("void grant: reply has %d fields", len(v))
-	}
-	acct, err := parseAccount(org, v[2:])
-	if err != nil {
-		return Account{}, fmt.Errorf("void grant: %w", err)
-	}
-	switch code {
-	case codeOK, codeRepeat:
-		return acct, nil
-	case codeEnded:
-		return acct, ErrGrantEnded
-	}
-	return Account{}, fmt.Errorf("void grant: unexpected script code %d", code)
+	return acct, r.err
 }
+
+// voidGrantScript, lua/voidgrant.lua, voids a grant.
+// KEYS: account, events, holds, references.
+// ARGV[8] grant number (” to find it by reference), ARGV[9] reason,
+// ARGV[10] reference (” when found by number), ARGV[11] how long a
+// reference is kept, in ms.
+// Reply: {code, state, account...} ({NOT_FOUND} alone).
+var voidGrantScript = bind("voidgrant.lua", replyCodes{codeOK: nil, codeRepeat: nil, codeEnded: ErrGrantEnded,
+	codeNotFound: ErrGrantNotFound})
+
+type voidGrantCall struct {
+	org, num, reference, reason string
+}
+
+func (voidGrantCall) script() *luaScript { return voidGrantScript }
+
+func (c voidGrantCall) keys(k Keys) []string {
+	return []string{k.Account(c.org), k.Events(c.org), k.Holds(c.org), k.TopUps(c.org)}
+}
+
+func (c voidGrantCall) args(l *Ledger) []any { return []any{c.num, c.reason, c.reference, l.refTTL} }

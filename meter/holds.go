@@ -10,8 +10,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/redis/go-redis/v9"
-
 	"github.com/creditsgw/caddy-credits/policy"
 )
 
@@ -133,17 +131,41 @@ func (l *Ledger) CreateHold(ctx context.Context, req HoldRequest) (h Hold, acct 
 		}
 		id = HoldID(req.Reference)
 	}
-	code, h, acct, err := l.runHold(ctx, holdScript, req.Org, id, req.Amount, req.TTL.Milliseconds(), req.Feature)
+	r, h, acct, err := l.runHold(ctx, "hold", req.Org, id, holdCall{org: req.Org, id: id, feature: req.Feature,
+		amount: req.Amount, ttl: req.TTL})
 	if err != nil {
-		return Hold{}, Account{}, false, fmt.Errorf("hold: %w", err)
+		return Hold{}, Account{}, false, err
 	}
-	switch code {
-	case codeOK, codeRepeat:
-		return h, acct, code == codeRepeat, nil
-	case codeRefused:
-		return Hold{}, acct, false, ErrInsufficient
+	if r.err != nil {
+		return Hold{}, acct, false, r.err
 	}
-	return Hold{}, Account{}, false, fmt.Errorf("hold: unexpected script code %d", code)
+	return h, acct, r.code == codeRepeat, nil
+}
+
+// holdScript, lua/hold.lua, sets credits aside.
+// KEYS: account, events, holds.
+// ARGV[8] hold id, ARGV[9] amount, ARGV[10] lifetime in ms, ARGV[11]
+// feature.
+// Reply: {code, state, amount, until_ms, feature, account...}.
+var holdScript = bind("hold.lua", replyCodes{codeOK: nil, codeRepeat: nil, codeRefused: ErrInsufficient})
+
+type holdCall struct {
+	org, id, feature string
+	amount           int64
+	ttl              time.Duration
+}
+
+func (holdCall) script() *luaScript { return holdScript }
+
+func (c holdCall) keys(k Keys) []string { return holdKeys(k, c.org) }
+
+func (c holdCall) args(*Ledger) []any {
+	return []any{c.id, c.amount, c.ttl.Milliseconds(), c.feature}
+}
+
+// holdKeys are the KEYS of every hold script: account, events, holds.
+func holdKeys(k Keys, org string) []string {
+	return []string{k.Account(org), k.Events(org), k.Holds(org)}
 }
 
 // VoidHold makes sure a hold whose outcome could not be learned does not
@@ -155,12 +177,25 @@ func (l *Ledger) VoidHold(ctx context.Context, org, id string) error {
 	if err := validateHoldCall(org, id); err != nil {
 		return err
 	}
-	keys := []string{l.keys.Account(org), l.keys.Events(org), l.keys.Holds(org)}
-	if _, err := l.run(ctx, voidHoldScript, keys, 1, id); err != nil {
-		return fmt.Errorf("void hold: %w", err)
+	if _, err := l.call(ctx, "void hold", voidHoldCall{org: org, id: id}); err != nil {
+		return err
 	}
 	return nil
 }
+
+// voidHoldScript, lua/voidhold.lua, makes sure a hold does not stand.
+// KEYS: account, events, holds.
+// ARGV[8] hold id.
+// Reply: {code}.
+var voidHoldScript = bind("voidhold.lua", replyCodes{codeOK: nil, codeRepeat: nil})
+
+type voidHoldCall struct{ org, id string }
+
+func (voidHoldCall) script() *luaScript { return voidHoldScript }
+
+func (c voidHoldCall) keys(k Keys) []string { return holdKeys(k, c.org) }
+
+func (c voidHoldCall) args(*Ledger) []any { return []any{c.id} }
 
 // CaptureHold charges amount credits from the hold and releases the rest.
 // Usage above the hold is charged too, into debt if it must: the work was
@@ -174,12 +209,32 @@ func (l *Ledger) CaptureHold(ctx context.Context, org, id string, amount int64) 
 	if amount < 0 || amount > MaxAmount {
 		return Hold{}, Account{}, false, rangeError("amount", amount, 0, MaxAmount)
 	}
-	code, h, acct, err := l.runHold(ctx, captureScript, org, id, amount)
+	r, h, acct, err := l.runHold(ctx, "capture", org, id, captureCall{org: org, id: id, amount: amount})
 	if err != nil {
-		return Hold{}, Account{}, false, fmt.Errorf("capture: %w", err)
+		return Hold{}, Account{}, false, err
 	}
-	return holdAnswer(code, h, acct)
+	return h, acct, r.code == codeRepeat, r.err
 }
+
+// captureScript, lua/capture.lua, charges credits from a hold and releases
+// the rest.
+// KEYS: account, events, holds.
+// ARGV[8] hold id, ARGV[9] credits to charge.
+// Reply: {code, state, captured, until_ms, feature, account...}, or
+// {NOT_FOUND}.
+var captureScript = bind("capture.lua", replyCodes{codeOK: nil, codeRepeat: nil, codeNotFound: ErrHoldNotFound,
+	codeEnded: ErrHoldEnded, codeLease: ErrLease})
+
+type captureCall struct {
+	org, id string
+	amount  int64
+}
+
+func (captureCall) script() *luaScript { return captureScript }
+
+func (c captureCall) keys(k Keys) []string { return holdKeys(k, c.org) }
+
+func (c captureCall) args(*Ledger) []any { return []any{c.id, c.amount} }
 
 // ReleaseHold gives the hold's credits back. Releasing a hold that was
 // released or expired changes nothing, with repeat true. A gateway's live
@@ -188,11 +243,11 @@ func (l *Ledger) ReleaseHold(ctx context.Context, org, id string) (h Hold, acct 
 	if err := validateHoldCall(org, id); err != nil {
 		return Hold{}, Account{}, false, err
 	}
-	code, h, acct, err := l.runHold(ctx, releaseScript, org, id, 0, "")
+	r, h, acct, err := l.runHold(ctx, "release", org, id, releaseCall{org: org, id: id})
 	if err != nil {
-		return Hold{}, Account{}, false, fmt.Errorf("release: %w", err)
+		return Hold{}, Account{}, false, err
 	}
-	return holdAnswer(code, h, acct)
+	return h, acct, r.code == codeRepeat, r.err
 }
 
 // ReleaseLease gives back the credits of a lease whose gateway an operator
@@ -208,28 +263,40 @@ func (l *Ledger) ReleaseLease(ctx context.Context, org, id, reason string) (h Ho
 	if err := ValidateReason(reason); err != nil {
 		return Hold{}, Account{}, false, err
 	}
-	code, h, acct, err := l.runHold(ctx, releaseScript, org, id, 1, reason)
+	r, h, acct, err := l.runHold(ctx, "release", org, id, releaseCall{org: org, id: id, gone: true, reason: reason})
 	if err != nil {
-		return Hold{}, Account{}, false, fmt.Errorf("release: %w", err)
+		return Hold{}, Account{}, false, err
 	}
-	if code == codeRefused {
-		return h, acct, false, ErrNotLease
-	}
-	return holdAnswer(code, h, acct)
+	return h, acct, r.code == codeRepeat, r.err
 }
 
-func holdAnswer(code int64, h Hold, acct Account) (Hold, Account, bool, error) {
-	switch code {
-	case codeOK, codeRepeat:
-		return h, acct, code == codeRepeat, nil
-	case codeNotFound:
-		return Hold{}, Account{}, false, ErrHoldNotFound
-	case codeEnded:
-		return h, acct, false, ErrHoldEnded
-	case codeLease:
-		return h, acct, false, ErrLease
+// releaseScript, lua/release.lua, gives a hold's credits back.
+// KEYS: account, events, holds.
+// ARGV[8] hold id, ARGV[9] 1 when an operator knows the gateway of a lease
+// is gone, ARGV[10] the reason.
+// Reply: {code, state, amount, until_ms, feature, account...}, or
+// {NOT_FOUND}; REFUSED a hold that is no lease, for a gone gateway.
+var releaseScript = bind("release.lua", replyCodes{codeOK: nil, codeRepeat: nil, codeNotFound: ErrHoldNotFound,
+	codeEnded: ErrHoldEnded, codeLease: ErrLease, codeRefused: ErrNotLease})
+
+// releaseCall releases a hold; with gone, an unreported lease whose gateway
+// is gone.
+type releaseCall struct {
+	org, id string
+	gone    bool
+	reason  string
+}
+
+func (releaseCall) script() *luaScript { return releaseScript }
+
+func (c releaseCall) keys(k Keys) []string { return holdKeys(k, c.org) }
+
+func (c releaseCall) args(*Ledger) []any {
+	gone := "0"
+	if c.gone {
+		gone = "1"
 	}
-	return Hold{}, Account{}, false, fmt.Errorf("unexpected script code %d", code)
+	return []any{c.id, gone, c.reason}
 }
 
 // Holds lists org's holds, gateways' leases included (their ids start with
@@ -238,14 +305,14 @@ func (l *Ledger) Holds(ctx context.Context, org string) ([]Hold, error) {
 	if err := policy.ValidateOrg(org); err != nil {
 		return nil, err
 	}
-	keys := []string{l.keys.Account(org), l.keys.Events(org), l.keys.Holds(org)}
-	v, err := l.eval(ctx, holdsScript, keys, nil)
+	r, err := l.call(ctx, "holds", holdsCall{org})
 	if err != nil {
-		return nil, fmt.Errorf("holds: %w", err)
+		return nil, err
 	}
-	if len(v) == 1 && v[0] == int64(codeNotFound) {
-		return nil, ErrNotFound
+	if r.err != nil {
+		return nil, r.err
 	}
+	v := r.v
 	if len(v) < 2 {
 		return nil, fmt.Errorf("holds: reply has %d fields", len(v))
 	}
@@ -273,33 +340,46 @@ func (l *Ledger) Holds(ctx context.Context, org string) ([]Hold, error) {
 	return holds, nil
 }
 
-// runHold runs a hold script whose reply is {code, state, amount, until_ms,
-// feature, account...}, or {code} alone.
-func (l *Ledger) runHold(ctx context.Context, script *redis.Script, org, id string, args ...any) (int64, Hold, Account, error) {
-	keys := []string{l.keys.Account(org), l.keys.Events(org), l.keys.Holds(org)}
-	v, err := l.eval(ctx, script, keys, append([]any{id}, args...))
+// holdsScript, lua/holds.lua, lists an org's holds, writing what fell due.
+// KEYS: account, events, holds. No ARGV after the head.
+// Reply: {OK, n, then n times id, state, amount, captured, until_ms,
+// feature, last report ms}, or {NOT_FOUND}.
+var holdsScript = bind("holds.lua", replyCodes{codeOK: nil, codeNotFound: ErrNotFound})
+
+type holdsCall struct{ org string }
+
+func (holdsCall) script() *luaScript { return holdsScript }
+
+func (c holdsCall) keys(k Keys) []string { return holdKeys(k, c.org) }
+
+func (holdsCall) args(*Ledger) []any { return nil }
+
+// runHold runs b, a script of org's hold id whose reply is {code, state,
+// amount, until_ms, feature, account...}, or {code} alone.
+func (l *Ledger) runHold(ctx context.Context, what, org, id string, b binding) (reply, Hold, Account, error) {
+	r, err := l.call(ctx, what, b)
 	if err != nil {
-		return 0, Hold{}, Account{}, err
+		return reply{}, Hold{}, Account{}, err
 	}
-	code, ok := v[0].(int64)
-	if !ok {
-		return 0, Hold{}, Account{}, fmt.Errorf("script code is %T, not an integer", v[0])
-	}
+	v := r.v
 	if len(v) == 1 {
-		return code, Hold{}, Account{}, nil
+		return r, Hold{}, Account{}, nil
 	}
 	if len(v) < 5 {
-		return 0, Hold{}, Account{}, fmt.Errorf("hold reply has %d fields", len(v))
+		return reply{}, Hold{}, Account{}, fmt.Errorf("%s: hold reply has %d fields", what, len(v))
 	}
 	h, err := parseHold([]any{id, v[1], v[2], int64(0), v[3], v[4]})
 	if err != nil {
-		return 0, Hold{}, Account{}, err
+		return reply{}, Hold{}, Account{}, fmt.Errorf("%s: %w", what, err)
 	}
 	if h.State == HoldCaptured {
 		h.Captured, h.Amount = h.Amount, 0
 	}
 	acct, err := parseAccount(org, v[5:])
-	return code, h, acct, err
+	if err != nil {
+		return reply{}, Hold{}, Account{}, fmt.Errorf("%s: %w", what, err)
+	}
+	return r, h, acct, nil
 }
 
 // parseHold reads id, state, amount, captured, until_ms, feature.

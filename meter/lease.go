@@ -100,31 +100,60 @@ func (l *Ledger) SyncLease(ctx context.Context, s LeaseSync) (LeaseState, error)
 			return LeaseState{}, fmt.Errorf("lease sync: late spending %+v out of range", c)
 		}
 	}
-	args := make([]any, 0, 7+2*len(features)+4*len(s.Late))
-	args = append(args, leasePrefix+s.ID, s.Seq, s.Want, s.Keep, s.TTL.Milliseconds(), s.Unspent, len(features))
-	for _, f := range features {
-		args = append(args, f, s.Spent[f])
-	}
-	for _, c := range s.Late {
-		args = append(args, c.Feature, c.Day, c.Period, c.Credits)
-	}
-	keys := []string{l.keys.Account(s.Org), l.keys.Calls(s.Org), l.keys.Holds(s.Org)}
-	v, err := l.eval(ctx, leaseScript, keys, args)
+	r, err := l.call(ctx, "lease", leaseCall{s: s, features: features})
 	if err != nil {
-		return LeaseState{}, fmt.Errorf("lease: %w", err)
+		return LeaseState{}, err
 	}
+	v := r.v
 	if len(v) < 5 {
 		return LeaseState{}, fmt.Errorf("lease: reply has %d fields", len(v))
 	}
-	code, ok1 := v[0].(int64)
-	held, ok2 := v[1].(int64)
-	balance, ok3 := v[2].(int64)
-	day, ok4 := v[3].(string)
-	period, ok5 := v[4].(int64)
-	if !ok1 || !ok2 || !ok3 || !ok4 || !ok5 || (code != codeOK && code != codeRepeat) {
+	held, ok1 := v[1].(int64)
+	balance, ok2 := v[2].(int64)
+	day, ok3 := v[3].(string)
+	period, ok4 := v[4].(int64)
+	if !ok1 || !ok2 || !ok3 || !ok4 {
 		return LeaseState{}, fmt.Errorf("lease: unexpected reply %v", v)
 	}
-	return LeaseState{Held: held, Balance: balance, Repeat: code == codeRepeat, Day: day, Period: period}, nil
+	return LeaseState{Held: held, Balance: balance, Repeat: r.code == codeRepeat, Day: day, Period: period}, nil
+}
+
+// leaseScript, lua/lease.lua, charges what a lease spent and sets what it
+// holds.
+// KEYS: account, call log, holds.
+// ARGV[8] lease id, ARGV[9] sync number, ARGV[10] credits the lease wants
+// to hold, ARGV[11] credits it must leave free for others, ARGV[12] its
+// lifetime in ms, ARGV[13] the credits it held unspent when it sent the
+// sync, ARGV[14] n, then n pairs of feature and credits spent since the
+// last sync, then quadruples of feature, day (yyyymmdd, or empty: today),
+// period number (-1: this one) and credits: corrections of calls an earlier
+// sync reported.
+// Reply: {code, held, balance, day, period}.
+var leaseScript = bind("lease.lua", replyCodes{codeOK: nil, codeRepeat: nil})
+
+// leaseCall is a checked sync; features are its Spent's, sorted.
+type leaseCall struct {
+	s        LeaseSync
+	features []string
+}
+
+func (leaseCall) script() *luaScript { return leaseScript }
+
+func (c leaseCall) keys(k Keys) []string {
+	return []string{k.Account(c.s.Org), k.Calls(c.s.Org), k.Holds(c.s.Org)}
+}
+
+func (c leaseCall) args(*Ledger) []any {
+	s := c.s
+	args := make([]any, 0, 7+2*len(c.features)+4*len(s.Late))
+	args = append(args, leasePrefix+s.ID, s.Seq, s.Want, s.Keep, s.TTL.Milliseconds(), s.Unspent, len(c.features))
+	for _, f := range c.features {
+		args = append(args, f, s.Spent[f])
+	}
+	for _, late := range s.Late {
+		args = append(args, late.Feature, late.Day, late.Period, late.Credits)
+	}
+	return args
 }
 
 // validDay reports whether day is empty or a yyyymmdd date.

@@ -18,39 +18,38 @@ import (
 //go:embed lua
 var scripts embed.FS
 
-var (
-	chargeScript    = newScript("charge.lua")
-	chargesScript   = newScript("charges.lua")
-	settleScript    = newScript("settle.lua")
-	voidScript      = newScript("void.lua")
-	keepScript      = newScript("keep.lua")
-	leaseScript     = newScript("lease.lua")
-	holdScript      = newScript("hold.lua")
-	captureScript   = newScript("capture.lua")
-	releaseScript   = newScript("release.lua")
-	holdsScript     = newScript("holds.lua")
-	topUpScript     = newScript("topup.lua")
-	voidTopUpScript = newScript("voidtopup.lua")
-	adjustScript    = newScript("adjust.lua")
-	alertScript     = newScript("alert.lua")
-	planScript      = newScript("plan.lua")
-	rechargeScript  = newScript("recharge.lua")
-	voidWriteScript = newScript("voidwrite.lua")
-	voidHoldScript  = newScript("voidhold.lua")
-	accountScript   = newScript("account.lua")
-	grantScript     = newScript("grant.lua")
-	grantsScript    = newScript("grants.lua")
-	voidGrantScript = newScript("voidgrant.lua")
-)
-
 const includeLine = "--#include "
 
+// newScript compiles lua/name.
 func newScript(name string) *redis.Script {
 	text, err := Script(name)
 	if err != nil {
 		panic(err)
 	}
 	return redis.NewScript(text)
+}
+
+// luaScript is a Lua file Redis runs, with what each code it replies means
+// to its caller.
+type luaScript struct {
+	*redis.Script
+	codes replyCodes
+}
+
+// bind compiles lua/name, whose reply codes are codes.
+func bind(name string, codes replyCodes) *luaScript {
+	return &luaScript{Script: newScript(name), codes: codes}
+}
+
+// A binding is one call of one script: it fixes the order of the script's
+// KEYS and of its ARGV after the head every script takes first
+// (lua/lib/base.lua's ARGV[1..7], which evalWith puts in). Each binding's
+// script is declared with it, under a comment that lists its KEYS, ARGV and
+// reply.
+type binding interface {
+	script() *luaScript
+	keys(k Keys) []string
+	args(l *Ledger) []any
 }
 
 // Script returns the Lua text Redis runs for the script file name (in
@@ -111,6 +110,50 @@ const (
 	codeLease     = 10
 	codeFull      = 11
 )
+
+// replyCodes says what each code a script may reply means to its caller:
+// nil when the script did as asked, or had before (the caller reads the
+// rest of the reply, and the code where it tells more), or the typed error
+// the caller returns, with what else the reply holds. A code missing from a
+// script's table is a broken reply.
+type replyCodes map[int64]error
+
+// reply is a script's reply, its code decoded.
+type reply struct {
+	code int64
+	// err is what code means to the caller (replyCodes): nil or a typed
+	// error.
+	err error
+	// v is the whole reply, the code first.
+	v []any
+}
+
+// decode reads the code of v, s's reply to a call with keys. Its error is a
+// broken reply, or ErrWrongType: the script stopped before it wrote
+// anything.
+func (s *luaScript) decode(keys []string, v []any) (reply, error) {
+	if len(v) == 0 {
+		return reply{}, errors.New("empty script reply")
+	}
+	code, ok := v[0].(int64)
+	if !ok {
+		return reply{}, fmt.Errorf("script code is %T, not an integer", v[0])
+	}
+	if code == codeWrongType {
+		return reply{}, classify(wrongType(keys, v))
+	}
+	err, known := s.codes[code]
+	if !known {
+		return reply{}, fmt.Errorf("unexpected script code %d", code)
+	}
+	return reply{code: code, err: err, v: v}, nil
+}
+
+// account reads the account that follows the code of an account script's
+// reply.
+func (r reply) account(org string) (Account, error) {
+	return parseAccount(org, r.v[1:])
+}
 
 // ErrWrongType means a key the script needs holds another type of data
 // (left by something else, or an incompatible version): the script stopped

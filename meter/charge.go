@@ -1,0 +1,185 @@
+package meter
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/creditsgw/caddy-credits/policy"
+)
+
+// ChargeRequest is one call to charge.
+type ChargeRequest struct {
+	// Org is the org charged.
+	Org string
+	// Feature is the usage label.
+	Feature string
+	// Cost is the credits the call costs, 1 to policy.MaxCost.
+	Cost int64
+	// RequestID identifies the call: the same org and request id are charged
+	// once for MarkerTTL, unless the charge was refunded in full, which frees
+	// the id for a retry. Empty means a fresh random id.
+	RequestID string
+	// Overdraft lets the balance go below zero, down to -OverdraftLimit;
+	// without it a charge the balance cannot cover is refused.
+	Overdraft bool
+	// OverdraftLimit is the deepest the balance may go, or NoLimit.
+	OverdraftLimit int64
+	// Attempt identifies this try at the call, as opposed to a client's
+	// retry of it with the same RequestID: a charge repeated with the same
+	// attempt (after a lost reply) answers as the first did, and Void takes
+	// back only its own attempt's charge. Empty means a fresh random id.
+	Attempt string
+	// Binding, for a call with an Idempotency-Key, is what its method,
+	// path, feature and cost hash to (see Binding): a later call with the
+	// same request id and another binding gets ErrMismatch; one while the
+	// first is in flight gets ErrInFlight; one after it completed, the
+	// first's result and kept response. Empty for a call without a key.
+	Binding string
+}
+
+// Binding returns the binding of a call with an Idempotency-Key.
+func Binding(method, path, feature string, cost int64) string {
+	sum := sha256.Sum256([]byte(method + " " + path + " " + feature + " " + strconv.FormatInt(cost, 10)))
+	return hex.EncodeToString(sum[:12])
+}
+
+// ChargeResult is the ledger's answer to a charge.
+type ChargeResult struct {
+	// Charged is true when the credits were taken (now or by an earlier charge
+	// with the same request id).
+	Charged bool
+	// Replay is true when an earlier call with the same request id
+	// completed and its charge stands; Balance and Cost are then that
+	// charge's, and Kept its kept response (nil when it was too large to
+	// keep, or the call had no Idempotency-Key).
+	Replay bool
+	// Kept is the response Keep kept for the earlier call.
+	Kept []byte
+	// Balance is the balance after the charge, or the current balance when
+	// the charge was refused.
+	Balance int64
+	// Cost is the credits taken.
+	Cost int64
+	// RequestID is the request id the charge was recorded under.
+	RequestID string
+	// Attempt is the attempt id the charge was made with.
+	Attempt string
+}
+
+// Charge spends req.Cost credits of req.Org's, allowance first, then
+// purchased credits. It is one script and one round trip; a refused charge
+// writes nothing.
+func (l *Ledger) Charge(ctx context.Context, req ChargeRequest) (ChargeResult, error) {
+	if err := validateCharge(&req); err != nil {
+		return ChargeResult{}, err
+	}
+	if req.RequestID == "" {
+		req.RequestID = NewRequestID()
+	}
+	if req.Attempt == "" {
+		req.Attempt = NewRequestID()
+	}
+	r, err := l.callWith(ctx, l.charges, "charge", chargeCall(req))
+	if err != nil {
+		return ChargeResult{}, err
+	}
+	if r.err != nil {
+		return ChargeResult{}, r.err
+	}
+	v, err := ints(r.v, 3)
+	if err != nil {
+		return ChargeResult{}, fmt.Errorf("charge: %w", err)
+	}
+	res := ChargeResult{Balance: v[1], Cost: v[2], RequestID: req.RequestID, Attempt: req.Attempt}
+	switch r.code {
+	case codeOK:
+		res.Charged = true
+	case codeRepeat:
+		res.Charged, res.Replay = true, true
+		if len(r.v) > 3 {
+			if kept, ok := r.v[3].(string); ok {
+				res.Kept = []byte(kept)
+			}
+		}
+	}
+	return res, nil
+}
+
+// chargeScript, lua/charge.lua, charges a call.
+// KEYS: account, request marker, call log, holds, the request's kept
+// response (the marker again for a call without a binding).
+// ARGV[8] feature, ARGV[9] cost, ARGV[10] 1 for overdraft, ARGV[11]
+// overdraft limit (-1: none), ARGV[12] request id, ARGV[13] marker lifetime
+// in seconds, ARGV[14] attempt id, ARGV[15] the call's binding ('-': none),
+// ARGV[16] how long a call with a binding may stay in flight, in seconds.
+// Reply: {code, balance, charged, kept response}; REFUSED charged nothing.
+var chargeScript = bind("charge.lua", replyCodes{codeOK: nil, codeRefused: nil, codeRepeat: nil,
+	codeInFlight: ErrInFlight, codeMismatch: ErrMismatch, codeVoided: ErrVoided})
+
+// chargesScript, lua/charges.lua, runs the charges of a batch (batch.go)
+// one after another on a single Redis. KEYS: chargeCall's, five per charge.
+// ARGV: the head once, then chargeCall's nine per charge. Reply: one
+// charge's reply per charge, or {-1, message} for a charge that raised an
+// error.
+var chargesScript = newScript("charges.lua")
+
+// chargeCall is a validated charge whose request id and attempt are set.
+type chargeCall ChargeRequest
+
+func (chargeCall) script() *luaScript { return chargeScript }
+
+func (c chargeCall) keys(k Keys) []string {
+	marker := k.Request(c.Org, c.RequestID)
+	// A call without a binding has no kept response: its marker stands in,
+	// so that no key is built for nothing.
+	kept := marker
+	if c.Binding != "" {
+		kept = k.Kept(c.Org, c.RequestID)
+	}
+	return []string{k.Account(c.Org), marker, k.Calls(c.Org), k.Holds(c.Org), kept}
+}
+
+func (c chargeCall) args(l *Ledger) []any {
+	overdraft, limit := "0", "-1"
+	if c.Overdraft {
+		overdraft = "1"
+		limit = strconv.FormatInt(c.OverdraftLimit, 10)
+	}
+	var bind any = noBinding
+	if c.Binding != "" {
+		bind = c.Binding
+	}
+	return []any{c.Feature, c.Cost, overdraft, limit, c.RequestID, l.markerTTL, c.Attempt, bind, inFlightTTL}
+}
+
+// inFlightTTL is DefaultInFlightTTL in seconds, as the charge script takes
+// it; noBinding is the binding of a call without a key. Both are boxed once.
+var (
+	inFlightTTL any = strconv.FormatInt(int64(DefaultInFlightTTL/time.Second), 10)
+	noBinding   any = "-"
+)
+
+func validateCharge(req *ChargeRequest) error {
+	if err := policy.ValidateOrg(req.Org); err != nil {
+		return err
+	}
+	if err := policy.ValidateFeature(req.Feature); err != nil {
+		return err
+	}
+	if req.Cost < policy.MinCost || req.Cost > policy.MaxCost {
+		return rangeError("cost", req.Cost, policy.MinCost, policy.MaxCost)
+	}
+	if req.RequestID != "" {
+		if err := validateRequestID(req.RequestID); err != nil {
+			return err
+		}
+	}
+	if req.Overdraft && req.OverdraftLimit != NoLimit && (req.OverdraftLimit < 0 || req.OverdraftLimit > MaxAmount) {
+		return rangeError("overdraft limit", req.OverdraftLimit, 0, MaxAmount)
+	}
+	return nil
+}
