@@ -14,6 +14,7 @@ local account_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3]
 local acc = load(account_key, true)
 if not acc then return {NOT_FOUND} end
 sweep(acc, holds_key)
+all_full(acc)
 local out = {OK, 0}
 local old = {}
 local ids = {}
@@ -29,7 +30,7 @@ for id in pairs(ids) do
   end
 end
 out[2] = (#out - 2) / 2
-if #acc.events > 0 or acc.gdirty then
+if #acc.events > 0 or acc.gdirty or acc.gl_dirty then
   commit(account_key, events_key, acc)
   write_holds(holds_key, acc)
 end

@@ -36,9 +36,9 @@ if expires > 0 then
   if open_grants(acc) >= max_grants then
     return reply(acc, {FULL})
   end
-  add_grant(acc, new_grant(acc, PURCHASED, amount, DEFAULT_PRIORITY, srv_now(), expires, ref))
-  acc.grants[#acc.grants].rem = repay(acc, amount)
-  acc.gx_dirty = true
+  local g = new_grant(acc, PURCHASED, amount, DEFAULT_PRIORITY, srv_now(), expires, ref)
+  g.rem = repay(acc, amount)
+  add_grant(acc, g)
 else
   acc.pt = (acc.pt or acc.pur + acc.hp) + amount
   acc.pur = acc.pur + repay(acc, amount)

@@ -40,12 +40,9 @@ if g.state == GRANT_VOIDED then
 elseif g.state ~= GRANT_LIVE and g.state ~= GRANT_PENDING then
   code = ENDED
 else
-  local lost = 0
-  if g.state == GRANT_LIVE then lost = end_grant(acc, g, GRANT_VOIDED, srv_now())
-  else g.state, g.ended = GRANT_VOIDED, srv_now() touch(acc, g) end
+  local lost = end_grant(acc, g, GRANT_VOIDED, srv_now())
   g.reason = reason
   event(acc, 'void', -lost, '', 'g' .. g.id, nil, reason)
-  acc.gx_dirty = true
 end
 if #acc.events > 0 or acc.gdirty then
   commit(account_key, events_key, acc)

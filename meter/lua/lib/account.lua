@@ -15,17 +15,23 @@
 -- purchased grant (pur: top-ups with no expiry, and positive adjustments,
 -- all of one kind and priority, so they are one grant; pt is all it was
 -- given). Every other grant (rollover, purchased with an expiry,
--- promotional) is a field g:<id> of its own (see parse_grant); gl lists the
--- ids of those live or pending, gn is the last id given, gx the Redis time
--- (ms) at which the earliest of them starts or expires, and hq the credits
+-- promotional) has a field g:<id> of its own (see parse_grant). gl is the
+-- burn-down order of the live and pending grants: 'a' (the allowance), 'p'
+-- (the standing purchased grant) and, for each other grant, "id:rem:held"
+-- (":p" after it while pending), so that a charge reads and writes only
+-- this one field, whatever the grants: a grant's own field is written when
+-- it is made and when it ends. gf and gh are the live grants' remaining and
+-- held in all, so that the balance needs no reading of gl. gn is the last
+-- id given, gx the Redis time
+-- (ms) at which the earliest grant starts or expires, and hq the credits
 -- live holds took from grants that have since ended. ro is the plan's
 -- rollover, pr that of the plan waiting for the next recharge. dp is the
 -- debt of this period that credits granted since repaid: a refund of the
 -- charge that made it gives them back as purchased credits.
 local FIELDS = {'a', 'm', 'own', 'rem', 'pur', 'ps', 'nx', 'pn', 'cd', 'seq', 'ha', 'ho', 'hp', 'hx', 'pa', 'pm',
-  'ro', 'pr', 'pt', 'gn', 'gx', 'hq', 'dp'}
+  'ro', 'pr', 'pt', 'gn', 'gx', 'hq', 'dp', 'gf', 'gh'}
 local DEFAULTS = {m = 1, own = 0, pur = 0, pn = 0, cd = 0, seq = 0, ha = 0, ho = 0, hp = 0, ro = 0, gn = 0, hq = 0,
-  dp = 0}
+  dp = 0, gf = 0, gh = 0}
 local REQUIRED = {'a', 'rem', 'nx'}
 
 -- What a charge reads of the account: the fields, then gl.
@@ -44,9 +50,10 @@ local ENDED_KEPT_MS = 90 * 86400000
 
 -- A grant's field: "state kind amount remaining held priority effective
 -- expires ended ref [reason]": amount what it gave, remaining what it can
--- still give, held what live holds took from it, effective and expires
--- (0: never) in Redis ms, ended when it was spent, expired or voided (0:
--- not yet), ref its reference ('-': none), reason the rest of the line.
+-- still give, held what live holds took from it (both as gl has them while
+-- the grant is live), effective and expires (0: never) in Redis ms, ended
+-- when it was spent, expired or voided (0: not yet), ref its reference
+-- ('-': none), reason the rest of the line.
 local function parse_grant(id, s)
   local st, kind, amount, rem, hld, prio, eff, exp, ended, ref, reason = string.match(s,
     '^(%a) (%a) (%d+) (%d+) (%d+) (%d+) (%d+) (%d+) (%d+) (%S+) ?(.*)$')
@@ -55,7 +62,7 @@ local function parse_grant(id, s)
   end
   return {id = id, state = st, kind = kind, amount = tonumber(amount), rem = tonumber(rem), held = tonumber(hld),
     prio = tonumber(prio), eff = tonumber(eff), exp = tonumber(exp), ended = tonumber(ended), ref = ref,
-    reason = reason}
+    reason = reason, full = true}
 end
 
 local function grant_str(g)
@@ -69,34 +76,103 @@ local function grant_live(g)
   return g.state == GRANT_LIVE
 end
 
--- The extra grants' sums: free (remaining of live ones) and held (what
--- holds took from live ones).
-local function grant_sums(acc)
-  local free, hld = 0, 0
-  for _, g in ipairs(acc.grants or {}) do
-    if grant_live(g) then
-      free, hld = free + g.rem, hld + g.held
+-- Reads gl: acc.order, the burn-down order ('a', 'p' and grants), and
+-- acc.gmap, the grants by id. A grant read from gl has its id, state,
+-- remaining and held; grant_full reads the rest from its field.
+local function parse_order(acc, gl)
+  acc.order, acc.gmap = {}, acc.gmap or {}
+  for t in string.gmatch(gl, '%S+') do
+    if t == 'a' or t == 'p' then
+      acc.order[#acc.order + 1] = t
+    else
+      local id, rem, hld, pend = string.match(t, '^(%d+):(%d+):(%d+)(:?p?)$')
+      if not id then error('corrupt grant order') end
+      local g = {id = id, rem = tonumber(rem), held = tonumber(hld), state = GRANT_LIVE}
+      if pend ~= '' then g.state = GRANT_PENDING end
+      acc.order[#acc.order + 1] = g
+      acc.gmap[id] = g
     end
   end
-  return free, hld
+end
+
+-- Reads gl into acc.order when a caller needs the grants themselves.
+local function need_order(acc)
+  if not acc.order and acc.gl then parse_order(acc, acc.gl) end
+end
+
+-- Fills in what gl does not say of grants gs (kind, amount, times,
+-- reference), from their fields, in one read.
+local function grants_full(acc, gs)
+  local need, fields = {}, {}
+  for _, g in ipairs(gs) do
+    if not g.full then
+      need[#need + 1] = g
+      fields[#fields + 1] = 'g:' .. g.id
+    end
+  end
+  if #need == 0 then return end
+  local vals
+  if acc.records then
+    vals = {}
+    for i, g in ipairs(need) do vals[i] = acc.records[g.id] end
+  else
+    vals = redis.call('HMGET', acc.key, unpack(fields))
+  end
+  for i, g in ipairs(need) do
+    if not vals[i] then error('grant ' .. g.id .. ' is missing') end
+    local r = parse_grant(g.id, vals[i])
+    g.kind, g.amount, g.prio, g.eff, g.exp, g.ended, g.ref, g.reason, g.full =
+      r.kind, r.amount, r.prio, r.eff, r.exp, r.ended, r.ref, r.reason, true
+  end
+end
+
+-- The grants in acc.order.
+local function order_grants(acc)
+  need_order(acc)
+  local gs = {}
+  for _, e in ipairs(acc.order or {}) do
+    if type(e) == 'table' then gs[#gs + 1] = e end
+  end
+  return gs
+end
+
+local function all_full(acc)
+  grants_full(acc, order_grants(acc))
+end
+
+-- The extra grants' sums: free (remaining of live ones) and held (what
+-- holds took from live ones): gf and gh while gl is not read, else counted
+-- again after a grant changes (changed).
+local function grant_sums(acc)
+  if not acc.order then return acc.gf, acc.gh end
+  local s = acc.sums
+  if not s then
+    local free, hld = 0, 0
+    for _, e in ipairs(acc.order) do
+      if type(e) == 'table' and e.state == GRANT_LIVE then
+        free, hld = free + e.rem, hld + e.held
+      end
+    end
+    s = {free, hld}
+    acc.sums = s
+  end
+  return s[1], s[2]
+end
+
+-- Notes that a grant's remaining, held or state changed: gl is written
+-- again, and the sums read again.
+local function changed(acc)
+  acc.gl_dirty, acc.sums = true, nil
 end
 
 local function held(acc)
-  local h = acc.ha + acc.ho + acc.hp + acc.hq
-  if acc.grants then
-    local _, gh = grant_sums(acc)
-    h = h + gh
-  end
-  return h
+  local _, gh = grant_sums(acc)
+  return acc.ha + acc.ho + acc.hp + acc.hq + gh
 end
 
 local function available(acc)
-  local v = acc.rem + acc.pur
-  if acc.grants then
-    local gf = grant_sums(acc)
-    v = v + gf
-  end
-  return v
+  local gf = grant_sums(acc)
+  return acc.rem + acc.pur + gf
 end
 
 local function balance(acc)
@@ -115,19 +191,23 @@ local function repay(acc, n)
   return n - r
 end
 
--- Marks grant g changed, for commit.
+-- Marks grant g's own field to be written (its state changed, or it is
+-- new), for commit. g must be full.
 local function touch(acc, g)
   acc.gdirty = acc.gdirty or {}
   acc.gdirty[g.id] = g
+  changed(acc)
 end
 
--- Adds a grant to the account (acc.grants, the live and pending ones, and
--- acc.gmap, every one read). Returns it.
+-- Adds grant g (full) to the burn-down order, and to the grants written.
 local function add_grant(acc, g)
-  acc.grants = acc.grants or {}
-  acc.gmap = acc.gmap or {}
-  table.insert(acc.grants, g)
+  need_order(acc)
+  if not acc.order then
+    acc.order, acc.gmap = {'a', 'p'}, acc.gmap or {}
+  end
+  acc.order[#acc.order + 1] = g
   acc.gmap[g.id] = g
+  acc.reorder, acc.gx_dirty = true, true
   touch(acc, g)
   return g
 end
@@ -136,11 +216,14 @@ end
 -- took from it stays theirs (hq); what remains of it is gone. Returns the
 -- credits lost.
 local function end_grant(acc, g, state, t)
-  local lost = g.rem
+  grants_full(acc, {g})
+  local lost = 0
   if g.state == GRANT_LIVE then
+    lost = g.rem
     acc.hq = acc.hq + g.held
   end
   g.state, g.rem, g.held, g.ended = state, 0, 0, t
+  acc.gx_dirty = true
   touch(acc, g)
   return lost
 end
@@ -150,12 +233,14 @@ end
 -- expired one loses what remains of it (event expire). A rollover grant
 -- expires with its period, at the recharge (start_period).
 local function grant_times(acc)
-  if not acc.grants or not acc.gx or acc.gx > srv_now() then return end
+  if not acc.gl or not acc.gx or acc.gx > srv_now() then return end
   local t = srv_now()
-  for _, g in ipairs(acc.grants) do
+  all_full(acc)
+  for _, g in ipairs(order_grants(acc)) do
     if g.state == GRANT_PENDING and g.eff <= t then
       g.state = GRANT_LIVE
       g.rem = repay(acc, g.rem)
+      acc.reorder = true
       touch(acc, g)
       event(acc, 'grant', g.amount, '', 'g' .. g.id, g.eff)
     end
@@ -171,13 +256,13 @@ end
 local function new_grant(acc, kind, amount, prio, eff, exp, ref, reason)
   acc.gn = acc.gn + 1
   return {id = str(acc.gn), state = GRANT_LIVE, kind = kind, amount = amount, rem = amount, held = 0, prio = prio,
-    eff = eff, exp = exp, ended = 0, ref = ref or '-', reason = reason}
+    eff = eff, exp = exp, ended = 0, ref = ref or '-', reason = reason, full = true}
 end
 
 -- How many extra grants are live or pending.
 local function open_grants(acc)
   local n = 0
-  for _, g in ipairs(acc.grants or {}) do
+  for _, g in ipairs(order_grants(acc)) do
     if g.state == GRANT_LIVE or g.state == GRANT_PENDING then n = n + 1 end
   end
   return n
@@ -196,7 +281,6 @@ local function grant(acc, g)
     add_grant(acc, g)
     event(acc, 'grant', g.amount, '', 'g' .. g.id, nil, g.reason)
   end
-  acc.gx_dirty = true
   return g
 end
 
@@ -207,9 +291,15 @@ end
 -- first, and debt carries over. Allowance that live holds keep stays
 -- theirs, as allowance of an ended period.
 local function start_period(acc, ps_unix, next_ym)
-  for _, g in ipairs(acc.grants or {}) do
-    if g.kind == ROLLOVER and g.state == GRANT_LIVE then
-      end_grant(acc, g, GRANT_EXPIRED, ps_unix * 1000)
+  need_order(acc)
+  if acc.order then
+    -- The allowance's expiry moves: its place in the order may too.
+    all_full(acc)
+    acc.reorder = true
+    for _, g in ipairs(order_grants(acc)) do
+      if g.kind == ROLLOVER and g.state == GRANT_LIVE then
+        end_grant(acc, g, GRANT_EXPIRED, ps_unix * 1000)
+      end
     end
   end
   local carry = math.min(math.max(acc.rem, 0), acc.ro or 0)
@@ -225,7 +315,6 @@ local function start_period(acc, ps_unix, next_ym)
   acc.nx = next_ym or next_after(now_ym, acc.m)
   if carry > 0 then
     add_grant(acc, new_grant(acc, ROLLOVER, carry, DEFAULT_PRIORITY, ps_unix * 1000, ym_unix(acc.nx) * 1000))
-    acc.gx_dirty = true
   end
   acc.used = {}
   acc.reset_used = true
@@ -258,7 +347,7 @@ end
 -- A new account's first period is number 0 (the default: not written).
 local function new_account(allowance, month)
   local acc = {a = allowance, m = month, own = 0, rem = 0, pur = 0, ha = 0, ho = 0, hp = 0, hq = 0, seq = 0, pn = -1,
-    ro = 0, gn = 0, dp = 0, used = {}, used_delta = {}, day_delta = {}, events = {}, created = true, stored = {}}
+    ro = 0, gn = 0, dp = 0, gf = 0, gh = 0, used = {}, used_delta = {}, day_delta = {}, events = {}, created = true, stored = {}}
   start_period(acc, ym_unix(now_ym - ((now_ym % 12) - (month - 1)) % 12), next_after(now_ym, month))
   return acc
 end
@@ -351,26 +440,8 @@ local function load(key, with_used, feature)
     end
   end
   if not acc.ps then acc.ps = ym_unix(acc.nx - 12) end
-  if gl then
-    -- The extra grants, live and pending, in the order gl lists them.
-    local ids = {}
-    for id in string.gmatch(gl, '%S+') do ids[#ids + 1] = id end
-    if not with_used and #ids > 0 then
-      local fields = {}
-      for i, id in ipairs(ids) do fields[i] = 'g:' .. id end
-      local vals = redis.call('HMGET', key, unpack(fields))
-      for i, id in ipairs(ids) do records[id] = vals[i] end
-    end
-    acc.grants, acc.gmap = {}, {}
-    for _, id in ipairs(ids) do
-      if not records[id] then error('grant ' .. id .. ' is missing') end
-      local g = parse_grant(id, records[id])
-      acc.grants[#acc.grants + 1] = g
-      acc.gmap[id] = g
-    end
-    acc.gl = gl
-  end
-  acc.records = records
+  acc.gl, acc.gl0 = gl, gl
+  if with_used then acc.records = records end
   grant_times(acc)
   catch_up(acc)
   return acc
@@ -385,33 +456,34 @@ local function open(key, with_used)
   return acc
 end
 
--- The grants that can give credits now, in burn-down order: priority, then
--- the earliest expiry (none last), then purchased credits after the
--- others (the money paid is kept longest), then the oldest; a rollover
--- grant, as old as the allowance and expiring with it, goes first. Each is
--- 'a' (this period's allowance), 'p' (the standing purchased grant) or an
--- extra grant's record.
-local function burn_order(acc)
-  local list = {
-    {w = 'a', prio = DEFAULT_PRIORITY, exp = ym_unix(acc.nx) * 1000, paid = 0, eff = acc.ps * 1000, n = math.huge},
-    {w = 'p', prio = DEFAULT_PRIORITY, exp = math.huge, paid = 1, eff = 0, n = 0},
-  }
-  for _, g in ipairs(acc.grants) do
-    if grant_live(g) and g.rem > 0 then
-      local exp, paid = g.exp, 0
+-- Puts acc.order in burn-down order: priority, then the earliest expiry
+-- (none last), then purchased credits after the others (the money paid is
+-- kept longest), then the oldest; a rollover grant, as old as the
+-- allowance and expiring with it, goes first. It runs when a grant is
+-- added, becomes live or is given back, and at each recharge; a charge
+-- only follows the order.
+local function sort_order(acc)
+  all_full(acc)
+  local key = {}
+  for _, e in ipairs(acc.order) do
+    if e == 'a' then
+      key[e] = {DEFAULT_PRIORITY, ym_unix(acc.nx) * 1000, 0, acc.ps * 1000, math.huge}
+    elseif e == 'p' then
+      key[e] = {DEFAULT_PRIORITY, math.huge, 1, 0, -1}
+    else
+      local exp, paid = e.exp, 0
       if exp == 0 then exp = math.huge end
-      if g.kind == PURCHASED then paid = 1 end
-      list[#list + 1] = {w = g, prio = g.prio, exp = exp, paid = paid, eff = g.eff, n = tonumber(g.id)}
+      if e.kind == PURCHASED then paid = 1 end
+      key[e] = {e.prio, exp, paid, e.eff, tonumber(e.id)}
     end
   end
-  table.sort(list, function(x, y)
-    if x.prio ~= y.prio then return x.prio < y.prio end
-    if x.exp ~= y.exp then return x.exp < y.exp end
-    if x.paid ~= y.paid then return x.paid < y.paid end
-    if x.eff ~= y.eff then return x.eff < y.eff end
-    return x.n < y.n
+  table.sort(acc.order, function(x, y)
+    local kx, ky = key[x], key[y]
+    for i = 1, 5 do
+      if kx[i] ~= ky[i] then return kx[i] < ky[i] end
+    end
+    return false
   end)
-  return list
 end
 
 -- Takes n credits of the available balance, from the grants in burn-down
@@ -419,7 +491,46 @@ end
 -- parts taken: {fa = allowance, fp = purchased, fd = debt, pn = this
 -- period, g = {[id] = credits} of the extra grants, or nil}.
 local function take(acc, n)
-  if not acc.grants then
+  if not acc.order and acc.gl then
+    -- The charge's way: gl read one grant at a time, as far as n needs.
+    local p = {fa = 0, fp = 0, fd = 0, pn = acc.pn}
+    local gl, pos, spent = acc.gl, 1, false
+    while n > 0 do
+      local s, e = string.find(gl, '%S+', pos)
+      if not s then break end
+      local t = string.sub(gl, s, e)
+      local x = 0
+      if t == 'a' then
+        x = math.min(n, math.max(acc.rem, 0))
+        acc.rem, p.fa = acc.rem - x, p.fa + x
+      elseif t == 'p' then
+        x = math.min(n, math.max(acc.pur, 0))
+        acc.pur, p.fp = acc.pur - x, p.fp + x
+      else
+        local id, rem, hld, pend = string.match(t, '^(%d+):(%d+):(%d+)(:?p?)$')
+        if not id then error('corrupt grant order') end
+        rem = tonumber(rem)
+        if pend == '' and rem > 0 then
+          x = math.min(n, rem)
+          local nt = id .. ':' .. str(rem - x) .. ':' .. hld
+          gl = string.sub(gl, 1, s - 1) .. nt .. string.sub(gl, e + 1)
+          e = s + #nt - 1
+          acc.gf, acc.gl_dirty = acc.gf - x, true
+          p.g = p.g or {}
+          p.g[id] = (p.g[id] or 0) + x
+          spent = spent or (rem == x and hld == '0')
+        end
+      end
+      n, pos = n - x, e + 1
+    end
+    p.fd = n
+    acc.rem = acc.rem - n
+    acc.gl = gl
+    -- A grant spent: commit ends it, from gl read in full.
+    if spent then parse_order(acc, gl) end
+    return p
+  end
+  if not acc.order then
     local fa = math.min(n, math.max(acc.rem, 0))
     local fp = math.min(n - fa, math.max(acc.pur, 0))
     local fd = n - fa - fp
@@ -428,22 +539,21 @@ local function take(acc, n)
     return {fa = fa, fp = fp, fd = fd, pn = acc.pn}
   end
   local p = {fa = 0, fp = 0, fd = 0, pn = acc.pn}
-  for _, c in ipairs(burn_order(acc)) do
+  for _, e in ipairs(acc.order) do
     if n == 0 then break end
-    local x
-    if c.w == 'a' then
+    local x = 0
+    if e == 'a' then
       x = math.min(n, math.max(acc.rem, 0))
       acc.rem, p.fa = acc.rem - x, p.fa + x
-    elseif c.w == 'p' then
+    elseif e == 'p' then
       x = math.min(n, math.max(acc.pur, 0))
       acc.pur, p.fp = acc.pur - x, p.fp + x
-    else
-      local g = c.w
-      x = math.min(n, g.rem)
-      g.rem = g.rem - x
+    elseif e.state == GRANT_LIVE and e.rem > 0 then
+      x = math.min(n, e.rem)
+      e.rem = e.rem - x
       p.g = p.g or {}
-      p.g[g.id] = (p.g[g.id] or 0) + x
-      touch(acc, g)
+      p.g[e.id] = (p.g[e.id] or 0) + x
+      changed(acc)
     end
     n = n - x
   end
@@ -461,14 +571,15 @@ local function add_parts(p, q)
   end
 end
 
--- The extra grant with id, read when the account did not (one that has
--- ended); nil when there is none.
+-- The extra grant with id: one in gl as gl has it, any other (ended) as
+-- its field has it; nil when there is none.
 local function grant_of(acc, id)
+  need_order(acc)
   acc.gmap = acc.gmap or {}
   local g = acc.gmap[id]
   if g then return g end
   local s = acc.records and acc.records[id]
-  if not s and not acc.created then s = redis.call('HGET', acc.key, 'g:' .. id) end
+  if not s and not acc.created and not acc.records then s = redis.call('HGET', acc.key, 'g:' .. id) end
   if not s then return nil end
   g = parse_grant(id, s)
   acc.gmap[id] = g
@@ -476,13 +587,14 @@ local function grant_of(acc, id)
 end
 
 -- The extra grant made with reference ref, or nil. It reads every grant's
--- record (the account loaded with its usage has them all).
+-- field (the account loaded with its usage has them all).
 local function grant_by_ref(acc, ref)
-  for id, s in pairs(acc.records or {}) do
-    local g = grant_of(acc, id)
+  all_full(acc)
+  for _, g in ipairs(order_grants(acc)) do
     if g.ref == ref then return g end
   end
-  for _, g in ipairs(acc.grants or {}) do
+  for id in pairs(acc.records or {}) do
+    local g = grant_of(acc, id)
     if g.ref == ref then return g end
   end
   return nil
@@ -497,13 +609,11 @@ local function grant_back(acc, id, n)
   if not g or n == 0 then return 0 end
   if g.state == GRANT_SPENT and (g.exp == 0 or g.exp > srv_now()) then
     g.state, g.ended = GRANT_LIVE, 0
-    acc.grants = acc.grants or {}
-    table.insert(acc.grants, g)
-    acc.gx_dirty = true
+    add_grant(acc, g)
   end
   if not grant_live(g) then return 0 end
   g.rem = g.rem + n
-  touch(acc, g)
+  changed(acc)
   return n
 end
 
@@ -651,36 +761,50 @@ local function commit(key, events_key, acc, calls)
     end
   end
   local gfields = {}
-  if acc.grants then
-    -- A grant with nothing left and nothing held is spent; gl lists those
-    -- still live or pending, and gx the earliest time one of them starts
-    -- or expires.
-    local ids = {}
-    local gx = nil
-    for _, g in ipairs(acc.grants) do
-      if grant_live(g) and g.rem == 0 and g.held == 0 then
+  if not acc.order and acc.gl_dirty then
+    gfields[1], gfields[2] = 'gl', acc.gl
+  end
+  if acc.order and (acc.gl_dirty or acc.reorder or acc.gx_dirty) then
+    -- A live grant with nothing left and nothing held is spent.
+    for _, g in ipairs(order_grants(acc)) do
+      if g.state == GRANT_LIVE and g.rem == 0 and g.held == 0 then
         end_grant(acc, g, GRANT_SPENT, srv_now())
       end
-      if g.state == GRANT_LIVE or g.state == GRANT_PENDING then
-        ids[#ids + 1] = g.id
-        local t = nil
-        if g.state == GRANT_PENDING then
-          t = g.eff
-        elseif g.kind ~= ROLLOVER and g.exp > 0 then
-          t = g.exp
+    end
+    if acc.reorder then sort_order(acc) end
+    local tokens, extra = {}, false
+    local gx = nil
+    if acc.gx_dirty then all_full(acc) end
+    for _, e in ipairs(acc.order) do
+      if type(e) ~= 'table' then
+        tokens[#tokens + 1] = e
+      elseif e.state == GRANT_LIVE or e.state == GRANT_PENDING then
+        extra = true
+        local t = string.format('%s:%d:%d', e.id, e.rem, e.held)
+        if e.state == GRANT_PENDING then t = t .. ':p' end
+        tokens[#tokens + 1] = t
+        if acc.gx_dirty then
+          -- gx: when the earliest pending grant starts or live one expires.
+          local at = nil
+          if e.state == GRANT_PENDING then
+            at = e.eff
+          elseif e.kind ~= ROLLOVER and e.exp > 0 then
+            at = e.exp
+          end
+          if at and (not gx or at < gx) then gx = at end
         end
-        if t and (not gx or t < gx) then gx = t end
       end
     end
-    acc.gx = gx
-    local gl = table.concat(ids, ' ')
-    if gl == '' then gl = nil end
-    if gl ~= acc.gl then
+    if acc.gx_dirty then acc.gx = gx end
+    acc.gf, acc.gh = grant_sums(acc)
+    local gl = nil
+    if extra then gl = table.concat(tokens, ' ') end
+    if gl ~= acc.gl0 then
       if gl then
         gfields[#gfields + 1] = 'gl'
         gfields[#gfields + 1] = gl
       else
-        acc.gl_gone = true
+        acc.gl_gone = acc.gl0 ~= nil
       end
     end
     acc.gl = gl
@@ -747,7 +871,8 @@ local function reply(acc, head)
   local out = head or {}
   local sums = {[PROMOTIONAL] = {0, 0}, [ROLLOVER] = {0, 0}, [PURCHASED] = {0, 0}}
   local nxe, nxa = -1, 0
-  for _, g in ipairs(acc.grants or {}) do
+  all_full(acc)
+  for _, g in ipairs(order_grants(acc)) do
     if grant_live(g) then
       local k = sums[g.kind]
       k[1], k[2] = k[1] + g.rem, k[2] + g.held

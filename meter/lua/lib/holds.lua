@@ -90,6 +90,7 @@ local function hold_more(acc, h, n)
   for id, x in pairs(p.g or {}) do
     local g = grant_of(acc, id)
     g.held = g.held + x
+    changed(acc)
     h.g[id] = (h.g[id] or 0) + x
   end
 end
@@ -120,7 +121,7 @@ local function hold_grants(acc, h, n, back)
     if g and grant_live(g) then
       g.held = g.held - x
       if back then g.rem = g.rem + x end
-      touch(acc, g)
+      changed(acc)
     else
       acc.hq = acc.hq - x
     end
