@@ -4,6 +4,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -702,4 +704,55 @@ func TestAdminGrantsFull(t *testing.T) {
 	wantStatus(t, g.admin(http.MethodPost, "/orgs/full/topup", `{"amount": 1, "reference": "standing"}`), http.StatusOK)
 	wantStatus(t, g.admin(http.MethodDelete, "/orgs/full/grants/g1", ""), http.StatusOK)
 	wantStatus(t, g.admin(http.MethodPost, "/orgs/full/grants", `{"amount": 1, "reference": "one-more"}`), http.StatusCreated)
+}
+
+// TestAdminDocsGrants runs the curl commands of docs/admin.md's Grants
+// section, as written but for the address, against a real Caddy and
+// redis-server: each is answered 2xx, and together they leave the org as
+// the comments say.
+func TestAdminDocsGrants(t *testing.T) {
+	g := startGateway(t, gatewayOptions{})
+	block := readmeBlock(t, "../docs/admin.md", "## Grants", "sh")
+	const addr = "localhost:2020/admin"
+	var commands []string
+	for _, line := range strings.Split(strings.ReplaceAll(block, "\\\n", " "), "\n") {
+		if line = strings.TrimSpace(line); line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		if !strings.HasPrefix(line, "curl -s ") || !strings.Contains(line, addr) {
+			t.Fatalf("a command that is not curl -s to %s: %s", addr, line)
+		}
+		commands = append(commands, line)
+	}
+	if len(commands) != 5 {
+		t.Fatalf("%d commands, want one for the plan, the top-up and each of the three grant calls:\n%s", len(commands), block)
+	}
+	for _, line := range commands {
+		cmd := exec.Command("bash", "-euo", "pipefail", "-c", strings.Replace(line, addr, strings.TrimPrefix(g.adminURL, "http://"), 1)+" -w '\\n%{http_code}'")
+		cmd.Env = append(os.Environ(), "CREDITS_ADMIN_TOKEN=s3cret")
+		out, err := cmd.Output()
+		text := strings.TrimSpace(string(out))
+		body, status := text[:max(strings.LastIndex(text, "\n"), 0)], text[strings.LastIndex(text, "\n")+1:]
+		if err != nil || (status != "200" && status != "201") || !json.Valid([]byte(body)) {
+			t.Fatalf("%s: %v, status %s\n%s", line, err, status, out)
+		}
+	}
+	a := g.account("acme")
+	wantAccount(t, a, map[string]int64{"balance": 1500, "allowance_remaining": 1000, "purchased": 500, "promotional": 0})
+	if p := a["plan"].(map[string]any); p["rollover"] != float64(200) {
+		t.Errorf("plan %v, want a rollover of 200", p)
+	}
+	r := g.admin(http.MethodGet, "/orgs/acme/grants", "")
+	wantStatus(t, r, http.StatusOK)
+	var list struct{ Grants []meter.Grant }
+	if err := json.Unmarshal(r.body, &list); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, g := range list.Grants {
+		got = append(got, fmt.Sprintf("%s %s %s %d/%d %s", g.ID, g.Kind, g.State, g.Remaining, g.Amount, g.Reason))
+	}
+	if want := "[allowance allowance live 1000/1000  g1 purchased live 500/500  g2 promotional voided 0/100 Offer withdrawn]"; fmt.Sprint(got) != want {
+		t.Errorf("grants %v\nwant %s", got, want)
+	}
 }
