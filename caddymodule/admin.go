@@ -28,8 +28,8 @@ func init() {
 }
 
 // Admin serves the admin API, for a billing system or an operator: read an
-// org's account and events, set its plan, top it up, recharge it, and set
-// credits aside with holds for long jobs. Mount it with handle_path
+// org's account and events, set its plan, top it up, recharge it, give and
+// void promotional grants, and set credits aside with holds for long jobs. Mount it with handle_path
 // <prefix>/* on an address only admins reach.
 type Admin struct {
 	// Token, if set, is required of every call as Authorization: Bearer
@@ -124,6 +124,9 @@ var adminRoutes = map[string]adminRoute{
 	"GET /orgs/{org}/holds":               withOrg((*Admin).holds),
 	"POST /orgs/{org}/holds/{id}/capture": withOrg((*Admin).captureHold),
 	"DELETE /orgs/{org}/holds/{id}":       withOrg((*Admin).releaseHold),
+	"POST /orgs/{org}/grants":             withOrg((*Admin).createGrant),
+	"GET /orgs/{org}/grants":              withOrg((*Admin).grants),
+	"DELETE /orgs/{org}/grants/{id}":      withOrg((*Admin).voidGrant),
 }
 
 // adminMux matches a call's method exactly and its path to a route.
@@ -312,6 +315,7 @@ func (a *Admin) setPlan(w http.ResponseWriter, r *http.Request, org string) erro
 	var body struct {
 		Allowance     *int64 `json:"allowance"`
 		RechargeMonth *int   `json:"recharge_month"`
+		Rollover      int64  `json:"rollover"`
 		Reference     string `json:"reference"`
 	}
 	if err := decodeBody(w, r, &body); err != nil {
@@ -324,20 +328,21 @@ func (a *Admin) setPlan(w http.ResponseWriter, r *http.Request, org string) erro
 	if err != nil {
 		return invalid(err)
 	}
-	plan := meter.Plan{Allowance: *body.Allowance, RechargeMonth: *body.RechargeMonth}
+	plan := meter.Plan{Allowance: *body.Allowance, RechargeMonth: *body.RechargeMonth, Rollover: body.Rollover}
 	acct, applied, err := a.app.ledger.SetPlan(context.WithoutCancel(r.Context()), org, plan, ref)
 	if err != nil {
 		return a.failWrite(w, r, org, "plan", ref, a.voidWrite(own, org, "plan", ref), err)
 	}
 	a.logger.Info("plan set", zap.String("org", org), zap.Int64("allowance", plan.Allowance), zap.Int("recharge_month", plan.RechargeMonth),
-		zap.String("reference", ref), zap.Bool("applied", applied))
+		zap.Int64("rollover", plan.Rollover), zap.String("reference", ref), zap.Bool("applied", applied))
 	return answerWrite(w, r, http.StatusOK, applied || own, acct)
 }
 
 func (a *Admin) topUp(w http.ResponseWriter, r *http.Request, org string) error {
 	var body struct {
-		Amount    *int64 `json:"amount"`
-		Reference string `json:"reference"`
+		Amount    *int64  `json:"amount"`
+		Reference string  `json:"reference"`
+		Expires   *string `json:"expires"`
 	}
 	if err := decodeBody(w, r, &body); err != nil {
 		return invalid(err)
@@ -345,11 +350,15 @@ func (a *Admin) topUp(w http.ResponseWriter, r *http.Request, org string) error 
 	if body.Amount == nil {
 		return invalid(errors.New("amount is required"))
 	}
+	expires, err := optionalTime("expires", body.Expires)
+	if err != nil {
+		return invalid(err)
+	}
 	ref, own, err := writeReference(r, body.Reference)
 	if err != nil {
 		return invalid(err)
 	}
-	acct, applied, err := a.app.ledger.TopUp(context.WithoutCancel(r.Context()), org, *body.Amount, ref)
+	acct, applied, err := a.app.ledger.TopUpExpiring(context.WithoutCancel(r.Context()), org, *body.Amount, ref, expires)
 	if err != nil {
 		var void meter.Deferred
 		if own {
@@ -357,7 +366,7 @@ func (a *Admin) topUp(w http.ResponseWriter, r *http.Request, org string) error 
 		}
 		return a.failWrite(w, r, org, "top-up", ref, void, err)
 	}
-	a.logger.Info("top-up", zap.String("org", org), zap.Int64("amount", *body.Amount),
+	a.logger.Info("top-up", zap.String("org", org), zap.Int64("amount", *body.Amount), expiresField(expires),
 		zap.String("reference", ref), zap.Bool("applied", applied))
 	return answerWrite(w, r, http.StatusOK, applied || own, acct)
 }
@@ -496,6 +505,141 @@ func (a *Admin) createHold(w http.ResponseWriter, r *http.Request, org string) e
 		w.Header().Set(headerReplayed, "true")
 	}
 	return writeJSON(w, r, status, heldAnswer{Hold: hold, Account: acct})
+}
+
+// grantAnswer is the answer of a new grant: the grant (null when a
+// repeated reference's grant is no longer kept), and the account after.
+type grantAnswer struct {
+	Grant   *meter.Grant  `json:"grant"`
+	Account meter.Account `json:"account"`
+}
+
+// createGrant gives the org a promotional grant. Like a top-up, it is
+// applied once per reference; a repeat answers the grant it made, 200.
+func (a *Admin) createGrant(w http.ResponseWriter, r *http.Request, org string) error {
+	var body struct {
+		Amount    *int64  `json:"amount"`
+		Kind      string  `json:"kind"`
+		Expires   *string `json:"expires"`
+		Effective *string `json:"effective"`
+		Priority  *int    `json:"priority"`
+		Reference string  `json:"reference"`
+		Reason    string  `json:"reason"`
+	}
+	if err := decodeBody(w, r, &body); err != nil {
+		return invalid(err)
+	}
+	if body.Amount == nil {
+		return invalid(errors.New("amount is required"))
+	}
+	req := meter.GrantRequest{Amount: *body.Amount, Kind: body.Kind, Priority: body.Priority, Reason: body.Reason}
+	var err error
+	if req.Expires, err = optionalTime("expires", body.Expires); err != nil {
+		return invalid(err)
+	}
+	if req.Effective, err = optionalTime("effective", body.Effective); err != nil {
+		return invalid(err)
+	}
+	var own bool
+	if req.Reference, own, err = writeReference(r, body.Reference); err != nil {
+		return invalid(err)
+	}
+	// Checked before the call, so that a mistake is a 400 and never an
+	// unknown outcome.
+	if err := meter.ValidateGrant(req); err != nil {
+		return invalid(err)
+	}
+	g, acct, applied, err := a.app.ledger.Grant(context.WithoutCancel(r.Context()), org, req)
+	if err != nil {
+		var void meter.Deferred
+		if own {
+			void = meter.LaterVoidGrant{Ledger: a.app.ledger, Org: org, Reference: req.Reference}
+		}
+		return a.failWrite(w, r, org, "grant", req.Reference, void, err)
+	}
+	a.logger.Info("grant", zap.String("org", org), zap.String("grant", g.ID), zap.Int64("amount", req.Amount),
+		expiresField(req.Expires), zap.String("reference", req.Reference), zap.Bool("applied", applied))
+	answer := grantAnswer{Account: acct}
+	if g.ID != "" {
+		answer.Grant = &g
+	}
+	status := http.StatusCreated
+	if !applied && !own {
+		status = http.StatusOK
+		w.Header().Set(headerReplayed, "true")
+	}
+	return writeJSON(w, r, status, answer)
+}
+
+// grants answers the org's grants: {"grants": [...]}, live and pending in
+// burn-down order, then those ended in the last 90 days.
+func (a *Admin) grants(w http.ResponseWriter, r *http.Request, org string) error {
+	grants, _, err := a.app.ledger.Grants(r.Context(), org)
+	if err != nil {
+		return a.fail(w, r, org, "grants", err)
+	}
+	if grants == nil {
+		grants = []meter.Grant{}
+	}
+	return writeJSON(w, r, http.StatusOK, map[string][]meter.Grant{"grants": grants})
+}
+
+// voidGrant voids one of the org's grants, with an optional {"reason":
+// "..."}: what remains of it is gone. A grant is voided once; a repeat
+// answers the account.
+func (a *Admin) voidGrant(w http.ResponseWriter, r *http.Request, org string) error {
+	var body struct {
+		Reason string `json:"reason"`
+	}
+	if err := decodeBody(w, r, &body); err != nil {
+		return invalid(err)
+	}
+	if body.Reason != "" {
+		if err := meter.ValidateReason(body.Reason); err != nil {
+			return invalid(err)
+		}
+	}
+	id := r.PathValue("id")
+	acct, err := a.app.ledger.VoidGrant(context.WithoutCancel(r.Context()), org, id, body.Reason)
+	switch {
+	case errors.Is(err, meter.ErrGrantFixed) && id == meter.AllowanceGrant:
+		return writeProblem(w, r, policy.Status(http.StatusConflict,
+			"grant allowance is the plan's allowance: it is not voided; change the plan (PUT .../plan) instead"))
+	case errors.Is(err, meter.ErrGrantFixed):
+		return writeProblem(w, r, policy.Status(http.StatusConflict,
+			"grant purchased is the org's purchased credits: it is not voided; take credits away with a negative adjustment (POST .../adjust) instead"))
+	case errors.Is(err, meter.ErrGrantNotFound):
+		return writeProblem(w, r, policy.Status(http.StatusNotFound, "org "+org+" has no grant "+id))
+	case errors.Is(err, meter.ErrGrantEnded):
+		return writeProblem(w, r, policy.Status(http.StatusConflict, "grant "+id+" was spent or has expired: there is nothing to void"))
+	case err != nil:
+		// The grant's id is the void's reference: a grant is voided once.
+		return a.failWrite(w, r, org, "void", "", nil, err)
+	}
+	a.app.observe(org, acct.Balance)
+	a.logger.Info("grant voided", zap.String("org", org), zap.String("grant", id), zap.String("reason", body.Reason))
+	return writeJSON(w, r, http.StatusOK, acct)
+}
+
+// expiresField logs when credits expire: never, for the zero time.
+func expiresField(t time.Time) zap.Field {
+	if t.IsZero() {
+		return zap.String("expires", "never")
+	}
+	return zap.Time("expires", t)
+}
+
+// optionalTime parses an optional RFC 3339 time of a body: the zero time
+// when it is absent.
+func optionalTime(field string, s *string) (time.Time, error) {
+	if s == nil {
+		return time.Time{}, nil
+	}
+	t, err := time.Parse(time.RFC3339, *s)
+	if err != nil {
+		return time.Time{}, &policy.InputError{Field: field, Value: *s, Reason: "must be a time in RFC 3339, such as 2027-01-31T00:00:00Z"}
+	}
+	return t, nil
 }
 
 // holdTTL parses the lifetime of a hold, a Go duration from
@@ -643,8 +787,12 @@ func (a *Admin) failWrite(w http.ResponseWriter, r *http.Request, org, call, ref
 	var detail string
 	switch {
 	case ref == "":
+		once := "a hold ends once"
+		if call == "void" {
+			once = "a grant is voided once"
+		}
 		detail = fmt.Sprintf("The credit store did not answer in time, so whether the %s was applied is unknown. "+
-			"Send the same %s again: a hold ends once, and a repeat answers its result.", call, call)
+			"Send the same %s again: %s, and a repeat answers its result.", call, call, once)
 	case void == nil:
 		detail = fmt.Sprintf("The credit store did not answer in time, so whether the %s was applied is unknown. "+
 			"Send the same %s again with the same reference, %q: it applies exactly once and answers its result.", call, call, ref)
@@ -667,16 +815,21 @@ func (a *Admin) failWrite(w http.ResponseWriter, r *http.Request, org, call, ref
 		Status: http.StatusServiceUnavailable, Detail: detail, Org: org})
 }
 
-// fail answers the error of a ledger call: 400 for bad input, 404 for an
-// org Redis holds nothing for, 500 for an org's corrupt ledger data (a key
+// fail answers the error of a ledger call: 400 for bad input, 409 for an
+// org with as many grants as it may have, 404 for an org Redis holds
+// nothing for, 500 for an org's corrupt ledger data (a key
 // of the wrong type, a field that is not a number: a retry cannot help; an
 // operator must look), else 503 with Retry-After: the store could not do it
 // now (down, slow, out of memory), as meter.Classify says.
 func (a *Admin) fail(w http.ResponseWriter, r *http.Request, org, call string, err error) error {
 	var inputErr *policy.InputError
 	switch {
-	case errors.As(err, &inputErr), errors.Is(err, policy.ErrOrgMissing), errors.Is(err, meter.ErrPurchasedLimit):
+	case errors.As(err, &inputErr), errors.Is(err, policy.ErrOrgMissing), errors.Is(err, meter.ErrPurchasedLimit),
+		errors.Is(err, meter.ErrExpiresPast):
 		return invalid(err)
+	case errors.Is(err, meter.ErrGrantsFull):
+		return writeProblem(w, r, policy.Status(http.StatusConflict, fmt.Sprintf(
+			"org %s has %d grants live or pending, the most it may: void one, or wait for one to be spent or to expire", org, meter.MaxGrants)))
 	case errors.Is(err, meter.ErrNotFound):
 		return writeProblem(w, r, policy.Status(http.StatusNotFound, "Redis holds nothing for org "+org))
 	case meter.Classify(err) == meter.Refused:

@@ -4,11 +4,14 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"os"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/creditsgw/caddy-credits/internal/redistest"
+	"github.com/creditsgw/caddy-credits/meter"
 	"github.com/creditsgw/caddy-credits/policy"
 )
 
@@ -196,6 +199,8 @@ func TestAdminMethods(t *testing.T) {
 		{"/orgs/m/holds", "GET, HEAD, POST", `{"amount": 1, "feature": "long-job"}`},
 		{hold + "/capture", "POST", `{"amount": 1}`},
 		{hold, "DELETE", ``},
+		{"/orgs/m/grants", "GET, HEAD, POST", `{"amount": 5}`},
+		{"/orgs/m/grants/g1", "DELETE", ``},
 	}
 	// T, P, POS, E and G are what the old substring test let through.
 	near := []string{"T", "P", "POS", "E", "G", "get", "post", "put", "delete", "head", "GETS", "POSTT", "PU", "DELET"}
@@ -230,7 +235,7 @@ func TestAdminMethods(t *testing.T) {
 	}
 
 	// HEAD wherever GET: the headers of the GET, no body.
-	for _, path := range []string{"/orgs", "/orgs/m", "/orgs/m/events", "/orgs/m/holds"} {
+	for _, path := range []string{"/orgs", "/orgs/m", "/orgs/m/events", "/orgs/m/holds", "/orgs/m/grants"} {
 		r := g.admin(http.MethodHead, path, "")
 		if r.status != http.StatusOK || r.header.Get("Content-Type") != "application/json" || len(r.body) != 0 {
 			t.Errorf("HEAD %s: %d %q, %d bytes", path, r.status, r.header.Get("Content-Type"), len(r.body))
@@ -443,5 +448,311 @@ func TestAdminUsageAndAdjust(t *testing.T) {
 	// Adjustments are no usage.
 	if u := read("?from=" + today + "&to=" + today); len(u.Days[0].Used) != 2 || u.Days[0].Used["rich-text"] != 4 {
 		t.Fatalf("usage after adjustments: %+v", u)
+	}
+}
+
+// TestAdminGrants gives, lists and voids grants through a real Caddy and
+// redis-server: each status of the three calls, the exact JSON of a grant,
+// the references of a grant, expiring top-ups and a plan's rollover, and
+// that no refused call changes anything.
+func TestAdminGrants(t *testing.T) {
+	g := startGateway(t, gatewayOptions{})
+	r := g.admin(http.MethodGet, "/orgs/acme/grants", "")
+	wantStatus(t, r, http.StatusNotFound)
+	if p := r.problem(t); p["detail"] != "Redis holds nothing for org acme" {
+		t.Fatalf("grants of an unknown org: %v", p)
+	}
+	wantStatus(t, g.admin(http.MethodPut, "/orgs/acme/plan", `{"allowance": 100, "recharge_month": 1}`), http.StatusOK)
+
+	// A promotional grant, and its exact JSON.
+	expires := time.Now().Add(30 * 24 * time.Hour).UTC().Truncate(time.Second).Format(time.RFC3339)
+	body := `{"amount": 30, "expires": "` + expires + `", "priority": 10, "reference": "promo-1", "reason": "welcome"}`
+	r = g.admin(http.MethodPost, "/orgs/acme/grants", body)
+	wantStatus(t, r, http.StatusCreated)
+	var answer struct {
+		Grant   json.RawMessage `json:"grant"`
+		Account map[string]any  `json:"account"`
+	}
+	if err := json.Unmarshal(r.body, &answer); err != nil {
+		t.Fatal(err)
+	}
+	var granted struct{ Effective time.Time }
+	if err := json.Unmarshal(answer.Grant, &granted); err != nil || time.Since(granted.Effective).Abs() > 10*time.Second {
+		t.Fatalf("the grant's effective time %v (%v), want now: %s", granted.Effective, err, answer.Grant)
+	}
+	want := fmt.Sprintf(`{"grant":"g1","kind":"promotional","amount":30,"remaining":30,"held":0,"priority":10,"effective":%q,"expires":%q,`+
+		`"state":"live","reference":"promo-1","reason":"welcome"}`, granted.Effective.Format(time.RFC3339Nano), expires)
+	if string(answer.Grant) != want {
+		t.Fatalf("grant JSON:\n%s\nwant\n%s", answer.Grant, want)
+	}
+	wantAccount(t, answer.Account, map[string]int64{"balance": 130, "promotional": 30, "allowance_remaining": 100, "purchased": 0, "debt": 0})
+	if ne, _ := answer.Account["next_expiry"].(map[string]any); ne["at"] != expires || ne["amount"] != float64(30) {
+		t.Fatalf("next_expiry %v, want %s, 30", answer.Account["next_expiry"], expires)
+	}
+
+	// The same reference again: the same grant, 200, nothing applied.
+	r = g.admin(http.MethodPost, "/orgs/acme/grants", `{"amount": 99, "reference": "promo-1"}`)
+	wantStatus(t, r, http.StatusOK)
+	if r.header.Get(headerReplayed) != "true" || !strings.Contains(string(r.body), `"grant":`+want) {
+		t.Fatalf("a repeated reference: %q %s", r.header.Get(headerReplayed), r.body)
+	}
+	if b := g.balance("acme"); b != 130 {
+		t.Fatalf("balance %d after a repeated grant, want 130", b)
+	}
+
+	// An Idempotency-Key is the reference without one in the body; with
+	// neither, the gateway gives one of its own.
+	key := map[string]string{"Authorization": "Bearer s3cret", "Idempotency-Key": "promo-key"}
+	for i, status := range []int{http.StatusCreated, http.StatusOK} {
+		r = g.do(http.MethodPost, g.adminURL+"/orgs/acme/grants", key, `{"amount": 5}`)
+		wantStatus(t, r, status)
+		if grant := decodeObject(t, r)["grant"].(map[string]any); grant["grant"] != "g2" || grant["reference"] != "promo-key" {
+			t.Fatalf("grant %d with an Idempotency-Key: %v", i, grant)
+		}
+	}
+	r = g.admin(http.MethodPost, "/orgs/acme/grants", `{"amount": 5}`)
+	wantStatus(t, r, http.StatusCreated)
+	if ref, _ := decodeObject(t, r)["grant"].(map[string]any)["reference"].(string); !strings.HasPrefix(ref, meter.OwnReferencePrefix) {
+		t.Fatalf("a grant without a reference has the reference %q, want the gateway's own", ref)
+	}
+
+	// A pending grant adds nothing yet.
+	effective := time.Now().Add(time.Hour).UTC().Truncate(time.Second).Format(time.RFC3339)
+	r = g.admin(http.MethodPost, "/orgs/acme/grants", `{"amount": 8, "effective": "`+effective+`", "reference": "later"}`)
+	wantStatus(t, r, http.StatusCreated)
+	if grant := decodeObject(t, r)["grant"].(map[string]any); grant["state"] != "pending" || grant["effective"] != effective || grant["expires"] != nil {
+		t.Fatalf("a grant effective in an hour: %v", grant)
+	}
+	wantAccount(t, g.account("acme"), map[string]int64{"balance": 140, "promotional": 40})
+
+	// The list: live and pending in burn-down order (priority 10 first;
+	// the allowance, expiring at the recharge, before grants that never
+	// expire), then those that ended.
+	list := func() []map[string]any {
+		t.Helper()
+		r := g.admin(http.MethodGet, "/orgs/acme/grants", "")
+		wantStatus(t, r, http.StatusOK)
+		var v struct{ Grants []map[string]any }
+		if err := json.Unmarshal(r.body, &v); err != nil {
+			t.Fatal(err)
+		}
+		return v.Grants
+	}
+	ids := func(gs []map[string]any) string {
+		var out []string
+		for _, g := range gs {
+			out = append(out, fmt.Sprintf("%v:%v", g["grant"], g["state"]))
+		}
+		return strings.Join(out, " ")
+	}
+	if got := ids(list()); got != "g1:live allowance:live g2:live g3:live g4:pending" {
+		t.Fatalf("grants %s", got)
+	}
+
+	// Refused grants, and what they say; none changes anything.
+	before := adminState(g, "acme")
+	for _, c := range []struct{ body, want string }{
+		{`{"amount": 5, "kind": "purchased"}`, "top-ups make purchased grants, plans allowance and rollover"},
+		{`{"amount": 5, "kind": "allowance"}`, "top-ups make purchased grants"},
+		{`{"amount": 0}`, `invalid amount \"0\": must be 1 to 1000000000000`},
+		{`{"amount": 1000000000001}`, `invalid amount \"1000000000001\"`},
+		{`{"amount": -3}`, `invalid amount \"-3\"`},
+		{`{"amount": 1.5}`, "bad JSON body"},
+		{`{"reference": "no-amount"}`, "amount is required"},
+		{`{"amount": 5, "priority": 101}`, `invalid priority \"101\": must be 0 to 100`},
+		{`{"amount": 5, "priority": -1}`, `invalid priority \"-1\"`},
+		{`{"amount": 5, "expires": "2020-01-01T00:00:00Z"}`, "expires must be after now and after effective"},
+		{`{"amount": 5, "expires": "` + effective + `", "effective": "` + effective + `"}`, "expires must be after now and after effective"},
+		{`{"amount": 5, "expires": "next week"}`, `invalid expires \"next week\": must be a time in RFC 3339`},
+		{`{"amount": 5, "expires": ""}`, `invalid expires \"\"`},
+		{`{"amount": 5, "effective": "2027-01-01"}`, `invalid effective \"2027-01-01\"`},
+		{`{"amount": 5, "reference": "has space"}`, `invalid reference`},
+		{`{"amount": 5, "reason": "two\nlines"}`, `invalid reason`},
+		{`{"amount": 5, "Kind": "promotional"}`, `unknown field \"Kind\"`},
+		{`{"amount": 5, "amount": 6}`, `field \"amount\" given twice`},
+		{`{"amount": 5, "expiry": "2999-01-01T00:00:00Z"}`, `unknown field \"expiry\"`},
+	} {
+		r := g.admin(http.MethodPost, "/orgs/acme/grants", c.body)
+		if r.status != http.StatusBadRequest || !strings.Contains(string(r.body), c.want) {
+			t.Errorf("%s: %d %s; want 400 saying %s", c.body, r.status, r.body, c.want)
+			continue
+		}
+		r.problem(t)
+	}
+	for _, c := range []struct {
+		method, path, body string
+		status             int
+		want               string
+	}{
+		{http.MethodDelete, "/orgs/acme/grants/allowance", `{"reason": "x"}`, http.StatusConflict, "change the plan"},
+		{http.MethodDelete, "/orgs/acme/grants/purchased", ``, http.StatusConflict, "negative adjustment"},
+		{http.MethodDelete, "/orgs/acme/grants/g99", ``, http.StatusNotFound, "org acme has no grant g99"},
+		{http.MethodDelete, "/orgs/acme/grants/x1", ``, http.StatusNotFound, "org acme has no grant x1"},
+		{http.MethodDelete, "/orgs/ghost/grants/g1", ``, http.StatusNotFound, "org ghost has no grant g1"},
+		{http.MethodDelete, "/orgs/acme/grants/g1", `{"reason": ""}`, http.StatusOK, ""}, // an empty reason is none; checked below
+		{http.MethodDelete, "/orgs/acme/grants/g2", `{"reason": "\u0007"}`, http.StatusBadRequest, "invalid reason"},
+		{http.MethodPost, "/orgs/acme/topup", `{"amount": 5, "expires": "2020-01-01T00:00:00Z", "reference": "old"}`, http.StatusBadRequest, "expires must be after now"},
+		{http.MethodPost, "/orgs/acme/topup", `{"amount": 5, "expires": "soon"}`, http.StatusBadRequest, `invalid expires \"soon\"`},
+		{http.MethodPut, "/orgs/acme/plan", `{"allowance": 100, "recharge_month": 1, "rollover": 101}`, http.StatusBadRequest, `invalid rollover \"101\": must be 0 to 100`},
+		{http.MethodPut, "/orgs/acme/plan", `{"allowance": 100, "recharge_month": 1, "rollover": -1}`, http.StatusBadRequest, `invalid rollover \"-1\"`},
+	} {
+		if c.status == http.StatusOK {
+			continue
+		}
+		r := g.admin(c.method, c.path, c.body)
+		if r.status != c.status || !strings.Contains(string(r.body), c.want) {
+			t.Errorf("%s %s %s: %d %s; want %d saying %s", c.method, c.path, c.body, r.status, r.body, c.status, c.want)
+			continue
+		}
+		r.problem(t)
+	}
+	if after := adminState(g, "acme"); after != before {
+		t.Fatalf("refused calls changed the org:\nbefore %s\nafter  %s", before, after)
+	}
+
+	// A void: what remains of the grant is gone, and the reason is kept in
+	// the grant and its event. A repeat answers the account again.
+	for range 2 {
+		r = g.admin(http.MethodDelete, "/orgs/acme/grants/g1", `{"reason": "campaign cancelled"}`)
+		wantStatus(t, r, http.StatusOK)
+		wantAccount(t, decodeObject(t, r), map[string]int64{"balance": 110, "promotional": 10})
+	}
+	gs := list()
+	if got := ids(gs); got != "allowance:live g2:live g3:live g4:pending g1:voided" {
+		t.Fatalf("grants after a void: %s", got)
+	}
+	if v := gs[4]; v["reason"] != "campaign cancelled" || v["remaining"] != float64(0) || v["ended"] == nil {
+		t.Fatalf("the voided grant: %v", v)
+	}
+	ev := g.events("acme")
+	if ev[0]["kind"] != "void" || ev[0]["ref"] != "g1" || ev[0]["delta"] != float64(-30) || ev[0]["reason"] != "campaign cancelled" {
+		t.Fatalf("the void's event: %v", ev[0])
+	}
+	if n := countEvents(t, g, "acme", "void"); n != 1 {
+		t.Fatalf("%d void events, want 1: a repeat voids nothing", n)
+	}
+	// A pending grant is voided without a body; an ended one is a 409.
+	wantStatus(t, g.admin(http.MethodDelete, "/orgs/acme/grants/g4", ""), http.StatusOK)
+	r = g.admin(http.MethodDelete, "/orgs/acme/grants/g4", "")
+	wantStatus(t, r, http.StatusOK)
+	// A grant spent by calls: priority 0 goes first.
+	wantStatus(t, g.admin(http.MethodPost, "/orgs/acme/grants", `{"amount": 2, "priority": 0, "reference": "two"}`), http.StatusCreated)
+	for range 2 {
+		wantStatus(t, g.call("/rich-text/generate", "acme"), http.StatusOK)
+	}
+	r = g.admin(http.MethodDelete, "/orgs/acme/grants/g5", `{"reason": "too late"}`)
+	wantStatus(t, r, http.StatusConflict)
+	if p := r.problem(t); !strings.Contains(p["detail"].(string), "grant g5 was spent or has expired") {
+		t.Fatalf("void of a spent grant: %v", p)
+	}
+	wantAccount(t, g.account("acme"), map[string]int64{"balance": 110, "promotional": 10, "allowance_remaining": 100})
+
+	// A top-up with an expiry is a purchased grant of its own; a plan's
+	// rollover waits for the next recharge as the rest of the plan.
+	r = g.admin(http.MethodPost, "/orgs/acme/topup", `{"amount": 20, "expires": "`+expires+`", "reference": "inv-exp"}`)
+	wantStatus(t, r, http.StatusOK)
+	wantAccount(t, decodeObject(t, r), map[string]int64{"balance": 130, "purchased": 20})
+	var bought map[string]any
+	for _, g := range list() {
+		if g["reference"] == "inv-exp" {
+			bought = g
+		}
+	}
+	if bought["kind"] != "purchased" || bought["expires"] != expires || bought["amount"] != float64(20) {
+		t.Fatalf("the expiring top-up's grant: %v", bought)
+	}
+	r = g.admin(http.MethodPut, "/orgs/acme/plan", `{"allowance": 100, "recharge_month": 1, "rollover": 40}`)
+	wantStatus(t, r, http.StatusOK)
+	if np, _ := decodeObject(t, r)["next_plan"].(map[string]any); np["rollover"] != float64(40) {
+		t.Fatalf("next_plan %v, want a rollover of 40", np)
+	}
+	// The period that ends carries over what its own plan says: nothing at
+	// the first recharge, 40 of the 100 unused at the second.
+	for i, rollover := range []int64{0, 40} {
+		r = g.admin(http.MethodPost, "/orgs/acme/recharge", "")
+		wantStatus(t, r, http.StatusOK)
+		a := decodeObject(t, r)
+		if p := a["plan"].(map[string]any); p["rollover"] != float64(40) {
+			t.Fatalf("plan after recharge %d: %v", i+1, p)
+		}
+		wantAccount(t, a, map[string]int64{"rollover": rollover, "allowance_remaining": 100, "promotional": 10, "purchased": 20, "balance": 130 + rollover})
+	}
+}
+
+// TestAdminGrantsFull fills an org with the most grants live or pending it
+// may have: one more is a 409 that changes nothing, and a void makes room.
+func TestAdminGrantsFull(t *testing.T) {
+	g := startGateway(t, gatewayOptions{})
+	for i := range meter.MaxGrants {
+		wantStatus(t, g.admin(http.MethodPost, "/orgs/full/grants", fmt.Sprintf(`{"amount": 1, "reference": "g-%d"}`, i)), http.StatusCreated)
+	}
+	before := adminState(g, "full")
+	for _, c := range []struct{ path, body string }{
+		{"/grants", `{"amount": 1, "reference": "one-more"}`},
+		{"/topup", `{"amount": 1, "reference": "one-more", "expires": "2999-01-01T00:00:00Z"}`},
+	} {
+		r := g.admin(http.MethodPost, "/orgs/full"+c.path, c.body)
+		wantStatus(t, r, http.StatusConflict)
+		if p := r.problem(t); !strings.Contains(p["detail"].(string), fmt.Sprintf("has %d grants live or pending", meter.MaxGrants)) {
+			t.Fatalf("%s: %v", c.path, p)
+		}
+	}
+	if after := adminState(g, "full"); after != before {
+		t.Fatalf("a grant over the limit changed the org:\nbefore %s\nafter  %s", before, after)
+	}
+	// A top-up that never expires adds to the standing purchased grant.
+	wantStatus(t, g.admin(http.MethodPost, "/orgs/full/topup", `{"amount": 1, "reference": "standing"}`), http.StatusOK)
+	wantStatus(t, g.admin(http.MethodDelete, "/orgs/full/grants/g1", ""), http.StatusOK)
+	wantStatus(t, g.admin(http.MethodPost, "/orgs/full/grants", `{"amount": 1, "reference": "one-more"}`), http.StatusCreated)
+}
+
+// TestAdminDocsGrants runs the curl commands of docs/admin.md's Grants
+// section, as written but for the address, against a real Caddy and
+// redis-server: each is answered 2xx, and together they leave the org as
+// the comments say.
+func TestAdminDocsGrants(t *testing.T) {
+	g := startGateway(t, gatewayOptions{})
+	block := readmeBlock(t, "../docs/admin.md", "## Grants", "sh")
+	const addr = "localhost:2020/admin"
+	var commands []string
+	for _, line := range strings.Split(strings.ReplaceAll(block, "\\\n", " "), "\n") {
+		if line = strings.TrimSpace(line); line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		if !strings.HasPrefix(line, "curl -s ") || !strings.Contains(line, addr) {
+			t.Fatalf("a command that is not curl -s to %s: %s", addr, line)
+		}
+		commands = append(commands, line)
+	}
+	if len(commands) != 5 {
+		t.Fatalf("%d commands, want one for the plan, the top-up and each of the three grant calls:\n%s", len(commands), block)
+	}
+	for _, line := range commands {
+		cmd := exec.Command("bash", "-euo", "pipefail", "-c", strings.Replace(line, addr, strings.TrimPrefix(g.adminURL, "http://"), 1)+" -w '\\n%{http_code}'")
+		cmd.Env = append(os.Environ(), "CREDITS_ADMIN_TOKEN=s3cret")
+		out, err := cmd.Output()
+		text := strings.TrimSpace(string(out))
+		body, status := text[:max(strings.LastIndex(text, "\n"), 0)], text[strings.LastIndex(text, "\n")+1:]
+		if err != nil || (status != "200" && status != "201") || !json.Valid([]byte(body)) {
+			t.Fatalf("%s: %v, status %s\n%s", line, err, status, out)
+		}
+	}
+	a := g.account("acme")
+	wantAccount(t, a, map[string]int64{"balance": 1500, "allowance_remaining": 1000, "purchased": 500, "promotional": 0})
+	if p := a["plan"].(map[string]any); p["rollover"] != float64(200) {
+		t.Errorf("plan %v, want a rollover of 200", p)
+	}
+	r := g.admin(http.MethodGet, "/orgs/acme/grants", "")
+	wantStatus(t, r, http.StatusOK)
+	var list struct{ Grants []meter.Grant }
+	if err := json.Unmarshal(r.body, &list); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, g := range list.Grants {
+		got = append(got, fmt.Sprintf("%s %s %s %d/%d %s", g.ID, g.Kind, g.State, g.Remaining, g.Amount, g.Reason))
+	}
+	if want := "[allowance allowance live 1000/1000  g1 purchased live 500/500  g2 promotional voided 0/100 Offer withdrawn]"; fmt.Sprint(got) != want {
+		t.Errorf("grants %v\nwant %s", got, want)
 	}
 }

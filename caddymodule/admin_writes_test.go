@@ -17,12 +17,12 @@ import (
 	"github.com/creditsgw/caddy-credits/meter"
 )
 
-// adminState is what an org's account, holds and events read through the
-// admin API, to tell whether a call changed anything.
+// adminState is what an org's account, holds, grants and events read
+// through the admin API, to tell whether a call changed anything.
 func adminState(g *gateway, org string) string {
 	g.t.Helper()
 	var b strings.Builder
-	for _, path := range []string{"", "/holds", "/events?limit=1000"} {
+	for _, path := range []string{"", "/holds", "/grants", "/events?limit=1000"} {
 		r := g.admin(http.MethodGet, "/orgs/"+org+path, "")
 		wantStatus(g.t, r, http.StatusOK)
 		b.Write(r.body)
@@ -51,7 +51,12 @@ func TestAdminExactJSON(t *testing.T) {
 		{http.MethodPost, "/adjust", "amount", "5", "6", `, "reason": "fix", "reference": "a-1"`},
 		{http.MethodPost, "/holds", "amount", "5", "6", `, "feature": "jobs", "reference": "h-1"`},
 		{http.MethodPost, "/holds/" + hold.Hold + "/capture", "amount", "5", "6", ``},
+		{http.MethodPost, "/grants", "amount", "5", "6", `, "reference": "gr-1"`},
+		{http.MethodPost, "/grants", "expires", `"2999-01-01T00:00:00Z"`, `"2998-01-01T00:00:00Z"`, `, "amount": 5, "reference": "gr-2"`},
+		{http.MethodPost, "/topup", "expires", `"2999-01-01T00:00:00Z"`, `"2998-01-01T00:00:00Z"`, `, "amount": 5, "reference": "t-2"`},
+		{http.MethodPut, "/plan", "rollover", "1", "2", `, "allowance": 100, "recharge_month": 1`},
 	}
+	wantStatus(t, g.admin(http.MethodPost, "/orgs/acme/grants", `{"amount": 7, "reference": "gr-0"}`), http.StatusCreated)
 	before := adminState(g, "acme")
 	for _, rt := range routes {
 		upper := strings.ToUpper(rt.field[:1]) + rt.field[1:]
@@ -73,6 +78,12 @@ func TestAdminExactJSON(t *testing.T) {
 	r = g.admin(http.MethodDelete, "/orgs/acme/holds/"+hold.Hold, `{"Reason": "x"}`)
 	if r.status != http.StatusBadRequest || !bytes.Contains(r.body, []byte(`unknown field \"Reason\"`)) {
 		t.Errorf("release with an unknown field: %d %s", r.status, r.body)
+	}
+	for _, body := range []string{`{"Reason": "x"}`, `{"reason": "x", "reason": "y"}`, `{"reason": "x", "amount": 1}`} {
+		r = g.admin(http.MethodDelete, "/orgs/acme/grants/g1", body)
+		if r.status != http.StatusBadRequest {
+			t.Errorf("a grant's void with %s: %d %s; want 400", body, r.status, r.body)
+		}
 	}
 	if after := adminState(g, "acme"); after != before {
 		t.Errorf("refused calls changed the org:\nbefore %s\nafter  %s", before, after)
@@ -160,6 +171,9 @@ func TestAdminUnknownOutcome(t *testing.T) {
 		{http.MethodPost, "/adjust", `{"amount": 1, "reason": "warm", "reference": "w"}`},
 		{http.MethodPut, "/plan", `{"allowance": 5, "recharge_month": 1}`},
 		{http.MethodPost, "/recharge", ``},
+		{http.MethodPost, "/grants", `{"amount": 1, "reference": "w"}`},
+		{http.MethodDelete, "/grants/g1", ``},
+		{http.MethodPost, "/topup", `{"amount": 1, "expires": "2999-01-01T00:00:00Z"}`},
 	} {
 		if r := g.admin(w[0], "/orgs/warm"+w[1], w[2]); r.status >= 300 {
 			t.Fatalf("%s %s: %d %s", w[0], w[1], r.status, r.body)
@@ -184,6 +198,10 @@ func TestAdminUnknownOutcome(t *testing.T) {
 		{"plan", http.MethodPut, "/plan", `{"allowance": 100, "recharge_month": 1}`, "", nil},
 		{"recharge", http.MethodPost, "/recharge", ``, "rc-9", map[string]string{"Idempotency-Key": "rc-9"}},
 		{"recharge", http.MethodPost, "/recharge", ``, "", nil},
+		{"grant", http.MethodPost, "/grants", `{"amount": 50, "expires": "2999-01-01T00:00:00Z", "reference": "promo-9"}`, "promo-9", nil},
+		{"grant", http.MethodPost, "/grants", `{"amount": 50, "priority": 0}`, "", nil},
+		{"grant", http.MethodPost, "/grants", `{"amount": 50, "reason": "promo"}`, "promo-10", map[string]string{"Idempotency-Key": "promo-10"}},
+		{"topup", http.MethodPost, "/topup", `{"amount": 50, "expires": "2999-01-01T00:00:00Z"}`, "", nil},
 	}
 	for i, c := range cases {
 		own := "caller's reference"
@@ -206,6 +224,7 @@ func TestAdminUnknownOutcome(t *testing.T) {
 				path = strings.ReplaceAll(path, "{hold}", h.Hold)
 			}
 			before := g.account(org)
+			events, stored := countEvents(t, g, org, c.kind), eventsOf(t, rdb, org, c.kind)
 			header := map[string]string{"Authorization": "Bearer s3cret"}
 			for k, v := range c.header {
 				header[k] = v
@@ -235,7 +254,7 @@ func TestAdminUnknownOutcome(t *testing.T) {
 				}
 			}
 			// The write reaches Redis after its 503.
-			eventually(t, "the stalled "+c.kind+" reaches Redis", func() bool { return hasEvent(t, rdb, org, c.kind) })
+			eventually(t, "the stalled "+c.kind+" reaches Redis", func() bool { return eventsOf(t, rdb, org, c.kind) > stored })
 			proxy.SetLatency(0)
 			drained(t)
 
@@ -249,13 +268,13 @@ func TestAdminUnknownOutcome(t *testing.T) {
 			if r.status != http.StatusOK && r.status != http.StatusCreated || r.header.Get(headerReplayed) != "true" {
 				t.Fatalf("the same %s sent again: %d %s %q; want 200, a replay", c.kind, r.status, r.body, r.header.Get(headerReplayed))
 			}
-			if n := countEvents(t, g, org, c.kind); n != 1 {
+			if n := countEvents(t, g, org, c.kind) - events; n != 1 {
 				t.Errorf("%d %s events, want 1: applied exactly once", n, c.kind)
 			}
 			after := g.account(org)
 			b := func(a map[string]any, k string) int64 { return int64(a[k].(float64)) }
 			want := map[string][2]int64{ // balance, held: the change
-				"topup": {50, 0}, "hold": {0, 300}, "capture": {-120, -300}, "adjust": {-40, 0}, "plan": {96, 0}, "recharge": {1, 0},
+				"topup": {50, 0}, "grant": {50, 0}, "hold": {0, 300}, "capture": {-120, -300}, "adjust": {-40, 0}, "plan": {96, 0}, "recharge": {1, 0},
 			}[c.kind]
 			if b(after, "balance")-b(before, "balance") != want[0] || b(after, "held")-b(before, "held") != want[1] {
 				t.Errorf("balance %d, held %d; before %d, %d; want a change of %v", b(after, "balance"), b(after, "held"), b(before, "balance"), b(before, "held"), want)
@@ -264,18 +283,19 @@ func TestAdminUnknownOutcome(t *testing.T) {
 	}
 }
 
-// hasEvent reports whether an org's account events, read from Redis
-// itself, hold one of kind other than a top-up of reference "start".
-func hasEvent(t *testing.T, rdb *redis.Client, org, kind string) bool {
+// eventsOf counts an org's account events of kind, read from Redis
+// itself, other than a top-up of reference "start".
+func eventsOf(t *testing.T, rdb *redis.Client, org, kind string) int {
 	t.Helper()
 	lines, err := rdb.LRange(t.Context(), "credits:{"+org+"}:e", 0, -1).Result()
 	if err != nil {
 		t.Fatal(err)
 	}
+	n := 0
 	for _, l := range lines {
 		if f := strings.Fields(l); len(f) > 5 && f[1] == kind && f[5] != "start" {
-			return true
+			n++
 		}
 	}
-	return false
+	return n
 }

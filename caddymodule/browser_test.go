@@ -1108,3 +1108,162 @@ const accessibilityCheck = `(() => {
 	}
 	return problems;
 })()`
+
+// TestBrowserConsoleGrants gives a promotional grant from the console, sees
+// it in the grants table with its expiry, voids it with a reason, and sees
+// it voided and the balance back; the table and the figures are the admin
+// API's.
+func TestBrowserConsoleGrants(t *testing.T) {
+	const token = "grants-test-token"
+	cfg, gw, admin := demoCaddyfile(t)
+	withToken := strings.Replace(cfg, "\t\tcredits_admin\n", "\t\tcredits_admin {\n\t\t\ttoken "+token+"\n\t\t}\n", 1)
+	if withToken == cfg {
+		t.Fatal("the demo Caddyfile has no bare credits_admin to give a token to")
+	}
+	startCaddyProcess(t, withToken, gw, admin)
+	api := adminAPI{base: "http://" + admin + "/admin", token: token}
+	if status := api.call(t, http.MethodPut, "/orgs/acme/plan", `{"allowance": 100, "recharge_month": 3}`, nil); status != http.StatusOK {
+		t.Fatalf("setting acme's plan: %d", status)
+	}
+	if status := api.call(t, http.MethodPost, "/orgs/acme/topup", `{"amount": 40, "reference": "invoice-1"}`, nil); status != http.StatusOK {
+		t.Fatalf("acme's top-up: %d", status)
+	}
+
+	// The browser, started once the closures below are defined.
+	var browser context.Context
+	type grant struct {
+		Grant     string  `json:"grant"`
+		Kind      string  `json:"kind"`
+		State     string  `json:"state"`
+		Amount    int64   `json:"amount"`
+		Remaining int64   `json:"remaining"`
+		Priority  int     `json:"priority"`
+		Expires   *string `json:"expires"`
+		Reason    string  `json:"reason"`
+	}
+	// checkGrants compares the grants table with the API's grants, row by
+	// row, and returns the API's.
+	checkGrants := func() []grant {
+		t.Helper()
+		var list struct {
+			Grants []grant `json:"grants"`
+		}
+		if status := api.call(t, http.MethodGet, "/orgs/acme/grants", "", &list); status != http.StatusOK {
+			t.Fatalf("acme's grants: %d", status)
+		}
+		var want [][]string
+		for _, g := range list.Grants {
+			expires := "never"
+			if g.Expires != nil {
+				expires = strings.TrimSuffix(strings.Replace(*g.Expires, "T", " ", 1), "Z")
+			}
+			void := ""
+			if (g.State == "live" || g.State == "pending") && strings.HasPrefix(g.Grant, "g") {
+				void = "Void"
+			}
+			want = append(want, []string{g.Grant, g.Kind, g.State, fmt.Sprintf("%d of %d", g.Remaining, g.Amount),
+				fmt.Sprint(g.Priority), expires, g.Reason, void})
+		}
+		got := pageEval[[][]string](t, browser, `[...document.querySelectorAll("#grants tbody tr")].map(tr => [...tr.cells].map(c => c.textContent))`)
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Errorf("the grants table:\n%v\nwant the API's\n%v", got, want)
+		}
+		return list.Grants
+	}
+	// checkFigures compares the account's figures with the API's.
+	checkFigures := func() testAccount {
+		t.Helper()
+		var acct struct {
+			testAccount
+			Available   int64 `json:"available"`
+			Promotional int64 `json:"promotional"`
+		}
+		api.call(t, http.MethodGet, "/orgs/acme", "", &acct)
+		for id, n := range map[string]int64{
+			"balance": acct.Balance, "available": acct.Available, "allowance-remaining": acct.AllowanceRemaining,
+			"purchased": acct.Purchased, "promotional": acct.Promotional,
+		} {
+			pageWaitText(t, browser, "#"+id, fmt.Sprint(n))
+		}
+		return acct.testAccount
+	}
+
+	browser = newBrowser(t)
+	pageOpen(t, browser, "http://"+admin+"/admin/", "Credits usage console")
+	pageType(t, browser, "#token", token)
+	pageType(t, browser, "#org", "acme")
+	pageClick(t, browser, "#show")
+	pageWaitText(t, browser, "#balance", "140")
+	checkGrants()
+
+	// A promotional grant that expires in 60 days, at midnight UTC.
+	day := time.Now().UTC().AddDate(0, 0, 60).Format(time.DateOnly)
+	pageType(t, browser, "#grant-amount", "25")
+	pageType(t, browser, "#grant-expires", day)
+	pageType(t, browser, "#grant-reason", "Spring campaign")
+	pageClick(t, browser, "#grant-submit")
+	pageWaitContains(t, browser, "#status", "Gave acme 25 credits as grant g1, expiring "+day+" 00:00:00 UTC. Balance: 165 credits.")
+	pageWaitText(t, browser, `#grants tr[data-grant="g1"] td:nth-child(6)`, day+" 00:00:00")
+	if a := checkFigures(); a.Balance != 165 {
+		t.Fatalf("acme's balance after a grant of 25: %d, want 165", a.Balance)
+	}
+	gs := checkGrants()
+	if g := gs[0]; g.Grant != "g1" || g.Kind != "promotional" || g.State != "live" || g.Expires == nil || *g.Expires != day+"T00:00:00Z" || g.Reason != "Spring campaign" {
+		t.Fatalf("the grant given from the console, as the API lists it first: %+v", g)
+	}
+	pageWaitText(t, browser, "#events tbody tr:first-child td:nth-child(2)", "grant")
+	pageWaitText(t, browser, "#events tbody tr:first-child td:nth-child(4)", "+25")
+	if got := pageEval[string](t, browser, `["grant-amount", "grant-expires", "grant-reason"].map(id => document.getElementById(id).value).join("|")`); got != "||" {
+		t.Errorf("the grant form after success: %q, want it empty", got)
+	}
+
+	// Void asks for a reason in a form of its own; without one nothing is
+	// sent.
+	pageClick(t, browser, `#grants tr[data-grant="g1"] button.void`)
+	pageWaitVisible(t, browser, "#void-form")
+	pageWaitText(t, browser, "#void-grant", "g1")
+	if got := pageEval[string](t, browser, "document.activeElement.id"); got != "void-reason" {
+		t.Errorf("the focus after Void is on %q, want the reason", got)
+	}
+	pageClick(t, browser, "#void-submit")
+	pageWaitContains(t, browser, "#error", `Void not sent: invalid reason "": must be 1 to 500 bytes`)
+	if a := checkFigures(); a.Balance != 165 {
+		t.Fatalf("a void without a reason changed the balance: %d", a.Balance)
+	}
+	pageType(t, browser, "#void-reason", "Campaign withdrawn")
+	pageDo(t, browser, "scroll to the grants", chromedp.Evaluate[chromedp.Void](`document.getElementById("grants-title").scrollIntoView()`))
+	pageScreenshot(t, browser, "console-grants.png")
+	checkAccessibility(t, browser)
+	pageClick(t, browser, "#void-submit")
+	pageWaitContains(t, browser, "#status", `Grant g1 voided: "Campaign withdrawn". Balance: 140 credits.`)
+	pageWait(t, browser, "the void form closes", `document.getElementById("void-form").hidden`, pageText("#void-form"))
+	pageWaitText(t, browser, `#grants tr[data-grant="g1"] td:nth-child(3)`, "voided")
+	if a := checkFigures(); a.Balance != 140 {
+		t.Fatalf("acme's balance after the void: %d, want 140 as before the grant", a.Balance)
+	}
+	gs = checkGrants()
+	if g := gs[len(gs)-1]; g.Grant != "g1" || g.State != "voided" || g.Remaining != 0 || g.Reason != "Campaign withdrawn" {
+		t.Fatalf("the voided grant, as the API lists it last: %+v", g)
+	}
+	pageWaitText(t, browser, "#events tbody tr:first-child td:nth-child(2)", "void")
+	pageWaitText(t, browser, "#events tbody tr:first-child td:nth-child(4)", "-25")
+	pageWaitText(t, browser, "#events tbody tr:first-child td:nth-child(7)", "Campaign withdrawn")
+
+	// Grants the API refuses show its words, and change nothing.
+	for _, c := range []struct{ amount, expires, body string }{
+		{"0", "", `{"amount": 0}`},
+		{"5", "2020-01-01", `{"amount": 5, "expires": "2020-01-01T00:00:00Z"}`},
+		{"5", "next week", `{"amount": 5, "expires": "next week"}`},
+	} {
+		detail := api.problem(t, http.MethodPost, "/orgs/acme/grants", c.body)
+		pageType(t, browser, "#grant-amount", c.amount)
+		pageType(t, browser, "#grant-expires", c.expires)
+		pageType(t, browser, "#grant-reason", "")
+		pageClick(t, browser, "#grant-submit")
+		pageWaitText(t, browser, "#error", strings.Join(strings.Fields("Grant refused: "+detail), " "))
+	}
+	if a := checkFigures(); a.Balance != 140 {
+		t.Fatalf("refused grants changed the balance: %d", a.Balance)
+	}
+	checkGrants()
+}

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"regexp"
 	"slices"
 	"strconv"
 	"text/tabwriter"
@@ -36,16 +37,16 @@ const maxAdminAnswer = 16 << 20
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "credits",
-		Usage: "show|plan|topup|adjust|recharge|events|usage|holds <org> [<args>] | orgs",
+		Usage: "show|plan|topup|adjust|recharge|events|usage|holds|grants <org> [<args>] | orgs",
 		Short: "Reads and changes orgs' credits through a credits_admin endpoint",
 		Long: `
 Calls the admin API that the credits_admin handler serves, and prints the
-answer: an org's account, its events, its usage per day or its holds, or a
-page of the orgs.
+answer: an org's account, its events, its usage per day, its holds or its
+grants, or a page of the orgs.
 
   caddy credits show <org>
-  caddy credits plan <org> <allowance> [<recharge_month>] [--reference <ref>]
-  caddy credits topup <org> <amount> [--reference <ref>]
+  caddy credits plan <org> <allowance> [<recharge_month>] [--rollover <n>] [--reference <ref>]
+  caddy credits topup <org> <amount> [--expires <time>] [--reference <ref>]
   caddy credits adjust <org> <amount> --reason <text> [--reference <ref>]
   caddy credits recharge <org> [--reference <ref>]
   caddy credits events <org> [--limit <n>]
@@ -54,13 +55,18 @@ page of the orgs.
   caddy credits holds <org> create <amount> --feature <f> [--ttl 15m] [--reference <ref>]
   caddy credits holds <org> capture <hold> <amount>
   caddy credits holds <org> release <hold> [--gateway-gone --reason <why>]
+  caddy credits grants <org>
+  caddy credits grants <org> give <amount> [--expires <time>] [--effective <time>] [--priority <n>] [--reason <why>] [--reference <ref>]
+  caddy credits grants <org> void <grant> [--reason <why>]
   caddy credits orgs [--after <org>] [--limit <n>]
 
-Arguments are checked against the API's ranges before any call. A plan, a
-top-up, an adjustment, a recharge or a new hold without --reference gets a
-random one. A call that gets no answer, or a 502, 503 or 504, is sent
-again, the same (four times in all at most, within --timeout); a reference,
-or the hold's id, makes the retry apply once. When the outcome stays
+Arguments are checked against the API's ranges before any call. A time
+(--expires, --effective) is RFC 3339 (2027-01-31T00:00:00Z) or a duration
+from now (720h, 30d). A plan, a top-up, an adjustment, a recharge, a new
+hold or a grant without --reference gets a random one. A call that gets no
+answer, or a 502, 503 or 504, is sent again, the same (four times in all at
+most, within --timeout); a reference, or the hold's or grant's id, makes
+the retry apply once. When the outcome stays
 unknown, the error names the reference to run the command again with.
 
 --endpoint is the URL at which credits_admin is mounted; without the flag
@@ -84,12 +90,14 @@ the --: caddy credits topup acme --token ... -- -5.
 			cmd.RunE = func(cmd *cobra.Command, _ []string) error { return cmd.Help() }
 			cmd.SetFlagErrorFunc(negativeNumberHint)
 
-			plan := creditsCommand("plan <org> <allowance> [<recharge_month>] [--reference <ref>]", "Sets an org's plan; the month defaults to 1", 2, 3, cmdCreditsPlan)
+			plan := creditsCommand("plan <org> <allowance> [<recharge_month>] [--rollover <n>] [--reference <ref>]", "Sets an org's plan; the month defaults to 1", 2, 3, cmdCreditsPlan)
 			plan.Flags().String("reference", "", "Reference of the plan change; a repeat is not applied again (default: a random one)")
+			plan.Flags().Int64("rollover", 0, "The most unused allowance carried into the next period, 0 to the allowance")
 			recharge := creditsCommand("recharge <org> [--reference <ref>]", "Starts a new period for an org now", 1, 1, cmdCreditsRecharge)
 			recharge.Flags().String("reference", "", "Reference of the recharge; a repeat is not applied again (default: a random one)")
-			topUp := creditsCommand("topup <org> <amount> [--reference <ref>]", "Adds purchased credits; a reference is applied once", 2, 2, cmdCreditsTopUp)
+			topUp := creditsCommand("topup <org> <amount> [--expires <time>] [--reference <ref>]", "Adds purchased credits; a reference is applied once", 2, 2, cmdCreditsTopUp)
 			topUp.Flags().String("reference", "", "Reference of the payment; a repeat is not applied again (default: a random one)")
+			topUp.Flags().String("expires", "", "When the credits expire: RFC 3339, or a duration from now such as 720h (default: never)")
 			adjust := creditsCommand("adjust <org> <amount> --reason <text> [--reference <ref>]",
 				"Corrects an org's credits: a positive amount adds purchased credits, a negative one takes credits", 2, 2, cmdCreditsAdjust)
 			adjust.Flags().String("reason", "", "Why the correction is made; kept in its event (required)")
@@ -105,6 +113,12 @@ the --: caddy credits topup acme --token ... -- -5.
 			holds.Flags().String("reference", "", "create: the hold's reference; a repeat answers the same hold (default: a random one)")
 			holds.Flags().Bool("gateway-gone", false, "release: release a gateway's unreported lease, whose gateway you know is gone")
 			holds.Flags().String("reason", "", "release --gateway-gone: why the lease is released; kept in its event (required)")
+			grants := creditsCommand(grantsUsage, "Lists an org's grants, or gives or voids a promotional grant", 1, 4, cmdCreditsGrants)
+			grants.Flags().String("expires", "", "give: when what remains of it is lost: RFC 3339, or a duration from now such as 720h (default: never)")
+			grants.Flags().String("effective", "", "give: when it becomes spendable: RFC 3339, or a duration from now (default: now)")
+			grants.Flags().Int("priority", meter.DefaultPriority, "give: 0 to 100; lower is spent first")
+			grants.Flags().String("reason", "", "give, void: why; kept with the grant and in its event")
+			grants.Flags().String("reference", "", "give: the grant's reference; a repeat answers the same grant (default: a random one)")
 			orgs := creditsCommand("orgs [--after <org>] [--limit <n>]", "Lists the orgs, in order, with their balances", 0, 0, cmdCreditsOrgs)
 			orgs.Flags().String("after", "", "List the orgs after this one (the next page: the last org listed)")
 			orgs.Flags().Int("limit", 0, "How many orgs to list, 1 to 1000 (default: the API's, 100)")
@@ -118,6 +132,7 @@ the --: caddy credits topup acme --token ... -- -5.
 				events,
 				usage,
 				holds,
+				grants,
 			)
 		},
 	})
@@ -170,13 +185,21 @@ func cmdCreditsPlan(fl caddycmd.Flags) (int, error) {
 			return caddy.ExitCodeFailedStartup, err
 		}
 	}
+	rollover, err := fl.GetInt64("rollover")
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	if rollover < 0 || rollover > allowance {
+		return caddy.ExitCodeFailedStartup, &policy.InputError{Field: "rollover", Value: strconv.FormatInt(rollover, 10),
+			Reason: fmt.Sprintf("must be 0 to %d, the allowance", allowance)}
+	}
 	ref, err := referenceFlag(fl)
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
 	return callAdmin(fl, cliCall{
 		method: http.MethodPut, path: []string{"orgs", fl.Arg(0), "plan"},
-		body:  map[string]any{"allowance": allowance, "recharge_month": month, "reference": ref},
+		body:  map[string]any{"allowance": allowance, "recharge_month": month, "rollover": rollover, "reference": ref},
 		retry: true, again: "run the same command with --reference " + ref + ": it applies once",
 	}, printAccount)
 }
@@ -186,13 +209,24 @@ func cmdCreditsTopUp(fl caddycmd.Flags) (int, error) {
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
+	expires, err := timeFlag(fl, "expires")
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
 	ref, err := referenceFlag(fl)
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
+	body := map[string]any{"amount": amount, "reference": ref}
+	if !expires.IsZero() {
+		if !expires.After(time.Now()) {
+			return caddy.ExitCodeFailedStartup, &policy.InputError{Field: "expires", Value: fl.String("expires"), Reason: "must be after now"}
+		}
+		body["expires"] = expires.Format(time.RFC3339)
+	}
 	return callAdmin(fl, cliCall{
 		method: http.MethodPost, path: []string{"orgs", fl.Arg(0), "topup"},
-		body:  map[string]any{"amount": amount, "reference": ref},
+		body:  body,
 		retry: true, again: "run the same command with --reference " + ref + ": it applies once",
 	}, printAccount)
 }
@@ -375,6 +409,118 @@ func cmdCreditsHolds(fl caddycmd.Flags) (int, error) {
 		return callAdmin(fl, call, printEnded)
 	}
 	return callAdmin(fl, cliCall{method: http.MethodGet, path: []string{"orgs", org, "holds"}, retry: true}, printHolds)
+}
+
+const grantsUsage = "grants <org> [give <amount> [--expires <time>] [--effective <time>] [--priority <n>] [--reason <why>] [--reference <ref>] | void <grant> [--reason <why>]]"
+
+// cmdCreditsGrants lists an org's grants, or gives or voids one. Every
+// call is safe to send again: a new grant has a reference, and a void
+// names its grant.
+func cmdCreditsGrants(fl caddycmd.Flags) (int, error) {
+	org, action := fl.Arg(0), fl.Arg(1)
+	args := map[string]int{"": 1, "give": 3, "void": 3}
+	n, ok := args[action]
+	if !ok {
+		return caddy.ExitCodeFailedStartup, fmt.Errorf("unknown grants action %q: want give or void; usage: caddy credits %s", action, grantsUsage)
+	}
+	if fl.NArg() != n {
+		return caddy.ExitCodeFailedStartup, fmt.Errorf("wrong number of arguments (%d); usage: caddy credits %s", fl.NArg(), grantsUsage)
+	}
+	if action != "give" {
+		for _, name := range []string{"expires", "effective", "priority", "reference"} {
+			if fl.Changed(name) {
+				return caddy.ExitCodeFailedStartup, fmt.Errorf("--%s is only for caddy credits grants <org> give", name)
+			}
+		}
+	}
+	if action == "" && fl.Changed("reason") {
+		return caddy.ExitCodeFailedStartup, errors.New("--reason is for caddy credits grants <org> give or void")
+	}
+	reason := fl.String("reason")
+	if reason != "" {
+		if err := meter.ValidateReason(reason); err != nil {
+			return caddy.ExitCodeFailedStartup, err
+		}
+	}
+	switch action {
+	case "give":
+		amount, err := rangeArg(fl, 2, "amount", 1, meter.MaxAmount)
+		if err != nil {
+			return caddy.ExitCodeFailedStartup, err
+		}
+		req := meter.GrantRequest{Amount: amount, Reason: reason}
+		if req.Expires, err = timeFlag(fl, "expires"); err != nil {
+			return caddy.ExitCodeFailedStartup, err
+		}
+		if req.Effective, err = timeFlag(fl, "effective"); err != nil {
+			return caddy.ExitCodeFailedStartup, err
+		}
+		if fl.Changed("priority") {
+			p := fl.Int("priority")
+			req.Priority = &p
+		}
+		if req.Reference, err = referenceFlag(fl); err != nil {
+			return caddy.ExitCodeFailedStartup, err
+		}
+		if err := meter.ValidateGrant(req); err != nil {
+			return caddy.ExitCodeFailedStartup, err
+		}
+		if !req.Expires.IsZero() && !req.Expires.After(time.Now()) {
+			return caddy.ExitCodeFailedStartup, &policy.InputError{Field: "expires", Value: fl.String("expires"), Reason: "must be after now"}
+		}
+		body := map[string]any{"amount": amount, "reference": req.Reference}
+		if !req.Expires.IsZero() {
+			body["expires"] = req.Expires.Format(time.RFC3339)
+		}
+		if !req.Effective.IsZero() {
+			body["effective"] = req.Effective.Format(time.RFC3339)
+		}
+		if req.Priority != nil {
+			body["priority"] = *req.Priority
+		}
+		if reason != "" {
+			body["reason"] = reason
+		}
+		return callAdmin(fl, cliCall{
+			method: http.MethodPost, path: []string{"orgs", org, "grants"}, body: body,
+			retry: true, again: "run the same command with --reference " + req.Reference + ": it makes one grant",
+		}, printGranted)
+	case "void":
+		id := fl.Arg(2)
+		if !grantID.MatchString(id) {
+			return caddy.ExitCodeFailedStartup, &policy.InputError{Field: "grant", Value: id, Reason: "must be a grant's id, such as g3"}
+		}
+		call := cliCall{
+			method: http.MethodDelete, path: []string{"orgs", org, "grants", id},
+			retry: true, again: "run it again: a grant is voided once",
+		}
+		if reason != "" {
+			call.body = map[string]string{"reason": reason}
+		}
+		return callAdmin(fl, call, printAccount)
+	}
+	return callAdmin(fl, cliCall{method: http.MethodGet, path: []string{"orgs", org, "grants"}, retry: true}, printGrants)
+}
+
+// grantID matches the ids of grants: g<n>, and the two the account keeps
+// in its own fields (which the API refuses to void, saying why).
+var grantID = regexp.MustCompile(`^(g[1-9][0-9]{0,9}|` + meter.AllowanceGrant + `|` + meter.PurchasedGrant + `)$`)
+
+// timeFlag is the time of a flag: RFC 3339, or a duration from now (720h,
+// 30d); the zero time when the flag is not given.
+func timeFlag(fl caddycmd.Flags, name string) (time.Time, error) {
+	if !fl.Changed(name) {
+		return time.Time{}, nil
+	}
+	s := fl.String(name)
+	if t, err := time.Parse(time.RFC3339, s); err == nil {
+		return t, nil
+	}
+	if d, err := caddy.ParseDuration(s); err == nil && d > 0 {
+		return time.Now().Add(d).UTC().Truncate(time.Second), nil
+	}
+	return time.Time{}, &policy.InputError{Field: name, Value: s,
+		Reason: "must be a time in RFC 3339 (2027-01-31T00:00:00Z) or a duration from now (720h, 30d)"}
 }
 
 // rangeArg parses the i-th argument as a whole number from lo to hi, the
@@ -593,10 +739,20 @@ func printAccount(w io.Writer, data []byte) error {
 	fmt.Fprintf(w, "held:         %d\n", a.Held)
 	fmt.Fprintf(w, "available:    %d\n", a.Available)
 	fmt.Fprintf(w, "allowance:    %d of %d (%s)\n", a.AllowanceRemaining, a.Plan.Allowance, plan)
+	if a.Plan.Rollover > 0 {
+		fmt.Fprintf(w, "rolls over:   up to %d\n", a.Plan.Rollover)
+	}
 	if a.NextPlan != nil {
-		fmt.Fprintf(w, "next plan:    %d, recharging on month %d, from the next recharge\n", a.NextPlan.Allowance, a.NextPlan.RechargeMonth)
+		fmt.Fprintf(w, "next plan:    %d, recharging on month %d, rolling over up to %d, from the next recharge\n",
+			a.NextPlan.Allowance, a.NextPlan.RechargeMonth, a.NextPlan.Rollover)
 	}
 	fmt.Fprintf(w, "purchased:    %d\n", a.Purchased)
+	fmt.Fprintf(w, "promotional:  %d\n", a.Promotional)
+	fmt.Fprintf(w, "rollover:     %d\n", a.Rollover)
+	fmt.Fprintf(w, "debt:         %d\n", a.Debt)
+	if a.NextExpiry != nil {
+		fmt.Fprintf(w, "next expiry:  %d on %s\n", a.NextExpiry.Amount, a.NextExpiry.At.UTC().Format(time.RFC3339))
+	}
 	fmt.Fprintf(w, "period:       %s to %s\n", day(a.PeriodStart), day(a.NextRecharge))
 	if len(a.Used) == 0 {
 		_, err := fmt.Fprintln(w, "used:         nothing this period")
@@ -657,6 +813,69 @@ func printHoldAndAccount(w io.Writer, h meter.Hold, a meter.Account) error {
 		return err
 	}
 	return printAccount(w, data)
+}
+
+// printGranted prints a new grant, then the account after it.
+func printGranted(w io.Writer, data []byte) error {
+	var answer struct {
+		Grant   *meter.Grant  `json:"grant"`
+		Account meter.Account `json:"account"`
+	}
+	if err := json.Unmarshal(data, &answer); err != nil {
+		return fmt.Errorf("not a grant: %v", err)
+	}
+	if g := answer.Grant; g != nil {
+		fmt.Fprintf(w, "grant:        %s\n", g.ID)
+		fmt.Fprintf(w, "kind:         %s\n", g.Kind)
+		fmt.Fprintf(w, "state:        %s\n", g.State)
+		fmt.Fprintf(w, "remaining:    %d of %d\n", g.Remaining, g.Amount)
+		fmt.Fprintf(w, "priority:     %d\n", g.Priority)
+		fmt.Fprintf(w, "effective:    %s\n", g.Effective.UTC().Format(time.RFC3339))
+		fmt.Fprintf(w, "expires:      %s\n", grantExpiry(*g))
+		fmt.Fprintf(w, "reference:    %s\n\n", g.Reference)
+	} else {
+		fmt.Fprint(w, "grant:        (the reference's grant is no longer kept)\n\n")
+	}
+	acct, err := json.Marshal(answer.Account)
+	if err != nil {
+		return err
+	}
+	return printAccount(w, acct)
+}
+
+// grantExpiry is when a grant expires, or never.
+func grantExpiry(g meter.Grant) string {
+	if g.Expires == nil {
+		return "never"
+	}
+	return g.Expires.UTC().Format(time.RFC3339)
+}
+
+// printGrants prints one aligned line per grant, under a header: id, kind,
+// state, remaining of amount, priority, effective and expiry, then the
+// reason of those with one.
+func printGrants(w io.Writer, data []byte) error {
+	var answer struct {
+		Grants []meter.Grant `json:"grants"`
+	}
+	if err := json.Unmarshal(data, &answer); err != nil || answer.Grants == nil {
+		return fmt.Errorf("not a list of grants: %v", err)
+	}
+	if len(answer.Grants) == 0 {
+		_, err := fmt.Fprintln(w, "no grants")
+		return err
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "GRANT\tKIND\tSTATE\tREMAINING\tPRIORITY\tEFFECTIVE\tEXPIRES\tREASON")
+	for _, g := range answer.Grants {
+		effective := "-"
+		if !g.Effective.IsZero() {
+			effective = g.Effective.UTC().Format(time.RFC3339)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d/%d\t%d\t%s\t%s\t%s\n",
+			g.ID, g.Kind, g.State, g.Remaining, g.Amount, g.Priority, effective, grantExpiry(g), g.Reason)
+	}
+	return tw.Flush()
 }
 
 // holdUntil names what a hold's time is: when a live hold expires, or

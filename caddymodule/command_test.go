@@ -613,6 +613,35 @@ func TestCommandRetry(t *testing.T) {
 		t.Fatalf("plan after the recharge %v, want the plan set, once", p)
 	}
 
+	// A grant and its void, likewise.
+	out, err = run("grants", "retry", "give", "6", "--expires", "720h")
+	if err != nil || field(out, "grant") != "g1" || field(out, "promotional") != "6" {
+		t.Fatalf("grant through a lost answer: %v\n%s", err, out)
+	}
+	ref = sameBodies("/admin/orgs/retry/grants", 2)
+	if field(out, "reference") != ref {
+		t.Fatalf("grant of reference %s, want %s", field(out, "reference"), ref)
+	}
+	out, err = run("grants", "retry", "void", "g1", "--reason", "sent twice")
+	if err != nil || field(out, "promotional") != "0" {
+		t.Fatalf("void through a lost answer: %v\n%s", err, out)
+	}
+	if n := len(p.bodiesOf("/admin/orgs/retry/grants/g1")); n != 2 {
+		t.Fatalf("the void was sent %d times, want 2", n)
+	}
+	grants, voids := 0, 0
+	for _, e := range g.events("retry") {
+		switch e["kind"] {
+		case "grant":
+			grants += map[bool]int{true: 1}[e["ref"] == "g1"]
+		case "void":
+			voids++
+		}
+	}
+	if grants != 1 || voids != 1 {
+		t.Fatalf("%d grant and %d void events of g1, want one each", grants, voids)
+	}
+
 	// Every answer lost: the top-up applied once, and the error says how to
 	// finish it.
 	p.setLose(maxAttempts)
@@ -692,4 +721,167 @@ func (p *lossyProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	w.WriteHeader(resp.StatusCode)
 	w.Write(answer)
+}
+
+// TestCommandGrants drives caddy credits grants, topup --expires and plan
+// --rollover against a real Caddy and redis-server: give with and without
+// a reference, the repeat, the list, void and its repeat, the API's
+// refusals, and the argument checks, which stop before any call.
+func TestCommandGrants(t *testing.T) {
+	clearCreditsEnv(t)
+	g := startGateway(t, gatewayOptions{})
+	wantStatus(t, g.admin(http.MethodPut, "/orgs/cli/plan", `{"allowance": 100, "recharge_month": 1}`), http.StatusOK)
+	env := []string{"CREDITS_ADMIN_TOKEN=s3cret"}
+	credits := func(t *testing.T, args ...string) string {
+		t.Helper()
+		out, err := runCaddyEnv(t, env, append([]string{"credits", "--endpoint", g.adminURL}, args...)...)
+		if err != nil {
+			t.Fatalf("caddy credits %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		return out
+	}
+	// rows are the grants listed, by id: each line's fields after the id,
+	// up to the expiry.
+	rows := func(t *testing.T) map[string]string {
+		t.Helper()
+		lines := strings.Split(strings.TrimSpace(credits(t, "grants", "cli")), "\n")
+		if strings.Join(strings.Fields(lines[0]), " ") != "GRANT KIND STATE REMAINING PRIORITY EFFECTIVE EXPIRES REASON" {
+			t.Fatalf("grants list:\n%s", strings.Join(lines, "\n"))
+		}
+		out := map[string]string{}
+		for _, line := range lines[1:] {
+			f := strings.Fields(line)
+			out[f[0]] = strings.Join(f[1:], " ")
+		}
+		return out
+	}
+	if r := rows(t); len(r) != 1 || !strings.HasPrefix(r["allowance"], "allowance live 100/100 50 ") {
+		t.Fatalf("the grants of an org with a plan: %v", r)
+	}
+
+	for i := range 2 {
+		out := credits(t, "grants", "cli", "give", "30", "--expires", "720h", "--priority", "10", "--reason", "welcome", "--reference", "promo-1")
+		wantFields(t, out, map[string]string{
+			"grant": "g1", "kind": "promotional", "state": "live", "remaining": "30 of 30", "priority": "10", "reference": "promo-1",
+			"org": "cli", "balance": "130", "promotional": "30", "purchased": "0", "debt": "0",
+		})
+		expires, err := time.Parse(time.RFC3339, field(out, "expires"))
+		if err != nil || time.Until(expires) < 719*time.Hour || time.Until(expires) > 721*time.Hour {
+			t.Errorf("give %d: expires %q (%v), want in 720h", i+1, field(out, "expires"), err)
+		}
+		if want := "30 on " + field(out, "expires"); field(out, "next expiry") != want {
+			t.Errorf("give %d: next expiry %q, want %q", i+1, field(out, "next expiry"), want)
+		}
+		if t.Failed() {
+			t.FailNow()
+		}
+	}
+	// Without --reference the CLI sends one of its own; an RFC 3339 expiry
+	// is sent as given.
+	var given struct {
+		Grant   meter.Grant   `json:"grant"`
+		Account meter.Account `json:"account"`
+	}
+	out := credits(t, "grants", "cli", "give", "5", "--expires", "2999-01-01T00:00:00Z", "--json")
+	if err := json.Unmarshal([]byte(out), &given); err != nil || given.Grant.ID != "g2" || !strings.HasPrefix(given.Grant.Reference, "cli-") ||
+		given.Grant.Expires == nil || !given.Grant.Expires.Equal(time.Date(2999, 1, 1, 0, 0, 0, 0, time.UTC)) || given.Account.Balance != 135 {
+		t.Fatalf("give --json: %v %+v\n%s", err, given, out)
+	}
+	r := rows(t)
+	if !strings.HasPrefix(r["g1"], "promotional live 30/30 10 ") || !strings.HasSuffix(r["g1"], " welcome") ||
+		!strings.HasPrefix(r["g2"], "promotional live 5/5 50 ") || !strings.HasSuffix(r["g2"], " 2999-01-01T00:00:00Z") {
+		t.Fatalf("grants listed: %v", r)
+	}
+
+	for range 2 {
+		wantFields(t, credits(t, "grants", "cli", "void", "g1", "--reason", "campaign cancelled"),
+			map[string]string{"balance": "105", "promotional": "5"})
+	}
+	if r := rows(t); !strings.HasPrefix(r["g1"], "promotional voided 0/30 10 ") || !strings.HasSuffix(r["g1"], " campaign cancelled") {
+		t.Fatalf("the voided grant listed: %q", r["g1"])
+	}
+	if e := credits(t, "events", "cli", "--limit", "1"); !strings.Contains(e, "void") || !strings.Contains(e, "-30") || !strings.Contains(e, `"campaign cancelled"`) {
+		t.Errorf("the void's event:\n%s", e)
+	}
+
+	// A top-up that expires, and a plan's rollover.
+	out = credits(t, "topup", "cli", "20", "--expires", "30d", "--reference", "inv-exp")
+	wantFields(t, out, map[string]string{"balance": "125", "purchased": "20"})
+	var bought string
+	for id, row := range rows(t) {
+		if strings.HasPrefix(row, "purchased live 20/20 ") {
+			bought = id
+		}
+	}
+	if bought == "" || bought == "purchased" {
+		t.Fatalf("the expiring top-up is no grant of its own: %v", rows(t))
+	}
+	out = credits(t, "plan", "cli", "100", "1", "--rollover", "40")
+	if got := field(out, "next plan"); got != "100, recharging on month 1, rolling over up to 40, from the next recharge" {
+		t.Errorf("plan --rollover 40: next plan %q", got)
+	}
+	wantFields(t, credits(t, "recharge", "cli"), map[string]string{"rolls over": "up to 40", "rollover": "0"})
+	wantFields(t, credits(t, "recharge", "cli"), map[string]string{"rolls over": "up to 40", "rollover": "40"})
+
+	g.t = t
+	before := g.ledgerState("cli") + adminState(g, "cli")
+	closed := fmt.Sprintf("http://127.0.0.1:%d/admin", freePort(t))
+	for _, tc := range []struct {
+		name    string
+		args    []string
+		precall bool
+		want    []string
+	}{
+		{"void of the allowance", []string{"grants", "cli", "void", "allowance"}, false, []string{"answered 409 Conflict", "change the plan"}},
+		{"void of the purchased credits", []string{"grants", "cli", "void", "purchased"}, false, []string{"answered 409 Conflict", "negative adjustment"}},
+		{"void of an unknown grant", []string{"grants", "cli", "void", "g99"}, false, []string{"answered 404 Not Found", "org cli has no grant g99"}},
+		{"grants of an unknown org", []string{"grants", "ghost"}, false, []string{"answered 404 Not Found", "Redis holds nothing for org ghost"}},
+		{"give zero", []string{"grants", "cli", "give", "0"}, true, []string{`invalid amount "0": must be 1 to 1000000000000`}},
+		{"give too much", []string{"grants", "cli", "give", "1000000000001"}, true, []string{`invalid amount "1000000000001"`}},
+		{"give not a number", []string{"grants", "cli", "give", "lots"}, true, []string{`invalid amount "lots": not a whole number`}},
+		{"priority too high", []string{"grants", "cli", "give", "5", "--priority", "101"}, true, []string{`invalid priority "101": must be 0 to 100`}},
+		{"priority negative", []string{"grants", "cli", "give", "5", "--priority=-1"}, true, []string{`invalid priority "-1"`}},
+		{"expires not a time", []string{"grants", "cli", "give", "5", "--expires", "soon"}, true, []string{`invalid expires "soon": must be a time in RFC 3339`}},
+		{"expires past", []string{"grants", "cli", "give", "5", "--expires", "2020-01-01T00:00:00Z"}, true, []string{`invalid expires "2020-01-01T00:00:00Z": must be after now`}},
+		{"expires before effective", []string{"grants", "cli", "give", "5", "--expires", "1h", "--effective", "2h"}, true, []string{"expires must be after now and after effective"}},
+		{"effective not a time", []string{"grants", "cli", "give", "5", "--effective", "2027-01-01"}, true, []string{`invalid effective "2027-01-01"`}},
+		{"reason too long", []string{"grants", "cli", "give", "5", "--reason", strings.Repeat("r", 501)}, true, []string{"invalid reason"}},
+		{"bad reference", []string{"grants", "cli", "give", "5", "--reference", "has space"}, true, []string{`invalid reference "has space"`}},
+		{"void bad id", []string{"grants", "cli", "void", "a/b"}, true, []string{`invalid grant "a/b": must be a grant's id`}},
+		{"void g0", []string{"grants", "cli", "void", "g0"}, true, []string{`invalid grant "g0"`}},
+		{"expires on void", []string{"grants", "cli", "void", "g2", "--expires", "1h"}, true, []string{"--expires is only for caddy credits grants <org> give"}},
+		{"reason on list", []string{"grants", "cli", "--reason", "x"}, true, []string{"--reason is for caddy credits grants <org> give or void"}},
+		{"unknown action", []string{"grants", "cli", "take", "5"}, true, []string{`unknown grants action "take"`}},
+		{"give without amount", []string{"grants", "cli", "give"}, true, []string{"wrong number of arguments (2)", "usage: caddy credits grants <org>"}},
+		{"topup expires not a time", []string{"topup", "cli", "5", "--expires", "never"}, true, []string{`invalid expires "never"`}},
+		{"topup expires past", []string{"topup", "cli", "5", "--expires", "2020-01-01T00:00:00Z"}, true, []string{"must be after now"}},
+		{"rollover above the allowance", []string{"plan", "cli", "100", "--rollover", "101"}, true, []string{`invalid rollover "101": must be 0 to 100, the allowance`}},
+		{"rollover negative", []string{"plan", "cli", "100", "--rollover=-1"}, true, []string{`invalid rollover "-1"`}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ep := g.adminURL
+			if tc.precall {
+				ep = closed
+			}
+			out, err := runCaddyEnv(t, env, append([]string{"credits", "--endpoint", ep}, tc.args...)...)
+			if exitErr, ok := errors.AsType[*exec.ExitError](err); !ok || exitErr.ExitCode() != 1 {
+				t.Fatalf("caddy credits %s: %v, want exit status 1\n%s", strings.Join(tc.args, " "), err, out)
+			}
+			if out != "" {
+				t.Errorf("standard output is not empty: %s", out)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("standard error lacks %q: %v", w, err)
+				}
+			}
+			if tc.precall && strings.Contains(err.Error(), "cannot reach") {
+				t.Errorf("called the API: %v", err)
+			}
+		})
+	}
+	g.t = t
+	if after := g.ledgerState("cli") + adminState(g, "cli"); after != before {
+		t.Fatalf("refused commands changed the ledger:\n%s\n%s", before, after)
+	}
 }

@@ -85,7 +85,8 @@ func classify(err error) error {
 
 // refusals are the ledger's own answers: no retry changes them.
 var refusals = []error{ErrNotFound, ErrUnknownRequest, ErrTooLate, ErrVoided, ErrPurchasedLimit, ErrInFlight,
-	ErrMismatch, ErrInsufficient, ErrHoldNotFound, ErrHoldEnded, errOverdraftRefused, policy.ErrOrgMissing}
+	ErrMismatch, ErrInsufficient, ErrHoldNotFound, ErrHoldEnded, errOverdraftRefused, policy.ErrOrgMissing,
+	ErrGrantsFull, ErrExpiresPast, ErrGrantNotFound, ErrGrantEnded, ErrGrantFixed}
 
 // Classify says what err, the error of a store call, means for making the
 // call again. It is the one place that reads Redis' error replies.

@@ -140,6 +140,23 @@ func (d LaterVoidHold) what() []zap.Field {
 	return []zap.Field{zap.String("call", "void hold"), zap.String("org", d.Org), zap.String("hold", d.ID)}
 }
 
+// LaterVoidGrant voids a grant answered 503 (of the gateway's own
+// reference).
+type LaterVoidGrant struct {
+	Ledger         *Ledger
+	Org, Reference string
+}
+
+func (d LaterVoidGrant) apply(ctx context.Context) error {
+	return d.Ledger.VoidGrantRef(ctx, d.Org, d.Reference)
+}
+
+func (d LaterVoidGrant) org() string { return d.Org }
+
+func (d LaterVoidGrant) what() []zap.Field {
+	return []zap.Field{zap.String("call", "void grant"), zap.String("org", d.Org), zap.String("reference", d.Reference)}
+}
+
 // LaterVoidWrite voids a plan or a recharge (Kind) answered 503 (of the
 // gateway's own reference). Stands, when set, is told when the write had
 // applied and could not be undone.

@@ -6,7 +6,8 @@
 // Every write is safe to send again: a top-up carries a reference (one the
 // console makes when the field is empty, kept in the field until the top-up
 // succeeds), an adjustment or a plan a fresh reference, kept while the same
-// one is retried, and a capture or a release names its hold.
+// one is retried, a grant a fresh reference, kept likewise, and a capture,
+// a release or a grant's void names its hold or grant.
 'use strict';
 
 (() => {
@@ -43,6 +44,10 @@
 		usageTableHead: document.querySelector('#usage-table thead tr'),
 		usageTable: document.querySelector('#usage-table tbody'),
 		adjust: $('adjust'), adjustAmount: $('adjust-amount'), adjustReason: $('adjust-reason'),
+		promotional: $('promotional'),
+		grants: document.querySelector('#grants tbody'),
+		grantForm: $('grant-form'), grantAmount: $('grant-amount'), grantExpires: $('grant-expires'), grantReason: $('grant-reason'),
+		voidForm: $('void-form'), voidGrant: $('void-grant'), voidReason: $('void-reason'), voidCancel: $('void-cancel'),
 	};
 
 	const number = new Intl.NumberFormat('en-US');
@@ -75,6 +80,12 @@
 
 	// pendingPlan is the plan last sent whose outcome is unknown, likewise.
 	let pendingPlan = null;
+
+	// pendingGrant is the grant last sent whose outcome is unknown, likewise.
+	let pendingGrant = null;
+
+	// voiding is the id of the grant the void form is open for.
+	let voiding = '';
 
 	class APIError extends Error {
 		constructor(status, detail) {
@@ -187,6 +198,7 @@
 		el.available.textContent = number.format(acct.available ?? acct.balance);
 		el.allowanceRemaining.textContent = number.format(acct.allowance_remaining);
 		el.purchased.textContent = number.format(acct.purchased);
+		el.promotional.textContent = number.format(acct.promotional || 0);
 		el.nextRecharge.replaceChildren(timeElement(acct.next_recharge, longDate.format(new Date(acct.next_recharge))));
 
 		let plan = 'Plan: ' + planText(acct.plan) + (acct.own_plan ? '.' : ' (the default plan).');
@@ -304,6 +316,68 @@
 		}));
 		el.holdsTable.hidden = holds.length === 0;
 		el.holdsEmpty.hidden = holds.length !== 0;
+	}
+
+	function utcText(iso) {
+		return iso.replace('T', ' ').replace(/(\.\d+)?Z$/, '');
+	}
+
+	// renderGrants lists the grants, each live or pending one of its own
+	// (not the plan's allowance or the standing purchased credits) with
+	// Void, which opens the void form for it.
+	function renderGrants(grants) {
+		el.grants.replaceChildren(...grants.map((g) => {
+			const tr = document.createElement('tr');
+			tr.dataset.grant = g.grant;
+			tr.dataset.state = g.state;
+			const cell = (text, cls) => {
+				const td = document.createElement('td');
+				if (cls) {
+					td.className = cls;
+				}
+				td.textContent = text;
+				tr.append(td);
+				return td;
+			};
+			cell(g.grant, 'ref');
+			cell(g.kind);
+			cell(g.state);
+			cell(number.format(g.remaining) + ' of ' + number.format(g.amount), 'num');
+			cell(String(g.priority), 'num');
+			const expires = cell(g.expires ? '' : 'never', 'expires');
+			if (g.expires) {
+				expires.append(timeElement(g.expires, utcText(g.expires)));
+			}
+			cell(g.reason || '', 'reason').title = g.reason || '';
+			const actions = cell('', 'grant-actions');
+			if ((g.state === 'live' || g.state === 'pending') && /^g\d+$/.test(g.grant)) {
+				const button = document.createElement('button');
+				button.type = 'button';
+				button.className = 'void secondary';
+				button.textContent = 'Void';
+				button.setAttribute('aria-label', 'Void grant ' + g.grant);
+				button.addEventListener('click', () => openVoid(g.grant));
+				actions.append(button);
+			}
+			return tr;
+		}));
+		if (voiding && !grants.some((g) => g.grant === voiding && (g.state === 'live' || g.state === 'pending'))) {
+			closeVoid();
+		}
+	}
+
+	function openVoid(id) {
+		voiding = id;
+		el.voidGrant.textContent = id;
+		el.voidReason.value = '';
+		el.voidReason.removeAttribute('aria-invalid');
+		el.voidForm.hidden = false;
+		el.voidReason.focus();
+	}
+
+	function closeVoid() {
+		voiding = '';
+		el.voidForm.hidden = true;
 	}
 
 	// The org list. Each org is a button that opens it; the search box
@@ -688,7 +762,7 @@
 			renderAccount(acct);
 			el.adjustAmount.value = '';
 			el.adjustReason.value = '';
-			await Promise.all([refreshEvents(org), refreshChart(org)]).catch(() => {});
+			await Promise.all([refreshGrants(org), refreshEvents(org), refreshChart(org)]).catch(() => {});
 			say('Adjusted ' + org + ' by ' + (amount.startsWith('-') ? '' : '+') + credits(Number(amount)) +
 				': ' + JSON.stringify(reason) + '. Balance: ' + credits(acct.balance) + '.');
 		} catch (err) {
@@ -713,6 +787,89 @@
 		renderEvents(data.events || []);
 	}
 
+	async function refreshGrants(org) {
+		const data = await call('GET', orgPath(org, 'grants'));
+		renderGrants(data.grants || []);
+	}
+
+	// grantExpiry is what the admin typed as a grant's expiry, for the API:
+	// a date is its midnight UTC; anything else goes as typed, for the API
+	// to check.
+	function grantExpiry(text) {
+		const s = text.trim();
+		if (s === '') {
+			return undefined;
+		}
+		return JSON.stringify(/^\d{4}-\d{2}-\d{2}$/.test(s) ? s + 'T00:00:00Z' : s);
+	}
+
+	async function giveGrant() {
+		const org = shown.org;
+		const amount = el.grantAmount.value.trim();
+		const expires = grantExpiry(el.grantExpires.value);
+		const reason = el.grantReason.value;
+		const again = pendingGrant && pendingGrant.org === org && pendingGrant.amount === amount &&
+			pendingGrant.expires === expires && pendingGrant.reason === reason;
+		const reference = again ? pendingGrant.reference : newReference();
+		pendingGrant = { org, amount, expires, reason, reference };
+		const body = jsonObject([
+			['amount', amount === '' ? undefined : jsonNumber(amount)],
+			['expires', expires],
+			['reason', reason === '' ? undefined : JSON.stringify(reason)],
+			['reference', JSON.stringify(reference)],
+		]);
+		try {
+			const data = await call('POST', orgPath(org, 'grants'), body);
+			pendingGrant = null;
+			renderAccount(data.account);
+			el.grantAmount.value = '';
+			el.grantExpires.value = '';
+			el.grantReason.value = '';
+			await Promise.all([refreshGrants(org), refreshEvents(org)]).catch(() => {});
+			const g = data.grant || {};
+			say('Gave ' + org + ' ' + credits(g.amount || 0) + ' as grant ' + (g.grant || '?') +
+				(g.expires ? ', expiring ' + utcText(g.expires) + ' UTC' : ', never expiring') +
+				'. Balance: ' + credits(data.account.balance) + '.');
+		} catch (err) {
+			fail('Grant refused', err);
+			if (outcomeUnknown(err)) {
+				el.status.textContent = 'Press Give credits again to retry: it goes with the same reference, ' +
+					reference + ', and applies once.';
+			} else {
+				pendingGrant = null;
+			}
+		}
+	}
+
+	// voidGrant voids the grant the void form is open for, with the reason
+	// typed; a grant is voided once, however often it is sent.
+	async function voidGrant() {
+		const org = shown.org;
+		const id = voiding;
+		const reason = el.voidReason.value;
+		el.voidReason.removeAttribute('aria-invalid');
+		try {
+			checkReason(reason);
+		} catch (err) {
+			el.voidReason.setAttribute('aria-invalid', 'true');
+			fail('Void not sent', err);
+			el.voidReason.focus();
+			return;
+		}
+		try {
+			const acct = await call('DELETE', orgPath(org, 'grants/' + encodeURIComponent(id)), jsonObject([['reason', JSON.stringify(reason)]]));
+			closeVoid();
+			renderAccount(acct);
+			await Promise.all([refreshGrants(org), refreshEvents(org)]).catch(() => {});
+			say('Grant ' + id + ' voided: ' + JSON.stringify(reason) + '. Balance: ' + credits(acct.balance) + '.');
+		} catch (err) {
+			fail('Void of grant ' + id + ' refused', err);
+			if (outcomeUnknown(err)) {
+				el.status.textContent = 'Press Void grant again to retry: a grant is voided once.';
+			}
+		}
+	}
+
 	async function refreshHolds(org) {
 		const data = await call('GET', orgPath(org, 'holds'));
 		renderHolds(data.holds || []);
@@ -729,7 +886,7 @@
 				? await call('DELETE', path)
 				: await call('POST', path + '/capture', jsonObject([['amount', amount.trim() === '' ? undefined : jsonNumber(amount)]]));
 			renderAccount(acct);
-			await Promise.all([refreshHolds(org), refreshEvents(org)]).catch(() => {});
+			await Promise.all([refreshHolds(org), refreshGrants(org), refreshEvents(org)]).catch(() => {});
 			const h = acct.hold || {};
 			say(h.state === 'captured'
 				? 'Hold ' + id + ' captured: ' + credits(h.captured || 0) + ' charged. Available: ' + credits(acct.available) + '.'
@@ -769,14 +926,17 @@
 	async function show() {
 		const org = el.org.value.trim();
 		try {
-			const [acct, events, holds] = await Promise.all([
+			const [acct, events, holds, grants] = await Promise.all([
 				call('GET', orgPath(org)),
 				call('GET', orgPath(org, 'events') + '?limit=' + EVENTS_SHOWN),
 				call('GET', orgPath(org, 'holds')),
+				call('GET', orgPath(org, 'grants')),
 			]);
+			closeVoid();
 			renderAccount(acct);
 			renderEvents(events.events || []);
 			renderHolds(holds.holds || []);
+			renderGrants(grants.grants || []);
 			fillPlanForm(acct);
 			say('Showing organization ' + acct.org + '.');
 			refreshChart(acct.org);
@@ -807,7 +967,7 @@
 		try {
 			const acct = await call('POST', orgPath(org, 'topup'), body);
 			renderAccount(acct);
-			await refreshEvents(org).catch(() => {});
+			await Promise.all([refreshGrants(org), refreshEvents(org)]).catch(() => {});
 			el.amount.value = '';
 			el.reference.value = '';
 			if (acct.purchased === before) {
@@ -841,7 +1001,7 @@
 			pendingPlan = null;
 			renderAccount(acct);
 			fillPlanForm(acct);
-			await refreshEvents(org).catch(() => {});
+			await Promise.all([refreshGrants(org), refreshEvents(org)]).catch(() => {});
 			say(acct.next_plan
 				? 'The new plan of ' + org + ' applies from ' + longDate.format(new Date(acct.next_recharge)) + '.'
 				: 'Plan of ' + org + ' set: ' + planText(acct.plan) + '.');
@@ -880,6 +1040,16 @@
 		ev.preventDefault();
 		busy(el.adjust, adjust);
 	});
+	el.grantForm.addEventListener('submit', (ev) => {
+		ev.preventDefault();
+		busy(el.grantForm, giveGrant);
+	});
+	el.voidForm.addEventListener('submit', (ev) => {
+		ev.preventDefault();
+		busy(el.voidForm, voidGrant);
+	});
+	el.voidCancel.addEventListener('click', closeVoid);
+	el.voidReason.addEventListener('input', () => el.voidReason.removeAttribute('aria-invalid'));
 	el.orgSearch.addEventListener('input', filterOrgs);
 	el.orgSearchForm.addEventListener('submit', (ev) => {
 		ev.preventDefault();
