@@ -67,6 +67,9 @@ func TestQuick(t *testing.T) {
 	if rep.memory == nil || rep.memory.Orgs != 1000 {
 		t.Fatalf("memory result %+v, want 1000 orgs", rep.memory)
 	}
+	if len(rep.memory.Grants) != 5 || rep.memory.MoreGrant <= 0 {
+		t.Errorf("memory per grant: %v (each more %.0f), want five rounds", rep.memory.Grants, rep.memory.MoreGrant)
+	}
 	for _, k := range rep.memory.Keys {
 		if k.bytes <= 0 {
 			t.Errorf("MEMORY USAGE of the %s %s: %d bytes", k.kind, k.key, k.bytes)

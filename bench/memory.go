@@ -29,6 +29,13 @@ type memoryResult struct {
 	// its keys once its markers and call log have expired.
 	BusyCalls int
 	Busy      int64
+	// Grants is used_memory per grant given to the orgs, one round of one
+	// grant per org at a time: Grants[0] the first (it starts the org's
+	// account events and grant references), the others each more grant;
+	// MoreGrant is their mean (the allocator grows each key by size
+	// classes, so one round may cost more than the next).
+	Grants    []float64
+	MoreGrant float64
 	// Keys is MEMORY USAGE of each key kind of one org.
 	Keys []keyUsage
 }
@@ -159,6 +166,47 @@ func runMemory(ctx context.Context, w io.Writer, ps *procs, n, busy, workers int
 	fmt.Fprintf(w, "used_memory less client buffers: %d before, %d with the orgs, %d once their markers and call logs are gone\n", before, with, steady)
 	fmt.Fprintf(w, "bytes per org, with one call's request marker and call log (15 minutes): %.0f\n", res.WithMarker)
 	fmt.Fprintf(w, "bytes per org, steady state (markers expired): %.0f\n", res.Steady)
+
+	// Grants: a promotional grant for every org, five rounds, each with an
+	// expiry and a reference as a billing system would send.
+	last := steady
+	expires := time.Now().Add(365 * 24 * time.Hour)
+	for round := range 5 {
+		err = parallel(ctx, workers, n, func(i int) error {
+			req := meter.GrantRequest{Amount: 1000, Expires: expires, Reference: fmt.Sprintf("promo-%d-%07d", round, i)}
+			_, _, applied, err := ledger.Grant(ctx, orgName(i), req)
+			if err == nil && !applied {
+				err = fmt.Errorf("org %s: grant %d not applied", orgName(i), round)
+			}
+			return err
+		})
+		if err != nil {
+			return nil, fmt.Errorf("grants: %w", err)
+		}
+		now, err := usedMemory(ctx, raw)
+		if err != nil {
+			return nil, err
+		}
+		res.Grants = append(res.Grants, float64(now-last)/float64(n))
+		last = now
+	}
+	for _, b := range res.Grants[1:] {
+		res.MoreGrant += b / float64(len(res.Grants)-1)
+	}
+	fmt.Fprintf(w, "bytes per grant (a promotional grant with an expiry and a 15-character reference, to every org, 5 rounds): first %.0f (it starts the org's account events and grant references), then %.0f: each more grant %.0f\n",
+		res.Grants[0], res.Grants[1:], res.MoreGrant)
+	for _, k := range []struct{ kind, key string }{
+		{"account hash, 5 grants", keys.Account(sample)},
+		{"grant references, 5 grants", keys.GrantRefs(sample)},
+		{"account events, 5 grants", keys.Events(sample)},
+	} {
+		u, err := keyMemory(ctx, raw, k.key)
+		if err != nil {
+			return nil, err
+		}
+		u.kind = k.kind
+		res.Keys = append(res.Keys, u)
+	}
 
 	// One busy org: its call log is at its cap, and then it expires with
 	// the markers; what stays is the account with its usage per day.

@@ -59,6 +59,10 @@ type Account struct {
 	NextExpiry *Expiry `json:"next_expiry"`
 	// Used is the credits spent per feature this period, net of refunds.
 	Used map[string]int64 `json:"used"`
+
+	// allowanceHeld and purchasedHeld are what live holds keep of the
+	// allowance and of the standing purchased grant.
+	allowanceHeld, purchasedHeld int64
 }
 
 // Expiry is when grants expire and what they take away then.
@@ -137,6 +141,8 @@ func parseAccount(org string, v []any) (Account, error) {
 		PeriodStart:        time.Unix(n[7], 0).UTC(),
 		NextRecharge:       monthStart(n[8]),
 		Used:               make(map[string]int64, (len(v)-accountFields)/2),
+		allowanceHeld:      n[9],
+		purchasedHeld:      n[11],
 	}
 	if n[4] >= 0 {
 		a.NextPlan = &Plan{Allowance: n[4], RechargeMonth: int(n[5]), Rollover: max(n[13], 0)}

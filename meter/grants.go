@@ -230,11 +230,11 @@ func (l *Ledger) Grant(ctx context.Context, org string, req GrantRequest) (g Gra
 }
 
 // grantScript, lua/grant.lua, gives an org a grant.
-// KEYS: account, references, events, holds, alerts.
+// KEYS: account, references, events, holds, alerts, grant references.
 // ARGV[8] amount, ARGV[9] kind letter, ARGV[10] priority, ARGV[11]
 // effective, Redis ms (0: now), ARGV[12] expires, Redis ms (0: never),
-// ARGV[13] reference, ARGV[14] reason, ARGV[15] how long a reference is
-// kept, in ms, ARGV[16] the most grants an org may have live or pending.
+// ARGV[13] reference, ARGV[14] reason, ARGV[15] the most grants an org may
+// have live or pending.
 // Reply: {code, id, record, account...} ({ENDED} alone).
 var grantScript = bind("grant.lua", replyCodes{codeOK: nil, codeRepeat: nil, codeEnded: ErrExpiresPast,
 	codeFull: ErrGrantsFull})
@@ -249,12 +249,13 @@ type grantCall struct {
 func (grantCall) script() *luaScript { return grantScript }
 
 func (c grantCall) keys(k Keys) []string {
-	return []string{k.Account(c.org), k.TopUps(c.org), k.Events(c.org), k.Holds(c.org), k.Alerts(c.org)}
+	return []string{k.Account(c.org), k.TopUps(c.org), k.Events(c.org), k.Holds(c.org), k.Alerts(c.org),
+		k.GrantRefs(c.org)}
 }
 
 func (c grantCall) args(l *Ledger) []any {
 	return []any{c.req.Amount, "o", c.priority, unixMilli(c.req.Effective), unixMilli(c.req.Expires), c.reference,
-		c.req.Reason, l.refTTL, MaxGrants}
+		c.req.Reason, MaxGrants}
 }
 
 // Grants lists org's grants: those live and pending in burn-down order
@@ -300,8 +301,8 @@ func (l *Ledger) Grants(ctx context.Context, org string) ([]Grant, Account, erro
 }
 
 // grantsScript, lua/grants.lua, lists an org's grants.
-// KEYS: account, events, holds.
-// Reply: {code, n, n id and record pairs, account...} ({NOT_FOUND} alone).
+// KEYS: account, events, holds, grant references.
+// Reply: {code, n, n id and grant pairs, account...} ({NOT_FOUND} alone).
 var grantsScript = bind("grants.lua", replyCodes{codeOK: nil, codeNotFound: ErrNotFound})
 
 type grantsCall struct{ org string }
@@ -309,7 +310,7 @@ type grantsCall struct{ org string }
 func (grantsCall) script() *luaScript { return grantsScript }
 
 func (c grantsCall) keys(k Keys) []string {
-	return []string{k.Account(c.org), k.Events(c.org), k.Holds(c.org)}
+	return []string{k.Account(c.org), k.Events(c.org), k.Holds(c.org), k.GrantRefs(c.org)}
 }
 
 func (grantsCall) args(*Ledger) []any { return nil }
@@ -320,21 +321,20 @@ func ordered(acct Account, extra []Grant) []Grant {
 	expires := acct.NextRecharge
 	allowance := Grant{
 		ID: AllowanceGrant, Kind: KindAllowance, Amount: acct.Plan.Allowance,
-		Remaining: max(acct.AllowanceRemaining+acct.Debt, 0), Priority: DefaultPriority,
-		Effective: acct.PeriodStart, Expires: &expires, State: GrantLive,
+		Remaining: acct.AllowanceRemaining - acct.allowanceHeld + acct.Debt, Held: acct.allowanceHeld,
+		Priority: DefaultPriority, Effective: acct.PeriodStart, Expires: &expires, State: GrantLive,
 	}
-	var paidHeld, paidExtra int64
+	var paidExtra int64
 	for _, g := range extra {
 		if g.Kind == KindPurchased && g.State == GrantLive {
 			paidExtra += g.Remaining + g.Held
-			paidHeld += g.Held
 		}
 	}
 	live := []Grant{allowance}
 	if standing := acct.Purchased - paidExtra; standing > 0 {
 		live = append(live, Grant{
-			ID: PurchasedGrant, Kind: KindPurchased, Amount: standing, Remaining: standing,
-			Priority: DefaultPriority, State: GrantLive,
+			ID: PurchasedGrant, Kind: KindPurchased, Amount: standing, Remaining: standing - acct.purchasedHeld,
+			Held: acct.purchasedHeld, Priority: DefaultPriority, State: GrantLive,
 		})
 	}
 	var ended []Grant
@@ -442,7 +442,7 @@ func (l *Ledger) voidGrant(ctx context.Context, org, num, reference, reason stri
 }
 
 // voidGrantScript, lua/voidgrant.lua, voids a grant.
-// KEYS: account, events, holds, references.
+// KEYS: account, events, holds, references, grant references.
 // ARGV[8] grant number (” to find it by reference), ARGV[9] reason,
 // ARGV[10] reference (” when found by number), ARGV[11] how long a
 // reference is kept, in ms.
@@ -457,7 +457,7 @@ type voidGrantCall struct {
 func (voidGrantCall) script() *luaScript { return voidGrantScript }
 
 func (c voidGrantCall) keys(k Keys) []string {
-	return []string{k.Account(c.org), k.Events(c.org), k.Holds(c.org), k.TopUps(c.org)}
+	return []string{k.Account(c.org), k.Events(c.org), k.Holds(c.org), k.TopUps(c.org), k.GrantRefs(c.org)}
 }
 
 func (c voidGrantCall) args(l *Ledger) []any { return []any{c.num, c.reason, c.reference, l.refTTL} }

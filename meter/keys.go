@@ -80,6 +80,11 @@ func (k Keys) Kept(org, requestID string) string { return k.key(org, "k:"+reques
 // with the same request id a no-op.
 func (k Keys) Request(org, requestID string) string { return k.key(org, "r:"+requestID) }
 
+// GrantRefs is the hash of the references and reasons of the org's
+// grants, by grant number: apart from the account, so that its fields stay
+// short whatever they say.
+func (k Keys) GrantRefs(org string) string { return k.key(org, "g") }
+
 // Alerts is the hash of the org's balance alerts: the balance at the last
 // check, and the alerts recorded and not yet delivered.
 func (k Keys) Alerts(org string) string { return k.key(org, "w") }

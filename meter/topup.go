@@ -43,7 +43,7 @@ func (l *Ledger) TopUpExpiring(ctx context.Context, org string, amount int64, re
 }
 
 // topUpScript, lua/topup.lua, adds purchased credits.
-// KEYS: account, references, events, holds, alerts.
+// KEYS: account, references, events, holds, alerts, grant references.
 // ARGV[8] amount, ARGV[9] reference, ARGV[10] the most purchased credits an
 // org may hold, ARGV[11] how long a reference is kept, in ms, ARGV[12] when
 // the credits expire, Redis ms (0: never), ARGV[13] the most grants an org
@@ -62,7 +62,8 @@ type topUpCall struct {
 func (topUpCall) script() *luaScript { return topUpScript }
 
 func (c topUpCall) keys(k Keys) []string {
-	return []string{k.Account(c.org), k.TopUps(c.org), k.Events(c.org), k.Holds(c.org), k.Alerts(c.org)}
+	return []string{k.Account(c.org), k.TopUps(c.org), k.Events(c.org), k.Holds(c.org), k.Alerts(c.org),
+		k.GrantRefs(c.org)}
 }
 
 func (c topUpCall) args(l *Ledger) []any {
@@ -105,7 +106,7 @@ func (l *Ledger) VoidTopUp(ctx context.Context, org string, amount int64, refere
 }
 
 // voidTopUpScript, lua/voidtopup.lua, makes sure a top-up does not stand.
-// KEYS: account, references, events, holds.
+// KEYS: account, references, events, holds, grant references.
 // ARGV[8] amount, ARGV[9] reference, ARGV[10] how long a reference is kept,
 // in ms.
 // Reply: {code, account...}.
@@ -120,7 +121,7 @@ type voidTopUpCall struct {
 func (voidTopUpCall) script() *luaScript { return voidTopUpScript }
 
 func (c voidTopUpCall) keys(k Keys) []string {
-	return []string{k.Account(c.org), k.TopUps(c.org), k.Events(c.org), k.Holds(c.org)}
+	return []string{k.Account(c.org), k.TopUps(c.org), k.Events(c.org), k.Holds(c.org), k.GrantRefs(c.org)}
 }
 
 func (c voidTopUpCall) args(l *Ledger) []any { return []any{c.amount, c.reference, l.refTTL} }

@@ -892,6 +892,43 @@ func nextRecharge(t time.Time, month int) time.Time {
 
 // checkAfter charges the org anew and recharges it, checking the figures
 // against the account before each.
+// checkGrantsRead checks what 0.4.0's account reads as in grants: its
+// allowance the current period's allowance grant, its purchased credits the
+// standing purchased grant with no expiry, a negative allowance debt, and
+// nothing else.
+func checkGrantsRead(e *env, org string, rec accountView) {
+	e.t.Helper()
+	grants, a, err := e.ledger.Grants(e.ctx, org)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if a.Promotional != 0 || a.Rollover != 0 || a.NextExpiry != nil || a.Plan.Rollover != 0 {
+		e.t.Fatalf("grants of 0.4.0's account: %+v", a)
+	}
+	if rec.Held == 0 && a.Debt != max(-rec.AllowanceRemaining, 0) {
+		e.t.Fatalf("debt %d of an allowance of %d", a.Debt, rec.AllowanceRemaining)
+	}
+	byID := map[string]Grant{}
+	for _, g := range grants {
+		byID[g.ID] = g
+	}
+	if len(byID) != len(grants) || len(grants) > 2 {
+		e.t.Fatalf("grants %+v: want the allowance and at most the standing purchased grant", grants)
+	}
+	al, ok := byID[AllowanceGrant]
+	if !ok || al.Kind != KindAllowance || al.State != GrantLive || al.Amount != rec.Plan.Allowance ||
+		al.Expires == nil || !al.Expires.Equal(rec.NextRecharge) || !al.Effective.Equal(rec.PeriodStart) {
+		e.t.Fatalf("allowance grant %+v of %+v", al, rec)
+	}
+	p, ok := byID[PurchasedGrant]
+	if rec.Purchased > 0 && (!ok || p.Kind != KindPurchased || p.Expires != nil || p.Remaining+p.Held != rec.Purchased) {
+		e.t.Fatalf("purchased grant %+v, want %d purchased credits that never expire", p, rec.Purchased)
+	}
+	if rec.Purchased == 0 && ok {
+		e.t.Fatalf("a purchased grant %+v of an org with none", p)
+	}
+}
+
 func checkAfter(u *upgraded) {
 	u.t.Helper()
 	before := u.acct()
@@ -1026,6 +1063,7 @@ func TestUpgrade(t *testing.T) {
 					if err := sameHolds(got.Holds, u.rec.Holds); err != nil {
 						t.Fatal(err)
 					}
+					checkGrantsRead(u.env, c.org, u.rec.Account)
 					// Every event 0.4.0 wrote is there, unchanged and in
 					// order; a later version may add its own between them.
 					// (What the reads wrote, the end of an expired hold,

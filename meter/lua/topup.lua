@@ -1,18 +1,23 @@
--- KEYS: account, top-up references, events, holds, alerts. ARGV[8] amount, ARGV[9]
--- reference, ARGV[10] the most purchased credits an org may hold, ARGV[11]
--- how long a reference is kept, in ms.
+-- KEYS: account, top-up references, events, holds, alerts, grant
+-- references. ARGV[8] amount, ARGV[9] reference, ARGV[10] the most
+-- purchased credits an org may hold, ARGV[11] how long a reference is kept,
+-- in ms, ARGV[12] when the credits expire, Redis ms (0: never: they add to
+-- the standing purchased grant), ARGV[13] the most grants an org may have
+-- live or pending.
 --
 -- Returns {code, account...}: code OK applied, REPEAT the reference was
--- applied before (nothing written), LIMIT the top-up would pass the limit
--- (nothing written).
+-- applied before (nothing written), LIMIT the top-up would pass the limit,
+-- ENDED expires is not after now, FULL the org has as many grants as it
+-- may (nothing written for these three).
 
 --#include lib/holds.lua
 --#include lib/refs.lua
 --#include lib/alerts.lua
 
-local bad = check_types({'hash', {'zset', 'set'}, 'list', 'hash', 'hash'})
+local bad = check_types({'hash', {'zset', 'set'}, 'list', 'hash', 'hash', 'hash'})
 if bad then return bad end
-local account_key, refs_key, events_key, holds_key, alerts_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local account_key, refs_key, events_key, holds_key, alerts_key, grefs_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4],
+  KEYS[5], KEYS[6]
 local amount = tonumber(ARGV[8])
 local ref = ARGV[9]
 local max_purchased = tonumber(ARGV[10])
@@ -39,6 +44,7 @@ if expires > 0 then
   local g = new_grant(acc, PURCHASED, amount, DEFAULT_PRIORITY, srv_now(), expires, ref)
   g.rem = repay(acc, amount)
   add_grant(acc, g)
+  write_grant_ref(grefs_key, g)
 else
   acc.pt = (acc.pt or acc.pur + acc.hp) + amount
   acc.pur = acc.pur + repay(acc, amount)

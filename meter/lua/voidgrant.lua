@@ -1,4 +1,5 @@
--- KEYS: account, events, holds, references. ARGV[8] grant id ('' to find it
+-- KEYS: account, events, holds, references, grant references. ARGV[8] grant
+-- id ('' to find it
 -- by its reference), ARGV[9] reason, ARGV[10] the grant's reference (''
 -- when found by id), ARGV[11] how long a reference is kept, in ms.
 --
@@ -14,9 +15,9 @@
 --#include lib/holds.lua
 --#include lib/refs.lua
 
-local bad = check_types({'hash', 'list', 'hash', {'zset', 'set'}})
+local bad = check_types({'hash', 'list', 'hash', {'zset', 'set'}, 'hash'})
 if bad then return bad end
-local account_key, events_key, holds_key, refs_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local account_key, events_key, holds_key, refs_key, grefs_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local id = ARGV[8]
 local reason = ARGV[9]
 local ref = ARGV[10]
@@ -25,13 +26,16 @@ local ref_kept = tonumber(ARGV[11])
 local acc = load(account_key, true)
 local g = nil
 if ref ~= '' then
-  if acc then g = grant_by_ref(acc, ref) end
+  if acc then g = grant_by_ref(acc, grefs_key, ref) end
   remember_ref(refs_key, '\0grant:' .. ref, ref_kept)
   if not g then return {NOT_FOUND} end
 else
   if not acc then return {NOT_FOUND} end
   g = grant_of(acc, id)
   if not g then return {NOT_FOUND} end
+  grant_refs(acc, grefs_key)
+  local r = acc.grefs[g.id]
+  if r then g.ref, g.reason = r[1], r[2] end
 end
 sweep(acc, holds_key)
 local code = OK
@@ -41,8 +45,9 @@ elseif g.state ~= GRANT_LIVE and g.state ~= GRANT_PENDING then
   code = ENDED
 else
   local lost = end_grant(acc, g, GRANT_VOIDED, srv_now())
-  g.reason = reason
+  if reason ~= '' then g.reason = reason end
   event(acc, 'void', -lost, '', 'g' .. g.id, nil, reason)
+  write_grant_ref(grefs_key, g)
 end
 if #acc.events > 0 or acc.gdirty then
   commit(account_key, events_key, acc)

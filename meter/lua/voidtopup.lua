@@ -1,5 +1,6 @@
--- KEYS: account, top-up references, events, holds. ARGV[8] amount, ARGV[9]
--- reference, ARGV[10] how long a reference is kept, in ms.
+-- KEYS: account, top-up references, events, holds, grant references.
+-- ARGV[8] amount, ARGV[9] reference, ARGV[10] how long a reference is
+-- kept, in ms.
 --
 -- Makes sure a top-up whose outcome the gateway could not learn (it
 -- answered 503) does not stand: one that ran is taken back, as a charge
@@ -12,9 +13,9 @@
 --#include lib/holds.lua
 --#include lib/refs.lua
 
-local bad = check_types({'hash', {'zset', 'set'}, 'list', 'hash'})
+local bad = check_types({'hash', {'zset', 'set'}, 'list', 'hash', 'hash'})
 if bad then return bad end
-local account_key, refs_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local account_key, refs_key, events_key, holds_key, grefs_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local amount = tonumber(ARGV[8])
 local ref = ARGV[9]
 local ref_kept = tonumber(ARGV[10])
@@ -28,7 +29,7 @@ local applied = ref_seen(refs_key, ref)
 if applied and acc then
   sweep(acc, holds_key)
   local before = balance(acc)
-  local g = grant_by_ref(acc, ref)
+  local g = grant_by_ref(acc, grefs_key, ref)
   if g and g.kind == PURCHASED then
     -- A top-up with an expiry made a grant of its own: it is voided, and
     -- what of it was spent or repaid debt is taken again, into debt if it

@@ -48,28 +48,60 @@ local DEFAULT_PRIORITY = 50
 -- How long a grant that ended stays listed.
 local ENDED_KEPT_MS = 90 * 86400000
 
--- A grant's field: "state kind amount remaining held priority effective
--- expires ended ref [reason]": amount what it gave, remaining what it can
--- still give, held what live holds took from it (both as gl has them while
--- the grant is live), effective and expires (0: never) in Redis ms, ended
--- when it was spent, expired or voided (0: not yet), ref its reference
--- ('-': none), reason the rest of the line.
+-- A grant's field: "state kind amount priority effective expires ended":
+-- amount what it gave, effective and expires (0: never) in Redis seconds,
+-- ended when it was spent, expired or voided (0: not yet). What remains of
+-- it and what holds took from it are in gl while it is live or pending
+-- (both 0 once it ended). Its reference and reason are in the org's grant
+-- references (grant_refs), apart, so that an account's fields stay short
+-- whatever they say.
 local function parse_grant(id, s)
-  local st, kind, amount, rem, hld, prio, eff, exp, ended, ref, reason = string.match(s,
-    '^(%a) (%a) (%d+) (%d+) (%d+) (%d+) (%d+) (%d+) (%d+) (%S+) ?(.*)$')
+  local st, kind, amount, prio, eff, exp, ended = string.match(s, '^(%a) (%a) (%d+) (%d+) (%d+) (%d+) (%d+)$')
   if not st then
     error('corrupt grant record')
   end
-  return {id = id, state = st, kind = kind, amount = tonumber(amount), rem = tonumber(rem), held = tonumber(hld),
-    prio = tonumber(prio), eff = tonumber(eff), exp = tonumber(exp), ended = tonumber(ended), ref = ref,
-    reason = reason, full = true}
+  return {id = id, state = st, kind = kind, amount = tonumber(amount), rem = 0, held = 0, prio = tonumber(prio),
+    eff = tonumber(eff) * 1000, exp = tonumber(exp) * 1000, ended = tonumber(ended) * 1000, full = true}
+end
+
+-- Redis seconds of ms: a grant's times are whole seconds (new_grant).
+local function secs(ms)
+  return math.floor(ms / 1000)
 end
 
 local function grant_str(g)
-  local s = string.format('%s %s %d %d %d %d %d %d %d %s', g.state, g.kind, g.amount, g.rem, g.held, g.prio, g.eff,
-    g.exp, g.ended, g.ref)
+  return string.format('%s %s %d %d %d %d %d', g.state, g.kind, g.amount, g.prio, secs(g.eff), secs(g.exp),
+    secs(g.ended))
+end
+
+-- A grant as the admin API reads it: "state kind amount remaining held
+-- priority effective expires ended ref [reason]", times in Redis ms.
+local function grant_view(g)
+  local s = string.format('%s %s %d %d %d %d %d %d %d %s', g.state, g.kind, g.amount, g.rem, g.held, g.prio,
+    secs(g.eff) * 1000, secs(g.exp) * 1000, secs(g.ended) * 1000, g.ref or '-')
   if g.reason and g.reason ~= '' then s = s .. ' ' .. g.reason end
   return s
+end
+
+-- Reads the org's grant references (key: a hash of id -> "ref [reason]")
+-- into the grants read, once.
+local function grant_refs(acc, key)
+  if acc.refs_read then return end
+  acc.refs_read = true
+  local raw = redis.call('HGETALL', key)
+  acc.grefs = {}
+  for i = 1, #raw, 2 do
+    local ref, reason = string.match(raw[i + 1], '^(%S+) ?(.*)$')
+    acc.grefs[raw[i]] = {ref, reason}
+  end
+end
+
+-- Writes grant g's reference and reason to the grant references at key.
+local function write_grant_ref(key, g)
+  if (g.ref or '-') == '-' and (g.reason or '') == '' then return end
+  local v = g.ref or '-'
+  if g.reason and g.reason ~= '' then v = v .. ' ' .. g.reason end
+  redis.call('HSET', key, g.id, v)
 end
 
 local function grant_live(g)
@@ -121,8 +153,7 @@ local function grants_full(acc, gs)
   for i, g in ipairs(need) do
     if not vals[i] then error('grant ' .. g.id .. ' is missing') end
     local r = parse_grant(g.id, vals[i])
-    g.kind, g.amount, g.prio, g.eff, g.exp, g.ended, g.ref, g.reason, g.full =
-      r.kind, r.amount, r.prio, r.eff, r.exp, r.ended, r.ref, r.reason, true
+    g.kind, g.amount, g.prio, g.eff, g.exp, g.ended, g.full = r.kind, r.amount, r.prio, r.eff, r.exp, r.ended, true
   end
 end
 
@@ -255,6 +286,10 @@ end
 -- A new extra grant: the next id, at Redis time eff (pending until then).
 local function new_grant(acc, kind, amount, prio, eff, exp, ref, reason)
   acc.gn = acc.gn + 1
+  -- Whole seconds: a grant starts at the second it is given (or was asked
+  -- to), and expires at the end of the second asked for, never before.
+  eff = math.floor(eff / 1000) * 1000
+  exp = math.ceil(exp / 1000) * 1000
   return {id = str(acc.gn), state = GRANT_LIVE, kind = kind, amount = amount, rem = amount, held = 0, prio = prio,
     eff = eff, exp = exp, ended = 0, ref = ref or '-', reason = reason, full = true}
 end
@@ -586,16 +621,19 @@ local function grant_of(acc, id)
   return g
 end
 
--- The extra grant made with reference ref, or nil. It reads every grant's
--- field (the account loaded with its usage has them all).
-local function grant_by_ref(acc, ref)
-  all_full(acc)
-  for _, g in ipairs(order_grants(acc)) do
-    if g.ref == ref then return g end
-  end
-  for id in pairs(acc.records or {}) do
-    local g = grant_of(acc, id)
-    if g.ref == ref then return g end
+-- The extra grant made with reference ref, or nil, from the grant
+-- references at key.
+local function grant_by_ref(acc, key, ref)
+  grant_refs(acc, key)
+  for id, r in pairs(acc.grefs) do
+    if r[1] == ref then
+      local g = grant_of(acc, id)
+      if g then
+        grants_full(acc, {g})
+        g.ref, g.reason = r[1], r[2]
+        return g
+      end
+    end
   end
   return nil
 end
