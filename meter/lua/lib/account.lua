@@ -533,7 +533,8 @@ local function take(acc, n)
     while n > 0 do
       local s, e = string.find(gl, '%S+', pos)
       if not s then break end
-      local t = string.sub(gl, s, e)
+      local c = string.byte(gl, s)
+      local t = (c == 97 or c == 112) and e == s and string.char(c)
       local x = 0
       if t == 'a' then
         x = math.min(n, math.max(acc.rem, 0))
@@ -542,7 +543,7 @@ local function take(acc, n)
         x = math.min(n, math.max(acc.pur, 0))
         acc.pur, p.fp = acc.pur - x, p.fp + x
       else
-        local id, rem, hld, pend = string.match(t, '^(%d+):(%d+):(%d+)(:?p?)$')
+        local id, rem, hld, pend = string.match(string.sub(gl, s, e), '^(%d+):(%d+):(%d+)(:?p?)$')
         if not id then error('corrupt grant order') end
         rem = tonumber(rem)
         if pend == '' and rem > 0 then

@@ -120,6 +120,13 @@ end
 
 -- Credits per grant id, {[id] = n}, as text: "id=n,id=n" ('' for none).
 local function parts_str(g)
+  if not g then return '' end
+  local id, n = next(g)
+  if id ~= nil and next(g, id) == nil then
+    -- One grant, as most charges take from: no sorting.
+    if n > 0 then return id .. '=' .. string.format('%d', n) end
+    return ''
+  end
   local out = {}
   for id, n in pairs(g or {}) do
     if n > 0 then out[#out + 1] = id .. '=' .. string.format('%d', n) end
