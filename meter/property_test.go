@@ -187,6 +187,12 @@ func (m *model) startPeriod(org string, a *modelAccount, at, from time.Time, pla
 }
 
 func (a *modelAccount) newGrant(kind byte, amount int64, prio int, eff, exp int64) *modelGrant {
+	// A grant's times are whole seconds: it starts at the second it was
+	// given, and expires at the end of the second asked for.
+	eff = eff / 1000 * 1000
+	if exp%1000 != 0 {
+		exp = exp/1000*1000 + 1000
+	}
 	g := &modelGrant{id: len(a.grants) + 1, kind: kind, amount: amount, rem: amount, prio: prio, eff: eff, exp: exp, state: 'l'}
 	a.grants = append(a.grants, g)
 	return g
@@ -1047,9 +1053,8 @@ func checkModel(t *testing.T, rt *rapid.T, s store) {
 				if g.state == 'l' {
 					m.endGrant(org, a, g, 'v', m.now())
 				} else if g.state == 'p' {
-					// It gave nothing, and lost nothing; its record keeps
-					// its amount as remaining.
-					g.state, g.ended = 'v', m.now()
+					// It gave nothing, and lost nothing.
+					g.state, g.ended, g.rem = 'v', m.now(), 0
 				}
 				if err != nil || acct.Balance != a.balance() {
 					rt.Fatalf("void of %s: %+v %v, model balance %d", id, acct, err, a.balance())
@@ -1272,9 +1277,9 @@ func (m *model) grantLines(a *modelAccount) string {
 			g := s.g
 			live = append(live, grantLine(fmt.Sprintf("g%d", g.id), grantKinds[g.kind], grantStates[g.state], g.amount, g.rem, g.held, g.prio, g.exp))
 		case s.w == 'a':
-			live = append(live, grantLine(AllowanceGrant, KindAllowance, GrantLive, a.plan.Allowance, max(a.rem, 0)+a.ha, 0, DefaultPriority, a.nextRecharge.UnixMilli()))
+			live = append(live, grantLine(AllowanceGrant, KindAllowance, GrantLive, a.plan.Allowance, max(a.rem, 0), a.ha, DefaultPriority, a.nextRecharge.UnixMilli()))
 		case a.pur+a.hp > 0:
-			live = append(live, grantLine(PurchasedGrant, KindPurchased, GrantLive, a.pur+a.hp, a.pur+a.hp, 0, DefaultPriority, 0))
+			live = append(live, grantLine(PurchasedGrant, KindPurchased, GrantLive, a.pur+a.hp, a.pur, a.hp, DefaultPriority, 0))
 		}
 	}
 	for _, g := range a.grants {

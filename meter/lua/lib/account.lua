@@ -24,14 +24,15 @@
 -- held in all, so that the balance needs no reading of gl. gn is the last
 -- id given, gx the Redis time
 -- (ms) at which the earliest grant starts or expires, and hq the credits
--- live holds took from grants that have since ended. ro is the plan's
+-- live holds took from grants that have since ended, gr the id of this
+-- period's rollover grant (0: none). ro is the plan's
 -- rollover, pr that of the plan waiting for the next recharge. dp is the
 -- debt of this period that credits granted since repaid: a refund of the
 -- charge that made it gives them back as purchased credits.
 local FIELDS = {'a', 'm', 'own', 'rem', 'pur', 'ps', 'nx', 'pn', 'cd', 'seq', 'ha', 'ho', 'hp', 'hx', 'pa', 'pm',
-  'ro', 'pr', 'pt', 'gn', 'gx', 'hq', 'dp', 'gf', 'gh'}
+  'ro', 'pr', 'pt', 'gn', 'gx', 'hq', 'dp', 'gf', 'gh', 'gr'}
 local DEFAULTS = {m = 1, own = 0, pur = 0, pn = 0, cd = 0, seq = 0, ha = 0, ho = 0, hp = 0, ro = 0, gn = 0, hq = 0,
-  dp = 0, gf = 0, gh = 0}
+  dp = 0, gf = 0, gh = 0, gr = 0}
 local REQUIRED = {'a', 'rem', 'nx'}
 
 -- What a charge reads of the account: the fields, then gl.
@@ -348,7 +349,9 @@ local function start_period(acc, ps_unix, next_ym)
   acc.pn = (acc.pn or 0) + 1
   acc.ps = ps_unix
   acc.nx = next_ym or next_after(now_ym, acc.m)
+  acc.gr = 0
   if carry > 0 then
+    acc.gr = acc.gn + 1
     add_grant(acc, new_grant(acc, ROLLOVER, carry, DEFAULT_PRIORITY, ps_unix * 1000, ym_unix(acc.nx) * 1000))
   end
   acc.used = {}
@@ -382,7 +385,7 @@ end
 -- A new account's first period is number 0 (the default: not written).
 local function new_account(allowance, month)
   local acc = {a = allowance, m = month, own = 0, rem = 0, pur = 0, ha = 0, ho = 0, hp = 0, hq = 0, seq = 0, pn = -1,
-    ro = 0, gn = 0, dp = 0, gf = 0, gh = 0, used = {}, used_delta = {}, day_delta = {}, events = {}, created = true, stored = {}}
+    ro = 0, gn = 0, dp = 0, gf = 0, gh = 0, gr = 0, used = {}, used_delta = {}, day_delta = {}, events = {}, created = true, stored = {}}
   start_period(acc, ym_unix(now_ym - ((now_ym % 12) - (month - 1)) % 12), next_after(now_ym, month))
   return acc
 end
@@ -498,6 +501,7 @@ end
 -- added, becomes live or is given back, and at each recharge; a charge
 -- only follows the order.
 local function sort_order(acc)
+  acc.reorder, acc.gl_dirty = false, true
   all_full(acc)
   local key = {}
   for _, e in ipairs(acc.order) do
@@ -575,6 +579,8 @@ local function take(acc, n)
     return {fa = fa, fp = fp, fd = fd, pn = acc.pn}
   end
   local p = {fa = 0, fp = 0, fd = 0, pn = acc.pn}
+  -- A grant added or given back in this script takes its place first.
+  if acc.reorder then sort_order(acc) end
   for _, e in ipairs(acc.order) do
     if n == 0 then break end
     local x = 0
@@ -646,9 +652,16 @@ end
 local function grant_back(acc, id, n)
   local g = grant_of(acc, id)
   if not g or n == 0 then return 0 end
-  if g.state == GRANT_SPENT and (g.exp == 0 or g.exp > srv_now()) then
-    g.state, g.ended = GRANT_LIVE, 0
-    add_grant(acc, g)
+  -- A rollover grant lives as long as the period it was carried into (gr),
+  -- whose end follows the gateways' clocks, not Redis'.
+  if g.state == GRANT_SPENT then
+    -- A spent grant's own field was read: it is full.
+    local alive = g.exp == 0 or g.exp > srv_now()
+    if g.kind == ROLLOVER then alive = tonumber(g.id) == acc.gr end
+    if alive then
+      g.state, g.ended = GRANT_LIVE, 0
+      add_grant(acc, g)
+    end
   end
   if not grant_live(g) then return 0 end
   g.rem = g.rem + n
