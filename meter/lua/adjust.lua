@@ -34,7 +34,6 @@ if amount > 0 then
   if acc.pur + acc.hp + amount > max_purchased then
     return reply(acc, {LIMIT})
   end
-  acc.pt = (acc.pt or acc.pur + acc.hp) + amount
   acc.pur = acc.pur + repay(acc, amount)
 else
   take(acc, -amount)

@@ -46,7 +46,6 @@ if expires > 0 then
   add_grant(acc, g)
   write_grant_ref(grefs_key, g)
 else
-  acc.pt = (acc.pt or acc.pur + acc.hp) + amount
   acc.pur = acc.pur + repay(acc, amount)
 end
 event(acc, 'topup', amount, '', ref)

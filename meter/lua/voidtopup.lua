@@ -41,7 +41,6 @@ if applied and acc then
     local from_purchased = math.min(amount, math.max(acc.pur, 0))
     acc.pur = acc.pur - from_purchased
     acc.rem = acc.rem - (amount - from_purchased)
-    if acc.pt then acc.pt = acc.pt - amount end
   end
   event(acc, 'void', balance(acc) - before, '', ref)
   commit(account_key, events_key, acc)

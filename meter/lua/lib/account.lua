@@ -13,31 +13,63 @@
 -- fields: this period's allowance (rem: what is free of it; below zero it
 -- is debt, which the next credits granted repay first) and the standing
 -- purchased grant (pur: top-ups with no expiry, and positive adjustments,
--- all of one kind and priority, so they are one grant; pt is all it was
--- given). Every other grant (rollover, purchased with an expiry,
+-- all of one kind and priority, so they are one grant). Every other grant (rollover, purchased with an expiry,
 -- promotional) has a field g:<id> of its own (see parse_grant). gl is the
 -- burn-down order of the live and pending grants: 'a' (the allowance), 'p'
 -- (the standing purchased grant) and, for each other grant, "id:rem:held"
 -- (":p" after it while pending), so that a charge reads and writes only
 -- this one field, whatever the grants: a grant's own field is written when
--- it is made and when it ends. gf and gh are the live grants' remaining and
--- held in all, so that the balance needs no reading of gl. gn is the last
--- id given, gx the Redis time
--- (ms) at which the earliest grant starts or expires, and hq the credits
--- live holds took from grants that have since ended, gr the id of this
--- period's rollover grant (0: none). ro is the plan's
--- rollover, pr that of the plan waiting for the next recharge. dp is the
--- debt of this period that credits granted since repaid: a refund of the
--- charge that made it gives them back as purchased credits.
-local FIELDS = {'a', 'm', 'own', 'rem', 'pur', 'ps', 'nx', 'pn', 'cd', 'seq', 'ha', 'ho', 'hp', 'hx', 'pa', 'pm',
-  'ro', 'pr', 'pt', 'gn', 'gx', 'hq', 'dp', 'gf', 'gh', 'gr'}
-local DEFAULTS = {m = 1, own = 0, pur = 0, pn = 0, cd = 0, seq = 0, ha = 0, ho = 0, hp = 0, ro = 0, gn = 0, hq = 0,
-  dp = 0, gf = 0, gh = 0, gr = 0}
+-- it is made and when it ends. The rest is in gs (below): gf and gh, the
+-- live grants' remaining and held in all, so that the balance needs no
+-- reading of gl; gn the last id given; gx the Redis time (ms) at which the
+-- earliest grant starts or expires; hq the credits live holds took from
+-- grants that have since ended; gr the id of this period's rollover grant
+-- (0: none); ro the plan's rollover, pr that of the plan waiting for the
+-- next recharge; dp the debt of this period that credits granted since
+-- repaid: a refund of the charge that made it gives them back as purchased
+-- credits.
+local FIELDS = {'a', 'm', 'own', 'rem', 'pur', 'ps', 'nx', 'pn', 'cd', 'seq', 'ha', 'ho', 'hp', 'hx', 'pa', 'pm'}
+local DEFAULTS = {m = 1, own = 0, pur = 0, pn = 0, cd = 0, seq = 0, ha = 0, ho = 0, hp = 0}
+
+-- The grants' state, one field gs of the account ("gn gx hq dp gr gf gh ro
+-- pr"), absent while every part is at its default: an org without grants
+-- beyond its allowance and purchased credits reads one field for them all,
+-- and writes none. gx 0 is none, pr -1 is none.
+local GS = {'gn', 'gx', 'hq', 'dp', 'gr', 'gf', 'gh', 'ro', 'pr'}
+local GS_DEFAULTS = {gn = 0, gx = 0, hq = 0, dp = 0, gr = 0, gf = 0, gh = 0, ro = 0, pr = -1}
+
+local function parse_gs(acc, s)
+  local i = 0
+  for n in string.gmatch(s or '', '%-?%d+') do
+    i = i + 1
+    acc[GS[i]] = tonumber(n)
+  end
+  if s and i ~= #GS then error('account field gs is corrupt') end
+  for _, f in ipairs(GS) do
+    if acc[f] == nil then acc[f] = GS_DEFAULTS[f] end
+  end
+  if acc.gx == 0 then acc.gx = nil end
+  if acc.pr == -1 then acc.pr = nil end
+end
+
+-- The gs field of acc, or nil when every part is at its default.
+local function gs_str(acc)
+  local parts, any = {}, false
+  for i, f in ipairs(GS) do
+    local v = acc[f]
+    if v == nil then v = GS_DEFAULTS[f] end
+    if v ~= GS_DEFAULTS[f] then any = true end
+    parts[i] = string.format('%d', v)
+  end
+  if any then return table.concat(parts, ' ') end
+  return nil
+end
 local REQUIRED = {'a', 'rem', 'nx'}
 
--- What a charge reads of the account: the fields, then gl.
+-- What a charge reads of the account: the fields, then gl and gs.
 local READ = {unpack(FIELDS)}
 READ[#READ + 1] = 'gl'
+READ[#READ + 1] = 'gs'
 
 -- Grant kinds and states, as the admin API names them in full.
 local ALLOWANCE, ROLLOVER, PURCHASED, PROMOTIONAL = 'a', 'r', 'p', 'o'
@@ -419,7 +451,7 @@ end
 local function load(key, with_used, feature)
   local acc = {key = key, events = {}, used_delta = {}, day_delta = {}, stored = {}}
   local stored = acc.stored
-  local gl, records = nil, {}
+  local gl, gs, records = nil, nil, {}
   if with_used then
     local raw = redis.call('HGETALL', key)
     if #raw == 0 then return nil end
@@ -433,6 +465,8 @@ local function load(key, with_used, feature)
         records[string.sub(f, 3)] = raw[i + 1]
       elseif f == 'gl' then
         gl = raw[i + 1]
+      elseif f == 'gs' then
+        gs = raw[i + 1]
       elseif not is_day(f) then
         stored[f] = field_number(f, raw[i + 1])
       end
@@ -452,7 +486,7 @@ local function load(key, with_used, feature)
     else
       raw = redis.call('HMGET', key, unpack(READ))
     end
-    gl = raw[nf + #READ]
+    gl, gs = raw[nf + #READ - 1], raw[nf + #READ]
     for i = 1, #FIELDS do
       local f = FIELDS[i]
       local v = raw[nf + i]
@@ -479,6 +513,8 @@ local function load(key, with_used, feature)
   end
   if not acc.ps then acc.ps = ym_unix(acc.nx - 12) end
   acc.gl, acc.gl0 = gl, gl
+  parse_gs(acc, gs)
+  acc.gs0 = gs
   if with_used then acc.records = records end
   grant_times(acc)
   catch_up(acc)
@@ -867,6 +903,15 @@ local function commit(key, events_key, acc, calls)
   end
   local set, gone = gfields, {}
   if acc.gl_gone then gone[1] = 'gl' end
+  local gs = gs_str(acc)
+  if gs ~= acc.gs0 then
+    if gs then
+      set[#set + 1] = 'gs'
+      set[#set + 1] = gs
+    else
+      gone[#gone + 1] = 'gs'
+    end
+  end
   local stored = acc.stored
   for i = 1, #FIELDS do
     local f = FIELDS[i]
