@@ -4,7 +4,8 @@
 -- hold is charged from the available balance, into debt if it must (the
 -- work was done). A hold that expired is charged all the same, from the
 -- available balance, and its event says so.
--- Returns {code, state, captured, until_ms, feature, account...}: OK captured, REPEAT
+-- Returns {code, state, captured, until_ms, feature, account...} (NOT_FOUND:
+-- {code} alone): OK captured, REPEAT
 -- captured before (its record; nothing written), NOT_FOUND no such hold,
 -- ENDED the hold was released (nothing written), LEASE the hold is a
 -- gateway's lease, which only its gateway captures (nothing written).
@@ -24,18 +25,18 @@ end
 if is_lease(id) then
   return reply(acc, {LEASE, h.state, 0, h.untl, h.feature})
 end
-if h.state == 'c' then
+if h.state == CAPTURED then
   return reply(acc, {REPEAT, h.state, h.cap, h.untl, h.feature})
 end
-if h.state == 'r' then
+if h.state == RELEASED then
   return reply(acc, {ENDED, h.state, 0, h.untl, h.feature})
 end
 local ref = 'hold:' .. id
-if h.state == 'x' then ref = ref .. ':expired' end
+if h.state == EXPIRED then ref = ref .. ':expired' end
 local delta = hold_capture(acc, h, amount)
 delta = delta + hold_less(acc, h, hold_amount(h))
 add_used(acc, h.feature, amount)
-h.state, h.cap, h.untl = 'c', amount, srv_now() + HOLD_KEPT_MS
+h.state, h.cap, h.untl = CAPTURED, amount, srv_now() + HOLD_KEPT_MS
 event(acc, 'capture', delta, h.feature, ref)
 commit(account_key, events_key, acc)
 write_holds(holds_key, acc, {[id] = h})

@@ -35,7 +35,7 @@ if fresh then
 end
 h = new_hold(acc, feature)
 hold_more(acc, h, amount)
-h.state, h.untl = 'l', srv_now() + ttl
+h.state, h.untl = LIVE, srv_now() + ttl
 note_expiry(acc, h.untl)
 event(acc, 'hold', 0, feature, 'hold:' .. id)
 commit(account_key, events_key, acc)

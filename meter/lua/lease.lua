@@ -25,7 +25,7 @@
 
 local bad = check_types({'hash', 'list', 'hash'})
 if bad then return bad end
-local account_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3]
+local account_key, calls_key, holds_key = KEYS[1], KEYS[2], KEYS[3]
 local id = ARGV[8]
 local seq = tonumber(ARGV[9])
 local want = tonumber(ARGV[10])
@@ -111,6 +111,6 @@ if grant > 0 then
 elseif keeps(h) or h.untl < srv_now() then
   h.state, h.untl = RELEASED, srv_now() + HOLD_KEPT_MS
 end
-commit(account_key, events_key, acc, true)
+commit(account_key, calls_key, acc, true)
 write_holds(holds_key, acc, {[id] = h})
 return {OK, grant, balance(acc), today(), acc.pn}

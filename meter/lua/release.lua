@@ -4,7 +4,8 @@
 -- Gives a live hold's credits back. A gateway's lease is its gateway's
 -- alone: it is released here only when it is unreported (its gateway did
 -- not report within its lifetime) and the operator says the gateway is
--- gone. Returns {code, state, amount, until_ms, feature, account...}: OK
+-- gone. Returns {code, state, amount, until_ms, feature, account...}
+-- (NOT_FOUND: {code} alone): OK
 -- released, REPEAT released or expired before (nothing written), NOT_FOUND
 -- no such hold, ENDED the hold was captured (nothing written), LEASE a lease
 -- that may not be released so (nothing written), REFUSED gateway_gone for a

@@ -13,21 +13,21 @@
 
 local bad = check_types({'hash', 'string', 'list', 'hash'})
 if bad then return bad end
-local account_key, marker_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local account_key, marker_key, calls_key, holds_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local actual = tonumber(ARGV[8])
 local request_id = ARGV[9]
 
 local m = parse_marker(redis.call('GET', marker_key))
-if not m or m.state == 'x' or (ARGV[11] ~= '-' and m.attempt ~= ARGV[11]) then
+if not m or m.state == VOID or (ARGV[11] ~= '-' and m.attempt ~= ARGV[11]) then
   return {NOT_FOUND, 0, 0}
 end
-if m.state ~= 'c' then
+if m.state ~= CHARGED then
   return {REPEAT, m.balance, 0}
 end
 local acc = open(account_key)
 sweep(acc, holds_key)
 local delta = settle_to(acc, m, actual, request_id, ARGV[10] == '1')
-commit(account_key, events_key, acc, true)
+commit(account_key, calls_key, acc, true)
 write_holds(holds_key, acc)
 write_marker(marker_key, m)
 return {OK, balance(acc), delta}

@@ -21,12 +21,12 @@ if acc then
   sweep(acc, holds_key, true)
 end
 local h = acc and get_hold(acc, holds_key, id)
-if h and h.state ~= 'l' then
+if h and h.state ~= LIVE then
   return {REPEAT}
 end
 if h then
   local delta = hold_less(acc, h, hold_amount(h))
-  h.state, h.untl = 'r', srv_now() + HOLD_KEPT_MS
+  h.state, h.untl = RELEASED, srv_now() + HOLD_KEPT_MS
   event(acc, 'release', delta, h.feature, 'hold:' .. id, nil, 'a hold answered 503 is voided')
   commit(account_key, events_key, acc)
   write_holds(holds_key, acc, {[id] = h})

@@ -34,7 +34,7 @@ local function settle_to(acc, m, actual, ref, refund)
     event(acc, kind, balance(acc) - before, m.feature, ref)
   end
   m.cost, m.balance = actual, balance(acc)
-  if refund then m.state = 'r' else m.state = 'u' end
+  if refund then m.state = REFUNDED else m.state = SETTLED end
   return balance(acc) - before
 end
 
@@ -45,7 +45,7 @@ local function charge(k, a)
   -- Every key but the call log fails its first read, before any write,
   -- when it holds another type; the call log is the first key written, and
   -- commit stops there when it is not a list.
-  local account_key, marker_key, events_key, holds_key, kept_key = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4],
+  local account_key, marker_key, calls_key, holds_key, kept_key = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4],
     KEYS[k + 5]
   local feature = ARGV[a + 1]
   local cost = tonumber(ARGV[a + 2])
@@ -59,14 +59,14 @@ local function charge(k, a)
 
   local m = parse_marker(redis.call('GET', marker_key))
   if m and m.attempt == attempt then
-    if m.state == 'x' then return {VOIDED, 0, 0} end
+    if m.state == VOID then return {VOIDED, 0, 0} end
     return {OK, m.balance, m.cost}
   end
   if m and not marker_free(m) then
     if m.bind ~= bind then
       return {MISMATCH, m.balance, 0}
     end
-    if (m.state == 'c' or m.state == 'u') and bind ~= '-' then
+    if (m.state == CHARGED or m.state == SETTLED) and bind ~= '-' then
       return {IN_FLIGHT, m.balance, 0}
     end
     if m.relied ~= '1' then
@@ -95,12 +95,12 @@ local function charge(k, a)
   local p = take(acc, cost)
   add_used(acc, feature, cost)
   event(acc, 'charge', -cost, feature, request_id)
-  local bad = commit(account_key, events_key, acc, true)
+  local bad = commit(account_key, calls_key, acc, true)
   if bad then return {WRONG_TYPE, 3, bad} end
   if acc.swept then write_holds(holds_key, acc) end
   local ttl = marker_ttl
   if bind ~= '-' then ttl = in_flight_ttl end
   write_marker(marker_key, {cost = cost, feature = feature, fa = p.fa, fp = p.fp, fd = p.fd, g = p.g,
-    balance = balance(acc), state = 'c', pn = acc.pn, attempt = attempt, relied = '0', bind = bind}, ttl)
+    balance = balance(acc), state = CHARGED, pn = acc.pn, attempt = attempt, relied = '0', bind = bind}, ttl)
   return {OK, balance(acc), cost}
 end

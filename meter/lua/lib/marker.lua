@@ -17,6 +17,10 @@
 -- A marker without day is read as charged today. A marker of the earlier
 -- layout (without fa and fd, and with the period's start where pn stands)
 -- is read as having no debt; marker_period then finds its period.
+-- A marker's states: the earlier layout's s is read as SETTLED, or REFUNDED
+-- when its cost is 0.
+local CHARGED, SETTLED, DONE, REFUNDED, VOID, OLD_SETTLED = 'c', 'u', 'd', 'r', 'x', 's'
+
 local function parse_marker(s)
   if not s then return nil end
   -- The parts taken of extra grants, " g:<parts>", end the marker when
@@ -70,5 +74,5 @@ end
 
 -- Whether a marker leaves its request id free for a new charge.
 local function marker_free(m)
-  return m.state == 'x' or m.state == 'r' or (m.state == 's' and m.cost == 0)
+  return m.state == VOID or m.state == REFUNDED or (m.state == OLD_SETTLED and m.cost == 0)
 end
