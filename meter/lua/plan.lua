@@ -50,6 +50,7 @@ if not acc then
   event(acc, 'plan', balance(acc), '', name)
 else
   sweep(acc, holds_key)
+  need_gs(acc)
   if acc.own ~= 1 then
     local before_balance = balance(acc)
     acc.a, acc.m, acc.own = allowance, month, 1

@@ -30,26 +30,35 @@
 -- credits.
 local FIELDS = {'a', 'm', 'own', 'rem', 'pur', 'ps', 'nx', 'pn', 'cd', 'seq', 'ha', 'ho', 'hp', 'hx', 'pa', 'pm'}
 local DEFAULTS = {m = 1, own = 0, pur = 0, pn = 0, cd = 0, seq = 0, ha = 0, ho = 0, hp = 0}
+local REQUIRED = {'a', 'rem', 'nx'}
 
--- The grants' state, one field gs of the account ("gn gx hq dp gr gf gh ro
--- pr"), absent while every part is at its default: an org without grants
--- beyond its allowance and purchased credits reads one field for them all,
--- and writes none. gx 0 is none, pr -1 is none.
-local GS = {'gn', 'gx', 'hq', 'dp', 'gr', 'gf', 'gh', 'ro', 'pr'}
-local GS_DEFAULTS = {gn = 0, gx = 0, hq = 0, dp = 0, gr = 0, gf = 0, gh = 0, ro = 0, pr = -1}
+-- What changes seldom is one field, gs ("gn dp gr ro pr"), absent while
+-- every part is at its default, and read only when a script uses one of
+-- its parts (need_gs): a charge reads and writes none of it. pr -1 is none.
+local GS = {'gn', 'dp', 'gr', 'ro', 'pr'}
+local GS_DEFAULTS = {gn = 0, dp = 0, gr = 0, ro = 0, pr = -1}
 
-local function parse_gs(acc, s)
-  local i = 0
-  for n in string.gmatch(s or '', '%-?%d+') do
-    i = i + 1
-    acc[GS[i]] = tonumber(n)
+local function parse_gs(acc)
+  acc.gs_read = true
+  if not acc.gs_fetched and not acc.created then
+    acc.gs0 = redis.call('HGET', acc.key, 'gs') or nil
   end
-  if s and i ~= #GS then error('account field gs is corrupt') end
-  for _, f in ipairs(GS) do
-    if acc[f] == nil then acc[f] = GS_DEFAULTS[f] end
+  local s = acc.gs0
+  local v = {}
+  if s then
+    for n in string.gmatch(s, '%-?%d+') do v[#v + 1] = tonumber(n) end
+    if #v ~= #GS then error('account field gs is corrupt') end
   end
-  if acc.gx == 0 then acc.gx = nil end
-  if acc.pr == -1 then acc.pr = nil end
+  for i, f in ipairs(GS) do
+    local x = v[i] or GS_DEFAULTS[f]
+    if f == 'pr' and x == -1 then x = nil end
+    acc[f] = x
+  end
+end
+
+-- Reads gs, once, before a script first uses one of its parts.
+local function need_gs(acc)
+  if not acc.gs_read then parse_gs(acc) end
 end
 
 -- The gs field of acc, or nil when every part is at its default.
@@ -64,12 +73,11 @@ local function gs_str(acc)
   if any then return table.concat(parts, ' ') end
   return nil
 end
-local REQUIRED = {'a', 'rem', 'nx'}
 
--- What a charge reads of the account: the fields, then gl and gs.
+
+-- What a charge reads of the account: the fields, then gl.
 local READ = {unpack(FIELDS)}
 READ[#READ + 1] = 'gl'
-READ[#READ + 1] = 'gs'
 
 -- Grant kinds and states, as the admin API names them in full.
 local ALLOWANCE, ROLLOVER, PURCHASED, PROMOTIONAL = 'a', 'r', 'p', 'o'
@@ -250,6 +258,7 @@ end
 -- Repays debt (a negative rem) out of n credits just granted; returns what
 -- is left of them.
 local function repay(acc, n)
+  need_gs(acc)
   local r = math.min(n, math.max(-acc.rem, 0))
   acc.rem, acc.dp = acc.rem + r, acc.dp + r
   return n - r
@@ -318,6 +327,7 @@ end
 
 -- A new extra grant: the next id, at Redis time eff (pending until then).
 local function new_grant(acc, kind, amount, prio, eff, exp, ref, reason)
+  need_gs(acc)
   acc.gn = acc.gn + 1
   -- Whole seconds: a grant starts at the second it is given (or was asked
   -- to), and expires at the end of the second asked for, never before.
@@ -370,6 +380,7 @@ local function start_period(acc, ps_unix, next_ym)
       end
     end
   end
+  need_gs(acc)
   local carry = math.min(math.max(acc.rem, 0), acc.ro or 0)
   if acc.pa then
     acc.a, acc.m, acc.pa, acc.pm = acc.pa, acc.pm, nil, nil
@@ -417,7 +428,8 @@ end
 -- A new account's first period is number 0 (the default: not written).
 local function new_account(allowance, month)
   local acc = {a = allowance, m = month, own = 0, rem = 0, pur = 0, ha = 0, ho = 0, hp = 0, hq = 0, seq = 0, pn = -1,
-    ro = 0, gn = 0, dp = 0, gf = 0, gh = 0, gr = 0, used = {}, used_delta = {}, day_delta = {}, events = {}, created = true, stored = {}}
+    gf = 0, gh = 0, used = {}, used_delta = {}, day_delta = {}, events = {}, created = true, stored = {}}
+  parse_gs(acc)
   start_period(acc, ym_unix(now_ym - ((now_ym % 12) - (month - 1)) % 12), next_after(now_ym, month))
   return acc
 end
@@ -486,7 +498,7 @@ local function load(key, with_used, feature)
     else
       raw = redis.call('HMGET', key, unpack(READ))
     end
-    gl, gs = raw[nf + #READ - 1], raw[nf + #READ]
+    gl = raw[nf + #READ]
     for i = 1, #FIELDS do
       local f = FIELDS[i]
       local v = raw[nf + i]
@@ -512,9 +524,17 @@ local function load(key, with_used, feature)
     end
   end
   if not acc.ps then acc.ps = ym_unix(acc.nx - 12) end
-  acc.gl, acc.gl0 = gl, gl
-  parse_gs(acc, gs)
-  acc.gs0 = gs
+  -- gl: "gf gh gx hq|order": what the live grants have left and hold, the
+  -- time of the next start or expiry (0: none), what holds keep of ended
+  -- grants, then the order.
+  acc.gl0, acc.gf, acc.gh, acc.hq = gl, 0, 0, 0
+  if gl then
+    local gf, gh, gx, hq, order = string.match(gl, '^(%d+) (%d+) (%d+) (%d+)|(.*)$')
+    if not gf then error('account field gl is corrupt') end
+    acc.gf, acc.gh, acc.hq, acc.gl = tonumber(gf), tonumber(gh), tonumber(hq), order
+    if gx ~= '0' then acc.gx = tonumber(gx) end
+  end
+  acc.gs0, acc.gs_fetched = gs, with_used
   if with_used then acc.records = records end
   grant_times(acc)
   catch_up(acc)
@@ -693,7 +713,10 @@ local function grant_back(acc, id, n)
   if g.state == GRANT_SPENT then
     -- A spent grant's own field was read: it is full.
     local alive = g.exp == 0 or g.exp > srv_now()
-    if g.kind == ROLLOVER then alive = tonumber(g.id) == acc.gr end
+    if g.kind == ROLLOVER then
+      need_gs(acc)
+      alive = tonumber(g.id) == acc.gr
+    end
     if alive then
       g.state, g.ended = GRANT_LIVE, 0
       add_grant(acc, g)
@@ -737,6 +760,7 @@ local function give_back(acc, p, n)
   -- (dp) goes back as purchased credits, which never expire; the rest was
   -- repaid by the allowance, and goes back to it.
   local c = math.min(d, math.max(-acc.rem, 0))
+  need_gs(acc)
   local r = math.min(d - c, acc.dp)
   acc.rem, acc.pur, acc.dp, back = acc.rem + d - r, acc.pur + r, acc.dp - r, back + d
   local f = math.min(n, p.fp)
@@ -849,9 +873,6 @@ local function commit(key, events_key, acc, calls)
     end
   end
   local gfields = {}
-  if not acc.order and acc.gl_dirty then
-    gfields[1], gfields[2] = 'gl', acc.gl
-  end
   if acc.order and (acc.gl_dirty or acc.reorder or acc.gx_dirty) then
     -- A live grant with nothing left and nothing held is spent.
     for _, g in ipairs(order_grants(acc)) do
@@ -885,25 +906,35 @@ local function commit(key, events_key, acc, calls)
     end
     if acc.gx_dirty then acc.gx = gx end
     acc.gf, acc.gh = grant_sums(acc)
+    acc.gl = nil
+    if extra then acc.gl = table.concat(tokens, ' ') end
+  end
+  if acc.order or acc.gl_dirty then
+    -- gl is kept while there are grants besides the allowance and the
+    -- standing purchased grant, or holds keep credits of ended ones.
     local gl = nil
-    if extra then gl = table.concat(tokens, ' ') end
+    if acc.gl or acc.hq ~= 0 then
+      gl = string.format('%d %d %d %d|%s', acc.gf, acc.gh, acc.gx or 0, acc.hq, acc.gl or 'a p')
+    end
     if gl ~= acc.gl0 then
       if gl then
         gfields[#gfields + 1] = 'gl'
         gfields[#gfields + 1] = gl
       else
-        acc.gl_gone = acc.gl0 ~= nil
+        acc.gl_gone = true
       end
     end
-    acc.gl = gl
   end
-  for id, g in pairs(acc.gdirty or {}) do
-    gfields[#gfields + 1] = 'g:' .. id
-    gfields[#gfields + 1] = grant_str(g)
+  if acc.gdirty then
+    for id, g in pairs(acc.gdirty) do
+      gfields[#gfields + 1] = 'g:' .. id
+      gfields[#gfields + 1] = grant_str(g)
+    end
   end
   local set, gone = gfields, {}
   if acc.gl_gone then gone[1] = 'gl' end
-  local gs = gs_str(acc)
+  local gs = acc.gs0
+  if acc.gs_read then gs = gs_str(acc) end
   if gs ~= acc.gs0 then
     if gs then
       set[#set + 1] = 'gs'
@@ -980,6 +1011,7 @@ local function reply(acc, head)
     end
   end
   local pr = -1
+  need_gs(acc)
   if acc.pa then pr = acc.pr or 0 end
   local fields = {acc.rem, acc.pur, acc.a, acc.m, acc.pa or -1, acc.pm or -1, acc.own, acc.ps, acc.nx,
     acc.ha, acc.ho, acc.hp, acc.ro, pr, acc.hq, sums[PROMOTIONAL][1], sums[PROMOTIONAL][2], sums[ROLLOVER][1],
