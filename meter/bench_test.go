@@ -184,10 +184,14 @@ func BenchmarkChargeScript(b *testing.B) {
 		name   string
 		script *redis.Script
 		grants int // live promotional grants of each org, beside its allowance
+		// after makes them expire after the allowance, which is then spent
+		// first; else they expire before it, and are spent first.
+		after bool
 	}{
-		{"charges", chargesScript, 0},
-		{"charges-3-grants", chargesScript, 3},
-		{"commands-only", redis.NewScript(commandsOnlyLua), 0},
+		{"charges", chargesScript, 0, false},
+		{"charges-3-grants", chargesScript, 3, false},
+		{"charges-3-grants-allowance-first", chargesScript, 3, true},
+		{"commands-only", redis.NewScript(commandsOnlyLua), 0, false},
 	} {
 		b.Run(sc.name, func(b *testing.B) {
 			prefix = sc.name
@@ -198,8 +202,13 @@ func BenchmarkChargeScript(b *testing.B) {
 			for i := range orgs {
 				for g := range sc.grants {
 					// Grants that expire and never run out in the benchmark:
-					// each charge reads them, and takes from the first.
-					req := GrantRequest{Amount: MaxAmount, Expires: time.Now().Add(time.Duration(g+1) * 24 * time.Hour)}
+					// each charge reads them, and takes from the first of
+					// them or from the allowance.
+					expires := time.Now().Add(time.Duration(g+1) * 24 * time.Hour)
+					if sc.after {
+						expires = expires.AddDate(2, 0, 0)
+					}
+					req := GrantRequest{Amount: MaxAmount, Expires: expires}
 					if _, _, _, err := l.Grant(ctx, fmt.Sprintf("%s-%d", prefix, i), req); err != nil {
 						b.Fatal(err)
 					}
