@@ -3,7 +3,7 @@
 
 --#include lib/base.lua
 
--- The account hash's fields but u:<feature>, <yyyymmdd>:<feature>, gl and
+-- The account hash's fields but u:<feature>, <yyyymmdd>:<feature>, gl, gs and
 -- g:<id>, and the value each reads as when it is absent (nil: no default;
 -- a, rem and nx must be there; ps, absent, is the start of the plan year
 -- that ends at nx). A field at its default is not written: an idle org's
@@ -13,21 +13,25 @@
 -- fields: this period's allowance (rem: what is free of it; below zero it
 -- is debt, which the next credits granted repay first) and the standing
 -- purchased grant (pur: top-ups with no expiry, and positive adjustments,
--- all of one kind and priority, so they are one grant). Every other grant (rollover, purchased with an expiry,
--- promotional) has a field g:<id> of its own (see parse_grant). gl is the
--- burn-down order of the live and pending grants: 'a' (the allowance), 'p'
--- (the standing purchased grant) and, for each other grant, "id:rem:held"
--- (":p" after it while pending), so that a charge reads and writes only
--- this one field, whatever the grants: a grant's own field is written when
--- it is made and when it ends. The rest is in gs (below): gf and gh, the
--- live grants' remaining and held in all, so that the balance needs no
--- reading of gl; gn the last id given; gx the Redis time (ms) at which the
--- earliest grant starts or expires; hq the credits live holds took from
--- grants that have since ended; gr the id of this period's rollover grant
--- (0: none); ro the plan's rollover, pr that of the plan waiting for the
--- next recharge; dp the debt of this period that credits granted since
--- repaid: a refund of the charge that made it gives them back as purchased
--- credits.
+-- all of one kind and priority, so they are one grant). Every other grant
+-- (rollover, purchased with an expiry, promotional) has a field g:<id> of
+-- its own (parse_grant), written when it is made and when it ends.
+--
+-- gl is what a charge reads and writes of them, in one field:
+-- "gf gh gx hq|order". gf and gh are what the live grants have left and
+-- what holds took from them, in all (so the balance needs no reading of
+-- the order); gx the Redis second at which the earliest grant starts or
+-- expires (0: none); hq the credits live holds took from grants that have
+-- since ended. The order is the burn-down order of the live and pending
+-- grants: 'a' (the allowance), 'p' (the standing purchased grant) and, for
+-- each other grant, "id:rem" or "id:rem:held" ("p" after it while
+-- pending). gl is absent while an org has no other grant.
+--
+-- gs holds what changes seldom (GS, below): gn the last grant id given; dp
+-- the debt of this period that credits granted since repaid (a refund of
+-- the charge that made it gives them back as purchased credits); gr the id
+-- of this period's rollover grant (0: none); ro the plan's rollover, pr
+-- that of the plan waiting for the next recharge.
 local FIELDS = {'a', 'm', 'own', 'rem', 'pur', 'ps', 'nx', 'pn', 'cd', 'seq', 'ha', 'ho', 'hp', 'hx', 'pa', 'pm'}
 local DEFAULTS = {m = 1, own = 0, pur = 0, pn = 0, cd = 0, seq = 0, ha = 0, ho = 0, hp = 0}
 local REQUIRED = {'a', 'rem', 'nx'}
@@ -158,9 +162,9 @@ local function parse_order(acc, gl)
     if t == 'a' or t == 'p' then
       acc.order[#acc.order + 1] = t
     else
-      local id, rem, hld, pend = string.match(t, '^(%d+):(%d+):(%d+)(:?p?)$')
+      local id, rem, hld, pend = string.match(t, '^(%d+):(%d+):?(%d*)(p?)$')
       if not id then error('corrupt grant order') end
-      local g = {id = id, rem = tonumber(rem), held = tonumber(hld), state = GRANT_LIVE}
+      local g = {id = id, rem = tonumber(rem), held = tonumber(hld) or 0, state = GRANT_LIVE}
       if pend ~= '' then g.state = GRANT_PENDING end
       acc.order[#acc.order + 1] = g
       acc.gmap[id] = g
@@ -525,14 +529,14 @@ local function load(key, with_used, feature)
   end
   if not acc.ps then acc.ps = ym_unix(acc.nx - 12) end
   -- gl: "gf gh gx hq|order": what the live grants have left and hold, the
-  -- time of the next start or expiry (0: none), what holds keep of ended
-  -- grants, then the order.
+  -- Redis second of the next start or expiry (0: none), what holds keep of
+  -- ended grants, then the order.
   acc.gl0, acc.gf, acc.gh, acc.hq = gl, 0, 0, 0
   if gl then
     local gf, gh, gx, hq, order = string.match(gl, '^(%d+) (%d+) (%d+) (%d+)|(.*)$')
     if not gf then error('account field gl is corrupt') end
     acc.gf, acc.gh, acc.hq, acc.gl = tonumber(gf), tonumber(gh), tonumber(hq), order
-    if gx ~= '0' then acc.gx = tonumber(gx) end
+    if gx ~= '0' then acc.gx = tonumber(gx) * 1000 end
   end
   acc.gs0, acc.gs_fetched = gs, with_used
   if with_used then acc.records = records end
@@ -603,18 +607,19 @@ local function take(acc, n)
         x = math.min(n, math.max(acc.pur, 0))
         acc.pur, p.fp = acc.pur - x, p.fp + x
       else
-        local id, rem, hld, pend = string.match(string.sub(gl, s, e), '^(%d+):(%d+):(%d+)(:?p?)$')
+        local id, rem, hld, pend = string.match(string.sub(gl, s, e), '^(%d+):(%d+):?(%d*)(p?)$')
         if not id then error('corrupt grant order') end
         rem = tonumber(rem)
         if pend == '' and rem > 0 then
           x = math.min(n, rem)
-          local nt = id .. ':' .. str(rem - x) .. ':' .. hld
+          local nt = id .. ':' .. str(rem - x)
+          if hld ~= '' then nt = nt .. ':' .. hld end
           gl = string.sub(gl, 1, s - 1) .. nt .. string.sub(gl, e + 1)
           e = s + #nt - 1
           acc.gf, acc.gl_dirty = acc.gf - x, true
           p.g = p.g or {}
           p.g[id] = (p.g[id] or 0) + x
-          spent = spent or (rem == x and hld == '0')
+          spent = spent or (rem == x and (hld == '' or hld == '0'))
         end
       end
       n, pos = n - x, e + 1
@@ -889,8 +894,9 @@ local function commit(key, events_key, acc, calls)
         tokens[#tokens + 1] = e
       elseif e.state == GRANT_LIVE or e.state == GRANT_PENDING then
         extra = true
-        local t = string.format('%s:%d:%d', e.id, e.rem, e.held)
-        if e.state == GRANT_PENDING then t = t .. ':p' end
+        local t = e.id .. ':' .. str(e.rem)
+        if e.held > 0 then t = t .. ':' .. str(e.held) end
+        if e.state == GRANT_PENDING then t = t .. 'p' end
         tokens[#tokens + 1] = t
         if acc.gx_dirty then
           -- gx: when the earliest pending grant starts or live one expires.
@@ -914,7 +920,7 @@ local function commit(key, events_key, acc, calls)
     -- standing purchased grant, or holds keep credits of ended ones.
     local gl = nil
     if acc.gl or acc.hq ~= 0 then
-      gl = string.format('%d %d %d %d|%s', acc.gf, acc.gh, acc.gx or 0, acc.hq, acc.gl or 'a p')
+      gl = string.format('%d %d %d %d|%s', acc.gf, acc.gh, math.floor((acc.gx or 0) / 1000), acc.hq, acc.gl or 'a p')
     end
     if gl ~= acc.gl0 then
       if gl then
