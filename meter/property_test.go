@@ -1,6 +1,7 @@
 package meter
 
 import (
+	"cmp"
 	"errors"
 	"flag"
 	"fmt"
@@ -223,17 +224,25 @@ func (m *model) endGrant(org string, a *modelAccount, g *modelGrant, state byte,
 	g.state, g.rem, g.held, g.ended = state, 0, 0, at
 }
 
-// grantTimes makes live the pending grants whose time came, each repaying
-// debt first, and expires the live ones whose time passed, in order of id.
+// grantTimes makes live the pending grants whose time came, in the order
+// they did (then by id), each repaying debt first, and expires the live
+// ones whose time passed.
 func (m *model) grantTimes(org string, a *modelAccount) {
 	t := m.now()
+	var due []*modelGrant
 	for _, g := range a.grants {
 		if g.state == 'p' && g.eff <= t {
-			g.state = 'l'
-			g.rem = a.repay(g.rem)
-			m.repaidByGrants[org] += g.amount - g.rem
-			m.granted[org] += g.amount
+			due = append(due, g)
 		}
+	}
+	slices.SortStableFunc(due, func(x, y *modelGrant) int { return cmp.Compare(x.eff, y.eff) })
+	for _, g := range due {
+		g.state = 'l'
+		g.rem = a.repay(g.rem)
+		m.repaidByGrants[org] += g.amount - g.rem
+		m.granted[org] += g.amount
+	}
+	for _, g := range a.grants {
 		if g.state == 'l' && g.kind != 'r' && g.exp > 0 && g.exp <= t {
 			m.endGrant(org, a, g, 'x', g.exp)
 		}

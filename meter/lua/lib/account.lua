@@ -313,14 +313,24 @@ local function grant_times(acc)
   if not acc.gl or not acc.gx or acc.gx > srv_now() then return end
   local t = srv_now()
   all_full(acc)
+  -- The grants that became live, in the order they did (then by id): the
+  -- first repays debt first.
+  local due = {}
   for _, g in ipairs(order_grants(acc)) do
-    if g.state == GRANT_PENDING and g.eff <= t then
-      g.state = GRANT_LIVE
-      g.rem = repay(acc, g.rem)
-      acc.reorder = true
-      touch(acc, g)
-      event(acc, 'grant', g.amount, '', 'g' .. g.id, g.eff)
-    end
+    if g.state == GRANT_PENDING and g.eff <= t then due[#due + 1] = g end
+  end
+  table.sort(due, function(x, y)
+    if x.eff ~= y.eff then return x.eff < y.eff end
+    return tonumber(x.id) < tonumber(y.id)
+  end)
+  for _, g in ipairs(due) do
+    g.state = GRANT_LIVE
+    g.rem = repay(acc, g.rem)
+    acc.reorder = true
+    touch(acc, g)
+    event(acc, 'grant', g.amount, '', 'g' .. g.id, g.eff)
+  end
+  for _, g in ipairs(order_grants(acc)) do
     if g.state == GRANT_LIVE and g.kind ~= ROLLOVER and g.exp > 0 and g.exp <= t then
       local lost = end_grant(acc, g, GRANT_EXPIRED, g.exp)
       event(acc, 'expire', -lost, '', 'g' .. g.id, g.exp)
