@@ -1,17 +1,16 @@
 -- KEYS: account, references, events, holds, alerts, grant references.
--- ARGV[8] amount, ARGV[9]
--- kind (o: promotional), ARGV[10] priority (0..100), ARGV[11] effective,
--- Redis ms (0: now), ARGV[12] expires, Redis ms (0: never), ARGV[13]
--- reference ('-': none), ARGV[14] reason ('' for none), ARGV[15] the most
--- grants an org may have live or pending.
+-- ARGV[8] amount, ARGV[9] kind (o: promotional), ARGV[10] priority
+-- (0..100), ARGV[11] effective, Redis ms (0: now), ARGV[12] expires, Redis
+-- ms (0: never), ARGV[13] reference ('-': none), ARGV[14] reason ('' for
+-- none), ARGV[15] the most grants an org may have live or pending.
 --
 -- Grants an extra grant: live at once when effective has come (it repays
 -- debt first), pending until then. A reference is applied once per org: a
 -- repeat answers the grant it made, while it is listed (live, pending, or
 -- ended less than 90 days ago).
--- Returns {code, id, record, account...}: OK granted, REPEAT the reference
--- made a grant before (id and record are that grant's; '' when it is no
--- longer kept), ENDED expires is not after now and after effective, FULL
+-- Returns {code, id, grant (grant_view), account...}: OK granted, REPEAT
+-- the reference made a grant before (id and grant are that grant's; ''
+-- when it was voided before it arrived), ENDED expires is not after now and after effective, FULL
 -- the org has as many grants live or pending as it may (nothing written).
 
 --#include lib/holds.lua
