@@ -244,20 +244,31 @@
 		el.usageEmpty.hidden = rows.length !== 0;
 	}
 
+	// cellOf returns a function that appends a cell of text (and class cls)
+	// to the table row tr, and returns it.
+	function cellOf(tr) {
+		return (text, cls) => {
+			const td = document.createElement('td');
+			if (cls) {
+				td.className = cls;
+			}
+			td.textContent = text;
+			tr.append(td);
+			return td;
+		};
+	}
+
+	// utcText is an RFC 3339 time as the tables show it: UTC, to the second.
+	function utcText(iso) {
+		return iso.replace('T', ' ').replace(/(\.\d+)?Z$/, '');
+	}
+
 	function renderEvents(events) {
 		el.events.replaceChildren(...events.map((ev) => {
 			const tr = document.createElement('tr');
-			const cell = (text, cls) => {
-				const td = document.createElement('td');
-				if (cls) {
-					td.className = cls;
-				}
-				td.textContent = text;
-				tr.append(td);
-				return td;
-			};
+			const cell = cellOf(tr);
 			const when = cell('');
-			when.append(timeElement(ev.time, ev.time.replace('T', ' ').replace(/(\.\d+)?Z$/, '')));
+			when.append(timeElement(ev.time, utcText(ev.time)));
 			cell(ev.kind);
 			cell(ev.feature || '');
 			cell((ev.delta > 0 ? '+' : '') + number.format(ev.delta), 'num');
@@ -274,21 +285,13 @@
 		el.holds.replaceChildren(...holds.map((h) => {
 			const tr = document.createElement('tr');
 			tr.dataset.hold = h.hold;
-			const cell = (text, cls) => {
-				const td = document.createElement('td');
-				if (cls) {
-					td.className = cls;
-				}
-				td.textContent = text;
-				tr.append(td);
-				return td;
-			};
+			const cell = cellOf(tr);
 			const lease = h.hold.startsWith('lease:');
 			cell(lease ? h.hold + ' (gateway lease)' : h.hold, 'ref').title = h.hold;
 			cell(h.state);
 			cell(h.feature || '');
 			cell(number.format(h.state === 'captured' ? h.captured || 0 : h.amount), 'num');
-			cell('').append(timeElement(h.expires, h.expires.replace('T', ' ').replace(/(\.\d+)?Z$/, '')));
+			cell('').append(timeElement(h.expires, utcText(h.expires)));
 			const actions = cell('', 'hold-actions');
 			if (h.state === 'held' && !lease) {
 				const amount = document.createElement('input');
@@ -318,10 +321,6 @@
 		el.holdsEmpty.hidden = holds.length !== 0;
 	}
 
-	function utcText(iso) {
-		return iso.replace('T', ' ').replace(/(\.\d+)?Z$/, '');
-	}
-
 	// renderGrants lists the grants, each live or pending one of its own
 	// (not the plan's allowance or the standing purchased credits) with
 	// Void, which opens the void form for it.
@@ -330,15 +329,7 @@
 			const tr = document.createElement('tr');
 			tr.dataset.grant = g.grant;
 			tr.dataset.state = g.state;
-			const cell = (text, cls) => {
-				const td = document.createElement('td');
-				if (cls) {
-					td.className = cls;
-				}
-				td.textContent = text;
-				tr.append(td);
-				return td;
-			};
+			const cell = cellOf(tr);
 			cell(g.grant, 'ref');
 			cell(g.kind);
 			cell(g.state);

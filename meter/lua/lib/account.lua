@@ -595,80 +595,88 @@ local function sort_order(acc)
   end)
 end
 
+-- Takes up to n of this period's allowance (w 'a') or of the standing
+-- purchased grant (w 'p') into parts p; returns what it took.
+local function take_own(acc, w, n, p)
+  local x
+  if w == 'a' then
+    x = math.min(n, math.max(acc.rem, 0))
+    acc.rem, p.fa = acc.rem - x, p.fa + x
+  else
+    x = math.min(n, math.max(acc.pur, 0))
+    acc.pur, p.fp = acc.pur - x, p.fp + x
+  end
+  return x
+end
+
+-- take's way for a charge: gl read one grant at a time, as far as n
+-- needs, and only that grant's token written again. Returns what is left
+-- of n.
+local function take_gl(acc, n, p)
+  local gl, pos, spent = acc.gl, 1, false
+  while n > 0 do
+    local s, e = string.find(gl, '%S+', pos)
+    if not s then break end
+    local x = 0
+    if e == s then
+      x = take_own(acc, string.sub(gl, s, s), n, p)
+    else
+      local id, rem, hld, pend = string.match(string.sub(gl, s, e), '^(%d+):(%d+):?(%d*)(p?)$')
+      if not id then error('corrupt grant order') end
+      rem = tonumber(rem)
+      if pend == '' and rem > 0 then
+        x = math.min(n, rem)
+        local nt = id .. ':' .. str(rem - x)
+        if hld ~= '' then nt = nt .. ':' .. hld end
+        gl = string.sub(gl, 1, s - 1) .. nt .. string.sub(gl, e + 1)
+        e = s + #nt - 1
+        acc.gf, acc.gl_dirty = acc.gf - x, true
+        p.g = p.g or {}
+        p.g[id] = (p.g[id] or 0) + x
+        spent = spent or (rem == x and (hld == '' or hld == '0'))
+      end
+    end
+    n, pos = n - x, e + 1
+  end
+  acc.gl = gl
+  -- A grant spent: commit ends it, from gl read in full.
+  if spent then parse_order(acc, gl) end
+  return n
+end
+
+-- take's way once the grants were read (acc.order). Returns what is left
+-- of n.
+local function take_ordered(acc, n, p)
+  -- A grant added or given back in this script takes its place first.
+  if acc.reorder then sort_order(acc) end
+  for _, e in ipairs(acc.order) do
+    if n == 0 then break end
+    if type(e) ~= 'table' then
+      n = n - take_own(acc, e, n, p)
+    elseif e.state == GRANT_LIVE and e.rem > 0 then
+      local x = math.min(n, e.rem)
+      e.rem, n = e.rem - x, n - x
+      p.g = p.g or {}
+      p.g[e.id] = (p.g[e.id] or 0) + x
+      changed(acc)
+    end
+  end
+  return n
+end
+
 -- Takes n credits of the available balance, from the grants in burn-down
 -- order, then (only where the caller allows it) into debt. Returns the
 -- parts taken: {fa = allowance, fp = purchased, fd = debt, pn = this
 -- period, g = {[id] = credits} of the extra grants, or nil}.
 local function take(acc, n)
-  if not acc.order and acc.gl then
-    -- The charge's way: gl read one grant at a time, as far as n needs.
-    local p = {fa = 0, fp = 0, fd = 0, pn = acc.pn}
-    local gl, pos, spent = acc.gl, 1, false
-    while n > 0 do
-      local s, e = string.find(gl, '%S+', pos)
-      if not s then break end
-      local c = string.byte(gl, s)
-      local t = (c == 97 or c == 112) and e == s and string.char(c)
-      local x = 0
-      if t == 'a' then
-        x = math.min(n, math.max(acc.rem, 0))
-        acc.rem, p.fa = acc.rem - x, p.fa + x
-      elseif t == 'p' then
-        x = math.min(n, math.max(acc.pur, 0))
-        acc.pur, p.fp = acc.pur - x, p.fp + x
-      else
-        local id, rem, hld, pend = string.match(string.sub(gl, s, e), '^(%d+):(%d+):?(%d*)(p?)$')
-        if not id then error('corrupt grant order') end
-        rem = tonumber(rem)
-        if pend == '' and rem > 0 then
-          x = math.min(n, rem)
-          local nt = id .. ':' .. str(rem - x)
-          if hld ~= '' then nt = nt .. ':' .. hld end
-          gl = string.sub(gl, 1, s - 1) .. nt .. string.sub(gl, e + 1)
-          e = s + #nt - 1
-          acc.gf, acc.gl_dirty = acc.gf - x, true
-          p.g = p.g or {}
-          p.g[id] = (p.g[id] or 0) + x
-          spent = spent or (rem == x and (hld == '' or hld == '0'))
-        end
-      end
-      n, pos = n - x, e + 1
-    end
-    p.fd = n
-    acc.rem = acc.rem - n
-    acc.gl = gl
-    -- A grant spent: commit ends it, from gl read in full.
-    if spent then parse_order(acc, gl) end
-    return p
-  end
-  if not acc.order then
-    local fa = math.min(n, math.max(acc.rem, 0))
-    local fp = math.min(n - fa, math.max(acc.pur, 0))
-    local fd = n - fa - fp
-    acc.rem = acc.rem - fa - fd
-    acc.pur = acc.pur - fp
-    return {fa = fa, fp = fp, fd = fd, pn = acc.pn}
-  end
   local p = {fa = 0, fp = 0, fd = 0, pn = acc.pn}
-  -- A grant added or given back in this script takes its place first.
-  if acc.reorder then sort_order(acc) end
-  for _, e in ipairs(acc.order) do
-    if n == 0 then break end
-    local x = 0
-    if e == 'a' then
-      x = math.min(n, math.max(acc.rem, 0))
-      acc.rem, p.fa = acc.rem - x, p.fa + x
-    elseif e == 'p' then
-      x = math.min(n, math.max(acc.pur, 0))
-      acc.pur, p.fp = acc.pur - x, p.fp + x
-    elseif e.state == GRANT_LIVE and e.rem > 0 then
-      x = math.min(n, e.rem)
-      e.rem = e.rem - x
-      p.g = p.g or {}
-      p.g[e.id] = (p.g[e.id] or 0) + x
-      changed(acc)
-    end
-    n = n - x
+  if acc.order then
+    n = take_ordered(acc, n, p)
+  elseif acc.gl then
+    n = take_gl(acc, n, p)
+  else
+    n = n - take_own(acc, 'a', n, p)
+    n = n - take_own(acc, 'p', n, p)
   end
   p.fd = n
   acc.rem = acc.rem - n
