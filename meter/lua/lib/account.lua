@@ -36,6 +36,14 @@ local FIELDS = {'a', 'm', 'own', 'rem', 'pur', 'ps', 'nx', 'pn', 'cd', 'seq', 'h
 local DEFAULTS = {m = 1, own = 0, pur = 0, pn = 0, cd = 0, seq = 0, ha = 0, ho = 0, hp = 0}
 local REQUIRED = {'a', 'rem', 'nx'}
 
+-- What a charge reads of them (HOT), and what only a recharge, a refund,
+-- a plan or a reply needs (COLD: the plan, the period's start, the debt
+-- carried): read once, when a script first uses one (need_cold), so that a
+-- charge's read asks for no field it does not use. Each field Redis looks
+-- up in a small hash costs a scan of it.
+local HOT = {'rem', 'pur', 'nx', 'pn', 'seq', 'ha', 'ho', 'hp', 'hx'}
+local COLD = {'a', 'm', 'own', 'ps', 'cd', 'pa', 'pm'}
+
 -- What changes seldom is one field, gs ("gn dp gr ro pr"), absent while
 -- every part is at its default, and read only when a script uses one of
 -- its parts (need_gs): a charge reads and writes none of it. pr -1 is none.
@@ -79,8 +87,8 @@ local function gs_str(acc)
 end
 
 
--- What a charge reads of the account: the fields, then gl.
-local READ = {unpack(FIELDS)}
+-- What a charge reads of the account: the hot fields, then gl.
+local READ = {unpack(HOT)}
 READ[#READ + 1] = 'gl'
 
 -- Grant kinds and states, as the admin API names them in full.
@@ -376,6 +384,41 @@ local function grant(acc, g)
   return g
 end
 
+-- An account field's value v as a number; an error, raised before any
+-- write, when it is not one.
+local function field_number(f, v)
+  local n = tonumber(v)
+  if not n then
+    error('account field ' .. f .. ' is not a number')
+  end
+  return n
+end
+
+-- Fills in the cold fields once they are in acc.stored (load with_used
+-- read them all), and checks that the allowance is there.
+local function cold_read(acc)
+  acc.cold = true
+  for _, f in ipairs(COLD) do
+    local v = acc.stored[f]
+    if v == nil then v = DEFAULTS[f] end
+    acc[f] = v
+  end
+  if not acc.stored.a then
+    error('account field a is missing')
+  end
+  if not acc.ps then acc.ps = ym_unix(acc.nx - 12) end
+end
+
+-- Reads the cold fields (COLD), once, before a script first uses one.
+local function need_cold(acc)
+  if acc.cold then return end
+  local raw = redis.call('HMGET', acc.key, unpack(COLD))
+  for i, f in ipairs(COLD) do
+    if raw[i] then acc.stored[f] = field_number(f, raw[i]) end
+  end
+  cold_read(acc)
+end
+
 -- Starts a new period at period start ps_unix, granting the plan's allowance.
 -- The rollover grants carried into the period that ends expire; up to the
 -- ending plan's rollover of its unused allowance becomes a rollover grant
@@ -383,6 +426,7 @@ end
 -- first, and debt carries over. Allowance that live holds keep stays
 -- theirs, as allowance of an ended period.
 local function start_period(acc, ps_unix, next_ym)
+  need_cold(acc)
   need_order(acc)
   if acc.order then
     -- The allowance's expiry moves: its place in the order may too.
@@ -426,6 +470,7 @@ local function catch_up(acc)
   local due = false
   local guard = 0
   while acc.nx <= now_ym do
+    need_cold(acc)
     local at = acc.nx
     start_period(acc, ym_unix(at), next_after(at, acc.pm or acc.m))
     due = true
@@ -442,20 +487,10 @@ end
 -- A new account's first period is number 0 (the default: not written).
 local function new_account(allowance, month)
   local acc = {a = allowance, m = month, own = 0, rem = 0, pur = 0, ha = 0, ho = 0, hp = 0, hq = 0, seq = 0, pn = -1,
-    gf = 0, gh = 0, used = {}, used_delta = {}, day_delta = {}, events = {}, created = true, stored = {}}
+    gf = 0, gh = 0, used = {}, used_delta = {}, day_delta = {}, events = {}, created = true, stored = {}, cold = true}
   parse_gs(acc)
   start_period(acc, ym_unix(now_ym - ((now_ym % 12) - (month - 1)) % 12), next_after(now_ym, month))
   return acc
-end
-
--- An account field's value v as a number; an error, raised before any
--- write, when it is not one.
-local function field_number(f, v)
-  local n = tonumber(v)
-  if not n then
-    error('account field ' .. f .. ' is not a number')
-  end
-  return n
 end
 
 -- Whether an account field is a day's usage: <yyyymmdd>:<feature>.
@@ -513,8 +548,8 @@ local function load(key, with_used, feature)
       raw = redis.call('HMGET', key, unpack(READ))
     end
     gl = raw[nf + #READ]
-    for i = 1, #FIELDS do
-      local f = FIELDS[i]
+    for i = 1, #HOT do
+      local f = HOT[i]
       local v = raw[nf + i]
       if v then
         v = field_number(f, v)
@@ -525,19 +560,20 @@ local function load(key, with_used, feature)
       acc[f] = v
     end
     if feature then
+      local day = today() .. ':' .. feature
       acc.known = {['u:' .. feature] = field_number('u:' .. feature, raw[1] or 0),
-        [today() .. ':' .. feature] = field_number(today() .. ':' .. feature, raw[2] or 0)}
+        [day] = field_number(day, raw[2] or 0)}
     end
-    if not stored.a and not stored.rem and redis.call('EXISTS', key) == 0 then
+    if not stored.rem and not stored.nx and redis.call('EXISTS', key) == 0 then
       return nil
     end
   end
   for _, f in ipairs(REQUIRED) do
-    if not stored[f] then
+    if f ~= 'a' and not stored[f] then
       error('account field ' .. f .. ' is missing')
     end
   end
-  if not acc.ps then acc.ps = ym_unix(acc.nx - 12) end
+  if with_used then cold_read(acc) end
   -- gl: "gf gh gx hq|order": what the live grants have left and hold, the
   -- Redis second of the next start or expiry (0: none), what holds keep of
   -- ended grants, then the order.
@@ -572,6 +608,7 @@ end
 -- only follows the order.
 local function sort_order(acc)
   acc.reorder, acc.gl_dirty = false, true
+  need_cold(acc)
   all_full(acc)
   local key = {}
   for _, e in ipairs(acc.order) do
@@ -776,6 +813,7 @@ local function give_back(acc, p, n)
   local d = math.min(n, p.fd)
   p.fd, n = p.fd - d, n - d
   if p.pn ~= acc.pn then
+    need_cold(acc)
     d = math.min(d, acc.cd)
     acc.cd = acc.cd - d
   end
@@ -968,8 +1006,10 @@ local function commit(key, events_key, acc, calls)
     end
   end
   local stored = acc.stored
-  for i = 1, #FIELDS do
-    local f = FIELDS[i]
+  local fields = HOT
+  if acc.cold then fields = FIELDS end
+  for i = 1, #fields do
+    local f = fields[i]
     local v = acc[f]
     -- A field at its default, or a period start the next recharge
     -- implies, is left out.
@@ -1020,6 +1060,7 @@ end
 -- used pairs. pa, pm and pr are -1 when no plan is waiting.
 local function reply(acc, head)
   if not acc.used then error('reply needs the account loaded with its usage') end
+  need_cold(acc)
   local out = head or {}
   local sums = {[PROMOTIONAL] = {0, 0}, [ROLLOVER] = {0, 0}, [PURCHASED] = {0, 0}}
   local nxe, nxa = -1, 0

@@ -4,6 +4,16 @@
 --#include lib/marker.lua
 --#include lib/holds.lua
 
+-- Sets the period of a marker of the earlier layout: this one if it started
+-- when the marker's did.
+local function marker_period(m, acc)
+  if m.legacy_ps then
+    need_cold(acc)
+    if m.legacy_ps == acc.ps then m.pn = acc.pn else m.pn = -1 end
+    m.legacy_ps = nil
+  end
+end
+
 -- Sets a charged request's final cost: refunded (the call failed; its id is
 -- free again) or settled to its usage. Returns the change to the balance.
 local function settle_to(acc, m, actual, ref, refund)

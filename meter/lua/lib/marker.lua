@@ -51,15 +51,6 @@ local function parse_marker(s)
     day = day, g = parse_parts(gp)}
 end
 
--- Sets the period of a marker of the earlier layout: this one if it started
--- when the marker's did.
-local function marker_period(m, acc)
-  if m.legacy_ps then
-    if m.legacy_ps == acc.ps then m.pn = acc.pn else m.pn = -1 end
-    m.legacy_ps = nil
-  end
-end
-
 local function write_marker(key, m, ttl)
   local v = string.format('%d %s %d %d %d %d %s %d %s %s %s %s', m.cost, m.feature, m.fa, m.fp, m.fd, m.balance,
     m.state, m.pn, m.attempt, m.relied, m.bind or '-', m.day or today())
