@@ -19,9 +19,11 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/redis/go-redis/v9"
 	"go.yaml.in/yaml/v3"
 
+	"github.com/creditsgw/caddy-credits/internal/faultproxy"
 	"github.com/creditsgw/caddy-credits/internal/redistest"
 	"github.com/creditsgw/caddy-credits/meter"
 )
@@ -791,5 +793,162 @@ func TestDockerignoreKeepsOutBinaries(t *testing.T) {
 	}
 	if needed < 50 {
 		t.Fatalf("only %d files the build needs: git ls-files did not list the repository", needed)
+	}
+}
+
+// TestBacklogFullCounted: a fail-open call whose refund finds the backlog
+// full loses that refund, and caddy_credits_backlog_dropped_total counts it
+// (reason full), as the alert CreditsBacklogLosingCalls needs. A charge
+// the full backlog refuses loses nothing (its call is refused, not
+// forwarded) and is not counted; the void of a charge that may have run
+// is.
+func TestBacklogFullCounted(t *testing.T) {
+	srv := redistest.Start(t, redistest.Options{})
+	proxy := faultproxy.Start(t, srv.Addr)
+	g := startGateway(t, gatewayOptions{store: "redis redis://" + proxy.Addr, global: "lease off\n\t\tbacklog 1", site: metricsSite})
+	g.redis = srv
+	for _, org := range []string{"lost", "refused"} {
+		wantStatus(t, g.call("/image-studio/x", org), http.StatusOK)
+	}
+	const full = `caddy_credits_backlog_dropped_total{reason="full"}`
+
+	proxy.Refuse(true)
+	// The charge takes the backlog's one place; the upstream fails, and the
+	// refund finds no room.
+	wantStatus(t, g.call("/image-studio/fail", "lost"), http.StatusInternalServerError)
+	if n := g.metric(full); n != 1 {
+		t.Errorf("%s = %v after a refund the full backlog refused, want 1", full, n)
+	}
+	// The next charge's reply is lost (the proxy drops the connection), so
+	// it may have run: the call is refused, and the void that would undo
+	// such a charge finds no room either. The void is counted, the charge
+	// is not.
+	wantStatus(t, g.call("/image-studio/x", "refused"), http.StatusServiceUnavailable)
+	if n := g.metric(full); n != 2 {
+		t.Errorf("%s = %v after a charge and its void the full backlog refused, want 2: the void only", full, n)
+	}
+
+	proxy.Refuse(false)
+	eventually(t, "the backlog is applied", func() bool { return backlogLength() == 0 })
+	// From outside: the upstream answered lost's second call 500 and was
+	// never called for refused's; the ledger charged lost for it, the
+	// refund the metric counted.
+	if f, r := g.upstream.forwarded("lost", "image-studio"), g.upstream.forwarded("refused", "image-studio"); f != 2 || r != 1 {
+		t.Fatalf("the upstream got %d of lost's calls and %d of refused's, want 2 and 1", f, r)
+	}
+	if b := g.balance("lost"); b != 5-2-2 {
+		t.Errorf("lost's balance %d, want %d: its failed call charged, the refund lost", b, 5-2-2)
+	}
+	if b := g.balance("refused"); b != 5-2 {
+		t.Errorf("refused's balance %d, want %d: the refused call not charged", b, 5-2)
+	}
+}
+
+// TestAlertRules checks deploy/alerts.yml with promtool (Debian's
+// prometheus package), runs its unit tests (deploy/alerts_test.yml: input
+// series, and the alerts they must fire and must not), and checks that
+// every metric and label the rules read is one the gateway exports, and
+// that every alert is tested firing.
+func TestAlertRules(t *testing.T) {
+	promtool, err := exec.LookPath("promtool")
+	if err != nil {
+		t.Fatal("promtool is not installed: apt-get install -y prometheus (.ci/run does)")
+	}
+	for _, args := range [][]string{{"check", "rules", "alerts.yml"}, {"test", "rules", "alerts_test.yml"}} {
+		cmd := exec.Command(promtool, args...)
+		cmd.Dir = "../deploy"
+		if out, err := cmd.CombinedOutput(); err != nil || !strings.Contains(string(out), "SUCCESS") {
+			t.Errorf("promtool %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+
+	// What the gateway exports: each metric's name and labels.
+	m, err := newMetrics(prometheus.NewRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	exported := map[string][]string{}
+	descs := make(chan *prometheus.Desc, 100)
+	for _, c := range []prometheus.Collector{m.requests, m.charged, m.storeDuration, m.storeErrors, m.unmetered, m.dropped} {
+		c.Describe(descs)
+	}
+	close(descs)
+	descRE := regexp.MustCompile(`fqName: "([^"]+)".*variableLabels: \{([^}]*)\}`)
+	for d := range descs {
+		p := descRE.FindStringSubmatch(d.String())
+		if p == nil {
+			t.Fatalf("cannot read %s", d)
+		}
+		labels := append(strings.Split(p[2], ","), "job", "instance")
+		exported[p[1]] = labels
+		if p[1] == "caddy_credits_store_duration_seconds" {
+			for _, s := range []string{"_bucket", "_count", "_sum"} {
+				exported[p[1]+s] = append(labels, "le")
+			}
+		}
+	}
+
+	var rules struct {
+		Groups []struct {
+			Rules []struct {
+				Alert string `yaml:"alert"`
+				Expr  string `yaml:"expr"`
+			} `yaml:"rules"`
+		} `yaml:"groups"`
+	}
+	var tests struct {
+		Tests []struct {
+			AlertRuleTest []struct {
+				Alertname string `yaml:"alertname"`
+				ExpAlerts []any  `yaml:"exp_alerts"`
+			} `yaml:"alert_rule_test"`
+		} `yaml:"tests"`
+	}
+	for file, into := range map[string]any{"../deploy/alerts.yml": &rules, "../deploy/alerts_test.yml": &tests} {
+		data, err := os.ReadFile(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := yaml.Unmarshal(data, into); err != nil {
+			t.Fatalf("%s: %v", file, err)
+		}
+	}
+	fires := map[string]bool{}
+	for _, tc := range tests.Tests {
+		for _, a := range tc.AlertRuleTest {
+			fires[a.Alertname] = fires[a.Alertname] || len(a.ExpAlerts) > 0
+		}
+	}
+	metricRE := regexp.MustCompile(`\bcaddy_credits_[a-z_]+`)
+	byRE := regexp.MustCompile(`\b(?:by|without) \(([^)]*)\)`)
+	alerts := 0
+	for _, g := range rules.Groups {
+		for _, r := range g.Rules {
+			alerts++
+			if !fires[r.Alert] {
+				t.Errorf("alert %s: no test in alerts_test.yml expects it to fire", r.Alert)
+			}
+			names := metricRE.FindAllString(r.Expr, -1)
+			if len(names) == 0 {
+				t.Errorf("alert %s reads no credits metric: %s", r.Alert, r.Expr)
+			}
+			for _, name := range names {
+				labels, ok := exported[name]
+				if !ok {
+					t.Errorf("alert %s reads %s, which the gateway does not export", r.Alert, name)
+					continue
+				}
+				for _, by := range byRE.FindAllStringSubmatch(r.Expr, -1) {
+					for _, l := range strings.Split(by[1], ",") {
+						if l = strings.TrimSpace(l); !slices.Contains(labels, l) {
+							t.Errorf("alert %s groups %s by %s, a label it does not have", r.Alert, name, l)
+						}
+					}
+				}
+			}
+		}
+	}
+	if alerts < 3 {
+		t.Errorf("alerts.yml has %d alerts, want the store failing, calls unmetered and the backlog losing calls", alerts)
 	}
 }
