@@ -844,9 +844,10 @@ func TestBacklogFullCounted(t *testing.T) {
 	}
 }
 
-// TestAlertRules checks deploy/alerts.yml with promtool (Debian's
-// prometheus package), runs its unit tests (deploy/alerts_test.yml: input
-// series, and the alerts they must fire and must not), and checks that
+// TestAlertRules runs docs/operations.md's promtool commands (Debian's
+// prometheus package): they check deploy/alerts.yml and run its unit tests
+// (deploy/alerts_test.yml: input series, and the alerts they must fire and
+// must not). It also checks that
 // every metric and label the rules read is one the gateway exports, and
 // that every alert is tested firing.
 func TestAlertRules(t *testing.T) {
@@ -854,12 +855,19 @@ func TestAlertRules(t *testing.T) {
 	if err != nil {
 		t.Fatal("promtool is not installed: apt-get install -y prometheus (.ci/run does)")
 	}
-	for _, args := range [][]string{{"check", "rules", "alerts.yml"}, {"test", "rules", "alerts_test.yml"}} {
-		cmd := exec.Command(promtool, args...)
-		cmd.Dir = "../deploy"
-		if out, err := cmd.CombinedOutput(); err != nil || !strings.Contains(string(out), "SUCCESS") {
-			t.Errorf("promtool %s: %v\n%s", strings.Join(args, " "), err, out)
+	// The commands of docs/operations.md, as written, from the repository.
+	block := readmeBlock(t, "../docs/operations.md", "## Alerting", "sh")
+	for _, want := range []string{"promtool check rules alerts.yml", "promtool test rules alerts_test.yml"} {
+		if !strings.Contains(block, want) {
+			t.Fatalf("docs/operations.md's Alerting does not run %s:\n%s", want, block)
 		}
+	}
+	cmd := exec.Command("bash", "-euo", "pipefail", "-c", block)
+	cmd.Dir = ".."
+	cmd.Env = append(os.Environ(), "PATH="+filepath.Dir(promtool)+":"+os.Getenv("PATH"))
+	out, err := cmd.CombinedOutput()
+	if err != nil || strings.Count(string(out), "SUCCESS") != 2 {
+		t.Errorf("%s: %v\n%s", block, err, out)
 	}
 
 	// What the gateway exports: each metric's name and labels.
