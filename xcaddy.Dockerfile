@@ -8,3 +8,7 @@ RUN xcaddy build v2.11.9 \
 
 FROM caddy:2.11.9
 COPY --from=builder /usr/bin/caddy /usr/bin/caddy
+# The demo page and credits.js: the demo Caddyfile serves web/ of its
+# working directory, deploy/Caddyfile serves /srv/web.
+WORKDIR /srv
+COPY web /srv/web

@@ -16,8 +16,8 @@ type metrics struct {
 	unmetered     prometheus.Counter
 	// dropped counts deferred ledger calls that left the backlog
 	// unapplied, by reason: failed (a failure no retry cures, such as an
-	// org's corrupt data) or shutdown (still waiting when the store
-	// closed).
+	// org's corrupt data), full (the backlog had no room for them) or
+	// shutdown (still waiting when the store closed).
 	dropped *prometheus.CounterVec
 }
 
@@ -47,7 +47,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}),
 		dropped: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: ns, Subsystem: sub, Name: "backlog_dropped_total",
-			Help: "Deferred ledger calls that left the backlog unapplied: failed (no retry could apply them, e.g. an org's corrupt data) or shutdown (still waiting when the store closed).",
+			Help: "Deferred ledger calls that left the backlog unapplied: failed (no retry could apply them, e.g. an org's corrupt data), full (the backlog had no room for them) or shutdown (still waiting when the store closed).",
 		}, []string{"reason"}),
 	}
 	cs := []prometheus.Collector{m.requests, m.charged, m.storeDuration, m.storeErrors, m.unmetered, m.dropped}

@@ -55,8 +55,20 @@ func openStore(url string, cluster []string, backlog int, logger *zap.Logger) (*
 	return s, nil
 }
 
-// later queues d in the outbox; false when it is full.
-func (s *store) later(d meter.Deferred) bool { return s.outbox.Add(d) }
+// later queues d in the outbox; false when it is full (or closed). What
+// it refuses is lost, and counted: a settle, a void, a lease report. A
+// charge is not, since its call is refused rather than forwarded.
+func (s *store) later(d meter.Deferred) bool {
+	if s.outbox.Add(d) {
+		return true
+	}
+	if _, charge := d.(meter.LaterCharge); !charge {
+		if m := s.metrics.Load(); m != nil {
+			m.dropped.WithLabelValues("full").Inc()
+		}
+	}
+	return false
+}
 
 // reloadSlots reloads a Cluster's slot map, stale after a failover.
 func (s *store) reloadSlots() {
