@@ -6,15 +6,22 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
 	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/chromedp/chromedp"
 	"github.com/chromedp/chromedp/kb"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/creditsgw/caddy-credits/internal/redistest"
+	"github.com/creditsgw/caddy-credits/meter"
 )
 
 // The browser tests run the demo Caddyfile with the built binary and drive
@@ -390,6 +397,7 @@ func TestBrowserDemo(t *testing.T) {
 	states := func(what, script string) string {
 		t.Helper()
 		pageEval[bool](t, ctx, `(window.creditsStates = null, (async () => {
+			const { Credits } = await import("/credits.js");
 			const state = () => document.querySelector("[data-credits-badge]").dataset.creditsState;
 			const out = [];
 			`+script+`
@@ -1266,4 +1274,275 @@ func TestBrowserConsoleGrants(t *testing.T) {
 		t.Fatalf("refused grants changed the balance: %d", a.Balance)
 	}
 	checkGrants()
+}
+
+// startFrontendOrigin serves what a frontend on its own origin would:
+// web/credits.js and a page with a badge and a notice. It answers the
+// origin, http://127.0.0.1:<port>.
+func startFrontendOrigin(t *testing.T) string {
+	t.Helper()
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /credits.js", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/javascript; charset=utf-8")
+		http.ServeFile(w, r, "../web/credits.js")
+	})
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		fmt.Fprint(w, `<!doctype html><html lang="en"><head><meta charset="utf-8"><title>A frontend</title></head>
+<body><span data-credits-badge></span><div data-credits-notice hidden></div></body></html>`)
+	})
+	srv := httptest.NewServer(mux)
+	t.Cleanup(srv.Close)
+	return srv.URL
+}
+
+// startPreflightCounter puts a proxy in front of the gateway at addr and
+// counts the CORS preflights that reach it: the browser's, seen from the
+// server. It answers the proxy's origin.
+func startPreflightCounter(t *testing.T, addr string) (origin string, preflights func() int64) {
+	t.Helper()
+	var n atomic.Int64
+	proxy := httputil.NewSingleHostReverseProxy(&url.URL{Scheme: "http", Host: addr})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != "" {
+			n.Add(1)
+		}
+		proxy.ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+	return srv.URL, n.Load
+}
+
+// pageAsync runs body, the body of an async JavaScript function, in the
+// page and returns what it returns as a string, or "threw <name>: <message>".
+func pageAsync(t *testing.T, ctx context.Context, what, body string) string {
+	t.Helper()
+	pageEval[bool](t, ctx, `(window.asyncResult = null, (async () => {`+body+`})().then(
+		(r) => { window.asyncResult = String(r); },
+		(e) => { window.asyncResult = "threw " + e.name + ": " + e.message; }), true)`)
+	pageWait(t, ctx, what, "window.asyncResult !== null", "String(window.asyncResult)")
+	return pageEval[string](t, ctx, "window.asyncResult")
+}
+
+// recipeConfig replaces in block, a Caddyfile of the docs, each of the
+// pairs of replace, failing if the block lacks one, and puts the global
+// options of a test in front: no admin endpoint, and the redis-server at
+// redisAddr.
+func recipeConfig(t *testing.T, block, redisAddr string, replace ...string) string {
+	t.Helper()
+	for i := 0; i < len(replace); i += 2 {
+		if !strings.Contains(block, replace[i]) {
+			t.Fatalf("the recipe does not have %q, which the test replaces:\n%s", replace[i], block)
+		}
+	}
+	return "{\n\tadmin off\n\tcredits {\n\t\tredis redis://" + redisAddr + "\n\t}\n}\n\n" + strings.NewReplacer(replace...).Replace(block)
+}
+
+// openFrontend opens the frontend's page in a new browser, imports
+// credits.js there as a module, and records the credits:error events in
+// window.creditsErrors.
+func openFrontend(t *testing.T, page string) context.Context {
+	t.Helper()
+	ctx := newBrowser(t)
+	pageOpen(t, ctx, page+"/", "A frontend")
+	if got := pageAsync(t, ctx, "import credits.js", `
+		const m = await import("/credits.js");
+		window.Credits = m.Credits;
+		window.creditsErrors = [];
+		document.addEventListener("credits:error", (e) => window.creditsErrors.push(e.detail.status + " " + e.detail.error.name));
+		return [typeof m.fetch, typeof m.refresh, typeof m.observe, typeof m.watchFetch, typeof m.CreditsError, m.default === m.Credits].join(" ");`); got != "function function function function function true" {
+		t.Fatalf("credits.js as a module exports %s", got)
+	}
+	return ctx
+}
+
+// checkLedger compares, per org, the calls the AI backend served with
+// what the ledger at redisAddr used and left.
+func checkLedger(t *testing.T, redisAddr string, served map[string]int64, topUps map[string]int64) {
+	t.Helper()
+	rdb := redis.NewClient(&redis.Options{Addr: redisAddr})
+	t.Cleanup(func() { rdb.Close() })
+	ledger, err := meter.New(rdb, meter.Config{Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for org, top := range topUps {
+		a, err := ledger.Account(context.Background(), org)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if a.Used["rich-text"] != served[org] || a.Balance != top-served[org] {
+			t.Errorf("%s: the backend served %d calls; the ledger used %v, balance %d of %d", org, served[org], a.Used, a.Balance, top)
+		}
+	}
+}
+
+// topUp gives orgs their credits in the ledger at redisAddr.
+func topUp(t *testing.T, redisAddr string, orgs map[string]int64) {
+	t.Helper()
+	rdb := redis.NewClient(&redis.Options{Addr: redisAddr})
+	defer rdb.Close()
+	ledger, err := meter.New(rdb, meter.Config{Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for org, n := range orgs {
+		if _, _, err := ledger.TopUp(context.Background(), org, n, "start-"+org); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestBrowserCORS runs the CORS recipe of docs/frontend.md as it stands,
+// but for its addresses, with the page on one origin and the gateway on
+// another: the preflights happen, and the balance, the calls and the 402's
+// notice reach credits.js. The same recipe with the org header left out of
+// Access-Control-Allow-Headers fails, and the refresh says so.
+func TestBrowserCORS(t *testing.T) {
+	block := readmeBlock(t, "../docs/frontend.md", "### Cross-origin calls", "caddyfile")
+	srv := redistest.Start(t, redistest.Options{})
+	_, ai, servedNow := startAuthStandIns(t)
+	page := startFrontendOrigin(t)
+	topUp(t, srv.Addr, map[string]int64{"acme": 2})
+
+	start := func(block string) (origin string, preflights func() int64) {
+		t.Helper()
+		gw := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+		startCaddyProcess(t, recipeConfig(t, block, srv.Addr,
+			"api.example.com {", "http://"+gw+" {",
+			"https://app.example.com", page,
+			"127.0.0.1:9000", strings.TrimPrefix(ai.URL, "http://"),
+		), gw)
+		return startPreflightCounter(t, gw)
+	}
+	gw, preflights := start(block)
+	const allowed = `Access-Control-Allow-Headers "X-Org-Id, `
+	if !strings.Contains(block, allowed) {
+		t.Fatalf("the recipe's preflight does not allow X-Org-Id first:\n%s", block)
+	}
+	without, refused := start(strings.Replace(block, allowed, `Access-Control-Allow-Headers "`, 1))
+
+	ctx := openFrontend(t, page)
+	refresh := func(gw string) string {
+		return fmt.Sprintf(`const b = await Credits.refresh(%s + "/credits/balance", {headers: {"X-Org-Id": "acme"}});
+			return b.org + " " + b.balance + " / " + document.querySelector("[data-credits-badge]").textContent;`, jsQuote(gw))
+	}
+
+	// Without the org header in the preflight's answer, the browser stops
+	// the call: the refresh rejects and credits:error says so.
+	if got := pageAsync(t, ctx, "a refresh the preflight refuses", refresh(without)); got != "threw TypeError: Failed to fetch" {
+		t.Errorf("a refresh whose preflight leaves out X-Org-Id: %s, want the browser's TypeError", got)
+	}
+	if got := pageEval[[]string](t, ctx, "window.creditsErrors"); fmt.Sprint(got) != "[0 TypeError]" || refused() == 0 {
+		t.Errorf("credits:error %v, %d preflights; want one error of status 0 after a preflight", got, refused())
+	}
+
+	// The recipe as written: the balance, two calls, then the 402 and its
+	// notice.
+	if got := pageAsync(t, ctx, "the balance", refresh(gw)); got != "acme 2 / 2 credits" {
+		t.Fatalf("the balance across origins: %s", got)
+	}
+	call := fmt.Sprintf(`const r = await Credits.fetch(%s + "/rich-text/generate", {
+			method: "POST", headers: {"X-Org-Id": "acme", "Content-Type": "application/json"}, body: "{}"});
+		const badge = document.querySelector("[data-credits-badge]");
+		const notice = document.querySelector("[data-credits-notice]");
+		const detail = r.status === 402 ? (await r.clone().json()).detail : "";
+		return r.status + " " + badge.textContent + " " + badge.dataset.creditsState +
+			(notice.hidden ? "" : " notice " + (notice.querySelector("p").textContent === detail));`, jsQuote(gw))
+	for _, want := range []string{"200 1 credit ok", "200 0 credits exhausted", "402 0 credits exhausted notice true"} {
+		if got := pageAsync(t, ctx, "a metered call", call); got != want {
+			t.Errorf("a call across origins: %s, want %s", got, want)
+		}
+	}
+	if n := preflights(); n < 2 {
+		t.Errorf("%d preflights reached the gateway, want one for the balance and one for the calls", n)
+	}
+	if got := pageEval[[]string](t, ctx, "window.creditsErrors"); len(got) != 1 {
+		t.Errorf("credits:error %v after the recipe's calls, want only the refused one", got)
+	}
+	served := servedNow()
+	if served["acme"] != 2 || len(served) != 1 {
+		t.Fatalf("the AI backend served %v, want acme 2", served)
+	}
+	checkLedger(t, srv.Addr, served, map[string]int64{"acme": 2})
+}
+
+// TestBrowserCORSCookies runs the recipe of docs/frontend.md with cookies
+// as it stands, but for its addresses: a frontend on another origin, signed
+// in with a session cookie that a stand-in identity service turns into the
+// org, reads its balance and makes metered calls with credentials, after a
+// preflight; signed out, the refresh rejects with the 401.
+func TestBrowserCORSCookies(t *testing.T) {
+	block := readmeBlock(t, "../docs/frontend.md", "### Cross-origin calls with cookies", "caddyfile")
+	for _, want := range []string{"Access-Control-Allow-Credentials true", "request_header -X-Org-Id\n\t\tforward_auth"} {
+		if strings.Count(block, want) < 1 {
+			t.Fatalf("the recipe has no %q:\n%s", want, block)
+		}
+	}
+	srv := redistest.Start(t, redistest.Options{})
+	identity, ai, servedNow := startAuthStandIns(t)
+	page := startFrontendOrigin(t)
+	topUp(t, srv.Addr, map[string]int64{"acme": 2, "beta": 5})
+	gwAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	startCaddyProcess(t, recipeConfig(t, block, srv.Addr,
+		"api.example.com {", "http://"+gwAddr+" {",
+		"https://app.example.com", page,
+		"127.0.0.1:9000", strings.TrimPrefix(identity.URL, "http://"),
+		"127.0.0.1:8000", strings.TrimPrefix(ai.URL, "http://"),
+	), gwAddr)
+	gw, preflights := startPreflightCounter(t, gwAddr)
+	ctx := openFrontend(t, page)
+
+	refresh := fmt.Sprintf(`const b = await Credits.refresh(%s + "/credits/balance", {credentials: "include"});
+		return b.org + " " + b.balance + " / " + document.querySelector("[data-credits-badge]").textContent;`, jsQuote(gw))
+	// Signed out: the identity service's 401, readable, and reported.
+	if got := pageAsync(t, ctx, "a refresh signed out", refresh); !strings.HasPrefix(got, "threw CreditsError: the balance endpoint answered 401") {
+		t.Errorf("a refresh without the session cookie: %s, want a CreditsError of status 401", got)
+	}
+	if got := pageEval[[]string](t, ctx, "window.creditsErrors"); fmt.Sprint(got) != "[401 CreditsError]" {
+		t.Errorf("credits:error %v, want one of status 401", got)
+	}
+
+	// Signed in as acme: a cookie of the frontend's host, which the browser
+	// sends to the gateway's port with credentials: 'include'.
+	pageEval[string](t, ctx, `document.cookie = "session=tok-acme; path=/; SameSite=Lax"`)
+	if got := pageAsync(t, ctx, "acme's balance", refresh); got != "acme 2 / 2 credits" {
+		t.Fatalf("acme's balance with the cookie: %s", got)
+	}
+	call := fmt.Sprintf(`const r = await Credits.fetch(%s + "/rich-text/generate", {
+			method: "POST", credentials: "include", headers: {"Content-Type": "application/json"}, body: "{}"});
+		const badge = document.querySelector("[data-credits-badge]");
+		const notice = document.querySelector("[data-credits-notice]");
+		return r.status + " " + badge.textContent + (notice.hidden ? "" : " notice");`, jsQuote(gw))
+	for _, want := range []string{"200 1 credit", "200 0 credits", "402 0 credits notice"} {
+		if got := pageAsync(t, ctx, "a metered call", call); got != want {
+			t.Errorf("a call with credentials: %s, want %s", got, want)
+		}
+	}
+	if n := preflights(); n < 1 {
+		t.Errorf("no preflight reached the gateway before the JSON calls")
+	}
+	// Signed in as beta, the same page reads beta's balance.
+	pageEval[string](t, ctx, `document.cookie = "session=tok-beta; path=/; SameSite=Lax"`)
+	if got := pageAsync(t, ctx, "beta's balance", refresh); got != "beta 5 / 5 credits" {
+		t.Errorf("beta's balance with its cookie: %s", got)
+	}
+
+	// A client's own X-Org-Id names no other org.
+	req, _ := http.NewRequest(http.MethodPost, gw+"/rich-text/generate", nil)
+	req.Header.Set("Cookie", "session=tok-beta")
+	req.Header.Set("X-Org-Id", "acme")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || resp.Header.Get("Credits-Remaining") != "4" {
+		t.Errorf("beta's call naming acme: %d, Credits-Remaining %q", resp.StatusCode, resp.Header.Get("Credits-Remaining"))
+	}
+	served := servedNow()
+	if served["acme"] != 2 || served["beta"] != 1 || len(served) != 2 {
+		t.Fatalf("the AI backend served %v, want acme 2 and beta 1", served)
+	}
+	checkLedger(t, srv.Addr, served, map[string]int64{"acme": 2, "beta": 5})
 }
