@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -374,7 +375,7 @@ func TestBrowserDemo(t *testing.T) {
 	pageClick(t, console, "#topup-submit")
 	pageWaitText(t, console, "#balance", "10")
 	pageWaitText(t, console, "#purchased", "10")
-	pageWaitContains(t, console, "#status", "Added 10 credits to demo")
+	pageWaitContains(t, console, "#topup-status", "Added 10 credits to demo")
 
 	pageClick(t, ctx, "#generate")
 	waitBadge(t, ctx, 9, "ok")
@@ -541,7 +542,7 @@ func TestBrowserConsole(t *testing.T) {
 	negative := api.problem(t, http.MethodPost, "/orgs/acme/topup", `{"amount": -5}`)
 	pageType(t, ctx, "#amount", "-5")
 	pageClick(t, ctx, "#topup-submit")
-	pageWaitContains(t, ctx, "#error", negative)
+	pageWaitContains(t, ctx, "#topup-error", negative)
 	pageWaitText(t, ctx, "#balance", "94")
 
 	// A top-up, and the same reference again.
@@ -550,11 +551,11 @@ func TestBrowserConsole(t *testing.T) {
 	pageClick(t, ctx, "#topup-submit")
 	pageWaitText(t, ctx, "#purchased", "6")
 	pageWaitText(t, ctx, "#balance", "100")
-	pageWaitText(t, ctx, "#error", "")
+	pageWaitText(t, ctx, "#topup-error", "")
 	pageType(t, ctx, "#amount", "6")
 	pageType(t, ctx, "#reference", "invoice-7")
 	pageClick(t, ctx, "#topup-submit")
-	pageWaitContains(t, ctx, "#status", `Reference "invoice-7" was already applied`)
+	pageWaitContains(t, ctx, "#topup-status", `Reference "invoice-7" was already applied`)
 	pageWaitText(t, ctx, "#balance", "100")
 	pageWaitText(t, ctx, "#events tbody tr:first-child td:nth-child(2)", "topup")
 
@@ -563,7 +564,7 @@ func TestBrowserConsole(t *testing.T) {
 	badPlan := api.problem(t, http.MethodPut, "/orgs/acme/plan", `{"allowance": -1, "recharge_month": 3}`)
 	pageType(t, ctx, "#allowance", "-1")
 	pageClick(t, ctx, "#plan-submit")
-	pageWaitContains(t, ctx, "#error", badPlan)
+	pageWaitContains(t, ctx, "#plan-error", badPlan)
 	pageType(t, ctx, "#allowance", "50")
 	pageDo(t, ctx, "choose July", chromedp.SetValue(chromedp.CSS("#month"), "7"))
 	pageClick(t, ctx, "#plan-submit")
@@ -743,7 +744,7 @@ func TestBrowserConsoleUsage(t *testing.T) {
 		e.dispatchEvent(new Event("input", {bubbles: true}));
 	})()`))
 	pageWaitText(t, ctx, "#orgs-count", "58 organizations listed.")
-	pageDo(t, ctx, "scroll to the org list", chromedp.Evaluate[chromedp.Void](`window.scrollTo(0, 0)`))
+	pageDo(t, ctx, "scroll to the org list", chromedp.Evaluate[chromedp.Void](`document.getElementById("orgs").scrollIntoView()`))
 	pageScreenshot(t, ctx, "console-orgs.png")
 
 	// The chart: a bar a day, each the API's usage of that day, for 30
@@ -895,7 +896,7 @@ func TestBrowserConsoleUsage(t *testing.T) {
 	pageDo(t, ctx, "scroll to the adjust form", chromedp.Evaluate[chromedp.Void](`document.getElementById("adjust").scrollIntoView({block: "center"})`))
 	pageScreenshot(t, ctx, "console-adjust.png")
 	pageClick(t, ctx, "#adjust-submit")
-	pageWaitContains(t, ctx, "#status", fmt.Sprintf("Adjusted acme by -7 credits: %q. Balance: %d credits.", reason, before-7))
+	pageWaitContains(t, ctx, "#adjust-status", fmt.Sprintf("Adjusted acme by -7 credits: %q. Balance: %d credits.", reason, before-7))
 	if after := balance(); after != before-7 {
 		t.Errorf("acme's balance after an adjustment of -7: %d, was %d", after, before)
 	}
@@ -936,14 +937,14 @@ func TestBrowserConsoleUsage(t *testing.T) {
 			detail = `invalid amount "2.5": must be -1000000000000 to 1000000000000, and not 0`
 		}
 		// The page's text is compared with its spaces collapsed.
-		pageWaitText(t, ctx, "#error", strings.Join(strings.Fields("Adjustment not sent: "+detail), " "))
+		pageWaitText(t, ctx, "#adjust-error", strings.Join(strings.Fields("Adjustment not sent: "+detail), " "))
 		if got := pageEval[string](t, ctx, `document.activeElement.id + " " + document.activeElement.getAttribute("aria-invalid")`); got != c.field+" true" {
 			t.Errorf("amount %q, reason %q: the focus is on %q, want %s, marked invalid", c.amount, c.reason, got, c.field)
 		}
 		pageType(t, ctx, "#adjust-amount", "")
 		pageType(t, ctx, "#adjust-reason", "")
 		pageClick(t, ctx, "#adjust-submit")
-		pageWaitContains(t, ctx, "#error", "Adjustment not sent: invalid amount \"\"")
+		pageWaitContains(t, ctx, "#adjust-error", "Adjustment not sent: invalid amount \"\"")
 	}
 	pageWaitText(t, ctx, "#balance", fmt.Sprint(balanceBefore))
 	if after := balance(); after != balanceBefore {
@@ -956,7 +957,7 @@ func TestBrowserConsoleUsage(t *testing.T) {
 	pageType(t, ctx, "#adjust-amount", "-1")
 	pageType(t, ctx, "#adjust-reason", "sent with a wrong token")
 	pageClick(t, ctx, "#adjust-submit")
-	pageWaitText(t, ctx, "#error", "Adjustment refused: "+unauthorized)
+	pageWaitText(t, ctx, "#adjust-error", "Adjustment refused: "+unauthorized)
 	if after := balance(); after != balanceBefore {
 		t.Errorf("acme's balance after an adjustment the API refused: %d, want %d", after, balanceBefore)
 	}
@@ -1210,7 +1211,7 @@ func TestBrowserConsoleGrants(t *testing.T) {
 	pageType(t, browser, "#grant-expires", day)
 	pageType(t, browser, "#grant-reason", "Spring campaign")
 	pageClick(t, browser, "#grant-submit")
-	pageWaitContains(t, browser, "#status", "Gave acme 25 credits as grant g1, expiring "+day+" 00:00:00 UTC. Balance: 165 credits.")
+	pageWaitContains(t, browser, "#grant-status", "Gave acme 25 credits as grant g1, expiring "+day+" 00:00:00 UTC. Balance: 165 credits.")
 	pageWaitText(t, browser, `#grants tr[data-grant="g1"] td:nth-child(6)`, day+" 00:00:00")
 	if a := checkFigures(); a.Balance != 165 {
 		t.Fatalf("acme's balance after a grant of 25: %d, want 165", a.Balance)
@@ -1234,7 +1235,7 @@ func TestBrowserConsoleGrants(t *testing.T) {
 		t.Errorf("the focus after Void is on %q, want the reason", got)
 	}
 	pageClick(t, browser, "#void-submit")
-	pageWaitContains(t, browser, "#error", `Void not sent: invalid reason "": must be 1 to 500 bytes`)
+	pageWaitContains(t, browser, "#void-error", `Void not sent: invalid reason "": must be 1 to 500 bytes`)
 	if a := checkFigures(); a.Balance != 165 {
 		t.Fatalf("a void without a reason changed the balance: %d", a.Balance)
 	}
@@ -1243,7 +1244,7 @@ func TestBrowserConsoleGrants(t *testing.T) {
 	pageScreenshot(t, browser, "console-grants.png")
 	checkAccessibility(t, browser)
 	pageClick(t, browser, "#void-submit")
-	pageWaitContains(t, browser, "#status", `Grant g1 voided: "Campaign withdrawn". Balance: 140 credits.`)
+	pageWaitContains(t, browser, "#grants-status", `Grant g1 voided: "Campaign withdrawn". Balance: 140 credits.`)
 	pageWait(t, browser, "the void form closes", `document.getElementById("void-form").hidden`, pageText("#void-form"))
 	pageWaitText(t, browser, `#grants tr[data-grant="g1"] td:nth-child(3)`, "voided")
 	if a := checkFigures(); a.Balance != 140 {
@@ -1268,7 +1269,7 @@ func TestBrowserConsoleGrants(t *testing.T) {
 		pageType(t, browser, "#grant-expires", c.expires)
 		pageType(t, browser, "#grant-reason", "")
 		pageClick(t, browser, "#grant-submit")
-		pageWaitText(t, browser, "#error", strings.Join(strings.Fields("Grant refused: "+detail), " "))
+		pageWaitText(t, browser, "#grant-error", strings.Join(strings.Fields("Grant refused: "+detail), " "))
 	}
 	if a := checkFigures(); a.Balance != 140 {
 		t.Fatalf("refused grants changed the balance: %d", a.Balance)
@@ -1545,4 +1546,206 @@ func TestBrowserCORSCookies(t *testing.T) {
 		t.Fatalf("the AI backend served %v, want acme 2 and beta 1", served)
 	}
 	checkLedger(t, srv.Addr, served, map[string]int64{"acme": 2, "beta": 5})
+}
+
+// TestBrowserConsoleLayout checks the console's layout against the admin
+// API: the account's figures come first, above the org list; a debt is
+// shown as debt, not as a negative allowance; a top-up's and a capture's
+// outcome show next to their buttons, in view; the gateways' leases are
+// listed only behind their toggle; and the Actions columns line up with
+// their headings.
+func TestBrowserConsoleLayout(t *testing.T) {
+	const token = "layout-test-token"
+	cfg, gw, admin := demoCaddyfile(t)
+	withToken := strings.Replace(cfg, "\t\tcredits_admin\n", "\t\tcredits_admin {\n\t\t\ttoken "+token+"\n\t\t}\n", 1)
+	if withToken == cfg {
+		t.Fatal("the demo Caddyfile has no bare credits_admin to give a token to")
+	}
+	startCaddyProcess(t, withToken, gw, admin)
+	api := adminAPI{base: "http://" + admin + "/admin", token: token}
+
+	// busy has bought credits and makes calls in a row: its gateway leases
+	// some; it has a hold of its own too. indebted ran into debt.
+	if status := api.call(t, http.MethodPost, "/orgs/busy/topup", `{"amount": 1000, "reference": "invoice-1"}`, nil); status != http.StatusOK {
+		t.Fatalf("busy's top-up: %d", status)
+	}
+	type hold struct {
+		Hold   string `json:"hold"`
+		State  string `json:"state"`
+		Amount int64  `json:"amount"`
+	}
+	holds := func() (own, leases []hold) {
+		t.Helper()
+		var list struct {
+			Holds []hold `json:"holds"`
+		}
+		if status := api.call(t, http.MethodGet, "/orgs/busy/holds", "", &list); status != http.StatusOK {
+			t.Fatalf("busy's holds: %d", status)
+		}
+		for _, h := range list.Holds {
+			if strings.HasPrefix(h.Hold, "lease:") {
+				leases = append(leases, h)
+			} else {
+				own = append(own, h)
+			}
+		}
+		return own, leases
+	}
+	awaitCondition(t, "a lease of busy's credits", func() bool {
+		if resp, p := meteredCall(t, gw, "busy", "/rich-text/generate"); resp.StatusCode != http.StatusOK {
+			t.Fatalf("busy's call: %d %s", resp.StatusCode, p.Detail)
+		}
+		_, leases := holds()
+		return len(leases) > 0
+	})
+	var created hold
+	if status := api.call(t, http.MethodPost, "/orgs/busy/holds", `{"amount": 5, "feature": "rich-text", "reference": "job-1"}`, &created); status != http.StatusCreated {
+		t.Fatalf("busy's hold: %d", status)
+	}
+	for range 6 { // 5 credits of the default plan, then a debt of 1
+		if resp, _ := meteredCall(t, gw, "indebted", "/flows/run"); resp.StatusCode != http.StatusOK {
+			t.Fatalf("an overdraft call: %d", resp.StatusCode)
+		}
+	}
+
+	ctx := newBrowser(t)
+	pageOpen(t, ctx, "http://"+admin+"/admin/", "Credits usage console")
+	pageType(t, ctx, "#token", token)
+	pageType(t, ctx, "#org", "indebted")
+	pageClick(t, ctx, "#show")
+	pageWaitText(t, ctx, "#balance", "-1")
+
+	// The figures come first: before the org list in the page, in view
+	// without scrolling, not below the list.
+	first := pageEval[string](t, ctx, `(() => {
+		const figures = document.querySelector("#account .figures").getBoundingClientRect();
+		const orgs = document.getElementById("orgs").getBoundingClientRect();
+		const before = document.getElementById("account").compareDocumentPosition(document.getElementById("orgs")) & Node.DOCUMENT_POSITION_FOLLOWING;
+		return [scrollY === 0, figures.bottom <= innerHeight, figures.top < orgs.bottom, before !== 0].join(" ");
+	})()`)
+	if first != "true true true true" {
+		t.Errorf("the figures (at the top, in view, not below the org list, before it in the page): %s", first)
+	}
+	// On a wide page the org list goes beside the account.
+	pageDo(t, ctx, "widen the page", chromedp.EmulateViewport(1400, viewportHeight))
+	beside := pageEval[string](t, ctx, `(() => {
+		const figures = document.querySelector("#account .figures").getBoundingClientRect();
+		const orgs = document.getElementById("orgs").getBoundingClientRect();
+		return [orgs.left >= figures.right, orgs.top < figures.bottom].join(" ");
+	})()`)
+	if beside != "true true" {
+		t.Errorf("on a page 1400 pixels wide, the org list (right of the figures, beside them): %s", beside)
+	}
+	pageDo(t, ctx, "narrow the page again", chromedp.EmulateViewport(viewportWidth, viewportHeight))
+
+	// A debt is debt: the allowance's credits apart, the debt beside them.
+	var acct struct {
+		Balance            int64 `json:"balance"`
+		AllowanceRemaining int64 `json:"allowance_remaining"`
+		Purchased          int64 `json:"purchased"`
+		Debt               int64 `json:"debt"`
+	}
+	api.call(t, http.MethodGet, "/orgs/indebted", "", &acct)
+	if acct.Balance != -1 || acct.Debt != 1 || acct.AllowanceRemaining != -1 {
+		t.Fatalf("indebted's account: %+v, want a debt of 1", acct)
+	}
+	pageWaitVisible(t, ctx, "#debt-figure")
+	pageWaitText(t, ctx, "#debt", "1")
+	pageWaitText(t, ctx, "#debt-figure .figure-note", "repaid first by the next credits")
+	pageWaitText(t, ctx, "#allowance-remaining", fmt.Sprint(acct.AllowanceRemaining+acct.Debt))
+	checkAccessibility(t, ctx)
+	pageScreenshot(t, ctx, "console-debt.png")
+
+	// A top-up repays the debt first; its outcome shows under its button,
+	// in view.
+	pageType(t, ctx, "#amount", "8")
+	pageType(t, ctx, "#reference", "invoice-8")
+	pageClick(t, ctx, "#topup-submit")
+	pageWaitText(t, ctx, "#topup-status", "Added 8 credits to indebted, 1 of them to repay its debt. Balance: 7 credits.")
+	api.call(t, http.MethodGet, "/orgs/indebted", "", &acct)
+	if acct.Balance != 7 || acct.Debt != 0 || acct.Purchased != 7 {
+		t.Fatalf("indebted after a top-up of 8: %+v", acct)
+	}
+	pageWait(t, ctx, "the debt goes once repaid", `document.getElementById("debt-figure").hidden`, pageText("#debt-figure"))
+	pageWaitText(t, ctx, "#purchased", "7")
+	checkNextTo(t, ctx, "#topup-status", "#topup-submit")
+
+	// busy: its own hold listed, the leases behind the toggle.
+	own, leases := holds()
+	pageType(t, ctx, "#org", "busy")
+	pageClick(t, ctx, "#show")
+	pageWaitText(t, ctx, "#account-org", "busy")
+	listedHolds := func() []string {
+		t.Helper()
+		return pageEval[[]string](t, ctx, `[...document.querySelectorAll("#holds tbody tr")].filter(tr => tr.checkVisibility()).map(tr => tr.dataset.hold)`)
+	}
+	holdIDs := func(hs ...[]hold) []string {
+		var ids []string
+		for _, l := range hs {
+			for _, h := range l {
+				ids = append(ids, h.Hold)
+			}
+		}
+		slices.Sort(ids)
+		return ids
+	}
+	sorted := func(s []string) []string { slices.Sort(s); return s }
+	if got, want := sorted(listedHolds()), holdIDs(own); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("holds listed: %v, want busy's own %v without the leases", got, want)
+	}
+	pageWaitVisible(t, ctx, "#leases-toggle")
+	pageWaitText(t, ctx, "#leases-toggle label", fmt.Sprintf("Show the gateways' leases (%d)", len(leases)))
+	pageClick(t, ctx, "#show-leases")
+	pageWait(t, ctx, "the leases listed", fmt.Sprintf(`document.querySelectorAll("#holds tbody tr.lease").length === %d`, len(leases)), `document.querySelector("#holds tbody").textContent`)
+	if got, want := sorted(listedHolds()), holdIDs(own, leases); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("holds listed with the leases: %v, want %v", got, want)
+	}
+	if n := pageEval[int](t, ctx, `document.querySelectorAll("#holds tr.lease button").length`); n != 0 {
+		t.Errorf("a lease has %d buttons, want none: it is the gateway's to end", n)
+	}
+
+	// The Actions columns line up with their headings.
+	for _, table := range []string{"#holds", "#grants"} {
+		bad := pageEval[[]string](t, ctx, `(() => {
+			const table = document.querySelector(`+jsQuote(table)+`);
+			const th = table.querySelector("thead th:last-child").getBoundingClientRect();
+			const out = [];
+			for (const td of table.querySelectorAll("tbody td:last-child")) {
+				const r = td.getBoundingClientRect(), row = td.parentElement.getBoundingClientRect();
+				if (getComputedStyle(td).display !== "table-cell" || Math.abs(r.left - th.left) > 0.5 || Math.abs(r.right - th.right) > 0.5 ||
+					Math.abs(r.top - row.top) > 0.5 || Math.abs(r.bottom - row.bottom) > 0.5) {
+					out.push(td.parentElement.dataset.hold || td.parentElement.dataset.grant);
+				}
+			}
+			return out;
+		})()`)
+		if len(bad) != 0 {
+			t.Errorf("%s: the Actions cells of %v are out of line with their heading", table, bad)
+		}
+	}
+	pageDo(t, ctx, "scroll to the holds", chromedp.Evaluate[chromedp.Void](`document.getElementById("holds-title").scrollIntoView()`))
+	checkAccessibility(t, ctx)
+	pageScreenshot(t, ctx, "console-holds.png")
+	pageClick(t, ctx, "#show-leases")
+	pageWait(t, ctx, "the leases hidden again", `document.querySelectorAll("#holds tbody tr.lease").length === 0`, `document.querySelector("#holds tbody").textContent`)
+
+	// A capture's outcome shows under the holds, in view.
+	pageType(t, ctx, fmt.Sprintf(`#holds tr[data-hold=%q] .capture-amount`, created.Hold), "3")
+	pageClick(t, ctx, fmt.Sprintf(`#holds tr[data-hold=%q] button.capture`, created.Hold))
+	pageWaitContains(t, ctx, "#holds-status", "Hold "+created.Hold+" captured: 3 credits charged.")
+	checkNextTo(t, ctx, "#holds-status", "#holds")
+}
+
+// checkNextTo checks that the element sel is in view, and just below the
+// element near: an outcome shown where the admin is looking.
+func checkNextTo(t *testing.T, ctx context.Context, sel, near string) {
+	t.Helper()
+	got := pageEval[string](t, ctx, `(() => {
+		const e = document.querySelector(`+jsQuote(sel)+`).getBoundingClientRect();
+		const n = document.querySelector(`+jsQuote(near)+`).getBoundingClientRect();
+		return [e.top >= 0 && e.bottom <= innerHeight, e.top >= n.bottom - 1 && e.top - n.bottom < 80].join(" ");
+	})()`)
+	if got != "true true" {
+		t.Errorf("%s (in view, just below %s): %s", sel, near, got)
+	}
 }
