@@ -551,6 +551,8 @@ func TestBrowserConsole(t *testing.T) {
 	pageClick(t, ctx, "#topup-submit")
 	pageWaitText(t, ctx, "#purchased", "6")
 	pageWaitText(t, ctx, "#balance", "100")
+	// The form is done with the top-up once it says so.
+	pageWaitText(t, ctx, "#topup-status", "Added 6 credits to acme. Balance: 100 credits.")
 	pageWaitText(t, ctx, "#topup-error", "")
 	pageType(t, ctx, "#amount", "6")
 	pageType(t, ctx, "#reference", "invoice-7")

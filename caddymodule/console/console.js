@@ -1010,9 +1010,9 @@
 		try {
 			const acct = await call('POST', orgPath(org, 'topup'), body);
 			renderAccount(acct);
-			await Promise.all([refreshGrants(org), refreshEvents(org)]).catch(() => {});
 			el.amount.value = '';
 			el.reference.value = '';
+			await Promise.all([refreshGrants(org), refreshEvents(org)]).catch(() => {});
 			// A top-up repays the debt first: what it added is what the
 			// purchased credits grew by, plus the debt it repaid.
 			const repaid = (before.debt || 0) - (acct.debt || 0);
