@@ -6,15 +6,23 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/chromedp/chromedp"
 	"github.com/chromedp/chromedp/kb"
+	"github.com/redis/go-redis/v9"
+
+	"github.com/creditsgw/caddy-credits/internal/redistest"
+	"github.com/creditsgw/caddy-credits/meter"
 )
 
 // The browser tests run the demo Caddyfile with the built binary and drive
@@ -367,7 +375,7 @@ func TestBrowserDemo(t *testing.T) {
 	pageClick(t, console, "#topup-submit")
 	pageWaitText(t, console, "#balance", "10")
 	pageWaitText(t, console, "#purchased", "10")
-	pageWaitContains(t, console, "#status", "Added 10 credits to demo")
+	pageWaitContains(t, console, "#topup-status", "Added 10 credits to demo")
 
 	pageClick(t, ctx, "#generate")
 	waitBadge(t, ctx, 9, "ok")
@@ -390,6 +398,7 @@ func TestBrowserDemo(t *testing.T) {
 	states := func(what, script string) string {
 		t.Helper()
 		pageEval[bool](t, ctx, `(window.creditsStates = null, (async () => {
+			const { Credits } = await import("/credits.js");
 			const state = () => document.querySelector("[data-credits-badge]").dataset.creditsState;
 			const out = [];
 			`+script+`
@@ -533,7 +542,7 @@ func TestBrowserConsole(t *testing.T) {
 	negative := api.problem(t, http.MethodPost, "/orgs/acme/topup", `{"amount": -5}`)
 	pageType(t, ctx, "#amount", "-5")
 	pageClick(t, ctx, "#topup-submit")
-	pageWaitContains(t, ctx, "#error", negative)
+	pageWaitContains(t, ctx, "#topup-error", negative)
 	pageWaitText(t, ctx, "#balance", "94")
 
 	// A top-up, and the same reference again.
@@ -542,11 +551,13 @@ func TestBrowserConsole(t *testing.T) {
 	pageClick(t, ctx, "#topup-submit")
 	pageWaitText(t, ctx, "#purchased", "6")
 	pageWaitText(t, ctx, "#balance", "100")
-	pageWaitText(t, ctx, "#error", "")
+	// The form is done with the top-up once it says so.
+	pageWaitText(t, ctx, "#topup-status", "Added 6 credits to acme. Balance: 100 credits.")
+	pageWaitText(t, ctx, "#topup-error", "")
 	pageType(t, ctx, "#amount", "6")
 	pageType(t, ctx, "#reference", "invoice-7")
 	pageClick(t, ctx, "#topup-submit")
-	pageWaitContains(t, ctx, "#status", `Reference "invoice-7" was already applied`)
+	pageWaitContains(t, ctx, "#topup-status", `Reference "invoice-7" was already applied`)
 	pageWaitText(t, ctx, "#balance", "100")
 	pageWaitText(t, ctx, "#events tbody tr:first-child td:nth-child(2)", "topup")
 
@@ -555,7 +566,7 @@ func TestBrowserConsole(t *testing.T) {
 	badPlan := api.problem(t, http.MethodPut, "/orgs/acme/plan", `{"allowance": -1, "recharge_month": 3}`)
 	pageType(t, ctx, "#allowance", "-1")
 	pageClick(t, ctx, "#plan-submit")
-	pageWaitContains(t, ctx, "#error", badPlan)
+	pageWaitContains(t, ctx, "#plan-error", badPlan)
 	pageType(t, ctx, "#allowance", "50")
 	pageDo(t, ctx, "choose July", chromedp.SetValue(chromedp.CSS("#month"), "7"))
 	pageClick(t, ctx, "#plan-submit")
@@ -735,7 +746,7 @@ func TestBrowserConsoleUsage(t *testing.T) {
 		e.dispatchEvent(new Event("input", {bubbles: true}));
 	})()`))
 	pageWaitText(t, ctx, "#orgs-count", "58 organizations listed.")
-	pageDo(t, ctx, "scroll to the org list", chromedp.Evaluate[chromedp.Void](`window.scrollTo(0, 0)`))
+	pageDo(t, ctx, "scroll to the org list", chromedp.Evaluate[chromedp.Void](`document.getElementById("orgs").scrollIntoView()`))
 	pageScreenshot(t, ctx, "console-orgs.png")
 
 	// The chart: a bar a day, each the API's usage of that day, for 30
@@ -887,7 +898,7 @@ func TestBrowserConsoleUsage(t *testing.T) {
 	pageDo(t, ctx, "scroll to the adjust form", chromedp.Evaluate[chromedp.Void](`document.getElementById("adjust").scrollIntoView({block: "center"})`))
 	pageScreenshot(t, ctx, "console-adjust.png")
 	pageClick(t, ctx, "#adjust-submit")
-	pageWaitContains(t, ctx, "#status", fmt.Sprintf("Adjusted acme by -7 credits: %q. Balance: %d credits.", reason, before-7))
+	pageWaitContains(t, ctx, "#adjust-status", fmt.Sprintf("Adjusted acme by -7 credits: %q. Balance: %d credits.", reason, before-7))
 	if after := balance(); after != before-7 {
 		t.Errorf("acme's balance after an adjustment of -7: %d, was %d", after, before)
 	}
@@ -928,14 +939,14 @@ func TestBrowserConsoleUsage(t *testing.T) {
 			detail = `invalid amount "2.5": must be -1000000000000 to 1000000000000, and not 0`
 		}
 		// The page's text is compared with its spaces collapsed.
-		pageWaitText(t, ctx, "#error", strings.Join(strings.Fields("Adjustment not sent: "+detail), " "))
+		pageWaitText(t, ctx, "#adjust-error", strings.Join(strings.Fields("Adjustment not sent: "+detail), " "))
 		if got := pageEval[string](t, ctx, `document.activeElement.id + " " + document.activeElement.getAttribute("aria-invalid")`); got != c.field+" true" {
 			t.Errorf("amount %q, reason %q: the focus is on %q, want %s, marked invalid", c.amount, c.reason, got, c.field)
 		}
 		pageType(t, ctx, "#adjust-amount", "")
 		pageType(t, ctx, "#adjust-reason", "")
 		pageClick(t, ctx, "#adjust-submit")
-		pageWaitContains(t, ctx, "#error", "Adjustment not sent: invalid amount \"\"")
+		pageWaitContains(t, ctx, "#adjust-error", "Adjustment not sent: invalid amount \"\"")
 	}
 	pageWaitText(t, ctx, "#balance", fmt.Sprint(balanceBefore))
 	if after := balance(); after != balanceBefore {
@@ -948,7 +959,7 @@ func TestBrowserConsoleUsage(t *testing.T) {
 	pageType(t, ctx, "#adjust-amount", "-1")
 	pageType(t, ctx, "#adjust-reason", "sent with a wrong token")
 	pageClick(t, ctx, "#adjust-submit")
-	pageWaitText(t, ctx, "#error", "Adjustment refused: "+unauthorized)
+	pageWaitText(t, ctx, "#adjust-error", "Adjustment refused: "+unauthorized)
 	if after := balance(); after != balanceBefore {
 		t.Errorf("acme's balance after an adjustment the API refused: %d, want %d", after, balanceBefore)
 	}
@@ -1202,7 +1213,7 @@ func TestBrowserConsoleGrants(t *testing.T) {
 	pageType(t, browser, "#grant-expires", day)
 	pageType(t, browser, "#grant-reason", "Spring campaign")
 	pageClick(t, browser, "#grant-submit")
-	pageWaitContains(t, browser, "#status", "Gave acme 25 credits as grant g1, expiring "+day+" 00:00:00 UTC. Balance: 165 credits.")
+	pageWaitContains(t, browser, "#grant-status", "Gave acme 25 credits as grant g1, expiring "+day+" 00:00:00 UTC. Balance: 165 credits.")
 	pageWaitText(t, browser, `#grants tr[data-grant="g1"] td:nth-child(6)`, day+" 00:00:00")
 	if a := checkFigures(); a.Balance != 165 {
 		t.Fatalf("acme's balance after a grant of 25: %d, want 165", a.Balance)
@@ -1226,7 +1237,7 @@ func TestBrowserConsoleGrants(t *testing.T) {
 		t.Errorf("the focus after Void is on %q, want the reason", got)
 	}
 	pageClick(t, browser, "#void-submit")
-	pageWaitContains(t, browser, "#error", `Void not sent: invalid reason "": must be 1 to 500 bytes`)
+	pageWaitContains(t, browser, "#void-error", `Void not sent: invalid reason "": must be 1 to 500 bytes`)
 	if a := checkFigures(); a.Balance != 165 {
 		t.Fatalf("a void without a reason changed the balance: %d", a.Balance)
 	}
@@ -1235,7 +1246,7 @@ func TestBrowserConsoleGrants(t *testing.T) {
 	pageScreenshot(t, browser, "console-grants.png")
 	checkAccessibility(t, browser)
 	pageClick(t, browser, "#void-submit")
-	pageWaitContains(t, browser, "#status", `Grant g1 voided: "Campaign withdrawn". Balance: 140 credits.`)
+	pageWaitContains(t, browser, "#grants-status", `Grant g1 voided: "Campaign withdrawn". Balance: 140 credits.`)
 	pageWait(t, browser, "the void form closes", `document.getElementById("void-form").hidden`, pageText("#void-form"))
 	pageWaitText(t, browser, `#grants tr[data-grant="g1"] td:nth-child(3)`, "voided")
 	if a := checkFigures(); a.Balance != 140 {
@@ -1260,10 +1271,483 @@ func TestBrowserConsoleGrants(t *testing.T) {
 		pageType(t, browser, "#grant-expires", c.expires)
 		pageType(t, browser, "#grant-reason", "")
 		pageClick(t, browser, "#grant-submit")
-		pageWaitText(t, browser, "#error", strings.Join(strings.Fields("Grant refused: "+detail), " "))
+		pageWaitText(t, browser, "#grant-error", strings.Join(strings.Fields("Grant refused: "+detail), " "))
 	}
 	if a := checkFigures(); a.Balance != 140 {
 		t.Fatalf("refused grants changed the balance: %d", a.Balance)
 	}
 	checkGrants()
+}
+
+// startFrontendOrigin serves what a frontend on its own origin would:
+// web/credits.js and a page with a badge and a notice. It answers the
+// origin, http://127.0.0.1:<port>.
+func startFrontendOrigin(t *testing.T) string {
+	t.Helper()
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /credits.js", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/javascript; charset=utf-8")
+		http.ServeFile(w, r, "../web/credits.js")
+	})
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		fmt.Fprint(w, `<!doctype html><html lang="en"><head><meta charset="utf-8"><title>A frontend</title></head>
+<body><span data-credits-badge></span><div data-credits-notice hidden></div></body></html>`)
+	})
+	srv := httptest.NewServer(mux)
+	t.Cleanup(srv.Close)
+	return srv.URL
+}
+
+// startPreflightCounter puts a proxy in front of the gateway at addr and
+// counts the CORS preflights that reach it: the browser's, seen from the
+// server. It answers the proxy's origin.
+func startPreflightCounter(t *testing.T, addr string) (origin string, preflights func() int64) {
+	t.Helper()
+	var n atomic.Int64
+	proxy := httputil.NewSingleHostReverseProxy(&url.URL{Scheme: "http", Host: addr})
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodOptions && r.Header.Get("Access-Control-Request-Method") != "" {
+			n.Add(1)
+		}
+		proxy.ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+	return srv.URL, n.Load
+}
+
+// pageAsync runs body, the body of an async JavaScript function, in the
+// page and returns what it returns as a string, or "threw <name>: <message>".
+func pageAsync(t *testing.T, ctx context.Context, what, body string) string {
+	t.Helper()
+	pageEval[bool](t, ctx, `(window.asyncResult = null, (async () => {`+body+`})().then(
+		(r) => { window.asyncResult = String(r); },
+		(e) => { window.asyncResult = "threw " + e.name + ": " + e.message; }), true)`)
+	pageWait(t, ctx, what, "window.asyncResult !== null", "String(window.asyncResult)")
+	return pageEval[string](t, ctx, "window.asyncResult")
+}
+
+// recipeConfig replaces in block, a Caddyfile of the docs, each of the
+// pairs of replace, failing if the block lacks one, and puts the global
+// options of a test in front: no admin endpoint, and the redis-server at
+// redisAddr.
+func recipeConfig(t *testing.T, block, redisAddr string, replace ...string) string {
+	t.Helper()
+	for i := 0; i < len(replace); i += 2 {
+		if !strings.Contains(block, replace[i]) {
+			t.Fatalf("the recipe does not have %q, which the test replaces:\n%s", replace[i], block)
+		}
+	}
+	return "{\n\tadmin off\n\tcredits {\n\t\tredis redis://" + redisAddr + "\n\t}\n}\n\n" + strings.NewReplacer(replace...).Replace(block)
+}
+
+// openFrontend opens the frontend's page in a new browser, imports
+// credits.js there as a module, and records the credits:error events in
+// window.creditsErrors.
+func openFrontend(t *testing.T, page string) context.Context {
+	t.Helper()
+	ctx := newBrowser(t)
+	pageOpen(t, ctx, page+"/", "A frontend")
+	if got := pageAsync(t, ctx, "import credits.js", `
+		const m = await import("/credits.js");
+		window.Credits = m.Credits;
+		window.creditsErrors = [];
+		document.addEventListener("credits:error", (e) => window.creditsErrors.push(e.detail.status + " " + e.detail.error.name));
+		return [typeof m.fetch, typeof m.refresh, typeof m.observe, typeof m.watchFetch, typeof m.CreditsError, m.default === m.Credits].join(" ");`); got != "function function function function function true" {
+		t.Fatalf("credits.js as a module exports %s", got)
+	}
+	return ctx
+}
+
+// checkLedger compares, per org, the calls the AI backend served with
+// what the ledger at redisAddr used and left.
+func checkLedger(t *testing.T, redisAddr string, served map[string]int64, topUps map[string]int64) {
+	t.Helper()
+	rdb := redis.NewClient(&redis.Options{Addr: redisAddr})
+	t.Cleanup(func() { rdb.Close() })
+	ledger, err := meter.New(rdb, meter.Config{Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for org, top := range topUps {
+		a, err := ledger.Account(context.Background(), org)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if a.Used["rich-text"] != served[org] || a.Balance != top-served[org] {
+			t.Errorf("%s: the backend served %d calls; the ledger used %v, balance %d of %d", org, served[org], a.Used, a.Balance, top)
+		}
+	}
+}
+
+// topUp gives orgs their credits in the ledger at redisAddr.
+func topUp(t *testing.T, redisAddr string, orgs map[string]int64) {
+	t.Helper()
+	rdb := redis.NewClient(&redis.Options{Addr: redisAddr})
+	defer rdb.Close()
+	ledger, err := meter.New(rdb, meter.Config{Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for org, n := range orgs {
+		if _, _, err := ledger.TopUp(context.Background(), org, n, "start-"+org); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestBrowserCORS runs the CORS recipe of docs/frontend.md as it stands,
+// but for its addresses, with the page on one origin and the gateway on
+// another: the preflights happen, and the balance, the calls and the 402's
+// notice reach credits.js. The same recipe with the org header left out of
+// Access-Control-Allow-Headers fails, and the refresh says so.
+func TestBrowserCORS(t *testing.T) {
+	block := readmeBlock(t, "../docs/frontend.md", "### Cross-origin calls", "caddyfile")
+	srv := redistest.Start(t, redistest.Options{})
+	_, ai, servedNow := startAuthStandIns(t)
+	page := startFrontendOrigin(t)
+	topUp(t, srv.Addr, map[string]int64{"acme": 2})
+
+	start := func(block string) (origin string, preflights func() int64) {
+		t.Helper()
+		gw := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+		startCaddyProcess(t, recipeConfig(t, block, srv.Addr,
+			"api.example.com {", "http://"+gw+" {",
+			"https://app.example.com", page,
+			"127.0.0.1:9000", strings.TrimPrefix(ai.URL, "http://"),
+		), gw)
+		return startPreflightCounter(t, gw)
+	}
+	gw, preflights := start(block)
+	const allowed = `Access-Control-Allow-Headers "X-Org-Id, `
+	if !strings.Contains(block, allowed) {
+		t.Fatalf("the recipe's preflight does not allow X-Org-Id first:\n%s", block)
+	}
+	without, refused := start(strings.Replace(block, allowed, `Access-Control-Allow-Headers "`, 1))
+
+	ctx := openFrontend(t, page)
+	refresh := func(gw string) string {
+		return fmt.Sprintf(`const b = await Credits.refresh(%s + "/credits/balance", {headers: {"X-Org-Id": "acme"}});
+			return b.org + " " + b.balance + " / " + document.querySelector("[data-credits-badge]").textContent;`, jsQuote(gw))
+	}
+
+	// Without the org header in the preflight's answer, the browser stops
+	// the call: the refresh rejects and credits:error says so.
+	if got := pageAsync(t, ctx, "a refresh the preflight refuses", refresh(without)); got != "threw TypeError: Failed to fetch" {
+		t.Errorf("a refresh whose preflight leaves out X-Org-Id: %s, want the browser's TypeError", got)
+	}
+	if got := pageEval[[]string](t, ctx, "window.creditsErrors"); fmt.Sprint(got) != "[0 TypeError]" || refused() == 0 {
+		t.Errorf("credits:error %v, %d preflights; want one error of status 0 after a preflight", got, refused())
+	}
+
+	// The recipe as written: the balance, two calls, then the 402 and its
+	// notice.
+	if got := pageAsync(t, ctx, "the balance", refresh(gw)); got != "acme 2 / 2 credits" {
+		t.Fatalf("the balance across origins: %s", got)
+	}
+	call := fmt.Sprintf(`const r = await Credits.fetch(%s + "/rich-text/generate", {
+			method: "POST", headers: {"X-Org-Id": "acme", "Content-Type": "application/json"}, body: "{}"});
+		const badge = document.querySelector("[data-credits-badge]");
+		const notice = document.querySelector("[data-credits-notice]");
+		const detail = r.status === 402 ? (await r.clone().json()).detail : "";
+		return r.status + " " + badge.textContent + " " + badge.dataset.creditsState +
+			(notice.hidden ? "" : " notice " + (notice.querySelector("p").textContent === detail));`, jsQuote(gw))
+	for _, want := range []string{"200 1 credit ok", "200 0 credits exhausted", "402 0 credits exhausted notice true"} {
+		if got := pageAsync(t, ctx, "a metered call", call); got != want {
+			t.Errorf("a call across origins: %s, want %s", got, want)
+		}
+	}
+	if n := preflights(); n < 2 {
+		t.Errorf("%d preflights reached the gateway, want one for the balance and one for the calls", n)
+	}
+	if got := pageEval[[]string](t, ctx, "window.creditsErrors"); len(got) != 1 {
+		t.Errorf("credits:error %v after the recipe's calls, want only the refused one", got)
+	}
+	served := servedNow()
+	if served["acme"] != 2 || len(served) != 1 {
+		t.Fatalf("the AI backend served %v, want acme 2", served)
+	}
+	checkLedger(t, srv.Addr, served, map[string]int64{"acme": 2})
+}
+
+// TestBrowserCORSCookies runs the recipe of docs/frontend.md with cookies
+// as it stands, but for its addresses: a frontend on another origin, signed
+// in with a session cookie that a stand-in identity service turns into the
+// org, reads its balance and makes metered calls with credentials, after a
+// preflight; signed out, the refresh rejects with the 401.
+func TestBrowserCORSCookies(t *testing.T) {
+	block := readmeBlock(t, "../docs/frontend.md", "### Cross-origin calls with cookies", "caddyfile")
+	for _, want := range []string{"Access-Control-Allow-Credentials true", "request_header -X-Org-Id\n\t\tforward_auth"} {
+		if strings.Count(block, want) < 1 {
+			t.Fatalf("the recipe has no %q:\n%s", want, block)
+		}
+	}
+	srv := redistest.Start(t, redistest.Options{})
+	identity, ai, servedNow := startAuthStandIns(t)
+	page := startFrontendOrigin(t)
+	topUp(t, srv.Addr, map[string]int64{"acme": 2, "beta": 5})
+	gwAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	startCaddyProcess(t, recipeConfig(t, block, srv.Addr,
+		"api.example.com {", "http://"+gwAddr+" {",
+		"https://app.example.com", page,
+		"127.0.0.1:9000", strings.TrimPrefix(identity.URL, "http://"),
+		"127.0.0.1:8000", strings.TrimPrefix(ai.URL, "http://"),
+	), gwAddr)
+	gw, preflights := startPreflightCounter(t, gwAddr)
+	ctx := openFrontend(t, page)
+
+	refresh := fmt.Sprintf(`const b = await Credits.refresh(%s + "/credits/balance", {credentials: "include"});
+		return b.org + " " + b.balance + " / " + document.querySelector("[data-credits-badge]").textContent;`, jsQuote(gw))
+	// Signed out: the identity service's 401, readable, and reported.
+	if got := pageAsync(t, ctx, "a refresh signed out", refresh); !strings.HasPrefix(got, "threw CreditsError: the balance endpoint answered 401") {
+		t.Errorf("a refresh without the session cookie: %s, want a CreditsError of status 401", got)
+	}
+	if got := pageEval[[]string](t, ctx, "window.creditsErrors"); fmt.Sprint(got) != "[401 CreditsError]" {
+		t.Errorf("credits:error %v, want one of status 401", got)
+	}
+
+	// Signed in as acme: a cookie of the frontend's host, which the browser
+	// sends to the gateway's port with credentials: 'include'.
+	pageEval[string](t, ctx, `document.cookie = "session=tok-acme; path=/; SameSite=Lax"`)
+	if got := pageAsync(t, ctx, "acme's balance", refresh); got != "acme 2 / 2 credits" {
+		t.Fatalf("acme's balance with the cookie: %s", got)
+	}
+	call := fmt.Sprintf(`const r = await Credits.fetch(%s + "/rich-text/generate", {
+			method: "POST", credentials: "include", headers: {"Content-Type": "application/json"}, body: "{}"});
+		const badge = document.querySelector("[data-credits-badge]");
+		const notice = document.querySelector("[data-credits-notice]");
+		return r.status + " " + badge.textContent + (notice.hidden ? "" : " notice");`, jsQuote(gw))
+	for _, want := range []string{"200 1 credit", "200 0 credits", "402 0 credits notice"} {
+		if got := pageAsync(t, ctx, "a metered call", call); got != want {
+			t.Errorf("a call with credentials: %s, want %s", got, want)
+		}
+	}
+	if n := preflights(); n < 1 {
+		t.Errorf("no preflight reached the gateway before the JSON calls")
+	}
+	// Signed in as beta, the same page reads beta's balance.
+	pageEval[string](t, ctx, `document.cookie = "session=tok-beta; path=/; SameSite=Lax"`)
+	if got := pageAsync(t, ctx, "beta's balance", refresh); got != "beta 5 / 5 credits" {
+		t.Errorf("beta's balance with its cookie: %s", got)
+	}
+
+	// A client's own X-Org-Id names no other org.
+	req, _ := http.NewRequest(http.MethodPost, gw+"/rich-text/generate", nil)
+	req.Header.Set("Cookie", "session=tok-beta")
+	req.Header.Set("X-Org-Id", "acme")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK || resp.Header.Get("Credits-Remaining") != "4" {
+		t.Errorf("beta's call naming acme: %d, Credits-Remaining %q", resp.StatusCode, resp.Header.Get("Credits-Remaining"))
+	}
+	served := servedNow()
+	if served["acme"] != 2 || served["beta"] != 1 || len(served) != 2 {
+		t.Fatalf("the AI backend served %v, want acme 2 and beta 1", served)
+	}
+	checkLedger(t, srv.Addr, served, map[string]int64{"acme": 2, "beta": 5})
+}
+
+// TestBrowserConsoleLayout checks the console's layout against the admin
+// API: the account's figures come first, above the org list; a debt is
+// shown as debt, not as a negative allowance; a top-up's and a capture's
+// outcome show next to their buttons, in view; the gateways' leases are
+// listed only behind their toggle; and the Actions columns line up with
+// their headings.
+func TestBrowserConsoleLayout(t *testing.T) {
+	const token = "layout-test-token"
+	cfg, gw, admin := demoCaddyfile(t)
+	withToken := strings.Replace(cfg, "\t\tcredits_admin\n", "\t\tcredits_admin {\n\t\t\ttoken "+token+"\n\t\t}\n", 1)
+	if withToken == cfg {
+		t.Fatal("the demo Caddyfile has no bare credits_admin to give a token to")
+	}
+	startCaddyProcess(t, withToken, gw, admin)
+	api := adminAPI{base: "http://" + admin + "/admin", token: token}
+
+	// busy has bought credits and makes calls in a row: its gateway leases
+	// some; it has a hold of its own too. indebted ran into debt.
+	if status := api.call(t, http.MethodPost, "/orgs/busy/topup", `{"amount": 1000, "reference": "invoice-1"}`, nil); status != http.StatusOK {
+		t.Fatalf("busy's top-up: %d", status)
+	}
+	type hold struct {
+		Hold   string `json:"hold"`
+		State  string `json:"state"`
+		Amount int64  `json:"amount"`
+	}
+	holds := func() (own, leases []hold) {
+		t.Helper()
+		var list struct {
+			Holds []hold `json:"holds"`
+		}
+		if status := api.call(t, http.MethodGet, "/orgs/busy/holds", "", &list); status != http.StatusOK {
+			t.Fatalf("busy's holds: %d", status)
+		}
+		for _, h := range list.Holds {
+			if strings.HasPrefix(h.Hold, "lease:") {
+				leases = append(leases, h)
+			} else {
+				own = append(own, h)
+			}
+		}
+		return own, leases
+	}
+	awaitCondition(t, "a lease of busy's credits", func() bool {
+		if resp, p := meteredCall(t, gw, "busy", "/rich-text/generate"); resp.StatusCode != http.StatusOK {
+			t.Fatalf("busy's call: %d %s", resp.StatusCode, p.Detail)
+		}
+		_, leases := holds()
+		return len(leases) > 0
+	})
+	var created hold
+	if status := api.call(t, http.MethodPost, "/orgs/busy/holds", `{"amount": 5, "feature": "rich-text", "reference": "job-1"}`, &created); status != http.StatusCreated {
+		t.Fatalf("busy's hold: %d", status)
+	}
+	for range 6 { // 5 credits of the default plan, then a debt of 1
+		if resp, _ := meteredCall(t, gw, "indebted", "/flows/run"); resp.StatusCode != http.StatusOK {
+			t.Fatalf("an overdraft call: %d", resp.StatusCode)
+		}
+	}
+
+	ctx := newBrowser(t)
+	pageOpen(t, ctx, "http://"+admin+"/admin/", "Credits usage console")
+	pageType(t, ctx, "#token", token)
+	pageType(t, ctx, "#org", "indebted")
+	pageClick(t, ctx, "#show")
+	pageWaitText(t, ctx, "#balance", "-1")
+
+	// The figures come first: before the org list in the page, in view
+	// without scrolling, not below the list.
+	first := pageEval[string](t, ctx, `(() => {
+		const figures = document.querySelector("#account .figures").getBoundingClientRect();
+		const orgs = document.getElementById("orgs").getBoundingClientRect();
+		const before = document.getElementById("account").compareDocumentPosition(document.getElementById("orgs")) & Node.DOCUMENT_POSITION_FOLLOWING;
+		return [scrollY === 0, figures.bottom <= innerHeight, figures.top < orgs.bottom, before !== 0].join(" ");
+	})()`)
+	if first != "true true true true" {
+		t.Errorf("the figures (at the top, in view, not below the org list, before it in the page): %s", first)
+	}
+	// On a wide page the org list goes beside the account.
+	pageDo(t, ctx, "widen the page", chromedp.EmulateViewport(1400, viewportHeight))
+	beside := pageEval[string](t, ctx, `(() => {
+		const figures = document.querySelector("#account .figures").getBoundingClientRect();
+		const orgs = document.getElementById("orgs").getBoundingClientRect();
+		return [orgs.left >= figures.right, orgs.top < figures.bottom].join(" ");
+	})()`)
+	if beside != "true true" {
+		t.Errorf("on a page 1400 pixels wide, the org list (right of the figures, beside them): %s", beside)
+	}
+	pageDo(t, ctx, "narrow the page again", chromedp.EmulateViewport(viewportWidth, viewportHeight))
+
+	// A debt is debt: the allowance's credits apart, the debt beside them.
+	var acct struct {
+		Balance            int64 `json:"balance"`
+		AllowanceRemaining int64 `json:"allowance_remaining"`
+		Purchased          int64 `json:"purchased"`
+		Debt               int64 `json:"debt"`
+	}
+	api.call(t, http.MethodGet, "/orgs/indebted", "", &acct)
+	if acct.Balance != -1 || acct.Debt != 1 || acct.AllowanceRemaining != -1 {
+		t.Fatalf("indebted's account: %+v, want a debt of 1", acct)
+	}
+	pageWaitVisible(t, ctx, "#debt-figure")
+	pageWaitText(t, ctx, "#debt", "1")
+	pageWaitText(t, ctx, "#debt-figure .figure-note", "repaid first by the next credits")
+	pageWaitText(t, ctx, "#allowance-remaining", fmt.Sprint(acct.AllowanceRemaining+acct.Debt))
+	checkAccessibility(t, ctx)
+	pageScreenshot(t, ctx, "console-debt.png")
+
+	// A top-up repays the debt first; its outcome shows under its button,
+	// in view.
+	pageType(t, ctx, "#amount", "8")
+	pageType(t, ctx, "#reference", "invoice-8")
+	pageClick(t, ctx, "#topup-submit")
+	pageWaitText(t, ctx, "#topup-status", "Added 8 credits to indebted, 1 of them to repay its debt. Balance: 7 credits.")
+	api.call(t, http.MethodGet, "/orgs/indebted", "", &acct)
+	if acct.Balance != 7 || acct.Debt != 0 || acct.Purchased != 7 {
+		t.Fatalf("indebted after a top-up of 8: %+v", acct)
+	}
+	pageWait(t, ctx, "the debt goes once repaid", `document.getElementById("debt-figure").hidden`, pageText("#debt-figure"))
+	pageWaitText(t, ctx, "#purchased", "7")
+	checkNextTo(t, ctx, "#topup-status", "#topup-submit")
+
+	// busy: its own hold listed, the leases behind the toggle.
+	own, leases := holds()
+	pageType(t, ctx, "#org", "busy")
+	pageClick(t, ctx, "#show")
+	pageWaitText(t, ctx, "#account-org", "busy")
+	listedHolds := func() []string {
+		t.Helper()
+		return pageEval[[]string](t, ctx, `[...document.querySelectorAll("#holds tbody tr")].filter(tr => tr.checkVisibility()).map(tr => tr.dataset.hold)`)
+	}
+	holdIDs := func(hs ...[]hold) []string {
+		var ids []string
+		for _, l := range hs {
+			for _, h := range l {
+				ids = append(ids, h.Hold)
+			}
+		}
+		slices.Sort(ids)
+		return ids
+	}
+	sorted := func(s []string) []string { slices.Sort(s); return s }
+	if got, want := sorted(listedHolds()), holdIDs(own); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("holds listed: %v, want busy's own %v without the leases", got, want)
+	}
+	pageWaitVisible(t, ctx, "#leases-toggle")
+	pageWaitText(t, ctx, "#leases-toggle label", fmt.Sprintf("Show the gateways' leases (%d)", len(leases)))
+	pageClick(t, ctx, "#show-leases")
+	pageWait(t, ctx, "the leases listed", fmt.Sprintf(`document.querySelectorAll("#holds tbody tr.lease").length === %d`, len(leases)), `document.querySelector("#holds tbody").textContent`)
+	if got, want := sorted(listedHolds()), holdIDs(own, leases); fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Errorf("holds listed with the leases: %v, want %v", got, want)
+	}
+	if n := pageEval[int](t, ctx, `document.querySelectorAll("#holds tr.lease button").length`); n != 0 {
+		t.Errorf("a lease has %d buttons, want none: it is the gateway's to end", n)
+	}
+
+	// The Actions columns line up with their headings.
+	for _, table := range []string{"#holds", "#grants"} {
+		bad := pageEval[[]string](t, ctx, `(() => {
+			const table = document.querySelector(`+jsQuote(table)+`);
+			const th = table.querySelector("thead th:last-child").getBoundingClientRect();
+			const out = [];
+			for (const td of table.querySelectorAll("tbody td:last-child")) {
+				const r = td.getBoundingClientRect(), row = td.parentElement.getBoundingClientRect();
+				if (getComputedStyle(td).display !== "table-cell" || Math.abs(r.left - th.left) > 0.5 || Math.abs(r.right - th.right) > 0.5 ||
+					Math.abs(r.top - row.top) > 0.5 || Math.abs(r.bottom - row.bottom) > 0.5) {
+					out.push(td.parentElement.dataset.hold || td.parentElement.dataset.grant);
+				}
+			}
+			return out;
+		})()`)
+		if len(bad) != 0 {
+			t.Errorf("%s: the Actions cells of %v are out of line with their heading", table, bad)
+		}
+	}
+	pageDo(t, ctx, "scroll to the holds", chromedp.Evaluate[chromedp.Void](`document.getElementById("holds-title").scrollIntoView()`))
+	checkAccessibility(t, ctx)
+	pageScreenshot(t, ctx, "console-holds.png")
+	pageClick(t, ctx, "#show-leases")
+	pageWait(t, ctx, "the leases hidden again", `document.querySelectorAll("#holds tbody tr.lease").length === 0`, `document.querySelector("#holds tbody").textContent`)
+
+	// A capture's outcome shows under the holds, in view.
+	pageType(t, ctx, fmt.Sprintf(`#holds tr[data-hold=%q] .capture-amount`, created.Hold), "3")
+	pageClick(t, ctx, fmt.Sprintf(`#holds tr[data-hold=%q] button.capture`, created.Hold))
+	pageWaitContains(t, ctx, "#holds-status", "Hold "+created.Hold+" captured: 3 credits charged.")
+	checkNextTo(t, ctx, "#holds-status", "#holds")
+}
+
+// checkNextTo checks that the element sel is in view, and just below the
+// element near: an outcome shown where the admin is looking.
+func checkNextTo(t *testing.T, ctx context.Context, sel, near string) {
+	t.Helper()
+	got := pageEval[string](t, ctx, `(() => {
+		const e = document.querySelector(`+jsQuote(sel)+`).getBoundingClientRect();
+		const n = document.querySelector(`+jsQuote(near)+`).getBoundingClientRect();
+		return [e.top >= 0 && e.bottom <= innerHeight, e.top >= n.bottom - 1 && e.top - n.bottom < 80].join(" ");
+	})()`)
+	if got != "true true" {
+		t.Errorf("%s (in view, just below %s): %s", sel, near, got)
+	}
 }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -310,4 +311,111 @@ func TestHeadingSlugs(t *testing.T) {
 	if got["not-a-heading"] || len(got) != 5 {
 		t.Errorf("slugs %v, want 5 and none from a code block", got)
 	}
+}
+
+// TestCreditsJSTypes checks web/credits.d.ts against web/credits.js without
+// a TypeScript toolchain: every name credits.js exports is declared, and
+// nothing else; and web/package.json makes the pair an installable ES
+// module.
+func TestCreditsJSTypes(t *testing.T) {
+	js, err := os.ReadFile("../web/credits.js")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dts, err := os.ReadFile("../web/credits.d.ts")
+	if err != nil {
+		t.Fatal(err)
+	}
+	jsNames := exportedNames(string(js), false)
+	dtsNames := exportedNames(string(dts), true)
+	if len(jsNames) < 6 {
+		t.Fatalf("credits.js exports %v, want its API", jsNames)
+	}
+	for name := range jsNames {
+		if !dtsNames[name] {
+			t.Errorf("credits.js exports %s, which credits.d.ts does not declare", name)
+		}
+	}
+	for name := range dtsNames {
+		if !jsNames[name] {
+			t.Errorf("credits.d.ts declares %s, which credits.js does not export", name)
+		}
+	}
+	// The object's members are the named exports, and format.
+	obj := regexp.MustCompile(`(?s)export const Credits = \{(.*?)\};`).FindStringSubmatch(string(js))
+	iface := regexp.MustCompile(`(?s)export interface CreditsAPI \{(.*?)\n\}`).FindStringSubmatch(string(dts))
+	if obj == nil || iface == nil {
+		t.Fatal("no Credits object in credits.js, or no CreditsAPI in credits.d.ts")
+	}
+	members := func(body string, re string) []string {
+		var out []string
+		for _, m := range regexp.MustCompile(re).FindAllStringSubmatch(body, -1) {
+			out = append(out, m[1])
+		}
+		slices.Sort(out)
+		return out
+	}
+	if a, b := members(obj[1], `(?m)^\s*(\w+)[,:]`), members(iface[1], `(?m)^\s*(\w+):`); fmt.Sprint(a) != fmt.Sprint(b) {
+		t.Errorf("the Credits object has %v, CreditsAPI declares %v", a, b)
+	}
+
+	var pkg struct {
+		Name    string `json:"name"`
+		Version string `json:"version"`
+		Type    string `json:"type"`
+		Types   string `json:"types"`
+		Exports map[string]json.RawMessage
+		Files   []string `json:"files"`
+	}
+	data, err := os.ReadFile("../web/package.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(data, &pkg); err != nil {
+		t.Fatalf("web/package.json: %v", err)
+	}
+	var dot struct {
+		Types   string `json:"types"`
+		Default string `json:"default"`
+	}
+	if err := json.Unmarshal(pkg.Exports["."], &dot); err != nil {
+		t.Fatalf("web/package.json's exports[\".\"]: %v", err)
+	}
+	if pkg.Name == "" || !regexp.MustCompile(`^\d+\.\d+\.\d+$`).MatchString(pkg.Version) || pkg.Type != "module" ||
+		pkg.Types != "./credits.d.ts" || dot.Types != "./credits.d.ts" || dot.Default != "./credits.js" {
+		t.Errorf("web/package.json: %+v, exports %+v", pkg, dot)
+	}
+	for _, f := range pkg.Files {
+		if _, err := os.Stat(filepath.Join("../web", f)); err != nil {
+			t.Errorf("web/package.json lists %s: %v", f, err)
+		}
+	}
+}
+
+// exportedNames returns the names a JavaScript module (or, with dts, a
+// declaration file) exports: export function/class/const/let, export {a as
+// b}, and "default" for export default. In a declaration file, types and
+// interfaces are left out: credits.js cannot export them.
+func exportedNames(src string, dts bool) map[string]bool {
+	names := map[string]bool{}
+	decl := regexp.MustCompile(`(?m)^export\s+(?:declare\s+)?(?:async\s+)?(function|class|const|let|var|type|interface)\s+(\w+)`)
+	for _, m := range decl.FindAllStringSubmatch(src, -1) {
+		if dts && (m[1] == "type" || m[1] == "interface") {
+			continue
+		}
+		names[m[2]] = true
+	}
+	list := regexp.MustCompile(`(?m)^export\s*\{([^}]*)\}`)
+	for _, m := range list.FindAllStringSubmatch(src, -1) {
+		for _, part := range strings.Split(m[1], ",") {
+			fields := strings.Fields(part)
+			if len(fields) > 0 {
+				names[fields[len(fields)-1]] = true
+			}
+		}
+	}
+	if regexp.MustCompile(`(?m)^export\s+default\s`).MatchString(src) {
+		names["default"] = true
+	}
+	return names
 }

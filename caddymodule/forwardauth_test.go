@@ -166,7 +166,8 @@ func TestDeployCaddyfile(t *testing.T) {
 }
 
 // startAuthStandIns starts a stand-in identity service (GET /verify: the
-// bearer tokens tok-acme and tok-beta prove orgs acme and beta,
+// bearer tokens tok-acme and tok-beta, or the same in a "session" cookie,
+// prove orgs acme and beta,
 // tok-anonymous proves no org, any other is refused) and an AI backend
 // that counts the calls it serves per X-Org-Id; servedNow returns a copy of
 // those counts.
@@ -177,7 +178,13 @@ func startAuthStandIns(t *testing.T) (identity, ai *httptest.Server, servedNow f
 			http.Error(w, "not here", http.StatusNotFound)
 			return
 		}
-		switch r.Header.Get("Authorization") {
+		// The token is a bearer's, else a session cookie's, as a frontend
+		// on another origin sends with credentials: 'include'.
+		token := r.Header.Get("Authorization")
+		if c, err := r.Cookie("session"); err == nil && token == "" {
+			token = "Bearer " + c.Value
+		}
+		switch token {
 		case "Bearer tok-acme":
 			w.Header().Set("X-Org-Id", "acme")
 		case "Bearer tok-beta":
@@ -206,4 +213,79 @@ func startAuthStandIns(t *testing.T) (identity, ai *httptest.Server, servedNow f
 		return maps.Clone(served)
 	}
 	return identity, ai, servedNow
+}
+
+// TestForwardAuthOrder shows the order Caddy gives forward_auth and
+// request_header, which the docs warn of: in a handle block,
+// request_header -X-Org-Id runs after forward_auth, whatever the order
+// written, and removes the org it set (401: no org); in a route block
+// the order written holds, and the balance is the caller's own. Either way
+// a client's X-Org-Id reaches nothing.
+func TestForwardAuthOrder(t *testing.T) {
+	srv := redistest.Start(t, redistest.Options{})
+	identity, _, _ := startAuthStandIns(t)
+	port := freePort(t)
+	auth := fmt.Sprintf(`request_header -X-Org-Id
+		forward_auth %s {
+			uri /verify
+			copy_headers X-Org-Id
+		}
+		credits_balance {
+			org {http.request.header.X-Org-Id}
+		}`, strings.TrimPrefix(identity.URL, "http://"))
+	loadCaddyfile(t, fmt.Sprintf(`{
+	admin off
+	credits {
+		redis redis://%s
+	}
+}
+
+http://127.0.0.1:%d {
+	handle /handle/balance {
+		%s
+	}
+	route /route/balance {
+		%s
+	}
+}
+`, srv.Addr, port, auth, auth))
+
+	client := &http.Client{Timeout: 10 * time.Second}
+	balance := func(path, token, forged string) (int, string) {
+		t.Helper()
+		req, _ := http.NewRequest(http.MethodGet, fmt.Sprintf("http://127.0.0.1:%d%s", port, path), nil)
+		req.Header.Set("Authorization", "Bearer "+token)
+		if forged != "" {
+			req.Header.Set("X-Org-Id", forged)
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var body struct {
+			Org    string `json:"org"`
+			Detail string `json:"detail"`
+		}
+		if err := json.NewDecoder(resp.Body).Decode(&body); err != nil {
+			t.Fatalf("%s: %d with no JSON: %v", path, resp.StatusCode, err)
+		}
+		return resp.StatusCode, body.Org + body.Detail
+	}
+	for _, c := range []struct {
+		path, token, forged string
+		status              int
+		says                string
+	}{
+		{"/handle/balance", "tok-acme", "", http.StatusUnauthorized, "does not say which organization"},
+		{"/handle/balance", "tok-acme", "beta", http.StatusUnauthorized, "does not say which organization"},
+		{"/route/balance", "tok-acme", "", http.StatusOK, "acme"},
+		{"/route/balance", "tok-acme", "beta", http.StatusOK, "acme"},
+		{"/route/balance", "tok-anonymous", "beta", http.StatusUnauthorized, "does not say which organization"},
+	} {
+		status, says := balance(c.path, c.token, c.forged)
+		if status != c.status || !strings.Contains(says, c.says) {
+			t.Errorf("%s as %s, X-Org-Id %q: %d %q, want %d %q", c.path, c.token, c.forged, status, says, c.status, c.says)
+		}
+	}
 }

@@ -1,7 +1,12 @@
 /*
  * credits.js: keeps a page's credits badge current and shows the upgrade
- * notice when an AI call is refused for lack of credits. No dependencies, no
- * build step: include it with <script src="/credits.js"></script>.
+ * notice when an AI call is refused for lack of credits. An ES module with
+ * no dependencies and no build step:
+ *
+ *   import { Credits } from '/credits.js';      // served as a static file
+ *   import { Credits } from '@creditsgw/credits'; // installed with npm
+ *
+ * Types are in credits.d.ts.
  *
  * It reads the headers that the credits gateway puts on metered calls:
  *   Credits-Remaining: the org's balance after the call
@@ -9,242 +14,294 @@
  *                      (a 402 whose problem body the notice shows)
  *   Credits-Hold:      a streamed call, charged when its body ends: once the
  *                      page has read the body to its end, the badge is set
- *                      again from the last Credits.refresh endpoint (a
- *                      browser cannot read the final charge in the trailers)
+ *                      again from the last refresh endpoint (a browser
+ *                      cannot read the final charge in the trailers)
  *
  * The page marks the elements:
  *   <span data-credits-badge></span>   the balance, e.g. "4 credits"; gets
  *                                      data-credits-state="ok|low|exhausted"
  *                                      and data-credits-balance="4"
+ *   <div data-credits-notice hidden></div>   the upgrade notice (role="alert")
  *
  * The state is "exhausted" for a 402 (a notice route's or a block route's)
  * and for a balance of 0 or below (an overdraft route's debt), after a call
  * and after a refresh alike; "low" when the gateway said so, and after a
  * refresh while the balance has not risen above the one it said so at (the
  * balance endpoint knows no route's low_balance); "ok" otherwise.
- *   <div data-credits-notice hidden></div>   the upgrade notice (role="alert")
  *
- * API (window.Credits):
- *   Credits.fetch(url, init)   fetch, then read the credit headers
- *   Credits.watchFetch()       read them on every window.fetch; returns unwatch
- *   Credits.observe(response)  read them on a response the page fetched itself
- *   Credits.refresh(url, init) set the badge from a credits_balance endpoint
- *   Credits.format             (balance, state) => the badge's text
- * and a "credits:change" event on document with {balance, state, problem}.
+ * API (named exports, and the same on the Credits object):
+ *   fetch(url, init)    fetch, then read the credit headers
+ *   watchFetch()        read them on every window.fetch; returns unwatch
+ *   observe(response)   read them on a response the page fetched itself
+ *   refresh(url, init)  set the badge from a credits_balance endpoint
+ *   Credits.format      (balance, state) => the badge's text; replaceable
+ * Events on document:
+ *   "credits:change"    {balance, state, problem}: the badge changed
+ *   "credits:error"     {error, url, status, problem}: a refresh or a
+ *                       Credits.fetch failed (the promise rejects too)
+ *
+ * Nothing fails silently: refresh rejects with a CreditsError when the
+ * endpoint answers anything but 2xx JSON with a balance, and with the
+ * browser's TypeError when the call fails ("Failed to fetch": the gateway
+ * is down, or a CORS preflight was refused); either also fires
+ * credits:error.
  *
  * A cross-origin page can read the headers because the gateway answers a
  * request that has an Origin with Access-Control-Expose-Headers.
  */
-(function (global) {
-	'use strict';
 
-	var doc = global.document;
-	var BADGE = '[data-credits-badge]';
-	var NOTICE = '[data-credits-notice]';
+const BADGE = '[data-credits-badge]';
+const NOTICE = '[data-credits-notice]';
 
-	// unwatched is window.fetch as it was before watchFetch patched it.
-	var unwatched = null;
-	// balanceSource is the last endpoint Credits.refresh read, to read again
-	// when a streamed call ends.
-	var balanceSource = null;
-	// lowAt is the balance of the last answer that said "low", while no
-	// later answer said otherwise.
-	var lowAt = null;
+// unwatched is window.fetch as it was before watchFetch patched it.
+let unwatched = null;
+// balanceSource is the last endpoint refresh read, to read again when a
+// streamed call ends.
+let balanceSource = null;
+// lowAt is the balance of the last answer that said "low", while no later
+// answer said otherwise.
+let lowAt = null;
 
-	function baseFetch() {
-		return unwatched || global.fetch;
+/**
+ * CreditsError is how a refresh fails when the endpoint answered: status is
+ * the HTTP status (0 when the answer was not the JSON expected), problem
+ * the RFC 9457 problem body, if any.
+ */
+export class CreditsError extends Error {
+	constructor(message, status, problem) {
+		super(message);
+		this.name = 'CreditsError';
+		this.status = status;
+		this.problem = problem || null;
 	}
+}
 
-	function parseBalance(value) {
-		if (value === null || !/^\s*-?\d+\s*$/.test(value)) {
-			return null;
-		}
-		return Number(value);
+function baseFetch() {
+	return unwatched || globalThis.fetch;
+}
+
+function parseBalance(value) {
+	if (value === null || !/^\s*-?\d+\s*$/.test(value)) {
+		return null;
 	}
+	return Number(value);
+}
 
-	function format(balance, state) {
-		var text = balance.toLocaleString('en-US') + (balance === 1 || balance === -1 ? ' credit' : ' credits');
-		return state === 'low' ? text + ' (low)' : text;
+function defaultFormat(balance, state) {
+	const text = balance.toLocaleString('en-US') + (balance === 1 || balance === -1 ? ' credit' : ' credits');
+	return state === 'low' ? text + ' (low)' : text;
+}
+
+// safeURL answers url if it is an http(s) URL, so a notice never links to
+// javascript: or data:.
+function safeURL(url) {
+	if (typeof url !== 'string' || url === '') {
+		return '';
 	}
-
-	// safeURL answers url if it is an http(s) URL, so a notice never links
-	// to javascript: or data:.
-	function safeURL(url) {
-		if (typeof url !== 'string' || url === '') {
-			return '';
-		}
-		try {
-			var u = new URL(url, global.location.href);
-			return u.protocol === 'https:' || u.protocol === 'http:' ? u.href : '';
-		} catch (e) {
-			return '';
-		}
+	try {
+		const u = new URL(url, globalThis.location.href);
+		return u.protocol === 'https:' || u.protocol === 'http:' ? u.href : '';
+	} catch {
+		return '';
 	}
+}
 
-	// stateOf is the badge's state for a balance: of a call's answer (its
-	// status and Credits-Notice), or of a refresh (status undefined).
-	function stateOf(balance, notice, status) {
-		if (status === 402 || balance <= 0) {
-			return 'exhausted';
-		}
-		if (notice === 'low') {
-			lowAt = balance;
-			return 'low';
-		}
-		if (status !== undefined) {
-			lowAt = null;
-			return 'ok';
-		}
-		return lowAt !== null && balance <= lowAt ? 'low' : 'ok';
+// stateOf is the badge's state for a balance: of a call's answer (its
+// status and Credits-Notice), or of a refresh (status undefined).
+function stateOf(balance, notice, status) {
+	if (status === 402 || balance <= 0) {
+		return 'exhausted';
 	}
-
-	function setBalance(balance, state, problem) {
-		var badges = doc.querySelectorAll(BADGE);
-		for (var i = 0; i < badges.length; i++) {
-			var badge = badges[i];
-			badge.textContent = Credits.format(balance, state);
-			badge.setAttribute('data-credits-balance', String(balance));
-			badge.setAttribute('data-credits-state', state);
-		}
-		doc.dispatchEvent(new CustomEvent('credits:change', {
-			detail: { balance: balance, state: state, problem: problem || null },
-		}));
+	if (notice === 'low') {
+		lowAt = balance;
+		return 'low';
 	}
-
-	function showNotice(problem) {
-		var notices = doc.querySelectorAll(NOTICE);
-		for (var i = 0; i < notices.length; i++) {
-			var notice = notices[i];
-			var text = doc.createElement('p');
-			text.textContent = problem.detail || 'Your organization has run out of credits.';
-			var parts = [text];
-			var href = safeURL(problem.topup_url);
-			if (href) {
-				var link = doc.createElement('a');
-				link.href = href;
-				link.textContent = 'Add credits';
-				link.setAttribute('data-credits-topup', '');
-				parts.push(link);
-			}
-			notice.setAttribute('role', 'alert');
-			notice.replaceChildren.apply(notice, parts);
-			notice.hidden = false;
-		}
+	if (status !== undefined) {
+		lowAt = null;
+		return 'ok';
 	}
+	return lowAt !== null && balance <= lowAt ? 'low' : 'ok';
+}
 
-	function hideNotice() {
-		var notices = doc.querySelectorAll(NOTICE);
-		for (var i = 0; i < notices.length; i++) {
-			notices[i].hidden = true;
-			notices[i].replaceChildren();
-		}
+function setBalance(balance, state, problem) {
+	for (const badge of document.querySelectorAll(BADGE)) {
+		badge.textContent = Credits.format(balance, state);
+		badge.setAttribute('data-credits-balance', String(balance));
+		badge.setAttribute('data-credits-state', state);
 	}
+	document.dispatchEvent(new CustomEvent('credits:change', {
+		detail: { balance, state, problem: problem || null },
+	}));
+}
 
-	// observe reads the credit headers of a response and updates the page.
-	// It resolves to the response, unread: a 402's body is read from a clone.
-	// A response without the headers (not a metered call) changes nothing.
-	function observe(response) {
-		var balance = parseBalance(response.headers.get('Credits-Remaining'));
-		var notice = (response.headers.get('Credits-Notice') || '').trim().toLowerCase();
-		if (balance === null && notice === '') {
-			return Promise.resolve(response);
+// reportError fires credits:error and answers err, for the caller to throw.
+function reportError(err, url) {
+	document.dispatchEvent(new CustomEvent('credits:error', {
+		detail: { error: err, url: String(url), status: err.status || 0, problem: err.problem || null },
+	}));
+	return err;
+}
+
+function showNotice(problem) {
+	for (const notice of document.querySelectorAll(NOTICE)) {
+		const text = document.createElement('p');
+		text.textContent = problem.detail || 'Your organization has run out of credits.';
+		const parts = [text];
+		const href = safeURL(problem.topup_url);
+		if (href) {
+			const link = document.createElement('a');
+			link.href = href;
+			link.textContent = 'Add credits';
+			link.setAttribute('data-credits-topup', '');
+			parts.push(link);
 		}
-		if (response.status === 402 && notice === 'exhausted') {
-			return response.clone().json().catch(function () {
-				return {};
-			}).then(function (problem) {
-				if (balance === null && typeof problem.balance === 'number') {
-					balance = problem.balance;
-				}
-				if (balance !== null) {
-					setBalance(balance, stateOf(balance, notice, 402), problem);
-				}
-				showNotice(problem);
-				return response;
-			});
+		notice.setAttribute('role', 'alert');
+		notice.replaceChildren(...parts);
+		notice.hidden = false;
+	}
+}
+
+function hideNotice() {
+	for (const notice of document.querySelectorAll(NOTICE)) {
+		notice.hidden = true;
+		notice.replaceChildren();
+	}
+}
+
+/**
+ * observe reads the credit headers of a response and updates the page. It
+ * resolves to the response, unread: a 402's body is read from a clone. A
+ * response without the headers (not a metered call) changes nothing.
+ */
+export async function observe(response) {
+	let balance = parseBalance(response.headers.get('Credits-Remaining'));
+	const notice = (response.headers.get('Credits-Notice') || '').trim().toLowerCase();
+	if (balance === null && notice === '') {
+		return response;
+	}
+	if (response.status === 402) {
+		// Every 402 tells the page why, in credits:change's problem; only a
+		// notice route's shows the notice.
+		let problem = await response.clone().json().catch(() => ({}));
+		if (problem === null || typeof problem !== 'object') {
+			problem = {};
+		}
+		if (balance === null && typeof problem.balance === 'number') {
+			balance = problem.balance;
 		}
 		if (balance !== null) {
-			setBalance(balance, stateOf(balance, notice, response.status));
+			setBalance(balance, stateOf(balance, notice, 402), problem);
 		}
-		if (response.ok) {
-			hideNotice();
+		if (notice === 'exhausted') {
+			showNotice(problem);
 		}
-		if (response.headers.get('Credits-Hold') !== null && response.body && balanceSource &&
-			typeof TransformStream === 'function') {
-			return Promise.resolve(afterBody(response));
+		return response;
+	}
+	if (balance !== null) {
+		setBalance(balance, stateOf(balance, notice, response.status));
+	}
+	if (response.ok) {
+		hideNotice();
+	}
+	if (response.headers.get('Credits-Hold') !== null && response.body && balanceSource &&
+		typeof TransformStream === 'function') {
+		return afterBody(response);
+	}
+	return response;
+}
+
+// afterBody returns the response with a body that, once read to its end,
+// sets the badge again from credits_balance: a streamed call's charge is
+// settled when its body ends.
+function afterBody(response) {
+	const source = balanceSource;
+	const body = response.body.pipeThrough(new TransformStream({
+		flush() {
+			// A failure is reported by credits:error; the page's read of
+			// the body has succeeded and must not fail for it.
+			refresh(source.url, source.init).catch(() => {});
+		},
+	}));
+	return new Response(body, { status: response.status, statusText: response.statusText, headers: response.headers });
+}
+
+// safeObserve observes a response for fetch and watchFetch: the page gets
+// its response even if reading the headers fails.
+function safeObserve(response) {
+	return observe(response).catch(() => response);
+}
+
+/**
+ * fetch is window.fetch, then reads the response's credit headers. It
+ * resolves to the response, its body unread; a call that fails rejects as
+ * fetch does, and fires credits:error.
+ */
+function creditsFetch(input, init) {
+	return baseFetch().call(globalThis, input, init).then(safeObserve, (err) => {
+		throw reportError(err, input instanceof Request ? input.url : input);
+	});
+}
+export { creditsFetch as fetch };
+
+function unwatch() {
+	if (unwatched) {
+		globalThis.fetch = unwatched;
+		unwatched = null;
+	}
+}
+
+/**
+ * watchFetch patches window.fetch so that every response is read; it
+ * returns a function that undoes it.
+ */
+export function watchFetch() {
+	if (!unwatched) {
+		unwatched = globalThis.fetch;
+		globalThis.fetch = function fetch(input, init) {
+			return unwatched.call(globalThis, input, init).then(safeObserve);
+		};
+	}
+	return unwatch;
+}
+
+/**
+ * refresh sets the badge from a credits_balance endpoint, which answers
+ * {"org": ..., "balance": n, ...}. It resolves to that body. It rejects, and
+ * fires credits:error, when the call fails (a TypeError: the network, or a
+ * CORS refusal) or the endpoint answers anything else (a CreditsError with
+ * the status and the problem, e.g. 401 when the caller is not signed in).
+ */
+export async function refresh(url, init) {
+	balanceSource = { url, init };
+	try {
+		const response = await baseFetch().call(globalThis, url, init);
+		const body = await response.json().catch(() => null);
+		if (!response.ok) {
+			const detail = body && typeof body.detail === 'string' ? body.detail : response.statusText;
+			throw new CreditsError('the balance endpoint answered ' + response.status + (detail ? ': ' + detail : ''),
+				response.status, body);
 		}
-		return Promise.resolve(response);
-	}
-
-	// afterBody returns the response with a body that, once read to its end,
-	// sets the badge again from credits_balance: a streamed call's charge is
-	// settled when its body ends.
-	function afterBody(response) {
-		var source = balanceSource;
-		var body = response.body.pipeThrough(new TransformStream({
-			flush: function () {
-				refresh(source.url, source.init);
-			},
-		}));
-		return new Response(body, { status: response.status, statusText: response.statusText, headers: response.headers });
-	}
-
-	function safeObserve(response) {
-		try {
-			return observe(response).catch(function () {
-				return response;
-			});
-		} catch (e) {
-			return response;
+		if (body === null || typeof body.balance !== 'number') {
+			throw new CreditsError('the balance endpoint answered no balance', 0, null);
 		}
+		setBalance(body.balance, stateOf(body.balance));
+		return body;
+	} catch (err) {
+		throw reportError(err, url);
 	}
+}
 
-	function creditsFetch(input, init) {
-		return baseFetch().call(global, input, init).then(safeObserve);
-	}
+/**
+ * Credits holds the API in one object, as the script of earlier versions
+ * put it on window; format, the badge's wording, may be replaced.
+ */
+export const Credits = {
+	fetch: creditsFetch,
+	watchFetch,
+	observe,
+	refresh,
+	format: defaultFormat,
+	CreditsError,
+};
 
-	function unwatch() {
-		if (unwatched) {
-			global.fetch = unwatched;
-			unwatched = null;
-		}
-	}
-
-	function watchFetch() {
-		if (!unwatched) {
-			unwatched = global.fetch;
-			global.fetch = function fetch(input, init) {
-				return unwatched.call(global, input, init).then(safeObserve);
-			};
-		}
-		return unwatch;
-	}
-
-	// refresh sets the badge from a credits_balance endpoint, which answers
-	// {"org": ..., "balance": n, ...}. It resolves to that body, or null.
-	function refresh(url, init) {
-		balanceSource = { url: url, init: init };
-		return baseFetch().call(global, url, init).then(function (response) {
-			if (!response.ok) {
-				return null;
-			}
-			return response.json().then(function (body) {
-				if (typeof body.balance === 'number') {
-					setBalance(body.balance, stateOf(body.balance));
-				}
-				return body;
-			});
-		}).catch(function () {
-			return null;
-		});
-	}
-
-	var Credits = {
-		fetch: creditsFetch,
-		watchFetch: watchFetch,
-		observe: observe,
-		refresh: refresh,
-		format: format,
-	};
-	global.Credits = Credits;
-})(window);
+export default Credits;

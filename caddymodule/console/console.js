@@ -48,6 +48,18 @@
 		grants: document.querySelector('#grants tbody'),
 		grantForm: $('grant-form'), grantAmount: $('grant-amount'), grantExpires: $('grant-expires'), grantReason: $('grant-reason'),
 		voidForm: $('void-form'), voidGrant: $('void-grant'), voidReason: $('void-reason'), voidCancel: $('void-cancel'),
+		debtFigure: $('debt-figure'), debt: $('debt'),
+		leasesToggle: $('leases-toggle'), showLeases: $('show-leases'), leasesCount: $('leases-count'),
+	};
+
+	// Where each action's outcome is said: next to the control that made it,
+	// so a confirmation or a refusal is seen where the admin is looking. A
+	// void's confirmation goes under the grants table, as its form closes.
+	const place = (id) => ({ status: $(id + '-status'), error: $(id + '-error') });
+	const page = { status: el.status, error: el.error };
+	const places = {
+		topup: place('topup'), adjust: place('adjust'), plan: place('plan'), grant: place('grant'),
+		void: place('void'), grants: place('grants'), holds: place('holds'),
 	};
 
 	const number = new Intl.NumberFormat('en-US');
@@ -162,16 +174,26 @@
 		return '{' + parts.join(',') + '}';
 	}
 
-	function say(message) {
-		el.error.textContent = '';
-		el.status.textContent = message;
+	// say tells an outcome in where (the page's status line by default).
+	function say(message, where = page) {
+		where.error.textContent = '';
+		where.status.textContent = message;
 	}
 
-	function fail(what, err) {
-		el.status.textContent = '';
-		el.error.textContent = what + ': ' + err.message;
+	// fail tells a refusal in where (the page's alert by default).
+	function fail(what, err, where = page) {
+		where.status.textContent = '';
+		where.error.textContent = what + ': ' + err.message;
 		if (err.status === 401) {
 			el.token.focus();
+		}
+	}
+
+	// clearPlaces empties every action's messages, for another org.
+	function clearPlaces() {
+		for (const p of Object.values(places)) {
+			p.status.textContent = '';
+			p.error.textContent = '';
 		}
 	}
 
@@ -196,7 +218,12 @@
 		el.balance.textContent = number.format(acct.balance);
 		el.held.textContent = number.format(acct.held || 0);
 		el.available.textContent = number.format(acct.available ?? acct.balance);
-		el.allowanceRemaining.textContent = number.format(acct.allowance_remaining);
+		// allowance_remaining is the allowance's grants less the debt: the
+		// console shows the two apart, the debt as debt.
+		const debt = acct.debt || 0;
+		el.allowanceRemaining.textContent = number.format(acct.allowance_remaining + debt);
+		el.debt.textContent = number.format(debt);
+		el.debtFigure.hidden = debt <= 0;
 		el.purchased.textContent = number.format(acct.purchased);
 		el.promotional.textContent = number.format(acct.promotional || 0);
 		el.nextRecharge.replaceChildren(timeElement(acct.next_recharge, longDate.format(new Date(acct.next_recharge))));
@@ -279,20 +306,37 @@
 		}));
 	}
 
-	// renderHolds lists the holds, each live one with Capture and Release;
-	// a gateway's lease is the gateway's to end, so it has neither.
+	// The holds last listed, to show again when the leases' toggle changes.
+	let holdsShown = [];
+
+	// renderHolds lists the holds, each live one with Capture and Release.
+	// A gateway's lease is the gateway's to end, so it has neither, and is
+	// listed only while "Show the gateways' leases" is checked.
 	function renderHolds(holds) {
-		el.holds.replaceChildren(...holds.map((h) => {
+		holdsShown = holds;
+		const isLease = (h) => h.hold.startsWith('lease:');
+		const leases = holds.filter(isLease).length;
+		const listed = el.showLeases.checked ? holds : holds.filter((h) => !isLease(h));
+		el.leasesToggle.hidden = leases === 0;
+		el.leasesCount.textContent = '(' + leases + ')';
+		el.holds.replaceChildren(...listed.map((h) => {
 			const tr = document.createElement('tr');
 			tr.dataset.hold = h.hold;
 			const cell = cellOf(tr);
-			const lease = h.hold.startsWith('lease:');
+			const lease = isLease(h);
+			if (lease) {
+				tr.className = 'lease';
+			}
 			cell(lease ? h.hold + ' (gateway lease)' : h.hold, 'ref').title = h.hold;
 			cell(h.state);
 			cell(h.feature || '');
 			cell(number.format(h.state === 'captured' ? h.captured || 0 : h.amount), 'num');
 			cell('').append(timeElement(h.expires, utcText(h.expires)));
-			const actions = cell('', 'hold-actions');
+			// The buttons in a box of their own: the cell stays a table
+			// cell, in line with its column.
+			const actions = document.createElement('div');
+			actions.className = 'cell-actions';
+			cell('', 'row-actions').append(actions);
 			if (h.state === 'held' && !lease) {
 				const amount = document.createElement('input');
 				amount.type = 'text';
@@ -317,8 +361,9 @@
 			}
 			return tr;
 		}));
-		el.holdsTable.hidden = holds.length === 0;
-		el.holdsEmpty.hidden = holds.length !== 0;
+		el.holdsTable.hidden = listed.length === 0;
+		el.holdsEmpty.hidden = listed.length !== 0;
+		el.holdsEmpty.textContent = leases > 0 && !el.showLeases.checked ? 'No holds but the gateways\' leases.' : 'No holds.';
 	}
 
 	// renderGrants lists the grants, each live or pending one of its own
@@ -340,7 +385,9 @@
 				expires.append(timeElement(g.expires, utcText(g.expires)));
 			}
 			cell(g.reason || '', 'reason').title = g.reason || '';
-			const actions = cell('', 'grant-actions');
+			const actions = document.createElement('div');
+			actions.className = 'cell-actions';
+			cell('', 'row-actions').append(actions);
 			if ((g.state === 'live' || g.state === 'pending') && /^g\d+$/.test(g.grant)) {
 				const button = document.createElement('button');
 				button.type = 'button';
@@ -362,6 +409,8 @@
 		el.voidGrant.textContent = id;
 		el.voidReason.value = '';
 		el.voidReason.removeAttribute('aria-invalid');
+		places.void.status.textContent = '';
+		places.void.error.textContent = '';
 		el.voidForm.hidden = false;
 		el.voidReason.focus();
 	}
@@ -734,7 +783,7 @@
 		} catch (err) {
 			const field = err.field === 'amount' ? el.adjustAmount : el.adjustReason;
 			field.setAttribute('aria-invalid', 'true');
-			fail('Adjustment not sent', err);
+			fail('Adjustment not sent', err, places.adjust);
 			field.focus();
 			return;
 		}
@@ -755,11 +804,11 @@
 			el.adjustReason.value = '';
 			await Promise.all([refreshGrants(org), refreshEvents(org), refreshChart(org)]).catch(() => {});
 			say('Adjusted ' + org + ' by ' + (amount.startsWith('-') ? '' : '+') + credits(Number(amount)) +
-				': ' + JSON.stringify(reason) + '. Balance: ' + credits(acct.balance) + '.');
+				': ' + JSON.stringify(reason) + '. Balance: ' + credits(acct.balance) + '.', places.adjust);
 		} catch (err) {
-			fail('Adjustment refused', err);
+			fail('Adjustment refused', err, places.adjust);
 			if (outcomeUnknown(err)) {
-				el.status.textContent = 'Press Apply adjustment again to retry: it goes with the same reference, ' +
+				places.adjust.status.textContent = 'Press Apply adjustment again to retry: it goes with the same reference, ' +
 					reference + ', and applies once.';
 			} else {
 				pendingAdjust = null;
@@ -820,11 +869,11 @@
 			const g = data.grant || {};
 			say('Gave ' + org + ' ' + credits(g.amount || 0) + ' as grant ' + (g.grant || '?') +
 				(g.expires ? ', expiring ' + utcText(g.expires) + ' UTC' : ', never expiring') +
-				'. Balance: ' + credits(data.account.balance) + '.');
+				'. Balance: ' + credits(data.account.balance) + '.', places.grant);
 		} catch (err) {
-			fail('Grant refused', err);
+			fail('Grant refused', err, places.grant);
 			if (outcomeUnknown(err)) {
-				el.status.textContent = 'Press Give credits again to retry: it goes with the same reference, ' +
+				places.grant.status.textContent = 'Press Give credits again to retry: it goes with the same reference, ' +
 					reference + ', and applies once.';
 			} else {
 				pendingGrant = null;
@@ -843,7 +892,7 @@
 			checkReason(reason);
 		} catch (err) {
 			el.voidReason.setAttribute('aria-invalid', 'true');
-			fail('Void not sent', err);
+			fail('Void not sent', err, places.void);
 			el.voidReason.focus();
 			return;
 		}
@@ -852,11 +901,11 @@
 			closeVoid();
 			renderAccount(acct);
 			await Promise.all([refreshGrants(org), refreshEvents(org)]).catch(() => {});
-			say('Grant ' + id + ' voided: ' + JSON.stringify(reason) + '. Balance: ' + credits(acct.balance) + '.');
+			say('Grant ' + id + ' voided: ' + JSON.stringify(reason) + '. Balance: ' + credits(acct.balance) + '.', places.grants);
 		} catch (err) {
-			fail('Void of grant ' + id + ' refused', err);
+			fail('Void of grant ' + id + ' refused', err, places.void);
 			if (outcomeUnknown(err)) {
-				el.status.textContent = 'Press Void grant again to retry: a grant is voided once.';
+				places.void.status.textContent = 'Press Void grant again to retry: a grant is voided once.';
 			}
 		}
 	}
@@ -881,11 +930,11 @@
 			const h = acct.hold || {};
 			say(h.state === 'captured'
 				? 'Hold ' + id + ' captured: ' + credits(h.captured || 0) + ' charged. Available: ' + credits(acct.available) + '.'
-				: 'Hold ' + id + ' ' + (h.state || 'ended') + '. Available: ' + credits(acct.available) + '.');
+				: 'Hold ' + id + ' ' + (h.state || 'ended') + '. Available: ' + credits(acct.available) + '.', places.holds);
 		} catch (err) {
-			fail(what + ' of hold ' + id + ' refused', err);
+			fail(what + ' of hold ' + id + ' refused', err, places.holds);
 			if (outcomeUnknown(err)) {
-				el.status.textContent = 'Press ' + what + ' again to retry: a hold ends once.';
+				places.holds.status.textContent = 'Press ' + what + ' again to retry: a hold ends once.';
 			}
 		}
 	}
@@ -924,6 +973,9 @@
 				call('GET', orgPath(org, 'grants')),
 			]);
 			closeVoid();
+			if (!shown || shown.org !== acct.org) {
+				clearPlaces();
+			}
 			renderAccount(acct);
 			renderEvents(events.events || []);
 			renderHolds(holds.holds || []);
@@ -954,22 +1006,27 @@
 			['amount', el.amount.value.trim() === '' ? undefined : jsonNumber(el.amount.value)],
 			['reference', JSON.stringify(reference)],
 		]);
-		const before = shown.purchased;
+		const before = shown;
 		try {
 			const acct = await call('POST', orgPath(org, 'topup'), body);
 			renderAccount(acct);
-			await Promise.all([refreshGrants(org), refreshEvents(org)]).catch(() => {});
 			el.amount.value = '';
 			el.reference.value = '';
-			if (acct.purchased === before) {
-				say('Reference ' + JSON.stringify(reference) + ' was already applied to ' + org + '; nothing changed.');
+			await Promise.all([refreshGrants(org), refreshEvents(org)]).catch(() => {});
+			// A top-up repays the debt first: what it added is what the
+			// purchased credits grew by, plus the debt it repaid.
+			const repaid = (before.debt || 0) - (acct.debt || 0);
+			const added = acct.purchased - before.purchased + Math.max(0, repaid);
+			if (added <= 0) {
+				say('Reference ' + JSON.stringify(reference) + ' was already applied to ' + org + '; nothing changed.', places.topup);
 			} else {
-				say('Added ' + credits(acct.purchased - before) + ' to ' + org + '. Balance: ' + credits(acct.balance) + '.');
+				say('Added ' + credits(added) + ' to ' + org + (repaid > 0 ? ', ' + number.format(repaid) + ' of them to repay its debt' : '') +
+					'. Balance: ' + credits(acct.balance) + '.', places.topup);
 			}
 		} catch (err) {
-			fail('Top-up refused', err);
+			fail('Top-up refused', err, places.topup);
 			if (outcomeUnknown(err)) {
-				el.status.textContent = 'The reference ' + reference + ' stays in the form: press Add credits again to retry; it applies once.';
+				places.topup.status.textContent = 'The reference ' + reference + ' stays in the form: press Add credits again to retry; it applies once.';
 			}
 		}
 	}
@@ -995,11 +1052,11 @@
 			await Promise.all([refreshGrants(org), refreshEvents(org)]).catch(() => {});
 			say(acct.next_plan
 				? 'The new plan of ' + org + ' applies from ' + longDate.format(new Date(acct.next_recharge)) + '.'
-				: 'Plan of ' + org + ' set: ' + planText(acct.plan) + '.');
+				: 'Plan of ' + org + ' set: ' + planText(acct.plan) + '.', places.plan);
 		} catch (err) {
-			fail('Plan refused', err);
+			fail('Plan refused', err, places.plan);
 			if (outcomeUnknown(err)) {
-				el.status.textContent = 'Press Set plan again to retry: it goes with the same reference, ' +
+				places.plan.status.textContent = 'Press Set plan again to retry: it goes with the same reference, ' +
 					reference + ', and applies once.';
 			} else {
 				pendingPlan = null;
@@ -1040,6 +1097,7 @@
 		busy(el.voidForm, voidGrant);
 	});
 	el.voidCancel.addEventListener('click', closeVoid);
+	el.showLeases.addEventListener('change', () => renderHolds(holdsShown));
 	el.voidReason.addEventListener('input', () => el.voidReason.removeAttribute('aria-invalid'));
 	el.orgSearch.addEventListener('input', filterOrgs);
 	el.orgSearchForm.addEventListener('submit', (ev) => {

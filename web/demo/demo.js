@@ -1,8 +1,9 @@
 // The demo editor: Generate calls the metered route through credits.js,
-// which keeps the badge current and shows the notice on a 402.
-'use strict';
+// which keeps the badge current and shows the notice on a 402. A module:
+// it imports credits.js as any frontend does.
+import { Credits } from '/credits.js';
 
-(() => {
+{
 	// The org is fixed for the demo. In production the gateway takes it from
 	// authentication (a forward_auth answer, a verified token), never from
 	// anything the page sends.
@@ -13,8 +14,11 @@
 	const editor = document.getElementById('editor');
 	const status = document.getElementById('status');
 
-	// The badge's first value, from credits_balance (charges nothing).
-	Credits.refresh('/credits/balance', { headers: { 'X-Org-Id': ORG } });
+	// The badge's first value, from credits_balance (charges nothing). A
+	// refresh that fails rejects: the page says so.
+	Credits.refresh('/credits/balance', { headers: { 'X-Org-Id': ORG } }).catch((err) => {
+		status.textContent = 'The balance could not be read: ' + err.message;
+	});
 
 	async function generate() {
 		button.disabled = true;
@@ -100,4 +104,4 @@
 		}
 	}
 	streamButton.addEventListener('click', stream);
-})();
+}
