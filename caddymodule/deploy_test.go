@@ -400,6 +400,14 @@ func demoFiles(t *testing.T) []string {
 		}
 		files = append(files, m[1])
 	}
+	// The page's module script imports credits.js as any frontend does.
+	script, err := os.ReadFile("../web/demo/demo.js")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range regexp.MustCompile(`(?m)^import .* from '([^']+)';`).FindAllStringSubmatch(string(script), -1) {
+		files = append(files, m[1])
+	}
 	if len(files) < 4 {
 		t.Fatalf("the demo page loads %v: want its script, its style and credits.js", files)
 	}

@@ -404,7 +404,7 @@ func TestHoldsConsole(t *testing.T) {
 	row := fmt.Sprintf(`#holds tr[data-hold=%q]`, id)
 	pageType(t, ctx, row+" .capture-amount", "12")
 	pageClick(t, ctx, row+" .capture")
-	pageWaitContains(t, ctx, "#status", "Hold "+id+" captured: 12 credits charged")
+	pageWaitContains(t, ctx, "#holds-status", "Hold "+id+" captured: 12 credits charged")
 	pageWaitText(t, ctx, "#balance", "88")
 	pageWaitText(t, ctx, "#held", "20")
 	pageWaitText(t, ctx, row+" td:nth-child(2)", "captured")
@@ -413,7 +413,7 @@ func TestHoldsConsole(t *testing.T) {
 	}
 
 	pageClick(t, ctx, fmt.Sprintf(`#holds tr[data-hold=%q] .release`, id2))
-	pageWaitContains(t, ctx, "#status", "Hold "+id2+" released")
+	pageWaitContains(t, ctx, "#holds-status", "Hold "+id2+" released")
 	pageWaitText(t, ctx, "#held", "0")
 	pageWaitText(t, ctx, "#available", "88")
 	wantAccount(t, g.account("acme"), map[string]int64{"balance": 88, "held": 0, "available": 88})
@@ -421,7 +421,7 @@ func TestHoldsConsole(t *testing.T) {
 	// A top-up without a reference: the console sends one of its own.
 	pageType(t, ctx, "#amount", "7")
 	pageClick(t, ctx, "#topup-submit")
-	pageWaitContains(t, ctx, "#status", "Added 7 credits to acme")
+	pageWaitContains(t, ctx, "#topup-status", "Added 7 credits to acme")
 	pageWaitText(t, ctx, "#available", "95")
 	if e := g.events("acme")[0]; e["kind"] != "topup" || !strings.HasPrefix(fmt.Sprint(e["ref"]), "console-") {
 		t.Fatalf("the console's top-up event %v: want a console- reference", e)
