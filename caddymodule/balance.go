@@ -27,6 +27,10 @@ type Balance struct {
 	// Org is the org whose balance to show; placeholders are allowed, e.g.
 	// {http.request.header.X-Org-Id}.
 	Org string `json:"org"`
+	// Budget, when set, names the subject whose budget in the org the
+	// answer also shows, as "budget" (absent when none applies to it);
+	// placeholders are allowed.
+	Budget string `json:"budget,omitempty"`
 
 	app *App
 }
@@ -51,6 +55,9 @@ func (b *Balance) Validate() error {
 	if err := checkOrg(b.Org); err != nil {
 		return fmt.Errorf("credits_balance: %w", err)
 	}
+	if err := checkSubject(b.Budget); err != nil {
+		return fmt.Errorf("credits_balance: %w", err)
+	}
 	return nil
 }
 
@@ -58,6 +65,19 @@ type balanceBody struct {
 	Org          string    `json:"org"`
 	Balance      int64     `json:"balance"`
 	NextRecharge time.Time `json:"next_recharge"`
+	// Budget is the subject's budget, on an endpoint with a budget;
+	// absent when none applies to the subject.
+	Budget *budgetBody `json:"budget,omitempty"`
+}
+
+// budgetBody is a subject's budget as the balance endpoint shows it.
+type budgetBody struct {
+	Subject   string    `json:"subject"`
+	Limit     int64     `json:"limit"`
+	Window    string    `json:"window"`
+	Spent     int64     `json:"spent"`
+	Remaining int64     `json:"remaining"`
+	Resets    time.Time `json:"resets"`
 }
 
 // ServeHTTP answers the balance.
@@ -77,7 +97,29 @@ func (b *Balance) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		}
 		return writeProblem(w, r, policy.Invalid(err))
 	}
+	subject := ""
+	if b.Budget != "" {
+		subject = repl.ReplaceAll(b.Budget, "")
+		if err := policy.ValidateSubject(subject); err != nil {
+			if errors.Is(err, policy.ErrSubjectMissing) {
+				return writeProblem(w, r, policy.SubjectMissing())
+			}
+			return writeProblem(w, r, policy.Invalid(err))
+		}
+	}
 	acct, err := b.app.ledger.Balance(r.Context(), org)
+	var budget *budgetBody
+	if err == nil && subject != "" {
+		var bu meter.Budget
+		bu, err = b.app.ledger.Budget(r.Context(), org, subject)
+		switch {
+		case errors.Is(err, meter.ErrBudgetNotFound):
+			err = nil
+		case err == nil:
+			budget = &budgetBody{Subject: subject, Limit: bu.Limit, Window: bu.Window, Spent: bu.Spent,
+				Remaining: bu.Remaining, Resets: bu.Resets}
+		}
+	}
 	if err != nil {
 		b.app.metrics.storeErrors.Inc()
 		if meter.Classify(err) == meter.Corrupt {
@@ -88,13 +130,16 @@ func (b *Balance) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.
 		w.Header().Set("Retry-After", "1")
 		return writeProblem(w, r, policy.Unavailable())
 	}
-	body, err := json.Marshal(balanceBody{Org: org, Balance: acct.Balance, NextRecharge: acct.NextRecharge})
+	body, err := json.Marshal(balanceBody{Org: org, Balance: acct.Balance, NextRecharge: acct.NextRecharge, Budget: budget})
 	if err != nil {
 		return caddyhttp.Error(http.StatusInternalServerError, err)
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
 	w.Header().Set(policy.HeaderRemaining, itoa(acct.Balance))
+	if budget != nil {
+		w.Header().Set(policy.HeaderBudgetRemaining, itoa(budget.Remaining))
+	}
 	w.WriteHeader(http.StatusOK)
 	if r.Method == http.MethodHead {
 		return nil

@@ -296,6 +296,7 @@ func parseAlerts(d *caddyfile.Dispenser) (*Alerts, error) {
 //		fail_mode open|closed
 //		usage header|openai|anthropic
 //		price <model-glob> <in> <out>
+//		budget <subject>
 //	}
 //
 // org and feature are required. org usually is a placeholder, e.g.
@@ -304,7 +305,9 @@ func parseAlerts(d *caddyfile.Dispenser) (*Alerts, error) {
 // that yields one. on_exhausted defaults to block. overdraft_limit is for
 // overdraft routes only, low_balance for notice routes only. fail_mode
 // defaults to closed, and to open on overdraft routes. usage defaults to
-// header; price, repeatable, needs usage openai or anthropic.
+// header; price, repeatable, needs usage openai or anthropic. budget names
+// whose budget in the org each call also counts against, usually a
+// placeholder too.
 func parseCredits(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	m := new(Handler)
 	err := m.UnmarshalCaddyfile(h.Dispenser)
@@ -370,6 +373,8 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.FailMode, err = singleArg(d)
 		case "usage":
 			h.Usage, err = singleArg(d)
+		case "budget":
+			h.Budget, err = singleArg(d)
 		default:
 			err = subs.unknown()
 		}
@@ -381,6 +386,9 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	// Subdirectives come in any order, so the rules wait for the end of the
 	// block: they are the handler's, as Provision and Validate check them.
 	if err := checkOrg(h.Org); err != nil {
+		return subs.errAt(err, directive, "credits: ")
+	}
+	if err := checkSubject(h.Budget); err != nil {
 		return subs.errAt(err, directive, "credits: ")
 	}
 	if _, err := policy.NewRoute(h.settings()); err != nil {
@@ -410,10 +418,12 @@ func priceAt(prices []policy.Price, at []caddyfile.Token) caddyfile.Token {
 //
 //	credits_balance [<matcher>] {
 //		org <value>
+//		budget <subject>
 //	}
 //
 // It answers GET and HEAD with the org's balance as JSON and charges
-// nothing. org is required; placeholders are allowed.
+// nothing. org is required; placeholders are allowed. budget adds the
+// subject's budget to the answer.
 func parseCreditsBalance(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	m := new(Balance)
 	err := m.UnmarshalCaddyfile(h.Dispenser)
@@ -443,11 +453,20 @@ func (b *Balance) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 			b.Org = v
+		case "budget":
+			v, err := singleArg(d)
+			if err != nil {
+				return err
+			}
+			b.Budget = v
 		default:
 			return subs.unknown()
 		}
 	}
 	if err := checkOrg(b.Org); err != nil {
+		return subs.errAt(err, directive, "credits_balance: ")
+	}
+	if err := checkSubject(b.Budget); err != nil {
 		return subs.errAt(err, directive, "credits_balance: ")
 	}
 	return nil

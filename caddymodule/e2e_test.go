@@ -274,6 +274,8 @@ func startGateway(t *testing.T, o gatewayOptions) *gateway {
 		"{OPTIONS}", o.options,
 		"{SITE}", o.site,
 	).Replace(gatewayCaddyfile)
+	// A test's own site blocks may name the upstream too.
+	cfg = strings.ReplaceAll(cfg, "{UPSTREAM}", g.upstream.URL)
 	loadCaddyfile(t, cfg)
 	g.config = cfg
 	g.client = &http.Client{Timeout: 10 * time.Second}
@@ -621,7 +623,7 @@ func TestWire(t *testing.T) {
 	t.Run("browser origin sees the headers", func(t *testing.T) {
 		g.t = t
 		r := g.call("/rich-text/generate", "cors", "Origin", "https://app.example")
-		wantHeaders(t, r, map[string]string{"Access-Control-Expose-Headers": "Credits-Remaining, Credits-Charged, Credits-Notice, Credits-Hold"})
+		wantHeaders(t, r, map[string]string{"Access-Control-Expose-Headers": "Credits-Remaining, Credits-Charged, Credits-Notice, Credits-Hold, Credits-Budget-Remaining"})
 		r = g.call("/rich-text/generate", "cors")
 		wantHeaders(t, r, map[string]string{"Access-Control-Expose-Headers": ""})
 	})

@@ -66,11 +66,18 @@ type Handler struct {
 	// matching a glob; the first match wins. A model with no price is
 	// charged Cost.
 	Prices []policy.Price `json:"prices,omitempty"`
+	// Budget, when set, names whose budget in the org each call also
+	// counts against: a user, an API key, a team. Placeholders are
+	// allowed, e.g. {http.request.header.X-User-Id}; take it from an
+	// authenticated source. A subject with no budget of its own and no
+	// default budget in the org has no limit.
+	Budget string `json:"budget,omitempty"`
 
 	app       *App
 	route     policy.Route
 	org       placeholder
 	costValue placeholder
+	subject   placeholder
 	logger    *zap.Logger
 	usageLog  *zap.Logger
 	outcomes  [policy.NumOutcomes]prometheus.Counter
@@ -160,7 +167,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return fmt.Errorf("credits: %w", err)
 	}
-	h.org, h.costValue = newPlaceholder(h.Org), newPlaceholder(h.Cost)
+	h.org, h.costValue, h.subject = newPlaceholder(h.Org), newPlaceholder(h.Cost), newPlaceholder(h.Budget)
 	for o := range h.outcomes {
 		h.outcomes[o] = app.metrics.requests.WithLabelValues(h.Feature, policy.Outcome(o).String())
 	}
@@ -176,12 +183,25 @@ func (h *Handler) settings() policy.RouteSettings {
 		Usage: h.Usage, Prices: h.Prices}
 }
 
-// Validate checks what Provision could not: an org to charge.
+// Validate checks what Provision could not: an org to charge, and a
+// budget's subject when it is written out.
 func (h *Handler) Validate() error {
 	if err := checkOrg(h.Org); err != nil {
 		return fmt.Errorf("credits: %w", err)
 	}
+	if err := checkSubject(h.Budget); err != nil {
+		return fmt.Errorf("credits: %w", err)
+	}
 	return nil
+}
+
+// checkSubject checks a budget's subject when it is written out (one with
+// a placeholder is checked on each request).
+func checkSubject(subject string) error {
+	if subject == "" || policy.HasPlaceholder(subject) {
+		return nil
+	}
+	return policy.ValidateSubject(subject)
 }
 
 // errOrgRequired is the error of a handler with no org.
@@ -205,6 +225,8 @@ type call struct {
 	cost int64
 	// key is the call's Idempotency-Key, or empty.
 	key string
+	// subject is whose budget the call counts against, or empty.
+	subject string
 }
 
 // ServeHTTP resolves the call, obtains one payment for it (or an answer
@@ -269,6 +291,15 @@ func (h *Handler) resolve(r *http.Request) (call, policy.Outcome, *policy.Proble
 		}
 		return call{}, policy.BadInput, policy.Invalid(err)
 	}
+	if h.Budget != "" {
+		c.subject = h.subject.value(r)
+		if err := policy.ValidateSubject(c.subject); err != nil {
+			if errors.Is(err, policy.ErrSubjectMissing) {
+				return call{}, policy.Unauthenticated, policy.SubjectMissing()
+			}
+			return call{}, policy.BadInput, policy.Invalid(err)
+		}
+	}
 	if c.cost == 0 {
 		var err error
 		if c.cost, err = policy.ParseCost(h.costValue.value(r)); err != nil {
@@ -294,7 +325,9 @@ type answer func(http.ResponseWriter, *http.Request) error
 // its own.
 func (h *Handler) pay(r *http.Request, c call, into *payments) (payment, answer) {
 	var storeErr error
-	if ls := h.app.leaser; ls != nil && c.key == "" {
+	// A lease pays for the org's credits, not a subject's budget: a call
+	// with a subject is charged by the store, which checks both at once.
+	if ls := h.app.leaser; ls != nil && c.key == "" && c.subject == "" {
 		rc, ok, err := ls.Spend(c.org, h.Feature, c.cost)
 		if ok {
 			into.leased = leasedPayment{leaser: ls, org: c.org, feature: h.Feature, cost: c.cost, receipt: rc}
@@ -308,7 +341,7 @@ func (h *Handler) pay(r *http.Request, c call, into *payments) (payment, answer)
 	attempt := meter.NewRequestID()
 	charge := meter.ChargeRequest{
 		Org: c.org, Feature: h.Feature, Cost: c.cost, RequestID: "g:" + attempt, Attempt: attempt,
-		Overdraft: h.route.Mode == policy.Overdraft, OverdraftLimit: h.route.OverdraftLimit,
+		Overdraft: h.route.Mode == policy.Overdraft, OverdraftLimit: h.route.OverdraftLimit, Subject: c.subject,
 	}
 	if c.key != "" {
 		charge.RequestID = "i:" + c.key
@@ -343,7 +376,12 @@ func (h *Handler) pay(r *http.Request, c call, into *payments) (payment, answer)
 	case res.Replay:
 		return nil, h.replay(res)
 	}
-	d := policy.Decide(h.route, c.org, policy.Answer{Charged: res.Charged, Balance: res.Balance, Cost: c.cost})
+	answer := policy.Answer{Charged: res.Charged, Balance: res.Balance, Cost: c.cost, OverBudget: res.OverBudget}
+	if res.Budget != nil {
+		answer.Budget = &policy.Budget{Subject: c.subject, Limit: res.Budget.Limit, Spent: res.Budget.Spent,
+			Resets: res.Budget.Resets}
+	}
+	d := policy.Decide(h.route, c.org, answer)
 	if !d.Forward {
 		h.app.observe(c.org, res.Balance)
 		return nil, func(w http.ResponseWriter, r *http.Request) error {
@@ -353,6 +391,7 @@ func (h *Handler) pay(r *http.Request, c call, into *payments) (payment, answer)
 	}
 	into.charged = chargedPayment{via: &h.via, ctx: ctx, org: c.org, requestID: charge.RequestID, attempt: attempt,
 		cost: c.cost, balance: res.Balance, keyed: c.key != ""}
+	into.budgetLeft = d.BudgetRemaining
 	return &into.charged, nil
 }
 

@@ -33,6 +33,9 @@ func setCreditsHeaders(h http.Header, d policy.Decision, vals *[3]string) {
 		vals[2] = d.Notice
 		h[policy.HeaderNotice] = vals[2:3:3]
 	}
+	if d.BudgetRemaining != nil {
+		h.Set(policy.HeaderBudgetRemaining, strconv.FormatInt(*d.BudgetRemaining, 10))
+	}
 }
 
 // dropCreditsTrailers takes the Credits headers out of the upstream's

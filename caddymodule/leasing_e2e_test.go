@@ -56,6 +56,15 @@ http://127.0.0.1:{PORT} {
 		}
 		reverse_proxy {UPSTREAM}
 	}
+	route /budgeted/* {
+		credits {
+			org {http.request.header.X-Org-Id}
+			feature budgeted
+			cost 1
+			budget {http.request.header.X-User-Id}
+		}
+		reverse_proxy {UPSTREAM}
+	}
 }
 http://127.0.0.1:{ADMINPORT} {
 	handle_path /admin/* {

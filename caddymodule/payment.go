@@ -44,6 +44,9 @@ type payments struct {
 	charged  chargedPayment
 	leased   leasedPayment
 	deferred deferredPayment
+	// budgetLeft is what the caller's budget had left after the call's
+	// charge; nil when no budget applies.
+	budgetLeft *int64
 }
 
 // chargedPayment is a charge of the call's own in the ledger.

@@ -296,6 +296,7 @@ func (cw *creditsWriter) account(balance int64, known bool) {
 	}
 	cw.balance, cw.known = balance, known
 	if known {
+		d.BudgetRemaining = cw.kinds.budgetLeft
 		setCreditsHeaders(cw.Header(), d, &cw.vals)
 	}
 }

@@ -70,7 +70,7 @@ func (g *laneGate) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
 		case chargesScript.Hash():
 			n, _ := strconv.Atoi(fmt.Sprint(cmd.Args()[2]))
 			g.batches.Add(1)
-			g.batched.Add(int64(n / 5))
+			g.batched.Add(int64(n / len(chargeCall{}.keys(Keys{}))))
 		}
 		return next(ctx, cmd)
 	}

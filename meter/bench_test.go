@@ -160,14 +160,15 @@ func BenchmarkChargeScript(b *testing.B) {
 	prefix := "org"
 	batch := func(script *redis.Script) error {
 		now := l.now()
-		keys := make([]string, 0, orgs*5)
+		keys := make([]string, 0, orgs*6)
 		args := []any{now.UnixMilli(), monthIndex(now), l.defaultPlan.Allowance, l.defaultPlan.RechargeMonth, l.eventsMax,
 			int64(0), l.markerTTL}
 		for i := range orgs {
 			org, id := fmt.Sprintf("%s-%d", prefix, i), NewRequestID()
 			marker := l.keys.Request(org, id)
-			keys = append(keys, l.keys.Account(org), marker, l.keys.Calls(org), l.keys.Holds(org), marker)
-			args = append(args, "rich-text", int64(1), "0", "-1", id, l.markerTTL, NewRequestID(), noBinding, inFlightTTL)
+			keys = append(keys, l.keys.Account(org), marker, l.keys.Calls(org), l.keys.Holds(org), marker, l.keys.Budgets(org))
+			args = append(args, "rich-text", int64(1), "0", "-1", id, l.markerTTL, NewRequestID(), noBinding, inFlightTTL,
+				noBinding)
 		}
 		raw, err := script.Run(ctx, rdb, keys, args...).Slice()
 		if err != nil {
@@ -240,8 +241,8 @@ func BenchmarkChargeScript(b *testing.B) {
 // existing org runs, with fixed values and no logic.
 const commandsOnlyLua = `
 local out = {}
-for i = 0, (#ARGV - 7) / 9 - 1 do
-  local k, a = i * 5, 7 + i * 9
+for i = 0, (#ARGV - 7) / 10 - 1 do
+  local k, a = i * 6, 7 + i * 10
   redis.call('TYPE', KEYS[k + 3])
   redis.call('GET', KEYS[k + 2])
   redis.call('HMGET', KEYS[k + 1], 'u:rich-text', '20261201:rich-text', 'a', 'm', 'own', 'rem', 'pur', 'ps', 'nx', 'pn',

@@ -44,6 +44,8 @@ func TestBindingsMatchScripts(t *testing.T) {
 		{"grant.lua", grantCall{org: "o", req: GrantRequest{Amount: 1}, reference: "ref"}},
 		{"grants.lua", grantsCall{org: "o"}},
 		{"voidgrant.lua", voidGrantCall{org: "o", num: "1"}},
+		{"budget.lua", budgetCall{org: "o", subject: "s", limit: 1, window: "d"}},
+		{"budgets.lua", budgetsCall{org: "o", subject: "s", list: true, limit: 1}},
 	}
 	bound := map[string]bool{"charges.lua": true} // the batcher's, with charge.lua's binding
 	for _, c := range cases {
@@ -69,7 +71,7 @@ func TestBindingsMatchScripts(t *testing.T) {
 				code += luaCode(t, "lib/calls.lua")
 			}
 			returned := map[int64]bool{}
-			for _, m := range regexp.MustCompile(`\b(OK|REFUSED|REPEAT|NOT_FOUND|LIMIT|VOIDED|ENDED|IN_FLIGHT|MISMATCH|LEASE|FULL)\b`).FindAllString(code, -1) {
+			for _, m := range regexp.MustCompile(`\b(OK|REFUSED|REPEAT|NOT_FOUND|LIMIT|VOIDED|ENDED|IN_FLIGHT|MISMATCH|LEASE|FULL|BUDGET)\b`).FindAllString(code, -1) {
 				returned[luaCodes[m]] = true
 			}
 			got, want := slices.Sorted(maps.Keys(c.b.script().codes)), slices.Sorted(maps.Keys(returned))
@@ -92,7 +94,7 @@ func TestBindingsMatchScripts(t *testing.T) {
 // luaCodes are lua/lib/base.lua's names of the reply codes.
 var luaCodes = map[string]int64{"OK": codeOK, "REFUSED": codeRefused, "REPEAT": codeRepeat, "NOT_FOUND": codeNotFound,
 	"LIMIT": codeLimit, "VOIDED": codeVoided, "ENDED": codeEnded, "IN_FLIGHT": codeInFlight, "MISMATCH": codeMismatch,
-	"LEASE": codeLease, "FULL": codeFull}
+	"LEASE": codeLease, "FULL": codeFull, "BUDGET": codeBudget}
 
 // luaCode is file's text without its comments nor its includes.
 func luaCode(t *testing.T, file string) string {

@@ -39,7 +39,26 @@ type ChargeRequest struct {
 	// first is in flight gets ErrInFlight; one after it completed, the
 	// first's result and kept response. Empty for a call without a key.
 	Binding string
+	// Subject, when set, is whose budget in the org the call also counts
+	// against (a user, an API key, a team); it matches the org id pattern.
+	// A subject with no budget of its own and no default budget in the org
+	// has no limit, and the charge writes nothing for it.
+	Subject string
 }
+
+// BudgetState is a subject's budget in its window, as a charge left it.
+type BudgetState struct {
+	// Limit is the credits the subject may spend in a window.
+	Limit int64
+	// Spent is what it spent in this window; above Limit on overdraft
+	// routes, or after the limit was lowered.
+	Spent int64
+	// Resets is when the window ends.
+	Resets time.Time
+}
+
+// Remaining is what the budget has left in its window, never below 0.
+func (b BudgetState) Remaining() int64 { return max(b.Limit-b.Spent, 0) }
 
 // Binding returns the binding of a call with an Idempotency-Key.
 func Binding(method, path, feature string, cost int64) string {
@@ -68,6 +87,12 @@ type ChargeResult struct {
 	RequestID string
 	// Attempt is the attempt id the charge was made with.
 	Attempt string
+	// OverBudget is true when the charge was refused because the
+	// subject's budget could not pay it (nothing was charged).
+	OverBudget bool
+	// Budget is the subject's budget after the charge (or at the refusal),
+	// nil when the call had no subject or the subject has no budget.
+	Budget *BudgetState
 }
 
 // Charge spends req.Cost credits of req.Org's, allowance first, then
@@ -95,9 +120,18 @@ func (l *Ledger) Charge(ctx context.Context, req ChargeRequest) (ChargeResult, e
 		return ChargeResult{}, fmt.Errorf("charge: %w", err)
 	}
 	res := ChargeResult{Balance: v[1], Cost: v[2], RequestID: req.RequestID, Attempt: req.Attempt}
+	if len(r.v) >= 7 {
+		b, err := ints(r.v[4:], 3)
+		if err != nil {
+			return ChargeResult{}, fmt.Errorf("charge: budget: %w", err)
+		}
+		res.Budget = &BudgetState{Limit: b[0], Spent: b[1], Resets: time.UnixMilli(b[2]).UTC()}
+	}
 	switch r.code {
 	case codeOK:
 		res.Charged = true
+	case codeBudget:
+		res.OverBudget = true
 	case codeRepeat:
 		res.Charged, res.Replay = true, true
 		if len(r.v) > 3 {
@@ -111,18 +145,20 @@ func (l *Ledger) Charge(ctx context.Context, req ChargeRequest) (ChargeResult, e
 
 // chargeScript, lua/charge.lua, charges a call.
 // KEYS: account, request marker, call log, holds, the request's kept
-// response (the marker again for a call without a binding).
+// response (the marker again for a call without a binding), budgets.
 // ARGV[8] feature, ARGV[9] cost, ARGV[10] 1 for overdraft, ARGV[11]
 // overdraft limit (-1: none), ARGV[12] request id, ARGV[13] marker lifetime
 // in seconds, ARGV[14] attempt id, ARGV[15] the call's binding ('-': none),
-// ARGV[16] how long a call with a binding may stay in flight, in seconds.
-// Reply: {code, balance, charged, kept response}; REFUSED charged nothing.
+// ARGV[16] how long a call with a binding may stay in flight, in seconds,
+// ARGV[17] the budget's subject ('-': none).
+// Reply: {code, balance, charged, kept response[, limit, spent, resets]};
+// REFUSED and BUDGET charged nothing.
 var chargeScript = bind("charge.lua", replyCodes{codeOK: nil, codeRefused: nil, codeRepeat: nil,
-	codeInFlight: ErrInFlight, codeMismatch: ErrMismatch, codeVoided: ErrVoided})
+	codeInFlight: ErrInFlight, codeMismatch: ErrMismatch, codeVoided: ErrVoided, codeBudget: nil})
 
 // chargesScript, lua/charges.lua, runs the charges of a batch (batch.go)
-// one after another on a single Redis. KEYS: chargeCall's, five per charge.
-// ARGV: the head once, then chargeCall's nine per charge. Reply: one
+// one after another on a single Redis. KEYS: chargeCall's, six per charge.
+// ARGV: the head once, then chargeCall's ten per charge. Reply: one
 // charge's reply per charge, or {-1, message} for a charge that raised an
 // error.
 var chargesScript = newScript("charges.lua")
@@ -140,7 +176,7 @@ func (c chargeCall) keys(k Keys) []string {
 	if c.Binding != "" {
 		kept = k.Kept(c.Org, c.RequestID)
 	}
-	return []string{k.Account(c.Org), marker, k.Calls(c.Org), k.Holds(c.Org), kept}
+	return []string{k.Account(c.Org), marker, k.Calls(c.Org), k.Holds(c.Org), kept, k.Budgets(c.Org)}
 }
 
 func (c chargeCall) args(l *Ledger) []any {
@@ -153,7 +189,11 @@ func (c chargeCall) args(l *Ledger) []any {
 	if c.Binding != "" {
 		bind = c.Binding
 	}
-	return []any{c.Feature, c.Cost, overdraft, limit, c.RequestID, l.markerTTL, c.Attempt, bind, inFlightTTL}
+	var subject any = noBinding
+	if c.Subject != "" {
+		subject = c.Subject
+	}
+	return []any{c.Feature, c.Cost, overdraft, limit, c.RequestID, l.markerTTL, c.Attempt, bind, inFlightTTL, subject}
 }
 
 // inFlightTTL is DefaultInFlightTTL in seconds, as the charge script takes
@@ -172,6 +212,11 @@ func validateCharge(req *ChargeRequest) error {
 	}
 	if req.Cost < policy.MinCost || req.Cost > policy.MaxCost {
 		return rangeError("cost", req.Cost, policy.MinCost, policy.MaxCost)
+	}
+	if req.Subject != "" {
+		if err := policy.ValidateSubject(req.Subject); err != nil {
+			return err
+		}
 	}
 	if req.RequestID != "" {
 		if err := validateRequestID(req.RequestID); err != nil {

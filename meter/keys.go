@@ -85,6 +85,14 @@ func (k Keys) Request(org, requestID string) string { return k.key(org, "r:"+req
 // short whatever they say.
 func (k Keys) GrantRefs(org string) string { return k.key(org, "g") }
 
+// Budgets is the hash of the org's budgets: the default budget, each
+// subject's own, and what each subject spent in its window.
+func (k Keys) Budgets(org string) string { return k.key(org, "b") }
+
+// BudgetIndex is the sorted set of the subjects with a budget of their own,
+// which pages them in order.
+func (k Keys) BudgetIndex(org string) string { return k.key(org, "bi") }
+
 // Alerts is the hash of the org's balance alerts: the balance at the last
 // check, and the alerts recorded and not yet delivered.
 func (k Keys) Alerts(org string) string { return k.key(org, "w") }

@@ -109,6 +109,7 @@ const (
 	codeMismatch  = 9
 	codeLease     = 10
 	codeFull      = 11
+	codeBudget    = 12
 )
 
 // replyCodes says what each code a script may reply means to its caller:

@@ -91,7 +91,7 @@ func (l *Ledger) settle(ctx context.Context, c settleCall) (SettleResult, error)
 }
 
 // settleScript, lua/settle.lua, sets a charged request's final cost.
-// KEYS: account, request marker, call log, holds.
+// KEYS: account, request marker, call log, holds, budgets.
 // ARGV[8] the final cost (0 for a refund), ARGV[9] request id, ARGV[10] 1 to
 // refund (the call failed; its request id is free again), ARGV[11] the
 // attempt whose charge it settles ('-': whichever stands).
@@ -109,7 +109,7 @@ type settleCall struct {
 func (settleCall) script() *luaScript { return settleScript }
 
 func (c settleCall) keys(k Keys) []string {
-	return []string{k.Account(c.org), k.Request(c.org, c.requestID), k.Calls(c.org), k.Holds(c.org)}
+	return []string{k.Account(c.org), k.Request(c.org, c.requestID), k.Calls(c.org), k.Holds(c.org), k.Budgets(c.org)}
 }
 
 func (c settleCall) args(*Ledger) []any {
@@ -196,7 +196,7 @@ func (l *Ledger) Void(ctx context.Context, org, requestID, attempt string) (int6
 }
 
 // voidScript, lua/void.lua, makes sure an attempt's charge does not stand.
-// KEYS: account, request marker, call log, holds.
+// KEYS: account, request marker, call log, holds, budgets.
 // ARGV[8] request id, ARGV[9] attempt id, ARGV[10] the marker's lifetime in
 // seconds.
 // Reply: {code, delta}: the credits given back.
@@ -208,7 +208,7 @@ type voidCall struct{ org, requestID, attempt string }
 func (voidCall) script() *luaScript { return voidScript }
 
 func (c voidCall) keys(k Keys) []string {
-	return []string{k.Account(c.org), k.Request(c.org, c.requestID), k.Calls(c.org), k.Holds(c.org)}
+	return []string{k.Account(c.org), k.Request(c.org, c.requestID), k.Calls(c.org), k.Holds(c.org), k.Budgets(c.org)}
 }
 
 func (c voidCall) args(l *Ledger) []any { return []any{c.requestID, c.attempt, l.markerTTL} }

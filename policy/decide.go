@@ -3,6 +3,7 @@ package policy
 import (
 	"net/http"
 	"strconv"
+	"time"
 
 	"github.com/creditsgw/caddy-credits/usage"
 )
@@ -91,7 +92,28 @@ type Answer struct {
 	// Charged is then true and the call is forwarded, but Credits-Charged
 	// is 0.
 	Replay bool
+	// OverBudget reports that the ledger refused the call because the
+	// caller's budget could not pay it (Charged is false).
+	OverBudget bool
+	// Budget is the caller's budget after the charge (or at the refusal);
+	// nil when the route has none or none applies to the caller.
+	Budget *Budget
 }
+
+// Budget is a caller's budget in the org, as a charge left it.
+type Budget struct {
+	// Subject is whose budget it is.
+	Subject string
+	// Limit is the credits the subject may spend per window.
+	Limit int64
+	// Spent is what it spent in this window.
+	Spent int64
+	// Resets is when the window ends.
+	Resets time.Time
+}
+
+// Remaining is what the budget has left in its window, never below 0.
+func (b *Budget) Remaining() int64 { return max(b.Limit-b.Spent, 0) }
 
 // Outcome is how a metered call ended; its String is the outcome label of
 // the gateway's metrics. Decide gives the first five; the handler the rest.
@@ -135,6 +157,10 @@ const (
 	Unauthenticated
 	// Preflight means a CORS preflight went upstream uncharged.
 	Preflight
+	// RefuseBudget means the call is refused with a 402 problem because the
+	// caller's budget cannot pay it (with Credits-Notice: budget on a
+	// Notice route).
+	RefuseBudget
 
 	// NumOutcomes is the number of outcomes, for arrays indexed by them.
 	NumOutcomes
@@ -156,6 +182,7 @@ var outcomeNames = [NumOutcomes]string{
 	BadInput:         "invalid",
 	Unauthenticated:  "unauthenticated",
 	Preflight:        "preflight",
+	RefuseBudget:     "budget",
 }
 
 // String returns the outcome's metrics label, e.g. "forwarded" or
@@ -174,6 +201,9 @@ const (
 	// NoticeExhausted says that a Notice route refused a call for want of
 	// credits.
 	NoticeExhausted = "exhausted"
+	// NoticeBudget says that a Notice route refused a call because the
+	// caller's budget is spent.
+	NoticeBudget = "budget"
 )
 
 // Decision is what the gateway does with a call.
@@ -197,6 +227,9 @@ type Decision struct {
 	Notice string
 	// Problem is the body of a refusal, nil when the call is forwarded.
 	Problem *Problem
+	// BudgetRemaining is the value of Credits-Budget-Remaining: what the
+	// caller's budget has left; nil when no budget applies to the call.
+	BudgetRemaining *int64
 }
 
 // Decide turns the ledger's answer for one charge into what the gateway does
@@ -208,12 +241,36 @@ type Decision struct {
 //   - charged on an Overdraft route, balance after below zero:
 //     ForwardOverdraft, never a Notice;
 //   - not charged on a Notice route: RefuseNotice, 402, Notice "exhausted";
-//   - not charged otherwise (Block, or Overdraft past its limit): Refuse, 402.
+//   - not charged otherwise (Block, or Overdraft past its limit): Refuse, 402;
+//   - over the caller's budget (Block or Notice): RefuseBudget, 402, Notice
+//     "budget" on a Notice route.
 //
+// Every decision of a call with a budget carries what the budget has left.
 // A replay is classified as any charged call but reports Charged 0, since
 // the credits were taken by the first call with the same key. An unknown
 // Mode is treated as Block.
 func Decide(r Route, org string, a Answer) Decision {
+	d := decide(r, org, a)
+	if a.Budget != nil {
+		left := a.Budget.Remaining()
+		d.BudgetRemaining = &left
+	}
+	return d
+}
+
+func decide(r Route, org string, a Answer) Decision {
+	if a.OverBudget && a.Budget != nil {
+		d := Decision{
+			Outcome:   RefuseBudget,
+			Status:    http.StatusPaymentRequired,
+			Remaining: a.Balance,
+			Problem:   BudgetSpent(r, org, a.Cost, a.Balance, *a.Budget),
+		}
+		if r.Mode == Notice {
+			d.Notice = NoticeBudget
+		}
+		return d
+	}
 	if !a.Charged {
 		d := Decision{
 			Outcome:   Refuse,

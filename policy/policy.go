@@ -15,8 +15,12 @@ const (
 	HeaderRemaining = "Credits-Remaining"
 	// HeaderCharged carries the credits this call was charged.
 	HeaderCharged = "Credits-Charged"
-	// HeaderNotice carries "low" or "exhausted", and only on notice routes.
+	// HeaderNotice carries "low", "exhausted" or "budget", and only on
+	// notice routes.
 	HeaderNotice = "Credits-Notice"
+	// HeaderBudgetRemaining carries what the caller's budget has left in
+	// its window, on every call of a route with a budget that applies.
+	HeaderBudgetRemaining = "Credits-Budget-Remaining"
 	// HeaderUsage is set by an upstream to settle the call to the credits it
 	// really used; the handler removes it before the response goes out.
 	HeaderUsage = "Credits-Usage"
@@ -25,7 +29,8 @@ const (
 // ExposeHeaders is the value of Access-Control-Expose-Headers on a response
 // to a request with an Origin, so that a browser frontend can read the
 // Credits headers, the hold of a call settled after its body included.
-const ExposeHeaders = HeaderRemaining + ", " + HeaderCharged + ", " + HeaderNotice + ", " + HeaderHold
+const ExposeHeaders = HeaderRemaining + ", " + HeaderCharged + ", " + HeaderNotice + ", " + HeaderHold + ", " +
+	HeaderBudgetRemaining
 
 // creditsPrefix is the prefix every Credits header shares.
 const creditsPrefix = "Credits-"

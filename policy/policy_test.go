@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/creditsgw/caddy-credits/policy"
 )
@@ -569,10 +570,11 @@ func TestProblemJSON(t *testing.T) {
 
 func TestHeaders(t *testing.T) {
 	if policy.HeaderRemaining != "Credits-Remaining" || policy.HeaderCharged != "Credits-Charged" ||
-		policy.HeaderNotice != "Credits-Notice" || policy.HeaderUsage != "Credits-Usage" {
+		policy.HeaderNotice != "Credits-Notice" || policy.HeaderUsage != "Credits-Usage" ||
+		policy.HeaderBudgetRemaining != "Credits-Budget-Remaining" {
 		t.Error("a header name differs from the SPEC")
 	}
-	if policy.ExposeHeaders != "Credits-Remaining, Credits-Charged, Credits-Notice, Credits-Hold" {
+	if policy.ExposeHeaders != "Credits-Remaining, Credits-Charged, Credits-Notice, Credits-Hold, Credits-Budget-Remaining" {
 		t.Errorf("ExposeHeaders = %q", policy.ExposeHeaders)
 	}
 	if policy.ContentTypeProblem != "application/problem+json" {
@@ -683,5 +685,41 @@ func TestNewRoute(t *testing.T) {
 	r, _ = policy.NewRoute(policy.RouteSettings{Feature: "f", Cost: "{x}"})
 	if r.Cost != 0 || r.FailOpen || r.OverdraftLimit != -1 {
 		t.Fatalf("%+v", r)
+	}
+}
+
+func TestDecideBudget(t *testing.T) {
+	resets := time.Date(2026, 12, 7, 0, 0, 0, 0, time.UTC)
+	b := &policy.Budget{Subject: "alice", Limit: 5, Spent: 4, Resets: resets}
+	for _, mode := range []policy.Mode{policy.Block, policy.Notice} {
+		r := policy.Route{Feature: "rich-text", Mode: mode, Cost: 2}
+		d := policy.Decide(r, "acme", policy.Answer{Balance: 40, Cost: 2, OverBudget: true, Budget: b})
+		if d.Forward || d.Outcome != policy.RefuseBudget || d.Status != 402 || d.BudgetRemaining == nil ||
+			*d.BudgetRemaining != 1 || d.Remaining != 40 || d.Charged != 0 {
+			t.Fatalf("%s: %+v", mode, d)
+		}
+		if want := map[policy.Mode]string{policy.Block: "", policy.Notice: policy.NoticeBudget}[mode]; d.Notice != want {
+			t.Errorf("%s: notice %q, want %q", mode, d.Notice, want)
+		}
+		p := d.Problem
+		if p.Type != policy.TypeBudgetSpent || p.Subject != "alice" || *p.Limit != 5 || *p.Spent != 4 ||
+			!p.Resets.Equal(resets) || *p.Balance != 40 || *p.Cost != 2 {
+			t.Fatalf("%s: problem %+v", mode, p)
+		}
+		if body := string(p.JSON()); !strings.Contains(body, `"subject":"alice","limit":5,"spent":4,"resets":"2026-12-07T00:00:00Z"`) {
+			t.Errorf("problem body %s", body)
+		}
+	}
+	// A charged call with a budget says what it has left; one without none.
+	d := policy.Decide(policy.Route{Mode: policy.Block}, "acme", policy.Answer{Charged: true, Balance: 3, Cost: 1,
+		Budget: &policy.Budget{Limit: 5, Spent: 7}})
+	if !d.Forward || d.BudgetRemaining == nil || *d.BudgetRemaining != 0 {
+		t.Fatalf("charged past a lowered limit: %+v", d)
+	}
+	if d := policy.Decide(policy.Route{}, "acme", policy.Answer{Charged: true}); d.BudgetRemaining != nil {
+		t.Fatalf("no budget: %+v", d)
+	}
+	if policy.RefuseBudget.String() != "budget" {
+		t.Errorf("outcome label %q", policy.RefuseBudget)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"strconv"
+	"time"
 )
 
 // ContentTypeProblem is the media type of a problem details body (RFC 9457).
@@ -16,6 +17,12 @@ const (
 	// TypeInsufficientCredits identifies a 402: the credits cannot pay for
 	// the call.
 	TypeInsufficientCredits = "https://creditsgw.dev/problems/insufficient-credits"
+	// TypeBudgetSpent identifies a 402: the caller's budget in the org
+	// cannot pay for the call.
+	TypeBudgetSpent = "https://creditsgw.dev/problems/budget-spent"
+	// TypeSubjectMissing identifies a 401: a route with a budget found no
+	// subject in the request.
+	TypeSubjectMissing = "https://creditsgw.dev/problems/budget-subject-missing"
 	// TypeOrgMissing identifies a 401: the request names no organization.
 	TypeOrgMissing = "https://creditsgw.dev/problems/org-missing"
 	// TypeInvalidInput identifies a 400: an org id, cost or other input is
@@ -59,6 +66,12 @@ type Problem struct {
 	// TopUpURL is where the organization adds credits; omitted when none is
 	// configured.
 	TopUpURL string `json:"topup_url,omitempty"`
+	// Subject, Limit, Spent and Resets describe the budget that refused
+	// the call, for a budget-spent problem only.
+	Subject string     `json:"subject,omitempty"`
+	Limit   *int64     `json:"limit,omitempty"`
+	Spent   *int64     `json:"spent,omitempty"`
+	Resets  *time.Time `json:"resets,omitempty"`
 }
 
 // JSON returns the problem's body: compact JSON, with the fields in the
@@ -117,6 +130,39 @@ func credits(n int64) string {
 		return "1 credit"
 	}
 	return strconv.FormatInt(n, 10) + " credits"
+}
+
+// BudgetSpent returns the 402 problem of a call that the caller's budget b
+// cannot pay for on route r. Its detail is a sentence a UI can show.
+func BudgetSpent(r Route, org string, cost, balance int64, b Budget) *Problem {
+	left := b.Remaining()
+	resets := b.Resets.UTC()
+	return &Problem{
+		Type:   TypeBudgetSpent,
+		Title:  "Budget spent",
+		Status: http.StatusPaymentRequired,
+		Detail: "Your budget has " + credits(left) + " left until " + resets.Format(time.RFC3339) +
+			"; this action needs " + strconv.FormatInt(cost, 10) + ".",
+		Org:     org,
+		Feature: r.Feature,
+		Balance: &balance,
+		Cost:    &cost,
+		Subject: b.Subject,
+		Limit:   &b.Limit,
+		Spent:   &b.Spent,
+		Resets:  &resets,
+	}
+}
+
+// SubjectMissing returns the 401 problem of a call on a route with a
+// budget whose request names no subject.
+func SubjectMissing() *Problem {
+	return &Problem{
+		Type:   TypeSubjectMissing,
+		Title:  "Budget subject missing",
+		Status: http.StatusUnauthorized,
+		Detail: "The request does not say whose budget it counts against.",
+	}
 }
 
 // OrgMissing returns the 401 problem of a request that names no organization.

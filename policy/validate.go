@@ -31,6 +31,9 @@ const maxShownValue = 80
 // ErrOrgMissing is returned when a request names no organization.
 var ErrOrgMissing = errors.New("org missing")
 
+// ErrSubjectMissing is returned when a budgeted request names no subject.
+var ErrSubjectMissing = errors.New("budget subject missing")
+
 // InputError reports a value that the gateway rejects: an org id, a feature
 // name, a cost, an idempotency key or a mode.
 type InputError struct {
@@ -68,6 +71,19 @@ func ValidateOrg(org string) error {
 	}
 	if !validID(org) {
 		return &InputError{Field: "org", Value: org, Reason: "must match " + IDPattern}
+	}
+	return nil
+}
+
+// ValidateSubject checks a budget's subject (a user, an API key, a team)
+// against IDPattern. It returns ErrSubjectMissing when subject is empty, and
+// an *InputError when it is invalid.
+func ValidateSubject(subject string) error {
+	if subject == "" {
+		return ErrSubjectMissing
+	}
+	if !validID(subject) {
+		return &InputError{Field: "subject", Value: subject, Reason: "must match " + IDPattern}
 	}
 	return nil
 }

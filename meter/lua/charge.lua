@@ -1,9 +1,11 @@
 -- KEYS: account, request marker, call log, holds, the request's kept
--- response (the marker again for a call without a binding). ARGV[8] feature, ARGV[9] cost, ARGV[10] 1 for overdraft,
+-- response (the marker again for a call without a binding), the org's
+-- budgets. ARGV[8] feature, ARGV[9] cost, ARGV[10] 1 for overdraft,
 -- ARGV[11] overdraft limit (-1: none), ARGV[12] request id, ARGV[13] marker
 -- lifetime in seconds, ARGV[14] attempt id, ARGV[15] the call's binding
 -- ('-' for none), ARGV[16] how long, in seconds, a call with a binding may
--- stay in flight before its key is free again.
+-- stay in flight before its key is free again, ARGV[17] the subject whose
+-- budget the call counts against ('-' for none).
 --
 -- A charge is a hold captured at once: it takes its cost of the available
 -- balance (what no hold keeps), and its marker records which parts came from
@@ -17,9 +19,12 @@
 -- response, or false when it was too large to keep), IN_FLIGHT an earlier
 -- call with this request id and a binding has not completed (charged, or
 -- settled and its response not yet kept), MISMATCH the earlier call's
--- binding differs, VOIDED this attempt was voided (nothing charged). A
--- request refunded in full, refused, or voided by another attempt, is free to
--- charge again.
+-- binding differs, VOIDED this attempt was voided (nothing charged),
+-- BUDGET the subject's budget cannot pay the cost on a block or notice
+-- route (nothing written). A request refunded in full, refused, or voided by
+-- another attempt, is free to charge again. A charge that counted against a
+-- budget (OK) and BUDGET add {limit, spent, resets (unix ms)} of the budget
+-- in its window after kept (false).
 
 --#include lib/calls.lua
 

@@ -1,7 +1,7 @@
 -- Charges of different orgs, one after another in one run, as each would
 -- run alone (charge.lua): on a single Redis, where a script may touch keys
--- of many orgs. KEYS: five per charge, as charge.lua's; ARGV[8..]: nine per
--- charge, as charge.lua's ARGV[8..16].
+-- of many orgs. KEYS: six per charge, as charge.lua's; ARGV[8..]: ten per
+-- charge, as charge.lua's ARGV[8..17].
 --
 -- Returns one reply per charge, as charge.lua's. A charge whose script
 -- raised an error (a corrupt account, say) stopped before it wrote
@@ -11,8 +11,8 @@
 --#include lib/calls.lua
 
 local out = {}
-for i = 0, (#ARGV - 7) / 9 - 1 do
-  local ok, r = pcall(charge, i * 5, 7 + i * 9)
+for i = 0, (#ARGV - 7) / 10 - 1 do
+  local ok, r = pcall(charge, i * 6, 7 + i * 10)
   if not ok then
     if type(r) == 'table' and r.err then r = r.err end
     r = {-1, tostring(r)}

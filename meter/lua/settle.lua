@@ -1,4 +1,4 @@
--- KEYS: account, request marker, call log, holds. ARGV[8] the request's final
+-- KEYS: account, request marker, call log, holds, budgets. ARGV[8] the request's final
 -- cost, ARGV[9] request id, ARGV[10] 1 when the call failed and is refunded
 -- (its request id is free again; the final cost is then 0), ARGV[11] the
 -- attempt whose charge it settles ('-': whichever stands). A settle of an
@@ -11,9 +11,9 @@
 
 --#include lib/calls.lua
 
-local bad = check_types({'hash', 'string', 'list', 'hash'})
+local bad = check_types({'hash', 'string', 'list', 'hash', 'hash'})
 if bad then return bad end
-local account_key, marker_key, calls_key, holds_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local account_key, marker_key, calls_key, holds_key, budgets_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local actual = tonumber(ARGV[8])
 local request_id = ARGV[9]
 
@@ -26,7 +26,7 @@ if m.state ~= CHARGED then
 end
 local acc = open(account_key)
 sweep(acc, holds_key)
-local delta = settle_to(acc, m, actual, request_id, ARGV[10] == '1')
+local delta = settle_to(acc, m, actual, request_id, ARGV[10] == '1', budgets_key)
 commit(account_key, calls_key, acc, true)
 write_holds(holds_key, acc)
 write_marker(marker_key, m)

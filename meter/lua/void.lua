@@ -1,4 +1,4 @@
--- KEYS: account, request marker, call log, holds. ARGV[8] request id, ARGV[9]
+-- KEYS: account, request marker, call log, holds, budgets. ARGV[8] request id, ARGV[9]
 -- attempt id, ARGV[10] marker lifetime in seconds.
 --
 -- Makes sure the attempt's charge, whose outcome the gateway could not
@@ -10,9 +10,9 @@
 
 --#include lib/calls.lua
 
-local bad = check_types({'hash', 'string', 'list', 'hash'})
+local bad = check_types({'hash', 'string', 'list', 'hash', 'hash'})
 if bad then return bad end
-local account_key, marker_key, calls_key, holds_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local account_key, marker_key, calls_key, holds_key, budgets_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local request_id = ARGV[8]
 local attempt = ARGV[9]
 local marker_ttl = ARGV[10]
@@ -28,7 +28,7 @@ if m.attempt ~= attempt or m.state ~= CHARGED or m.relied == '1' then
 end
 local acc = open(account_key)
 sweep(acc, holds_key)
-local delta = settle_to(acc, m, 0, request_id, true)
+local delta = settle_to(acc, m, 0, request_id, true, budgets_key)
 commit(account_key, calls_key, acc, true)
 write_holds(holds_key, acc)
 write_marker(marker_key, m)

@@ -47,8 +47,8 @@ local function srv_now()
 end
 
 -- Return codes, as in Go (scripts.go).
-local OK, REFUSED, REPEAT, NOT_FOUND, LIMIT, VOIDED, WRONG_TYPE, ENDED, IN_FLIGHT, MISMATCH, LEASE, FULL =
-  0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
+local OK, REFUSED, REPEAT, NOT_FOUND, LIMIT, VOIDED, WRONG_TYPE, ENDED, IN_FLIGHT, MISMATCH, LEASE, FULL, BUDGET =
+  0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12
 
 -- How long a hold's record stays once it is captured, released or expired:
 -- a repeated capture answers the same, a late capture of an expired hold is
@@ -85,24 +85,27 @@ local function ym_unix(ym)
   return (era * 146097 + doe - 719468) * 86400
 end
 
+-- The UTC day number d (days since 1970-01-01) as yyyymmdd.
+local function ymd(d)
+  local z = d + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local dd = doy - math.floor((153 * mp + 2) / 5) + 1
+  local m = mp + 3
+  if mp >= 10 then m = mp - 9 end
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return string.format('%04d%02d%02d', y, m, dd)
+end
+
 -- The UTC day of now_ms as yyyymmdd, and the first day still kept of the
 -- usage per day: the first of the month 13 months before this one.
 local today_s
 local function today()
-  if not today_s then
-    local z = math.floor(now_ms / 86400000) + 719468
-    local era = math.floor(z / 146097)
-    local doe = z - era * 146097
-    local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
-    local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-    local mp = math.floor((5 * doy + 2) / 153)
-    local d = doy - math.floor((153 * mp + 2) / 5) + 1
-    local m = mp + 3
-    if mp >= 10 then m = mp - 9 end
-    local y = yoe + era * 400
-    if m <= 2 then y = y + 1 end
-    today_s = string.format('%04d%02d%02d', y, m, d)
-  end
+  if not today_s then today_s = ymd(math.floor(now_ms / 86400000)) end
   return today_s
 end
 

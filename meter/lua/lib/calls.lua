@@ -3,6 +3,7 @@
 --#include lib/account.lua
 --#include lib/marker.lua
 --#include lib/holds.lua
+--#include lib/budgets.lua
 
 -- Sets the period of a marker of the earlier layout: this one if it started
 -- when the marker's did.
@@ -16,7 +17,7 @@ end
 
 -- Sets a charged request's final cost: refunded (the call failed; its id is
 -- free again) or settled to its usage. Returns the change to the balance.
-local function settle_to(acc, m, actual, ref, refund)
+local function settle_to(acc, m, actual, ref, refund, budgets_key)
   marker_period(m, acc)
   local before = balance(acc)
   local diff = actual - m.cost
@@ -38,6 +39,11 @@ local function settle_to(acc, m, actual, ref, refund)
   elseif diff ~= 0 then
     add_day(acc, m.feature, diff, m.day)
   end
+  if diff ~= 0 and m.b then
+    local subject, wid = string.match(m.b, '^(%S+):(%w+)$')
+    if not subject then error('corrupt request marker') end
+    budget_settle(budgets_key, subject, wid, diff)
+  end
   if diff ~= 0 then
     local kind = 'settle'
     if refund then kind = 'refund' end
@@ -48,15 +54,15 @@ local function settle_to(acc, m, actual, ref, refund)
   return balance(acc) - before
 end
 
--- A call's charge: KEYS[k + 1 .. k + 5] and ARGV[a + 1 .. a + 9] are
--- charge.lua's KEYS and ARGV[8..16] (charge.lua runs charge(0, 7); a batch
+-- A call's charge: KEYS[k + 1 .. k + 6] and ARGV[a + 1 .. a + 10] are
+-- charge.lua's KEYS and ARGV[8..17] (charge.lua runs charge(0, 7); a batch
 -- of charges, charges.lua, one after another).
 local function charge(k, a)
   -- Every key but the call log fails its first read, before any write,
   -- when it holds another type; the call log is the first key written, and
   -- commit stops there when it is not a list.
-  local account_key, marker_key, calls_key, holds_key, kept_key = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4],
-    KEYS[k + 5]
+  local account_key, marker_key, calls_key, holds_key, kept_key, budgets_key = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3],
+    KEYS[k + 4], KEYS[k + 5], KEYS[k + 6]
   local feature = ARGV[a + 1]
   local cost = tonumber(ARGV[a + 2])
   local overdraft = ARGV[a + 3] == '1'
@@ -66,6 +72,7 @@ local function charge(k, a)
   local attempt = ARGV[a + 7]
   local bind = ARGV[a + 8]
   local in_flight_ttl = ARGV[a + 9]
+  local subject = ARGV[a + 10]
 
   local m = parse_marker(redis.call('GET', marker_key))
   if m and m.attempt == attempt then
@@ -98,6 +105,15 @@ local function charge(k, a)
   if (not overdraft and free < cost) or (overdraft and limit >= 0 and free - cost < -limit) then
     return {REFUSED, balance(acc), 0}
   end
+  -- The subject's budget, when the route names one and the org set one or
+  -- a default: on block and notice routes it must pay the whole cost.
+  local b = nil
+  if subject ~= '-' then
+    b = load_budget(budgets_key, subject, acc)
+    if b and not overdraft and budget_left(b) < cost then
+      return {BUDGET, balance(acc), 0, false, b.limit, b.spent, window_end(b.window, acc)}
+    end
+  end
 
   if fresh then
     event(acc, 'grant', acc.rem, '', 'default-plan')
@@ -110,7 +126,16 @@ local function charge(k, a)
   if acc.swept then write_holds(holds_key, acc) end
   local ttl = marker_ttl
   if bind ~= '-' then ttl = in_flight_ttl end
+  local mb = nil
+  if b then
+    b.spent = b.spent + cost
+    write_spent(b)
+    mb = subject .. ':' .. b.wid
+  end
   write_marker(marker_key, {cost = cost, feature = feature, fa = p.fa, fp = p.fp, fd = p.fd, g = p.g,
-    balance = balance(acc), state = CHARGED, pn = acc.pn, attempt = attempt, relied = '0', bind = bind}, ttl)
+    balance = balance(acc), state = CHARGED, pn = acc.pn, attempt = attempt, relied = '0', bind = bind, b = mb}, ttl)
+  if b then
+    return {OK, balance(acc), cost, false, b.limit, b.spent, window_end(b.window, acc)}
+  end
   return {OK, balance(acc), cost}
 end

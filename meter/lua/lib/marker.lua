@@ -25,8 +25,11 @@ local function parse_marker(s)
   if not s then return nil end
   -- The parts taken of extra grants, " g:<parts>", end the marker when
   -- there are any.
-  local gp = ''
+  local gp, bp = '', nil
   s = string.gsub(s, ' g:(%S+)$', function(x) gp = x return '' end)
+  -- So do the subject and window of the budget it counted against, " b:<subject>:<window>",
+  -- before them.
+  s = string.gsub(s, ' b:(%S+)$', function(x) bp = x return '' end)
   local cost, feature, fa, fp, fd, bal, state, pn, attempt, relied, bind =
     string.match(s, '^(%-?%d+) (%S+) (%d+) (%d+) (%d+) (%-?%d+) (%a) (%-?%d+) (%S+) ([01]) (%S+)$')
   local day
@@ -48,12 +51,13 @@ local function parse_marker(s)
   end
   return {cost = tonumber(cost), feature = feature, fa = tonumber(fa), fp = tonumber(fp), fd = tonumber(fd),
     balance = tonumber(bal), state = state, pn = tonumber(pn), attempt = attempt, relied = relied, bind = bind,
-    day = day, g = parse_parts(gp)}
+    day = day, g = parse_parts(gp), b = bp}
 end
 
 local function write_marker(key, m, ttl)
   local v = string.format('%d %s %d %d %d %d %s %d %s %s %s %s', m.cost, m.feature, m.fa, m.fp, m.fd, m.balance,
     m.state, m.pn, m.attempt, m.relied, m.bind or '-', m.day or today())
+  if m.b then v = v .. ' b:' .. m.b end
   local gp = parts_str(m.g)
   if gp ~= '' then v = v .. ' g:' .. gp end
   if ttl then

@@ -1,0 +1,520 @@
+package caddymodule
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/creditsgw/caddy-credits/internal/redistest"
+	"github.com/creditsgw/caddy-credits/meter"
+)
+
+// The budgets suite: the budgets contract of SPEC sections 4 to 6 checked
+// from outside, through Caddy's admin API and budgeted routes in front of a
+// real upstream, against a real redis-server. Each test ends by checking,
+// per org and per subject, what the upstream answered against what the
+// ledger charged and what the budgets counted.
+
+// budgetSite holds the budgeted routes: block, notice and overdraft, a
+// cost from X-Cost, the subject from X-User-Id; and the balance with the
+// caller's budget.
+const budgetSite = `
+	route /budgeted/* {
+		credits {
+			org {http.request.header.X-Org-Id}
+			feature budgeted
+			cost {http.request.header.X-Cost}
+			budget {http.request.header.X-User-Id}
+		}
+		reverse_proxy {UPSTREAM}
+	}
+	route /budgeted-notice/* {
+		credits {
+			org {http.request.header.X-Org-Id}
+			feature budgeted
+			cost {http.request.header.X-Cost}
+			on_exhausted notice
+			budget {http.request.header.X-User-Id}
+		}
+		reverse_proxy {UPSTREAM}
+	}
+	route /budgeted-flows/* {
+		credits {
+			org {http.request.header.X-Org-Id}
+			feature budgeted
+			cost {http.request.header.X-Cost}
+			on_exhausted overdraft
+			budget {http.request.header.X-User-Id}
+		}
+		reverse_proxy {UPSTREAM}
+	}
+	handle /budget-balance {
+		credits_balance {
+			org {http.request.header.X-Org-Id}
+			budget {http.request.header.X-User-Id}
+		}
+	}
+`
+
+func startBudgetGateway(t *testing.T) *gateway {
+	t.Helper()
+	return startGateway(t, gatewayOptions{site: budgetSite})
+}
+
+// budgeted makes one call of cost on route ("budgeted", "budgeted-notice"
+// or "budgeted-flows", then path) for user in org.
+func (g *gateway) budgeted(route, org, user string, cost int64, header ...string) reply {
+	g.t.Helper()
+	h := []string{"X-Cost", fmt.Sprint(cost)}
+	if user != "" {
+		h = append(h, "X-User-Id", user)
+	}
+	return g.call("/"+route+"/x", org, append(h, header...)...)
+}
+
+// setBudget sets user's budget (the default's, for user "") through the
+// admin API and returns it.
+func (g *gateway) setBudget(org, user string, limit int64, window string) budgetJSON {
+	g.t.Helper()
+	path := "/orgs/" + org + "/budgets/" + user
+	if user == "" {
+		path = "/orgs/" + org + "/default-budget"
+	}
+	r := g.admin(http.MethodPut, path, fmt.Sprintf(`{"limit": %d, "window": %q}`, limit, window))
+	wantServed(g.t, r, http.StatusOK, "PUT "+path)
+	var b budgetJSON
+	decodeJSON(g.t, r.body, &b)
+	return b
+}
+
+func (g *gateway) getBudget(org, user string) (budgetJSON, int) {
+	g.t.Helper()
+	r := g.admin(http.MethodGet, "/orgs/"+org+"/budgets/"+user, "")
+	served(g.t, r, "GET /orgs/"+org+"/budgets/"+user)
+	var b budgetJSON
+	if r.status == http.StatusOK {
+		decodeJSON(g.t, r.body, &b)
+	}
+	return b, r.status
+}
+
+// answeredBySubject is what the upstream answered on the budgeted routes
+// for org, per subject: each call's X-Cost.
+func (u *upstream) answeredBySubject(t testing.TB, org string) map[string]int64 {
+	t.Helper()
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if len(u.received) >= 1000 {
+		t.Fatalf("the upstream kept only its last %d calls: the test cannot add them up", len(u.received))
+	}
+	out := map[string]int64{}
+	for _, r := range u.received {
+		if r.Header.Get("X-Org-Id") != org || !strings.HasPrefix(r.URL.Path, "/budgeted") {
+			continue
+		}
+		var c int64
+		if _, err := fmt.Sscan(r.Header.Get("X-Cost"), &c); err != nil {
+			t.Fatalf("the upstream received a call without a cost: %v", r.Header)
+		}
+		out[r.Header.Get("X-User-Id")] += c
+	}
+	return out
+}
+
+// wantBudgetsAnswered checks org from outside: the ledger charged what the
+// upstream answered, and each subject's budget spent what the upstream
+// answered for it (spent, for the subjects it names; the others have no
+// budget).
+func (g *gateway) wantBudgetsAnswered(org string, start int64, spent map[string]int64) {
+	g.t.Helper()
+	answered := g.upstream.answeredBySubject(g.t, org)
+	var total int64
+	for _, n := range answered {
+		total += n
+	}
+	a := g.acct(org)
+	if start-a.Balance != total {
+		g.t.Errorf("org %s: the ledger charged %d, the upstream answered %d credits of calls (%v)", org, start-a.Balance, total, answered)
+	}
+	for user, want := range spent {
+		if answered[user] != want {
+			g.t.Errorf("subject %s: the upstream answered %d credits, want %d", user, answered[user], want)
+		}
+		b, status := g.getBudget(org, user)
+		if status != http.StatusOK || b.Spent != want {
+			g.t.Errorf("subject %s: budget %+v (%d), spent want %d", user, b, status, want)
+		}
+	}
+}
+
+// TestBudgetsLimitsAndHeaders: a subject's budget pays what it can, then
+// refuses with a 402 problem that names it, without the upstream; every
+// budgeted call says what the budget has left; a subject with no budget has
+// no limit and nothing in Redis; the balance endpoint shows the caller's
+// budget.
+func TestBudgetsLimitsAndHeaders(t *testing.T) {
+	g := startBudgetGateway(t)
+	const org = "acme"
+	g.emptyOrg(org, 100, 0)
+	b := g.setBudget(org, "alice", 5, "day")
+	tomorrow := time.Now().UTC().Truncate(24 * time.Hour).Add(24 * time.Hour)
+	if b.Subject != "alice" || b.Limit != 5 || b.Window != "day" || b.Spent != 0 || b.Remaining != 5 || !b.Resets.Equal(tomorrow) {
+		t.Fatalf("PUT budget answered %+v", b)
+	}
+	for _, left := range []string{"3", "1"} {
+		r := g.budgeted("budgeted", org, "alice", 2)
+		wantStatus(t, r, http.StatusOK)
+		wantHeaders(t, r, map[string]string{"Credits-Charged": "2", "Credits-Budget-Remaining": left})
+	}
+	before := g.upstream.calls.Load()
+	r := g.budgeted("budgeted", org, "alice", 2)
+	wantStatus(t, r, http.StatusPaymentRequired)
+	wantHeaders(t, r, map[string]string{"Credits-Budget-Remaining": "1", "Credits-Remaining": "96", "Credits-Notice": ""})
+	p := r.problem(t)
+	if p["type"] != "https://creditsgw.dev/problems/budget-spent" || p["subject"] != "alice" || p["limit"] != 5.0 ||
+		p["spent"] != 4.0 || p["resets"] != rfc(tomorrow) || p["balance"] != 96.0 || p["cost"] != 2.0 {
+		t.Fatalf("402 problem %s", r.body)
+	}
+	if g.upstream.calls.Load() != before {
+		t.Fatal("a call refused by its budget reached the upstream")
+	}
+	// The same subject's last credit; on a notice route, the refusal says
+	// budget.
+	wantStatus(t, g.budgeted("budgeted", org, "alice", 1), http.StatusOK)
+	r = g.budgeted("budgeted-notice", org, "alice", 1)
+	wantStatus(t, r, http.StatusPaymentRequired)
+	wantHeaders(t, r, map[string]string{"Credits-Notice": "budget", "Credits-Budget-Remaining": "0"})
+
+	// Bob has no budget and the org no default: no limit, no header, and
+	// nothing in Redis for him.
+	r = g.budgeted("budgeted", org, "bob", 7)
+	wantStatus(t, r, http.StatusOK)
+	wantHeaders(t, r, map[string]string{"Credits-Budget-Remaining": ""})
+	keys, _ := meter.NewKeys("credits")
+	fields, err := g.redisClient().HKeys(t.Context(), keys.Budgets(org)).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(strings.Join(fields, " "), "bob") {
+		t.Fatalf("Redis holds %v for a subject with no budget", fields)
+	}
+	if _, status := g.getBudget(org, "bob"); status != http.StatusNotFound {
+		t.Fatalf("GET bob's budget: %d, want 404", status)
+	}
+
+	// The balance endpoint shows the caller's budget, and none for bob.
+	r = g.do(http.MethodGet, g.url+"/budget-balance", map[string]string{"X-Org-Id": org, "X-User-Id": "alice"}, "")
+	wantStatus(t, r, http.StatusOK)
+	wantHeaders(t, r, map[string]string{"Credits-Budget-Remaining": "0", "Credits-Remaining": "88"})
+	var bal struct {
+		Balance int64       `json:"balance"`
+		Budget  *budgetJSON `json:"budget"`
+	}
+	decodeJSON(t, r.body, &bal)
+	if bal.Balance != 88 || bal.Budget == nil || bal.Budget.Subject != "alice" || bal.Budget.Spent != 5 ||
+		bal.Budget.Remaining != 0 || bal.Budget.Limit != 5 || !bal.Budget.Resets.Equal(tomorrow) {
+		t.Fatalf("balance with a budget: %s", r.body)
+	}
+	r = g.do(http.MethodGet, g.url+"/budget-balance", map[string]string{"X-Org-Id": org, "X-User-Id": "bob"}, "")
+	wantStatus(t, r, http.StatusOK)
+	if strings.Contains(string(r.body), "budget") {
+		t.Fatalf("balance of a subject with no budget: %s", r.body)
+	}
+	g.wantBudgetsAnswered(org, 100, map[string]int64{"alice": 5})
+	if g.answered(org, "bob") != 7 {
+		t.Fatal("bob's call was not answered")
+	}
+}
+
+// answered is what the upstream answered for user of org on the budgeted
+// routes.
+func (g *gateway) answered(org, user string) int64 {
+	return g.upstream.answeredBySubject(g.t, org)[user]
+}
+
+// TestBudgetsDefaultOverdraftAndRemoval: the default budget counts each
+// subject apart; an overdraft route counts and never refuses; a limit
+// lowered below what was spent refuses; a removed budget leaves the
+// subject under the default, then with no limit.
+func TestBudgetsDefaultOverdraftAndRemoval(t *testing.T) {
+	g := startBudgetGateway(t)
+	const org = "acme"
+	g.emptyOrg(org, 100, 0)
+	d := g.setBudget(org, "", 3, "week")
+	if d.Subject != "" || d.Limit != 3 || d.Window != "week" {
+		t.Fatalf("default budget %+v", d)
+	}
+	for _, user := range []string{"carol", "dave"} {
+		wantStatus(t, g.budgeted("budgeted", org, user, 3), http.StatusOK)
+		wantStatus(t, g.budgeted("budgeted", org, user, 1), http.StatusPaymentRequired)
+	}
+	b, status := g.getBudget(org, "carol")
+	monday := time.Now().UTC().Truncate(24 * time.Hour)
+	for monday.Weekday() != time.Monday {
+		monday = monday.Add(24 * time.Hour)
+	}
+	if time.Now().UTC().Weekday() == time.Monday {
+		monday = monday.Add(7 * 24 * time.Hour)
+	}
+	if status != http.StatusOK || !b.Default || b.Spent != 3 || !b.Resets.Equal(monday) {
+		t.Fatalf("carol under the default: %+v (%d), resets want %s", b, status, monday)
+	}
+	// Overdraft counts past the limit and never refuses.
+	for range 2 {
+		r := g.budgeted("budgeted-flows", org, "carol", 2)
+		wantStatus(t, r, http.StatusOK)
+		wantHeaders(t, r, map[string]string{"Credits-Budget-Remaining": "0"})
+	}
+	// A budget of her own, lowered below what she spent.
+	g.setBudget(org, "carol", 10, "week")
+	wantStatus(t, g.budgeted("budgeted", org, "carol", 3), http.StatusOK)
+	if b := g.setBudget(org, "carol", 4, "week"); b.Spent != 10 || b.Remaining != 0 {
+		t.Fatalf("lowered below the spending: %+v", b)
+	}
+	wantStatus(t, g.budgeted("budgeted", org, "carol", 1), http.StatusPaymentRequired)
+	// Removed: the default counts her again, with what she spent.
+	r := g.admin(http.MethodDelete, "/orgs/"+org+"/budgets/carol", "")
+	wantServed(t, r, http.StatusOK, "DELETE /orgs/"+org+"/budgets/carol")
+	wantStatus(t, g.admin(http.MethodDelete, "/orgs/"+org+"/budgets/carol", ""), http.StatusNotFound)
+	if b, _ := g.getBudget(org, "carol"); !b.Default || b.Spent != 10 {
+		t.Fatalf("carol after her budget was removed: %+v", b)
+	}
+	wantStatus(t, g.admin(http.MethodDelete, "/orgs/"+org+"/default-budget", ""), http.StatusOK)
+	r = g.budgeted("budgeted", org, "carol", 5)
+	wantStatus(t, r, http.StatusOK)
+	wantHeaders(t, r, map[string]string{"Credits-Budget-Remaining": ""})
+	g.wantBudgetsAnswered(org, 100, nil)
+	if got := g.answered(org, "carol"); got != 3+4+3+5 {
+		t.Fatalf("carol: answered %d", got)
+	}
+}
+
+// TestBudgetsRefundsReplaysAndBadInput: a call the upstream fails gives its
+// credits back to the budget, a call settled to its usage counts its
+// usage, a replay of an Idempotency-Key counts nothing again; a missing
+// subject is 401 and an invalid one 400, and neither charges or writes.
+func TestBudgetsRefundsReplaysAndBadInput(t *testing.T) {
+	g := startBudgetGateway(t)
+	const org = "acme"
+	g.emptyOrg(org, 100, 0)
+	g.setBudget(org, "alice", 10, "month")
+	r := g.call("/budgeted/fail", org, "X-Cost", "4", "X-User-Id", "alice")
+	wantStatus(t, r, http.StatusInternalServerError)
+	if b, _ := g.getBudget(org, "alice"); b.Spent != 0 {
+		t.Fatalf("after a failed call: %+v", b)
+	}
+	r = g.call("/budgeted/usage/6", org, "X-Cost", "2", "X-User-Id", "alice")
+	wantStatus(t, r, http.StatusOK)
+	wantHeaders(t, r, map[string]string{"Credits-Charged": "6"})
+	if b, _ := g.getBudget(org, "alice"); b.Spent != 6 {
+		t.Fatalf("after a call settled to 6: %+v", b)
+	}
+	for i := range 2 {
+		r = g.call("/budgeted/x", org, "X-Cost", "3", "X-User-Id", "alice", "Idempotency-Key", "k1")
+		wantStatus(t, r, http.StatusOK)
+		if b, _ := g.getBudget(org, "alice"); b.Spent != 9 {
+			t.Fatalf("call %d with one key: %+v", i, b)
+		}
+	}
+	state := g.ledgerState(org)
+	r = g.budgeted("budgeted", org, "", 1)
+	wantStatus(t, r, http.StatusUnauthorized)
+	if p := r.problem(t); p["type"] != "https://creditsgw.dev/problems/budget-subject-missing" {
+		t.Fatalf("no subject: %s", r.body)
+	}
+	wantStatus(t, g.budgeted("budgeted", org, "a b", 1), http.StatusBadRequest)
+	wantStatus(t, g.budgeted("budgeted", org, strings.Repeat("x", 65), 1), http.StatusBadRequest)
+	for _, body := range []string{`{"limit": 0, "window": "day"}`, `{"limit": 5, "window": "year"}`, `{"limit": 5}`,
+		`{"limit": 5, "window": "day", "extra": 1}`, `{"limit": 1000000000001, "window": "day"}`} {
+		r := g.admin(http.MethodPut, "/orgs/"+org+"/budgets/alice", body)
+		wantServed(t, r, http.StatusBadRequest, "PUT budget "+body)
+	}
+	wantServed(t, g.admin(http.MethodPut, "/orgs/"+org+"/budgets/a%20b", `{"limit": 5, "window": "day"}`),
+		http.StatusBadRequest, "PUT a bad subject")
+	if after := g.ledgerState(org); after != state {
+		t.Fatalf("bad input changed the ledger:\n%s\nwant\n%s", after, state)
+	}
+	if b, _ := g.getBudget(org, "alice"); b.Spent != 9 || b.Limit != 10 {
+		t.Fatalf("bad input changed the budget: %+v", b)
+	}
+	// The kept response of a replay was answered by the gateway: the
+	// upstream answered one call of 3, one of 6 and the failed one.
+	a := g.acct(org)
+	if a.Balance != 100-9 {
+		t.Fatalf("balance %d, want %d", a.Balance, 100-9)
+	}
+}
+
+// TestBudgetsPaging lists budgets page by page, in order of their subjects.
+func TestBudgetsPaging(t *testing.T) {
+	g := startBudgetGateway(t)
+	const org = "acme"
+	for i := 7; i >= 1; i-- {
+		g.setBudget(org, fmt.Sprintf("user-%02d", i), int64(i), "period")
+	}
+	g.setBudget(org, "", 50, "day")
+	var got []string
+	after := ""
+	for pages := 0; ; pages++ {
+		r := g.admin(http.MethodGet, "/orgs/"+org+"/budgets?limit=3&after="+after, "")
+		wantServed(t, r, http.StatusOK, "GET budgets")
+		var page struct {
+			Default *budgetJSON  `json:"default"`
+			Budgets []budgetJSON `json:"budgets"`
+			Next    string       `json:"next"`
+		}
+		decodeJSON(t, r.body, &page)
+		if page.Default == nil || page.Default.Limit != 50 || len(page.Budgets) > 3 || pages > 3 {
+			t.Fatalf("page %d: %s", pages, r.body)
+		}
+		for _, b := range page.Budgets {
+			got = append(got, fmt.Sprintf("%s:%d", b.Subject, b.Limit))
+		}
+		if page.Next == "" {
+			break
+		}
+		after = page.Next
+	}
+	if want := "user-01:1 user-02:2 user-03:3 user-04:4 user-05:5 user-06:6 user-07:7"; strings.Join(got, " ") != want {
+		t.Fatalf("pages: %s, want %s", strings.Join(got, " "), want)
+	}
+	for _, q := range []string{"limit=0", "limit=1001", "limit=x", "after=a%20b"} {
+		wantServed(t, g.admin(http.MethodGet, "/orgs/"+org+"/budgets?"+q, ""), http.StatusBadRequest, "GET budgets?"+q)
+	}
+}
+
+// TestBudgetsExactAcrossLeasingGateways: two leasing gateways take calls
+// of ten subjects of one org at once, until every subject's budget is
+// spent. No budget is overspent: the upstream answered each subject
+// exactly its limit, and the ledger charged the org what it answered.
+func TestBudgetsExactAcrossLeasingGateways(t *testing.T) {
+	srv := redistest.Start(t, redistest.Options{})
+	up := startUpstream(t)
+	gws := []*leasedGateway{
+		startLeasedGateway(t, "a", srv.Addr, up.URL, 50, "1s"),
+		startLeasedGateway(t, "b", srv.Addr, up.URL, 50, "1s"),
+	}
+	const org, subjects, limit = "busy", 10, 15
+	gws[0].admin(t, http.MethodPut, "/orgs/"+org+"/plan", fmt.Sprintf(`{"allowance": 1000, "recharge_month": %d}`, thisMonth()))
+	for i := range subjects {
+		var b budgetJSON
+		if err := gws[i%2].adminCall(http.MethodPut, fmt.Sprintf("/orgs/%s/budgets/u%d", org, i),
+			fmt.Sprintf(`{"limit": %d, "window": "day"}`, limit), &b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var refused atomic.Int64
+	var wg sync.WaitGroup
+	errs := make(chan error, 16)
+	for w := range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			gw := gws[w%2]
+			// Each worker calls every subject until its budget refuses.
+			for i := range subjects {
+				for {
+					req, _ := http.NewRequest(http.MethodPost, gw.url+"/budgeted/x", nil)
+					req.Header.Set("X-Org-Id", org)
+					req.Header.Set("X-User-Id", fmt.Sprintf("u%d", (i+w)%subjects))
+					resp, err := gw.client.Do(req)
+					if err != nil {
+						errs <- err
+						return
+					}
+					resp.Body.Close()
+					if resp.StatusCode == http.StatusPaymentRequired {
+						refused.Add(1)
+						break
+					}
+					if resp.StatusCode != http.StatusOK {
+						errs <- fmt.Errorf("gateway %s: status %d", gw.name, resp.StatusCode)
+						return
+					}
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	perSubject := map[string]int64{}
+	up.mu.Lock()
+	for _, r := range up.received {
+		if r.Header.Get("X-Org-Id") == org {
+			perSubject[r.Header.Get("X-User-Id")]++
+		}
+	}
+	up.mu.Unlock()
+	var total int64
+	for i := range subjects {
+		user := fmt.Sprintf("u%d", i)
+		total += perSubject[user]
+		var b budgetJSON
+		if err := gws[0].adminCall(http.MethodGet, "/orgs/"+org+"/budgets/"+user, "", &b); err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("subject %s: the upstream answered %d calls; budget spent %d of %d", user, perSubject[user], b.Spent, b.Limit)
+		if perSubject[user] != limit || b.Spent != limit {
+			t.Errorf("subject %s: answered %d, spent %d, want exactly %d", user, perSubject[user], b.Spent, limit)
+		}
+	}
+	var a leasedAccount
+	if err := gws[1].adminCall(http.MethodGet, "/orgs/"+org, "", &a); err != nil {
+		t.Fatal(err)
+	}
+	if 1000-a.Balance != total || refused.Load() < 16*subjects {
+		t.Fatalf("the ledger charged %d, the upstream answered %d; %d refusals", 1000-a.Balance, total, refused.Load())
+	}
+}
+
+// TestAdminDocsBudgets runs the curl commands of docs/admin.md's Budgets
+// section, as written but for the address, against a real Caddy and
+// redis-server: each is answered 200, and together they leave the org's
+// budgets as the comments say.
+func TestAdminDocsBudgets(t *testing.T) {
+	g := startGateway(t, gatewayOptions{})
+	block := readmeBlock(t, "../docs/admin.md", "## Budgets", "sh")
+	const addr = "localhost:2020/admin"
+	var commands []string
+	for _, line := range strings.Split(strings.ReplaceAll(block, "\\\n", " "), "\n") {
+		if line = strings.TrimSpace(line); line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		if !strings.HasPrefix(line, "curl -s ") || !strings.Contains(line, addr) {
+			t.Fatalf("a command that is not curl -s to %s: %s", addr, line)
+		}
+		commands = append(commands, line)
+	}
+	if len(commands) != 4 {
+		t.Fatalf("%d commands, want four:\n%s", len(commands), block)
+	}
+	var bodies []string
+	for _, line := range commands {
+		cmd := exec.Command("bash", "-euo", "pipefail", "-c", strings.Replace(line, addr, strings.TrimPrefix(g.adminURL, "http://"), 1)+" -w '\\n%{http_code}'")
+		cmd.Env = append(os.Environ(), "CREDITS_ADMIN_TOKEN=s3cret")
+		out, err := cmd.Output()
+		text := strings.TrimSpace(string(out))
+		body, status := text[:max(strings.LastIndex(text, "\n"), 0)], text[strings.LastIndex(text, "\n")+1:]
+		if err != nil || status != "200" || !json.Valid([]byte(body)) {
+			t.Fatalf("%s: %v, status %s\n%s", line, err, status, out)
+		}
+		bodies = append(bodies, body)
+	}
+	if !strings.Contains(bodies[2], `"subject":"alice","limit":50,"window":"day"`) || !strings.Contains(bodies[2], `"limit":200,"window":"month"`) {
+		t.Fatalf("the page of budgets: %s", bodies[2])
+	}
+	b, status := g.getBudget("acme", "alice")
+	if status != http.StatusOK || !b.Default || b.Limit != 200 || b.Window != "month" {
+		t.Fatalf("alice after her budget was removed: %+v (%d)", b, status)
+	}
+}
