@@ -238,7 +238,7 @@ func (l *Ledger) Grant(ctx context.Context, org string, req GrantRequest) (g Gra
 // ARGV[8] amount, ARGV[9] kind letter, ARGV[10] priority, ARGV[11]
 // effective, Redis ms (0: now), ARGV[12] expires, Redis ms (0: never),
 // ARGV[13] reference, ARGV[14] reason, ARGV[15] the most grants an org may
-// have live or pending, ARGV[16] who made it ('' for none).
+// have live or pending, ARGV[16] who made it (empty for none).
 // Reply: {code, id, record, account...} ({ENDED} alone).
 var grantScript = bind("grant.lua", replyCodes{codeOK: nil, codeRepeat: nil, codeEnded: ErrExpiresPast,
 	codeFull: ErrGrantsFull})
@@ -454,7 +454,7 @@ func (l *Ledger) voidGrant(ctx context.Context, org, num, reference, reason stri
 // KEYS: account, events, holds, references, grant references.
 // ARGV[8] grant number (” to find it by reference), ARGV[9] reason,
 // ARGV[10] reference (” when found by number), ARGV[11] how long a
-// reference is kept, in ms, ARGV[12] who voided it ('' for none).
+// reference is kept, in ms, ARGV[12] who voided it (empty for none).
 // Reply: {code, state, account...} ({NOT_FOUND} alone).
 var voidGrantScript = bind("voidgrant.lua", replyCodes{codeOK: nil, codeRepeat: nil, codeEnded: ErrGrantEnded,
 	codeNotFound: ErrGrantNotFound})
@@ -470,4 +470,6 @@ func (c voidGrantCall) keys(k Keys) []string {
 	return []string{k.Account(c.org), k.Events(c.org), k.Holds(c.org), k.TopUps(c.org), k.GrantRefs(c.org)}
 }
 
-func (c voidGrantCall) args(l *Ledger) []any { return []any{c.num, c.reason, c.reference, l.refTTL, c.by} }
+func (c voidGrantCall) args(l *Ledger) []any {
+	return []any{c.num, c.reason, c.reference, l.refTTL, c.by}
+}

@@ -149,7 +149,7 @@ func (l *Ledger) CreateHold(ctx context.Context, req HoldRequest) (h Hold, acct 
 // holdScript, lua/hold.lua, sets credits aside.
 // KEYS: account, events, holds.
 // ARGV[8] hold id, ARGV[9] amount, ARGV[10] lifetime in ms, ARGV[11]
-// feature, ARGV[12] who made it ('' for none).
+// feature, ARGV[12] who made it (empty for none).
 // Reply: {code, state, amount, until_ms, feature, account...}.
 var holdScript = bind("hold.lua", replyCodes{codeOK: nil, codeRepeat: nil, codeRefused: ErrInsufficient})
 
@@ -229,7 +229,7 @@ func (l *Ledger) CaptureHold(ctx context.Context, org, id string, amount int64) 
 // the rest.
 // KEYS: account, events, holds.
 // ARGV[8] hold id, ARGV[9] credits to charge, ARGV[10] who captured it
-// ('' for none).
+// (empty for none).
 // Reply: {code, state, captured, until_ms, feature, account...}, or
 // {NOT_FOUND}.
 var captureScript = bind("capture.lua", replyCodes{codeOK: nil, codeRepeat: nil, codeNotFound: ErrHoldNotFound,
@@ -292,7 +292,7 @@ func (l *Ledger) ReleaseLease(ctx context.Context, org, id, reason string) (h Ho
 // releaseScript, lua/release.lua, gives a hold's credits back.
 // KEYS: account, events, holds.
 // ARGV[8] hold id, ARGV[9] 1 when an operator knows the gateway of a lease
-// is gone, ARGV[10] the reason, ARGV[11] who released it ('' for none).
+// is gone, ARGV[10] the reason, ARGV[11] who released it (empty for none).
 // Reply: {code, state, amount, until_ms, feature, account...}, or
 // {NOT_FOUND}; REFUSED a hold that is no lease, for a gone gateway.
 var releaseScript = bind("release.lua", replyCodes{codeOK: nil, codeRepeat: nil, codeNotFound: ErrHoldNotFound,

@@ -54,7 +54,7 @@ func (l *Ledger) SetPlan(ctx context.Context, org string, plan Plan, reference s
 // ARGV[8] allowance, ARGV[9] recharge month, ARGV[10] reference, ARGV[11]
 // how long a reference is kept, in ms, ARGV[12] how long the images are
 // kept, in ms (0: none are kept), ARGV[13] rollover, ARGV[14] who made it
-// ('' for none).
+// (empty for none).
 // Reply: {code, account...}.
 var planScript = bind("plan.lua", replyCodes{codeOK: nil, codeRepeat: nil})
 
@@ -110,7 +110,7 @@ func (l *Ledger) Recharge(ctx context.Context, org, reference string) (acct Acco
 // KEYS: account, events, holds, references, the write's images.
 // ARGV[8] reference, ARGV[9] how long a reference is kept, in ms, ARGV[10]
 // how long the images are kept, in ms (0: none are kept), ARGV[11] who
-// made it ('' for none).
+// made it (empty for none).
 // Reply: {code, account...}.
 var rechargeScript = bind("recharge.lua", replyCodes{codeOK: nil, codeRepeat: nil})
 

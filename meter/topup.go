@@ -51,7 +51,7 @@ func (l *Ledger) TopUpExpiring(ctx context.Context, org string, amount int64, re
 // ARGV[8] amount, ARGV[9] reference, ARGV[10] the most purchased credits an
 // org may hold, ARGV[11] how long a reference is kept, in ms, ARGV[12] when
 // the credits expire, Redis ms (0: never), ARGV[13] the most grants an org
-// may have live or pending, ARGV[14] who made it ('' for none).
+// may have live or pending, ARGV[14] who made it (empty for none).
 // Reply: {code, account...}.
 var topUpScript = bind("topup.lua", replyCodes{codeOK: nil, codeRepeat: nil, codeLimit: ErrPurchasedLimit,
 	codeFull: ErrGrantsFull, codeEnded: ErrExpiresPast})
@@ -168,7 +168,7 @@ func (l *Ledger) Adjust(ctx context.Context, org string, amount int64, reason, r
 // KEYS: account, references, events, holds, alerts.
 // ARGV[8] amount (not 0), ARGV[9] reference, ARGV[10] reason, ARGV[11] the
 // most purchased credits an org may hold, ARGV[12] how long a reference is
-// kept, in ms, ARGV[13] who made it ('' for none).
+// kept, in ms, ARGV[13] who made it (empty for none).
 // Reply: {code, account...}.
 var adjustScript = bind("adjust.lua", replyCodes{codeOK: nil, codeRepeat: nil, codeLimit: ErrPurchasedLimit})
 
