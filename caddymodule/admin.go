@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/subtle"
+	_ "embed"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -177,6 +178,7 @@ type adminRoute func(a *Admin, w http.ResponseWriter, r *http.Request) error
 // pattern answers HEAD too.
 var adminRoutes = map[string]adminRoute{
 	"GET /health":                         (*Admin).health,
+	"GET /openapi.json":                   (*Admin).openAPI,
 	"GET /orgs":                           (*Admin).orgs,
 	"GET /orgs/{org}":                     withOrg((*Admin).account),
 	"PUT /orgs/{org}/plan":                withOrg((*Admin).setPlan),
@@ -915,6 +917,25 @@ func (a *Admin) fail(w http.ResponseWriter, r *http.Request, org, call string, e
 	a.logger.Error("admin call failed: the store could not do it now", zap.String("org", org), zap.String("call", call), zap.Error(err))
 	w.Header().Set("Retry-After", "1")
 	return writeProblem(w, r, policy.Unavailable())
+}
+
+// openAPIDocument is the OpenAPI 3.1 document of the admin API. The tests
+// check every admin answer they see against it, so it stays the API's.
+//
+//go:embed openapi.json
+var openAPIDocument []byte
+
+// openAPI answers the OpenAPI document, for a billing team to generate a
+// client with; it holds no data, so it needs no token.
+func (a *Admin) openAPI(w http.ResponseWriter, r *http.Request) error {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-cache")
+	w.WriteHeader(http.StatusOK)
+	if r.Method == http.MethodHead {
+		return nil
+	}
+	_, err := w.Write(openAPIDocument)
+	return err
 }
 
 // health answers 200 when the store answers within the timeout, else 503:
