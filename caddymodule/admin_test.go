@@ -760,17 +760,22 @@ func TestAdminDocsGrants(t *testing.T) {
 	}
 }
 
-// TestAdminNamedTokens rotates the admin token with no downtime, through a
-// real Caddy, a real redis-server and the CLI's own process: two named
-// tokens work at once, each call's events carry its token's name as by
-// (the gateway's own events none), and once the config keeps only the new
-// token the old one gets 401.
+// TestAdminNamedTokens rotates the admin token with no downtime as
+// docs/admin.md's Tokens says, its block as written, through a real Caddy,
+// a real redis-server and the CLI's own process: two named tokens work at
+// once, each call's events carry its token's name as by (the gateway's own
+// events none), and once the config keeps only the new token the old one
+// gets 401.
 func TestAdminNamedTokens(t *testing.T) {
-	g := startGateway(t, gatewayOptions{})
 	const old, rotated = "s3cret", "n3w-t0ken"
-	both := strings.Replace(g.config, "token s3cret", "token ops "+old+"\n\t\t\ttoken billing "+rotated, 1)
-	if both == g.config {
-		t.Fatal("the gateway's Caddyfile has no token s3cret to replace")
+	t.Setenv("CREDITS_ADMIN_TOKEN", old)
+	t.Setenv("CREDITS_BILLING_TOKEN", rotated)
+	g := startGateway(t, gatewayOptions{})
+	block := readmeBlock(t, "../docs/admin.md", "### Tokens", "caddyfile")
+	const admin = "credits_admin {\n\t\t\ttoken s3cret\n\t\t}"
+	both := strings.Replace(g.config, admin, block, 1)
+	if both == g.config || !strings.Contains(block, "token ops {env.CREDITS_ADMIN_TOKEN}\n") {
+		t.Fatalf("the gateway's Caddyfile has no %q to replace, or the docs' block changed:\n%s", admin, block)
 	}
 	reloadCaddyfile(t, both)
 	with := func(token, method, path, body string) reply {
@@ -814,7 +819,7 @@ func TestAdminNamedTokens(t *testing.T) {
 	}
 
 	// The rotation's end: only the new token is kept.
-	reloadCaddyfile(t, strings.Replace(g.config, "token s3cret", "token billing "+rotated, 1))
+	reloadCaddyfile(t, strings.Replace(both, "token ops {env.CREDITS_ADMIN_TOKEN}\n", "", 1))
 	r = with(old, http.MethodPost, "/orgs/rot/topup", `{"amount": 5, "reference": "t2"}`)
 	wantStatus(t, r, http.StatusUnauthorized)
 	r.problem(t)
