@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"crypto/subtle"
+	_ "embed"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -32,14 +33,39 @@ func init() {
 // void promotional grants, and set credits aside with holds for long jobs. Mount it with handle_path
 // <prefix>/* on an address only admins reach.
 type Admin struct {
-	// Token, if set, is required of every call as Authorization: Bearer
-	// <token>. Placeholders such as {env.CREDITS_ADMIN_TOKEN} are replaced
-	// when the config loads.
+	// Tokens, if any, are the bearer tokens the API accepts: every call
+	// then needs Authorization: Bearer <one of them>. Several at once let a
+	// token be rotated with no downtime. A call's token's name is recorded
+	// as by in every event the call writes.
+	Tokens []AdminToken `json:"tokens,omitempty"`
+	// Token is a token named "admin", as configs before named tokens gave
+	// it; it may stand beside Tokens.
 	Token string `json:"token,omitempty"`
 
-	app       *App
-	tokenHash [32]byte
-	logger    *zap.Logger
+	app    *App
+	keys   []tokenKey
+	logger *zap.Logger
+}
+
+// AdminToken is one bearer token of the admin API.
+type AdminToken struct {
+	// Name says whose token it is; it is recorded as by in the events of
+	// the calls made with it. It matches an org id's pattern; default
+	// "admin".
+	Name string `json:"name,omitempty"`
+	// Value is the token. Placeholders such as {env.CREDITS_ADMIN_TOKEN}
+	// are replaced when the config loads.
+	Value string `json:"value"`
+}
+
+// defaultTokenName names a token given without a name.
+const defaultTokenName = "admin"
+
+// tokenKey is a token as calls are checked against it: its name and the
+// SHA-256 of its value.
+type tokenKey struct {
+	name string
+	hash [32]byte
 }
 
 // CaddyModule returns the Caddy module information.
@@ -50,19 +76,54 @@ func (Admin) CaddyModule() caddy.ModuleInfo {
 	}
 }
 
-// Provision finds the credits app and resolves the token.
+// Provision finds the credits app and resolves the tokens.
 func (a *Admin) Provision(ctx caddy.Context) error {
 	a.logger = ctx.Logger()
+	tokens := a.Tokens
 	if a.Token != "" {
-		token := caddy.NewReplacer().ReplaceKnown(a.Token, "")
-		if token == "" {
-			return errors.New("credits_admin: token is empty once its placeholders are replaced")
-		}
-		a.tokenHash = sha256.Sum256([]byte(token))
+		tokens = append([]AdminToken{{Name: defaultTokenName, Value: a.Token}}, tokens...)
 	}
 	var err error
+	if a.keys, err = tokenKeys(tokens); err != nil {
+		return fmt.Errorf("credits_admin: %w", err)
+	}
 	a.app, err = appFrom(ctx)
 	return err
+}
+
+// tokenKeys checks tokens and resolves their placeholders: each has a
+// name of an org id's shape (default "admin"), no two share a name or a
+// value, and none is empty once its placeholders are replaced. The errors
+// name tokens by name, never by value.
+func tokenKeys(tokens []AdminToken) ([]tokenKey, error) {
+	repl := caddy.NewReplacer()
+	keys := make([]tokenKey, 0, len(tokens))
+	names := map[string]bool{}
+	values := map[[32]byte]string{}
+	for _, t := range tokens {
+		name := t.Name
+		if name == "" {
+			name = defaultTokenName
+		}
+		if err := meter.ValidateBy(name); err != nil {
+			return nil, fmt.Errorf("token name %q must match %s", name, policy.IDPattern)
+		}
+		if names[name] {
+			return nil, fmt.Errorf("two tokens are named %q", name)
+		}
+		names[name] = true
+		value := repl.ReplaceKnown(t.Value, "")
+		if strings.TrimSpace(value) == "" {
+			return nil, fmt.Errorf("token %q is empty once its placeholders are replaced", name)
+		}
+		hash := sha256.Sum256([]byte(value))
+		if other, ok := values[hash]; ok {
+			return nil, fmt.Errorf("tokens %q and %q have the same value", other, name)
+		}
+		values[hash] = name
+		keys = append(keys, tokenKey{name: name, hash: hash})
+	}
+	return keys, nil
 }
 
 // Limits of an admin call.
@@ -86,10 +147,15 @@ func (a *Admin) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Ha
 	if headerBytes(r.Header) > maxAdminHeader {
 		return writeProblem(w, r, policy.Status(http.StatusRequestHeaderFieldsTooLarge, fmt.Sprintf("request headers larger than %d bytes", maxAdminHeader)))
 	}
-	// A load balancer's readiness probe carries no token.
-	if a.Token != "" && r.URL.Path != "/health" && !a.authorized(r) {
-		w.Header().Set("WWW-Authenticate", `Bearer realm="credits"`)
-		return writeProblem(w, r, policy.Status(http.StatusUnauthorized, "a valid Authorization: Bearer token is required"))
+	// A load balancer's readiness probe and a client generator carry no
+	// token.
+	if len(a.keys) > 0 && !needsNoToken(r) {
+		name, ok := a.authorized(r)
+		if !ok {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="credits"`)
+			return writeProblem(w, r, policy.Status(http.StatusUnauthorized, "a valid Authorization: Bearer token is required"))
+		}
+		r = r.WithContext(meter.WithBy(r.Context(), name))
 	}
 	// The mux answers a path it has no route for, or a wrong method, in
 	// plain text, and redirects a path that is not clean: ask it first, so
@@ -112,6 +178,7 @@ type adminRoute func(a *Admin, w http.ResponseWriter, r *http.Request) error
 // pattern answers HEAD too.
 var adminRoutes = map[string]adminRoute{
 	"GET /health":                         (*Admin).health,
+	"GET /openapi.json":                   (*Admin).openAPI,
 	"GET /orgs":                           (*Admin).orgs,
 	"GET /orgs/{org}":                     withOrg((*Admin).account),
 	"PUT /orgs/{org}/plan":                withOrg((*Admin).setPlan),
@@ -852,6 +919,25 @@ func (a *Admin) fail(w http.ResponseWriter, r *http.Request, org, call string, e
 	return writeProblem(w, r, policy.Unavailable())
 }
 
+// openAPIDocument is the OpenAPI 3.1 document of the admin API. The tests
+// check every admin answer they see against it, so it stays the API's.
+//
+//go:embed openapi.json
+var openAPIDocument []byte
+
+// openAPI answers the OpenAPI document, for a billing team to generate a
+// client with; it holds no data, so it needs no token.
+func (a *Admin) openAPI(w http.ResponseWriter, r *http.Request) error {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-cache")
+	w.WriteHeader(http.StatusOK)
+	if r.Method == http.MethodHead {
+		return nil
+	}
+	_, err := w.Write(openAPIDocument)
+	return err
+}
+
 // health answers 200 when the store answers within the timeout, else 503:
 // for load balancers and readiness probes.
 func (a *Admin) health(w http.ResponseWriter, r *http.Request) error {
@@ -886,16 +972,33 @@ func writeJSON(w http.ResponseWriter, r *http.Request, status int, v any) error 
 	return err
 }
 
-// authorized compares the bearer token in constant time: both sides are
-// hashed first, so neither the length nor a prefix leaks.
-func (a *Admin) authorized(r *http.Request) bool {
+// needsNoToken reports whether r is a call that needs no token: the health probe
+// and the OpenAPI document.
+func needsNoToken(r *http.Request) bool {
+	return r.URL.Path == "/health" || r.URL.Path == "/openapi.json"
+}
+
+// authorized finds the name of the call's bearer token. It compares the
+// token with every one in constant time, with no early exit: both sides are
+// hashed first, so neither the length nor a prefix leaks, and the time
+// taken does not tell which token matched.
+func (a *Admin) authorized(r *http.Request) (name string, ok bool) {
 	auth := r.Header.Get("Authorization")
 	const scheme = "Bearer "
 	if len(auth) < len(scheme) || !strings.EqualFold(auth[:len(scheme)], scheme) {
-		return false
+		return "", false
 	}
 	got := sha256.Sum256([]byte(auth[len(scheme):]))
-	return subtle.ConstantTimeCompare(got[:], a.tokenHash[:]) == 1
+	found, at := 0, 0
+	for i, k := range a.keys {
+		eq := subtle.ConstantTimeCompare(got[:], k.hash[:])
+		at = subtle.ConstantTimeSelect(eq, i, at)
+		found |= eq
+	}
+	if found == 0 {
+		return "", false
+	}
+	return a.keys[at].name, true
 }
 
 // headerBytes is about how large a request's header block was.

@@ -10,6 +10,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+
 	"github.com/creditsgw/caddy-credits/internal/redistest"
 	"github.com/creditsgw/caddy-credits/meter"
 	"github.com/creditsgw/caddy-credits/policy"
@@ -754,5 +757,97 @@ func TestAdminDocsGrants(t *testing.T) {
 	}
 	if want := "[allowance allowance live 1000/1000  g1 purchased live 500/500  g2 promotional voided 0/100 Offer withdrawn]"; fmt.Sprint(got) != want {
 		t.Errorf("grants %v\nwant %s", got, want)
+	}
+}
+
+// TestAdminNamedTokens rotates the admin token with no downtime as
+// docs/admin.md's Tokens says, its block as written, through a real Caddy,
+// a real redis-server and the CLI's own process: two named tokens work at
+// once, each call's events carry its token's name as by (the gateway's own
+// events none), and once the config keeps only the new token the old one
+// gets 401.
+func TestAdminNamedTokens(t *testing.T) {
+	const old, rotated = "s3cret", "n3w-t0ken"
+	t.Setenv("CREDITS_ADMIN_TOKEN", old)
+	t.Setenv("CREDITS_BILLING_TOKEN", rotated)
+	g := startGateway(t, gatewayOptions{})
+	block := readmeBlock(t, "../docs/admin.md", "### Tokens", "caddyfile")
+	const admin = "credits_admin {\n\t\t\ttoken s3cret\n\t\t}"
+	both := strings.Replace(g.config, admin, block, 1)
+	if both == g.config || !strings.Contains(block, "token ops {env.CREDITS_ADMIN_TOKEN}\n") {
+		t.Fatalf("the gateway's Caddyfile has no %q to replace, or the docs' block changed:\n%s", admin, block)
+	}
+	reloadCaddyfile(t, both)
+	with := func(token, method, path, body string) reply {
+		return g.do(method, g.adminURL+path, map[string]string{"Authorization": "Bearer " + token}, body)
+	}
+
+	wantStatus(t, g.call("/rich-text/x", "rot"), http.StatusOK)
+	wantStatus(t, with(old, http.MethodPost, "/orgs/rot/topup", `{"amount": 5, "reference": "t1"}`), http.StatusOK)
+	wantStatus(t, with(rotated, http.MethodPost, "/orgs/rot/grants", `{"amount": 3, "reference": "g1"}`), http.StatusCreated)
+	out, err := runCaddyEnv(t, []string{"CREDITS_ADMIN_TOKEN=" + rotated},
+		"credits", "--endpoint", g.adminURL, "adjust", "rot", "--reason", "goodwill", "--reference", "a1", "--", "-2")
+	if err != nil {
+		t.Fatalf("the CLI with the second token: %v\n%s", err, out)
+	}
+
+	r := with(rotated, http.MethodGet, "/orgs/rot/events", "")
+	wantStatus(t, r, http.StatusOK)
+	var events struct {
+		Events []struct {
+			Kind, Ref string
+			By        *string
+		}
+	}
+	decodeJSON(t, r.body, &events)
+	got := map[string]string{}
+	for _, e := range events.Events {
+		by := "(none)"
+		if e.By != nil {
+			by = *e.By
+		}
+		got[e.Kind+" "+e.Ref] = by
+	}
+	if len(got) != 5 || got["topup t1"] != "ops" || got["grant g1"] != "billing" || got["adjust a1"] != "billing" ||
+		got["grant default-plan"] != "(none)" {
+		t.Fatalf("events' by: %v", got)
+	}
+	for k, by := range got {
+		if strings.HasPrefix(k, "charge ") && by != "(none)" {
+			t.Fatalf("a charge carries by %q", by)
+		}
+	}
+
+	// The rotation's end: only the new token is kept.
+	reloadCaddyfile(t, strings.Replace(both, "token ops {env.CREDITS_ADMIN_TOKEN}\n", "", 1))
+	r = with(old, http.MethodPost, "/orgs/rot/topup", `{"amount": 5, "reference": "t2"}`)
+	wantStatus(t, r, http.StatusUnauthorized)
+	r.problem(t)
+	wantStatus(t, with(rotated, http.MethodGet, "/orgs/rot", ""), http.StatusOK)
+	if n := len(g.eventsWith(rotated, "rot")); n != 5 {
+		t.Fatalf("%d events after the refused top-up, want 5", n)
+	}
+}
+
+// eventsWith lists an org's events through the admin API with token.
+func (g *gateway) eventsWith(token, org string) []map[string]any {
+	g.t.Helper()
+	r := g.do(http.MethodGet, g.adminURL+"/orgs/"+org+"/events", map[string]string{"Authorization": "Bearer " + token}, "")
+	wantStatus(g.t, r, http.StatusOK)
+	var v struct{ Events []map[string]any }
+	decodeJSON(g.t, r.body, &v)
+	return v.Events
+}
+
+// reloadCaddyfile loads cfg into the Caddy that loadCaddyfile started, as
+// caddy reload does.
+func reloadCaddyfile(t *testing.T, cfg string) {
+	t.Helper()
+	cfgJSON, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(cfg), nil)
+	if err != nil {
+		t.Fatalf("adapting the Caddyfile: %v\n%s", err, cfg)
+	}
+	if err := caddy.Load(cfgJSON, true); err != nil {
+		t.Fatalf("reloading the config: %v", err)
 	}
 }

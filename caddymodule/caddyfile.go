@@ -477,12 +477,15 @@ func (b *Balance) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 // Syntax:
 //
 //	credits_admin [<matcher>] [{
-//		token <value>
+//		token [<name>] <value>
 //	}]
 //
 // Mount it with handle_path <prefix>/*. With a token, every call needs
 // Authorization: Bearer <token>; use a placeholder such as
-// {env.CREDITS_ADMIN_TOKEN} to keep the token out of the config. Without a
+// {env.CREDITS_ADMIN_TOKEN} to keep the token out of the config. token is
+// repeatable, each with a name of its own (default admin) and a value of its
+// own: any of them is accepted, so a token is rotated with no downtime, and
+// a call's token's name is recorded as by in the events it writes. Without a
 // token the admin API is open to whoever reaches it: serve it then on a
 // loopback-only address, e.g. http://127.0.0.1:2020 with bind 127.0.0.1.
 func parseCreditsAdmin(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
@@ -498,28 +501,46 @@ func (a *Admin) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	if d.NextArg() {
 		return d.ArgErr()
 	}
-	subs := newSubdirectives(d, "")
+	names, values := map[string]bool{}, map[string]bool{}
 	for nesting := d.Nesting(); d.NextBlock(nesting); {
 		if err := noNestedBlock(d, nesting); err != nil {
 			return err
 		}
-		if err := subs.once(); err != nil {
-			return err
-		}
 		switch d.Val() {
 		case "token":
-			v, err := singleArg(d)
-			if err != nil {
-				return err
+			// token is repeatable: several at once rotate a token with no
+			// downtime.
+			args := d.RemainingArgs()
+			t := AdminToken{Name: defaultTokenName}
+			switch len(args) {
+			case 1:
+				t.Value = args[0]
+			case 2:
+				t.Name, t.Value = args[0], args[1]
+			default:
+				return d.ArgErr()
 			}
 			// An empty token (an unset {$VAR}, say) would leave the API
 			// open; refuse it rather than guess.
-			if strings.TrimSpace(v) == "" {
-				return d.Err("credits_admin: token is empty")
+			if strings.TrimSpace(t.Value) == "" {
+				return d.Errf("credits_admin: token %s is empty", t.Name)
 			}
-			a.Token = v
+			if meter.ValidateBy(t.Name) != nil {
+				return d.Errf("credits_admin: token name %q must match %s", t.Name, policy.IDPattern)
+			}
+			if names[t.Name] {
+				return d.Errf("credits_admin: two tokens are named %s", t.Name)
+			}
+			if values[t.Value] {
+				return d.Errf("credits_admin: token %s has the value of another token", t.Name)
+			}
+			names[t.Name], values[t.Value] = true, true
+			if t.Name == defaultTokenName {
+				t.Name = ""
+			}
+			a.Tokens = append(a.Tokens, t)
 		default:
-			return subs.unknown()
+			return d.Errf("unrecognized subdirective '%s'", d.Val())
 		}
 	}
 	return nil

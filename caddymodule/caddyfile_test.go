@@ -139,10 +139,15 @@ func TestCaddyfileParseErrors(t *testing.T) {
 		{"credits_balance unknown subdirective", ":8080 {\n\tcredits_balance {\n\t\torg acme\n\t\tfeature f\n\t}\n}\n", "unrecognized subdirective 'feature'", "Caddyfile:4", ""},
 		{"credits_balance extra argument", ":8080 {\n\tcredits_balance {\n\t\torg acme other\n\t}\n}\n", "wrong argument count", "Caddyfile:3", ""},
 		{"credits_admin unknown subdirective", ":8080 {\n\tcredits_admin {\n\t\tpassword x\n\t}\n}\n", "unrecognized subdirective 'password'", "Caddyfile:3", ""},
-		{"credits_admin empty token", ":8080 {\n\tcredits_admin {\n\t\ttoken \"\"\n\t}\n}\n", "credits_admin: token is empty", "Caddyfile:3", ""},
+		{"credits_admin empty token", ":8080 {\n\tcredits_admin {\n\t\ttoken \"\"\n\t}\n}\n", "credits_admin: token admin is empty", "Caddyfile:3", ""},
+		{"credits_admin empty named token", ":8080 {\n\tcredits_admin {\n\t\ttoken ops \"\"\n\t}\n}\n", "credits_admin: token ops is empty", "Caddyfile:3", ""},
 		{"credits_admin token from an unset variable", ":8080 {\n\tcredits_admin {\n\t\ttoken {$CREDITS_TEST_SURELY_UNSET_TOKEN}\n\t}\n}\n", "wrong argument count", "Caddyfile:3", ""},
 		{"credits_admin nested block", ":8080 {\n\tcredits_admin {\n\t\ttoken a {\n\t\t}\n\t}\n}\n", "unexpected '{'", "Caddyfile:3", ""},
-		{"credits_admin two tokens", ":8080 {\n\tcredits_admin {\n\t\ttoken a\n\t\ttoken b\n\t}\n}\n", "token is given twice", "Caddyfile:4", ""},
+		{"credits_admin two tokens of the default name", ":8080 {\n\tcredits_admin {\n\t\ttoken a\n\t\ttoken b\n\t}\n}\n", "two tokens are named admin", "Caddyfile:4", ""},
+		{"credits_admin two tokens of one name", ":8080 {\n\tcredits_admin {\n\t\ttoken ops a\n\t\ttoken ci b\n\t\ttoken ops c\n\t}\n}\n", "two tokens are named ops", "Caddyfile:5", ""},
+		{"credits_admin two tokens of one value", ":8080 {\n\tcredits_admin {\n\t\ttoken ops hush-hush\n\t\ttoken ci hush-hush\n\t}\n}\n", "token ci has the value of another token", "Caddyfile:4", "hush-hush"},
+		{"credits_admin token name not an id", ":8080 {\n\tcredits_admin {\n\t\ttoken \"o ps\" hush-hush\n\t}\n}\n", `token name "o ps" must match`, "Caddyfile:3", "hush-hush"},
+		{"credits_admin token with three arguments", ":8080 {\n\tcredits_admin {\n\t\ttoken ops hush hush\n\t}\n}\n", "wrong argument count", "Caddyfile:3", ""},
 
 		// the credits global option
 		{"global unknown subdirective", inGlobal("redis_url redis://localhost"), "unrecognized subdirective 'redis_url'", "Caddyfile:3", ""},

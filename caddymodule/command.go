@@ -15,6 +15,7 @@ import (
 	"regexp"
 	"slices"
 	"strconv"
+	"strings"
 	"text/tabwriter"
 	"time"
 
@@ -75,8 +76,13 @@ it is $CREDITS_ADMIN_ENDPOINT, or else ` + defaultAdminEndpoint + `.
 $CREDITS_ADMIN_TOKEN. Prefer the environment variable: a flag shows in the
 process list. --json prints the API's JSON answer as it came.
 
-A negative number must follow --, or it is read as a flag; flags go before
-the --: caddy credits topup acme --token ... -- -5.
+A negative number must follow --, or it is read as a flag. Flags may come
+anywhere, after the -- too: caddy credits adjust acme -- -14 --reason x and
+caddy credits adjust acme --reason x -- -14 are the same.
+
+A write whose reference was applied before (a capture or a release of a
+hold that had ended) applies nothing again; the command says so above the
+account.
 `,
 		CobraFunc: func(cmd *cobra.Command) {
 			pf := cmd.PersistentFlags()
@@ -148,6 +154,9 @@ func creditsCommand(use, short string, minArgs, maxArgs int, run caddycmd.Comman
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			fl := caddycmd.Flags{FlagSet: cmd.Flags()}
 			err := func() error {
+				if err := flagsAfterDash(cmd.Flags()); err != nil {
+					return err
+				}
 				if n := fl.NArg(); n < minArgs || n > maxArgs {
 					return fmt.Errorf("wrong number of arguments (%d); usage: caddy credits %s", n, use)
 				}
@@ -200,7 +209,7 @@ func cmdCreditsPlan(fl caddycmd.Flags) (int, error) {
 	return callAdmin(fl, cliCall{
 		method: http.MethodPut, path: []string{"orgs", fl.Arg(0), "plan"},
 		body:  map[string]any{"allowance": allowance, "recharge_month": month, "rollover": rollover, "reference": ref},
-		retry: true, again: "run the same command with --reference " + ref + ": it applies once",
+		retry: true, again: "run the same command with --reference " + ref + ": it applies once", replayed: appliedBefore(ref),
 	}, printAccount)
 }
 
@@ -227,7 +236,7 @@ func cmdCreditsTopUp(fl caddycmd.Flags) (int, error) {
 	return callAdmin(fl, cliCall{
 		method: http.MethodPost, path: []string{"orgs", fl.Arg(0), "topup"},
 		body:  body,
-		retry: true, again: "run the same command with --reference " + ref + ": it applies once",
+		retry: true, again: "run the same command with --reference " + ref + ": it applies once", replayed: appliedBefore(ref),
 	}, printAccount)
 }
 
@@ -250,7 +259,7 @@ func cmdCreditsAdjust(fl caddycmd.Flags) (int, error) {
 	return callAdmin(fl, cliCall{
 		method: http.MethodPost, path: []string{"orgs", fl.Arg(0), "adjust"},
 		body:  map[string]any{"amount": amount, "reason": reason, "reference": ref},
-		retry: true, again: "run the same command with --reference " + ref + ": it applies once",
+		retry: true, again: "run the same command with --reference " + ref + ": it applies once", replayed: appliedBefore(ref),
 	}, printAccount)
 }
 
@@ -286,7 +295,7 @@ func cmdCreditsRecharge(fl caddycmd.Flags) (int, error) {
 	}
 	return callAdmin(fl, cliCall{
 		method: http.MethodPost, path: []string{"orgs", fl.Arg(0), "recharge"}, body: map[string]string{"reference": ref},
-		retry: true, again: "run the same command with --reference " + ref + ": it applies once",
+		retry: true, again: "run the same command with --reference " + ref + ": it applies once", replayed: appliedBefore(ref),
 	}, printAccount)
 }
 
@@ -374,6 +383,7 @@ func cmdCreditsHolds(fl caddycmd.Flags) (int, error) {
 		return callAdmin(fl, cliCall{
 			method: http.MethodPost, path: []string{"orgs", org, "holds"}, body: body,
 			retry: true, again: "run the same command with --reference " + ref + ": it makes one hold",
+			replayed: "reference " + ref + " made this hold before; no new hold",
 		}, printHeld)
 	case "capture":
 		id := fl.Arg(2)
@@ -387,6 +397,7 @@ func cmdCreditsHolds(fl caddycmd.Flags) (int, error) {
 		return callAdmin(fl, cliCall{
 			method: http.MethodPost, path: []string{"orgs", org, "holds", id, "capture"}, body: map[string]int64{"amount": amount},
 			retry: true, again: "run it again: a hold is captured once",
+			replayed: "hold " + id + " was captured before; nothing captured again",
 		}, printEnded)
 	case "release":
 		id := fl.Arg(2)
@@ -396,6 +407,7 @@ func cmdCreditsHolds(fl caddycmd.Flags) (int, error) {
 		call := cliCall{
 			method: http.MethodDelete, path: []string{"orgs", org, "holds", id},
 			retry: true, again: "run it again: a hold is released once",
+			replayed: "hold " + id + " had ended before (released or expired); nothing released again",
 		}
 		if fl.Bool("gateway-gone") {
 			reason := fl.String("reason")
@@ -484,6 +496,7 @@ func cmdCreditsGrants(fl caddycmd.Flags) (int, error) {
 		return callAdmin(fl, cliCall{
 			method: http.MethodPost, path: []string{"orgs", org, "grants"}, body: body,
 			retry: true, again: "run the same command with --reference " + req.Reference + ": it makes one grant",
+			replayed: "reference " + req.Reference + " made this grant before; no new grant",
 		}, printGranted)
 	case "void":
 		id := fl.Arg(2)
@@ -561,6 +574,15 @@ type cliCall struct {
 	// again tells the operator how to finish a write whose outcome is
 	// unknown.
 	again string
+	// replayed tells the operator that the write had been applied before,
+	// when the API answers it so (Idempotent-Replayed: true).
+	replayed string
+}
+
+// appliedBefore is what a write of reference ref that the API answers as a
+// replay prints.
+func appliedBefore(ref string) string {
+	return "reference " + ref + " was applied before; nothing applied again"
 }
 
 // Retries of a call that got no answer, or a 502, 503 or 504.
@@ -598,10 +620,12 @@ func callAdmin(fl caddycmd.Flags, c cliCall, human func(io.Writer, []byte) error
 	// and could carry the token to another host.
 	client := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	var (
-		resp *http.Response
-		data []byte
+		resp  *http.Response
+		data  []byte
+		tries int
 	)
 	for attempt, backoff := 1, firstBackoff; ; attempt, backoff = attempt+1, min(2*backoff, maxBackoff) {
+		tries = attempt
 		resp, data, err = sendAdmin(ctx, client, c.method, u.String(), token, reqBody)
 		if err == nil && !retryStatus(resp.StatusCode) || !c.retry || attempt == maxAttempts || ctx.Err() != nil {
 			break
@@ -638,9 +662,18 @@ func callAdmin(fl caddycmd.Flags, c cliCall, human func(io.Writer, []byte) error
 	if !json.Valid(data) {
 		return caddy.ExitCodeFailedStartup, fmt.Errorf("the answer of %s is not JSON; is it a credits_admin mount?", endpoint.Redacted())
 	}
+	// A replay of this command's own first try, whose answer was lost, is
+	// the write applied once, as asked.
+	replayed := c.replayed != "" && tries == 1 && resp.Header.Get(headerReplayed) == "true"
 	if fl.Bool("json") {
+		if replayed {
+			fmt.Fprintln(os.Stderr, c.replayed)
+		}
 		_, err = os.Stdout.Write(append(bytes.TrimSpace(data), '\n'))
 		return 0, err
+	}
+	if replayed {
+		fmt.Fprintln(os.Stdout, c.replayed)
 	}
 	if err := human(os.Stdout, data); err != nil {
 		return caddy.ExitCodeFailedStartup, fmt.Errorf("the answer of %s: %v", endpoint.Redacted(), err)
@@ -1017,4 +1050,48 @@ func negativeNumberHint(cmd *cobra.Command, err error) error {
 		}
 	}
 	return err
+}
+
+// flagsAfterDash parses the flags given after --. A negative number must
+// follow -- so that it is not read as a flag, and the flags an operator
+// adds after it (caddy credits adjust acme -- -14 --reason x) are still
+// flags: everything after -- that starts with - and is not a number is one,
+// with its value when it takes one.
+func flagsAfterDash(fs *pflag.FlagSet) error {
+	at := fs.ArgsLenAtDash()
+	if at < 0 {
+		return nil
+	}
+	args := fs.Args()
+	var flags, values []string
+	for i := at; i < len(args); i++ {
+		a := args[i]
+		if len(a) < 2 || a[0] != '-' || isNumber(a) {
+			values = append(values, a)
+			continue
+		}
+		flags = append(flags, a)
+		name, _, hasValue := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		f := fs.Lookup(name)
+		if f == nil && len(name) == 1 {
+			f = fs.ShorthandLookup(name)
+		}
+		if f != nil && !hasValue && f.NoOptDefVal == "" && i+1 < len(args) {
+			i++
+			flags = append(flags, args[i])
+		}
+	}
+	if len(flags) == 0 {
+		return nil
+	}
+	// The flags of the first parse keep their values; this parse adds
+	// those after the --, and the arguments are those before it, then the
+	// values after it.
+	return fs.Parse(append(append(flags, "--"), append(args[:at:at], values...)...))
+}
+
+// isNumber reports whether s is a negative whole number, such as -14, of
+// any length: a number out of range is the argument's error, not a flag's.
+func isNumber(s string) bool {
+	return len(s) > 1 && s[0] == '-' && strings.Trim(s[1:], "0123456789") == ""
 }

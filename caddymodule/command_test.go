@@ -885,3 +885,118 @@ func TestCommandGrants(t *testing.T) {
 		t.Fatalf("refused commands changed the ledger:\n%s\n%s", before, after)
 	}
 }
+
+// TestCommandFlagsAnywhere checks that flags are taken after -- too: a
+// negative number after -- is a value, and the flags around it are flags,
+// as they are before it.
+func TestCommandFlagsAnywhere(t *testing.T) {
+	clearCreditsEnv(t)
+	g := startGateway(t, gatewayOptions{})
+	wantStatus(t, g.admin(http.MethodPut, "/orgs/cli/plan", `{"allowance": 100, "recharge_month": 1}`), http.StatusOK)
+	env := []string{"CREDITS_ADMIN_TOKEN=s3cret"}
+	credits := func(args ...string) (string, error) {
+		return runCaddyEnv(t, env, append([]string{"credits", "--endpoint", g.adminURL}, args...)...)
+	}
+	for _, tc := range []struct {
+		args    []string
+		balance string
+	}{
+		{[]string{"adjust", "cli", "--", "-14", "--reason", "after the dash", "--reference", "f1"}, "86"},
+		{[]string{"adjust", "cli", "--reason", "before the dash", "--", "-6"}, "80"},
+		{[]string{"adjust", "cli", "--reference", "f3", "--", "-3", "--reason=with an equals sign"}, "77"},
+		{[]string{"adjust", "--reason", "around", "cli", "--", "5"}, "82"},
+	} {
+		out, err := credits(tc.args...)
+		if err != nil {
+			t.Fatalf("caddy credits %s: %v\n%s", strings.Join(tc.args, " "), err, out)
+		}
+		wantFields(t, out, map[string]string{"org": "cli", "balance": tc.balance})
+	}
+	// A boolean flag after the dash takes no value.
+	out, err := credits("adjust", "cli", "--", "-2", "--json", "--reason", "as JSON")
+	var acct meter.Account
+	if err != nil || json.Unmarshal([]byte(out), &acct) != nil || acct.Balance != 80 {
+		t.Fatalf("--json after the dash: %v %+v\n%s", err, acct, out)
+	}
+	var reasons []string
+	for _, e := range g.eventsWith("s3cret", "cli") {
+		if e["kind"] == "adjust" {
+			reasons = append(reasons, e["reason"].(string))
+		}
+	}
+	if want := []string{"as JSON", "around", "with an equals sign", "before the dash", "after the dash"}; !slices.Equal(reasons, want) {
+		t.Fatalf("adjustments' reasons %q, want %q", reasons, want)
+	}
+
+	// The flags after the dash are checked as those before it, before any
+	// call.
+	before := g.ledgerState("cli")
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"adjust", "cli", "--", "-14"}, "reason"},
+		{[]string{"adjust", "cli", "--", "-14", "--bogus", "x"}, "unknown flag: --bogus"},
+		{[]string{"adjust", "cli", "--", "-14", "7", "--reason", "x"}, "wrong number of arguments (3)"},
+		{[]string{"adjust", "cli", "--", "-99999999999999999999", "--reason", "x"}, "amount"},
+	} {
+		out, err := credits(tc.args...)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("caddy credits %s: %v, want an error naming %q\n%s", strings.Join(tc.args, " "), err, tc.want, out)
+		}
+	}
+	if after := g.ledgerState("cli"); after != before {
+		t.Fatalf("a refused command changed the ledger:\n%s\n%s", before, after)
+	}
+}
+
+// TestCommandReplayed checks that a write sent again with its reference
+// (and a capture or a release of a hold that had ended) says that it was
+// applied before and that nothing was applied again, above the account it
+// prints; the first says nothing of the kind.
+func TestCommandReplayed(t *testing.T) {
+	clearCreditsEnv(t)
+	g := startGateway(t, gatewayOptions{})
+	wantStatus(t, g.admin(http.MethodPut, "/orgs/cli/plan", `{"allowance": 100, "recharge_month": 1}`), http.StatusOK)
+	env := []string{"CREDITS_ADMIN_TOKEN=s3cret"}
+	credits := func(args ...string) string {
+		t.Helper()
+		out, err := runCaddyEnv(t, env, append([]string{"credits", "--endpoint", g.adminURL}, args...)...)
+		if err != nil {
+			t.Fatalf("caddy credits %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		return out
+	}
+	hold := meter.HoldID("h1")
+	for _, tc := range []struct {
+		args []string
+		said string
+	}{
+		{[]string{"topup", "cli", "5", "--reference", "r1"}, "reference r1 was applied before; nothing applied again"},
+		{[]string{"adjust", "cli", "--reference", "r2", "--", "-14", "--reason", "x"}, "reference r2 was applied before; nothing applied again"},
+		{[]string{"plan", "cli", "200", "--reference", "r3"}, "reference r3 was applied before; nothing applied again"},
+		{[]string{"recharge", "cli", "--reference", "r4"}, "reference r4 was applied before; nothing applied again"},
+		{[]string{"grants", "cli", "give", "7", "--reference", "r5"}, "reference r5 made this grant before; no new grant"},
+		{[]string{"holds", "cli", "create", "3", "--feature", "job", "--reference", "h1"}, "reference h1 made this hold before; no new hold"},
+		{[]string{"holds", "cli", "capture", hold, "2"}, "hold " + hold + " was captured before; nothing captured again"},
+	} {
+		first := credits(tc.args...)
+		state := g.ledgerState("cli")
+		again := credits(tc.args...)
+		if strings.Contains(first, "before;") {
+			t.Errorf("caddy credits %s, the first time, says:\n%s", strings.Join(tc.args, " "), first)
+		}
+		if line, rest, _ := strings.Cut(again, "\n"); line != tc.said || rest == "" {
+			t.Errorf("caddy credits %s, again, says:\n%s\nwant first %q, then the account", strings.Join(tc.args, " "), again, tc.said)
+		}
+		if after := g.ledgerState("cli"); after != state {
+			t.Errorf("caddy credits %s, again, changed the ledger:\n%s\n%s", strings.Join(tc.args, " "), state, after)
+		}
+	}
+	// With --json the answer is JSON as it came, and the line goes to
+	// standard error.
+	out := credits("topup", "cli", "5", "--reference", "r1", "--json")
+	if !json.Valid([]byte(out)) {
+		t.Fatalf("a replayed top-up with --json printed:\n%s", out)
+	}
+}

@@ -278,7 +278,8 @@ func startGateway(t *testing.T, o gatewayOptions) *gateway {
 	cfg = strings.ReplaceAll(cfg, "{UPSTREAM}", g.upstream.URL)
 	loadCaddyfile(t, cfg)
 	g.config = cfg
-	g.client = &http.Client{Timeout: 10 * time.Second}
+	// Every admin answer the tests see is checked against openapi.json.
+	g.client = &http.Client{Timeout: 10 * time.Second, Transport: openAPIChecked(t, g.adminURL, http.DefaultTransport)}
 	return g
 }
 

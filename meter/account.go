@@ -90,6 +90,9 @@ type Event struct {
 	Ref string `json:"ref,omitempty"`
 	// Reason is an adjustment's reason.
 	Reason string `json:"reason,omitempty"`
+	// By is the name of the admin token whose call made the change; empty
+	// for the gateway's own (charges, expiries, recharges that fell due).
+	By string `json:"by,omitempty"`
 }
 
 // monthIndex numbers months from year 0: year*12 + month - 1.

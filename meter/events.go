@@ -10,6 +10,35 @@ import (
 	"github.com/creditsgw/caddy-credits/policy"
 )
 
+type byKey struct{}
+
+// WithBy returns ctx naming who makes the ledger's writes done with it: the
+// name of an admin token. Each event such a write makes for the change
+// asked carries it as By; what falls due meanwhile (an expiry, a
+// recharge) is the ledger's own and does not.
+func WithBy(ctx context.Context, name string) context.Context {
+	return context.WithValue(ctx, byKey{}, name)
+}
+
+// byOf is the name WithBy put in ctx, checked: empty when there is none.
+func byOf(ctx context.Context) (string, error) {
+	by, _ := ctx.Value(byKey{}).(string)
+	if by == "" {
+		return "", nil
+	}
+	return by, ValidateBy(by)
+}
+
+// ValidateBy checks the name of who makes a change: it is written into the
+// org's event list, one word among others, so it has an org id's shape.
+func ValidateBy(name string) error {
+	if policy.ValidateOrg(name) != nil {
+		return &policy.InputError{Field: "by", Value: name,
+			Reason: "must match " + policy.IDPattern}
+	}
+	return nil
+}
+
 // Events returns up to limit of org's most recent events, newest first:
 // its account events and its call events (kept a marker's lifetime after
 // the org's last call), in the order they were written.
@@ -73,9 +102,10 @@ func parseEvents(items []string) ([]Event, error) {
 	return events, nil
 }
 
-// parseEvent reads one event of a list: "seq kind delta balance feature ref
-// ms [reason]", with "-" for an empty feature or ref; the reason, when there
-// is one, is the rest of the line.
+// parseEvent reads one event of a list: "seq kind[@by] delta balance
+// feature ref ms [reason]", with "-" for an empty feature or ref; the
+// reason, when there is one, is the rest of the line. An operator's change
+// carries the name of the admin token that made it after its kind.
 func parseEvent(s string) (Event, error) {
 	f := strings.SplitN(s, " ", 8)
 	if len(f) < 7 {
@@ -95,7 +125,8 @@ func parseEvent(s string) (Event, error) {
 		}
 		return v
 	}
-	e := Event{ID: f[0], Kind: f[1], Delta: n[1], Balance: n[2], Feature: dash(f[4]), Ref: dash(f[5]),
+	kind, by, _ := strings.Cut(f[1], "@")
+	e := Event{ID: f[0], Kind: kind, By: by, Delta: n[1], Balance: n[2], Feature: dash(f[4]), Ref: dash(f[5]),
 		Time: time.UnixMilli(n[3]).UTC()}
 	if len(f) == 8 {
 		e.Reason = f[7]

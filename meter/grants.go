@@ -205,7 +205,11 @@ func (l *Ledger) Grant(ctx context.Context, org string, req GrantRequest) (g Gra
 	if ref == "" {
 		ref = NewRequestID()
 	}
-	r, err := l.call(ctx, "grant", grantCall{org: org, req: req, priority: prio, reference: ref})
+	by, err := byOf(ctx)
+	if err != nil {
+		return Grant{}, Account{}, false, err
+	}
+	r, err := l.call(ctx, "grant", grantCall{org: org, req: req, priority: prio, reference: ref, by: by})
 	if err != nil {
 		return Grant{}, Account{}, false, err
 	}
@@ -234,7 +238,7 @@ func (l *Ledger) Grant(ctx context.Context, org string, req GrantRequest) (g Gra
 // ARGV[8] amount, ARGV[9] kind letter, ARGV[10] priority, ARGV[11]
 // effective, Redis ms (0: now), ARGV[12] expires, Redis ms (0: never),
 // ARGV[13] reference, ARGV[14] reason, ARGV[15] the most grants an org may
-// have live or pending.
+// have live or pending, ARGV[16] who made it (empty for none).
 // Reply: {code, id, record, account...} ({ENDED} alone).
 var grantScript = bind("grant.lua", replyCodes{codeOK: nil, codeRepeat: nil, codeEnded: ErrExpiresPast,
 	codeFull: ErrGrantsFull})
@@ -244,6 +248,7 @@ type grantCall struct {
 	req       GrantRequest
 	priority  int
 	reference string
+	by        string
 }
 
 func (grantCall) script() *luaScript { return grantScript }
@@ -255,7 +260,7 @@ func (c grantCall) keys(k Keys) []string {
 
 func (c grantCall) args(l *Ledger) []any {
 	return []any{c.req.Amount, "o", c.priority, unixMilli(c.req.Effective), unixMilli(c.req.Expires), c.reference,
-		c.req.Reason, MaxGrants}
+		c.req.Reason, MaxGrants, c.by}
 }
 
 // Grants lists org's grants: those live and pending in burn-down order
@@ -424,7 +429,11 @@ func (l *Ledger) VoidGrantRef(ctx context.Context, org, reference string) error 
 }
 
 func (l *Ledger) voidGrant(ctx context.Context, org, num, reference, reason string) (Account, error) {
-	r, err := l.call(ctx, "void grant", voidGrantCall{org: org, num: num, reference: reference, reason: reason})
+	by, err := byOf(ctx)
+	if err != nil {
+		return Account{}, err
+	}
+	r, err := l.call(ctx, "void grant", voidGrantCall{org: org, num: num, reference: reference, reason: reason, by: by})
 	if err != nil {
 		return Account{}, err
 	}
@@ -445,13 +454,14 @@ func (l *Ledger) voidGrant(ctx context.Context, org, num, reference, reason stri
 // KEYS: account, events, holds, references, grant references.
 // ARGV[8] grant number (” to find it by reference), ARGV[9] reason,
 // ARGV[10] reference (” when found by number), ARGV[11] how long a
-// reference is kept, in ms.
+// reference is kept, in ms, ARGV[12] who voided it (empty for none).
 // Reply: {code, state, account...} ({NOT_FOUND} alone).
 var voidGrantScript = bind("voidgrant.lua", replyCodes{codeOK: nil, codeRepeat: nil, codeEnded: ErrGrantEnded,
 	codeNotFound: ErrGrantNotFound})
 
 type voidGrantCall struct {
 	org, num, reference, reason string
+	by                          string
 }
 
 func (voidGrantCall) script() *luaScript { return voidGrantScript }
@@ -460,4 +470,6 @@ func (c voidGrantCall) keys(k Keys) []string {
 	return []string{k.Account(c.org), k.Events(c.org), k.Holds(c.org), k.TopUps(c.org), k.GrantRefs(c.org)}
 }
 
-func (c voidGrantCall) args(l *Ledger) []any { return []any{c.num, c.reason, c.reference, l.refTTL} }
+func (c voidGrantCall) args(l *Ledger) []any {
+	return []any{c.num, c.reason, c.reference, l.refTTL, c.by}
+}

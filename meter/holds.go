@@ -131,8 +131,12 @@ func (l *Ledger) CreateHold(ctx context.Context, req HoldRequest) (h Hold, acct 
 		}
 		id = HoldID(req.Reference)
 	}
+	by, err := byOf(ctx)
+	if err != nil {
+		return Hold{}, Account{}, false, err
+	}
 	r, h, acct, err := l.runHold(ctx, "hold", req.Org, id, holdCall{org: req.Org, id: id, feature: req.Feature,
-		amount: req.Amount, ttl: req.TTL})
+		amount: req.Amount, ttl: req.TTL, by: by})
 	if err != nil {
 		return Hold{}, Account{}, false, err
 	}
@@ -145,7 +149,7 @@ func (l *Ledger) CreateHold(ctx context.Context, req HoldRequest) (h Hold, acct 
 // holdScript, lua/hold.lua, sets credits aside.
 // KEYS: account, events, holds.
 // ARGV[8] hold id, ARGV[9] amount, ARGV[10] lifetime in ms, ARGV[11]
-// feature.
+// feature, ARGV[12] who made it (empty for none).
 // Reply: {code, state, amount, until_ms, feature, account...}.
 var holdScript = bind("hold.lua", replyCodes{codeOK: nil, codeRepeat: nil, codeRefused: ErrInsufficient})
 
@@ -153,6 +157,7 @@ type holdCall struct {
 	org, id, feature string
 	amount           int64
 	ttl              time.Duration
+	by               string
 }
 
 func (holdCall) script() *luaScript { return holdScript }
@@ -160,7 +165,7 @@ func (holdCall) script() *luaScript { return holdScript }
 func (c holdCall) keys(k Keys) []string { return holdKeys(k, c.org) }
 
 func (c holdCall) args(*Ledger) []any {
-	return []any{c.id, c.amount, c.ttl.Milliseconds(), c.feature}
+	return []any{c.id, c.amount, c.ttl.Milliseconds(), c.feature, c.by}
 }
 
 // holdKeys are the KEYS of every hold script: account, events, holds.
@@ -209,7 +214,11 @@ func (l *Ledger) CaptureHold(ctx context.Context, org, id string, amount int64) 
 	if amount < 0 || amount > MaxAmount {
 		return Hold{}, Account{}, false, rangeError("amount", amount, 0, MaxAmount)
 	}
-	r, h, acct, err := l.runHold(ctx, "capture", org, id, captureCall{org: org, id: id, amount: amount})
+	by, err := byOf(ctx)
+	if err != nil {
+		return Hold{}, Account{}, false, err
+	}
+	r, h, acct, err := l.runHold(ctx, "capture", org, id, captureCall{org: org, id: id, amount: amount, by: by})
 	if err != nil {
 		return Hold{}, Account{}, false, err
 	}
@@ -219,7 +228,8 @@ func (l *Ledger) CaptureHold(ctx context.Context, org, id string, amount int64) 
 // captureScript, lua/capture.lua, charges credits from a hold and releases
 // the rest.
 // KEYS: account, events, holds.
-// ARGV[8] hold id, ARGV[9] credits to charge.
+// ARGV[8] hold id, ARGV[9] credits to charge, ARGV[10] who captured it
+// (empty for none).
 // Reply: {code, state, captured, until_ms, feature, account...}, or
 // {NOT_FOUND}.
 var captureScript = bind("capture.lua", replyCodes{codeOK: nil, codeRepeat: nil, codeNotFound: ErrHoldNotFound,
@@ -228,13 +238,14 @@ var captureScript = bind("capture.lua", replyCodes{codeOK: nil, codeRepeat: nil,
 type captureCall struct {
 	org, id string
 	amount  int64
+	by      string
 }
 
 func (captureCall) script() *luaScript { return captureScript }
 
 func (c captureCall) keys(k Keys) []string { return holdKeys(k, c.org) }
 
-func (c captureCall) args(*Ledger) []any { return []any{c.id, c.amount} }
+func (c captureCall) args(*Ledger) []any { return []any{c.id, c.amount, c.by} }
 
 // ReleaseHold gives the hold's credits back. Releasing a hold that was
 // released or expired changes nothing, with repeat true. A gateway's live
@@ -243,7 +254,11 @@ func (l *Ledger) ReleaseHold(ctx context.Context, org, id string) (h Hold, acct 
 	if err := validateHoldCall(org, id); err != nil {
 		return Hold{}, Account{}, false, err
 	}
-	r, h, acct, err := l.runHold(ctx, "release", org, id, releaseCall{org: org, id: id})
+	by, err := byOf(ctx)
+	if err != nil {
+		return Hold{}, Account{}, false, err
+	}
+	r, h, acct, err := l.runHold(ctx, "release", org, id, releaseCall{org: org, id: id, by: by})
 	if err != nil {
 		return Hold{}, Account{}, false, err
 	}
@@ -263,7 +278,11 @@ func (l *Ledger) ReleaseLease(ctx context.Context, org, id, reason string) (h Ho
 	if err := ValidateReason(reason); err != nil {
 		return Hold{}, Account{}, false, err
 	}
-	r, h, acct, err := l.runHold(ctx, "release", org, id, releaseCall{org: org, id: id, gone: true, reason: reason})
+	by, err := byOf(ctx)
+	if err != nil {
+		return Hold{}, Account{}, false, err
+	}
+	r, h, acct, err := l.runHold(ctx, "release", org, id, releaseCall{org: org, id: id, gone: true, reason: reason, by: by})
 	if err != nil {
 		return Hold{}, Account{}, false, err
 	}
@@ -273,7 +292,7 @@ func (l *Ledger) ReleaseLease(ctx context.Context, org, id, reason string) (h Ho
 // releaseScript, lua/release.lua, gives a hold's credits back.
 // KEYS: account, events, holds.
 // ARGV[8] hold id, ARGV[9] 1 when an operator knows the gateway of a lease
-// is gone, ARGV[10] the reason.
+// is gone, ARGV[10] the reason, ARGV[11] who released it (empty for none).
 // Reply: {code, state, amount, until_ms, feature, account...}, or
 // {NOT_FOUND}; REFUSED a hold that is no lease, for a gone gateway.
 var releaseScript = bind("release.lua", replyCodes{codeOK: nil, codeRepeat: nil, codeNotFound: ErrHoldNotFound,
@@ -285,6 +304,7 @@ type releaseCall struct {
 	org, id string
 	gone    bool
 	reason  string
+	by      string
 }
 
 func (releaseCall) script() *luaScript { return releaseScript }
@@ -296,7 +316,7 @@ func (c releaseCall) args(*Ledger) []any {
 	if c.gone {
 		gone = "1"
 	}
-	return []any{c.id, gone, c.reason}
+	return []any{c.id, gone, c.reason, c.by}
 }
 
 // Holds lists org's holds, gateways' leases included (their ids start with

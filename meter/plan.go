@@ -38,7 +38,11 @@ func (l *Ledger) SetPlan(ctx context.Context, org string, plan Plan, reference s
 	if reference, err = checkReference(reference); err != nil {
 		return Account{}, false, err
 	}
-	r, err := l.call(ctx, "set plan", planCall{org: org, plan: plan, reference: reference})
+	by, err := byOf(ctx)
+	if err != nil {
+		return Account{}, false, err
+	}
+	r, err := l.call(ctx, "set plan", planCall{org: org, plan: plan, reference: reference, by: by})
 	if err != nil {
 		return Account{}, false, err
 	}
@@ -49,7 +53,8 @@ func (l *Ledger) SetPlan(ctx context.Context, org string, plan Plan, reference s
 // KEYS: account, events, holds, references, the write's images.
 // ARGV[8] allowance, ARGV[9] recharge month, ARGV[10] reference, ARGV[11]
 // how long a reference is kept, in ms, ARGV[12] how long the images are
-// kept, in ms (0: none are kept), ARGV[13] rollover.
+// kept, in ms (0: none are kept), ARGV[13] rollover, ARGV[14] who made it
+// (empty for none).
 // Reply: {code, account...}.
 var planScript = bind("plan.lua", replyCodes{codeOK: nil, codeRepeat: nil})
 
@@ -57,6 +62,7 @@ type planCall struct {
 	org       string
 	plan      Plan
 	reference string
+	by        string
 }
 
 func (planCall) script() *luaScript { return planScript }
@@ -66,7 +72,7 @@ func (c planCall) keys(k Keys) []string {
 }
 
 func (c planCall) args(l *Ledger) []any {
-	return []any{c.plan.Allowance, c.plan.RechargeMonth, c.reference, l.refTTL, imagesKept(c.reference), c.plan.Rollover}
+	return []any{c.plan.Allowance, c.plan.RechargeMonth, c.reference, l.refTTL, imagesKept(c.reference), c.plan.Rollover, c.by}
 }
 
 // writeKeys are the KEYS of a plan, a recharge and their void: account,
@@ -89,7 +95,11 @@ func (l *Ledger) Recharge(ctx context.Context, org, reference string) (acct Acco
 	if reference, err = checkReference(reference); err != nil {
 		return Account{}, false, err
 	}
-	r, err := l.call(ctx, "recharge", rechargeCall{org: org, reference: reference})
+	by, err := byOf(ctx)
+	if err != nil {
+		return Account{}, false, err
+	}
+	r, err := l.call(ctx, "recharge", rechargeCall{org: org, reference: reference, by: by})
 	if err != nil {
 		return Account{}, false, err
 	}
@@ -99,18 +109,19 @@ func (l *Ledger) Recharge(ctx context.Context, org, reference string) (acct Acco
 // rechargeScript, lua/recharge.lua, starts a new period now.
 // KEYS: account, events, holds, references, the write's images.
 // ARGV[8] reference, ARGV[9] how long a reference is kept, in ms, ARGV[10]
-// how long the images are kept, in ms (0: none are kept).
+// how long the images are kept, in ms (0: none are kept), ARGV[11] who
+// made it (empty for none).
 // Reply: {code, account...}.
 var rechargeScript = bind("recharge.lua", replyCodes{codeOK: nil, codeRepeat: nil})
 
-type rechargeCall struct{ org, reference string }
+type rechargeCall struct{ org, reference, by string }
 
 func (rechargeCall) script() *luaScript { return rechargeScript }
 
 func (c rechargeCall) keys(k Keys) []string { return writeKeys(k, c.org, "recharge", c.reference) }
 
 func (c rechargeCall) args(l *Ledger) []any {
-	return []any{c.reference, l.refTTL, imagesKept(c.reference)}
+	return []any{c.reference, l.refTTL, imagesKept(c.reference), c.by}
 }
 
 // checkReference checks a write's reference; an empty one becomes a fresh

@@ -35,7 +35,11 @@ func (l *Ledger) TopUpExpiring(ctx context.Context, org string, amount int64, re
 	} else if err := validateReference(reference); err != nil {
 		return Account{}, false, err
 	}
-	r, err := l.call(ctx, "top-up", topUpCall{org: org, amount: amount, reference: reference, expires: expires})
+	by, err := byOf(ctx)
+	if err != nil {
+		return Account{}, false, err
+	}
+	r, err := l.call(ctx, "top-up", topUpCall{org: org, amount: amount, reference: reference, expires: expires, by: by})
 	if err != nil {
 		return Account{}, false, err
 	}
@@ -47,7 +51,7 @@ func (l *Ledger) TopUpExpiring(ctx context.Context, org string, amount int64, re
 // ARGV[8] amount, ARGV[9] reference, ARGV[10] the most purchased credits an
 // org may hold, ARGV[11] how long a reference is kept, in ms, ARGV[12] when
 // the credits expire, Redis ms (0: never), ARGV[13] the most grants an org
-// may have live or pending.
+// may have live or pending, ARGV[14] who made it (empty for none).
 // Reply: {code, account...}.
 var topUpScript = bind("topup.lua", replyCodes{codeOK: nil, codeRepeat: nil, codeLimit: ErrPurchasedLimit,
 	codeFull: ErrGrantsFull, codeEnded: ErrExpiresPast})
@@ -57,6 +61,7 @@ type topUpCall struct {
 	amount    int64
 	reference string
 	expires   time.Time
+	by        string
 }
 
 func (topUpCall) script() *luaScript { return topUpScript }
@@ -67,7 +72,7 @@ func (c topUpCall) keys(k Keys) []string {
 }
 
 func (c topUpCall) args(l *Ledger) []any {
-	return []any{c.amount, c.reference, MaxPurchased, l.refTTL, unixMilli(c.expires), MaxGrants}
+	return []any{c.amount, c.reference, MaxPurchased, l.refTTL, unixMilli(c.expires), MaxGrants, c.by}
 }
 
 // appliedOnce reads the reply of a write applied once per reference: the
@@ -148,7 +153,11 @@ func (l *Ledger) Adjust(ctx context.Context, org string, amount int64, reason, r
 	if err := validateReference(reference); err != nil {
 		return Account{}, false, err
 	}
-	r, err := l.call(ctx, "adjust", adjustCall{org: org, amount: amount, reason: reason, reference: reference})
+	by, err := byOf(ctx)
+	if err != nil {
+		return Account{}, false, err
+	}
+	r, err := l.call(ctx, "adjust", adjustCall{org: org, amount: amount, reason: reason, reference: reference, by: by})
 	if err != nil {
 		return Account{}, false, err
 	}
@@ -159,7 +168,7 @@ func (l *Ledger) Adjust(ctx context.Context, org string, amount int64, reason, r
 // KEYS: account, references, events, holds, alerts.
 // ARGV[8] amount (not 0), ARGV[9] reference, ARGV[10] reason, ARGV[11] the
 // most purchased credits an org may hold, ARGV[12] how long a reference is
-// kept, in ms.
+// kept, in ms, ARGV[13] who made it (empty for none).
 // Reply: {code, account...}.
 var adjustScript = bind("adjust.lua", replyCodes{codeOK: nil, codeRepeat: nil, codeLimit: ErrPurchasedLimit})
 
@@ -167,6 +176,7 @@ type adjustCall struct {
 	org               string
 	amount            int64
 	reason, reference string
+	by                string
 }
 
 func (adjustCall) script() *luaScript { return adjustScript }
@@ -176,7 +186,7 @@ func (c adjustCall) keys(k Keys) []string {
 }
 
 func (c adjustCall) args(l *Ledger) []any {
-	return []any{c.amount, c.reference, c.reason, MaxPurchased, l.refTTL}
+	return []any{c.amount, c.reference, c.reason, MaxPurchased, l.refTTL, c.by}
 }
 
 // ValidateReason checks an adjustment's reason: 1 to MaxReason bytes of

@@ -1,6 +1,7 @@
 -- KEYS: account, references, events, holds, alerts. ARGV[8] amount (not 0),
 -- ARGV[9] reference, ARGV[10] reason, ARGV[11] the most purchased credits
--- an org may hold, ARGV[12] how long a reference is kept, in ms.
+-- an org may hold, ARGV[12] how long a reference is kept, in ms, ARGV[13]
+-- who made it ('' for none).
 --
 -- An operator's correction: a positive amount adds purchased credits, as a
 -- top-up does; a negative one takes credits as a charge does (allowance
@@ -14,6 +15,7 @@
 --#include lib/holds.lua
 --#include lib/refs.lua
 --#include lib/alerts.lua
+--#include lib/by.lua
 
 local bad = check_types({'hash', {'zset', 'set'}, 'list', 'hash', 'hash'})
 if bad then return bad end
@@ -23,6 +25,7 @@ local ref = '\0adjust:' .. ARGV[9]
 local reason = ARGV[10]
 local max_purchased = tonumber(ARGV[11])
 local ref_kept = tonumber(ARGV[12])
+local by = ARGV[13]
 
 if ref_seen(refs_key, ref) then
   local acc = load(account_key, true) or new_account(def_allowance, def_month)
@@ -39,6 +42,7 @@ else
   take(acc, -amount)
 end
 event(acc, 'adjust', amount, '', ARGV[9], nil, reason)
+sign(acc, 'adjust', by)
 commit(account_key, events_key, acc)
 write_holds(holds_key, acc)
 if amount > 0 then rearm_alerts(alerts_key, acc) end

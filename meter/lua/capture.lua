@@ -1,4 +1,5 @@
--- KEYS: account, events, holds. ARGV[8] hold id, ARGV[9] credits to charge.
+-- KEYS: account, events, holds. ARGV[8] hold id, ARGV[9] credits to charge,
+-- ARGV[10] who captured it ('' for none).
 --
 -- Charges the credits from the hold and releases the rest; usage above the
 -- hold is charged from the available balance, into debt if it must (the
@@ -11,12 +12,14 @@
 -- gateway's lease, which only its gateway captures (nothing written).
 
 --#include lib/holds.lua
+--#include lib/by.lua
 
 local bad = check_types({'hash', 'list', 'hash'})
 if bad then return bad end
 local account_key, events_key, holds_key = KEYS[1], KEYS[2], KEYS[3]
 local id = ARGV[8]
 local amount = tonumber(ARGV[9])
+local by = ARGV[10]
 
 local acc, h = find_hold(account_key, holds_key, id)
 if not h then
@@ -38,6 +41,7 @@ delta = delta + hold_less(acc, h, hold_amount(h))
 add_used(acc, h.feature, amount)
 h.state, h.cap, h.untl = CAPTURED, amount, srv_now() + HOLD_KEPT_MS
 event(acc, 'capture', delta, h.feature, ref)
+sign(acc, 'capture', by)
 commit(account_key, events_key, acc)
 write_holds(holds_key, acc, {[id] = h})
 return reply(acc, {OK, h.state, h.cap, h.untl, h.feature})

@@ -2,7 +2,8 @@
 -- ARGV[8] amount, ARGV[9] kind (o: promotional), ARGV[10] priority
 -- (0..100), ARGV[11] effective, Redis ms (0: now), ARGV[12] expires, Redis
 -- ms (0: never), ARGV[13] reference ('-': none), ARGV[14] reason ('' for
--- none), ARGV[15] the most grants an org may have live or pending.
+-- none), ARGV[15] the most grants an org may have live or pending, ARGV[16]
+-- who made it ('' for none).
 --
 -- Grants an extra grant: live at once when effective has come (it repays
 -- debt first), pending until then. A reference is applied once per org: a
@@ -16,6 +17,7 @@
 --#include lib/holds.lua
 --#include lib/refs.lua
 --#include lib/alerts.lua
+--#include lib/by.lua
 
 local bad = check_types({'hash', {'zset', 'set'}, 'list', 'hash', 'hash', 'hash'})
 if bad then return bad end
@@ -29,6 +31,7 @@ local expires = tonumber(ARGV[12])
 local ref = ARGV[13]
 local reason = ARGV[14]
 local max_grants = tonumber(ARGV[15])
+local by = ARGV[16]
 local seen_ref = '\0grant:' .. ref
 
 local acc = load(account_key, true)
@@ -59,6 +62,7 @@ if fresh then
 end
 if reason == '' then reason = nil end
 local g = grant(acc, new_grant(acc, kind, amount, priority, effective, expires, ref, reason))
+sign(acc, 'grant', by)
 commit(account_key, events_key, acc)
 write_grant_ref(grefs_key, g)
 write_holds(holds_key, acc)

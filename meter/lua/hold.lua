@@ -1,5 +1,5 @@
 -- KEYS: account, events, holds. ARGV[8] hold id, ARGV[9] amount, ARGV[10]
--- lifetime in ms, ARGV[11] feature.
+-- lifetime in ms, ARGV[11] feature, ARGV[12] who made it ('' for none).
 --
 -- Sets amount credits of the available balance aside until the hold is
 -- captured, released or expires (by Redis' clock).
@@ -8,6 +8,7 @@
 -- balance is short (nothing written).
 
 --#include lib/holds.lua
+--#include lib/by.lua
 
 local bad = check_types({'hash', 'list', 'hash'})
 if bad then return bad end
@@ -16,6 +17,7 @@ local id = ARGV[8]
 local amount = tonumber(ARGV[9])
 local ttl = tonumber(ARGV[10])
 local feature = ARGV[11]
+local by = ARGV[12]
 
 local acc = load(account_key, true)
 local fresh = not acc
@@ -38,6 +40,7 @@ hold_more(acc, h, amount)
 h.state, h.untl = LIVE, srv_now() + ttl
 note_expiry(acc, h.untl)
 event(acc, 'hold', 0, feature, 'hold:' .. id)
+sign(acc, 'hold', by)
 commit(account_key, events_key, acc)
 write_holds(holds_key, acc, {[id] = h})
 return reply(acc, {OK, h.state, amount, h.untl, h.feature})

@@ -1,7 +1,8 @@
 -- KEYS: account, events, holds, references, the write's images. ARGV[8]
 -- allowance, ARGV[9] recharge month, ARGV[10] reference, ARGV[11] how long
 -- a reference is kept, in ms, ARGV[12] how long the images are kept, in ms
--- (0: none are kept), ARGV[13] rollover (0..allowance).
+-- (0: none are kept), ARGV[13] rollover (0..allowance), ARGV[14] who made
+-- it ('' for none).
 --
 -- An org without a plan of its own starts a new period on this plan at once;
 -- a change to an org's own plan waits for the next recharge. A reference is
@@ -14,6 +15,7 @@
 --#include lib/holds.lua
 --#include lib/refs.lua
 --#include lib/images.lua
+--#include lib/by.lua
 
 local bad = check_types({'hash', 'list', 'hash', {'zset', 'set'}, 'string'})
 if bad then return bad end
@@ -24,6 +26,7 @@ local ref = '\0plan:' .. ARGV[10]
 local ref_kept = tonumber(ARGV[11])
 local images_kept = tonumber(ARGV[12])
 local rollover = tonumber(ARGV[13])
+local by = ARGV[14]
 local name = str(allowance) .. '/' .. str(month)
 if rollover > 0 then name = name .. '/' .. str(rollover) end
 
@@ -67,6 +70,7 @@ else
     event(acc, 'plan', 0, '', name)
   end
 end
+sign(acc, 'plan', by)
 commit(account_key, events_key, acc)
 write_holds(holds_key, acc)
 if before then keep_images(images_key, account_key, before, images_kept) end

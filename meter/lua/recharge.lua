@@ -1,6 +1,7 @@
 -- KEYS: account, events, holds, references, the write's images. ARGV[8]
 -- reference, ARGV[9] how long a reference is kept, in ms, ARGV[10] how long
--- the images are kept, in ms (0: none are kept).
+-- the images are kept, in ms (0: none are kept), ARGV[11] who made it (''
+-- for none).
 --
 -- Starts a new period now, on the plan waiting for it if there is one. A
 -- reference is applied once per org, so a recharge sent again after a lost
@@ -13,6 +14,7 @@
 --#include lib/holds.lua
 --#include lib/refs.lua
 --#include lib/images.lua
+--#include lib/by.lua
 
 local bad = check_types({'hash', 'list', 'hash', {'zset', 'set'}, 'string'})
 if bad then return bad end
@@ -20,6 +22,7 @@ local account_key, events_key, holds_key, refs_key, images_key = KEYS[1], KEYS[2
 local ref = '\0recharge:' .. ARGV[8]
 local ref_kept = tonumber(ARGV[9])
 local images_kept = tonumber(ARGV[10])
+local by = ARGV[11]
 
 local acc = open(account_key, true)
 sweep(acc, holds_key)
@@ -37,6 +40,7 @@ end
 local before_balance = balance(acc)
 start_period(acc, math.floor(now_ms / 1000))
 event(acc, 'recharge', balance(acc) - before_balance, '', 'manual')
+sign(acc, 'recharge', by)
 commit(account_key, events_key, acc)
 write_holds(holds_key, acc)
 if before then keep_images(images_key, account_key, before, images_kept) end

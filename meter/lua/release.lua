@@ -1,5 +1,6 @@
 -- KEYS: account, events, holds. ARGV[8] hold id, ARGV[9] '1' when an
--- operator knows the gateway of a lease is gone, ARGV[10] the reason.
+-- operator knows the gateway of a lease is gone, ARGV[10] the reason,
+-- ARGV[11] who released it ('' for none).
 --
 -- Gives a live hold's credits back. A gateway's lease is its gateway's
 -- alone: it is released here only when it is unreported (its gateway did
@@ -12,6 +13,7 @@
 -- hold that is no lease (nothing written).
 
 --#include lib/holds.lua
+--#include lib/by.lua
 
 local bad = check_types({'hash', 'list', 'hash'})
 if bad then return bad end
@@ -20,6 +22,7 @@ local id = ARGV[8]
 local gone = ARGV[9] == '1'
 local reason = ARGV[10]
 if reason == '' then reason = nil end
+local by = ARGV[11]
 
 local acc, h = find_hold(account_key, holds_key, id)
 if not h then
@@ -45,6 +48,7 @@ local amount = hold_amount(h)
 local delta = hold_less(acc, h, amount)
 h.state, h.untl = RELEASED, srv_now() + HOLD_KEPT_MS
 event(acc, 'release', delta, h.feature, hold_ref(id), nil, reason)
+sign(acc, 'release', by)
 commit(account_key, events_key, acc)
 write_holds(holds_key, acc, {[id] = h})
 return reply(acc, {OK, h.state, 0, h.untl, h.feature})

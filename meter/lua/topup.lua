@@ -3,7 +3,7 @@
 -- purchased credits an org may hold, ARGV[11] how long a reference is kept,
 -- in ms, ARGV[12] when the credits expire, Redis ms (0: never: they add to
 -- the standing purchased grant), ARGV[13] the most grants an org may have
--- live or pending.
+-- live or pending, ARGV[14] who made it ('' for none).
 --
 -- Returns {code, account...}: code OK applied, REPEAT the reference was
 -- applied before (nothing written), LIMIT the top-up would pass the limit,
@@ -13,6 +13,7 @@
 --#include lib/holds.lua
 --#include lib/refs.lua
 --#include lib/alerts.lua
+--#include lib/by.lua
 
 local bad = check_types({'hash', {'zset', 'set'}, 'list', 'hash', 'hash', 'hash'})
 if bad then return bad end
@@ -24,6 +25,7 @@ local max_purchased = tonumber(ARGV[10])
 local ref_kept = tonumber(ARGV[11])
 local expires = tonumber(ARGV[12])
 local max_grants = tonumber(ARGV[13])
+local by = ARGV[14]
 
 if ref_seen(refs_key, ref) then
   local acc = load(account_key, true) or new_account(def_allowance, def_month)
@@ -49,6 +51,7 @@ else
   acc.pur = acc.pur + repay(acc, amount)
 end
 event(acc, 'topup', amount, '', ref)
+sign(acc, 'topup', by)
 commit(account_key, events_key, acc)
 write_holds(holds_key, acc)
 rearm_alerts(alerts_key, acc)

@@ -1,7 +1,8 @@
 -- KEYS: account, events, holds, references, grant references. ARGV[8] grant
 -- id ('' to find it
 -- by its reference), ARGV[9] reason, ARGV[10] the grant's reference (''
--- when found by id), ARGV[11] how long a reference is kept, in ms.
+-- when found by id), ARGV[11] how long a reference is kept, in ms, ARGV[12]
+-- who voided it ('' for none).
 --
 -- Voids an extra grant: what remains of it is gone (event void); what live
 -- holds took from it stays theirs. Found by its reference (a grant of the
@@ -14,6 +15,7 @@
 
 --#include lib/holds.lua
 --#include lib/refs.lua
+--#include lib/by.lua
 
 local bad = check_types({'hash', 'list', 'hash', {'zset', 'set'}, 'hash'})
 if bad then return bad end
@@ -22,6 +24,7 @@ local id = ARGV[8]
 local reason = ARGV[9]
 local ref = ARGV[10]
 local ref_kept = tonumber(ARGV[11])
+local by = ARGV[12]
 
 local acc = load(account_key, true)
 local g = nil
@@ -47,6 +50,7 @@ else
   local lost = end_grant(acc, g, GRANT_VOIDED, srv_now())
   if reason ~= '' then g.reason = reason end
   event(acc, 'void', -lost, '', 'g' .. g.id, nil, reason)
+  sign(acc, 'void', by)
   write_grant_ref(grefs_key, g)
 end
 if #acc.events > 0 or acc.gdirty then
