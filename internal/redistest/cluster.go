@@ -47,7 +47,7 @@ func StartCluster(t testing.TB, masters, replicasPerMaster int) *Cluster {
 	cli := lookPath(t, "redis-cli")
 	c := &Cluster{}
 	for range masters * (1 + replicasPerMaster) {
-		n := start(t, Options{}, true)
+		n := start(t, Options{}, true, "")
 		c.Nodes = append(c.Nodes, n)
 		c.Addrs = append(c.Addrs, n.Addr)
 	}
