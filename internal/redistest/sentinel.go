@@ -132,6 +132,25 @@ func (s *Sentinels) Server(t testing.TB, addr string) *Server {
 	return nil
 }
 
+// KillMaster kills the master (SIGKILL) and waits until the sentinels have
+// promoted its replica; then it starts the killed server again, and waits
+// until it replicates from the new master. It returns the new master.
+func (s *Sentinels) KillMaster(t testing.TB) *Server {
+	t.Helper()
+	old := s.Server(t, s.MasterAddr(t))
+	old.Kill(t)
+	master := s.waitNewMaster(t, old.Addr)
+	old.Restart(t)
+	oc := old.Client(t)
+	waitFor(t, "the old master replicates from the new one", func() bool {
+		info, err := oc.Info(context.Background(), "replication").Result()
+		return err == nil && redisproc.InfoField(info, "role") == "slave" &&
+			redisproc.InfoField(info, "master_port") == master.Addr[strings.LastIndexByte(master.Addr, ':')+1:] &&
+			redisproc.InfoField(info, "master_link_status") == "up"
+	})
+	return master
+}
+
 // Failover asks a sentinel to fail the master over to its replica (SENTINEL
 // FAILOVER), and waits until the replica is the master, every sentinel
 // names it, and the old master replicates from it. It returns the new
@@ -143,6 +162,14 @@ func (s *Sentinels) Failover(t testing.TB) *Server {
 	if err := s.clients[0].Failover(ctx, s.Master).Err(); err != nil {
 		t.Fatalf("redistest: SENTINEL FAILOVER: %v", err)
 	}
+	return s.waitNewMaster(t, old)
+}
+
+// waitNewMaster waits until every sentinel names the same master, not old,
+// and it answers as master.
+func (s *Sentinels) waitNewMaster(t testing.TB, old string) *Server {
+	t.Helper()
+	ctx := context.Background()
 	var now string
 	waitFor(t, "the sentinels name a new master", func() bool {
 		now = ""

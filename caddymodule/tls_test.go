@@ -1,0 +1,111 @@
+package caddymodule
+
+import (
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/creditsgw/caddy-credits/internal/redistest"
+)
+
+// tlsPassword is the TLS Redis' password: no output may show it.
+const tlsPassword = "tls-pass-5e2a"
+
+// startTLSRedis starts a redis-server that listens with TLS only, with a
+// certificate of ca, and requires a client certificate of ca.
+func startTLSRedis(t *testing.T, ca *redistest.CA) *redistest.Server {
+	t.Helper()
+	return redistest.Start(t, redistest.Options{TLS: ca.Server(t, true), Password: tlsPassword})
+}
+
+// TestRedisTLS charges through a gateway that reaches Redis over TLS with
+// tls_ca and tls_client: every org's balance is its start less the calls
+// the upstream answered.
+func TestRedisTLS(t *testing.T) {
+	ca := redistest.NewCA(t, "credits")
+	srv := startTLSRedis(t, ca)
+	cert, key := ca.Issue(t, "gateway", false)
+	g := startGateway(t, gatewayOptions{store: fmt.Sprintf("redis rediss://:%s@%s\n\t\ttls_ca %s\n\t\ttls_client %s %s",
+		tlsPassword, srv.Addr, ca.File, cert, key)})
+	g.redis = srv
+	orgs := setupFaultOrgs(g, 3)
+	stop := make(chan struct{})
+	res, wait := runLoad(g, orgs, 4, stop)
+	res.waitDone(t, 300)
+	close(stop)
+	wait()
+	wantOnly(t, res, http.StatusOK)
+	checkExact(t, g, orgs)
+	if n := g.upstream.calls.Load(); n < 300 {
+		t.Errorf("the upstream answered %d calls, want at least 300", n)
+	}
+}
+
+// TestRedisTLSFailsAtStart: a TLS setting that can never connect stops
+// caddy run with an error that names the problem, never the password. A
+// Redis over TLS that is merely not there yet is only a warning.
+func TestRedisTLSFailsAtStart(t *testing.T) {
+	ca := redistest.NewCA(t, "credits")
+	srv := startTLSRedis(t, ca)
+	cert, key := ca.Issue(t, "gateway", false)
+	other := redistest.NewCA(t, "other")
+	notCert := filepath.Join(t.TempDir(), "not-a-certificate.pem")
+	if err := os.WriteFile(notCert, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	missing := filepath.Join(t.TempDir(), "missing.pem")
+	url := fmt.Sprintf("rediss://:%s@%s", tlsPassword, srv.Addr)
+	for _, tc := range []struct {
+		name, settings string
+		want           []string
+	}{
+		{"tls_ca missing", fmt.Sprintf("tls_ca %s\n\t\ttls_client %s %s", missing, cert, key),
+			[]string{"tls_ca: cannot read " + missing, "no such file"}},
+		{"tls_client key missing", fmt.Sprintf("tls_ca %s\n\t\ttls_client %s %s", ca.File, cert, missing),
+			[]string{"tls_client: cannot read " + missing}},
+		{"tls_client cert not a certificate", fmt.Sprintf("tls_ca %s\n\t\ttls_client %s %s", ca.File, notCert, key),
+			[]string{"tls_client", notCert}},
+		{"server certificate of another CA", fmt.Sprintf("tls_ca %s\n\t\ttls_client %s %s", other.File, cert, key),
+			[]string{"TLS connection to Redis at " + srv.Addr + " failed", "certificate signed by unknown authority"}},
+		{"no client certificate", fmt.Sprintf("tls_ca %s", ca.File),
+			[]string{"TLS connection to Redis at " + srv.Addr + " failed", "certificate required"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "Caddyfile")
+			cfg := fmt.Sprintf(credentialsCaddyfile, "off", url+"\n\t\t"+tc.settings, fmt.Sprintf("127.0.0.1:%d", freePort(t)))
+			if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			out, err := runCaddyCommand(t, "run", "--config", path, "--adapter", "caddyfile")
+			if exitErr, ok := errors.AsType[*exec.ExitError](err); !ok || exitErr.ExitCode() == 0 {
+				t.Fatalf("caddy run: %v, want a non-zero exit\n%s", err, out)
+			}
+			all := out + err.Error()
+			for _, w := range tc.want {
+				if !strings.Contains(all, w) {
+					t.Errorf("the output does not say %q:\n%s", w, all)
+				}
+			}
+			if strings.Contains(all, tlsPassword) {
+				t.Errorf("the output shows the password:\n%s", all)
+			}
+		})
+	}
+
+	t.Run("unreachable at start", func(t *testing.T) {
+		site := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+		dead := fmt.Sprintf("rediss://:%s@127.0.0.1:%d\n\t\ttls_ca %s\n\t\ttls_client %s %s", tlsPassword, freePort(t), ca.File, cert, key)
+		p := startCaddyProcess(t, fmt.Sprintf(credentialsCaddyfile, "off", dead, site), site)
+		eventually(t, "the warning is logged", func() bool {
+			return strings.Contains(p.output(), "cannot reach Redis at start")
+		})
+		if strings.Contains(p.output(), tlsPassword) {
+			t.Errorf("the log shows the password:\n%s", p.output())
+		}
+	})
+}
