@@ -117,6 +117,9 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			a.Alerts = al
 		case "redis":
+			if d.CountRemainingArgs() == 0 {
+				return d.Err("redis needs a redis:// or rediss:// URL; a {$VAR} that is empty where the Caddyfile is adapted leaves none")
+			}
 			v, err := singleArg(d)
 			if err != nil {
 				return err
