@@ -302,12 +302,12 @@ func FuzzCaddyfile(f *testing.F) {
 // durations and placeholders are read.
 func TestREADMEJSONConfig(t *testing.T) {
 	block := readmeBlock(t, "../docs/caddyfile.md", "## JSON config", "json")
-	srv := redistest.Start(t, redistest.Options{})
+	srv := redistest.Start(t, redistest.Options{Password: "docs-pass"})
 	if !strings.Contains(block, "127.0.0.1:6379") {
 		t.Fatal("the JSON config does not name the Redis the test replaces")
 	}
 	block = strings.ReplaceAll(block, "127.0.0.1:6379", srv.Addr)
-	t.Setenv("REDIS_PASSWORD", "")
+	t.Setenv("REDIS_PASSWORD", "docs-pass")
 	t.Setenv("CREDITS_ADMIN_TOKEN", "s3cret")
 	var cfg caddy.Config
 	dec := json.NewDecoder(strings.NewReader(block))
