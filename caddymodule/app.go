@@ -227,7 +227,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return err
 	}
 	if a.Alerts != nil {
-		a.notifier = newNotifier(a.Alerts, a.ledger, a.logger.Named("alerts"))
+		a.notifier = newNotifier(a.Alerts, a.ledger, a.quiet.logger(a.logger).Named("alerts"))
 		if len(a.notifier.secret) == 0 {
 			return errors.New("credits: alerts: the secret is empty once its placeholders are replaced")
 		}

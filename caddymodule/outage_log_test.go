@@ -2,6 +2,8 @@ package caddymodule
 
 import (
 	"encoding/json"
+	"errors"
+	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -11,7 +13,12 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
+
 	"github.com/creditsgw/caddy-credits/internal/redistest"
+	"github.com/creditsgw/caddy-credits/meter"
 )
 
 // logLine is one JSON line of Caddy's log.
@@ -121,4 +128,62 @@ func TestOutageLogsQuiet(t *testing.T) {
 		t.Errorf("the failed lease syncs are not in the log")
 	}
 	t.Logf("%d lines of warnings and errors; answers %v", total, res)
+}
+
+// TestQuietLogs paces a kind of warning: the first is written at once with
+// a count of 1, the others of the window as one line with their count at
+// its end; another kind, and info lines, are not held back by it; errors
+// that need an operator (an org's corrupt data) are each written.
+func TestQuietLogs(t *testing.T) {
+	core, logs := observer.New(zapcore.InfoLevel)
+	q := newQuietLogs(200 * time.Millisecond)
+	log := q.logger(zap.New(core).Named("credits"))
+	for range 5 {
+		log.Warn("store could not take the charge now; refusing", zap.Error(errors.New("dial tcp: connection refused")))
+	}
+	log.Warn("lease sync failed")
+	for range 3 {
+		log.Error("the org's ledger data cannot be used", zap.Error(fmt.Errorf("account: %w", meter.ErrCorrupt)))
+	}
+	log.Info("store checked")
+	counts := func(msg string) []int64 {
+		var out []int64
+		for _, e := range logs.All() {
+			if strings.HasPrefix(e.Message, msg) {
+				n, _ := e.ContextMap()["count"].(int64)
+				out = append(out, n)
+			}
+		}
+		return out
+	}
+	if got := fmt.Sprint(counts("store could not take")); got != "[1]" {
+		t.Errorf("refusals written at once: counts %s, want [1]", got)
+	}
+	if got := fmt.Sprint(counts("lease sync failed")); got != "[1]" {
+		t.Errorf("another kind: counts %s, want [1]", got)
+	}
+	if got := len(counts("the org's ledger data")); got != 3 {
+		t.Errorf("%d corrupt-data errors written, want 3", got)
+	}
+	if got := len(counts("store checked")); got != 1 {
+		t.Errorf("%d info lines written, want 1", got)
+	}
+	eventually(t, "the held refusals are written with their count", func() bool {
+		return fmt.Sprint(counts("store could not take")) == "[1 4]"
+	})
+	held := logs.FilterMessage("store could not take the charge now; refusing (4 more like this in 200ms)").All()
+	if len(held) != 1 {
+		t.Errorf("the held line's message: %v", logs.All())
+	}
+	// A window with none held ends the kind: the next one is written at
+	// once.
+	eventually(t, "every kind is quiet again", func() bool {
+		q.mu.Lock()
+		defer q.mu.Unlock()
+		return len(q.kinds) == 0
+	})
+	log.Warn("store could not take the charge now; refusing")
+	if got := fmt.Sprint(counts("store could not take")); got != "[1 4 1]" {
+		t.Errorf("after a quiet window: counts %s, want [1 4 1]", got)
+	}
 }

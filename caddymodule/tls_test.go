@@ -24,25 +24,44 @@ func startTLSRedis(t *testing.T, ca *redistest.CA) *redistest.Server {
 }
 
 // TestRedisTLS charges through a gateway that reaches Redis over TLS with
-// tls_ca and tls_client: every org's balance is its start less the calls
+// tls_ca and tls_client, by a rediss:// URL and through Sentinel (the
+// sentinels on TLS too): every org's balance is its start less the calls
 // the upstream answered.
 func TestRedisTLS(t *testing.T) {
 	ca := redistest.NewCA(t, "credits")
-	srv := startTLSRedis(t, ca)
 	cert, key := ca.Issue(t, "gateway", false)
-	g := startGateway(t, gatewayOptions{store: fmt.Sprintf("redis rediss://:%s@%s\n\t\ttls_ca %s\n\t\ttls_client %s %s",
-		tlsPassword, srv.Addr, ca.File, cert, key)})
-	g.redis = srv
-	orgs := setupFaultOrgs(g, 3)
-	stop := make(chan struct{})
-	res, wait := runLoad(g, orgs, 4, stop)
-	res.waitDone(t, 300)
-	close(stop)
-	wait()
-	wantOnly(t, res, http.StatusOK)
-	checkExact(t, g, orgs)
-	if n := g.upstream.calls.Load(); n < 300 {
-		t.Errorf("the upstream answered %d calls, want at least 300", n)
+	files := fmt.Sprintf("tls_ca %s\n\t\ttls_client %s %s", ca.File, cert, key)
+	for _, tc := range []struct {
+		name  string
+		start func(t *testing.T) (store string, srv *redistest.Server)
+	}{
+		{"rediss URL", func(t *testing.T) (string, *redistest.Server) {
+			srv := startTLSRedis(t, ca)
+			return fmt.Sprintf("redis rediss://:%s@%s\n\t\t%s", tlsPassword, srv.Addr, files), srv
+		}},
+		{"sentinel", func(t *testing.T) (string, *redistest.Server) {
+			set := redistest.StartSentinel(t, redistest.SentinelOptions{Master: "tls-main",
+				Server: redistest.Options{TLS: ca.Server(t, true), Password: tlsPassword}})
+			return fmt.Sprintf("redis_sentinel tls-main %s {\n\t\t\tpassword %s\n\t\t}\n\t\t%s",
+				strings.Join(set.Addrs, " "), tlsPassword, files), set.Servers[0]
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			store, srv := tc.start(t)
+			g := startGateway(t, gatewayOptions{store: store})
+			g.redis = srv
+			orgs := setupFaultOrgs(g, 3)
+			stop := make(chan struct{})
+			res, wait := runLoad(g, orgs, 4, stop)
+			res.waitDone(t, 300)
+			close(stop)
+			wait()
+			wantOnly(t, res, http.StatusOK)
+			checkExact(t, g, orgs)
+			if n := g.upstream.calls.Load(); n < 300 {
+				t.Errorf("the upstream answered %d calls, want at least 300", n)
+			}
+		})
 	}
 }
 
