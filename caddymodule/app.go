@@ -356,6 +356,9 @@ func (a *App) validate() error {
 	if (a.TLSCA != "" || a.TLSClient != nil) && len(given) == 0 {
 		return &settingError{fields: []string{"tls_ca", "tls_client"}, msg: "tls_ca and tls_client are for a Redis over TLS: give redis rediss://..., redis_cluster or redis_sentinel"}
 	}
+	if (a.TLSCA != "" || a.TLSClient != nil) && strings.HasPrefix(a.Redis, "redis://") {
+		return &settingError{fields: []string{"redis", "tls_ca", "tls_client"}, msg: "tls_ca and tls_client need a rediss:// URL in redis"}
+	}
 	if c := a.TLSClient; c != nil && (c.Cert == "" || c.Key == "") {
 		return &settingError{fields: []string{"tls_client"}, msg: "tls_client needs a certificate file and a key file"}
 	}

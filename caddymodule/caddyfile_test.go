@@ -181,6 +181,7 @@ func TestCaddyfileParseErrors(t *testing.T) {
 		{"redis_sentinel password twice", inGlobal("redis_sentinel main 10.0.0.1:26379 {", "\tpassword a", "\tpassword b", "}"), "redis_sentinel: password is given twice", "Caddyfile:5", ""},
 		{"redis_sentinel bad db", inGlobal("redis_sentinel main 10.0.0.1:26379 {", "\tdb -1", "}"), "db", "Caddyfile:4", ""},
 		{"tls_ca without Redis", inGlobal("tls_ca /etc/ca.pem"), "tls_ca and tls_client are for a Redis over TLS", "Caddyfile:3", ""},
+		{"tls_ca with redis://", inGlobal("redis redis://localhost:6379", "tls_ca /etc/ca.pem"), "tls_ca and tls_client need a rediss:// URL in redis", "Caddyfile:4", ""},
 		{"tls_client with one file", inGlobal("redis rediss://localhost:6379", "tls_client /etc/cert.pem"), "wrong argument count", "Caddyfile:4", ""},
 		{"redis without its URL", inGlobal("redis"), "redis needs a redis:// or rediss:// URL", "Caddyfile:3", ""},
 		{"key_prefix with a brace", inGlobal("key_prefix a{b}"), `invalid key_prefix "a{b}"`, "Caddyfile:3", ""},

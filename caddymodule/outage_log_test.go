@@ -146,6 +146,7 @@ func TestQuietLogs(t *testing.T) {
 		log.Error("the org's ledger data cannot be used", zap.Error(fmt.Errorf("account: %w", meter.ErrCorrupt)))
 	}
 	log.Info("store checked")
+	log.Error("ledger calls lost at shutdown", zap.Int64("count", 7))
 	counts := func(msg string) []int64 {
 		var out []int64
 		for _, e := range logs.All() {
@@ -164,6 +165,9 @@ func TestQuietLogs(t *testing.T) {
 	}
 	if got := len(counts("the org's ledger data")); got != 3 {
 		t.Errorf("%d corrupt-data errors written, want 3", got)
+	}
+	if got := fmt.Sprint(counts("ledger calls lost")); got != "[7]" {
+		t.Errorf("a line with its own count: counts %s, want [7]", got)
 	}
 	if got := len(counts("store checked")); got != 1 {
 		t.Errorf("%d info lines written, want 1", got)

@@ -20,7 +20,8 @@ const quietWindow = 10 * time.Second
 // next window are counted, and the window's last is written at its end
 // with that count, "(N more like this in 10s)". An error that no retry
 // cures (an org's corrupt data, the ledger refusing a call) is not an
-// outage: each is written, since each needs an operator.
+// outage: each is written, since each needs an operator. So is a line
+// that carries its own count.
 type quietLogs struct {
 	window time.Duration
 
@@ -137,7 +138,7 @@ func (c *quietCore) Check(ent zapcore.Entry, ce *zapcore.CheckedEntry) *zapcore.
 }
 
 func (c *quietCore) Write(ent zapcore.Entry, fields []zapcore.Field) error {
-	if ent.Level < zapcore.WarnLevel || needsOperator(fields) {
+	if ent.Level < zapcore.WarnLevel || needsOperator(fields) || hasCount(fields) {
 		write(c.Core, ent, fields)
 		return nil
 	}
@@ -145,6 +146,17 @@ func (c *quietCore) Write(ent zapcore.Entry, fields []zapcore.Field) error {
 		write(c.Core, ent, append(fields[:len(fields):len(fields)], zap.Int("count", 1)))
 	}
 	return nil
+}
+
+// hasCount reports whether a line counts what it stands for itself (such
+// as the calls lost at shutdown): it is a summary already.
+func hasCount(fields []zapcore.Field) bool {
+	for _, f := range fields {
+		if f.Key == "count" {
+			return true
+		}
+	}
+	return false
 }
 
 // needsOperator reports whether a line's error is one that no retry cures.

@@ -24,8 +24,9 @@ func startTLSRedis(t *testing.T, ca *redistest.CA) *redistest.Server {
 }
 
 // TestRedisTLS charges through a gateway that reaches Redis over TLS with
-// tls_ca and tls_client, by a rediss:// URL and through Sentinel (the
-// sentinels on TLS too): every org's balance is its start less the calls
+// tls_ca and tls_client, by a rediss:// URL, to a Cluster (host:port seeds,
+// put on TLS by the options) and through Sentinel (the sentinels on TLS
+// too): every org's balance is its start less the calls
 // the upstream answered.
 func TestRedisTLS(t *testing.T) {
 	ca := redistest.NewCA(t, "credits")
@@ -38,6 +39,10 @@ func TestRedisTLS(t *testing.T) {
 		{"rediss URL", func(t *testing.T) (string, *redistest.Server) {
 			srv := startTLSRedis(t, ca)
 			return fmt.Sprintf("redis rediss://:%s@%s\n\t\t%s", tlsPassword, srv.Addr, files), srv
+		}},
+		{"cluster", func(t *testing.T) (string, *redistest.Server) {
+			cluster := redistest.StartClusterTLS(t, 3, 0, ca.Server(t, true))
+			return fmt.Sprintf("redis_cluster %s\n\t\t%s", strings.Join(cluster.Addrs, " "), files), cluster.Nodes[0]
 		}},
 		{"sentinel", func(t *testing.T) (string, *redistest.Server) {
 			set := redistest.StartSentinel(t, redistest.SentinelOptions{Master: "tls-main",
