@@ -66,7 +66,9 @@ func StartSentinel(t testing.TB, o SentinelOptions) *Sentinels {
 
 	conf := []string{
 		fmt.Sprintf("sentinel monitor %s 127.0.0.1 %s 2", o.Master, port),
-		fmt.Sprintf("sentinel down-after-milliseconds %s 1000", o.Master),
+		// Low enough for quick tests, high enough that a loaded machine
+		// does not make a master look down.
+		fmt.Sprintf("sentinel down-after-milliseconds %s 2000", o.Master),
 		fmt.Sprintf("sentinel failover-timeout %s 10000", o.Master),
 	}
 	if o.Server.Password != "" {
@@ -140,6 +142,10 @@ func (s *Sentinels) KillMaster(t testing.TB) *Server {
 	old := s.Server(t, s.MasterAddr(t))
 	old.Kill(t)
 	master := s.waitNewMaster(t, old.Addr)
+	// Back as a replica from its first moment: a server that came back as
+	// a master, with what it had when killed, could be promoted by a
+	// later failover before the sentinels turn it into a replica.
+	old.replicaOf(master.Addr)
 	old.Restart(t)
 	oc := old.Client(t)
 	waitFor(t, "the old master replicates from the new one", func() bool {
@@ -193,6 +199,22 @@ func (s *Sentinels) waitNewMaster(t testing.TB, old string) *Server {
 		return err == nil && redisproc.InfoField(info, "role") == "master"
 	})
 	return master
+}
+
+// replicaOf makes the server replicate from addr when it starts again.
+func (s *Server) replicaOf(addr string) {
+	host, port, _ := net.SplitHostPort(addr)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var args []string
+	for i := 0; i < len(s.opts.Args); i++ {
+		if s.opts.Args[i] == "--replicaof" {
+			i += 2
+			continue
+		}
+		args = append(args, s.opts.Args[i])
+	}
+	s.opts.Args = append(args, "--replicaof", host, port)
 }
 
 // waitFor polls cond until it holds, or fails the test after
