@@ -194,7 +194,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	a.quiet = newQuietLogs(quietWindow)
 	val, shared, err := stores.LoadOrNew(a.poolKey, func() (caddy.Destructor, error) {
-		return openStore(opts, a.Backlog, a.quiet.logger(a.logger))
+		return openStore(opts, a.Backlog, a.logger)
 	})
 	if err != nil {
 		return err
@@ -343,7 +343,11 @@ func (a *App) validate() error {
 		given = append(given, "redis_sentinel")
 	}
 	if len(given) > 1 {
-		return &settingError{fields: given, msg: strings.Join(given, " and ") + " are both given; choose one"}
+		both := " are both given; choose one"
+		if len(given) > 2 {
+			both = " are all given; choose one"
+		}
+		return &settingError{fields: given, msg: strings.Join(given, " and ") + both}
 	}
 	if s := a.RedisSentinel; s != nil {
 		if s.Master == "" || len(s.Addrs) == 0 {

@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"net"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -32,12 +33,18 @@ type store struct {
 	outbox   *meter.Outbox
 	// where names the Redis in messages, never with its password.
 	where string
+	// probe lists the addresses the client dials first (the sentinels, a
+	// Cluster's seeds, the server), and tls is its TLS config, if any: a
+	// failed start is diagnosed with them.
+	probe []string
+	tls   *tls.Config
 }
 
 // openStore opens the Redis that o names, or the embedded store when o
-// names none. Its logger paces the outbox's lines during an outage.
+// names none. The store outlives the config that opens it, and so does the
+// pace of its outbox's lines.
 func openStore(o meter.ClientOptions, backlog int, logger *zap.Logger) (*store, error) {
-	s := &store{logger: logger}
+	s := &store{logger: newQuietLogs(quietWindow).logger(logger)}
 	if o.URL == "" && len(o.Cluster) == 0 && o.Sentinel == nil {
 		e, err := meter.NewEmbedded()
 		if err != nil {
@@ -51,6 +58,15 @@ func openStore(o meter.ClientOptions, backlog int, logger *zap.Logger) (*store, 
 		}
 		s.rdb = rdb
 		s.where = describeRedis(rdb, o.Sentinel)
+		switch c := rdb.(type) {
+		case *redis.ClusterClient:
+			s.probe, s.tls = c.Options().Addrs, c.Options().TLSConfig
+		case *redis.Client:
+			s.probe, s.tls = []string{c.Options().Addr}, c.Options().TLSConfig
+		}
+		if o.Sentinel != nil {
+			s.probe = o.Sentinel.Addrs
+		}
 	}
 	s.outbox = meter.NewOutbox(backlog, logger, s.reloadSlots, func(dropped bool) {
 		if m := s.metrics.Load(); m != nil {
@@ -112,12 +128,45 @@ func (s *store) checkCredentials(logger *zap.Logger) error {
 	}
 	// A certificate that does not verify, or a handshake the server
 	// refuses, fails every call the same way: it is the config's fault.
+	if !refusedTLS(err) {
+		err = s.probeTLS(err)
+	}
 	if refusedTLS(err) {
-		return fmt.Errorf("credits: the TLS connection to Redis at %s failed (%v): check tls_ca, tls_client and the server's certificate", s.where, err)
+		hint := ""
+		if len(s.tls.Certificates) == 0 {
+			hint = "; a server with tls-auth-clients needs the gateway's certificate in tls_client"
+		}
+		return fmt.Errorf("credits: the TLS connection to Redis at %s failed (%v): check tls_ca, tls_client and the server's certificate%s", s.where, err, hint)
 	}
 	logger.Warn("cannot reach Redis at start; the routes follow their fail_mode until it answers",
 		zap.String("redis", s.where), zap.Error(err))
 	return nil
+}
+
+// probeTLS finds why a TLS connection failed, when the failure was
+// err, a dropped connection: with TLS 1.3, a server that refuses the
+// client's certificate (or its absence) does so after the client's side of
+// the handshake, and the client may see only a reset. A TLS 1.2 handshake
+// sees the server's refusal within the handshake itself. It returns the
+// first refusal found, else err.
+func (s *store) probeTLS(err error) error {
+	if s.tls == nil {
+		return err
+	}
+	c := s.tls.Clone()
+	c.MaxVersion = tls.VersionTLS12
+	for _, addr := range s.probe {
+		conn, perr := tls.DialWithDialer(&net.Dialer{Timeout: time.Second}, "tcp", addr, c)
+		if perr == nil {
+			conn.Close()
+			continue
+		}
+		// A server that takes TLS 1.3 only says nothing about certificates.
+		if refusedTLS(perr) && !strings.Contains(perr.Error(), "protocol version") {
+			return perr
+		}
+	}
+	return err
 }
 
 // describeRedis names the Redis that rdb talks to, for messages.

@@ -1,6 +1,7 @@
 package caddymodule
 
 import (
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net/http"
@@ -97,7 +98,7 @@ func TestRedisTLSFailsAtStart(t *testing.T) {
 		{"server certificate of another CA", fmt.Sprintf("tls_ca %s\n\t\ttls_client %s %s", other.File, cert, key),
 			[]string{"TLS connection to Redis at " + srv.Addr + " failed", "certificate signed by unknown authority"}},
 		{"no client certificate", fmt.Sprintf("tls_ca %s", ca.File),
-			[]string{"TLS connection to Redis at " + srv.Addr + " failed", "certificate required"}},
+			[]string{"TLS connection to Redis at " + srv.Addr + " failed", "remote error: tls: ", "needs the gateway's certificate in tls_client"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			path := filepath.Join(t.TempDir(), "Caddyfile")
@@ -132,4 +133,27 @@ func TestRedisTLSFailsAtStart(t *testing.T) {
 			t.Errorf("the log shows the password:\n%s", p.output())
 		}
 	})
+}
+
+// TestProbeTLS: when a start's ping saw only a dropped connection, the TLS
+// 1.2 probe finds a server's refusal of a missing client certificate (TLS
+// 1.3 may show the client only a reset), and finds nothing against a
+// server that takes the client.
+func TestProbeTLS(t *testing.T) {
+	ca := redistest.NewCA(t, "credits")
+	srv := startTLSRedis(t, ca)
+	reset := errors.New("write: connection reset by peer")
+	noCert := &store{probe: []string{srv.Addr}, tls: &tls.Config{RootCAs: ca.Pool()}}
+	if err := noCert.probeTLS(reset); err == reset || !refusedTLS(err) {
+		t.Errorf("without a client certificate: %v, want the server's refusal", err)
+	}
+	cert, key := ca.Issue(t, "gateway", false)
+	pair, err := tls.LoadX509KeyPair(cert, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	withCert := &store{probe: []string{srv.Addr}, tls: &tls.Config{RootCAs: ca.Pool(), Certificates: []tls.Certificate{pair}}}
+	if err := withCert.probeTLS(reset); err != reset {
+		t.Errorf("with a client certificate: %v, want the ping's own error", err)
+	}
 }

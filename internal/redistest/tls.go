@@ -125,3 +125,6 @@ func writePEM(t testing.TB, path, kind string, der []byte) string {
 	}
 	return path
 }
+
+// Pool returns a pool that holds the CA's certificate.
+func (ca *CA) Pool() *x509.CertPool { return ca.pool }
