@@ -5,9 +5,11 @@ package caddymodule
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -22,15 +24,16 @@ import (
 
 func init() {
 	caddy.RegisterModule(App{})
-	redis.SetLogger(redisLogger{})
+	redis.SetLogger(redisLogger{quiet: newQuietLogs(quietWindow)})
 }
 
 // redisLogger sends go-redis' own messages (such as failed dials) to
-// Caddy's log instead of standard error.
-type redisLogger struct{}
+// Caddy's log instead of standard error, each kind (its format) at most
+// once per quietWindow, as the credits app's own lines during an outage.
+type redisLogger struct{ quiet *quietLogs }
 
-func (redisLogger) Printf(_ context.Context, format string, v ...any) {
-	caddy.Log().Named("credits.redis").Warn(fmt.Sprintf(format, v...))
+func (l redisLogger) Printf(_ context.Context, format string, v ...any) {
+	l.quiet.logger(caddy.Log().Named("credits.redis")).Warn(format, zap.String("detail", fmt.Sprintf(format, v...)))
 }
 
 // App is the credits app: it owns the connection to the store that every
@@ -47,6 +50,17 @@ type App struct {
 	// password and TLS (the URLs must agree on them; a host:port seed uses
 	// them too). Placeholders are replaced as in Redis.
 	RedisCluster []string `json:"redis_cluster,omitempty"`
+	// RedisSentinel finds the Redis master through Redis Sentinel, instead
+	// of Redis or RedisCluster: the client follows the master when the
+	// sentinels fail it over.
+	RedisSentinel *Sentinel `json:"redis_sentinel,omitempty"`
+	// TLSCA is a PEM file of the CA that verifies Redis' certificate, for
+	// rediss://, a Cluster or Sentinel over TLS; default: the system's
+	// roots. With RedisSentinel, it turns TLS on.
+	TLSCA string `json:"tls_ca,omitempty"`
+	// TLSClient is the client certificate the gateway shows Redis, for a
+	// Redis with tls-auth-clients. With RedisSentinel, it turns TLS on.
+	TLSClient *TLSClient `json:"tls_client,omitempty"`
 	// KeyPrefix starts every Redis key; default "credits".
 	KeyPrefix string `json:"key_prefix,omitempty"`
 	// Timeout is the deadline of one store call; default 100ms.
@@ -80,6 +94,7 @@ type App struct {
 	Alerts *Alerts `json:"alerts,omitempty"`
 
 	notifier  *notifier
+	quiet     *quietLogs
 	ledger    *meter.Ledger
 	leaser    *meter.Leaser
 	keepLimit int64
@@ -95,6 +110,31 @@ func (App) CaddyModule() caddy.ModuleInfo {
 		ID:  "credits",
 		New: func() caddy.Module { return new(App) },
 	}
+}
+
+// Sentinel says how to find the Redis master through Redis Sentinel. Every
+// field takes placeholders such as {env.REDIS_PASSWORD}.
+type Sentinel struct {
+	// Master is the name the sentinels know the master by.
+	Master string `json:"master"`
+	// Addrs are the sentinels' host:port addresses.
+	Addrs []string `json:"addrs"`
+	// Username is the master's ACL user, if any.
+	Username string `json:"username,omitempty"`
+	// Password is the master's (and its replicas') password.
+	Password string `json:"password,omitempty"`
+	// SentinelPassword is the sentinels' own password.
+	SentinelPassword string `json:"sentinel_password,omitempty"`
+	// DB is the database number on the master; default 0.
+	DB int `json:"db,omitempty"`
+}
+
+// TLSClient is a client certificate and its key, PEM files.
+type TLSClient struct {
+	// Cert is the certificate file.
+	Cert string `json:"cert"`
+	// Key is the private key file.
+	Key string `json:"key"`
 }
 
 // DefaultBacklog is the default size of the fail-open backlog.
@@ -138,21 +178,23 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 
 	// {env.*} placeholders keep a password out of the config itself.
-	repl := caddy.NewReplacer()
-	redisURL := repl.ReplaceKnown(a.Redis, "")
-	nodes := make([]string, len(a.RedisCluster))
-	for i, n := range a.RedisCluster {
-		nodes[i] = repl.ReplaceKnown(n, "")
+	opts, err := a.clientOptions()
+	if err != nil {
+		return err
 	}
 	a.poolKey = "embedded"
-	switch {
-	case len(nodes) > 0:
-		a.poolKey = "cluster " + strings.Join(nodes, " ")
-	case redisURL != "":
-		a.poolKey = "redis " + redisURL
+	if opts.URL != "" || len(opts.Cluster) > 0 || opts.Sentinel != nil {
+		// Every setting of the connection: a config that changes any opens
+		// a new one.
+		key, err := json.Marshal(opts)
+		if err != nil {
+			return err
+		}
+		a.poolKey = "redis " + string(key)
 	}
+	a.quiet = newQuietLogs(quietWindow)
 	val, shared, err := stores.LoadOrNew(a.poolKey, func() (caddy.Destructor, error) {
-		return openStore(redisURL, nodes, a.Backlog, a.logger)
+		return openStore(opts, a.Backlog, a.logger)
 	})
 	if err != nil {
 		return err
@@ -185,7 +227,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		return err
 	}
 	if a.Alerts != nil {
-		a.notifier = newNotifier(a.Alerts, a.ledger, a.logger.Named("alerts"))
+		a.notifier = newNotifier(a.Alerts, a.ledger, a.quiet.logger(a.logger).Named("alerts"))
 		if len(a.notifier.secret) == 0 {
 			return errors.New("credits: alerts: the secret is empty once its placeholders are replaced")
 		}
@@ -202,10 +244,66 @@ func (a *App) Provision(ctx caddy.Context) error {
 			// backlog, which the next config shares, until Redis takes it.
 			Unreported: func(s meter.LeaseSync) {
 				if !store.later(meter.LaterLeaseReport{Ledger: ledger, Sync: s}) {
-					a.logger.Error("lease report lost: the backlog is full", zap.String("org", s.Org))
+					a.quiet.logger(a.logger).Error("lease report lost: the backlog is full", zap.String("org", s.Org))
 				}
 			},
-		}, a.logger.Named("lease"))
+		}, a.quiet.logger(a.logger).Named("lease"))
+	}
+	return nil
+}
+
+// clientOptions returns the Redis connection's settings with their
+// placeholders replaced. A {env.*} placeholder that is empty is an error
+// that names its variable: an empty password would otherwise show as
+// Redis' NOAUTH, and an empty URL as the embedded store.
+func (a *App) clientOptions() (meter.ClientOptions, error) {
+	repl := caddy.NewReplacer()
+	var bad error
+	resolve := func(setting, v string) string {
+		if bad == nil {
+			bad = emptyEnv(setting, v)
+		}
+		return repl.ReplaceKnown(v, "")
+	}
+	o := meter.ClientOptions{URL: resolve("redis", a.Redis)}
+	for _, n := range a.RedisCluster {
+		o.Cluster = append(o.Cluster, resolve("redis_cluster", n))
+	}
+	if s := a.RedisSentinel; s != nil {
+		o.Sentinel = &meter.SentinelOptions{
+			Master:           resolve("redis_sentinel", s.Master),
+			Username:         resolve("redis_sentinel username", s.Username),
+			Password:         resolve("redis_sentinel password", s.Password),
+			SentinelPassword: resolve("redis_sentinel sentinel_password", s.SentinelPassword),
+			DB:               s.DB,
+		}
+		for _, addr := range s.Addrs {
+			o.Sentinel.Addrs = append(o.Sentinel.Addrs, resolve("redis_sentinel", addr))
+		}
+	}
+	o.TLS.CA = resolve("tls_ca", a.TLSCA)
+	if a.TLSClient != nil {
+		o.TLS.Cert = resolve("tls_client", a.TLSClient.Cert)
+		o.TLS.Key = resolve("tls_client", a.TLSClient.Key)
+	}
+	if bad != nil {
+		return o, fmt.Errorf("credits: %w", bad)
+	}
+	return o, nil
+}
+
+// envPlaceholder finds {env.NAME} placeholders.
+var envPlaceholder = regexp.MustCompile(`\{env\.([^{}]+)\}`)
+
+// emptyEnv returns an error naming the first {env.*} variable of v that is
+// empty or unset in this process.
+func emptyEnv(setting, v string) error {
+	for _, m := range envPlaceholder.FindAllStringSubmatch(v, -1) {
+		if os.Getenv(m[1]) == "" {
+			return fmt.Errorf("%s: %s is empty: {env.%s} is read by the running Caddy process, whose environment does not set it "+
+				"(write {$%s} to take it from the environment that adapts the Caddyfile, such as the shell that runs caddy reload)",
+				setting, m[1], m[1], m[1])
+		}
 	}
 	return nil
 }
@@ -234,8 +332,39 @@ func (a *App) Validate() error {
 // validate checks the settings; each error names the setting at fault, so
 // that the Caddyfile parser can point at its line.
 func (a *App) validate() error {
-	if a.Redis != "" && len(a.RedisCluster) > 0 {
-		return &settingError{fields: []string{"redis", "redis_cluster"}, msg: "redis and redis_cluster are both given; choose one"}
+	var given []string
+	if a.Redis != "" {
+		given = append(given, "redis")
+	}
+	if len(a.RedisCluster) > 0 {
+		given = append(given, "redis_cluster")
+	}
+	if a.RedisSentinel != nil {
+		given = append(given, "redis_sentinel")
+	}
+	if len(given) > 1 {
+		both := " are both given; choose one"
+		if len(given) > 2 {
+			both = " are all given; choose one"
+		}
+		return &settingError{fields: given, msg: strings.Join(given, " and ") + both}
+	}
+	if s := a.RedisSentinel; s != nil {
+		if s.Master == "" || len(s.Addrs) == 0 {
+			return &settingError{fields: []string{"redis_sentinel"}, msg: "redis_sentinel needs the master's name and at least one sentinel's host:port"}
+		}
+		if s.DB < 0 {
+			return &policy.InputError{Field: "db", Value: strconv.Itoa(s.DB), Reason: "must be 0 or more"}
+		}
+	}
+	if (a.TLSCA != "" || a.TLSClient != nil) && len(given) == 0 {
+		return &settingError{fields: []string{"tls_ca", "tls_client"}, msg: "tls_ca and tls_client are for a Redis over TLS: give redis rediss://..., redis_cluster or redis_sentinel"}
+	}
+	if (a.TLSCA != "" || a.TLSClient != nil) && strings.HasPrefix(a.Redis, "redis://") {
+		return &settingError{fields: []string{"redis", "tls_ca", "tls_client"}, msg: "tls_ca and tls_client need a rediss:// URL in redis"}
+	}
+	if c := a.TLSClient; c != nil && (c.Cert == "" || c.Key == "") {
+		return &settingError{fields: []string{"tls_client"}, msg: "tls_client needs a certificate file and a key file"}
 	}
 	// A zero timeout or backlog is the default, filled in by Provision.
 	if a.Timeout < 0 {
@@ -311,6 +440,10 @@ func (a *App) Cleanup() error {
 		// Reports the leases' spending and gives their credits back, while
 		// the store is still open.
 		a.leaser.Close()
+	}
+	if a.quiet != nil {
+		// The counts of lines held back are written while the logs are open.
+		a.quiet.close()
 	}
 	if a.store == nil {
 		return nil

@@ -231,7 +231,7 @@ func TestStoreOutOfMemory(t *testing.T) {
 // caddy_credits_backlog_dropped_total{reason="shutdown"} count them.
 func TestBacklogLostAtShutdownCounted(t *testing.T) {
 	core, logs := observer.New(zapcore.InfoLevel)
-	s, err := openStore(fmt.Sprintf("redis://127.0.0.1:%d", freePort(t)), nil, 10, zap.New(core))
+	s, err := openStore(meter.ClientOptions{URL: fmt.Sprintf("redis://127.0.0.1:%d", freePort(t))}, 10, zap.New(core))
 	if err != nil {
 		t.Fatal(err)
 	}

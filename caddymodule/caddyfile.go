@@ -46,6 +46,14 @@ const maxBacklog = 10_000_000
 //	credits {
 //		redis <url>
 //		redis_cluster <host:port|url>...
+//		redis_sentinel <master> <host:port>... {
+//			username <user>
+//			password <password>
+//			sentinel_password <password>
+//			db <n>
+//		}
+//		tls_ca <file>
+//		tls_client <cert-file> <key-file>
 //		key_prefix <prefix>
 //		timeout <duration>
 //		default_plan <allowance> [<recharge_month>]
@@ -62,8 +70,12 @@ const maxBacklog = 10_000_000
 // Every subdirective is optional, and so is the block. redis takes a
 // redis:// or rediss:// URL (user, password and db in it); redis_cluster
 // takes the seed nodes of a Redis Cluster instead, as host:port or as URLs
-// that give the cluster's user, password and TLS. With neither, the store
-// is embedded in the Caddy process and balances are lost on restart.
+// that give the cluster's user, password and TLS; redis_sentinel finds the
+// master through Redis Sentinel (its block gives the master's credentials,
+// the sentinels' password and the db). With none, the store is embedded
+// in the Caddy process and balances are lost on restart. tls_ca verifies
+// Redis' certificate, tls_client is the gateway's own; with
+// redis_sentinel, either turns TLS on.
 // default_plan is granted to every org that has no plan of its own; its
 // recharge month defaults to 1 (January). backlog bounds the fail-open
 // charges that may wait for the store at once; lease, the credits a gateway
@@ -105,6 +117,9 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			a.Alerts = al
 		case "redis":
+			if d.CountRemainingArgs() == 0 {
+				return d.Err("redis needs a redis:// or rediss:// URL; a {$VAR} that is empty where the Caddyfile is adapted leaves none")
+			}
 			v, err := singleArg(d)
 			if err != nil {
 				return err
@@ -133,6 +148,24 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				}
 			}
 			a.RedisCluster = nodes
+		case "redis_sentinel":
+			sentinel, err := parseSentinel(d)
+			if err != nil {
+				return err
+			}
+			a.RedisSentinel = sentinel
+		case "tls_ca":
+			v, err := singleArg(d)
+			if err != nil {
+				return err
+			}
+			a.TLSCA = v
+		case "tls_client":
+			args := d.RemainingArgs()
+			if len(args) != 2 {
+				return d.ArgErr()
+			}
+			a.TLSClient = &TLSClient{Cert: args[0], Key: args[1]}
 		case "key_prefix":
 			v, err := singleArg(d)
 			if err != nil {
@@ -229,6 +262,69 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		return subs.errAt(err, option, "")
 	}
 	return nil
+}
+
+// parseSentinel reads the redis_sentinel option of the credits global
+// option:
+//
+//	redis_sentinel <master> <host:port>... {
+//		username <user>
+//		password <password>
+//		sentinel_password <password>
+//		db <n>
+//	}
+func parseSentinel(d *caddyfile.Dispenser) (*Sentinel, error) {
+	args := d.RemainingArgs()
+	if len(args) < 2 {
+		return nil, d.Errf("redis_sentinel needs the master's name and at least one sentinel's host:port")
+	}
+	s := &Sentinel{Master: args[0], Addrs: args[1:]}
+	for _, addr := range s.Addrs {
+		if policy.HasPlaceholder(addr) {
+			continue
+		}
+		if host, port, err := net.SplitHostPort(addr); err != nil || host == "" || port == "" {
+			return nil, d.WrapErr(inputError("redis_sentinel sentinel", addr, "must be host:port"))
+		}
+	}
+	subs := newSubdirectives(d, "redis_sentinel: ")
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		if err := noNestedBlock(d, nesting); err != nil {
+			return nil, err
+		}
+		if err := subs.once(); err != nil {
+			return nil, err
+		}
+		field := d.Val()
+		switch field {
+		case "username", "password", "sentinel_password":
+			v, err := singleArg(d)
+			if err != nil {
+				return nil, err
+			}
+			switch field {
+			case "username":
+				s.Username = v
+			case "password":
+				s.Password = v
+			default:
+				s.SentinelPassword = v
+			}
+		case "db":
+			v, err := singleArg(d)
+			if err != nil {
+				return nil, err
+			}
+			n, err := parseIntIn("db", v, 0, math.MaxInt32)
+			if err != nil {
+				return nil, d.WrapErr(err)
+			}
+			s.DB = int(n)
+		default:
+			return nil, subs.unknown()
+		}
+	}
+	return s, nil
 }
 
 // parseAlerts reads the alerts option of the credits global option:

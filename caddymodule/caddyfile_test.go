@@ -69,6 +69,7 @@ func TestCaddyfileAdapt(t *testing.T) {
 			// Provision and Validate agree with the Caddyfile parser.
 			t.Setenv("CREDITS_ADMIN_TOKEN", "golden-test-token")
 			t.Setenv("CREDITS_ALERTS_SECRET", "golden-test-secret")
+			t.Setenv("REDIS_PASSWORD", "golden-test-password")
 			var cfg caddy.Config
 			if err := json.Unmarshal(want, &cfg); err != nil {
 				t.Fatalf("%s: %v", goldenPath, err)
@@ -178,6 +179,16 @@ func TestCaddyfileParseErrors(t *testing.T) {
 		{"redis_cluster seeds with and without TLS", inGlobal("redis_cluster rediss://:secret@10.0.0.1:7000 redis://:secret@10.0.0.2:7000"), "seed 2: its user, password or scheme differs", "Caddyfile:3", "secret"},
 		{"redis_cluster seed with a db", inGlobal("redis_cluster redis://:secret@10.0.0.1:7000/2"), "seed 1: a Redis Cluster has only db 0", "Caddyfile:3", "secret"},
 		{"redis_cluster node bad port", inGlobal("redis_cluster 10.0.0.1:99999"), "must be host:port", "Caddyfile:3", ""},
+		{"redis and redis_sentinel", inGlobal("redis redis://localhost:6379", "redis_sentinel main 10.0.0.1:26379"), "redis and redis_sentinel are both given; choose one", "Caddyfile:4", ""},
+		{"redis_sentinel without sentinels", inGlobal("redis_sentinel main"), "redis_sentinel needs the master's name and at least one sentinel", "Caddyfile:3", ""},
+		{"redis_sentinel sentinel without port", inGlobal("redis_sentinel main 10.0.0.1"), `invalid redis_sentinel sentinel "10.0.0.1": must be host:port`, "Caddyfile:3", ""},
+		{"redis_sentinel unknown option", inGlobal("redis_sentinel main 10.0.0.1:26379 {", "\tpasword secret", "}"), "redis_sentinel: unrecognized subdirective 'pasword'", "Caddyfile:4", "secret"},
+		{"redis_sentinel password twice", inGlobal("redis_sentinel main 10.0.0.1:26379 {", "\tpassword a", "\tpassword b", "}"), "redis_sentinel: password is given twice", "Caddyfile:5", ""},
+		{"redis_sentinel bad db", inGlobal("redis_sentinel main 10.0.0.1:26379 {", "\tdb -1", "}"), "db", "Caddyfile:4", ""},
+		{"tls_ca without Redis", inGlobal("tls_ca /etc/ca.pem"), "tls_ca and tls_client are for a Redis over TLS", "Caddyfile:3", ""},
+		{"tls_ca with redis://", inGlobal("redis redis://localhost:6379", "tls_ca /etc/ca.pem"), "tls_ca and tls_client need a rediss:// URL in redis", "Caddyfile:4", ""},
+		{"tls_client with one file", inGlobal("redis rediss://localhost:6379", "tls_client /etc/cert.pem"), "wrong argument count", "Caddyfile:4", ""},
+		{"redis without its URL", inGlobal("redis"), "redis needs a redis:// or rediss:// URL", "Caddyfile:3", ""},
 		{"key_prefix with a brace", inGlobal("key_prefix a{b}"), `invalid key_prefix "a{b}"`, "Caddyfile:3", ""},
 		{"topup_url relative", inGlobal("topup_url /topup"), `invalid topup_url "/topup": must be an absolute http or https URL`, "Caddyfile:3", ""},
 		{"topup_url other scheme", inGlobal("topup_url mailto:billing@example.com"), "must be an absolute http or https URL", "Caddyfile:3", ""},
@@ -297,12 +308,12 @@ func FuzzCaddyfile(f *testing.F) {
 // durations and placeholders are read.
 func TestREADMEJSONConfig(t *testing.T) {
 	block := readmeBlock(t, "../docs/caddyfile.md", "## JSON config", "json")
-	srv := redistest.Start(t, redistest.Options{})
+	srv := redistest.Start(t, redistest.Options{Password: "docs-pass"})
 	if !strings.Contains(block, "127.0.0.1:6379") {
 		t.Fatal("the JSON config does not name the Redis the test replaces")
 	}
 	block = strings.ReplaceAll(block, "127.0.0.1:6379", srv.Addr)
-	t.Setenv("REDIS_PASSWORD", "")
+	t.Setenv("REDIS_PASSWORD", "docs-pass")
 	t.Setenv("CREDITS_ADMIN_TOKEN", "s3cret")
 	var cfg caddy.Config
 	dec := json.NewDecoder(strings.NewReader(block))

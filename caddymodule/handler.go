@@ -161,6 +161,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 	h.app = app
+	// An outage repeats the same few lines call after call: paced.
+	h.logger = app.quiet.logger(h.logger)
 	settings := h.settings()
 	settings.TopUpURL = app.TopUpURL
 	h.route, err = policy.NewRoute(settings)

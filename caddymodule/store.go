@@ -2,7 +2,11 @@ package caddymodule
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
 	"fmt"
+	"net"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -27,22 +31,42 @@ type store struct {
 	logger   *zap.Logger
 	metrics  atomic.Pointer[metrics]
 	outbox   *meter.Outbox
+	// where names the Redis in messages, never with its password.
+	where string
+	// probe lists the addresses the client dials first (the sentinels, a
+	// Cluster's seeds, the server), and tls is its TLS config, if any: a
+	// failed start is diagnosed with them.
+	probe []string
+	tls   *tls.Config
 }
 
-func openStore(url string, cluster []string, backlog int, logger *zap.Logger) (*store, error) {
-	s := &store{logger: logger}
-	if url == "" && len(cluster) == 0 {
+// openStore opens the Redis that o names, or the embedded store when o
+// names none. The store outlives the config that opens it, and so does the
+// pace of its outbox's lines.
+func openStore(o meter.ClientOptions, backlog int, logger *zap.Logger) (*store, error) {
+	s := &store{logger: newQuietLogs(quietWindow).logger(logger)}
+	if o.URL == "" && len(o.Cluster) == 0 && o.Sentinel == nil {
 		e, err := meter.NewEmbedded()
 		if err != nil {
 			return nil, err
 		}
 		s.embedded, s.rdb = e, e.Client()
 	} else {
-		rdb, err := meter.NewClient(meter.ClientOptions{URL: url, Cluster: cluster})
+		rdb, err := meter.NewClient(o)
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("credits: %w", err)
 		}
 		s.rdb = rdb
+		s.where = describeRedis(rdb, o.Sentinel)
+		switch c := rdb.(type) {
+		case *redis.ClusterClient:
+			s.probe, s.tls = c.Options().Addrs, c.Options().TLSConfig
+		case *redis.Client:
+			s.probe, s.tls = []string{c.Options().Addr}, c.Options().TLSConfig
+		}
+		if o.Sentinel != nil {
+			s.probe = o.Sentinel.Addrs
+		}
 	}
 	s.outbox = meter.NewOutbox(backlog, logger, s.reloadSlots, func(dropped bool) {
 		if m := s.metrics.Load(); m != nil {
@@ -111,32 +135,97 @@ func (s *store) checkCredentials(logger *zap.Logger) error {
 	if err == nil {
 		return nil
 	}
-	var addrs []string
-	switch c := s.rdb.(type) {
-	case *redis.ClusterClient:
-		addrs = c.Options().Addrs
-	case *redis.Client:
-		addrs = []string{c.Options().Addr}
-	}
-	where := strings.Join(addrs, " ")
 	if refusedCredentials(err) {
-		return fmt.Errorf("credits: Redis at %s refused the gateway's credentials (%v): check the user and password of the redis URL", where, err)
+		return fmt.Errorf("credits: Redis at %s refused the gateway's credentials (%v): check the user and password of the redis URL", s.where, err)
+	}
+	// A certificate that does not verify, or a handshake the server
+	// refuses, fails every call the same way: it is the config's fault.
+	if !refusedTLS(err) {
+		err = s.probeTLS(err)
+	}
+	if refusedTLS(err) {
+		hint := ""
+		if len(s.tls.Certificates) == 0 {
+			hint = "; a server with tls-auth-clients needs the gateway's certificate in tls_client"
+		}
+		return fmt.Errorf("credits: the TLS connection to Redis at %s failed (%v): check tls_ca, tls_client and the server's certificate%s", s.where, err, hint)
 	}
 	logger.Warn("cannot reach Redis at start; the routes follow their fail_mode until it answers",
-		zap.String("redis", where), zap.Error(err))
+		zap.String("redis", s.where), zap.Error(err))
 	return nil
 }
 
+// probeTLS finds why a TLS connection failed, when the failure was
+// err, a dropped connection: with TLS 1.3, a server that refuses the
+// client's certificate (or its absence) does so after the client's side of
+// the handshake, and the client may see only a reset. A TLS 1.2 handshake
+// sees the server's refusal within the handshake itself. It returns the
+// first refusal found, else err.
+func (s *store) probeTLS(err error) error {
+	if s.tls == nil {
+		return err
+	}
+	c := s.tls.Clone()
+	c.MaxVersion = tls.VersionTLS12
+	for _, addr := range s.probe {
+		conn, perr := tls.DialWithDialer(&net.Dialer{Timeout: time.Second}, "tcp", addr, c)
+		if perr == nil {
+			conn.Close()
+			continue
+		}
+		// A server that takes TLS 1.3 only says nothing about certificates.
+		if refusedTLS(perr) && !strings.Contains(perr.Error(), "protocol version") {
+			return perr
+		}
+	}
+	return err
+}
+
+// describeRedis names the Redis that rdb talks to, for messages.
+func describeRedis(rdb redis.UniversalClient, sentinel *meter.SentinelOptions) string {
+	if sentinel != nil {
+		return fmt.Sprintf("master %s of sentinels %s", sentinel.Master, strings.Join(sentinel.Addrs, " "))
+	}
+	switch c := rdb.(type) {
+	case *redis.ClusterClient:
+		return strings.Join(c.Options().Addrs, " ")
+	case *redis.Client:
+		return c.Options().Addr
+	}
+	return ""
+}
+
 // refusedCredentials reports whether err is Redis refusing a connection's
-// user or password.
+// user or password. Through Sentinel, the refusal is one of several
+// errors joined.
 func refusedCredentials(err error) bool {
 	msg := err.Error()
 	for _, p := range []string{"WRONGPASS", "NOAUTH", "ERR invalid password", "ERR AUTH", "ERR Client sent AUTH"} {
-		if strings.HasPrefix(msg, p) {
+		if strings.HasPrefix(msg, p) || strings.Contains(msg, ": "+p) || strings.Contains(msg, "\n"+p) {
 			return true
 		}
 	}
 	return false
+}
+
+// refusedTLS reports whether err is a TLS handshake that cannot succeed as
+// configured: a certificate that does not verify, a server that is not
+// TLS, or a server that refuses the client's certificate (or its absence).
+func refusedTLS(err error) bool {
+	var (
+		unknown  x509.UnknownAuthorityError
+		hostname x509.HostnameError
+		invalid  x509.CertificateInvalidError
+		verify   *tls.CertificateVerificationError
+		record   tls.RecordHeaderError
+	)
+	if errors.As(err, &unknown) || errors.As(err, &hostname) || errors.As(err, &invalid) ||
+		errors.As(err, &verify) || errors.As(err, &record) {
+		return true
+	}
+	// The server's alerts (certificate required, bad certificate, unknown
+	// CA) reach the client as an unexported type.
+	return strings.Contains(err.Error(), "remote error: tls: ")
 }
 
 // checkSettings warns when Redis can evict keys or lose writes on restart.

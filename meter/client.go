@@ -1,10 +1,13 @@
 package meter
 
 import (
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
 	"net/url"
+	"os"
 	"strings"
 	"sync"
 	"time"
@@ -13,7 +16,8 @@ import (
 	"github.com/redis/go-redis/v9"
 )
 
-// ClientOptions says which Redis to talk to.
+// ClientOptions says which Redis to talk to: a URL, Cluster seed nodes, or
+// a Sentinel's master.
 type ClientOptions struct {
 	// URL is a redis:// or rediss:// URL (user, password and db in it).
 	URL string
@@ -21,8 +25,74 @@ type ClientOptions struct {
 	// redis:// or rediss:// URLs with the cluster's user, password and TLS
 	// (see ClusterOptions).
 	Cluster []string
+	// Sentinel names a master that Redis Sentinel watches, instead of URL
+	// or Cluster.
+	Sentinel *SentinelOptions
+	// TLS holds the files that verify Redis and identify the gateway to it.
+	TLS TLSFiles
 	// PoolSize is the connections per node; 0 means go-redis' default.
 	PoolSize int
+}
+
+// SentinelOptions says how to find a master through Redis Sentinel.
+type SentinelOptions struct {
+	// Master is the name the sentinels know the master by.
+	Master string
+	// Addrs are the sentinels' host:port addresses.
+	Addrs []string
+	// Username and Password are the master's (and its replicas')
+	// credentials.
+	Username, Password string
+	// SentinelPassword is the sentinels' own password (requirepass).
+	SentinelPassword string
+	// DB is the database number on the master.
+	DB int
+}
+
+// TLSFiles are PEM files for a connection to Redis over TLS.
+type TLSFiles struct {
+	// CA verifies Redis' certificate instead of the system's roots.
+	CA string
+	// Cert and Key are the gateway's client certificate, for a Redis with
+	// tls-auth-clients.
+	Cert, Key string
+}
+
+// set reports whether any file is given.
+func (f TLSFiles) set() bool { return f.CA != "" || f.Cert != "" }
+
+// config returns a TLS config that trusts f.CA (the system's roots when
+// empty) and presents f.Cert; base, when not nil, is the URL's. The errors
+// name the file and what is wrong with it.
+func (f TLSFiles) config(base *tls.Config) (*tls.Config, error) {
+	c := &tls.Config{MinVersion: tls.VersionTLS12}
+	if base != nil {
+		c = base.Clone()
+	}
+	if f.CA != "" {
+		pem, err := os.ReadFile(f.CA)
+		if err != nil {
+			return nil, fmt.Errorf("tls_ca: cannot read %s: %w", f.CA, errors.Unwrap(err))
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("tls_ca: %s holds no PEM certificate", f.CA)
+		}
+		c.RootCAs = pool
+	}
+	if f.Cert != "" || f.Key != "" {
+		for _, p := range []string{f.Cert, f.Key} {
+			if _, err := os.Stat(p); err != nil {
+				return nil, fmt.Errorf("tls_client: cannot read %s: %w", p, errors.Unwrap(err))
+			}
+		}
+		cert, err := tls.LoadX509KeyPair(f.Cert, f.Key)
+		if err != nil {
+			return nil, fmt.Errorf("tls_client: %s and %s: %w", f.Cert, f.Key, err)
+		}
+		c.Certificates = []tls.Certificate{cert}
+	}
+	return c, nil
 }
 
 // NewClient returns a client with settings that cannot charge twice and that
@@ -30,22 +100,71 @@ type ClientOptions struct {
 // to a resent charge would be a second charge; the ledger retries only what
 // its request ids make safe), and every call ends at its context's deadline.
 func NewClient(o ClientOptions) (redis.UniversalClient, error) {
+	given := 0
+	for _, set := range []bool{o.URL != "", len(o.Cluster) > 0, o.Sentinel != nil} {
+		if set {
+			given++
+		}
+	}
 	switch {
-	case o.URL != "" && len(o.Cluster) > 0:
-		return nil, fmt.Errorf("both a Redis URL and Cluster nodes: choose one")
+	case given > 1:
+		return nil, fmt.Errorf("more than one of a Redis URL, Cluster nodes and a Sentinel: choose one")
 	case len(o.Cluster) > 0:
 		opts, err := ClusterOptions(o.Cluster)
 		if err != nil {
 			return nil, err
 		}
+		if o.TLS.set() {
+			for _, seed := range o.Cluster {
+				if strings.HasPrefix(seed, "redis://") {
+					return nil, errors.New("tls_ca and tls_client need rediss:// seed URLs (or host:port seeds)")
+				}
+			}
+			if opts.TLSConfig, err = o.TLS.config(opts.TLSConfig); err != nil {
+				return nil, err
+			}
+		}
 		opts.MaxRetries = -1
 		opts.ContextTimeoutEnabled = true
 		opts.PoolSize = o.PoolSize
 		return redis.NewClusterClient(opts), nil
+	case o.Sentinel != nil:
+		s := o.Sentinel
+		if s.Master == "" || len(s.Addrs) == 0 {
+			return nil, errors.New("redis_sentinel needs the master's name and at least one sentinel")
+		}
+		opts := &redis.FailoverOptions{
+			MasterName:            s.Master,
+			SentinelAddrs:         s.Addrs,
+			SentinelPassword:      s.SentinelPassword,
+			Username:              s.Username,
+			Password:              s.Password,
+			DB:                    s.DB,
+			MaxRetries:            -1,
+			ContextTimeoutEnabled: true,
+			PoolSize:              o.PoolSize,
+		}
+		// The sentinels and the servers share one TLS setting, as go-redis
+		// dials both with it: the files turn it on.
+		if o.TLS.set() {
+			var err error
+			if opts.TLSConfig, err = o.TLS.config(nil); err != nil {
+				return nil, err
+			}
+		}
+		return redis.NewFailoverClient(opts), nil
 	case o.URL != "":
 		opts, err := ParseURL(o.URL)
 		if err != nil {
 			return nil, err
+		}
+		if o.TLS.set() {
+			if opts.TLSConfig == nil {
+				return nil, errors.New("tls_ca and tls_client need a rediss:// URL")
+			}
+			if opts.TLSConfig, err = o.TLS.config(opts.TLSConfig); err != nil {
+				return nil, err
+			}
 		}
 		opts.MaxRetries = -1
 		opts.ContextTimeoutEnabled = true
@@ -54,7 +173,7 @@ func NewClient(o ClientOptions) (redis.UniversalClient, error) {
 		}
 		return redis.NewClient(opts), nil
 	}
-	return nil, fmt.Errorf("no Redis URL or Cluster nodes")
+	return nil, fmt.Errorf("no Redis URL, Cluster nodes or Sentinel")
 }
 
 // ClusterOptions parses Redis Cluster seed nodes: each is host:port, or a

@@ -5,6 +5,7 @@ package redisproc
 
 import (
 	"bufio"
+	"crypto/tls"
 	"fmt"
 	"io"
 	"net"
@@ -19,16 +20,37 @@ import (
 // the same port is not mistaken for the one with pid. It gives up after
 // timeout.
 func PingOwn(addr string, pid int, timeout time.Duration) error {
-	conn, err := net.DialTimeout("tcp", addr, min(250*time.Millisecond, timeout))
+	return PingOwnWith(addr, pid, timeout, nil, "")
+}
+
+// PingOwnWith is PingOwn over TLS with tlsConf (nil is plain TCP), after
+// AUTH with password when it is not empty.
+func PingOwnWith(addr string, pid int, timeout time.Duration, tlsConf *tls.Config, password string) error {
+	dialer := &net.Dialer{Timeout: min(250*time.Millisecond, timeout)}
+	var conn net.Conn
+	var err error
+	if tlsConf != nil {
+		conn, err = tls.DialWithDialer(dialer, "tcp", addr, tlsConf)
+	} else {
+		conn, err = dialer.Dial("tcp", addr)
+	}
 	if err != nil {
 		return err
 	}
 	defer conn.Close()
 	_ = conn.SetDeadline(time.Now().Add(timeout))
+	r := bufio.NewReader(conn)
+	if password != "" {
+		if _, err := fmt.Fprintf(conn, "*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n", len(password), password); err != nil {
+			return err
+		}
+		if line, err := r.ReadString('\n'); err != nil || line != "+OK\r\n" {
+			return fmt.Errorf("AUTH: %q %v", strings.TrimSpace(line), err)
+		}
+	}
 	if _, err := conn.Write([]byte("PING\r\nINFO server\r\n")); err != nil {
 		return err
 	}
-	r := bufio.NewReader(conn)
 	line, err := r.ReadString('\n')
 	if err != nil {
 		return err

@@ -2,6 +2,7 @@ package redistest
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"os/exec"
 	"strconv"
@@ -25,6 +26,8 @@ type Cluster struct {
 	// Nodes are the node processes; Nodes[i] listens on Addrs[i]. Which of
 	// them are masters and which are replicas is decided by redis-cli.
 	Nodes []*Server
+
+	tls *tls.Config // how the harness connects to a cluster over TLS
 }
 
 // StartCluster starts masters*(1+replicasPerMaster) cluster nodes, joins
@@ -40,14 +43,31 @@ type Cluster struct {
 // removed when the test finishes.
 func StartCluster(t testing.TB, masters, replicasPerMaster int) *Cluster {
 	t.Helper()
+	return startCluster(t, masters, replicasPerMaster, nil)
+}
+
+// StartClusterTLS is StartCluster with every node on TLS only (tl's files;
+// the cluster bus on TLS too).
+func StartClusterTLS(t testing.TB, masters, replicasPerMaster int, tl *TLSServer) *Cluster {
+	t.Helper()
+	return startCluster(t, masters, replicasPerMaster, tl)
+}
+
+func startCluster(t testing.TB, masters, replicasPerMaster int, tl *TLSServer) *Cluster {
+	t.Helper()
 	if masters < 3 || replicasPerMaster < 0 {
 		t.Fatalf("redistest: a cluster needs at least 3 masters and no negative replica count, got %d masters and %d replicas per master",
 			masters, replicasPerMaster)
 	}
 	cli := lookPath(t, "redis-cli")
 	c := &Cluster{}
+	opts := Options{}
+	if tl != nil {
+		c.tls = tl.Client
+		opts = Options{TLS: tl, Args: []string{"--tls-cluster", "yes"}}
+	}
 	for range masters * (1 + replicasPerMaster) {
-		n := start(t, Options{}, true)
+		n := start(t, opts, true, "")
 		c.Nodes = append(c.Nodes, n)
 		c.Addrs = append(c.Addrs, n.Addr)
 	}
@@ -56,6 +76,10 @@ func StartCluster(t testing.TB, masters, replicasPerMaster int) *Cluster {
 	defer cancel()
 	args := append([]string{"--cluster", "create"}, c.Addrs...)
 	args = append(args, "--cluster-replicas", strconv.Itoa(replicasPerMaster), "--cluster-yes")
+	if tl != nil {
+		// A server's certificate is a client certificate too.
+		args = append(args, "--tls", "--cacert", tl.CA, "--cert", tl.Cert, "--key", tl.Key)
+	}
 	if out, err := exec.CommandContext(ctx, cli, args...).CombinedOutput(); err != nil {
 		t.Fatalf("redistest: redis-cli %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
@@ -84,7 +108,7 @@ func StartCluster(t testing.TB, masters, replicasPerMaster int) *Cluster {
 // client is closed when the test finishes.
 func (c *Cluster) Client(t testing.TB) *redis.ClusterClient {
 	t.Helper()
-	cc := redis.NewClusterClient(&redis.ClusterOptions{Addrs: c.Addrs})
+	cc := redis.NewClusterClient(&redis.ClusterOptions{Addrs: c.Addrs, TLSConfig: c.tls})
 	t.Cleanup(func() { _ = cc.Close() })
 	return cc
 }
@@ -100,7 +124,7 @@ func (c *Cluster) nodesReady(ctx context.Context, replicas int) error {
 	synced := 0
 	for _, addr := range c.Addrs {
 		err := func() error {
-			rc := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1})
+			rc := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1, TLSConfig: c.tls})
 			defer rc.Close()
 			info, err := rc.ClusterInfo(ctx).Result()
 			if err != nil {
@@ -136,7 +160,7 @@ func (c *Cluster) nodesReady(ctx context.Context, replicas int) error {
 // clientReady checks with a fresh ClusterClient (so no stale slot map) that
 // a key in every slot range can be written, read and deleted.
 func (c *Cluster) clientReady(ctx context.Context) error {
-	cc := redis.NewClusterClient(&redis.ClusterOptions{Addrs: c.Addrs, MaxRedirects: -1})
+	cc := redis.NewClusterClient(&redis.ClusterOptions{Addrs: c.Addrs, MaxRedirects: -1, TLSConfig: c.tls})
 	defer cc.Close()
 	ranges, err := cc.ClusterSlots(ctx).Result()
 	if err != nil {
@@ -165,7 +189,7 @@ func (c *Cluster) clientReady(ctx context.Context) error {
 // slotsComplete reports whether every node lists every node in CLUSTER SLOTS.
 func (c *Cluster) slotsComplete(ctx context.Context) error {
 	for _, addr := range c.Addrs {
-		rc := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1})
+		rc := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1, TLSConfig: c.tls})
 		ranges, err := rc.ClusterSlots(ctx).Result()
 		_ = rc.Close()
 		if err != nil {

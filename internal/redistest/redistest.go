@@ -8,6 +8,7 @@ package redistest
 
 import (
 	"bytes"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -44,9 +45,10 @@ type Server struct {
 	// (redis.log), the AOF files and, for cluster nodes, nodes.conf.
 	Dir string
 
-	bin     string
-	opts    Options
-	cluster bool
+	bin      string
+	opts     Options
+	cluster  bool
+	sentinel string // the sentinel's config file; empty for a server
 
 	mu   sync.Mutex
 	cmd  *exec.Cmd     // nil while the server is not running
@@ -63,6 +65,24 @@ type Options struct {
 	Args []string
 	// Port is the port to listen on. Zero picks a free port.
 	Port int
+	// TLS, when set, makes the server listen with TLS only, on Port.
+	TLS *TLSServer
+	// Password, when set, is the server's requirepass (and a replica's
+	// masterauth).
+	Password string
+}
+
+// TLSServer is the TLS setting of a server: its files, and whether it
+// asks clients for a certificate.
+type TLSServer struct {
+	// Cert and Key are the server's certificate and key; CA verifies the
+	// clients' certificates.
+	Cert, Key, CA string
+	// AuthClients makes the server require a client certificate.
+	AuthClients bool
+	// Client is how the harness (and Client) connect: it trusts the
+	// server, and has a client certificate when AuthClients is set.
+	Client *tls.Config
 }
 
 // Start starts a redis-server and waits until it answers PING.
@@ -72,16 +92,19 @@ type Options struct {
 // removed when the test finishes.
 func Start(t testing.TB, opts Options) *Server {
 	t.Helper()
-	return start(t, opts, false)
+	return start(t, opts, false, "")
 }
 
-func start(t testing.TB, opts Options, cluster bool) *Server {
+// start starts a server, a cluster node or, with a config file, a
+// sentinel.
+func start(t testing.TB, opts Options, cluster bool, sentinelConf string) *Server {
 	t.Helper()
 	s := &Server{
-		Dir:     t.TempDir(), // registered before the kill below, so removed after it
-		bin:     lookPath(t, "redis-server"),
-		opts:    opts,
-		cluster: cluster,
+		Dir:      t.TempDir(), // registered before the kill below, so removed after it
+		bin:      lookPath(t, "redis-server"),
+		opts:     opts,
+		cluster:  cluster,
+		sentinel: sentinelConf,
 	}
 	t.Cleanup(func() {
 		if err := s.kill(); err != nil {
@@ -143,22 +166,50 @@ func (s *Server) Restart(t testing.TB) {
 // closed when the test finishes.
 func (s *Server) Client(t testing.TB) *redis.Client {
 	t.Helper()
-	c := redis.NewClient(&redis.Options{Addr: s.Addr})
+	o := &redis.Options{Addr: s.Addr, Password: s.opts.Password}
+	if s.opts.TLS != nil {
+		o.TLSConfig = s.opts.TLS.Client
+	}
+	c := redis.NewClient(o)
 	t.Cleanup(func() { _ = c.Close() })
 	return c
 }
 
 func (s *Server) args() []string {
 	_, port, _ := net.SplitHostPort(s.Addr)
-	args := []string{
-		"--port", port,
+	var args []string
+	if s.sentinel != "" {
+		// The config file comes first, and a sentinel rewrites it.
+		args = append(args, s.sentinel, "--sentinel")
+	}
+	if tl := s.opts.TLS; tl != nil {
+		auth := "no"
+		if tl.AuthClients {
+			auth = "yes"
+		}
+		args = append(args, "--port", "0", "--tls-port", port,
+			"--tls-cert-file", tl.Cert, "--tls-key-file", tl.Key, "--tls-ca-cert-file", tl.CA,
+			"--tls-auth-clients", auth, "--tls-replication", "yes")
+	} else {
+		args = append(args, "--port", port)
+	}
+	if s.opts.Password != "" {
+		args = append(args, "--requirepass", s.opts.Password)
+		if s.sentinel == "" {
+			args = append(args, "--masterauth", s.opts.Password)
+		}
+	}
+	if s.sentinel != "" {
+		return append(append(args, "--bind", "127.0.0.1", "--protected-mode", "no", "--daemonize", "no", "--dir", s.Dir), s.opts.Args...)
+	}
+	args = append(args,
 		"--bind", "127.0.0.1",
 		"--protected-mode", "no",
 		"--daemonize", "no",
 		"--save", "",
 		"--dir", s.Dir,
 		"--repl-diskless-sync-delay", "0", // replicas sync at once, not after 5s
-	}
+	)
 	if s.opts.AppendOnly {
 		args = append(args, "--appendonly", "yes", "--appendfsync", "always")
 	}
@@ -198,7 +249,11 @@ func (s *Server) launch(fresh bool) error {
 	s.cmd, s.done = cmd, done
 	s.mu.Unlock()
 
-	if err := waitReady(s.Addr, cmd.Process.Pid, done); err != nil {
+	var tlsConf *tls.Config
+	if s.opts.TLS != nil {
+		tlsConf = s.opts.TLS.Client
+	}
+	if err := waitReady(s.Addr, cmd.Process.Pid, done, tlsConf, s.opts.Password); err != nil {
 		_ = s.kill()
 		return err
 	}
@@ -237,7 +292,7 @@ func (s *Server) logTail() string {
 
 // waitReady polls addr until the redis-server with the given pid answers
 // PING, or until exited is closed or startTimeout has passed.
-func waitReady(addr string, pid int, exited <-chan struct{}) error {
+func waitReady(addr string, pid int, exited <-chan struct{}, tlsConf *tls.Config, password string) error {
 	deadline := time.Now().Add(startTimeout)
 	for {
 		select {
@@ -245,7 +300,7 @@ func waitReady(addr string, pid int, exited <-chan struct{}) error {
 			return errors.New("redis-server exited before answering PING")
 		default:
 		}
-		err := redisproc.PingOwn(addr, pid, 500*time.Millisecond)
+		err := redisproc.PingOwnWith(addr, pid, 500*time.Millisecond, tlsConf, password)
 		if err == nil {
 			return nil
 		}

@@ -278,3 +278,18 @@ func redisChildren(t *testing.T) []string {
 	}
 	return kids
 }
+
+// TestSentinelFailover starts a sentinel set over TLS with passwords and
+// fails it over: the replica becomes the master the sentinels name.
+func TestSentinelFailover(t *testing.T) {
+	ca := NewCA(t, "test")
+	s := StartSentinel(t, SentinelOptions{Master: "m1", Server: Options{TLS: ca.Server(t, true), Password: "pw"}, SentinelPassword: "spw"})
+	before := s.MasterAddr(t)
+	if before != s.Servers[0].Addr {
+		t.Fatalf("the sentinels name %s, not the first master %s", before, s.Servers[0].Addr)
+	}
+	after := s.Failover(t)
+	if after != s.Servers[1] {
+		t.Fatalf("the new master is %s, want the replica %s", after.Addr, s.Servers[1].Addr)
+	}
+}
