@@ -34,6 +34,62 @@ type model struct {
 	// repaidByGrants is the debt grants repaid, per org: a refund of the
 	// charge that made it gives it back as purchased credits.
 	repaidByGrants map[string]int64
+	// budgets are the orgs' budgets, by org and subject ("": the
+	// default); spent what each subject spent, in the window wid.
+	budgets map[string]map[string]modelBudget
+	spent   map[string]map[string]modelSpent
+}
+
+type modelBudget struct {
+	limit  int64
+	window string
+}
+
+type modelSpent struct {
+	wid   string
+	spent int64
+}
+
+// budgetOf is subject's budget in org: its own, else the default.
+func (m *model) budgetOf(org, subject string) (b modelBudget, own, ok bool) {
+	if subject == "" {
+		return modelBudget{}, false, false
+	}
+	if b, ok := m.budgets[org][subject]; ok {
+		return b, true, true
+	}
+	b, ok = m.budgets[org][""]
+	return b, false, ok
+}
+
+// windowID names the window of kind w that now falls in, as the ledger
+// does; a period by the org's period number (its account's, or a new
+// one's).
+func (m *model) windowID(org, w string, now time.Time) string {
+	now = now.UTC()
+	day := now.Truncate(24 * time.Hour)
+	switch w {
+	case WindowDay:
+		return "d" + day.Format("20060102")
+	case WindowWeek:
+		return "w" + day.AddDate(0, 0, -(int(day.Weekday())+6)%7).Format("20060102")
+	case WindowMonth:
+		return "m" + day.Format("200601")
+	}
+	pn := 1
+	if a := m.account(org, now, false); a != nil {
+		pn = a.pn
+	}
+	return fmt.Sprintf("p%d", pn)
+}
+
+// spentNow is what subject spent in org in the window of kind w that runs
+// now.
+func (m *model) spentNow(org, subject, w string, now time.Time) int64 {
+	if s, ok := m.spent[org][subject]; ok && s.wid == m.windowID(org, w, now) {
+		return s.spent
+	}
+	return 0
 }
 
 type modelAccount struct {
@@ -80,6 +136,8 @@ type parts struct {
 
 type modelCharge struct {
 	feature  string
+	subject  string // whose budget it counted against, and in which window
+	wid      string
 	cost     int64
 	parts    parts
 	settled  bool
@@ -582,7 +640,8 @@ func checkModel(t *testing.T, rt *rapid.T, s store) {
 	e.clock.Set(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC).Add(time.Duration(rapid.Int64Range(0, 3*365*24).Draw(rt, "start hour")) * time.Hour))
 	m := &model{plan: e.ledger.DefaultPlan(), accounts: map[string]*modelAccount{}, charges: map[string]*modelCharge{},
 		refs: map[string]bool{}, grantRefs: map[string]int{}, holds: map[string]*modelHold{}, base: e.serverNow().UnixMilli(),
-		granted: map[string]int64{}, repaidByGrants: map[string]int64{}, topUps: map[string]int64{}, charged: map[string]int64{}, lost: map[string]int64{}}
+		granted: map[string]int64{}, repaidByGrants: map[string]int64{}, topUps: map[string]int64{}, charged: map[string]int64{}, lost: map[string]int64{},
+		budgets: map[string]map[string]modelBudget{}, spent: map[string]map[string]modelSpent{}}
 	orgs := []string{"a", "b"}
 	var ids []string
 	holdIDs := []string{"nope"}
@@ -599,7 +658,7 @@ func checkModel(t *testing.T, rt *rapid.T, s store) {
 	for range steps {
 		org := rapid.SampledFrom(orgs).Draw(rt, "org")
 		now := e.clock.Now()
-		switch op := rapid.IntRange(0, 18).Draw(rt, "op"); op {
+		switch op := rapid.IntRange(0, 20).Draw(rt, "op"); op {
 		case 0, 1: // charge, sometimes repeating a request id
 			id := fmt.Sprintf("r%d", len(ids))
 			if len(ids) > 0 && rapid.Bool().Draw(rt, "repeat id") {
@@ -614,7 +673,9 @@ func checkModel(t *testing.T, rt *rapid.T, s store) {
 				limit = rapid.Int64Range(0, 40).Draw(rt, "limit")
 			}
 			feature := rapid.SampledFrom([]string{"rich-text", "flows"}).Draw(rt, "feature")
-			got, err := e.ledger.Charge(e.ctx, ChargeRequest{Org: org, Feature: feature, Cost: cost, RequestID: id, Overdraft: overdraft, OverdraftLimit: limit})
+			subject := rapid.SampledFrom(budgetSubjects).Draw(rt, "subject")
+			got, err := e.ledger.Charge(e.ctx, ChargeRequest{Org: org, Feature: feature, Cost: cost, RequestID: id, Overdraft: overdraft,
+				OverdraftLimit: limit, Subject: subject})
 			if err != nil {
 				rt.Fatal(err)
 			}
@@ -631,17 +692,40 @@ func checkModel(t *testing.T, rt *rapid.T, s store) {
 			}
 			free := a.available()
 			ok := (!overdraft && free >= cost) || (overdraft && (limit < 0 || free-cost >= -limit))
-			if got.Charged != ok || got.Replay {
-				rt.Fatalf("charge %d on %d available (overdraft %v, limit %d): %+v", cost, free, overdraft, limit, got)
+			b, _, budgeted := m.budgetOf(org, subject)
+			var wid string
+			var spent int64
+			if budgeted {
+				wid, spent = m.windowID(org, b.window, now), m.spentNow(org, subject, b.window, now)
 			}
-			if !ok {
+			over := ok && budgeted && !overdraft && b.limit-spent < cost
+			if got.Charged != (ok && !over) || got.Replay || got.OverBudget != over {
+				rt.Fatalf("charge %d on %d available (overdraft %v, limit %d; budget %v %+v spent %d): %+v",
+					cost, free, overdraft, limit, budgeted, b, spent, got)
+			}
+			if !ok || over {
+				if over && (got.Budget == nil || got.Budget.Spent != spent || got.Budget.Limit != b.limit) {
+					rt.Fatalf("refused by a budget of %+v, spent %d: %+v", b, spent, got.Budget)
+				}
 				break
 			}
 			a = m.account(org, now, true)
 			p := a.take(cost)
 			a.used[feature] += cost
 			m.charged[org] += cost
-			m.charges[key] = &modelCharge{feature: feature, cost: cost, parts: p}
+			c := &modelCharge{feature: feature, cost: cost, parts: p}
+			m.charges[key] = c
+			if budgeted {
+				if m.spent[org] == nil {
+					m.spent[org] = map[string]modelSpent{}
+				}
+				wid = m.windowID(org, b.window, now)
+				m.spent[org][subject] = modelSpent{wid: wid, spent: m.spentNow(org, subject, b.window, now) + cost}
+				c.subject, c.wid = subject, wid
+			}
+			if budgeted != (got.Budget != nil) || (budgeted && (got.Budget.Spent != m.spent[org][subject].spent || got.Budget.Limit != b.limit)) {
+				rt.Fatalf("charge counted against %+v (budgeted %v, spent %d): %+v", b, budgeted, m.spent[org][subject].spent, got.Budget)
+			}
 			if got.Balance != a.balance() {
 				rt.Fatalf("balance after charge %d, model %d", got.Balance, a.balance())
 			}
@@ -700,6 +784,9 @@ func checkModel(t *testing.T, rt *rapid.T, s store) {
 			}
 			if samePeriod {
 				a.used[c.feature] += diff
+			}
+			if sp, ok := m.spent[org][c.subject]; ok && c.subject != "" && sp.wid == c.wid {
+				m.spent[org][c.subject] = modelSpent{wid: sp.wid, spent: max(sp.spent+diff, 0)}
 			}
 			c.cost, c.settled, c.refunded = actual, true, refund
 			if got.Repeat || got.Delta != delta || got.Balance != a.balance() {
@@ -1100,6 +1187,46 @@ func checkModel(t *testing.T, rt *rapid.T, s store) {
 					rt.Fatalf("top-up expiring: balance %d, model %d", acct.Balance, a.balance())
 				}
 			}
+		case 19, 20: // a budget set or removed: a subject's own, or the default
+			subject := rapid.SampledFrom([]string{"", "u1", "u2"}).Draw(rt, "budget subject")
+			if m.budgets[org] == nil {
+				m.budgets[org] = map[string]modelBudget{}
+				m.spent[org] = map[string]modelSpent{}
+			}
+			if rapid.IntRange(0, 2).Draw(rt, "remove") == 0 {
+				was, had := m.budgets[org][subject]
+				got, err := e.ledger.DeleteBudget(e.ctx, org, subject)
+				if !had {
+					if !errors.Is(err, ErrBudgetNotFound) {
+						rt.Fatalf("removed a budget of %q that is not there: %+v %v", subject, got, err)
+					}
+					break
+				}
+				if err != nil || got.Limit != was.limit || got.Window != was.window {
+					rt.Fatalf("removed %q's budget %+v: %+v %v", subject, was, got, err)
+				}
+				delete(m.budgets[org], subject)
+				for u := range m.spent[org] {
+					if _, own := m.budgets[org][u]; (subject == "" && !own) || (subject == u && m.budgets[org][""] == (modelBudget{})) {
+						delete(m.spent[org], u)
+					}
+				}
+				break
+			}
+			b := modelBudget{limit: rapid.Int64Range(1, 40).Draw(rt, "budget limit"),
+				window: rapid.SampledFrom([]string{WindowDay, WindowWeek, WindowMonth, WindowPeriod}).Draw(rt, "window")}
+			got, err := e.ledger.SetBudget(e.ctx, org, subject, BudgetLimit{Limit: b.limit, Window: b.window})
+			if err != nil {
+				rt.Fatal(err)
+			}
+			m.budgets[org][subject] = b
+			want := int64(0)
+			if subject != "" {
+				want = m.spentNow(org, subject, b.window, now)
+			}
+			if got.Limit != b.limit || got.Window != b.window || got.Spent != want {
+				rt.Fatalf("budget of %q set to %+v: %+v, spent want %d", subject, b, got, want)
+			}
 		case 17, 18: // Redis' clock moves a little: some grants start, some expire
 			d := time.Duration(rapid.Int64Range(1, 3).Draw(rt, "server hours, a few")) * time.Hour
 			e.moveServerClock(d)
@@ -1201,8 +1328,28 @@ func checkOrg(e *env, rt *rapid.T, m *model, org string, now time.Time) {
 	if listed != got.Held {
 		rt.Fatalf("org %s: holds listed keep %d, account says %d held", org, listed, got.Held)
 	}
+	for _, subject := range budgetSubjects[1:] {
+		b, own, ok := m.budgetOf(org, subject)
+		got, err := e.ledger.Budget(e.ctx, org, subject)
+		if !ok {
+			if !errors.Is(err, ErrBudgetNotFound) {
+				rt.Fatalf("org %s: %s has no budget in the model: %+v %v", org, subject, got, err)
+			}
+			continue
+		}
+		if err != nil {
+			rt.Fatal(err)
+		}
+		if spent := m.spentNow(org, subject, b.window, now); got.Limit != b.limit || got.Window != b.window ||
+			got.Spent != spent || got.Default == own || got.Remaining != max(b.limit-spent, 0) {
+			rt.Fatalf("org %s: %s's budget %+v, model %+v (own %v) spent %d", org, subject, got, b, own, spent)
+		}
+	}
 	e.checkEvents(org)
 }
+
+// budgetSubjects are the charges' subjects: none, or one of two.
+var budgetSubjects = []string{"", "u1", "u2"}
 
 func nonZero(m map[string]int64) map[string]int64 {
 	out := map[string]int64{}
