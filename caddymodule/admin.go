@@ -45,6 +45,9 @@ type Admin struct {
 	app    *App
 	keys   []tokenKey
 	logger *zap.Logger
+	// outage logs what a Redis outage repeats call after call (the store
+	// not answering), paced as the metered routes' lines are.
+	outage *zap.Logger
 }
 
 // AdminToken is one bearer token of the admin API.
@@ -87,8 +90,11 @@ func (a *Admin) Provision(ctx caddy.Context) error {
 	if a.keys, err = tokenKeys(tokens); err != nil {
 		return fmt.Errorf("credits_admin: %w", err)
 	}
-	a.app, err = appFrom(ctx)
-	return err
+	if a.app, err = appFrom(ctx); err != nil {
+		return err
+	}
+	a.outage = a.app.quiet.logger(a.logger)
+	return nil
 }
 
 // tokenKeys checks tokens and resolves their placeholders: each has a
@@ -914,7 +920,7 @@ func (a *Admin) fail(w http.ResponseWriter, r *http.Request, org, call string, e
 		return writeProblem(w, r, policy.Status(http.StatusInternalServerError, detail))
 	}
 	a.app.metrics.storeErrors.Inc()
-	a.logger.Error("admin call failed: the store could not do it now", zap.String("org", org), zap.String("call", call), zap.Error(err))
+	a.outage.Error("admin call failed: the store could not do it now", zap.String("org", org), zap.String("call", call), zap.Error(err))
 	w.Header().Set("Retry-After", "1")
 	return writeProblem(w, r, policy.Unavailable())
 }
@@ -942,7 +948,7 @@ func (a *Admin) openAPI(w http.ResponseWriter, r *http.Request) error {
 // for load balancers and readiness probes.
 func (a *Admin) health(w http.ResponseWriter, r *http.Request) error {
 	if err := a.app.ledger.Ping(r.Context()); err != nil {
-		a.logger.Warn("health check: the store did not answer", zap.Error(err))
+		a.outage.Warn("health check: the store did not answer", zap.Error(err))
 		w.Header().Set("Retry-After", "1")
 		return writeProblem(w, r, policy.Unavailable())
 	}

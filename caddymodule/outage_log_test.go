@@ -78,8 +78,26 @@ func TestOutageLogsQuiet(t *testing.T) {
 	res, wait := runLoad(g, orgs, 4, stop)
 	res.waitDone(t, 300)
 	g.redis.Kill(t)
+	// A load balancer's readiness probe asks /health all along.
+	probes, probed := make(chan struct{}), make(chan int)
+	go func() {
+		failed := 0
+		for {
+			select {
+			case <-probes:
+				probed <- failed
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+			if r := g.do(http.MethodGet, g.adminURL+"/health", nil, ""); r.status == http.StatusServiceUnavailable {
+				failed++
+			}
+		}
+	}()
 	// The outage is the scenario: 10 seconds of calls against no Redis.
 	time.Sleep(10 * time.Second)
+	close(probes)
+	unhealthy := <-probed
 	g.redis.Restart(t)
 	res.waitDone(t, 100)
 	close(stop)
@@ -99,6 +117,14 @@ func TestOutageLogsQuiet(t *testing.T) {
 			n += l.stands()
 		}
 		return n == refused
+	})
+	const health = "http.handlers.credits_admin: health check: the store did not answer"
+	eventuallyWithin(t, 30*time.Second, "the failed health checks' counts add up to the 503 answers", func() bool {
+		n := 0
+		for _, l := range warnings(t, logFile)[health] {
+			n += l.stands()
+		}
+		return n == unhealthy && unhealthy > 0
 	})
 	kinds := warnings(t, logFile)
 	var names []string
