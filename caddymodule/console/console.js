@@ -2,7 +2,8 @@
 // API. Every URL is relative to the page, which credits_admin serves at its
 // mount root, so the console works under any prefix. Errors shown are the
 // API's own (the problem's detail): the console checks nothing itself, but
-// for an adjustment, which it checks as the API does before sending it.
+// for an adjustment, which it checks as the API does before sending it, and
+// a budget's subject, which names the path.
 // Every write is safe to send again: a top-up carries a reference (one the
 // console makes when the field is empty, kept in the field until the top-up
 // succeeds), an adjustment or a plan a fresh reference, kept while the same
