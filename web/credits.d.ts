@@ -14,6 +14,31 @@ export interface CreditsProblem {
 	balance?: number;
 	cost?: number;
 	topup_url?: string;
+	/** A budget-spent problem's budget: whose, its limit, spent, and when it resets. */
+	subject?: string;
+	limit?: number;
+	spent?: number;
+	resets?: string;
+	[field: string]: unknown;
+}
+
+/** The window of a budget. */
+export type CreditsBudgetWindow = 'day' | 'week' | 'month' | 'period';
+
+/**
+ * The caller's budget in the org, as credits_balance answers it with a
+ * budget. A call's Credits-Budget-Remaining tells only remaining: a budget
+ * known from calls alone may lack the other fields.
+ */
+export interface CreditsBudget {
+	subject?: string;
+	limit?: number;
+	window?: CreditsBudgetWindow;
+	spent?: number;
+	/** What the budget has left in its window; never below 0. */
+	remaining: number;
+	/** When the window ends (RFC 3339). */
+	resets?: string;
 	[field: string]: unknown;
 }
 
@@ -22,7 +47,17 @@ export interface CreditsBalance {
 	org: string;
 	balance: number;
 	next_recharge: string;
+	/** The caller's budget, on an endpoint with `budget` when one applies. */
+	budget?: CreditsBudget;
 	[field: string]: unknown;
+}
+
+/** What the badge shows, as current() answers it. */
+export interface CreditsCurrent {
+	balance: number;
+	state: CreditsState;
+	/** The caller's budget, or null when none applies. */
+	budget: CreditsBudget | null;
 }
 
 /** The detail of the "credits:change" event on document. */
@@ -31,6 +66,8 @@ export interface CreditsChangeDetail {
 	state: CreditsState;
 	/** The problem of a 402, else null. */
 	problem: CreditsProblem | null;
+	/** The caller's budget, or null when none applies. */
+	budget: CreditsBudget | null;
 }
 
 /** The detail of the "credits:error" event on document. */
@@ -69,14 +106,20 @@ export declare function observe(response: Response): Promise<Response>;
  */
 export declare function refresh(url: RequestInfo | URL, init?: RequestInit): Promise<CreditsBalance>;
 
+/** What the badge shows; null before the first balance. */
+export declare function current(): CreditsCurrent | null;
+
 /** The whole API in one object; format may be replaced. */
 export interface CreditsAPI {
 	fetch: typeof creditsFetch;
 	watchFetch: typeof watchFetch;
 	observe: typeof observe;
 	refresh: typeof refresh;
+	current: typeof current;
 	/** The badge's wording. */
 	format: (balance: number, state: CreditsState) => string;
+	/** The budget's wording, after the balance: "12 of 50 left today". */
+	formatBudget: (budget: CreditsBudget) => string;
 	CreditsError: typeof CreditsError;
 }
 

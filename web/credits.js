@@ -10,8 +10,11 @@
  *
  * It reads the headers that the credits gateway puts on metered calls:
  *   Credits-Remaining: the org's balance after the call
- *   Credits-Notice:    "low" (the balance is running low) or "exhausted"
- *                      (a 402 whose problem body the notice shows)
+ *   Credits-Notice:    "low" (the balance is running low), "exhausted"
+ *                      (a 402 whose problem body the notice shows) or
+ *                      "budget" (a 402: the caller's budget is spent)
+ *   Credits-Budget-Remaining: what the caller's budget in the org has left,
+ *                      on a route with a budget
  *   Credits-Hold:      a streamed call, charged when its body ends: once the
  *                      page has read the body to its end, the badge is set
  *                      again from the last refresh endpoint (a browser
@@ -20,23 +23,36 @@
  * The page marks the elements:
  *   <span data-credits-badge></span>   the balance, e.g. "4 credits"; gets
  *                                      data-credits-state="ok|low|exhausted"
- *                                      and data-credits-balance="4"
+ *                                      and data-credits-balance="4"; with
+ *                                      a budget, "4 credits · 2 of 5 left
+ *                                      today" and data-credits-budget-
+ *                                      remaining, data-credits-budget-state
+ *                                      ="ok|spent"
  *   <div data-credits-notice hidden></div>   the upgrade notice (role="alert")
  *
  * The state is "exhausted" for a 402 (a notice route's or a block route's)
  * and for a balance of 0 or below (an overdraft route's debt), after a call
  * and after a refresh alike; "low" when the gateway said so, and after a
  * refresh while the balance has not risen above the one it said so at (the
- * balance endpoint knows no route's low_balance); "ok" otherwise.
+ * balance endpoint knows no route's low_balance); "ok" otherwise. A 402 of
+ * a spent budget (type .../budget-spent) leaves the org's state to its
+ * balance: the org has credits, the caller's budget has none.
+ *
+ * The budget, {subject, limit, window, spent, remaining, resets} as
+ * credits_balance answers it with a budget, is kept from the last refresh;
+ * a call's Credits-Budget-Remaining and a budget 402's problem update it.
  *
  * API (named exports, and the same on the Credits object):
  *   fetch(url, init)    fetch, then read the credit headers
  *   watchFetch()        read them on every window.fetch; returns unwatch
  *   observe(response)   read them on a response the page fetched itself
  *   refresh(url, init)  set the badge from a credits_balance endpoint
+ *   current()           {balance, state, budget} as the badge shows them,
+ *                       or null before the first
  *   Credits.format      (balance, state) => the badge's text; replaceable
+ *   Credits.formatBudget  (budget) => the budget's text; replaceable
  * Events on document:
- *   "credits:change"    {balance, state, problem}: the badge changed
+ *   "credits:change"    {balance, state, problem, budget}: the badge changed
  *   "credits:error"     {error, url, status, problem}: a refresh or a
  *                       Credits.fetch failed (the promise rejects too)
  *
@@ -52,6 +68,9 @@
 
 const BADGE = '[data-credits-badge]';
 const NOTICE = '[data-credits-notice]';
+const BUDGET_SPENT = 'https://creditsgw.dev/problems/budget-spent';
+// The words of a budget's window, after "left".
+const WINDOW_WORDS = { day: 'today', week: 'this week', month: 'this month', period: 'this period' };
 
 // unwatched is window.fetch as it was before watchFetch patched it.
 let unwatched = null;
@@ -61,6 +80,13 @@ let balanceSource = null;
 // lowAt is the balance of the last answer that said "low", while no later
 // answer said otherwise.
 let lowAt = null;
+// shown is what the badge shows: {balance, state}, or null before the
+// first answer.
+let shown = null;
+// budget is the caller's budget as last known, or null when none applies.
+let budget = null;
+// budgetRefused says whether the last answer was a budget's 402.
+let budgetRefused = false;
 
 /**
  * CreditsError is how a refresh fails when the endpoint answered: status is
@@ -90,6 +116,58 @@ function parseBalance(value) {
 function defaultFormat(balance, state) {
 	const text = balance.toLocaleString('en-US') + (balance === 1 || balance === -1 ? ' credit' : ' credits');
 	return state === 'low' ? text + ' (low)' : text;
+}
+
+// defaultFormatBudget words a budget: "12 of 50 left today", or "12 left in
+// your budget" when only a call's header told it.
+function defaultFormatBudget(b) {
+	const left = b.remaining.toLocaleString('en-US');
+	if (typeof b.limit !== 'number') {
+		return left + ' left in your budget';
+	}
+	const when = WINDOW_WORDS[b.window];
+	return left + ' of ' + b.limit.toLocaleString('en-US') + ' left' + (when ? ' ' + when : '');
+}
+
+// budgetOf is the budget object of a balance endpoint's answer, checked,
+// or null.
+function budgetOf(body) {
+	const b = body && body.budget;
+	if (b === null || typeof b !== 'object' || typeof b.remaining !== 'number') {
+		return null;
+	}
+	return { ...b };
+}
+
+// budgetFromCall is the budget after a call that answered
+// Credits-Budget-Remaining (remaining, or null) and, for a budget's 402,
+// its problem: what the call told, over what was known.
+function budgetFromCall(remaining, problem) {
+	let b = budget ? { ...budget } : null;
+	if (problem && problem.type === BUDGET_SPENT) {
+		// Another subject's budget is another budget: its window is unknown.
+		if (!b || b.subject !== problem.subject) {
+			b = { subject: problem.subject };
+		}
+		for (const k of ['limit', 'spent', 'resets']) {
+			if (problem[k] !== undefined) {
+				b[k] = problem[k];
+			}
+		}
+		b.remaining = remaining ?? Math.max(0, (b.limit ?? 0) - (b.spent ?? 0));
+		return b;
+	}
+	if (remaining === null) {
+		return b;
+	}
+	b = b || {};
+	b.remaining = remaining;
+	if (typeof b.limit === 'number') {
+		// Spent may pass the limit (overdraft routes, a lowered limit):
+		// with nothing left, it is at least the limit.
+		b.spent = remaining > 0 ? b.limit - remaining : Math.max(b.limit, b.spent || 0);
+	}
+	return b;
 }
 
 // safeURL answers url if it is an http(s) URL, so a notice never links to
@@ -124,13 +202,23 @@ function stateOf(balance, notice, status) {
 }
 
 function setBalance(balance, state, problem) {
+	shown = { balance, state };
 	for (const badge of document.querySelectorAll(BADGE)) {
-		badge.textContent = Credits.format(balance, state);
+		let text = Credits.format(balance, state);
+		if (budget) {
+			text += ' \u00b7 ' + Credits.formatBudget({ ...budget });
+			badge.setAttribute('data-credits-budget-remaining', String(budget.remaining));
+			badge.setAttribute('data-credits-budget-state', budgetRefused || budget.remaining <= 0 ? 'spent' : 'ok');
+		} else {
+			badge.removeAttribute('data-credits-budget-remaining');
+			badge.removeAttribute('data-credits-budget-state');
+		}
+		badge.textContent = text;
 		badge.setAttribute('data-credits-balance', String(balance));
 		badge.setAttribute('data-credits-state', state);
 	}
 	document.dispatchEvent(new CustomEvent('credits:change', {
-		detail: { balance, state, problem: problem || null },
+		detail: { balance, state, problem: problem || null, budget: budget ? { ...budget } : null },
 	}));
 }
 
@@ -142,12 +230,17 @@ function reportError(err, url) {
 	return err;
 }
 
-function showNotice(problem) {
+// showNotice shows a 402's problem in the notice: kind "exhausted", the
+// org's credits, with a link to add credits; or "budget", the caller's own
+// budget, which no top-up changes.
+function showNotice(problem, kind) {
 	for (const notice of document.querySelectorAll(NOTICE)) {
 		const text = document.createElement('p');
-		text.textContent = problem.detail || 'Your organization has run out of credits.';
+		text.textContent = problem.detail || (kind === 'budget'
+			? 'Your budget is spent for now.'
+			: 'Your organization has run out of credits.');
 		const parts = [text];
-		const href = safeURL(problem.topup_url);
+		const href = kind === 'budget' ? '' : safeURL(problem.topup_url);
 		if (href) {
 			const link = document.createElement('a');
 			link.href = href;
@@ -156,6 +249,7 @@ function showNotice(problem) {
 			parts.push(link);
 		}
 		notice.setAttribute('role', 'alert');
+		notice.setAttribute('data-credits-notice-kind', kind);
 		notice.replaceChildren(...parts);
 		notice.hidden = false;
 	}
@@ -164,6 +258,7 @@ function showNotice(problem) {
 function hideNotice() {
 	for (const notice of document.querySelectorAll(NOTICE)) {
 		notice.hidden = true;
+		notice.removeAttribute('data-credits-notice-kind');
 		notice.replaceChildren();
 	}
 }
@@ -176,7 +271,8 @@ function hideNotice() {
 export async function observe(response) {
 	let balance = parseBalance(response.headers.get('Credits-Remaining'));
 	const notice = (response.headers.get('Credits-Notice') || '').trim().toLowerCase();
-	if (balance === null && notice === '') {
+	const remaining = parseBalance(response.headers.get('Credits-Budget-Remaining'));
+	if (balance === null && notice === '' && remaining === null) {
 		return response;
 	}
 	if (response.status === 402) {
@@ -189,13 +285,27 @@ export async function observe(response) {
 		if (balance === null && typeof problem.balance === 'number') {
 			balance = problem.balance;
 		}
-		if (balance !== null) {
-			setBalance(balance, stateOf(balance, notice, 402), problem);
+		const spent = problem.type === BUDGET_SPENT || notice === 'budget';
+		budget = budgetFromCall(remaining, spent ? problem : null);
+		budgetRefused = spent;
+		if (balance === null && shown) {
+			balance = shown.balance;
 		}
-		if (notice === 'exhausted') {
-			showNotice(problem);
+		if (balance !== null) {
+			// A spent budget is not the org's: its state is its balance's.
+			setBalance(balance, spent ? stateOf(balance) : stateOf(balance, notice, 402), problem);
+		}
+		if (notice === 'exhausted' || notice === 'budget') {
+			showNotice(problem, notice);
 		}
 		return response;
+	}
+	if (remaining !== null) {
+		budget = budgetFromCall(remaining, null);
+		budgetRefused = false;
+		if (balance === null && shown) {
+			balance = shown.balance;
+		}
 	}
 	if (balance !== null) {
 		setBalance(balance, stateOf(balance, notice, response.status));
@@ -284,11 +394,26 @@ export async function refresh(url, init) {
 		if (body === null || typeof body.balance !== 'number') {
 			throw new CreditsError('the balance endpoint answered no balance', 0, null);
 		}
+		// The endpoint's budget replaces what calls told; without one, no
+		// budget applies to the caller there.
+		budget = budgetOf(body);
+		budgetRefused = false;
 		setBalance(body.balance, stateOf(body.balance));
 		return body;
 	} catch (err) {
 		throw reportError(err, url);
 	}
+}
+
+/**
+ * current answers what the badge shows: {balance, state, budget}, budget
+ * null when none applies; or null before the first balance.
+ */
+export function current() {
+	if (!shown) {
+		return null;
+	}
+	return { balance: shown.balance, state: shown.state, budget: budget ? { ...budget } : null };
 }
 
 /**
@@ -300,7 +425,9 @@ export const Credits = {
 	watchFetch,
 	observe,
 	refresh,
+	current,
 	format: defaultFormat,
+	formatBudget: defaultFormatBudget,
 	CreditsError,
 };
 

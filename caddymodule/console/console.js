@@ -2,18 +2,23 @@
 // API. Every URL is relative to the page, which credits_admin serves at its
 // mount root, so the console works under any prefix. Errors shown are the
 // API's own (the problem's detail): the console checks nothing itself, but
-// for an adjustment, which it checks as the API does before sending it.
+// for an adjustment, which it checks as the API does before sending it, and
+// a budget's subject, which names the path.
 // Every write is safe to send again: a top-up carries a reference (one the
 // console makes when the field is empty, kept in the field until the top-up
 // succeeds), an adjustment or a plan a fresh reference, kept while the same
-// one is retried, a grant a fresh reference, kept likewise, and a capture,
-// a release or a grant's void names its hold or grant.
+// one is retried, a grant a fresh reference, kept likewise, a capture, a
+// release or a grant's void names its hold or grant, and a budget's PUT or
+// DELETE sets a state.
 'use strict';
 
 (() => {
 	const TOKEN_KEY = 'credits-console-token';
 	const EVENTS_SHOWN = 20;
 	const ORGS_PAGE = 50;
+	const BUDGETS_PAGE = 50;
+	// The most budgets the API lists in one page (meter.MaxBudgetsPage).
+	const MAX_BUDGETS_PAGE = 1000;
 	// The API's bounds of an adjustment (meter.Ledger.Adjust).
 	const MAX_AMOUNT = 1000000000000n;
 	const MAX_REASON = 500;
@@ -50,6 +55,11 @@
 		voidForm: $('void-form'), voidGrant: $('void-grant'), voidReason: $('void-reason'), voidCancel: $('void-cancel'),
 		debtFigure: $('debt-figure'), debt: $('debt'),
 		leasesToggle: $('leases-toggle'), showLeases: $('show-leases'), leasesCount: $('leases-count'),
+		budgets: document.querySelector('#budgets tbody'), budgetsTable: $('budgets'), budgetsEmpty: $('budgets-empty'),
+		budgetsCount: $('budgets-count'), budgetsMore: $('budgets-more'),
+		defaultBudgetText: $('default-budget-text'), defaultRemove: $('default-remove'),
+		budgetForm: $('budget-form'), budgetForSubject: $('budget-for-subject'), budgetForDefault: $('budget-for-default'),
+		budgetSubject: $('budget-subject'), budgetLimit: $('budget-limit'), budgetWindow: $('budget-window'),
 	};
 
 	// Where each action's outcome is said: next to the control that made it,
@@ -60,6 +70,7 @@
 	const places = {
 		topup: place('topup'), adjust: place('adjust'), plan: place('plan'), grant: place('grant'),
 		void: place('void'), grants: place('grants'), holds: place('holds'),
+		budget: place('budget'), budgets: place('budgets'), defaultBudget: place('default-budget'),
 	};
 
 	const number = new Intl.NumberFormat('en-US');
@@ -98,6 +109,15 @@
 
 	// voiding is the id of the grant the void form is open for.
 	let voiding = '';
+
+	// The budgets listed so far, in the API's order, the subject to list
+	// from next ('' when all are listed), and the org's default budget, or
+	// null. budgetsCall counts the list's calls, so that only the latest
+	// one's answer is shown.
+	let budgetsListed = [];
+	let budgetsNext = '';
+	let defaultBudget = null;
+	let budgetsCall = 0;
 
 	class APIError extends Error {
 		constructor(status, detail) {
@@ -418,6 +438,154 @@
 	function closeVoid() {
 		voiding = '';
 		el.voidForm.hidden = true;
+	}
+
+	// The budgets: the org's default, and a page at a time of the subjects
+	// with a budget of their own, each with Remove.
+
+	// The windows of a budget, in the words of a limit ("50 credits a day")
+	// and of the table.
+	const WINDOWS = {
+		day: { per: 'a day', name: 'day' },
+		week: { per: 'a week', name: 'week' },
+		month: { per: 'a month', name: 'month' },
+		period: { per: 'a credit period', name: 'credit period' },
+	};
+
+	function budgetText(b) {
+		return credits(b.limit) + ' ' + (WINDOWS[b.window] ? WINDOWS[b.window].per : 'per ' + b.window);
+	}
+
+	function budgetRow(b) {
+		const tr = document.createElement('tr');
+		tr.dataset.subject = b.subject;
+		const cell = cellOf(tr);
+		cell(b.subject, 'ref').title = b.subject;
+		cell(number.format(b.spent) + ' of ' + number.format(b.limit), 'num');
+		cell(number.format(b.remaining), b.remaining > 0 ? 'num' : 'num budget-spent');
+		cell(WINDOWS[b.window] ? WINDOWS[b.window].name : b.window);
+		cell('').append(timeElement(b.resets, utcText(b.resets)));
+		const actions = document.createElement('div');
+		actions.className = 'cell-actions';
+		cell('', 'row-actions').append(actions);
+		const remove = document.createElement('button');
+		remove.type = 'button';
+		remove.className = 'remove secondary';
+		remove.textContent = 'Remove';
+		remove.setAttribute('aria-label', 'Remove the budget of ' + b.subject);
+		remove.addEventListener('click', () => busyButton(remove, () => removeBudget(b.subject)));
+		actions.append(remove);
+		return tr;
+	}
+
+	// renderBudgets shows a page of the API's budgets: the first, or with
+	// more, the next after those listed.
+	function renderBudgets(data, more) {
+		budgetsListed = (more ? budgetsListed : []).concat(data.budgets || []);
+		budgetsNext = data.next || '';
+		defaultBudget = data.default || null;
+		el.defaultBudgetText.textContent = defaultBudget ? budgetText(defaultBudget) : 'none';
+		el.defaultRemove.hidden = !defaultBudget;
+		el.budgets.replaceChildren(...budgetsListed.map(budgetRow));
+		el.budgetsTable.hidden = budgetsListed.length === 0;
+		el.budgetsEmpty.hidden = budgetsListed.length !== 0;
+		el.budgetsMore.hidden = budgetsNext === '';
+		el.budgetsCount.textContent = budgetsListed.length === 0 ? '' : number.format(budgetsListed.length) +
+			(budgetsListed.length === 1 ? ' budget' : ' budgets') + ' listed' + (budgetsNext ? '; More lists the next ones.' : '.');
+	}
+
+	// budgetsQuery is the query of a page of budgets: the next after those
+	// listed or, reloaded, as many as were listed, so a change keeps the
+	// list as long as it was.
+	function budgetsQuery(more) {
+		if (more) {
+			return '?limit=' + BUDGETS_PAGE + '&after=' + encodeURIComponent(budgetsNext);
+		}
+		return '?limit=' + Math.min(MAX_BUDGETS_PAGE, Math.max(BUDGETS_PAGE, budgetsListed.length));
+	}
+
+	async function loadBudgets(org, more) {
+		const n = ++budgetsCall;
+		const data = await call('GET', orgPath(org, 'budgets') + budgetsQuery(more));
+		if (n === budgetsCall) {
+			renderBudgets(data, more);
+		}
+	}
+
+	// setBudget sets the budget of the subject typed, or the org's default.
+	// A budget set twice is set once, so a retry needs no reference.
+	async function setBudget() {
+		const org = shown.org;
+		const forDefault = el.budgetForDefault.checked;
+		const subject = el.budgetSubject.value.trim();
+		el.budgetSubject.removeAttribute('aria-invalid');
+		if (!forDefault && subject === '') {
+			// An empty subject names no path of the API: say so here.
+			el.budgetSubject.setAttribute('aria-invalid', 'true');
+			fail('Budget not sent', new Error('type the subject, or choose the default'), places.budget);
+			el.budgetSubject.focus();
+			return;
+		}
+		const limit = el.budgetLimit.value.trim();
+		const body = jsonObject([
+			['limit', limit === '' ? undefined : jsonNumber(limit)],
+			['window', JSON.stringify(el.budgetWindow.value)],
+		]);
+		const path = forDefault ? orgPath(org, 'default-budget') : orgPath(org, 'budgets/' + encodeURIComponent(subject));
+		try {
+			const b = await call('PUT', path, body);
+			el.budgetSubject.value = '';
+			el.budgetLimit.value = '';
+			await loadBudgets(org, false).catch(() => {});
+			say(forDefault
+				? 'Default budget of ' + org + ' set: ' + budgetText(b) + ', for each subject with no budget of its own.'
+				: 'Budget of ' + subject + ' set: ' + budgetText(b) + '; ' + number.format(b.spent) + ' spent, ' +
+					credits(b.remaining) + ' left until ' + utcText(b.resets) + ' UTC.', places.budget);
+		} catch (err) {
+			fail('Budget refused', err, places.budget);
+			if (outcomeUnknown(err)) {
+				places.budget.status.textContent = 'Press Set budget again to retry: a budget set twice is set once.';
+			}
+		}
+		// The outcome is under the button, which may be at the bottom of
+		// the window, and a new row above the form moves it down.
+		inView(places.budget);
+	}
+
+	// removeBudget removes the budget of subject or, without one, the
+	// org's default.
+	async function removeBudget(subject) {
+		const org = shown.org;
+		const where = subject ? places.budgets : places.defaultBudget;
+		const path = subject ? orgPath(org, 'budgets/' + encodeURIComponent(subject)) : orgPath(org, 'default-budget');
+		try {
+			await call('DELETE', path);
+			await loadBudgets(org, false).catch(() => {});
+			if (!subject) {
+				say('Default budget of ' + org + ' removed: the subjects with no budget of their own have no limit now.', where);
+			} else {
+				say('Budget of ' + subject + ' removed' + (defaultBudget
+					? ': the default budget, ' + budgetText(defaultBudget) + ', applies to it now.'
+					: ': it has no limit now.'), where);
+			}
+		} catch (err) {
+			fail('Removal of ' + (subject ? 'the budget of ' + subject : 'the default budget') + ' refused', err, where);
+			if (outcomeUnknown(err)) {
+				where.status.textContent = 'Press Remove again to retry: a budget is removed once.';
+			}
+		}
+	}
+
+	// inView scrolls the outcome of where into view, if it is not.
+	function inView(where) {
+		const shownPart = where.error.textContent ? where.error : where.status;
+		shownPart.scrollIntoView({ block: 'nearest' });
+	}
+
+	// chooseBudgetFor shows the subject's field only for a subject's budget.
+	function chooseBudgetFor() {
+		el.budgetSubject.closest('.field').hidden = el.budgetForDefault.checked;
+		el.budgetSubject.removeAttribute('aria-invalid');
 	}
 
 	// The org list. Each org is a button that opens it; the search box
@@ -966,11 +1134,13 @@
 	async function show() {
 		const org = el.org.value.trim();
 		try {
-			const [acct, events, holds, grants] = await Promise.all([
+			const n = ++budgetsCall;
+			const [acct, events, holds, grants, budgets] = await Promise.all([
 				call('GET', orgPath(org)),
 				call('GET', orgPath(org, 'events') + '?limit=' + EVENTS_SHOWN),
 				call('GET', orgPath(org, 'holds')),
 				call('GET', orgPath(org, 'grants')),
+				call('GET', orgPath(org, 'budgets') + '?limit=' + BUDGETS_PAGE),
 			]);
 			closeVoid();
 			if (!shown || shown.org !== acct.org) {
@@ -980,6 +1150,9 @@
 			renderEvents(events.events || []);
 			renderHolds(holds.holds || []);
 			renderGrants(grants.grants || []);
+			if (n === budgetsCall) {
+				renderBudgets(budgets, false);
+			}
 			fillPlanForm(acct);
 			say('Showing organization ' + acct.org + '.');
 			refreshChart(acct.org);
@@ -1097,6 +1270,16 @@
 		busy(el.voidForm, voidGrant);
 	});
 	el.voidCancel.addEventListener('click', closeVoid);
+	el.budgetForm.addEventListener('submit', (ev) => {
+		ev.preventDefault();
+		busy(el.budgetForm, setBudget);
+	});
+	el.budgetForSubject.addEventListener('change', chooseBudgetFor);
+	el.budgetForDefault.addEventListener('change', chooseBudgetFor);
+	el.budgetSubject.addEventListener('input', () => el.budgetSubject.removeAttribute('aria-invalid'));
+	el.defaultRemove.addEventListener('click', () => busyButton(el.defaultRemove, () => removeBudget('')));
+	el.budgetsMore.addEventListener('click', () => busyButton(el.budgetsMore, () => loadBudgets(shown.org, true)
+		.catch((err) => fail('Could not list more budgets', err, places.budgets))));
 	el.showLeases.addEventListener('change', () => renderHolds(holdsShown));
 	el.voidReason.addEventListener('input', () => el.voidReason.removeAttribute('aria-invalid'));
 	el.orgSearch.addEventListener('input', filterOrgs);
