@@ -535,8 +535,8 @@ func cmdCreditsGrants(fl caddycmd.Flags) (int, error) {
 // in its own fields (which the API refuses to void, saying why).
 var grantID = regexp.MustCompile(`^(g[1-9][0-9]{0,9}|` + meter.AllowanceGrant + `|` + meter.PurchasedGrant + `)$`)
 
-const budgetsUsage = "budgets <org> [--after <subject>] [--limit <n>] | budgets <org> set <subject> <limit> <day|week|month|period> | " +
-	"show <subject> | rm <subject> | default [<limit> <day|week|month|period>] | rm-default"
+const budgetsUsage = "budgets <org> [set <subject> <limit> <day|week|month|period> | show <subject> | rm <subject> | " +
+	"default [<limit> <day|week|month|period>] | rm-default | [--after <subject>] [--limit <n>]]"
 
 // cmdCreditsBudgets lists an org's budgets, or sets, shows or removes a
 // subject's budget or the org's default. Every call is safe to send again:
