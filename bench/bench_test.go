@@ -144,15 +144,15 @@ func TestParseFlags(t *testing.T) {
 		orgs      int
 		wantErr   bool
 	}{
-		{"defaults", nil, "abc", 5, 10 * time.Second, 1_000_000, false},
-		{"quick", []string{"-quick"}, "abc", 1, time.Second, 1000, false},
-		{"quick with explicit flags", []string{"-quick", "-rounds", "3", "-orgs", "50"}, "abc", 3, time.Second, 50, false},
+		{"defaults", nil, "abcd", 5, 10 * time.Second, 1_000_000, false},
+		{"quick", []string{"-quick"}, "abcd", 1, time.Second, 1000, false},
+		{"quick with explicit flags", []string{"-quick", "-rounds", "3", "-orgs", "50"}, "abcd", 3, time.Second, 50, false},
 		{"names and letters", []string{"-scenario", "slow,a"}, "ba", 5, 10 * time.Second, 1_000_000, false},
-		{"unknown scenario", []string{"-scenario", "d"}, "", 0, 0, 0, true},
+		{"unknown scenario", []string{"-scenario", "e"}, "", 0, 0, 0, true},
 		{"fractional duration", []string{"-duration", "1500ms"}, "", 0, 0, 0, true},
 		{"no rounds", []string{"-rounds", "0"}, "", 0, 0, 0, true},
 		{"stray argument", []string{"now"}, "", 0, 0, 0, true},
-		{"credits option", []string{"-credits-option", "lease 100"}, "abc", 5, 10 * time.Second, 1_000_000, false},
+		{"credits option", []string{"-credits-option", "lease 100"}, "abcd", 5, 10 * time.Second, 1_000_000, false},
 		{"credits option with a brace", []string{"-credits-option", "lease 100 }"}, "", 0, 0, 0, true},
 	}
 	for _, tt := range tests {

@@ -18,8 +18,9 @@ import (
 
 // Paths of the two routes; both proxy to the same upstream.
 const (
-	meteredPath = "/metered/v1/generate"
-	plainPath   = "/plain/v1/generate"
+	meteredPath  = "/metered/v1/generate"
+	budgetedPath = "/budgeted/v1/generate"
+	plainPath    = "/plain/v1/generate"
 )
 
 // caddyfileTemplate is the gateway under test. Both routes keep as many
@@ -39,6 +40,16 @@ http://127.0.0.1:{PORT} {
 		credits {
 			org {http.request.header.X-Org-Id}
 			feature bench
+		}
+		reverse_proxy {UPSTREAM} {
+			{TRANSPORT}
+		}
+	}
+	route /budgeted/* {
+		credits {
+			org {http.request.header.X-Org-Id}
+			feature bench
+			budget {http.request.header.X-User-Id}
 		}
 		reverse_proxy {UPSTREAM} {
 			{TRANSPORT}

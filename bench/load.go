@@ -19,12 +19,16 @@ type scenario struct {
 	conns       int
 	delay       time.Duration // the upstream's answer time
 	orgs        int           // distinct orgs, in turn; 1 is one org
+	// subjects, when above 0, runs the metered side on the budgeted route:
+	// each call names the next of that many subjects, each with a budget.
+	subjects int
 }
 
 var scenarios = []scenario{
 	{name: "a", alias: "fast", title: "64 connections, fast upstream, one org", conns: 64, orgs: 1},
 	{name: "b", alias: "slow", title: "2,000 connections, upstream answers after 50 ms, one org", conns: 2000, delay: 50 * time.Millisecond, orgs: 1},
 	{name: "c", alias: "orgs", title: "64 connections, fast upstream, 100,000 orgs in turn", conns: 64, orgs: 100_000},
+	{name: "d", alias: "budgets", title: "64 connections, fast upstream, one org, 100 subjects with budgets", conns: 64, orgs: 1, subjects: 100},
 }
 
 // routeRun is one wrk run on one route.
@@ -99,6 +103,9 @@ func (e *loadEnv) runScenario(ctx context.Context, w io.Writer, sc scenario) (*s
 	}
 	r := &scenarioResult{sc: sc}
 	fmt.Fprintf(w, "\n== scenario %s (%s): %s ==\n", sc.name, sc.alias, sc.title)
+	if err := e.budgets(ctx, w, sc); err != nil {
+		return nil, err
+	}
 
 	usedBefore, err := e.used(ctx, sc)
 	if err != nil {
@@ -106,7 +113,10 @@ func (e *loadEnv) runScenario(ctx context.Context, w io.Writer, sc scenario) (*s
 	}
 	run := func(route string, d time.Duration) (wrkResult, string, error) {
 		path := plainPath
-		if route == "metered" {
+		switch {
+		case route == "metered" && sc.subjects > 0:
+			path = budgetedPath
+		case route == "metered":
 			path = meteredPath
 		}
 		res, line, err := runWrk(ctx, e.wrk, script, e.gw.base+path, e.threads, sc.conns, d)
@@ -198,6 +208,24 @@ func (e *loadEnv) runScenario(ctx context.Context, w io.Writer, sc scenario) (*s
 	}
 	return r, nil
 }
+
+// budgets gives each of sc's subjects a budget no call of the run can
+// spend, so that the budgeted route checks and counts each call against
+// one and never refuses.
+func (e *loadEnv) budgets(ctx context.Context, w io.Writer, sc scenario) error {
+	for i := range sc.subjects {
+		if _, err := e.ledger.SetBudget(ctx, "bench-org", subjectName(i), meter.BudgetLimit{Limit: meter.MaxAmount, Window: meter.WindowPeriod}); err != nil {
+			return fmt.Errorf("setting the budgets: %w", err)
+		}
+	}
+	if sc.subjects > 0 {
+		fmt.Fprintf(w, "%d subjects, each with a budget of its own\n", sc.subjects)
+	}
+	return nil
+}
+
+// subjectName is the budgeted route's subject i, as the wrk script names it.
+func subjectName(i int) string { return fmt.Sprintf("user-%03d", i) }
 
 // used returns the credits the one org of sc has used, or 0 for a
 // many-orgs scenario.

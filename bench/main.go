@@ -4,7 +4,7 @@
 // alternately; the figure that matters is the median ratio of their
 // requests/s. It also measures Redis memory per org.
 //
-//	go run ./bench                          # scenarios a, b and c: 5 rounds of 10s per route
+//	go run ./bench                          # scenarios a to d: 5 rounds of 10s per route
 //	go run ./bench -scenario a -rounds 3    # one scenario
 //	go run ./bench -memory -orgs 1000000    # Redis bytes per org
 //	go run ./bench -quick                   # everything, briefly (CI)
@@ -83,7 +83,7 @@ func main() {
 func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
 	fs.SetOutput(stderr)
-	scenarioFlag := fs.String("scenario", "all", "scenarios to run, comma-separated: a (fast), b (slow), c (orgs), or all")
+	scenarioFlag := fs.String("scenario", "all", "scenarios to run, comma-separated: a (fast), b (slow), c (orgs), d (budgets), or all")
 	rounds := fs.Int("rounds", 5, "alternating rounds per scenario; each runs both routes")
 	duration := fs.Duration("duration", 10*time.Second, "length of one wrk run, whole seconds")
 	warmup := fs.Duration("warmup", 2*time.Second, "unmeasured wrk run per route before the rounds, whole seconds; 0 for none")
@@ -135,7 +135,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 			}
 		}
 		if !found {
-			return options{}, fmt.Errorf("-scenario %q: want a (fast), b (slow), c (orgs) or all", name)
+			return options{}, fmt.Errorf("-scenario %q: want a (fast), b (slow), c (orgs), d (budgets) or all", name)
 		}
 	}
 	switch {

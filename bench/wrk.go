@@ -32,6 +32,20 @@ func wrkScript(sc scenario) string {
 	if sc.delay > 0 {
 		fmt.Fprintf(&b, "wrk.headers[\"Bench-Delay\"] = %q\n", sc.delay.String())
 	}
+	if sc.orgs <= 1 && sc.subjects > 0 {
+		// Each request names the next subject, on both routes alike.
+		fmt.Fprintf(&b, `wrk.headers["X-Org-Id"] = "bench-org"
+local subjects = %d
+local n = 0
+
+function request()
+  n = (n + 1) %% subjects
+  wrk.headers["X-User-Id"] = string.format("user-%%03d", n)
+  return wrk.format()
+end
+`, sc.subjects)
+		return b.String()
+	}
 	if sc.orgs <= 1 {
 		b.WriteString("wrk.headers[\"X-Org-Id\"] = \"bench-org\"\n")
 		return b.String()

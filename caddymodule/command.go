@@ -38,12 +38,12 @@ const maxAdminAnswer = 16 << 20
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "credits",
-		Usage: "show|plan|topup|adjust|recharge|events|usage|holds|grants <org> [<args>] | orgs",
+		Usage: "show|plan|topup|adjust|recharge|events|usage|holds|grants|budgets <org> [<args>] | orgs",
 		Short: "Reads and changes orgs' credits through a credits_admin endpoint",
 		Long: `
 Calls the admin API that the credits_admin handler serves, and prints the
-answer: an org's account, its events, its usage per day, its holds or its
-grants, or a page of the orgs.
+answer: an org's account, its events, its usage per day, its holds, its
+grants or its budgets, or a page of the orgs.
 
   caddy credits show <org>
   caddy credits plan <org> <allowance> [<recharge_month>] [--rollover <n>] [--reference <ref>]
@@ -59,6 +59,12 @@ grants, or a page of the orgs.
   caddy credits grants <org>
   caddy credits grants <org> give <amount> [--expires <time>] [--effective <time>] [--priority <n>] [--reason <why>] [--reference <ref>]
   caddy credits grants <org> void <grant> [--reason <why>]
+  caddy credits budgets <org> [--after <subject>] [--limit <n>]
+  caddy credits budgets <org> set <subject> <limit> <day|week|month|period>
+  caddy credits budgets <org> show <subject>
+  caddy credits budgets <org> rm <subject>
+  caddy credits budgets <org> default [<limit> <day|week|month|period>]
+  caddy credits budgets <org> rm-default
   caddy credits orgs [--after <org>] [--limit <n>]
 
 Arguments are checked against the API's ranges before any call. A time
@@ -67,7 +73,8 @@ from now (720h, 30d). A plan, a top-up, an adjustment, a recharge, a new
 hold or a grant without --reference gets a random one. A call that gets no
 answer, or a 502, 503 or 504, is sent again, the same (four times in all at
 most, within --timeout); a reference, or the hold's or grant's id, makes
-the retry apply once. When the outcome stays
+the retry apply once. A budget set twice is set once, and a budget's
+removal sent again that finds none says that the budget is removed. When the outcome stays
 unknown, the error names the reference to run the command again with.
 
 --endpoint is the URL at which credits_admin is mounted; without the flag
@@ -75,6 +82,11 @@ it is $CREDITS_ADMIN_ENDPOINT, or else ` + defaultAdminEndpoint + `.
 --token is the handler's bearer token; without the flag it is
 $CREDITS_ADMIN_TOKEN. Prefer the environment variable: a flag shows in the
 process list. --json prints the API's JSON answer as it came.
+
+caddy credits budgets <org> lists the org's default budget and every
+subject's own budget, a page after another; --after or --limit lists one
+page. A budget's limit is 1 to 1000000000000 credits per window: day,
+week, month or period (the org's credit period).
 
 A negative number must follow --, or it is read as a flag. Flags may come
 anywhere, after the -- too: caddy credits adjust acme -- -14 --reason x and
@@ -125,6 +137,9 @@ account.
 			grants.Flags().Int("priority", meter.DefaultPriority, "give: 0 to 100; lower is spent first")
 			grants.Flags().String("reason", "", "give, void: why; kept with the grant and in its event")
 			grants.Flags().String("reference", "", "give: the grant's reference; a repeat answers the same grant (default: a random one)")
+			budgets := creditsCommand(budgetsUsage, "Lists an org's budgets, or sets, shows or removes one", 1, 5, cmdCreditsBudgets)
+			budgets.Flags().String("after", "", "list: the budgets of the subjects after this one (the next page: the last subject listed)")
+			budgets.Flags().Int("limit", 0, "list: how many budgets a page lists, 1 to 1000 (default: every budget, a page after another)")
 			orgs := creditsCommand("orgs [--after <org>] [--limit <n>]", "Lists the orgs, in order, with their balances", 0, 0, cmdCreditsOrgs)
 			orgs.Flags().String("after", "", "List the orgs after this one (the next page: the last org listed)")
 			orgs.Flags().Int("limit", 0, "How many orgs to list, 1 to 1000 (default: the API's, 100)")
@@ -139,6 +154,7 @@ account.
 				usage,
 				holds,
 				grants,
+				budgets,
 			)
 		},
 	})
@@ -519,6 +535,218 @@ func cmdCreditsGrants(fl caddycmd.Flags) (int, error) {
 // in its own fields (which the API refuses to void, saying why).
 var grantID = regexp.MustCompile(`^(g[1-9][0-9]{0,9}|` + meter.AllowanceGrant + `|` + meter.PurchasedGrant + `)$`)
 
+const budgetsUsage = "budgets <org> [set <subject> <limit> <day|week|month|period> | show <subject> | rm <subject> | " +
+	"default [<limit> <day|week|month|period>] | rm-default | [--after <subject>] [--limit <n>]]"
+
+// cmdCreditsBudgets lists an org's budgets, or sets, shows or removes a
+// subject's budget or the org's default. Every call is safe to send again:
+// a PUT sets a state, and a removal sent again finds the budget gone.
+func cmdCreditsBudgets(fl caddycmd.Flags) (int, error) {
+	org, action := fl.Arg(0), fl.Arg(1)
+	args := map[string][]int{"": {1}, "set": {5}, "show": {3}, "rm": {3}, "default": {2, 4}, "rm-default": {2}}
+	n, ok := args[action]
+	if !ok {
+		return caddy.ExitCodeFailedStartup, fmt.Errorf("unknown budgets action %q: want set, show, rm, default or rm-default; usage: caddy credits %s", action, budgetsUsage)
+	}
+	if !slices.Contains(n, fl.NArg()) {
+		return caddy.ExitCodeFailedStartup, fmt.Errorf("wrong number of arguments (%d); usage: caddy credits %s", fl.NArg(), budgetsUsage)
+	}
+	if action != "" {
+		for _, name := range []string{"after", "limit"} {
+			if fl.Changed(name) {
+				return caddy.ExitCodeFailedStartup, fmt.Errorf("--%s is only for the list, caddy credits budgets <org>", name)
+			}
+		}
+	}
+	defaultPath := []string{"orgs", org, "default-budget"}
+	switch action {
+	case "":
+		return listBudgets(fl, org)
+	case "default":
+		if fl.NArg() == 2 {
+			return callAdmin(fl, cliCall{method: http.MethodGet, path: defaultPath, retry: true}, printBudget)
+		}
+		return setBudget(fl, defaultPath, 2)
+	case "rm-default":
+		return callAdmin(fl, cliCall{
+			method: http.MethodDelete, path: defaultPath,
+			retry: true, again: "caddy credits budgets " + org + " default says whether it is still there",
+			gone: "org " + org + "'s default budget is removed",
+		}, printBudget)
+	}
+	subject := fl.Arg(2)
+	if err := policy.ValidateSubject(subject); err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	path := []string{"orgs", org, "budgets", subject}
+	switch action {
+	case "set":
+		return setBudget(fl, path, 3)
+	case "rm":
+		return callAdmin(fl, cliCall{
+			method: http.MethodDelete, path: path,
+			retry: true, again: "caddy credits budgets " + org + " show " + subject + " says whether it has its own still",
+			gone: "subject " + subject + "'s budget in org " + org + " is removed",
+		}, printBudget)
+	}
+	return callAdmin(fl, cliCall{method: http.MethodGet, path: path, retry: true}, printBudget)
+}
+
+// setBudget sets the budget at path to the limit and window of the
+// arguments from i on.
+func setBudget(fl caddycmd.Flags, path []string, i int) (int, error) {
+	limit, err := rangeArg(fl, i, "limit", 1, meter.MaxAmount)
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	set := meter.BudgetLimit{Limit: limit, Window: fl.Arg(i + 1)}
+	if err := set.Validate(); err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	return callAdmin(fl, cliCall{
+		method: http.MethodPut, path: path, body: map[string]any{"limit": set.Limit, "window": set.Window},
+		retry: true, again: "run it again: a budget set twice is set once",
+	}, printBudget)
+}
+
+// budgetsList is a page of budgets as the admin API answers it, each
+// budget kept as it came.
+type budgetsList struct {
+	Default json.RawMessage   `json:"default"`
+	Budgets []json.RawMessage `json:"budgets"`
+	Next    string            `json:"next"`
+}
+
+// listBudgets prints one page of an org's budgets with --after or
+// --limit, else all of them, a page after another.
+func listBudgets(fl caddycmd.Flags, org string) (int, error) {
+	path := []string{"orgs", org, "budgets"}
+	query := url.Values{}
+	if fl.Changed("after") {
+		after := fl.String("after")
+		if policy.ValidateSubject(after) != nil {
+			return caddy.ExitCodeFailedStartup, &policy.InputError{Field: "after", Value: after, Reason: "must be a subject, " + policy.IDPattern}
+		}
+		query.Set("after", after)
+	}
+	if fl.Changed("limit") {
+		if n := fl.Int("limit"); n < 1 || n > meter.MaxBudgetsPage {
+			return caddy.ExitCodeFailedStartup, &policy.InputError{Field: "limit", Value: strconv.Itoa(n), Reason: fmt.Sprintf("must be 1 to %d", meter.MaxBudgetsPage)}
+		}
+		query.Set("limit", strconv.Itoa(fl.Int("limit")))
+	}
+	if len(query) > 0 {
+		return callAdmin(fl, cliCall{method: http.MethodGet, path: path, query: query, retry: true}, printBudgets(org, query))
+	}
+	all := budgetsList{Budgets: []json.RawMessage{}}
+	for after := ""; ; {
+		query := url.Values{"limit": {strconv.Itoa(meter.MaxBudgetsPage)}}
+		if after != "" {
+			query.Set("after", after)
+		}
+		a, err := askAdmin(fl, cliCall{method: http.MethodGet, path: path, query: query, retry: true})
+		if err != nil {
+			return caddy.ExitCodeFailedStartup, err
+		}
+		var page budgetsList
+		if err := json.Unmarshal(a.data, &page); err != nil || page.Budgets == nil {
+			return caddy.ExitCodeFailedStartup, fmt.Errorf("the answer of %s: not a list of budgets: %v", a.endpoint.Redacted(), err)
+		}
+		// The default of the first page; a later one would be a change
+		// made while the pages were read.
+		if after == "" {
+			all.Default = page.Default
+		}
+		all.Budgets = append(all.Budgets, page.Budgets...)
+		if page.Next == "" {
+			break
+		}
+		if page.Next == after || len(page.Budgets) == 0 {
+			return caddy.ExitCodeFailedStartup, fmt.Errorf("the answer of %s: the next page starts where this one did (%q)", a.endpoint.Redacted(), page.Next)
+		}
+		after = page.Next
+	}
+	if all.Default == nil {
+		all.Default = json.RawMessage("null")
+	}
+	data, err := json.Marshal(all)
+	if err != nil {
+		return caddy.ExitCodeFailedStartup, err
+	}
+	if fl.Bool("json") {
+		_, err = os.Stdout.Write(append(data, '\n'))
+		return 0, err
+	}
+	return 0, printBudgets(org, nil)(os.Stdout, data)
+}
+
+// printBudgets prints one aligned line per budget under a header, the
+// org's default first, then the command for the next page, if any.
+func printBudgets(org string, query url.Values) func(io.Writer, []byte) error {
+	return func(w io.Writer, data []byte) error {
+		var answer struct {
+			Default *meter.Budget  `json:"default"`
+			Budgets []meter.Budget `json:"budgets"`
+			Next    string         `json:"next"`
+		}
+		if err := json.Unmarshal(data, &answer); err != nil || answer.Budgets == nil {
+			return fmt.Errorf("not a list of budgets: %v", err)
+		}
+		if answer.Default == nil && len(answer.Budgets) == 0 {
+			fmt.Fprintln(w, "no budgets")
+		} else {
+			tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+			fmt.Fprintln(tw, "SUBJECT\tLIMIT\tWINDOW\tSPENT\tREMAINING\tRESETS")
+			if d := answer.Default; d != nil {
+				// Each subject under the default spends apart: the default
+				// itself has spent nothing.
+				fmt.Fprintf(tw, "(default)\t%d\t%s\t-\t-\t%s\n", d.Limit, d.Window, d.Resets.UTC().Format(time.RFC3339))
+			}
+			for _, b := range answer.Budgets {
+				fmt.Fprintf(tw, "%s\t%d\t%s\t%d\t%d\t%s\n", b.Subject, b.Limit, b.Window, b.Spent, b.Remaining, b.Resets.UTC().Format(time.RFC3339))
+			}
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+		}
+		if answer.Next != "" {
+			more := "more: caddy credits budgets " + org + " --after " + answer.Next
+			if l := query.Get("limit"); l != "" {
+				more += " --limit " + l
+			}
+			_, err := fmt.Fprintln(w, more)
+			return err
+		}
+		return nil
+	}
+}
+
+// printBudget prints a budget, one field a line: a subject's, its own or
+// the org's default that applies to it, or the org's default itself.
+func printBudget(w io.Writer, data []byte) error {
+	var b meter.Budget
+	if err := json.Unmarshal(data, &b); err != nil || b.Window == "" {
+		return fmt.Errorf("not a budget: %v", err)
+	}
+	if b.Subject == "" {
+		fmt.Fprintln(w, "budget:     the org's default, for each subject without its own")
+		fmt.Fprintf(w, "limit:      %d per %s\n", b.Limit, b.Window)
+		_, err := fmt.Fprintf(w, "resets:     %s\n", b.Resets.UTC().Format(time.RFC3339))
+		return err
+	}
+	whose := "its own"
+	if b.Default {
+		whose = "the org's default"
+	}
+	fmt.Fprintf(w, "subject:    %s\n", b.Subject)
+	fmt.Fprintf(w, "budget:     %s\n", whose)
+	fmt.Fprintf(w, "limit:      %d per %s\n", b.Limit, b.Window)
+	fmt.Fprintf(w, "spent:      %d\n", b.Spent)
+	fmt.Fprintf(w, "remaining:  %d\n", b.Remaining)
+	_, err := fmt.Fprintf(w, "resets:     %s\n", b.Resets.UTC().Format(time.RFC3339))
+	return err
+}
+
 // timeFlag is the time of a flag: RFC 3339, or a duration from now (720h,
 // 30d); the zero time when the flag is not given.
 func timeFlag(fl caddycmd.Flags, name string) (time.Time, error) {
@@ -577,6 +805,9 @@ type cliCall struct {
 	// replayed tells the operator that the write had been applied before,
 	// when the API answers it so (Idempotent-Replayed: true).
 	replayed string
+	// gone tells the operator that a removal is done when a retry of it
+	// answers 404: the try whose answer was lost removed it.
+	gone string
 }
 
 // appliedBefore is what a write of reference ref that the API answers as a
@@ -596,18 +827,67 @@ const (
 // answer if c.retry allows, and prints the answer: as it came with --json,
 // else with human.
 func callAdmin(fl caddycmd.Flags, c cliCall, human func(io.Writer, []byte) error) (int, error) {
-	endpoint, err := adminEndpoint(fl)
+	a, err := askAdmin(fl, c)
 	if err != nil {
 		return caddy.ExitCodeFailedStartup, err
 	}
+	note := ""
+	switch {
+	case a.gone:
+		note = c.gone
+	case a.replayed:
+		note = c.replayed
+	}
+	if fl.Bool("json") {
+		if note != "" {
+			fmt.Fprintln(os.Stderr, note)
+		}
+		if a.gone {
+			return 0, nil
+		}
+		_, err = os.Stdout.Write(append(bytes.TrimSpace(a.data), '\n'))
+		return 0, err
+	}
+	if note != "" {
+		fmt.Fprintln(os.Stdout, note)
+	}
+	if a.gone {
+		return 0, nil
+	}
+	if err := human(os.Stdout, a.data); err != nil {
+		return caddy.ExitCodeFailedStartup, fmt.Errorf("the answer of %s: %v", a.endpoint.Redacted(), err)
+	}
+	return 0, nil
+}
+
+// adminAnswer is a 2xx JSON answer of the admin API.
+type adminAnswer struct {
+	endpoint *url.URL
+	data     []byte
+	// replayed says the API answered a replay of this command's own first
+	// try, whose answer was lost.
+	replayed bool
+	// gone says a retry of a removal found nothing to remove: the first
+	// try, whose answer was lost, removed it.
+	gone bool
+}
+
+// askAdmin makes one call to the admin API, sent again while it gets no
+// answer if c.retry allows, and returns its answer when it is a 2xx with
+// JSON.
+func askAdmin(fl caddycmd.Flags, c cliCall) (adminAnswer, error) {
+	endpoint, err := adminEndpoint(fl)
+	if err != nil {
+		return adminAnswer{}, err
+	}
 	timeout := fl.Duration("timeout")
 	if timeout <= 0 {
-		return caddy.ExitCodeFailedStartup, errors.New("the timeout must be above zero")
+		return adminAnswer{}, errors.New("the timeout must be above zero")
 	}
 	var reqBody []byte
 	if c.body != nil {
 		if reqBody, err = json.Marshal(c.body); err != nil {
-			return caddy.ExitCodeFailedStartup, err
+			return adminAnswer{}, err
 		}
 	}
 	u := endpoint.JoinPath(c.path...)
@@ -649,36 +929,26 @@ func callAdmin(fl caddycmd.Flags, c cliCall, human func(io.Writer, []byte) error
 	}
 	if err != nil {
 		if ctx.Err() != nil {
-			return caddy.ExitCodeFailedStartup, fmt.Errorf("no answer from the credits admin API at %s within %s%s", endpoint.Redacted(), timeout, unknown)
+			return adminAnswer{}, fmt.Errorf("no answer from the credits admin API at %s within %s%s", endpoint.Redacted(), timeout, unknown)
 		}
 		if urlErr, ok := errors.AsType[*url.Error](err); ok {
 			err = urlErr.Err // its message repeats the URL
 		}
-		return caddy.ExitCodeFailedStartup, fmt.Errorf("cannot reach the credits admin API at %s: %v%s", endpoint.Redacted(), err, unknown)
+		return adminAnswer{}, fmt.Errorf("cannot reach the credits admin API at %s: %v%s", endpoint.Redacted(), err, unknown)
+	}
+	if c.gone != "" && tries > 1 && resp.StatusCode == http.StatusNotFound {
+		return adminAnswer{endpoint: endpoint, gone: true}, nil
 	}
 	if resp.StatusCode < 200 || resp.StatusCode > 299 {
-		return caddy.ExitCodeFailedStartup, fmt.Errorf("%w%s", answerError(endpoint, resp, data), unknown)
+		return adminAnswer{}, fmt.Errorf("%w%s", answerError(endpoint, resp, data), unknown)
 	}
 	if !json.Valid(data) {
-		return caddy.ExitCodeFailedStartup, fmt.Errorf("the answer of %s is not JSON; is it a credits_admin mount?", endpoint.Redacted())
+		return adminAnswer{}, fmt.Errorf("the answer of %s is not JSON; is it a credits_admin mount?", endpoint.Redacted())
 	}
-	// A replay of this command's own first try, whose answer was lost, is
-	// the write applied once, as asked.
-	replayed := c.replayed != "" && tries == 1 && resp.Header.Get(headerReplayed) == "true"
-	if fl.Bool("json") {
-		if replayed {
-			fmt.Fprintln(os.Stderr, c.replayed)
-		}
-		_, err = os.Stdout.Write(append(bytes.TrimSpace(data), '\n'))
-		return 0, err
-	}
-	if replayed {
-		fmt.Fprintln(os.Stdout, c.replayed)
-	}
-	if err := human(os.Stdout, data); err != nil {
-		return caddy.ExitCodeFailedStartup, fmt.Errorf("the answer of %s: %v", endpoint.Redacted(), err)
-	}
-	return 0, nil
+	return adminAnswer{
+		endpoint: endpoint, data: data,
+		replayed: c.replayed != "" && tries == 1 && resp.Header.Get(headerReplayed) == "true",
+	}, nil
 }
 
 // retryStatus reports whether an answer says the call may not have been

@@ -1000,3 +1000,293 @@ func TestCommandReplayed(t *testing.T) {
 		t.Fatalf("a replayed top-up with --json printed:\n%s", out)
 	}
 }
+
+// TestCommandBudgets drives caddy credits budgets against a real Caddy and
+// redis-server: a subject's budget and the org's default, set, shown and
+// listed as the gateway spends them, a limit lowered below what was spent,
+// the pages, the removals, the API's refusals and the argument checks,
+// which stop before any call. From outside, the ledger charged what the
+// upstream answered, and each budget spent what the upstream answered for
+// its subject.
+func TestCommandBudgets(t *testing.T) {
+	clearCreditsEnv(t)
+	g := startBudgetGateway(t)
+	const org = "cli"
+	g.emptyOrg(org, 100, 0)
+	env := []string{"CREDITS_ADMIN_TOKEN=s3cret"}
+	credits := func(t *testing.T, args ...string) string {
+		t.Helper()
+		out, err := runCaddyEnv(t, env, append([]string{"credits", "--endpoint", g.adminURL}, args...)...)
+		if err != nil {
+			t.Fatalf("caddy credits %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		return out
+	}
+	// table is the list of budgets, each line's fields joined by one space.
+	table := func(t *testing.T, args ...string) []string {
+		t.Helper()
+		var lines []string
+		for line := range strings.Lines(credits(t, append([]string{"budgets", org}, args...)...)) {
+			lines = append(lines, strings.Join(strings.Fields(line), " "))
+		}
+		return lines
+	}
+	if out := credits(t, "budgets", org); out != "no budgets\n" {
+		t.Fatalf("the budgets of an org without any: %q", out)
+	}
+
+	tomorrow := rfc(time.Now().UTC().Truncate(24 * time.Hour).Add(24 * time.Hour))
+	monday := time.Now().UTC().Truncate(24 * time.Hour).Add(24 * time.Hour)
+	for monday.Weekday() != time.Monday {
+		monday = monday.Add(24 * time.Hour)
+	}
+	for range 2 {
+		wantFields(t, credits(t, "budgets", org, "set", "alice", "5", "day"), map[string]string{
+			"subject": "alice", "budget": "its own", "limit": "5 per day", "spent": "0", "remaining": "5", "resets": tomorrow,
+		})
+	}
+	wantDefault := map[string]string{"budget": "the org's default, for each subject without its own", "limit": "3 per week", "resets": rfc(monday)}
+	wantFields(t, credits(t, "budgets", org, "default", "3", "week"), wantDefault)
+	wantFields(t, credits(t, "budgets", org, "default"), wantDefault)
+	if t.Failed() {
+		t.FailNow()
+	}
+
+	// The gateway spends them: alice her own, bob the default's.
+	for range 2 {
+		wantStatus(t, g.budgeted("budgeted", org, "alice", 2), http.StatusOK)
+	}
+	r := g.budgeted("budgeted", org, "alice", 2)
+	wantStatus(t, r, http.StatusPaymentRequired)
+	if p := r.problem(t); p["subject"] != "alice" || p["spent"] != 4.0 || p["limit"] != 5.0 {
+		t.Fatalf("alice's refusal: %s", r.body)
+	}
+	wantStatus(t, g.budgeted("budgeted", org, "bob", 3), http.StatusOK)
+	wantStatus(t, g.budgeted("budgeted", org, "bob", 1), http.StatusPaymentRequired)
+	wantFields(t, credits(t, "budgets", org, "show", "alice"), map[string]string{"budget": "its own", "spent": "4", "remaining": "1"})
+	wantFields(t, credits(t, "budgets", org, "show", "bob"), map[string]string{
+		"subject": "bob", "budget": "the org's default", "limit": "3 per week", "spent": "3", "remaining": "0", "resets": rfc(monday),
+	})
+	if got, want := table(t), []string{
+		"SUBJECT LIMIT WINDOW SPENT REMAINING RESETS",
+		"(default) 3 week - - " + rfc(monday),
+		"alice 5 day 4 1 " + tomorrow,
+	}; !slices.Equal(got, want) {
+		t.Fatalf("the list:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	g.wantBudgetsAnswered(org, 100, map[string]int64{"alice": 4, "bob": 3})
+
+	// A limit lowered below what was spent refuses; raised, it pays again.
+	wantFields(t, credits(t, "budgets", org, "set", "alice", "3", "day"), map[string]string{"limit": "3 per day", "spent": "4", "remaining": "0"})
+	wantStatus(t, g.budgeted("budgeted", org, "alice", 1), http.StatusPaymentRequired)
+	wantFields(t, credits(t, "budgets", org, "set", "alice", "6", "day"), map[string]string{"spent": "4", "remaining": "2"})
+	wantStatus(t, g.budgeted("budgeted", org, "alice", 2), http.StatusOK)
+	wantStatus(t, g.budgeted("budgeted", org, "alice", 1), http.StatusPaymentRequired)
+
+	// --json prints the API's budget.
+	var b budgetJSON
+	out := credits(t, "budgets", org, "set", "carol", "7", "month", "--json")
+	if err := json.Unmarshal([]byte(out), &b); err != nil || b.Subject != "carol" || b.Limit != 7 || b.Window != "month" || b.Remaining != 7 {
+		t.Fatalf("set --json: %v %+v\n%s", err, b, out)
+	}
+	credits(t, "budgets", org, "set", "dave", "8", "period")
+	if got := table(t, "--limit", "2"); len(got) != 5 || !strings.HasPrefix(got[1], "(default) 3 week") ||
+		!strings.HasPrefix(got[2], "alice 6 day 6 0") || !strings.HasPrefix(got[3], "carol 7 month 0 7") ||
+		got[4] != "more: caddy credits budgets cli --after carol --limit 2" {
+		t.Fatalf("the first page of two:\n%s", strings.Join(got, "\n"))
+	}
+	if got := table(t, "--after", "carol", "--limit", "2"); len(got) != 3 || !strings.HasPrefix(got[2], "dave 8 period 0 8 ") {
+		t.Fatalf("the page after carol:\n%s", strings.Join(got, "\n"))
+	}
+
+	g.t = t
+	state := func() string {
+		r := g.admin(http.MethodGet, "/orgs/"+org+"/budgets", "")
+		return g.ledgerState(org) + fmt.Sprintf("%d %s", r.status, r.body)
+	}
+	before := state()
+	closed := fmt.Sprintf("http://127.0.0.1:%d/admin", freePort(t))
+	long := strings.Repeat("s", 65)
+	for _, tc := range []struct {
+		name    string
+		args    []string
+		precall bool
+		want    []string
+	}{
+		{"rm of a subject without one", []string{"budgets", org, "rm", "ghost"}, false, []string{"answered 404 Not Found", "subject ghost has no budget in org cli"}},
+		{"limit zero", []string{"budgets", org, "set", "erin", "0", "day"}, true, []string{`invalid limit "0": must be 1 to 1000000000000`}},
+		{"limit too big", []string{"budgets", org, "set", "erin", "1000000000001", "day"}, true, []string{`invalid limit "1000000000001": must be 1 to 1000000000000`}},
+		{"limit negative", []string{"budgets", org, "set", "erin", "--", "-5", "day"}, true, []string{`invalid limit "-5"`}},
+		{"limit negative without --", []string{"budgets", org, "set", "erin", "-5", "day"}, true, []string{"put -- before a negative number"}},
+		{"limit not a number", []string{"budgets", org, "set", "erin", "lots", "day"}, true, []string{`invalid limit "lots": not a whole number`}},
+		{"unknown window", []string{"budgets", org, "set", "erin", "5", "year"}, true, []string{`invalid window "year": must be day, week, month or period`}},
+		{"window in capitals", []string{"budgets", org, "default", "5", "Day"}, true, []string{`invalid window "Day"`}},
+		{"default limit zero", []string{"budgets", org, "default", "0", "day"}, true, []string{`invalid limit "0"`}},
+		{"bad subject", []string{"budgets", org, "set", "a/b", "5", "day"}, true, []string{`invalid subject "a/b"`}},
+		{"long subject", []string{"budgets", org, "show", long}, true, []string{"invalid subject"}},
+		{"empty subject", []string{"budgets", org, "rm", ""}, true, []string{"budget subject missing"}},
+		{"subject of dots", []string{"budgets", org, "rm", ".."}, true, []string{`invalid subject ".."`}},
+		{"set without window", []string{"budgets", org, "set", "erin", "5"}, true, []string{"wrong number of arguments (4)", "usage: caddy credits budgets <org>"}},
+		{"default with a limit only", []string{"budgets", org, "default", "5"}, true, []string{"wrong number of arguments (3)"}},
+		{"show without subject", []string{"budgets", org, "show"}, true, []string{"wrong number of arguments (2)"}},
+		{"rm-default with a subject", []string{"budgets", org, "rm-default", "alice"}, true, []string{"wrong number of arguments (3)"}},
+		{"unknown action", []string{"budgets", org, "freeze", "alice"}, true, []string{`unknown budgets action "freeze"`}},
+		{"after on set", []string{"budgets", org, "set", "erin", "5", "day", "--after", "a"}, true, []string{"--after is only for the list"}},
+		{"limit on show", []string{"budgets", org, "show", "alice", "--limit", "5"}, true, []string{"--limit is only for the list"}},
+		{"list limit zero", []string{"budgets", org, "--limit", "0"}, true, []string{`invalid limit "0": must be 1 to 1000`}},
+		{"list limit too big", []string{"budgets", org, "--limit", "1001"}, true, []string{`invalid limit "1001": must be 1 to 1000`}},
+		{"list after a bad subject", []string{"budgets", org, "--after", "a b"}, true, []string{`invalid after "a b": must be a subject`}},
+		{"bad org", []string{"budgets", "a b", "show", "alice"}, true, []string{"invalid org"}},
+		{"org missing", []string{"budgets"}, true, []string{"wrong number of arguments (0)"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ep := g.adminURL
+			if tc.precall {
+				ep = closed
+			}
+			out, err := runCaddyEnv(t, env, append([]string{"credits", "--endpoint", ep}, tc.args...)...)
+			if exitErr, ok := errors.AsType[*exec.ExitError](err); !ok || exitErr.ExitCode() != 1 {
+				t.Fatalf("caddy credits %s: %v, want exit status 1\n%s", strings.Join(tc.args, " "), err, out)
+			}
+			if out != "" {
+				t.Errorf("standard output is not empty: %s", out)
+			}
+			for _, w := range tc.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("standard error lacks %q: %v", w, err)
+				}
+			}
+			if tc.precall && strings.Contains(err.Error(), "cannot reach") {
+				t.Errorf("called the API: %v", err)
+			}
+		})
+	}
+	g.t = t
+	if after := state(); after != before {
+		t.Fatalf("refused commands changed the ledger or the budgets:\n%s\n%s", before, after)
+	}
+
+	// Flags after the dash are flags.
+	out = credits(t, "budgets", org, "set", "erin", "--", "9", "week", "--json")
+	if err := json.Unmarshal([]byte(out), &b); err != nil || b.Subject != "erin" || b.Limit != 9 || b.Window != "week" {
+		t.Fatalf("set with --json after the dash: %v\n%s", err, out)
+	}
+
+	// alice's own budget removed: the default applies to her. The default
+	// removed: alice has no limit, and a call answers no budget header.
+	wantFields(t, credits(t, "budgets", org, "rm", "alice"), map[string]string{"subject": "alice", "budget": "its own", "limit": "6 per day", "spent": "6"})
+	wantFields(t, credits(t, "budgets", org, "show", "alice"), map[string]string{"budget": "the org's default", "limit": "3 per week"})
+	wantFields(t, credits(t, "budgets", org, "rm-default"), wantDefault)
+	for _, args := range [][]string{{"show", "alice"}, {"default"}, {"rm-default"}} {
+		out, err := runCaddyEnv(t, env, append([]string{"credits", "--endpoint", g.adminURL, "budgets", org}, args...)...)
+		if err == nil || !strings.Contains(err.Error(), "answered 404 Not Found") {
+			t.Errorf("budgets %s after the removals: %v, want a 404\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	r = g.budgeted("budgeted", org, "alice", 10)
+	wantStatus(t, r, http.StatusOK)
+	wantHeaders(t, r, map[string]string{"Credits-Budget-Remaining": ""})
+	now := time.Now().UTC()
+	nextMonth := rfc(time.Date(now.Year(), now.Month()+1, 1, 0, 0, 0, 0, time.UTC))
+	if got := table(t); len(got) != 4 || got[1] != "carol 7 month 0 7 "+nextMonth || !strings.HasPrefix(got[2], "dave 8 period 0 8 ") ||
+		got[3] != "erin 9 week 0 9 "+rfc(monday) {
+		t.Fatalf("the list after the removals:\n%s", strings.Join(got, "\n"))
+	}
+
+	// Every page: more budgets than a page holds, listed by one command.
+	for i := range meter.MaxBudgetsPage {
+		wantStatus(t, g.admin(http.MethodPut, fmt.Sprintf("/orgs/%s/budgets/k%04d", org, i), `{"limit": 1, "window": "day"}`), http.StatusOK)
+	}
+	var all struct {
+		Default *budgetJSON  `json:"default"`
+		Budgets []budgetJSON `json:"budgets"`
+		Next    string       `json:"next"`
+	}
+	out = credits(t, "budgets", org, "--json")
+	if err := json.Unmarshal([]byte(out), &all); err != nil || all.Default != nil || all.Next != "" || len(all.Budgets) != meter.MaxBudgetsPage+3 {
+		t.Fatalf("budgets --json of %d budgets: %v, %d listed, next %q", meter.MaxBudgetsPage+3, err, len(all.Budgets), all.Next)
+	}
+	for i, b := range all.Budgets[1:] {
+		if prev := all.Budgets[i].Subject; b.Subject <= prev {
+			t.Fatalf("budget %d, %s, listed after %s", i+1, b.Subject, prev)
+		}
+	}
+	if got := table(t); len(got) != meter.MaxBudgetsPage+4 || got[len(got)-1] != "k0999 1 day 0 1 "+tomorrow {
+		t.Fatalf("the list of every page: %d lines, the last %q", len(got), got[len(got)-1])
+	}
+	g.t = t
+	a := g.acct(org)
+	if answered := g.upstream.answeredBySubject(t, org); 100-a.Balance != answered["alice"]+answered["bob"] || answered["alice"] != 16 || answered["bob"] != 3 {
+		t.Fatalf("the ledger charged %d, the upstream answered %v", 100-a.Balance, answered)
+	}
+}
+
+// TestCommandBudgetsRetry puts a proxy that loses answers between caddy
+// credits budgets and a real Caddy: a budget set twice is set once, and a
+// removal whose answer was lost, sent again, finds the budget gone and
+// says it is removed.
+func TestCommandBudgetsRetry(t *testing.T) {
+	clearCreditsEnv(t)
+	g := startBudgetGateway(t)
+	g.emptyOrg("retry", 100, 0)
+	p := &lossyProxy{target: strings.TrimSuffix(g.adminURL, "/admin"), lose: 1}
+	srv := httptest.NewServer(p)
+	t.Cleanup(srv.Close)
+	run := func(args ...string) (string, error) {
+		t.Helper()
+		return runCaddyEnv(t, []string{"CREDITS_ADMIN_TOKEN=s3cret"}, append([]string{"credits", "--endpoint", srv.URL + "/admin", "budgets", "retry"}, args...)...)
+	}
+	wantStatus(t, g.budgeted("budgeted", "retry", "alice", 2), http.StatusOK)
+	out, err := run("set", "alice", "5", "day")
+	if err != nil || field(out, "spent") != "0" || field(out, "remaining") != "5" {
+		t.Fatalf("set through a lost answer: %v\n%s", err, out)
+	}
+	if n := len(p.bodiesOf("/admin/orgs/retry/budgets/alice")); n != 2 {
+		t.Fatalf("the budget was sent %d times, want 2", n)
+	}
+	wantStatus(t, g.budgeted("budgeted", "retry", "alice", 4), http.StatusOK)
+	wantStatus(t, g.budgeted("budgeted", "retry", "alice", 2), http.StatusPaymentRequired)
+	if b, _ := g.getBudget("retry", "alice"); b.Spent != 4 || b.Limit != 5 {
+		t.Fatalf("alice's budget after a set sent twice: %+v", b)
+	}
+
+	p.setLose(1)
+	for _, tc := range []struct {
+		args []string
+		path string
+		said string
+	}{
+		{[]string{"rm", "alice"}, "/admin/orgs/retry/budgets/alice", "subject alice's budget in org retry is removed\n"},
+		{[]string{"rm-default"}, "/admin/orgs/retry/default-budget", "org retry's default budget is removed\n"},
+	} {
+		if tc.args[0] == "rm-default" {
+			g.setBudget("retry", "", 9, "month")
+		}
+		out, err := run(tc.args...)
+		if err != nil || out != tc.said {
+			t.Fatalf("budgets retry %s through a lost answer: %v\n%q, want %q", strings.Join(tc.args, " "), err, out, tc.said)
+		}
+		if n := len(p.bodiesOf(tc.path)); n != 2 {
+			t.Fatalf("%s was sent %d times, want 2", tc.path, n)
+		}
+	}
+	if _, status := g.getBudget("retry", "alice"); status != http.StatusNotFound {
+		t.Fatalf("alice's budget after its removal: %d, want 404", status)
+	}
+	// A removal that was never applied is no "removed": its 404 on the
+	// first try is an error.
+	p.setLose(0)
+	if out, err := run("rm", "alice"); err == nil || !strings.Contains(err.Error(), "answered 404 Not Found") {
+		t.Fatalf("rm of a budget already gone: %v\n%s", err, out)
+	}
+	// Every answer lost: the error says how to see what is left.
+	p.setLose(maxAttempts)
+	g.setBudget("retry", "bob", 3, "day")
+	if _, err := run("rm", "bob"); err == nil || !strings.Contains(err.Error(), "the outcome is unknown: caddy credits budgets retry show bob says whether it has its own still") {
+		t.Fatalf("rm with every answer lost: %v", err)
+	}
+	if _, status := g.getBudget("retry", "bob"); status != http.StatusNotFound {
+		t.Fatalf("bob's budget after its removal: %d, want 404", status)
+	}
+	g.wantBudgetsAnswered("retry", 100, nil)
+}

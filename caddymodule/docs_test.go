@@ -419,3 +419,187 @@ func exportedNames(src string, dts bool) map[string]bool {
 	}
 	return names
 }
+
+// TestDocsBudgetsPerKey runs the "Budgets per API key" example of
+// docs/caddyfile.md, its Caddyfile as written but for its addresses, and
+// its caddy credits commands as written, in a caddy process with a
+// stand-in identity service for API keys, a backend that answers each
+// call's usage, and a real redis-server. A key's calls are refused with
+// the budget-spent problem once its budget is spent, while another key of
+// the same org goes on; a client's own X-Key-Id and X-Org-Id change
+// nothing; and what the backend answered per key is what each key's budget
+// spent, and in all what the ledger charged the org.
+func TestDocsBudgetsPerKey(t *testing.T) {
+	clearCreditsEnv(t)
+	block := readmeBlock(t, "../docs/caddyfile.md", "## Budgets per API key", "caddyfile")
+	commands := readmeBlock(t, "../docs/caddyfile.md", "## Budgets per API key", "sh")
+	srv := redistest.Start(t, redistest.Options{})
+	identity := startKeyIdentity(t, map[string][2]string{
+		"sk-alice": {"acme", "key-alice"},
+		"sk-batch": {"acme", "key-batch"},
+	})
+	backend := startUsageBackend(t)
+
+	gw, admin := freePort(t), freePort(t)
+	replace := []string{
+		"127.0.0.1:6379", srv.Addr,
+		"127.0.0.1:9000", strings.TrimPrefix(identity.URL, "http://"),
+		"127.0.0.1:8000", strings.TrimPrefix(backend.URL, "http://"),
+		"api.example.com {", fmt.Sprintf("http://127.0.0.1:%d {", gw),
+		":2020 {", fmt.Sprintf(":%d {", admin),
+		"{\n\tcredits {", "{\n\tadmin off\n\tcredits {",
+	}
+	for i := 0; i < len(replace); i += 2 {
+		if !strings.Contains(block, replace[i]) {
+			t.Fatalf("the example does not have %q, which the test replaces:\n%s", replace[i], block)
+		}
+	}
+	t.Setenv("CREDITS_ADMIN_TOKEN", "adm1n-token")
+	gwAddr, adminAddr := fmt.Sprintf("127.0.0.1:%d", gw), fmt.Sprintf("127.0.0.1:%d", admin)
+	startCaddyProcess(t, strings.NewReplacer(replace...).Replace(block), gwAddr, adminAddr)
+	adminURL := "http://" + adminAddr + "/admin"
+	env := []string{"CREDITS_ADMIN_ENDPOINT=" + adminURL}
+
+	client := &http.Client{Timeout: 10 * time.Second}
+	do := func(method, url, body string, header ...string) (int, http.Header, []byte) {
+		t.Helper()
+		req, _ := http.NewRequest(method, url, strings.NewReader(body))
+		for i := 0; i < len(header); i += 2 {
+			req.Header.Set(header[i], header[i+1])
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		data, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, resp.Header, data
+	}
+	if s, _, body := do(http.MethodPost, adminURL+"/orgs/acme/topup", `{"amount": 1000, "reference": "inv-1"}`,
+		"Authorization", "Bearer adm1n-token"); s != http.StatusOK {
+		t.Fatalf("acme's top-up: %d %s", s, body)
+	}
+
+	// The docs' commands, as written.
+	var lines []string
+	for _, line := range strings.Split(commands, "\n") {
+		if line = strings.TrimSpace(line); line != "" && !strings.HasPrefix(line, "#") {
+			lines = append(lines, line)
+		}
+	}
+	if len(lines) != 3 {
+		t.Fatalf("%d commands, want three:\n%s", len(lines), commands)
+	}
+	run := func(line string) string {
+		t.Helper()
+		args, ok := strings.CutPrefix(line, "caddy ")
+		if !ok || strings.ContainsAny(args, `'"$\|;&`) {
+			t.Fatalf("not a plain caddy command: %s", line)
+		}
+		out, err := runCaddyEnv(t, env, strings.Fields(args)...)
+		if err != nil {
+			t.Fatalf("%s: %v\n%s", line, err, out)
+		}
+		return out
+	}
+	for _, line := range lines {
+		run(line)
+	}
+	list := func() []string {
+		var rows []string
+		for line := range strings.Lines(run(lines[2])) {
+			rows = append(rows, strings.Join(strings.Fields(line), " "))
+		}
+		return rows
+	}
+	if rows := list(); len(rows) != 3 || !strings.HasPrefix(rows[1], "(default) 50 day - - ") || !strings.HasPrefix(rows[2], "key-batch 500 month 0 500 ") {
+		t.Fatalf("the budgets after the docs' commands:\n%s", strings.Join(rows, "\n"))
+	}
+
+	gwURL := "http://" + gwAddr
+	call := func(key, prompt string, forged ...string) (int, []byte) {
+		t.Helper()
+		s, _, body := do(http.MethodPost, gwURL+"/v1/chat/completions", prompt, append([]string{"Authorization", "Bearer " + key}, forged...)...)
+		return s, body
+	}
+	// key-alice, under the default of 50 a day: six calls of 8 credits, one
+	// of them claiming to be key-batch of another org.
+	eight := "12345678"
+	for i := range 6 {
+		forged := []string{}
+		if i == 2 {
+			forged = []string{"X-Key-Id", "key-batch", "X-Org-Id", "beta"}
+		}
+		if s, body := call("sk-alice", eight, forged...); s != http.StatusOK {
+			t.Fatalf("key-alice's call %d: %d %s", i+1, s, body)
+		}
+	}
+	// 2 left, and a call holds 10: refused, naming key-alice, whatever
+	// X-Key-Id the client sends.
+	for _, forged := range [][]string{nil, {"X-Key-Id", "key-batch"}} {
+		s, body := call("sk-alice", eight, forged...)
+		var p map[string]any
+		if s != http.StatusPaymentRequired || json.Unmarshal(body, &p) != nil || p["type"] != "https://creditsgw.dev/problems/budget-spent" ||
+			p["subject"] != "key-alice" || p["limit"] != 50.0 || p["spent"] != 48.0 || p["resets"] == nil {
+			t.Fatalf("key-alice's spent budget, X-Key-Id %v: %d %s", forged, s, body)
+		}
+	}
+	// key-batch, of the same org, goes on.
+	thirty := strings.Repeat("x", 30)
+	for i := range 3 {
+		if s, body := call("sk-batch", thirty); s != http.StatusOK {
+			t.Fatalf("key-batch's call %d after key-alice's budget was spent: %d %s", i+1, s, body)
+		}
+	}
+	if s, _ := call("sk-unknown", eight, "X-Org-Id", "acme", "X-Key-Id", "key-batch"); s != http.StatusUnauthorized {
+		t.Fatalf("a call with an unknown key: %d, want the identity service's 401", s)
+	}
+
+	// The balance: the org's, and the key's own budget.
+	for _, c := range []struct {
+		key, subject, window string
+		limit, spent         int64
+	}{
+		{"sk-alice", "key-alice", "day", 50, 48},
+		{"sk-batch", "key-batch", "month", 500, 90},
+	} {
+		s, h, body := do(http.MethodGet, gwURL+"/credits/balance", "", "Authorization", "Bearer "+c.key, "X-Key-Id", "key-other", "X-Org-Id", "beta")
+		var bal struct {
+			Org     string      `json:"org"`
+			Balance int64       `json:"balance"`
+			Budget  *budgetJSON `json:"budget"`
+		}
+		if s != http.StatusOK || json.Unmarshal(body, &bal) != nil || bal.Org != "acme" || bal.Balance != 1000-48-90 || bal.Budget == nil ||
+			bal.Budget.Subject != c.subject || bal.Budget.Limit != c.limit || bal.Budget.Window != c.window || bal.Budget.Spent != c.spent ||
+			h.Get("Credits-Budget-Remaining") != fmt.Sprint(c.limit-c.spent) {
+			t.Fatalf("the balance of %s: %d %s %s", c.key, s, h.Get("Credits-Budget-Remaining"), body)
+		}
+	}
+	if rows := list(); len(rows) != 3 || !strings.HasPrefix(rows[2], "key-batch 500 month 90 410 ") {
+		t.Fatalf("the budgets after the calls:\n%s", strings.Join(rows, "\n"))
+	}
+
+	// From outside: what the backend answered, per key, against each
+	// budget and the org's ledger.
+	answered := backend.answeredNow()
+	if len(answered) != 2 || answered[[2]string{"acme", "key-alice"}] != 48 || answered[[2]string{"acme", "key-batch"}] != 90 {
+		t.Fatalf("the backend answered %v, want key-alice 48 and key-batch 90 of acme", answered)
+	}
+	var total int64
+	for k, n := range answered {
+		total += n
+		s, _, body := do(http.MethodGet, adminURL+"/orgs/acme/budgets/"+k[1], "", "Authorization", "Bearer adm1n-token")
+		var b budgetJSON
+		if s != http.StatusOK || json.Unmarshal(body, &b) != nil || b.Spent != n {
+			t.Errorf("%s: the backend answered %d credits; its budget: %d %s", k[1], n, s, body)
+		}
+	}
+	s, _, body := do(http.MethodGet, adminURL+"/orgs/acme", "", "Authorization", "Bearer adm1n-token")
+	var a struct {
+		Balance int64            `json:"balance"`
+		Used    map[string]int64 `json:"used"`
+	}
+	if s != http.StatusOK || json.Unmarshal(body, &a) != nil || 1000-a.Balance != total || a.Used["chat"] != total {
+		t.Fatalf("the backend answered %d credits; the ledger: %d %s", total, s, body)
+	}
+}

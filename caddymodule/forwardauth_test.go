@@ -4,11 +4,13 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"maps"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -288,4 +290,63 @@ http://127.0.0.1:%d {
 			t.Errorf("%s as %s, X-Org-Id %q: %d %q, want %d %q", c.path, c.token, c.forged, status, says, c.status, c.says)
 		}
 	}
+}
+
+// startKeyIdentity starts a stand-in identity service for API keys: GET
+// /verify-key with "Authorization: Bearer <key>" answers 200 with the
+// key's org and id in X-Org-Id and X-Key-Id, as keys maps them, and 401
+// for a key it does not know.
+func startKeyIdentity(t *testing.T, keys map[string][2]string) *httptest.Server {
+	t.Helper()
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/verify-key" {
+			http.Error(w, "not here", http.StatusNotFound)
+			return
+		}
+		key, ok := keys[strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")]
+		if !ok {
+			http.Error(w, "unknown API key", http.StatusUnauthorized)
+			return
+		}
+		w.Header().Set("X-Org-Id", key[0])
+		w.Header().Set("X-Key-Id", key[1])
+		w.WriteHeader(http.StatusOK)
+	}))
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+// usageBackend is a stand-in AI backend that answers each call's cost in
+// Credits-Usage, one credit per byte of the request's body, and adds up
+// what it answered per org and X-Key-Id.
+type usageBackend struct {
+	*httptest.Server
+	mu       sync.Mutex
+	answered map[[2]string]int64
+}
+
+func startUsageBackend(t *testing.T) *usageBackend {
+	t.Helper()
+	b := &usageBackend{answered: map[[2]string]int64{}}
+	b.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, err := io.ReadAll(r.Body)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		b.mu.Lock()
+		b.answered[[2]string{r.Header.Get("X-Org-Id"), r.Header.Get("X-Key-Id")}] += int64(len(body))
+		b.mu.Unlock()
+		w.Header().Set("Credits-Usage", strconv.Itoa(len(body)))
+		fmt.Fprint(w, `{"choices": []}`)
+	}))
+	t.Cleanup(b.Close)
+	return b
+}
+
+// answeredNow returns a copy of what the backend answered, per org and key.
+func (b *usageBackend) answeredNow() map[[2]string]int64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return maps.Clone(b.answered)
 }
