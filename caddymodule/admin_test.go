@@ -778,6 +778,8 @@ func TestAdminNamedTokens(t *testing.T) {
 		t.Fatalf("the gateway's Caddyfile has no %q to replace, or the docs' block changed:\n%s", admin, block)
 	}
 	reloadCaddyfile(t, both)
+	// The old config's servers closed their connections.
+	g.client.CloseIdleConnections()
 	with := func(token, method, path, body string) reply {
 		return g.do(method, g.adminURL+path, map[string]string{"Authorization": "Bearer " + token}, body)
 	}
@@ -820,6 +822,7 @@ func TestAdminNamedTokens(t *testing.T) {
 
 	// The rotation's end: only the new token is kept.
 	reloadCaddyfile(t, strings.Replace(both, "token ops {env.CREDITS_ADMIN_TOKEN}\n", "", 1))
+	g.client.CloseIdleConnections()
 	r = with(old, http.MethodPost, "/orgs/rot/topup", `{"amount": 5, "reference": "t2"}`)
 	wantStatus(t, r, http.StatusUnauthorized)
 	r.problem(t)

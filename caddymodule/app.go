@@ -217,11 +217,19 @@ func (a *App) Provision(ctx caddy.Context) error {
 		a.logger.Warn("the gateway's clock is moved for testing", zap.String(clockOffsetEnv, off))
 		now = func() time.Time { return time.Now().Add(d) }
 	}
+	// Behind Sentinel a master can fail over at any moment: a write counts
+	// once a replica has it, so that the new master has every one the
+	// gateway was answered.
+	replicas := 0
+	if a.RedisSentinel != nil {
+		replicas = 1
+	}
 	a.ledger, err = meter.New(a.store.rdb, meter.Config{
-		Prefix:      a.KeyPrefix,
-		DefaultPlan: plan,
-		Timeout:     time.Duration(a.Timeout),
-		Now:         now,
+		Prefix:       a.KeyPrefix,
+		DefaultPlan:  plan,
+		Timeout:      time.Duration(a.Timeout),
+		Now:          now,
+		WaitReplicas: replicas,
 	})
 	if err != nil {
 		return err

@@ -33,6 +33,9 @@ type batcher struct {
 	many  *redis.Script
 	lanes int // round trips in flight at once
 	max   int // the most commands in one round trip
+	// replicas is Config.WaitReplicas: how many replicas must have a
+	// batch's writes before its replies stand.
+	replicas int
 
 	mu    sync.Mutex
 	busy  int // lanes in flight
@@ -65,11 +68,11 @@ const (
 // nil, runs a batch of them in one script run on a single Redis: with the
 // common arguments once, then each call's keys and its other arguments, and
 // one reply per call ({-1, message} for a call that raised an error).
-func newBatcher(rdb redis.UniversalClient, lanes, max int, many *redis.Script) *batcher {
+func newBatcher(rdb redis.UniversalClient, lanes, max int, many *redis.Script, replicas int) *batcher {
 	if _, single := rdb.(*redis.Client); !single {
 		many = nil
 	}
-	return &batcher{rdb: rdb, lanes: lanes, max: max, many: many}
+	return &batcher{rdb: rdb, lanes: lanes, max: max, many: many, replicas: replicas}
 }
 
 // run runs script once, alone or with other commands. sent reports whether
@@ -82,7 +85,7 @@ func (b *batcher) run(ctx context.Context, script *redis.Script, keys []string, 
 		// every lane is busy.
 		b.busy++
 		b.mu.Unlock()
-		raw, err = script.Run(ctx, b.rdb, keys, args...).Result()
+		raw, err = runScript(ctx, b.rdb, script, b.replicas, keys, args...).Result()
 		b.next()
 		return raw, true, err
 	}
@@ -180,8 +183,17 @@ func (b *batcher) send(batch []*queued) {
 	for i, q := range batch {
 		cmds[i] = q.script.EvalSha(ctx, pipe, q.keys, q.args...)
 	}
+	var wait *redis.Cmd
+	if b.replicas > 0 {
+		// One WAIT after the batch, on its connection, counts the
+		// replicas that have every script's writes.
+		wait = waitCmd(ctx, pipe, b.replicas)
+	}
 	_, _ = pipe.Exec(ctx)
 	for i, q := range batch {
+		if wait != nil {
+			replicated(cmds[i], wait, b.replicas)
+		}
 		q.raw, q.err = cmds[i].Result()
 		close(q.done)
 	}
@@ -197,7 +209,7 @@ func (b *batcher) sendMany(ctx context.Context, batch []*queued) {
 		keys = append(keys, q.keys...)
 		args = append(args, q.args[common:]...)
 	}
-	raw, err := b.many.Run(ctx, b.rdb, keys, args...).Result()
+	raw, err := runScript(ctx, b.rdb, b.many, b.replicas, keys, args...).Result()
 	replies, ok := raw.([]any)
 	if err == nil && (!ok || len(replies) != len(batch)) {
 		err = fmt.Errorf("batch of %d charges: reply is %T of %d", len(batch), raw, len(replies))

@@ -99,6 +99,12 @@ type Config struct {
 	// Now is the ledger's clock; default time.Now. Recharges follow it;
 	// holds and leases expire by Redis' clock instead.
 	Now func() time.Time
+	// WaitReplicas, when above 0, makes every script's writes count only
+	// once that many replicas have them (WAIT, on the script's connection,
+	// within its deadline): a master that fails over then loses nothing
+	// the ledger answered. A write no replica took in time has an unknown
+	// outcome (ErrNotReplicated), as a lost reply has. 0 waits for none.
+	WaitReplicas int
 }
 
 // Ledger changes and reads orgs' credits. It is safe for concurrent use.
@@ -117,6 +123,8 @@ type Ledger struct {
 	charges *batcher
 	// serverSkew is milliseconds added to Redis' clock; tests move it.
 	serverSkew atomic.Int64
+	// replicas is Config.WaitReplicas.
+	replicas int
 }
 
 // New returns a ledger over rdb, which may be a single Redis, a Sentinel
@@ -166,6 +174,9 @@ func New(rdb redis.UniversalClient, cfg Config) (*Ledger, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	if cfg.WaitReplicas < 0 {
+		return nil, fmt.Errorf("replicas to wait for %d: must be 0 or more", cfg.WaitReplicas)
+	}
 	return &Ledger{
 		rdb:         rdb,
 		keys:        keys,
@@ -177,7 +188,8 @@ func New(rdb redis.UniversalClient, cfg Config) (*Ledger, error) {
 		keyTTL:      strconv.FormatInt(int64(cfg.KeyTTL/time.Second), 10),
 		refTTL:      cfg.ReferenceTTL.Milliseconds(),
 		now:         cfg.Now,
-		charges:     newBatcher(rdb, batchLanes, batchMax, chargesScript),
+		charges:     newBatcher(rdb, batchLanes, batchMax, chargesScript, cfg.WaitReplicas),
+		replicas:    cfg.WaitReplicas,
 	}, nil
 }
 

@@ -79,11 +79,11 @@ func (l *Ledger) evalWith(ctx context.Context, b *batcher, script *redis.Script,
 			raw, s, err = b.run(ctx, script, keys, all)
 			if s && redis.HasErrorPrefix(err, "NOSCRIPT") {
 				// A pipeline sends the script's hash alone; Run loads it.
-				raw, err = script.Run(ctx, l.rdb, keys, all...).Result()
+				raw, err = runScript(ctx, l.rdb, script, l.replicas, keys, all...).Result()
 			}
 			sent = s && (err == nil || !changedNothing(err))
 		} else {
-			raw, err = script.Run(ctx, l.rdb, keys, all...).Result()
+			raw, err = runScript(ctx, l.rdb, script, l.replicas, keys, all...).Result()
 			sent = sent || (err == nil || !changedNothing(err))
 		}
 		if err == nil || try == maxTries-1 || !retryable(err) {
@@ -123,6 +123,11 @@ const maxTries = 4
 func retryable(err error) bool {
 	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
 		return false
+	}
+	if errors.Is(err, ErrNotReplicated) {
+		// The master may have failed over: the same script again applies
+		// once, on whichever master answers now.
+		return true
 	}
 	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET) ||
 		errors.Is(err, syscall.EPIPE) || errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, net.ErrClosed) {
