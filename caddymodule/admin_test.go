@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -709,13 +710,13 @@ func TestAdminGrantsFull(t *testing.T) {
 	wantStatus(t, g.admin(http.MethodPost, "/orgs/full/grants", `{"amount": 1, "reference": "one-more"}`), http.StatusCreated)
 }
 
-// TestAdminDocsGrants runs the curl commands of docs/admin.md's Grants
-// section, as written but for the address, against a real Caddy and
-// redis-server: each is answered 2xx, and together they leave the org as
-// the comments say.
-func TestAdminDocsGrants(t *testing.T) {
-	g := startGateway(t, gatewayOptions{})
-	block := readmeBlock(t, "../docs/admin.md", "## Grants", "sh")
+// runDocCurls runs the curl commands of docs/admin.md's section, as written
+// but for the address, against g's admin API, with CREDITS_ADMIN_TOKEN set:
+// there must be want of them, each answered JSON with one of statuses. It
+// returns their bodies.
+func runDocCurls(t *testing.T, g *gateway, section string, want int, statuses ...string) []string {
+	t.Helper()
+	block := readmeBlock(t, "../docs/admin.md", section, "sh")
 	const addr = "localhost:2020/admin"
 	var commands []string
 	for _, line := range strings.Split(strings.ReplaceAll(block, "\\\n", " "), "\n") {
@@ -727,19 +728,31 @@ func TestAdminDocsGrants(t *testing.T) {
 		}
 		commands = append(commands, line)
 	}
-	if len(commands) != 5 {
-		t.Fatalf("%d commands, want one for the plan, the top-up and each of the three grant calls:\n%s", len(commands), block)
+	if len(commands) != want {
+		t.Fatalf("%s: %d commands, want %d:\n%s", section, len(commands), want, block)
 	}
+	var bodies []string
 	for _, line := range commands {
 		cmd := exec.Command("bash", "-euo", "pipefail", "-c", strings.Replace(line, addr, strings.TrimPrefix(g.adminURL, "http://"), 1)+" -w '\\n%{http_code}'")
 		cmd.Env = append(os.Environ(), "CREDITS_ADMIN_TOKEN=s3cret")
 		out, err := cmd.Output()
 		text := strings.TrimSpace(string(out))
 		body, status := text[:max(strings.LastIndex(text, "\n"), 0)], text[strings.LastIndex(text, "\n")+1:]
-		if err != nil || (status != "200" && status != "201") || !json.Valid([]byte(body)) {
-			t.Fatalf("%s: %v, status %s\n%s", line, err, status, out)
+		if err != nil || !slices.Contains(statuses, status) || !json.Valid([]byte(body)) {
+			t.Fatalf("%s: %v, status %s, want one of %v\n%s", line, err, status, statuses, out)
 		}
+		bodies = append(bodies, body)
 	}
+	return bodies
+}
+
+// TestAdminDocsGrants runs the curl commands of docs/admin.md's Grants
+// section, as written but for the address, against a real Caddy and
+// redis-server: each is answered 2xx, and together they leave the org as
+// the comments say.
+func TestAdminDocsGrants(t *testing.T) {
+	g := startGateway(t, gatewayOptions{})
+	runDocCurls(t, g, "## Grants", 5, "200", "201")
 	a := g.account("acme")
 	wantAccount(t, a, map[string]int64{"balance": 1500, "allowance_remaining": 1000, "purchased": 500, "promotional": 0})
 	if p := a["plan"].(map[string]any); p["rollover"] != float64(200) {

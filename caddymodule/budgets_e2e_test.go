@@ -1,11 +1,8 @@
 package caddymodule
 
 import (
-	"encoding/json"
 	"fmt"
 	"net/http"
-	"os"
-	"os/exec"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -483,33 +480,7 @@ func TestBudgetsExactAcrossLeasingGateways(t *testing.T) {
 // budgets as the comments say.
 func TestAdminDocsBudgets(t *testing.T) {
 	g := startGateway(t, gatewayOptions{})
-	block := readmeBlock(t, "../docs/admin.md", "## Budgets", "sh")
-	const addr = "localhost:2020/admin"
-	var commands []string
-	for _, line := range strings.Split(strings.ReplaceAll(block, "\\\n", " "), "\n") {
-		if line = strings.TrimSpace(line); line == "" || strings.HasPrefix(line, "#") {
-			continue
-		}
-		if !strings.HasPrefix(line, "curl -s ") || !strings.Contains(line, addr) {
-			t.Fatalf("a command that is not curl -s to %s: %s", addr, line)
-		}
-		commands = append(commands, line)
-	}
-	if len(commands) != 4 {
-		t.Fatalf("%d commands, want four:\n%s", len(commands), block)
-	}
-	var bodies []string
-	for _, line := range commands {
-		cmd := exec.Command("bash", "-euo", "pipefail", "-c", strings.Replace(line, addr, strings.TrimPrefix(g.adminURL, "http://"), 1)+" -w '\\n%{http_code}'")
-		cmd.Env = append(os.Environ(), "CREDITS_ADMIN_TOKEN=s3cret")
-		out, err := cmd.Output()
-		text := strings.TrimSpace(string(out))
-		body, status := text[:max(strings.LastIndex(text, "\n"), 0)], text[strings.LastIndex(text, "\n")+1:]
-		if err != nil || status != "200" || !json.Valid([]byte(body)) {
-			t.Fatalf("%s: %v, status %s\n%s", line, err, status, out)
-		}
-		bodies = append(bodies, body)
-	}
+	bodies := runDocCurls(t, g, "## Budgets", 4, "200")
 	if !strings.Contains(bodies[2], `"subject":"alice","limit":50,"window":"day"`) || !strings.Contains(bodies[2], `"limit":200,"window":"month"`) {
 		t.Fatalf("the page of budgets: %s", bodies[2])
 	}
