@@ -505,11 +505,12 @@ end
 -- it); without, usage is only added to (add_used) or read one feature at a
 -- time (used_of), which keeps a charge from reading every feature's field.
 -- acc.stored keeps the fields as the hash holds them (nil when absent), so
--- commit writes only what changed. feature, without with_used, is a
+-- commit writes only what changed. read, with feature, is the reply of that
+-- read when the caller made it already (quick_charge). feature, without with_used, is a
 -- charge's: its usage this period and today is read with the other fields
 -- (acc.known), and commit sets it in the same HSET as the rest, where it
 -- would add to each with an HINCRBY of its own.
-local function load(key, with_used, feature)
+local function load(key, with_used, feature, read)
   local acc = {key = key, events = {}, used_delta = {}, day_delta = {}, stored = {}}
   local stored = acc.stored
   local gl, gs, records = nil, nil, {}
@@ -540,10 +541,10 @@ local function load(key, with_used, feature)
   else
     -- The hot path of every charge: one pass over the reply. The
     -- feature's fields come first, as unpack must be the last argument.
-    local nf, raw = 0, nil
+    local nf, raw = 0, read
     if feature then
       nf = 2
-      raw = redis.call('HMGET', key, 'u:' .. feature, today() .. ':' .. feature, unpack(READ))
+      raw = raw or redis.call('HMGET', key, 'u:' .. feature, today() .. ':' .. feature, unpack(READ))
     else
       raw = redis.call('HMGET', key, unpack(READ))
     end
