@@ -389,8 +389,9 @@ func TestBudgetsPaging(t *testing.T) {
 
 // TestBudgetsExactAcrossLeasingGateways: two leasing gateways take calls
 // of ten subjects of one org at once, until every subject's budget is
-// spent. No budget is overspent: the upstream answered each subject
-// exactly its limit, and the ledger charged the org what it answered.
+// spent. The leases pay most calls from their shares of the budgets, and
+// no budget is overspent: the upstream answered each subject exactly its
+// limit, and the ledger charged the org what it answered.
 func TestBudgetsExactAcrossLeasingGateways(t *testing.T) {
 	srv := redistest.Start(t, redistest.Options{})
 	up := startUpstream(t)
@@ -444,6 +445,8 @@ func TestBudgetsExactAcrossLeasingGateways(t *testing.T) {
 	for err := range errs {
 		t.Fatal(err)
 	}
+	// Every lease reports and gives its credits and shares back.
+	settled := gws[0].settled(t, org, 20*time.Second)
 	perSubject := map[string]int64{}
 	up.mu.Lock()
 	for _, r := range up.received {
@@ -465,12 +468,23 @@ func TestBudgetsExactAcrossLeasingGateways(t *testing.T) {
 			t.Errorf("subject %s: answered %d, spent %d, want exactly %d", user, perSubject[user], b.Spent, limit)
 		}
 	}
-	var a leasedAccount
-	if err := gws[1].adminCall(http.MethodGet, "/orgs/"+org, "", &a); err != nil {
-		t.Fatal(err)
+	if 1000-settled.Balance != total || refused.Load() < 16*subjects {
+		t.Fatalf("the ledger charged %d, the upstream answered %d; %d refusals", 1000-settled.Balance, total, refused.Load())
 	}
-	if 1000-a.Balance != total || refused.Load() < 16*subjects {
-		t.Fatalf("the ledger charged %d, the upstream answered %d; %d refusals", 1000-a.Balance, total, refused.Load())
+	// The budgeted calls were leased: a charge of a call's own is one event
+	// of its cost, a lease's sync one event for all the calls it reports.
+	var leased, direct int64
+	for _, e := range gws[0].events(t, org) {
+		switch {
+		case e.Kind == "charge" && strings.HasPrefix(e.Ref, "lease:"):
+			leased -= e.Delta
+		case e.Kind == "charge":
+			direct -= e.Delta
+		}
+	}
+	t.Logf("paid from leases: %d credits; charged call by call: %d; answered %d", leased, direct, total)
+	if leased+direct != total || leased < total/3 {
+		t.Errorf("leases paid %d credits and charges %d of the %d answered: budgeted calls must be leased", leased, direct, total)
 	}
 }
 
