@@ -395,6 +395,7 @@ type share struct {
 	need    int64     // the largest cost a call that waited for the sync on its way wanted
 	starved time.Time // when a sync last gave less than a waiting call needed
 	used    time.Time // the last call
+	sent    int64     // the number of the last sync that reported its spending
 }
 
 // canPay reports whether the share may pay a call of cost now.
@@ -457,6 +458,7 @@ type Receipt struct {
 	BudgetRemaining int64
 	rep             *report
 	subject, wid    string
+	sent            int64 // its share's sent when the call spent it
 }
 
 // syncAnswer is how a sync ended, for the calls that wait for it: err is
@@ -537,7 +539,7 @@ func (ls *Leaser) SpendAs(org, subject, feature string, cost int64) (rc Receipt,
 						if !sh.known {
 							sh.asked, le.asked = true, true
 							if renew = le.sync == nil; renew {
-								s = ls.begin(org, le, le.block)
+								s = ls.begin(org, le, le.block, true)
 							}
 						}
 						le.mu.Unlock()
@@ -553,7 +555,7 @@ func (ls *Leaser) SpendAs(org, subject, feature string, cost int64) (rc Receipt,
 					answer := le.sync
 					var s LeaseSync
 					if answer == nil {
-						s = ls.begin(org, le, le.block)
+						s = ls.begin(org, le, le.block, true)
 					}
 					le.mu.Unlock()
 					if answer != nil {
@@ -583,10 +585,11 @@ func (ls *Leaser) SpendAs(org, subject, feature string, cost int64) (rc Receipt,
 			if sh != nil {
 				le.takeShare(&rc, sh, subject, cost)
 			}
-			renew := le.sync == nil && (le.held < le.block/2 || sh != nil && !sh.none && sh.held < sh.granted/2)
+			low := sh != nil && !sh.none && sh.held < sh.granted/2
+			renew := le.sync == nil && (le.held < le.block/2 || low)
 			var s LeaseSync
 			if renew {
-				s = ls.begin(org, le, le.block)
+				s = ls.begin(org, le, le.block, low)
 			}
 			le.mu.Unlock()
 			if renew {
@@ -632,7 +635,7 @@ func (ls *Leaser) SpendAs(org, subject, feature string, cost int64) (rc Receipt,
 		return Receipt{}, false, nil
 	}
 	// The lease is empty or stale: this call waits for a renewal.
-	s := ls.begin(org, le, max(le.block, cost))
+	s := ls.begin(org, le, max(le.block, cost), false)
 	le.mu.Unlock()
 	if err := ls.finish(le, s); err != nil {
 		if errors.Is(err, errClosed) {
@@ -697,7 +700,7 @@ func (le *lease) take(feature string, cost int64) Receipt {
 // the call of receipt rc.
 func (le *lease) takeShare(rc *Receipt, sh *share, subject string, cost int64) {
 	sh.spent += cost
-	rc.subject, rc.wid = subject, sh.wid
+	rc.subject, rc.wid, rc.sent = subject, sh.wid, sh.sent
 	if sh.none {
 		return
 	}
@@ -796,13 +799,20 @@ func (ls *Leaser) Adjust(org, feature string, rc Receipt, charged, actual int64)
 			sh = nil
 		}
 	}
+	// The call's spending of the budget may be still to report, though
+	// its credits were reported (a sync of the org's credits alone).
+	unsent := sh != nil && sh.sent == rc.sent
 	if rc.rep != nil && rc.rep == le.open {
 		le.spent.add(feature, diff)
-		if sh != nil {
-			sh.spent += diff
-		}
 	} else {
-		le.late = append(le.late, lateSpend{feature: feature, rep: rc.rep, n: diff, subject: rc.subject, wid: rc.wid})
+		c := lateSpend{feature: feature, rep: rc.rep, n: diff}
+		if !unsent {
+			c.subject, c.wid = rc.subject, rc.wid
+		}
+		le.late = append(le.late, c)
+	}
+	if unsent {
+		sh.spent += diff
 	}
 	if sh != nil && diff > 0 {
 		sh.held = max(sh.held-diff, 0)
@@ -827,8 +837,12 @@ func (le *lease) owes() bool {
 // begin marks a sync of the lease as on its way, asking to hold want
 // credits (0 gives them back), and returns it. It runs with le.mu held and
 // no sync on its way. A sync whose answer was not known goes again with its
-// sequence number and spending, so that the ledger applies it once.
-func (ls *Leaser) begin(org string, le *lease, want int64) LeaseSync {
+// sequence number and spending, so that the ledger applies it once. Only a
+// sync with subjects reports the subjects' spending and renews their shares:
+// a renewal of the org's credits alone skips them, which keeps it as cheap
+// in Redis as without budgets (the shares hold what was spent of them until
+// it is reported).
+func (ls *Leaser) begin(org string, le *lease, want int64, subjects bool) LeaseSync {
 	if le.inFlight == nil {
 		le.inFlight = make(map[string]int64, len(le.spent))
 		for _, f := range le.spent {
@@ -852,7 +866,10 @@ func (ls *Leaser) begin(org string, le *lease, want int64) LeaseSync {
 			le.unspent, le.state = 0, returning
 		}
 		le.seq = ls.seq.Add(1)
-		le.subjOut = ls.subjectsOut(le, want)
+		le.subjOut = nil
+		if subjects || le.state == returning {
+			le.subjOut = ls.subjectsOut(le, want)
+		}
 	}
 	if le.state == returning {
 		want = 0
@@ -887,7 +904,7 @@ func (ls *Leaser) subjectsOut(le *lease, want int64) map[string]SubjectSync {
 			// goes back, and none of it is spent from now on.
 			sh.held = 0
 		}
-		sh.unspent, sh.spent, sh.asked = b.Unspent, 0, false
+		sh.unspent, sh.spent, sh.asked, sh.sent = b.Unspent, 0, false, le.seq
 		out[subject] = b
 	}
 	return out
@@ -973,6 +990,14 @@ func (le *lease) applied(s LeaseSync, st LeaseState, err error, sent time.Time, 
 	for subject := range s.Subjects {
 		if sh := le.subjects[subject]; sh != nil {
 			sh.applied(st.Shares[subject], sent, ttl)
+		}
+	}
+	if st.Held == 0 {
+		// The lease's hold ended, and with it every share it held.
+		for _, sh := range le.subjects {
+			if !sh.none {
+				sh.held = 0
+			}
 		}
 	}
 }
@@ -1119,7 +1144,7 @@ func (ls *Leaser) due(org string, le *lease, now time.Time) (s LeaseSync, ok boo
 	if idle {
 		want = 0
 	}
-	return ls.begin(org, le, want), true
+	return ls.begin(org, le, want, true), true
 }
 
 // giveBack reports a closed leaser's lease and gives its credits back,
@@ -1143,7 +1168,7 @@ func (ls *Leaser) giveBack(org string, le *lease) {
 			ls.end(org, le)
 			return
 		}
-		s := ls.begin(org, le, 0)
+		s := ls.begin(org, le, 0, true)
 		le.mu.Unlock()
 		err := ls.finish(le, s)
 		le.mu.Lock()
@@ -1155,7 +1180,7 @@ func (ls *Leaser) giveBack(org string, le *lease) {
 			// since.
 			if !le.given || len(le.spent) > 0 || len(le.late) > 0 {
 				le.inFlight, le.lateOut = nil, nil
-				ls.unreported(ls.begin(org, le, 0), err)
+				ls.unreported(ls.begin(org, le, 0, true), err)
 				le.sync = nil
 			}
 			ls.end(org, le)

@@ -170,6 +170,43 @@ var leaseBudgetCases = []ledgerCase{
 			e.t.Fatal("a spent budget paid a call")
 		}
 	}},
+	{name: "refunds and settles of leased calls count in the budget's window", cfg: Config{DefaultPlan: Plan{Allowance: 1000}}, run: func(e *env) {
+		if _, err := e.ledger.SetBudget(e.ctx, "busy", "hana", BudgetLimit{Limit: 100, Window: WindowDay}); err != nil {
+			e.t.Fatal(err)
+		}
+		ls := NewLeaser(e.ledger, testLease, zap.NewNop())
+		first, _ := leaseShare(e, ls, "busy", "hana")
+		var rcs []Receipt
+		for len(rcs) < 4 {
+			rc, ok, err := ls.SpendAs("busy", "hana", "rich-text", 2)
+			if err != nil {
+				e.t.Fatal(err)
+			}
+			if !ok {
+				e.t.Fatal("a call with a share left was not leased")
+			}
+			if !rc.Budgeted || rc.BudgetRemaining < 0 || rc.BudgetRemaining > 100 {
+				e.t.Fatalf("receipt %+v", rc)
+			}
+			rcs = append(rcs, rc)
+		}
+		// One refunded and one settled above its cost before any report,
+		// the others after the lease reported them.
+		ls.Adjust("busy", "rich-text", rcs[0], 2, 0)
+		ls.Adjust("busy", "rich-text", rcs[1], 2, 5)
+		flushes := ls.flushes.Load()
+		for ls.flushes.Load() < flushes+3 {
+			time.Sleep(time.Millisecond)
+		}
+		ls.Adjust("busy", "rich-text", rcs[2], 2, 0)
+		ls.Adjust("busy", "rich-text", rcs[3], 2, 3)
+		ls.Close()
+		// 0 + 5 + 0 + 3 of the four calls.
+		e.wantBudget("busy", "hana", first+8)
+		if a := e.account("busy"); a.Balance != 1000-first-8 {
+			e.t.Fatalf("balance %d, want %d", a.Balance, 1000-first-8)
+		}
+	}},
 	{name: "leases and charges never overspend a budget", cfg: Config{DefaultPlan: Plan{Allowance: 1000}, EventsMax: 5000}, run: func(e *env) {
 		if _, err := e.ledger.SetBudget(e.ctx, "busy", "", BudgetLimit{Limit: 100, Window: WindowMonth}); err != nil {
 			e.t.Fatal(err)
