@@ -522,14 +522,14 @@ func (ls *Leaser) SpendAs(org, subject, feature string, cost int64) (rc Receipt,
 		le.mu.Unlock()
 		return Receipt{}, false, nil
 	}
-	waited := false // for a sync that asked for the subject's share
+	waits := 0 // for syncs, since the subject's share was short
 	for {
 		if le.canSpend(cost, now, ls.cfg.TTL) {
 			var sh *share
 			if subject != "" {
 				sh = le.share(subject, now)
 				if !sh.canPay(cost, now) {
-					if !sh.known || waited || now.Sub(sh.starved) < ls.cfg.Flush {
+					if !sh.known || waits == 2 || now.Sub(sh.starved) < ls.cfg.Flush {
 						// Charged on its own. A subject not seen yet gets
 						// a share at once, in the background; one whose
 						// budget has too little left for a share is paid
@@ -549,9 +549,10 @@ func (ls *Leaser) SpendAs(org, subject, feature string, cost int64) (rc Receipt,
 						return Receipt{}, false, nil
 					}
 					// The share is spent: wait for a sync that asks for
-					// more, on its way or begun now.
+					// more, begun now, or, one on its way (which may renew
+					// the org's credits alone), and then one begun now.
 					sh.asked, le.asked, sh.need = true, true, max(sh.need, cost)
-					waited = true
+					waits++
 					answer := le.sync
 					var s LeaseSync
 					if answer == nil {
@@ -589,7 +590,9 @@ func (ls *Leaser) SpendAs(org, subject, feature string, cost int64) (rc Receipt,
 			renew := le.sync == nil && (le.held < le.block/2 || low)
 			var s LeaseSync
 			if renew {
-				s = ls.begin(org, le, le.block, low)
+				// With the subjects when a share runs low, or a call
+				// asked for one.
+				s = ls.begin(org, le, le.block, low || le.asked)
 			}
 			le.mu.Unlock()
 			if renew {
@@ -635,7 +638,7 @@ func (ls *Leaser) SpendAs(org, subject, feature string, cost int64) (rc Receipt,
 		return Receipt{}, false, nil
 	}
 	// The lease is empty or stale: this call waits for a renewal.
-	s := ls.begin(org, le, max(le.block, cost), false)
+	s := ls.begin(org, le, max(le.block, cost), le.asked)
 	le.mu.Unlock()
 	if err := ls.finish(le, s); err != nil {
 		if errors.Is(err, errClosed) {
@@ -885,8 +888,9 @@ func (ls *Leaser) begin(org string, le *lease, want int64, subjects bool) LeaseS
 }
 
 // subjectsOut is what a new sync says of the lease's subjects: what each
-// spent, and the share it wants: a block while its calls want one, none
-// once they stop (or the lease is given back). It runs with le.mu held.
+// spent, and the share it wants: a block while its calls want one, what it
+// holds while they pause, none once they stopped for a Flush (or the lease
+// is given back). It runs with le.mu held.
 func (ls *Leaser) subjectsOut(le *lease, want int64) map[string]SubjectSync {
 	le.asked = false
 	if len(le.subjects) == 0 {
@@ -899,6 +903,10 @@ func (ls *Leaser) subjectsOut(le *lease, want int64) map[string]SubjectSync {
 		case sh.none:
 		case want > 0 && le.state != returning && (sh.asked || sh.spent > 0):
 			b.Want, b.Unspent = le.block, max(sh.held, 0)
+		case le.state != returning && time.Since(sh.used) <= ls.cfg.Flush:
+			// Called lately, not since the last report: it keeps what it
+			// holds, and asks for no more.
+			b.Unspent = max(sh.held, 0)
 		default:
 			// Its calls stopped, or the lease is given back: the share
 			// goes back, and none of it is spent from now on.
