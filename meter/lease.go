@@ -387,7 +387,6 @@ type share struct {
 	held    int64     // credits of the budget held and not yet spent
 	granted int64     // what the last sync gave
 	until   time.Time // the share is spent only before then: its window's end, or half the lease's lifetime after its sync
-	limit   int64     // the budget's limit, at the last sync
 	left    int64     // what the budget had left at the last sync, less this lease's spending since
 	spent   int64     // since the last sync was sent
 	unspent int64     // held when the sync on its way was sent
@@ -1032,7 +1031,7 @@ func (sh *share) applied(r Share, sent time.Time, ttl time.Duration) {
 	}
 	sh.none = false
 	sh.held = min(max(sh.held+r.Held-sh.unspent, 0), r.Held)
-	sh.granted, sh.wid, sh.limit = r.Held, r.Window, r.Limit
+	sh.granted, sh.wid = r.Held, r.Window
 	sh.left = r.Limit - r.Spent - sh.spent
 	sh.until = sent.Add(min(ttl/2, r.Left))
 	if sh.need > 0 && sh.held < sh.need {
