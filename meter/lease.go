@@ -506,8 +506,9 @@ func (ls *Leaser) Spend(org, feature string, cost int64) (rc Receipt, ok bool, e
 // (none when subject is empty): the lease pays it only from its share of
 // that budget, which the ledger set aside for it, so that no budget is
 // overspent. A subject the lease has not seen is charged on its own, and
-// the lease's next sync asks for a share; a share too small for the call
-// is renewed first, as the lease is, once a Flush at most.
+// the lease asks for a share at once, in the background; a call whose share
+// is too small waits for a sync that renews it (two at most), and is
+// charged on its own when the budget has too little left for a share.
 func (ls *Leaser) SpendAs(org, subject, feature string, cost int64) (rc Receipt, ok bool, err error) {
 	le := ls.lock(org)
 	if le == nil {
