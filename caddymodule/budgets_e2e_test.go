@@ -677,3 +677,84 @@ func TestBudgetShareOfKilledGateway(t *testing.T) {
 		t.Errorf("budget spent %d of %d; the upstream answered %d, %d of A's calls unreported (its share was %d)", b.Spent, limit, answered, lost, reserved)
 	}
 }
+
+// TestBudgetLoweredBelowShares lowers a subject's limit while a leasing
+// gateway holds a share of its budget. The share was set aside under the
+// old limit: spending may reach what was spent and set aside at the change,
+// never more, and from the lease's next report on no call passes the new
+// limit. The ledger charged the org what the upstream answered.
+func TestBudgetLoweredBelowShares(t *testing.T) {
+	srv := redistest.Start(t, redistest.Options{})
+	rdb := srv.Client(t)
+	up := startUpstream(t)
+	gw := startLeasedGateway(t, "A", srv.Addr, up.URL, 50, "1s")
+	const org, subject = "lowered", "lou"
+	gw.admin(t, http.MethodPut, "/orgs/"+org+"/plan", fmt.Sprintf(`{"allowance": 100000, "recharge_month": %d}`, thisMonth()))
+	var b budgetJSON
+	if err := gw.adminCall(http.MethodPut, "/orgs/"+org+"/budgets/"+subject, `{"limit": 800, "window": "day"}`, &b); err != nil {
+		t.Fatal(err)
+	}
+	call := func() int {
+		req, _ := http.NewRequest(http.MethodPost, gw.url+"/budgeted/x", nil)
+		req.Header.Set("X-Org-Id", org)
+		req.Header.Set("X-User-Id", subject)
+		resp, err := gw.client.Do(req)
+		if err != nil {
+			t.Error(err)
+			return 0
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	eventuallyWithin(t, 10*time.Second, "the lease holds a share of lou's budget", func() bool {
+		call()
+		return sharesHeld(t, rdb, org, subject) > 0
+	})
+	// What was spent and set aside at the change, read at once.
+	keys, _ := meter.NewKeys("")
+	v, err := rdb.HMGet(context.Background(), keys.Budgets(org), "s:"+subject).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	reserved := sharesHeld(t, rdb, org, subject)
+	var window string
+	var spent int64
+	fmt.Sscanf(v[0].(string), "%s %d", &window, &spent)
+	lowered := spent + 1
+	if err := gw.adminCall(http.MethodPut, "/orgs/"+org+"/budgets/"+subject, fmt.Sprintf(`{"limit": %d, "window": "day"}`, lowered), &b); err != nil {
+		t.Fatal(err)
+	}
+	// Calls go on from 4 connections until each is refused 20 times in a
+	// row: the lease's share is spent or shrunk, and then every call is
+	// refused.
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Go(func() {
+			for refused := 0; refused < 20; {
+				switch call() {
+				case http.StatusOK:
+					refused = 0
+				case http.StatusPaymentRequired:
+					refused++
+				default:
+					t.Error("a call neither answered nor refused")
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	settled := gw.settled(t, org, 20*time.Second)
+	if err := gw.adminCall(http.MethodGet, "/orgs/"+org+"/budgets/"+subject, "", &b); err != nil {
+		t.Fatal(err)
+	}
+	answered := up.callsOf(org, subject)
+	t.Logf("at the change: spent %d, shares %d; limit lowered to %d; spent now %d, answered %d", spent, reserved, lowered, b.Spent, answered)
+	if reserved < 2 || b.Spent > spent+reserved || b.Spent < lowered || answered != b.Spent || 100000-settled.Balance != answered {
+		t.Errorf("spent %d (answered %d, charged %d) after the limit was lowered to %d, with %d spent and %d set aside at the change",
+			b.Spent, answered, 100000-settled.Balance, lowered, spent, reserved)
+	}
+	if call() != http.StatusPaymentRequired || sharesHeld(t, rdb, org, subject) != 0 {
+		t.Errorf("a call after the lowered limit was reached was not refused, or a share stays")
+	}
+}
