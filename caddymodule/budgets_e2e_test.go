@@ -1,13 +1,18 @@
 package caddymodule
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/redis/go-redis/v9"
 
 	"github.com/creditsgw/caddy-credits/internal/redistest"
 	"github.com/creditsgw/caddy-credits/meter"
@@ -389,8 +394,9 @@ func TestBudgetsPaging(t *testing.T) {
 
 // TestBudgetsExactAcrossLeasingGateways: two leasing gateways take calls
 // of ten subjects of one org at once, until every subject's budget is
-// spent. No budget is overspent: the upstream answered each subject
-// exactly its limit, and the ledger charged the org what it answered.
+// spent. The leases pay most calls from their shares of the budgets, and
+// no budget is overspent: the upstream answered each subject exactly its
+// limit, and the ledger charged the org what it answered.
 func TestBudgetsExactAcrossLeasingGateways(t *testing.T) {
 	srv := redistest.Start(t, redistest.Options{})
 	up := startUpstream(t)
@@ -398,7 +404,7 @@ func TestBudgetsExactAcrossLeasingGateways(t *testing.T) {
 		startLeasedGateway(t, "a", srv.Addr, up.URL, 50, "1s"),
 		startLeasedGateway(t, "b", srv.Addr, up.URL, 50, "1s"),
 	}
-	const org, subjects, limit = "busy", 10, 15
+	const org, subjects, limit = "busy", 10, 60
 	gws[0].admin(t, http.MethodPut, "/orgs/"+org+"/plan", fmt.Sprintf(`{"allowance": 1000, "recharge_month": %d}`, thisMonth()))
 	for i := range subjects {
 		var b budgetJSON
@@ -444,6 +450,8 @@ func TestBudgetsExactAcrossLeasingGateways(t *testing.T) {
 	for err := range errs {
 		t.Fatal(err)
 	}
+	// Every lease reports and gives its credits and shares back.
+	settled := gws[0].settled(t, org, 20*time.Second)
 	perSubject := map[string]int64{}
 	up.mu.Lock()
 	for _, r := range up.received {
@@ -465,12 +473,23 @@ func TestBudgetsExactAcrossLeasingGateways(t *testing.T) {
 			t.Errorf("subject %s: answered %d, spent %d, want exactly %d", user, perSubject[user], b.Spent, limit)
 		}
 	}
-	var a leasedAccount
-	if err := gws[1].adminCall(http.MethodGet, "/orgs/"+org, "", &a); err != nil {
-		t.Fatal(err)
+	if 1000-settled.Balance != total || refused.Load() < 16*subjects {
+		t.Fatalf("the ledger charged %d, the upstream answered %d; %d refusals", 1000-settled.Balance, total, refused.Load())
 	}
-	if 1000-a.Balance != total || refused.Load() < 16*subjects {
-		t.Fatalf("the ledger charged %d, the upstream answered %d; %d refusals", 1000-a.Balance, total, refused.Load())
+	// The budgeted calls were leased: a charge of a call's own is one event
+	// of its cost, a lease's sync one event for all the calls it reports.
+	var leased, direct int64
+	for _, e := range gws[0].events(t, org) {
+		switch {
+		case e.Kind == "charge" && strings.HasPrefix(e.Ref, "lease:"):
+			leased -= e.Delta
+		case e.Kind == "charge":
+			direct -= e.Delta
+		}
+	}
+	t.Logf("paid from leases: %d credits; charged call by call: %d; answered %d", leased, direct, total)
+	if leased+direct != total || leased < total/2 {
+		t.Errorf("leases paid %d credits and charges %d of the %d answered: budgeted calls must be leased", leased, direct, total)
 	}
 }
 
@@ -487,5 +506,255 @@ func TestAdminDocsBudgets(t *testing.T) {
 	b, status := g.getBudget("acme", "alice")
 	if status != http.StatusOK || !b.Default || b.Limit != 200 || b.Window != "month" {
 		t.Fatalf("alice after her budget was removed: %+v (%d)", b, status)
+	}
+}
+
+// sharesHeld returns the credits of subject's budget in org that leases'
+// shares hold, as Redis stores them ("<window> <lease>=<credits> ...").
+func sharesHeld(t *testing.T, rdb *redis.Client, org, subject string) int64 {
+	t.Helper()
+	keys, err := meter.NewKeys("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	v, err := rdb.HGet(context.Background(), keys.Budgets(org), "r:"+subject).Result()
+	if errors.Is(err, redis.Nil) {
+		return 0
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n int64
+	for _, f := range strings.Fields(v) {
+		if _, x, ok := strings.Cut(f, "="); ok {
+			c, err := strconv.ParseInt(x, 10, 64)
+			if err != nil {
+				t.Fatalf("r:%s is %q: %v", subject, v, err)
+			}
+			n += c
+		}
+	}
+	return n
+}
+
+// callsOf is how many calls of subject's in org the upstream received.
+func (u *upstream) callsOf(org, subject string) int64 {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	var n int64
+	for _, r := range u.received {
+		if r.Header.Get("X-Org-Id") == org && r.Header.Get("X-User-Id") == subject {
+			n++
+		}
+	}
+	return n
+}
+
+// callUntilRefused calls the budgeted route of gw as subject, one call
+// after another, until the budget refuses one; it returns the calls
+// answered 200.
+func callUntilRefused(t *testing.T, gw *leasedGateway, org, subject string) int64 {
+	t.Helper()
+	var n int64
+	for {
+		req, _ := http.NewRequest(http.MethodPost, gw.url+"/budgeted/x", nil)
+		req.Header.Set("X-Org-Id", org)
+		req.Header.Set("X-User-Id", subject)
+		resp, err := gw.client.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		switch resp.StatusCode {
+		case http.StatusOK:
+			n++
+		case http.StatusPaymentRequired:
+			return n
+		default:
+			t.Fatalf("gateway %s: status %d", gw.name, resp.StatusCode)
+		}
+	}
+}
+
+// TestBudgetShareOfKilledGateway kills a gateway whose lease holds a share
+// of a subject's budget. The share outlives the gateway by Redis' clock, as
+// its lease does: the other gateway pays only what the budget has left
+// beside it, also once the lease is unreported, and the rest once an
+// operator releases the lease. The budget ends spent to the credit, and
+// the upstream answered it at most what the killed gateway spent and could
+// not report (or, at most a call per connection, fewer: calls the kill cut
+// after they were charged).
+func TestBudgetShareOfKilledGateway(t *testing.T) {
+	srv := redistest.Start(t, redistest.Options{})
+	rdb := srv.Client(t)
+	up := startUpstream(t)
+	victim := startLeasedGateway(t, "A", srv.Addr, up.URL, 50, "1s")
+	other := startLeasedGateway(t, "B", srv.Addr, up.URL, 50, "1s")
+	const org, subject, limit = "killed", "kim", 300
+	other.admin(t, http.MethodPut, "/orgs/"+org+"/plan", fmt.Sprintf(`{"allowance": 100000, "recharge_month": %d}`, thisMonth()))
+	var b budgetJSON
+	if err := other.adminCall(http.MethodPut, "/orgs/"+org+"/budgets/"+subject, fmt.Sprintf(`{"limit": %d, "window": "day"}`, limit), &b); err != nil {
+		t.Fatal(err)
+	}
+
+	// Calls on A until its lease holds a share of kim's budget.
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	const workers = 4
+	for range workers {
+		wg.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				req, _ := http.NewRequest(http.MethodPost, victim.url+"/budgeted/x", nil)
+				req.Header.Set("X-Org-Id", org)
+				req.Header.Set("X-User-Id", subject)
+				resp, err := victim.client.Do(req)
+				if err != nil {
+					return // killed
+				}
+				resp.Body.Close()
+			}
+		})
+	}
+	eventuallyWithin(t, 10*time.Second, "gateway A's lease holds a share of kim's budget", func() bool {
+		return sharesHeld(t, rdb, org, subject) > 0
+	})
+	if err := victim.proc.cmd.Process.Kill(); err != nil {
+		t.Fatalf("killing gateway A: %v", err)
+	}
+	close(stop)
+	wg.Wait()
+	reserved := sharesHeld(t, rdb, org, subject)
+	if err := other.adminCall(http.MethodGet, "/orgs/"+org+"/budgets/"+subject, "", &b); err != nil {
+		t.Fatal(err)
+	}
+	spentAtKill := b.Spent
+	answeredByA := up.callsOf(org, subject)
+	if reserved == 0 || spentAtKill+reserved > limit {
+		t.Fatalf("after the kill: spent %d, shares %d of a budget of %d", spentAtKill, reserved, limit)
+	}
+
+	// B pays what the budget has left beside the killed lease's share.
+	first := callUntilRefused(t, other, org, subject)
+	if first != limit-spentAtKill-reserved {
+		t.Fatalf("gateway B was answered %d calls, want %d: the budget of %d less %d spent and a share of %d",
+			first, limit-spentAtKill-reserved, limit, spentAtKill, reserved)
+	}
+	// Past its lifetime the lease is unreported, and keeps its share.
+	var lease leasedHold
+	eventuallyWithin(t, 40*time.Second, "the killed gateway's lease is unreported", func() bool {
+		for _, h := range other.holds(t, org) {
+			if strings.HasPrefix(h.ID, "lease:") && h.State == "unreported" {
+				lease = h
+				return true
+			}
+		}
+		return false
+	})
+	if n := callUntilRefused(t, other, org, subject); n != 0 {
+		t.Fatalf("gateway B was answered %d calls beside an unreported lease's share", n)
+	}
+	other.admin(t, http.MethodDelete, "/orgs/"+org+"/holds/"+lease.ID, `{"gateway_gone": true, "reason": "gateway A was killed"}`)
+	second := callUntilRefused(t, other, org, subject)
+	if second != reserved {
+		t.Fatalf("gateway B was answered %d calls once the lease was released, want its share of %d", second, reserved)
+	}
+	if err := other.adminCall(http.MethodGet, "/orgs/"+org+"/budgets/"+subject, "", &b); err != nil {
+		t.Fatal(err)
+	}
+	answered := up.callsOf(org, subject)
+	lost := answeredByA - spentAtKill
+	t.Logf("A answered %d calls and reported %d before the kill, holding a share of %d; B answered %d, then %d after the release; budget spent %d of %d",
+		answeredByA, spentAtKill, reserved, first, second, b.Spent, limit)
+	// A's calls the upstream answered and A could not report are at most
+	// its share; its calls charged and cut by the kill before the upstream
+	// answered them, at most one per connection.
+	if b.Spent != limit || lost < -workers || lost > reserved || answered != limit+lost {
+		t.Errorf("budget spent %d of %d; the upstream answered %d, %d of A's calls unreported (its share was %d)", b.Spent, limit, answered, lost, reserved)
+	}
+}
+
+// TestBudgetLoweredBelowShares lowers a subject's limit while a leasing
+// gateway holds a share of its budget. The share was set aside under the
+// old limit: spending may reach what was spent and set aside at the change,
+// never more, and from the lease's next report on no call passes the new
+// limit. The ledger charged the org what the upstream answered.
+func TestBudgetLoweredBelowShares(t *testing.T) {
+	srv := redistest.Start(t, redistest.Options{})
+	rdb := srv.Client(t)
+	up := startUpstream(t)
+	gw := startLeasedGateway(t, "A", srv.Addr, up.URL, 50, "1s")
+	const org, subject = "lowered", "lou"
+	gw.admin(t, http.MethodPut, "/orgs/"+org+"/plan", fmt.Sprintf(`{"allowance": 100000, "recharge_month": %d}`, thisMonth()))
+	var b budgetJSON
+	if err := gw.adminCall(http.MethodPut, "/orgs/"+org+"/budgets/"+subject, `{"limit": 800, "window": "day"}`, &b); err != nil {
+		t.Fatal(err)
+	}
+	call := func() int {
+		req, _ := http.NewRequest(http.MethodPost, gw.url+"/budgeted/x", nil)
+		req.Header.Set("X-Org-Id", org)
+		req.Header.Set("X-User-Id", subject)
+		resp, err := gw.client.Do(req)
+		if err != nil {
+			t.Error(err)
+			return 0
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	eventuallyWithin(t, 10*time.Second, "the lease holds a share of lou's budget", func() bool {
+		call()
+		return sharesHeld(t, rdb, org, subject) > 0
+	})
+	// What was spent and set aside at the change, read at once.
+	keys, _ := meter.NewKeys("")
+	v, err := rdb.HMGet(context.Background(), keys.Budgets(org), "s:"+subject).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	reserved := sharesHeld(t, rdb, org, subject)
+	var window string
+	var spent int64
+	fmt.Sscanf(v[0].(string), "%s %d", &window, &spent)
+	lowered := spent + 1
+	if err := gw.adminCall(http.MethodPut, "/orgs/"+org+"/budgets/"+subject, fmt.Sprintf(`{"limit": %d, "window": "day"}`, lowered), &b); err != nil {
+		t.Fatal(err)
+	}
+	// Calls go on from 4 connections until each is refused 20 times in a
+	// row: the lease's share is spent or shrunk, and then every call is
+	// refused.
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Go(func() {
+			for refused := 0; refused < 20; {
+				switch call() {
+				case http.StatusOK:
+					refused = 0
+				case http.StatusPaymentRequired:
+					refused++
+				default:
+					t.Error("a call neither answered nor refused")
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	settled := gw.settled(t, org, 20*time.Second)
+	if err := gw.adminCall(http.MethodGet, "/orgs/"+org+"/budgets/"+subject, "", &b); err != nil {
+		t.Fatal(err)
+	}
+	answered := up.callsOf(org, subject)
+	t.Logf("at the change: spent %d, shares %d; limit lowered to %d; spent now %d, answered %d", spent, reserved, lowered, b.Spent, answered)
+	if reserved < 2 || b.Spent > spent+reserved || b.Spent < lowered || answered != b.Spent || 100000-settled.Balance != answered {
+		t.Errorf("spent %d (answered %d, charged %d) after the limit was lowered to %d, with %d spent and %d set aside at the change",
+			b.Spent, answered, 100000-settled.Balance, lowered, spent, reserved)
+	}
+	if call() != http.StatusPaymentRequired || sharesHeld(t, rdb, org, subject) != 0 {
+		t.Errorf("a call after the lowered limit was reached was not refused, or a share stays")
 	}
 }

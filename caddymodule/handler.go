@@ -327,12 +327,17 @@ type answer func(http.ResponseWriter, *http.Request) error
 // its own.
 func (h *Handler) pay(r *http.Request, c call, into *payments) (payment, answer) {
 	var storeErr error
-	// A lease pays for the org's credits, not a subject's budget: a call
-	// with a subject is charged by the store, which checks both at once.
-	if ls := h.app.leaser; ls != nil && c.key == "" && c.subject == "" {
-		rc, ok, err := ls.Spend(c.org, h.Feature, c.cost)
+	// A lease pays for the org's credits and, for a call with a subject,
+	// from its share of the subject's budget: the ledger set both aside for
+	// it, so neither is overspent.
+	if ls := h.app.leaser; ls != nil && c.key == "" {
+		rc, ok, err := ls.SpendAs(c.org, c.subject, h.Feature, c.cost)
 		if ok {
 			into.leased = leasedPayment{leaser: ls, org: c.org, feature: h.Feature, cost: c.cost, receipt: rc}
+			if rc.Budgeted {
+				into.budgetVal = rc.BudgetRemaining
+				into.budgetLeft = &into.budgetVal
+			}
 			return &into.leased, nil
 		}
 		storeErr = err

@@ -47,6 +47,7 @@ type payments struct {
 	// budgetLeft is what the caller's budget had left after the call's
 	// charge; nil when no budget applies.
 	budgetLeft *int64
+	budgetVal  int64 // what budgetLeft points to for a leased call
 }
 
 // chargedPayment is a charge of the call's own in the ledger.

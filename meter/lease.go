@@ -41,7 +41,43 @@ type LeaseSync struct {
 	// above the cost. Each counts on the day and in the period that sync
 	// charged them.
 	Late []LateSpend
+	// Subjects reports the spending of the subjects whose calls the lease
+	// paid, and asks for shares of their budgets, by subject.
+	Subjects map[string]SubjectSync
 }
+
+// SubjectSync is what a lease sync says of one subject's budget.
+type SubjectSync struct {
+	// Window is the budget window of the share the calls were paid from,
+	// as the ledger named it (Share.Window); empty when the subject had no
+	// budget.
+	Window string
+	// Spent is the credits the subject's calls spent from the lease since
+	// the last sync, net of the refunds of those same calls.
+	Spent int64
+	// Want is the share of the subject's budget the lease wants to hold.
+	Want int64
+	// Unspent is the share the lease held unspent when it sent the sync: it
+	// may spend it while the sync is on its way.
+	Unspent int64
+}
+
+// Share is the share of a subject's budget a lease holds after a sync.
+type Share struct {
+	// Held is the credits of the budget the lease may spend; NoBudget when
+	// the subject has no budget (its calls need no share).
+	Held int64
+	// Window names the budget window the share is of.
+	Window string
+	// Left is how long the window still runs: the share may not be spent
+	// after it ends.
+	Left time.Duration
+	// Limit and Spent are the budget's, after the sync.
+	Limit, Spent int64
+}
+
+// NoBudget is Share.Held of a subject that has no budget.
+const NoBudget = -1
 
 // LateSpend is a correction of calls an earlier sync of a lease reported.
 type LateSpend struct {
@@ -55,6 +91,9 @@ type LateSpend struct {
 	Period int64
 	// Credits is charged when above zero, and given back when below.
 	Credits int64
+	// Subject and Window name the budget window the calls counted in;
+	// empty for calls of no subject's budget.
+	Subject, Window string
 }
 
 // LeaseState is the ledger's answer to a sync.
@@ -69,6 +108,9 @@ type LeaseState struct {
 	Day string
 	// Period is the number of the credit period it was charged in.
 	Period int64
+	// Shares are the shares of the subjects' budgets the lease holds now,
+	// by subject; a subject the sync named and Shares does not hold none.
+	Shares map[string]Share
 }
 
 // SyncLease charges what a lease spent and sets what it holds, in one
@@ -96,11 +138,28 @@ func (l *Ledger) SyncLease(ctx context.Context, s LeaseSync) (LeaseState, error)
 		if err := policy.ValidateFeature(c.Feature); err != nil {
 			return LeaseState{}, err
 		}
-		if !validDay(c.Day) || c.Period < -1 || c.Credits < -MaxAmount || c.Credits > MaxAmount {
+		if c.Subject != "" {
+			if err := policy.ValidateSubject(c.Subject); err != nil {
+				return LeaseState{}, err
+			}
+		}
+		if !validDay(c.Day) || c.Period < -1 || c.Credits < -MaxAmount || c.Credits > MaxAmount || !validWindow(c.Window) {
 			return LeaseState{}, fmt.Errorf("lease sync: late spending %+v out of range", c)
 		}
 	}
-	r, err := l.call(ctx, "lease", leaseCall{s: s, features: features})
+	subjects := make([]string, 0, len(s.Subjects))
+	for subject, b := range s.Subjects {
+		if err := policy.ValidateSubject(subject); err != nil {
+			return LeaseState{}, err
+		}
+		if !validWindow(b.Window) || b.Spent < -MaxAmount || b.Spent > MaxAmount || b.Want < 0 || b.Want > MaxAmount ||
+			b.Unspent < 0 || b.Unspent > MaxAmount {
+			return LeaseState{}, fmt.Errorf("lease sync: subject %s: %+v out of range", subject, b)
+		}
+		subjects = append(subjects, subject)
+	}
+	sort.Strings(subjects)
+	r, err := l.call(ctx, "lease", leaseCall{s: s, features: features, subjects: subjects})
 	if err != nil {
 		return LeaseState{}, err
 	}
@@ -115,43 +174,86 @@ func (l *Ledger) SyncLease(ctx context.Context, s LeaseSync) (LeaseState, error)
 	if !ok1 || !ok2 || !ok3 || !ok4 {
 		return LeaseState{}, fmt.Errorf("lease: unexpected reply %v", v)
 	}
-	return LeaseState{Held: held, Balance: balance, Repeat: r.code == codeRepeat, Day: day, Period: period}, nil
+	st := LeaseState{Held: held, Balance: balance, Repeat: r.code == codeRepeat, Day: day, Period: period}
+	if len(v) > 5 {
+		if len(v) != 5+5*len(subjects) {
+			return LeaseState{}, fmt.Errorf("lease: reply has %d fields for %d subjects", len(v), len(subjects))
+		}
+		st.Shares = make(map[string]Share, len(subjects))
+		for i, subject := range subjects {
+			f := v[5+5*i : 10+5*i]
+			n, ok1 := f[0].(int64)
+			w, ok2 := f[1].(string)
+			left, ok3 := f[2].(int64)
+			limit, ok4 := f[3].(int64)
+			spent, ok5 := f[4].(int64)
+			if !ok1 || !ok2 || !ok3 || !ok4 || !ok5 {
+				return LeaseState{}, fmt.Errorf("lease: unexpected share %v", f)
+			}
+			st.Shares[subject] = Share{Held: n, Window: w, Left: time.Duration(left) * time.Millisecond, Limit: limit, Spent: spent}
+		}
+	}
+	return st, nil
+}
+
+// validWindow reports whether w is empty or names a budget window as the
+// scripts do (d20261206, w20261130, m202612, p3).
+func validWindow(w string) bool {
+	if len(w) > 16 {
+		return false
+	}
+	for i := 0; i < len(w); i++ {
+		c := w[i]
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9') {
+			return false
+		}
+	}
+	return true
 }
 
 // leaseScript, lua/lease.lua, charges what a lease spent and sets what it
-// holds.
-// KEYS: account, call log, holds.
+// holds, of the org's credits and of its subjects' budgets.
+// KEYS: account, call log, holds, budgets.
 // ARGV[8] lease id, ARGV[9] sync number, ARGV[10] credits the lease wants
 // to hold, ARGV[11] credits it must leave free for others, ARGV[12] its
 // lifetime in ms, ARGV[13] the credits it held unspent when it sent the
-// sync, ARGV[14] n, then n pairs of feature and credits spent since the
-// last sync, then quadruples of feature, day (yyyymmdd, or empty: today),
-// period number (-1: this one) and credits: corrections of calls an earlier
-// sync reported.
-// Reply: {code, held, balance, day, period}.
+// sync, ARGV[14] n, ARGV[15] m, ARGV[16] k, then n pairs of feature and
+// credits spent since the last sync, then m sextuples of feature, day
+// (yyyymmdd, or empty: today), period number (-1: this one), credits,
+// subject and budget window: corrections of calls an earlier sync
+// reported; then k quintuples of subject, window, spent, wanted share and
+// unspent share.
+// Reply: {code, held, balance, day, period, then per subject (in the
+// order sent) share, window, ms left in it, limit, spent}.
 var leaseScript = bind("lease.lua", replyCodes{codeOK: nil, codeRepeat: nil})
 
 // leaseCall is a checked sync; features are its Spent's, sorted.
 type leaseCall struct {
 	s        LeaseSync
 	features []string
+	subjects []string
 }
 
 func (leaseCall) script() *luaScript { return leaseScript }
 
 func (c leaseCall) keys(k Keys) []string {
-	return []string{k.Account(c.s.Org), k.Calls(c.s.Org), k.Holds(c.s.Org)}
+	return []string{k.Account(c.s.Org), k.Calls(c.s.Org), k.Holds(c.s.Org), k.Budgets(c.s.Org)}
 }
 
 func (c leaseCall) args(*Ledger) []any {
 	s := c.s
-	args := make([]any, 0, 7+2*len(c.features)+4*len(s.Late))
-	args = append(args, leasePrefix+s.ID, s.Seq, s.Want, s.Keep, s.TTL.Milliseconds(), s.Unspent, len(c.features))
+	args := make([]any, 0, 9+2*len(c.features)+6*len(s.Late)+5*len(c.subjects))
+	args = append(args, leasePrefix+s.ID, s.Seq, s.Want, s.Keep, s.TTL.Milliseconds(), s.Unspent,
+		len(c.features), len(s.Late), len(c.subjects))
 	for _, f := range c.features {
 		args = append(args, f, s.Spent[f])
 	}
 	for _, late := range s.Late {
-		args = append(args, late.Feature, late.Day, late.Period, late.Credits)
+		args = append(args, late.Feature, late.Day, late.Period, late.Credits, late.Subject, late.Window)
+	}
+	for _, subject := range c.subjects {
+		b := s.Subjects[subject]
+		args = append(args, subject, b.Window, b.Spent, b.Want, b.Unspent)
 	}
 	return args
 }
@@ -271,6 +373,48 @@ type lease struct {
 	calls    int              // calls counted before the first lease
 	sync     *syncAnswer      // of the sync on its way; nil when none is
 	given    bool             // the ledger holds nothing for the lease: never leased, or given back
+	subjects map[string]*share
+	subjOut  map[string]SubjectSync // what inFlight says of the subjects
+	asked    bool                   // a call asked for a subject's share since the last sync was sent
+}
+
+// share is the lease's share of one subject's budget. Its fields are
+// guarded by its lease's mu.
+type share struct {
+	known   bool      // a sync answered for the subject
+	none    bool      // the subject has no budget: its calls need no share
+	wid     string    // the budget window the share is of
+	held    int64     // credits of the budget held and not yet spent
+	granted int64     // what the last sync gave
+	until   time.Time // the share is spent only before then: its window's end, or half the lease's lifetime after its sync
+	left    int64     // what the budget had left at the last sync, less this lease's spending since
+	spent   int64     // since the last sync was sent
+	unspent int64     // held when the sync on its way was sent
+	asked   bool      // a call wanted the share since the last sync was sent
+	need    int64     // the largest cost a call that waited for the sync on its way wanted
+	starved time.Time // when a sync last gave less than a waiting call needed
+	used    time.Time // the last call
+	sent    int64     // the number of the last sync that reported its spending
+}
+
+// canPay reports whether the share may pay a call of cost now.
+func (sh *share) canPay(cost int64, now time.Time) bool {
+	return sh.known && now.Before(sh.until) && (sh.none || sh.held >= cost)
+}
+
+// share returns the lease's share of subject's budget, making it when there
+// is none; it runs with le.mu held.
+func (le *lease) share(subject string, now time.Time) *share {
+	sh := le.subjects[subject]
+	if sh == nil {
+		if le.subjects == nil {
+			le.subjects = make(map[string]*share)
+		}
+		sh = new(share)
+		le.subjects[subject] = sh
+	}
+	sh.used = now
+	return sh
 }
 
 // report is one sync's worth of a lease's spending: the calls spent between
@@ -295,9 +439,10 @@ func (r *report) late(feature string, n int64) LateSpend {
 // lateSpend is a correction of a call that an earlier sync reported, or
 // that a sync on its way reports.
 type lateSpend struct {
-	feature string
-	rep     *report
-	n       int64
+	feature      string
+	rep          *report
+	n            int64
+	subject, wid string
 }
 
 // Receipt is a call's spending from a lease: its balance after, and what
@@ -305,7 +450,14 @@ type lateSpend struct {
 type Receipt struct {
 	// Balance is the org's balance after the call, as the lease knows it.
 	Balance int64
-	rep     *report
+	// Budgeted is true when the call counted against its subject's budget;
+	// BudgetRemaining is then what the budget had left after it, as the
+	// lease knows it.
+	Budgeted        bool
+	BudgetRemaining int64
+	rep             *report
+	subject, wid    string
+	sent            int64 // its share's sent when the call spent it
 }
 
 // syncAnswer is how a sync ended, for the calls that wait for it: err is
@@ -347,6 +499,17 @@ func NewLeaser(ledger *Ledger, cfg LeaseConfig, logger *zap.Logger) *Leaser {
 // charge of the call's own would fare no better, and none was sent (Unsent
 // reports true).
 func (ls *Leaser) Spend(org, feature string, cost int64) (rc Receipt, ok bool, err error) {
+	return ls.SpendAs(org, "", feature, cost)
+}
+
+// SpendAs is Spend for a call that also counts against subject's budget
+// (none when subject is empty): the lease pays it only from its share of
+// that budget, which the ledger set aside for it, so that no budget is
+// overspent. A subject the lease has not seen is charged on its own, and
+// the lease asks for a share at once, in the background; a call whose share
+// is too small waits for a sync that renews it (two at most), and is
+// charged on its own when the budget has too little left for a share.
+func (ls *Leaser) SpendAs(org, subject, feature string, cost int64) (rc Receipt, ok bool, err error) {
 	le := ls.lock(org)
 	if le == nil {
 		return Receipt{}, false, nil
@@ -359,13 +522,77 @@ func (ls *Leaser) Spend(org, feature string, cost int64) (rc Receipt, ok bool, e
 		le.mu.Unlock()
 		return Receipt{}, false, nil
 	}
+	waits := 0 // for syncs, since the subject's share was short
 	for {
 		if le.canSpend(cost, now, ls.cfg.TTL) {
+			var sh *share
+			if subject != "" {
+				sh = le.share(subject, now)
+				if !sh.canPay(cost, now) {
+					if !sh.known || waits == 2 || now.Sub(sh.starved) < ls.cfg.Flush {
+						// Charged on its own. A subject not seen yet gets
+						// a share at once, in the background; one whose
+						// budget has too little left for a share is paid
+						// exactly, call by call.
+						var s LeaseSync
+						renew := false
+						if !sh.known {
+							sh.asked, le.asked = true, true
+							if renew = le.sync == nil; renew {
+								s = ls.begin(org, le, le.block, true)
+							}
+						}
+						le.mu.Unlock()
+						if renew {
+							go ls.finish(le, s)
+						}
+						return Receipt{}, false, nil
+					}
+					// The share is spent: wait for a sync that asks for
+					// more, begun now, or, one on its way (which may renew
+					// the org's credits alone), and then one begun now.
+					sh.asked, le.asked, sh.need = true, true, max(sh.need, cost)
+					waits++
+					answer := le.sync
+					var s LeaseSync
+					if answer == nil {
+						s = ls.begin(org, le, le.block, true)
+					}
+					le.mu.Unlock()
+					if answer != nil {
+						<-answer.done
+						err = answer.err
+					} else {
+						err = ls.finish(le, s)
+					}
+					if err != nil {
+						if errors.Is(err, errClosed) {
+							return Receipt{}, false, nil
+						}
+						return Receipt{}, false, unsentError{fmt.Errorf("lease renewal: %w", err)}
+					}
+					if le = ls.lock(org); le == nil {
+						return Receipt{}, false, nil
+					}
+					if le.state == counting {
+						le.mu.Unlock()
+						return Receipt{}, false, nil
+					}
+					now = time.Now()
+					continue
+				}
+			}
 			rc = le.take(feature, cost)
-			renew := le.sync == nil && le.held < le.block/2
+			if sh != nil {
+				le.takeShare(&rc, sh, subject, cost)
+			}
+			low := sh != nil && !sh.none && sh.held < sh.granted/2
+			renew := le.sync == nil && (le.held < le.block/2 || low)
 			var s LeaseSync
 			if renew {
-				s = ls.begin(org, le, le.block)
+				// With the subjects when a share runs low, or a call
+				// asked for one.
+				s = ls.begin(org, le, le.block, low || le.asked)
 			}
 			le.mu.Unlock()
 			if renew {
@@ -411,7 +638,7 @@ func (ls *Leaser) Spend(org, feature string, cost int64) (rc Receipt, ok bool, e
 		return Receipt{}, false, nil
 	}
 	// The lease is empty or stale: this call waits for a renewal.
-	s := ls.begin(org, le, max(le.block, cost))
+	s := ls.begin(org, le, max(le.block, cost), le.asked)
 	le.mu.Unlock()
 	if err := ls.finish(le, s); err != nil {
 		if errors.Is(err, errClosed) {
@@ -423,10 +650,24 @@ func (ls *Leaser) Spend(org, feature string, cost int64) (rc Receipt, ok bool, e
 		return Receipt{}, false, nil
 	}
 	defer le.mu.Unlock()
-	if !le.canSpend(cost, time.Now(), ls.cfg.TTL) {
+	now = time.Now()
+	if !le.canSpend(cost, now, ls.cfg.TTL) {
 		return Receipt{}, false, nil
 	}
-	return le.take(feature, cost), true, nil
+	var sh *share
+	if subject != "" {
+		if sh = le.share(subject, now); !sh.canPay(cost, now) {
+			if !sh.known {
+				sh.asked, le.asked = true, true
+			}
+			return Receipt{}, false, nil
+		}
+	}
+	rc = le.take(feature, cost)
+	if sh != nil {
+		le.takeShare(&rc, sh, subject, cost)
+	}
+	return rc, true, nil
 }
 
 // count counts a call of an org not leased yet; it reports whether the org
@@ -456,6 +697,19 @@ func (le *lease) take(feature string, cost int64) Receipt {
 		le.open = new(report)
 	}
 	return Receipt{Balance: le.balance, rep: le.open}
+}
+
+// takeShare spends cost credits of subject's budget from its share sh, for
+// the call of receipt rc.
+func (le *lease) takeShare(rc *Receipt, sh *share, subject string, cost int64) {
+	sh.spent += cost
+	rc.subject, rc.wid, rc.sent = subject, sh.wid, sh.sent
+	if sh.none {
+		return
+	}
+	sh.held -= cost
+	sh.left -= cost
+	rc.Budgeted, rc.BudgetRemaining = true, max(sh.left, 0)
 }
 
 // spending is credits spent per feature: a route has one feature, an org
@@ -526,8 +780,9 @@ func (ls *Leaser) Adjust(org, feature string, rc Receipt, charged, actual int64)
 		<-ls.closedAll
 		ls.after.Lock()
 		defer ls.after.Unlock()
-		s := LeaseSync{Org: org, ID: ls.id, Seq: ls.seq.Add(1), TTL: time.Second,
-			Late: []LateSpend{rc.rep.late(feature, diff)}}
+		c := rc.rep.late(feature, diff)
+		c.Subject, c.Window = rc.subject, rc.wid
+		s := LeaseSync{Org: org, ID: ls.id, Seq: ls.seq.Add(1), TTL: time.Second, Late: []LateSpend{c}}
 		if ls.queued.Load() {
 			ls.unreported(s, errQueued)
 			return rc.Balance - diff
@@ -540,10 +795,31 @@ func (ls *Leaser) Adjust(org, feature string, rc Receipt, charged, actual int64)
 		return st.Balance
 	}
 	defer le.mu.Unlock()
+	// The subject's share, while it is of the window the call counted in.
+	var sh *share
+	if rc.subject != "" {
+		if sh = le.subjects[rc.subject]; sh != nil && sh.wid != rc.wid {
+			sh = nil
+		}
+	}
+	// The call's spending of the budget may be still to report, though
+	// its credits were reported (a sync of the org's credits alone).
+	unsent := sh != nil && sh.sent == rc.sent
 	if rc.rep != nil && rc.rep == le.open {
 		le.spent.add(feature, diff)
 	} else {
-		le.late = append(le.late, lateSpend{feature: feature, rep: rc.rep, n: diff})
+		c := lateSpend{feature: feature, rep: rc.rep, n: diff}
+		if !unsent {
+			c.subject, c.wid = rc.subject, rc.wid
+		}
+		le.late = append(le.late, c)
+	}
+	if unsent {
+		sh.spent += diff
+	}
+	if sh != nil && diff > 0 {
+		sh.held = max(sh.held-diff, 0)
+		sh.left -= diff
 	}
 	le.balance -= diff
 	// An extra charge is taken from what the lease holds, as far as it
@@ -558,14 +834,18 @@ func (ls *Leaser) Adjust(org, feature string, rc Receipt, charged, actual int64)
 
 // owes reports whether the lease has spending or corrections to report.
 func (le *lease) owes() bool {
-	return len(le.spent) > 0 || len(le.late) > 0 || le.inFlight != nil
+	return len(le.spent) > 0 || len(le.late) > 0 || le.inFlight != nil || le.asked
 }
 
 // begin marks a sync of the lease as on its way, asking to hold want
 // credits (0 gives them back), and returns it. It runs with le.mu held and
 // no sync on its way. A sync whose answer was not known goes again with its
-// sequence number and spending, so that the ledger applies it once.
-func (ls *Leaser) begin(org string, le *lease, want int64) LeaseSync {
+// sequence number and spending, so that the ledger applies it once. Only a
+// sync with subjects reports the subjects' spending and renews their shares:
+// a renewal of the org's credits alone skips them, which keeps it as cheap
+// in Redis as without budgets (the shares hold what was spent of them until
+// it is reported).
+func (ls *Leaser) begin(org string, le *lease, want int64, subjects bool) LeaseSync {
 	if le.inFlight == nil {
 		le.inFlight = make(map[string]int64, len(le.spent))
 		for _, f := range le.spent {
@@ -577,7 +857,9 @@ func (ls *Leaser) begin(org string, le *lease, want int64) LeaseSync {
 		// began (a sync waits for the one before it), so its day is known.
 		le.lateOut = nil
 		for _, c := range le.late {
-			le.lateOut = mergeLate(le.lateOut, c.rep.late(c.feature, c.n))
+			late := c.rep.late(c.feature, c.n)
+			late.Subject, late.Window = c.subject, c.wid
+			le.lateOut = mergeLate(le.lateOut, late)
 		}
 		le.late = le.late[:0]
 		le.unspent = le.held
@@ -587,6 +869,10 @@ func (ls *Leaser) begin(org string, le *lease, want int64) LeaseSync {
 			le.unspent, le.state = 0, returning
 		}
 		le.seq = ls.seq.Add(1)
+		le.subjOut = nil
+		if subjects || le.state == returning {
+			le.subjOut = ls.subjectsOut(le, want)
+		}
 	}
 	if le.state == returning {
 		want = 0
@@ -598,14 +884,46 @@ func (ls *Leaser) begin(org string, le *lease, want int64) LeaseSync {
 	}
 	le.sync = &syncAnswer{done: make(chan struct{})}
 	return LeaseSync{Org: org, ID: ls.id, Seq: le.seq, Want: want, Keep: ls.keep(le), TTL: ls.cfg.TTL,
-		Unspent: le.unspent, Spent: le.inFlight, Late: le.lateOut}
+		Unspent: le.unspent, Spent: le.inFlight, Late: le.lateOut, Subjects: le.subjOut}
+}
+
+// subjectsOut is what a new sync says of the lease's subjects: what each
+// spent, and the share it wants: a block while its calls want one, what it
+// holds while they pause, none once they stopped for a Flush (or the lease
+// is given back). It runs with le.mu held.
+func (ls *Leaser) subjectsOut(le *lease, want int64) map[string]SubjectSync {
+	le.asked = false
+	if len(le.subjects) == 0 {
+		return nil
+	}
+	out := make(map[string]SubjectSync, len(le.subjects))
+	for subject, sh := range le.subjects {
+		b := SubjectSync{Window: sh.wid, Spent: sh.spent}
+		switch {
+		case sh.none:
+		case want > 0 && le.state != returning && (sh.asked || sh.spent > 0):
+			b.Want, b.Unspent = le.block, max(sh.held, 0)
+		case le.state != returning && time.Since(sh.used) <= ls.cfg.Flush:
+			// Called lately, not since the last report: it keeps what it
+			// holds, and asks for no more.
+			b.Unspent = max(sh.held, 0)
+		default:
+			// Its calls stopped, or the lease is given back: the share
+			// goes back, and none of it is spent from now on.
+			sh.held = 0
+		}
+		sh.unspent, sh.spent, sh.asked, sh.sent = b.Unspent, 0, false, le.seq
+		out[subject] = b
+	}
+	return out
 }
 
 // mergeLate adds c to out, summed with a correction of the same feature,
 // day and period.
 func mergeLate(out []LateSpend, c LateSpend) []LateSpend {
 	for i := range out {
-		if out[i].Feature == c.Feature && out[i].Day == c.Day && out[i].Period == c.Period {
+		if out[i].Feature == c.Feature && out[i].Day == c.Day && out[i].Period == c.Period &&
+			out[i].Subject == c.Subject && out[i].Window == c.Window {
 			out[i].Credits += c.Credits
 			return out
 		}
@@ -635,7 +953,7 @@ func (ls *Leaser) finish(le *lease, s LeaseSync) error {
 
 	le.mu.Lock()
 	defer le.mu.Unlock()
-	le.applied(s, st, err, sent)
+	le.applied(s, st, err, sent, ls.cfg.TTL)
 	if err != nil && err != errClosed {
 		ls.logger.Warn("lease sync failed; its report goes again with the next one", zap.String("org", s.Org), zap.Error(err))
 	}
@@ -646,7 +964,7 @@ func (ls *Leaser) finish(le *lease, s LeaseSync) error {
 // holds what the ledger gave it (less what it spent meanwhile) and a lease
 // given back is active again, holding nothing; on failure the same report
 // goes again with the next sync.
-func (le *lease) applied(s LeaseSync, st LeaseState, err error, sent time.Time) {
+func (le *lease) applied(s LeaseSync, st LeaseState, err error, sent time.Time, ttl time.Duration) {
 	le.sync.err = err
 	close(le.sync.done)
 	le.sync = nil
@@ -676,6 +994,51 @@ func (le *lease) applied(s LeaseSync, st LeaseState, err error, sent time.Time) 
 	}
 	le.synced = sent
 	le.balance = st.Balance - le.spent.total()
+	le.subjOut = nil
+	for subject := range s.Subjects {
+		if sh := le.subjects[subject]; sh != nil {
+			sh.applied(st.Shares[subject], sent, ttl)
+		}
+	}
+	if st.Held == 0 {
+		// The lease's hold ended, and with it every share it held.
+		for _, sh := range le.subjects {
+			if !sh.none {
+				sh.held = 0
+			}
+		}
+	}
+}
+
+// applied takes in what a sync sent at sent answered of the subject's
+// budget (a zero Share when it answered nothing: the lease holds no share).
+func (sh *share) applied(r Share, sent time.Time, ttl time.Duration) {
+	sh.known = true
+	if r.Held == NoBudget {
+		// No budget: the lease pays the subject's calls, and counts their
+		// spending, until the next sync says otherwise.
+		sh.none, sh.wid, sh.held, sh.granted = true, "", 0, 0
+		sh.until = sent.Add(ttl / 2)
+		sh.need = 0
+		return
+	}
+	if sh.wid != r.Window && !sh.none {
+		// Spent since the sync was sent, of a window that has ended: it
+		// stays with that window.
+		sh.spent = 0
+	}
+	if sh.none {
+		sh.held = 0
+	}
+	sh.none = false
+	sh.held = min(max(sh.held+r.Held-sh.unspent, 0), r.Held)
+	sh.granted, sh.wid = r.Held, r.Window
+	sh.left = r.Limit - r.Spent - sh.spent
+	sh.until = sent.Add(min(ttl/2, r.Left))
+	if sh.need > 0 && sh.held < sh.need {
+		sh.starved = sent
+	}
+	sh.need = 0
 }
 
 // end takes a lease that holds and owes nothing out of the map; it runs with
@@ -755,6 +1118,15 @@ func (ls *Leaser) due(org string, le *lease, now time.Time) (s LeaseSync, ok boo
 		return LeaseSync{}, false
 	}
 	idle := now.Sub(le.used) > ls.cfg.Idle
+	if le.subjOut == nil {
+		for subject, sh := range le.subjects {
+			// A subject whose calls stopped, and whose share went back,
+			// is forgotten: the map holds only the busy ones.
+			if now.Sub(sh.used) > ls.cfg.Idle && sh.spent == 0 && sh.held == 0 && !sh.asked {
+				delete(le.subjects, subject)
+			}
+		}
+	}
 	owes := le.owes()
 	switch {
 	case le.state == counting && le.given && !owes:
@@ -780,7 +1152,7 @@ func (ls *Leaser) due(org string, le *lease, now time.Time) (s LeaseSync, ok boo
 	if idle {
 		want = 0
 	}
-	return ls.begin(org, le, want), true
+	return ls.begin(org, le, want, true), true
 }
 
 // giveBack reports a closed leaser's lease and gives its credits back,
@@ -804,7 +1176,7 @@ func (ls *Leaser) giveBack(org string, le *lease) {
 			ls.end(org, le)
 			return
 		}
-		s := ls.begin(org, le, 0)
+		s := ls.begin(org, le, 0, true)
 		le.mu.Unlock()
 		err := ls.finish(le, s)
 		le.mu.Lock()
@@ -816,7 +1188,7 @@ func (ls *Leaser) giveBack(org string, le *lease) {
 			// since.
 			if !le.given || len(le.spent) > 0 || len(le.late) > 0 {
 				le.inFlight, le.lateOut = nil, nil
-				ls.unreported(ls.begin(org, le, 0), err)
+				ls.unreported(ls.begin(org, le, 0, true), err)
 				le.sync = nil
 			}
 			ls.end(org, le)

@@ -38,6 +38,33 @@ type model struct {
 	// default); spent what each subject spent, in the window wid.
 	budgets map[string]map[string]modelBudget
 	spent   map[string]map[string]modelSpent
+	// shares are the leases' shares of the subjects' budgets, by org +
+	// " " + subject, then by the lease's hold key.
+	shares map[string]map[string]modelShare
+}
+
+type modelShare struct {
+	wid string
+	n   int64
+}
+
+// keeps reports whether the hold with key keeps credits: live, or a lease
+// not heard from.
+func (m *model) keeps(key string) bool {
+	h := m.holds[key]
+	return h != nil && (h.state == 'l' || h.state == 'u')
+}
+
+// reserved is what the live leases' shares hold of subject's budget in
+// org, in window wid, but for the lease with key except.
+func (m *model) reserved(org, subject, wid, except string) int64 {
+	var n int64
+	for key, sh := range m.shares[org+" "+subject] {
+		if key != except && sh.wid == wid && m.keeps(key) {
+			n += sh.n
+		}
+	}
+	return n
 }
 
 type modelBudget struct {
@@ -641,7 +668,8 @@ func checkModel(t *testing.T, rt *rapid.T, s store) {
 	m := &model{plan: e.ledger.DefaultPlan(), accounts: map[string]*modelAccount{}, charges: map[string]*modelCharge{},
 		refs: map[string]bool{}, grantRefs: map[string]int{}, holds: map[string]*modelHold{}, base: e.serverNow().UnixMilli(),
 		granted: map[string]int64{}, repaidByGrants: map[string]int64{}, topUps: map[string]int64{}, charged: map[string]int64{}, lost: map[string]int64{},
-		budgets: map[string]map[string]modelBudget{}, spent: map[string]map[string]modelSpent{}}
+		budgets: map[string]map[string]modelBudget{}, spent: map[string]map[string]modelSpent{},
+		shares: map[string]map[string]modelShare{}}
 	orgs := []string{"a", "b"}
 	var ids []string
 	holdIDs := []string{"nope"}
@@ -698,7 +726,7 @@ func checkModel(t *testing.T, rt *rapid.T, s store) {
 			if budgeted {
 				wid, spent = m.windowID(org, b.window, now), m.spentNow(org, subject, b.window, now)
 			}
-			over := ok && budgeted && !overdraft && b.limit-spent < cost
+			over := ok && budgeted && !overdraft && b.limit-spent-m.reserved(org, subject, wid, "") < cost
 			if got.Charged != (ok && !over) || got.Replay || got.OverBudget != over {
 				rt.Fatalf("charge %d on %d available (overdraft %v, limit %d; budget %v %+v spent %d): %+v",
 					cost, free, overdraft, limit, budgeted, b, spent, got)
@@ -963,6 +991,41 @@ func checkModel(t *testing.T, rt *rapid.T, s store) {
 				kept = mh.amount()
 			}
 			s.Unspent = rapid.Int64Range(0, kept+5).Draw(rt, "unspent")
+			// The subjects' budgets: spending of this window, of an ended
+			// one or of no budget, and shares wanted and held.
+			had := a != nil && mh != nil && (mh.state == 'l' || mh.state == 'u')
+			// ledgerWid is the window of kind w as the ledger names it:
+			// a period by the ledger's number, "" while it is not known.
+			ledgerWid := func(w string) string {
+				if w != WindowPeriod {
+					return m.windowID(org, w, now)
+				}
+				if p, ok := periods[org]; ok && a != nil {
+					return fmt.Sprintf("p%d", p[0]+int64(a.pn)-p[1])
+				}
+				return ""
+			}
+			for _, u := range budgetSubjects[1:] {
+				if rapid.IntRange(0, 2).Draw(rt, "subject synced "+u) == 0 {
+					continue
+				}
+				if s.Subjects == nil {
+					s.Subjects = map[string]SubjectSync{}
+				}
+				b, _, budgeted := m.budgetOf(org, u)
+				var w string
+				switch rapid.IntRange(0, 2).Draw(rt, "share window "+u) {
+				case 0:
+					if budgeted {
+						w = ledgerWid(b.window)
+					}
+				case 1:
+					w = "d20000101"
+				}
+				mine := m.shares[org+" "+u][key].n
+				s.Subjects[u] = SubjectSync{Window: w, Spent: rapid.Int64Range(-3, 10).Draw(rt, "share spent "+u),
+					Want: rapid.Int64Range(0, 30).Draw(rt, "share want "+u), Unspent: rapid.Int64Range(0, mine+3).Draw(rt, "share unspent "+u)}
+			}
 			got, err := e.ledger.SyncLease(e.ctx, s)
 			if err != nil {
 				rt.Fatal(err)
@@ -973,9 +1036,13 @@ func checkModel(t *testing.T, rt *rapid.T, s store) {
 				}
 				break
 			}
+			subjectSpends := false
+			for _, b := range s.Subjects {
+				subjectSpends = subjectSpends || b.Spent != 0
+			}
 			if a == nil {
 				fresh := m.newAccount(now)
-				if len(s.Spent) == 0 && min(s.Want, fresh.available()-s.Keep) <= 0 {
+				if len(s.Spent) == 0 && !subjectSpends && min(s.Want, fresh.available()-s.Keep) <= 0 {
 					if got.Repeat || got.Held != 0 {
 						rt.Fatalf("sync of an org never seen: %+v", got)
 					}
@@ -1034,6 +1101,67 @@ func checkModel(t *testing.T, rt *rapid.T, s store) {
 			periods[org] = [2]int64{got.Period, int64(a.pn)}
 			if got.Repeat || got.Held != grant || got.Balance != a.balance() {
 				rt.Fatalf("sync: %+v, model held %d balance %d", got, grant, a.balance())
+			}
+			// Each subject's spending moves to its window, and its share is
+			// what the lease wants, as far as half of what the budget
+			// leaves beside the other live shares allows, and never less
+			// than what it held unspent, as far as the limit leaves it.
+			for u, sub := range s.Subjects {
+				b, _, budgeted := m.budgetOf(org, u)
+				r, answered := got.Shares[u]
+				if !answered {
+					rt.Fatalf("sync named %s, its answer did not: %+v", u, got.Shares)
+				}
+				if !budgeted {
+					delete(m.shares, org+" "+u)
+					if r.Held != NoBudget {
+						rt.Fatalf("share of %s, who has no budget: %+v", u, r)
+					}
+					continue
+				}
+				wid := m.windowID(org, b.window, now)
+				cur := sub.Window != "" && sub.Window == ledgerWid(b.window)
+				mine := int64(0)
+				if sh := m.shares[org+" "+u][key]; had && sh.wid == wid {
+					mine = sh.n
+				}
+				others := m.reserved(org, u, wid, key)
+				spent := m.spentNow(org, u, b.window, now)
+				if sub.Spent != 0 && (cur || sub.Window == "") {
+					spent = max(spent+sub.Spent, 0)
+					if m.spent[org] == nil {
+						m.spent[org] = map[string]modelSpent{}
+					}
+					m.spent[org][u] = modelSpent{wid: wid, spent: spent}
+				}
+				if cur {
+					mine = max(mine-max(sub.Spent, 0), 0)
+				} else {
+					mine = 0
+				}
+				share := int64(0)
+				if grant > 0 {
+					free := b.limit - spent - others
+					half := free / 2
+					if free < 0 && free%2 != 0 {
+						half-- // Lua's floor
+					}
+					share = max(min(sub.Unspent, mine), min(sub.Want, half), 0)
+					share = min(share, max(free, 0))
+				}
+				next := map[string]modelShare{}
+				for k, sh := range m.shares[org+" "+u] {
+					if k != key && sh.wid == wid && m.keeps(k) && sh.n > 0 {
+						next[k] = sh
+					}
+				}
+				if share > 0 {
+					next[key] = modelShare{wid: wid, n: share}
+				}
+				m.shares[org+" "+u] = next
+				if lw := ledgerWid(b.window); r.Held != share || (lw != "" && r.Window != lw) || r.Limit != b.limit || r.Spent != spent {
+					rt.Fatalf("share of %s (%+v, budget %+v, spent %d, others %d, mine %d): %+v, model %d", u, sub, b, spent, others, mine, r, share)
+				}
 			}
 		case 13, 14: // a promotional grant: a random priority, sometimes pending, expiring or repeated
 			req := GrantRequest{Amount: rapid.Int64Range(1, 40).Draw(rt, "grant amount"),
@@ -1209,6 +1337,11 @@ func checkModel(t *testing.T, rt *rapid.T, s store) {
 				for u := range m.spent[org] {
 					if _, own := m.budgets[org][u]; (subject == "" && !own) || (subject == u && m.budgets[org][""] == (modelBudget{})) {
 						delete(m.spent[org], u)
+					}
+				}
+				for _, u := range budgetSubjects[1:] {
+					if _, own := m.budgets[org][u]; (subject == "" && !own) || (subject == u && m.budgets[org][""] == (modelBudget{})) {
+						delete(m.shares, org+" "+u)
 					}
 				}
 				break

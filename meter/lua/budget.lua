@@ -7,6 +7,8 @@
 -- it, the budget has nothing left until the window ends). Removing a
 -- subject's own budget keeps its spending only while the default counts
 -- it; removing the default drops the spending of every subject it counted.
+-- Leases' shares of a budget that is gone go with it (their leases learn it
+-- at their next sync); a changed limit changes them at their next sync.
 --
 -- Returns {OK, budget view} (lib/budgets.lua's budget_view): of the budget
 -- as set, or as it was before its removal; {NOT_FOUND} when there was
@@ -52,7 +54,7 @@ redis.call('HDEL', budgets_key, field)
 if not default then
   redis.call('ZREM', index_key, subject)
   if not raw[2] then
-    redis.call('HDEL', budgets_key, 's:' .. subject)
+    redis.call('HDEL', budgets_key, 's:' .. subject, 'r:' .. subject)
   end
   return {OK, view}
 end
@@ -63,7 +65,8 @@ for _, f in ipairs(fields) do
   if string.sub(f, 1, 2) == 'l:' then own[string.sub(f, 3)] = true end
 end
 for _, f in ipairs(fields) do
-  if string.sub(f, 1, 2) == 's:' and not own[string.sub(f, 3)] then gone[#gone + 1] = f end
+  local k = string.sub(f, 1, 2)
+  if (k == 's:' or k == 'r:') and not own[string.sub(f, 3)] then gone[#gone + 1] = f end
 end
 for i = 1, #gone, 1000 do
   redis.call('HDEL', budgets_key, unpack(gone, i, math.min(i + 999, #gone)))

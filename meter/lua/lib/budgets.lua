@@ -9,8 +9,15 @@
 -- the hash only when its route has a budget. The org's budget index (a
 -- sorted set of the subjects with a budget of their own) pages them in
 -- order.
+--
+-- r:<subject> is the shares of the subject's budget that leases hold,
+-- "<window> <lease>=<credits> ...": a gateway pays a subject's calls from
+-- its share without a store call. A share counts against the budget while
+-- its lease's hold keeps credits (live, or unreported: by the same rules
+-- and bound), and only in the window it was given in; what its lease
+-- reports spent moves from the share to s:<subject>.
 
---#include lib/account.lua
+--#include lib/holds.lua
 
 -- Windows: d a UTC day, w a week from Monday 00:00 UTC, m a calendar month
 -- in UTC, p the org's credit period.
@@ -66,15 +73,69 @@ local function budget_of(key, subject, acc, own, def, spending)
   return b
 end
 
--- Reads subject's budget (one HMGET); nil when it has none.
-local function load_budget(key, subject, acc)
-  local raw = redis.call('HMGET', key, 'l:' .. subject, 'd', 's:' .. subject)
-  return budget_of(key, subject, acc, raw[1], raw[2], raw[3])
+-- The shares in r:<subject> as read (s, or nil), of window wid alone: a
+-- window's end voids them. Returns lease id -> credits.
+local function parse_shares(s, wid)
+  local out = {}
+  if not s then return out end
+  local w, rest = string.match(s, '^(%w+)(.*)$')
+  if w ~= wid then return out end
+  for id, n in string.gmatch(rest, ' (%S+)=(%d+)') do out[id] = tonumber(n) end
+  return out
 end
 
--- What the budget has left in its window, never below 0.
+-- Drops the shares whose lease's hold keeps no credits (it ended, was
+-- released or expired), and returns what the others reserve.
+local function live_shares(shares, acc, holds_key)
+  local total = 0
+  for id, n in pairs(shares) do
+    local h = get_hold(acc, holds_key, id)
+    if h and keeps(h) then
+      total = total + n
+    else
+      shares[id] = nil
+    end
+  end
+  return total
+end
+
+-- Reads subject's budget (one HMGET); nil when it has none. With holds_key,
+-- it also reads the shares leases hold of it (b.shares, b.reserved).
+local function load_budget(key, subject, acc, holds_key)
+  local raw = redis.call('HMGET', key, 'l:' .. subject, 'd', 's:' .. subject, 'r:' .. subject)
+  local b = budget_of(key, subject, acc, raw[1], raw[2], raw[3])
+  if b then
+    b.shares, b.reserved = {}, 0
+    if holds_key and raw[4] then
+      b.shares = parse_shares(raw[4], b.wid)
+      b.reserved = live_shares(b.shares, acc, holds_key)
+    end
+  end
+  return b, raw[4]
+end
+
+-- What the budget has left in its window for a call paid by the store,
+-- never below 0: leases' shares are set aside for their calls.
 local function budget_left(b)
-  return math.max(b.limit - b.spent, 0)
+  return math.max(b.limit - b.spent - (b.reserved or 0), 0)
+end
+
+-- Writes the budget's shares, unless they read raw already: none drops the
+-- field.
+local function write_shares(b, raw)
+  local ids = {}
+  for id, n in pairs(b.shares) do
+    if n > 0 then ids[#ids + 1] = id end
+  end
+  if #ids == 0 then
+    if raw then redis.call('HDEL', b.key, 'r:' .. b.subject) end
+    return
+  end
+  table.sort(ids)
+  local parts = {b.wid}
+  for _, id in ipairs(ids) do parts[#parts + 1] = id .. '=' .. str(b.shares[id]) end
+  local s = table.concat(parts, ' ')
+  if s ~= raw then redis.call('HSET', b.key, 'r:' .. b.subject, s) end
 end
 
 -- Writes the budget's spending in its window.

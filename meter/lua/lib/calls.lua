@@ -217,7 +217,7 @@ local function charge(k, a)
   -- a default: on block and notice routes it must pay the whole cost.
   local b = nil
   if subject ~= '-' then
-    b = load_budget(budgets_key, subject, acc)
+    b = load_budget(budgets_key, subject, acc, holds_key)
     if b and not overdraft and budget_left(b) < cost then
       return {BUDGET, balance(acc), 0, false, b.limit, b.spent, window_end(b.window, acc)}
     end
