@@ -45,6 +45,33 @@ type batcher struct {
 	mu    sync.Mutex
 	busy  int // lanes in flight
 	queue []*queued
+
+	// ends gives charges their shared deadlines.
+	ends ends
+}
+
+// ends hands out contexts that end at a deadline, truncated to the
+// millisecond: the charges whose deadlines fall in the same millisecond
+// share one context and its one timer. None is canceled before its
+// deadline, as others may hold it; its timer ends it and frees it.
+type ends struct {
+	mu     sync.Mutex
+	last   time.Time
+	ctx    context.Context
+	cancel context.CancelFunc // kept: it is the timer's to call
+}
+
+// at returns a context that ends at deadline, or up to a millisecond
+// before it.
+func (e *ends) at(deadline time.Time) context.Context {
+	deadline = deadline.Truncate(time.Millisecond)
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.ctx == nil || !deadline.Equal(e.last) {
+		e.ctx, e.cancel = context.WithDeadline(context.Background(), deadline)
+		e.last = deadline
+	}
+	return e.ctx
 }
 
 // queued is one charge in, or on its way through, the batcher.
@@ -93,7 +120,8 @@ func (b *batcher) run(ctx context.Context, c *chargeCmd) (sent bool, err error) 
 		b.next()
 		return true, err
 	}
-	q := &queued{ctx: ctx, c: c, done: make(chan struct{})}
+	q := &c.queued
+	*q = queued{ctx: ctx, c: c, done: make(chan struct{})}
 	b.queue = append(b.queue, q)
 	b.mu.Unlock()
 	select {
@@ -128,8 +156,7 @@ func (b *batcher) one(ctx context.Context, c *chargeCmd) error {
 		}
 		return replyFromAny(raw, &c.reply)
 	}
-	args := make([]any, 0, 3+len(c.keys)+len(c.args))
-	args = append(args, "evalsha", chargeScript.Hash(), len(c.keys))
+	args := append(c.alone[:0], "evalsha", chargeScript.Hash(), len(c.keys))
 	for i := range c.keys {
 		args = append(args, &c.keys[i])
 	}

@@ -172,6 +172,11 @@ type chargeCmd struct {
 	keys  [6]string
 	args  [common + 10]any
 	reply chargeReply
+	// alone is the whole command when the charge goes alone: EVALSHA, the
+	// hash, the number of keys, the keys and args.
+	alone [3 + 6 + common + 10]any
+	// queued is the charge in the batcher's queue, when it waits there.
+	queued queued
 
 	now, month, skew, cost int64
 	feature, requestID     string

@@ -20,6 +20,20 @@ func (l *Ledger) deadline(ctx context.Context) (context.Context, context.CancelF
 	return context.WithTimeout(ctx, l.timeout)
 }
 
+// chargeDeadline is deadline for a charge. A charge whose context never
+// ends (a gateway's call's, whose client going away must not cut it) gets
+// one its batcher shares with the charges whose deadline falls in the same
+// millisecond: one timer for them all instead of one per charge.
+func (l *Ledger) chargeDeadline(ctx context.Context) (context.Context, context.CancelFunc) {
+	if ctx.Done() != nil {
+		return l.deadline(ctx)
+	}
+	if _, ok := ctx.Deadline(); ok {
+		return l.deadline(ctx)
+	}
+	return l.charges.ends.at(time.Now().Add(l.timeout)), func() {}
+}
+
 // ints reads the first n fields of a script reply, which must be integers.
 func ints(v []any, n int) ([]int64, error) {
 	if len(v) < n {
@@ -62,6 +76,8 @@ func (l *Ledger) eval(ctx context.Context, script *redis.Script, keys []string, 
 	all = append(all, now.UnixMilli(), monthIndex(now), l.defaultPlan.Allowance, l.defaultPlan.RechargeMonth, l.eventsMax,
 		l.serverSkew.Load(), l.markerTTL)
 	all = append(all, args...)
+	ctx, cancel := l.deadline(ctx)
+	defer cancel()
 	var raw any
 	err := l.tries(ctx, nil, func(ctx context.Context) (err error) {
 		raw, err = runScript(ctx, l.rdb, script, l.replicas, keys, all...).Result()
@@ -80,6 +96,8 @@ func (l *Ledger) eval(ctx context.Context, script *redis.Script, keys []string, 
 // runCharge runs a charge, its first try through the ledger's batcher, and
 // reads its reply into c.reply.
 func (l *Ledger) runCharge(ctx context.Context, c *chargeCmd) error {
+	ctx, cancel := l.chargeDeadline(ctx)
+	defer cancel()
 	return l.tries(ctx, func(ctx context.Context) (bool, error) {
 		return l.charges.run(ctx, c)
 	}, func(ctx context.Context) error {
@@ -91,13 +109,11 @@ func (l *Ledger) runCharge(ctx context.Context, c *chargeCmd) error {
 	})
 }
 
-// tries runs a script within the ledger's deadline: first, when not nil,
+// tries runs a script within ctx's deadline: first, when not nil,
 // for the first try (it reports whether the script may have reached
 // Redis), and again for the first when it is nil, for a retry, and for a
 // first try that found the script not loaded.
 func (l *Ledger) tries(ctx context.Context, first func(context.Context) (bool, error), again func(context.Context) error) error {
-	ctx, cancel := l.deadline(ctx)
-	defer cancel()
 	var err error
 	sent := false // whether any try may have reached Redis
 	for try, wait := 0, 5*time.Millisecond; ; try, wait = try+1, wait*2 {
