@@ -14,8 +14,8 @@ import (
 // free goes at once, as one command; one that finds every lane busy waits in
 // the queue, and the lane that frees up first sends the whole queue in one
 // round trip: on a single Redis, one run of a script that runs each charge
-// in turn; on a Cluster, whose orgs live in different slots, or with
-// replicas to wait for, one pipeline per node. N concurrent charges then cost the gateway and Redis one call
+// in turn; on a Cluster, whose orgs live in different slots, one pipeline
+// per node. N concurrent charges then cost the gateway and Redis one call
 // for all of them instead of one each.
 //
 // Each charge keeps its own deadline and its own outcome: one whose
@@ -41,6 +41,9 @@ type batcher struct {
 	// replicas is Config.WaitReplicas: how many replicas must have a
 	// batch's writes before its replies stand.
 	replicas int
+	// raw sends charges as raw commands: on a single Redis, with no WAIT
+	// after them.
+	raw bool
 
 	mu    sync.Mutex
 	busy  int // lanes in flight
@@ -98,12 +101,10 @@ const (
 // arguments once, then each charge's keys and its other arguments, and one
 // reply per charge ({-1, message} for a charge that raised an error).
 func newBatcher(rdb redis.UniversalClient, lanes, max int, many *redis.Script, replicas int) *batcher {
-	if _, single := rdb.(*redis.Client); !single || replicas > 0 {
-		// With replicas to wait for, each charge goes in a pipeline with
-		// one WAIT after the batch.
+	if _, single := rdb.(*redis.Client); !single {
 		many = nil
 	}
-	return &batcher{rdb: rdb, lanes: lanes, max: max, many: many, replicas: replicas}
+	return &batcher{rdb: rdb, lanes: lanes, max: max, many: many, replicas: replicas, raw: many != nil && replicas <= 0}
 }
 
 // run runs charge c once, alone or with other charges, and reads its reply
@@ -149,7 +150,7 @@ func (b *batcher) run(ctx context.Context, c *chargeCmd) (sent bool, err error) 
 
 // one sends charge c alone.
 func (b *batcher) one(ctx context.Context, c *chargeCmd) error {
-	if b.many == nil {
+	if !b.raw {
 		raw, err := runScript(ctx, b.rdb, chargeScript.Script, b.replicas, c.keys[:], c.args[:]...).Result()
 		if err != nil {
 			return err
@@ -242,8 +243,12 @@ func (b *batcher) send(batch []*queued) {
 		ctx, cancel = context.WithDeadline(ctx, last)
 	}
 	defer cancel()
-	if b.many != nil {
+	switch {
+	case b.raw:
 		b.sendMany(ctx, batch)
+		return
+	case b.many != nil:
+		b.sendScript(ctx, batch)
 		return
 	}
 	pipe := b.rdb.Pipeline()
@@ -308,6 +313,35 @@ func (b *batcher) sendMany(ctx context.Context, batch []*queued) {
 		} else if q.err = rd.charge(&q.c.reply); q.err != nil && !isScriptError(q.err) {
 			// A reply that does not read leaves the rest unread.
 			err = q.err
+		}
+		close(q.done)
+	}
+}
+
+// sendScript sends a batch as one run of the many script through go-redis,
+// with WAIT after it.
+func (b *batcher) sendScript(ctx context.Context, batch []*queued) {
+	head := batch[0].c.args[:common]
+	own := len(batch[0].c.args) - common
+	keys := make([]string, 0, len(batch)*len(batch[0].c.keys))
+	args := make([]any, 0, len(head)+len(batch)*own)
+	args = append(args, head...)
+	for _, q := range batch {
+		keys = append(keys, q.c.keys[:]...)
+		args = append(args, q.c.args[common:]...)
+	}
+	raw, err := runScript(ctx, b.rdb, b.many, b.replicas, keys, args...).Result()
+	replies, ok := raw.([]any)
+	if err == nil && (!ok || len(replies) != len(batch)) {
+		err = fmt.Errorf("batch of %d charges: reply is %T of %d", len(batch), raw, len(replies))
+	}
+	for i, q := range batch {
+		if err != nil {
+			q.err = err
+		} else if r, ok := replies[i].([]any); ok && len(r) == 2 && r[0] == int64(-1) {
+			q.err = scriptError(fmt.Sprint(r[1]))
+		} else {
+			q.err = replyFromAny(replies[i], &q.c.reply)
 		}
 		close(q.done)
 	}
