@@ -27,7 +27,7 @@ const (
 // idle upstream connections as the 2,000-connection scenario needs, so that
 // neither measures TCP handshakes (Caddy keeps 32 per host by default).
 const caddyfileTemplate = `{
-	admin off
+	admin {ADMIN}
 	credits {
 		redis redis://{REDIS}
 		timeout 1s
@@ -104,17 +104,17 @@ func buildBinaries(ctx context.Context, dir string) (caddyBin, upstreamBin strin
 	return caddyBin, upstreamBin, nil
 }
 
-// startUpstream starts the upstream on a free port and returns its address,
-// which it prints once it listens.
-func startUpstream(ctx context.Context, ps *procs, bin string) (string, error) {
+// startUpstream starts the upstream on a free port and returns it and its
+// address, which it prints once it listens.
+func startUpstream(ctx context.Context, ps *procs, bin string) (*proc, string, error) {
 	cmd := exec.Command(bin)
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
-		return "", err
+		return nil, "", err
 	}
 	p, err := ps.start("upstream", cmd)
 	if err != nil {
-		return "", err
+		return nil, "", err
 	}
 	lines := make(chan string, 1)
 	go func() {
@@ -126,13 +126,13 @@ func startUpstream(ctx context.Context, ps *procs, bin string) (string, error) {
 	select {
 	case addr := <-lines:
 		if _, _, err := net.SplitHostPort(addr); err != nil {
-			return "", p.failed(fmt.Errorf("it printed %q, not its address", addr))
+			return p, "", p.failed(fmt.Errorf("it printed %q, not its address", addr))
 		}
-		return addr, nil
+		return p, addr, nil
 	case <-ctx.Done():
-		return "", ctx.Err()
+		return p, "", ctx.Err()
 	case <-time.After(startTimeout):
-		return "", p.failed(fmt.Errorf("no address printed within %v", startTimeout))
+		return p, "", p.failed(fmt.Errorf("no address printed within %v", startTimeout))
 	}
 }
 
@@ -140,13 +140,44 @@ func startUpstream(ctx context.Context, ps *procs, bin string) (string, error) {
 type gateway struct {
 	proc *proc
 	base string // http://127.0.0.1:port
+	// admin is the admin endpoint's URL, where Caddy serves its pprof
+	// profiles; empty when it is off.
+	admin string
+}
+
+// profile writes a CPU profile of Caddy over the next d to path.
+func (g *gateway) profile(ctx context.Context, d time.Duration, path string) error {
+	url := fmt.Sprintf("%s/debug/pprof/profile?seconds=%d", g.admin, int(d/time.Second))
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("CPU profile: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(resp.Body)
+		return fmt.Errorf("CPU profile: %s: %s", resp.Status, b)
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(f, resp.Body); err != nil {
+		f.Close()
+		return fmt.Errorf("CPU profile: %w", err)
+	}
+	return f.Close()
 }
 
 // startGateway writes the Caddyfile, with options as extra lines of the
-// credits global option, and starts Caddy on it, then waits
+// credits global option, and starts Caddy on it (with its admin endpoint
+// on a free port when admin is set, for its CPU profiles), then waits
 // until both routes answer, and checks that the metered one charges and
 // the plain one does not.
-func startGateway(ctx context.Context, ps *procs, bin, redisAddr, upstreamAddr string, options []string) (*gateway, error) {
+func startGateway(ctx context.Context, ps *procs, bin, redisAddr, upstreamAddr string, options []string, admin bool) (*gateway, error) {
 	var extra strings.Builder
 	for _, o := range options {
 		extra.WriteString("\n\t\t" + o)
@@ -159,7 +190,16 @@ func startGateway(ctx context.Context, ps *procs, bin, redisAddr, upstreamAddr s
 		if err != nil {
 			return nil, err
 		}
+		adminAddr := "off"
+		if admin {
+			adminPort, err := freePort()
+			if err != nil {
+				return nil, err
+			}
+			adminAddr = "127.0.0.1:" + strconv.Itoa(adminPort)
+		}
 		cfg := strings.NewReplacer(
+			"{ADMIN}", adminAddr,
 			"{REDIS}", redisAddr,
 			"{PORT}", strconv.Itoa(port),
 			"{UPSTREAM}", upstreamAddr,
@@ -179,6 +219,9 @@ func startGateway(ctx context.Context, ps *procs, bin, redisAddr, upstreamAddr s
 			return nil, err
 		}
 		g := &gateway{proc: p, base: "http://127.0.0.1:" + strconv.Itoa(port)}
+		if admin {
+			g.admin = "http://" + adminAddr
+		}
 		client := &http.Client{Timeout: 2 * time.Second}
 		err = awaitReady(ctx, p, func() error {
 			_, err := g.probe(client, plainPath)

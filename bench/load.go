@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"path/filepath"
 	"slices"
 	"strings"
 	"time"
@@ -66,14 +67,17 @@ type scenarioResult struct {
 
 // loadEnv is what the load scenarios run against.
 type loadEnv struct {
-	wrk     string
-	gw      *gateway
-	ledger  *meter.Ledger
-	dir     string
-	threads int
-	rounds  int
-	d       time.Duration
-	warmup  time.Duration
+	wrk string
+	pin *pinning // nil: not pinned
+	// profiles is where Caddy's CPU profiles go; empty for none.
+	profiles string
+	gw       *gateway
+	ledger   *meter.Ledger
+	dir      string
+	threads  int
+	rounds   int
+	d        time.Duration
+	warmup   time.Duration
 	// The processes whose CPU time per request is measured.
 	caddyPid, redisPid int
 }
@@ -119,7 +123,7 @@ func (e *loadEnv) runScenario(ctx context.Context, w io.Writer, sc scenario) (*s
 		case route == "metered":
 			path = meteredPath
 		}
-		res, line, err := runWrk(ctx, e.wrk, script, e.gw.base+path, e.threads, sc.conns, d)
+		res, line, err := runWrk(ctx, e.pin, e.wrk, script, e.gw.base+path, e.threads, sc.conns, d)
 		if err == nil && route == "metered" {
 			r.meteredServed += res.Requests
 		}
@@ -145,6 +149,27 @@ func (e *loadEnv) runScenario(ctx context.Context, w io.Writer, sc scenario) (*s
 			var res wrkResult
 			var line string
 			caddyCPU, redisCPU, err := e.cpuPerRequest(func() (err error) {
+				if round == 1 && e.profiles != "" && e.d >= 2*time.Second {
+					// The profile leaves out the run's first and last half
+					// second, while wrk's connections open and close.
+					path := filepath.Join(e.profiles, "caddy-"+sc.name+"-"+route+".pprof")
+					profiled := make(chan error, 1)
+					go func() {
+						select {
+						case <-time.After(500 * time.Millisecond):
+							profiled <- e.gw.profile(ctx, e.d-time.Second, path)
+						case <-ctx.Done():
+							profiled <- ctx.Err()
+						}
+					}()
+					defer func() {
+						if perr := <-profiled; err == nil && perr != nil {
+							err = perr
+						} else if perr == nil {
+							fmt.Fprintf(w, "CPU profile of Caddy: %s\n", path)
+						}
+					}()
+				}
 				res, line, err = run(route, e.d)
 				return err
 			}, func() int64 { return res.Requests })

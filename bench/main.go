@@ -42,6 +42,11 @@ type options struct {
 	orgs      int
 	workers   int
 	quick     bool // both, briefly
+	// pinRedis runs redis-server on a CPU of its own and everything
+	// else on the others.
+	pinRedis bool
+	// profiles, when set, is the directory for Caddy's CPU profiles.
+	profiles string
 	// creditsOptions are extra lines for the credits global option, to
 	// measure a setting such as lease.
 	creditsOptions []string
@@ -99,6 +104,8 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 		creditsOptions = append(creditsOptions, v)
 		return nil
 	})
+	pinRedis := fs.Bool("pin-redis", false, "run redis-server on the first CPU this process may use and Caddy, the upstream and wrk on the others (taskset; Linux), as production gives Redis cores of its own")
+	profiles := fs.String("profile", "", "write a CPU profile of Caddy during each scenario's first round of each route to this directory: caddy-<scenario>-<route>.pprof (go tool pprof)")
 	quick := fs.Bool("quick", false, "run everything briefly: 1 round of 1s per route per scenario, no warm-up, and -memory with 1000 orgs")
 	if err := fs.Parse(args); err != nil {
 		return options{}, err
@@ -109,7 +116,8 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	set := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 	o := options{rounds: *rounds, duration: *duration, warmup: *warmup, threads: *threads,
-		memory: *memory, orgs: *orgs, workers: *workers, quick: *quick, creditsOptions: creditsOptions}
+		memory: *memory, orgs: *orgs, workers: *workers, quick: *quick, creditsOptions: creditsOptions,
+		pinRedis: *pinRedis, profiles: *profiles}
 	if o.quick {
 		// Flags given explicitly win over -quick's.
 		if !set["rounds"] {
@@ -173,6 +181,15 @@ func run(ctx context.Context, o options, w io.Writer) (rep *report, err error) {
 		_ = os.RemoveAll(dir)
 	}()
 	rep = &report{}
+	if o.pinRedis {
+		allowed, err := cpusAllowed(0)
+		if err != nil {
+			return rep, fmt.Errorf("-pin-redis: %w", err)
+		}
+		if ps.pin, err = newPinning(allowed); err != nil {
+			return rep, err
+		}
+	}
 
 	fmt.Fprintf(w, "machine: %d CPUs (%s), GOOS/GOARCH %s/%s\n", runtime.NumCPU(), cpuModel(), runtime.GOOS, runtime.GOARCH)
 	if la, err := os.ReadFile("/proc/loadavg"); err == nil {
@@ -227,11 +244,16 @@ func runLoad(ctx context.Context, o options, w io.Writer, ps *procs, rep *report
 	if err != nil {
 		return err
 	}
-	upstreamAddr, err := startUpstream(ctx, ps, upstreamBin)
+	upstreamProc, upstreamAddr, err := startUpstream(ctx, ps, upstreamBin)
 	if err != nil {
 		return err
 	}
-	gw, err := startGateway(ctx, ps, caddyBin, redisAddr, upstreamAddr, o.creditsOptions)
+	if o.profiles != "" {
+		if err := os.MkdirAll(o.profiles, 0o755); err != nil {
+			return fmt.Errorf("-profile: %w", err)
+		}
+	}
+	gw, err := startGateway(ctx, ps, caddyBin, redisAddr, upstreamAddr, o.creditsOptions, o.profiles != "")
 	if err != nil {
 		return err
 	}
@@ -246,12 +268,23 @@ func runLoad(ctx context.Context, o options, w io.Writer, ps *procs, rep *report
 	}
 	fmt.Fprintf(w, "redis-server on %s (%s), upstream on %s, Caddy on %s; open files limit %s\n",
 		redisAddr, strings.Join(quoteEmpty(redisArgs), " "), upstreamAddr, gw.base, limitString(limit))
+	if ps.pin != nil {
+		var pinned []string
+		for _, p := range []*proc{redisProc, upstreamProc, gw.proc} {
+			cpus, err := ps.pin.check(p.name, p.cmd.Process.Pid)
+			if err != nil {
+				return err
+			}
+			pinned = append(pinned, fmt.Sprintf("%s on CPU %s", p.name, cpus))
+		}
+		fmt.Fprintf(w, "pinned (Cpus_allowed_list): %s; wrk on CPU %s\n", strings.Join(pinned, ", "), formatCPUList(ps.pin.rest))
+	}
 	if len(o.creditsOptions) > 0 {
 		fmt.Fprintf(w, "credits global options added: %s\n", strings.Join(o.creditsOptions, "; "))
 	}
 	fmt.Fprintf(w, "%d rounds of %v per route per scenario, plain and metered back to back, alternating which goes first\n", o.rounds, o.duration)
 
-	env := &loadEnv{wrk: wrk, gw: gw, ledger: ledger, dir: ps.dir, threads: o.threads, rounds: o.rounds, d: o.duration, warmup: o.warmup,
+	env := &loadEnv{wrk: wrk, pin: ps.pin, profiles: o.profiles, gw: gw, ledger: ledger, dir: ps.dir, threads: o.threads, rounds: o.rounds, d: o.duration, warmup: o.warmup,
 		caddyPid: gw.proc.cmd.Process.Pid, redisPid: redisProc.cmd.Process.Pid}
 	for _, sc := range o.scenarios {
 		r, err := env.runScenario(ctx, w, sc)

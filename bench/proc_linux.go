@@ -81,3 +81,22 @@ func cpuTime(pid int) (time.Duration, bool) {
 	}
 	return time.Duration(total) * clockTick, true
 }
+
+// cpusAllowed returns the CPUs process pid may run on, in the kernel's list
+// format (Cpus_allowed_list of /proc/<pid>/status; pid 0 is this process).
+func cpusAllowed(pid int) (string, error) {
+	path := "/proc/self/status"
+	if pid != 0 {
+		path = fmt.Sprintf("/proc/%d/status", pid)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	for line := range strings.Lines(string(b)) {
+		if v, ok := strings.CutPrefix(line, "Cpus_allowed_list:"); ok {
+			return strings.TrimSpace(v), nil
+		}
+	}
+	return "", fmt.Errorf("%s has no Cpus_allowed_list", path)
+}

@@ -3,6 +3,7 @@
 package main
 
 import (
+	"errors"
 	"os"
 	"syscall"
 	"time"
@@ -18,3 +19,6 @@ func raiseFileLimit(uint64) (uint64, error) { return 0, nil }
 
 // cpuTime is known on Linux only.
 func cpuTime(int) (time.Duration, bool) { return 0, false }
+
+// cpusAllowed is known on Linux only: -pin-redis needs it.
+func cpusAllowed(int) (string, error) { return "", errors.New("-pin-redis needs Linux") }

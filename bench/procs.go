@@ -18,7 +18,9 @@ const killTimeout = 10 * time.Second
 // the upstream, Caddy). stopAll kills every one of them; run defers it, and
 // main calls run so that it also happens on an error or Ctrl-C.
 type procs struct {
-	dir  string // where each child's log goes
+	dir string // where each child's log goes
+	// pin, when set, pins each child to its CPUs (-pin-redis).
+	pin  *pinning
 	mu   sync.Mutex
 	list []*proc
 }
@@ -44,6 +46,7 @@ func (ps *procs) start(name string, cmd *exec.Cmd) (*proc, error) {
 	}
 	cmd.Stderr = f
 	cmd.SysProcAttr = sysProcAttr()
+	ps.pin.wrap(name, cmd)
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
 	err = cmd.Start()

@@ -76,7 +76,8 @@ end
 }
 
 // runWrk runs wrk against url for d and parses its report.
-func runWrk(ctx context.Context, bin, script, url string, threads, conns int, d time.Duration) (wrkResult, string, error) {
+// pin, when not nil, runs it on the CPUs other than Redis'.
+func runWrk(ctx context.Context, pin *pinning, bin, script, url string, threads, conns int, d time.Duration) (wrkResult, string, error) {
 	args := []string{
 		"-t", strconv.Itoa(threads), "-c", strconv.Itoa(conns),
 		"-d", strconv.Itoa(int(d/time.Second)) + "s",
@@ -84,6 +85,7 @@ func runWrk(ctx context.Context, bin, script, url string, threads, conns int, d 
 	}
 	cmd := exec.CommandContext(ctx, bin, args...)
 	cmd.SysProcAttr = sysProcAttr()
+	pin.wrap("wrk", cmd)
 	cmd.Cancel = func() error { killGroup(cmd.Process); return nil }
 	cmd.WaitDelay = killTimeout
 	var stdout, stderr bytes.Buffer

@@ -7,6 +7,8 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -249,17 +251,57 @@ type stubScripts struct {
 }
 
 func (s *stubScripts) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	one := []any{int64(0), int64(meter.MaxAmount), int64(1)}
+	oneRaw := fmt.Sprintf("*3\r\n:0\r\n:%d\r\n:1\r\n", meter.MaxAmount)
 	return func(ctx context.Context, cmd redis.Cmder) error {
-		if c, ok := cmd.(*redis.Cmd); ok && s.on.Load() {
-			switch cmd.Name() {
-			case "evalsha", "eval", "evalsha_ro", "eval_ro":
-				c.SetVal([]any{int64(0), int64(meter.MaxAmount), int64(1)})
+		if !s.on.Load() {
+			return next(ctx, cmd)
+		}
+		switch cmd.Name() {
+		case "evalsha", "eval", "evalsha_ro", "eval_ro":
+		default:
+			return next(ctx, cmd)
+		}
+		// The batch script answers one reply per charge, six keys each.
+		args := cmd.Args()
+		batch := fmt.Sprint(args[1]) == chargesHash
+		n := 1
+		if batch {
+			keys, _ := strconv.Atoi(fmt.Sprint(args[2]))
+			n = keys / 6
+		}
+		switch c := cmd.(type) {
+		case *redis.Cmd:
+			if !batch {
+				c.SetVal(one)
 				return nil
 			}
+			replies := make([]any, n)
+			for i := range replies {
+				replies[i] = one
+			}
+			c.SetVal(replies)
+			return nil
+		case *redis.RawCmd:
+			if !batch {
+				c.SetVal([]byte(oneRaw))
+				return nil
+			}
+			c.SetVal([]byte(fmt.Sprintf("*%d\r\n", n) + strings.Repeat(oneRaw, n)))
+			return nil
 		}
 		return next(ctx, cmd)
 	}
 }
+
+// chargesHash is the hash of the ledger's batch script.
+var chargesHash = func() string {
+	text, err := meter.Script("charges.lua")
+	if err != nil {
+		panic(err)
+	}
+	return redis.NewScript(text).Hash()
+}()
 
 // benchWriter is a ResponseWriter that keeps the status and headers and
 // drops the body.

@@ -25,6 +25,11 @@ import (
 // is answered by its own reply, not the batch's: a script error is its
 // alone.
 //
+// Where every key is on one Redis and no replica is waited for, a charge
+// goes as a raw command (RawCmd): its arguments point at the charge's own
+// fields, and its reply is read field by field into the charge's typed
+// reply, so that neither costs an allocation per field.
+//
 // mu guards busy, queue and each queued command's sent.
 type batcher struct {
 	rdb redis.UniversalClient
@@ -36,22 +41,49 @@ type batcher struct {
 	// replicas is Config.WaitReplicas: how many replicas must have a
 	// batch's writes before its replies stand.
 	replicas int
+	// raw sends charges as raw commands: on a single Redis, with no WAIT
+	// after them.
+	raw bool
 
 	mu    sync.Mutex
 	busy  int // lanes in flight
 	queue []*queued
+
+	// ends gives charges their shared deadlines.
+	ends ends
 }
 
-// queued is one command in, or on its way through, the batcher.
-type queued struct {
+// ends hands out contexts that end at a deadline, truncated to the
+// millisecond: the charges whose deadlines fall in the same millisecond
+// share one context and its one timer. None is canceled before its
+// deadline, as others may hold it; its timer ends it and frees it.
+type ends struct {
+	mu     sync.Mutex
+	last   time.Time
 	ctx    context.Context
-	script *redis.Script
-	keys   []string
-	args   []any
+	cancel context.CancelFunc // kept: it is the timer's to call
+}
+
+// at returns a context that ends at deadline, or up to a millisecond
+// before it.
+func (e *ends) at(deadline time.Time) context.Context {
+	deadline = deadline.Truncate(time.Millisecond)
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.ctx == nil || !deadline.Equal(e.last) {
+		e.ctx, e.cancel = context.WithDeadline(context.Background(), deadline)
+		e.last = deadline
+	}
+	return e.ctx
+}
+
+// queued is one charge in, or on its way through, the batcher.
+type queued struct {
+	ctx context.Context
+	c   *chargeCmd
 
 	sent bool          // taken from the queue
-	done chan struct{} // closed once raw and err are set
-	raw  any
+	done chan struct{} // closed once c.reply and err are set
 	err  error
 }
 
@@ -63,38 +95,39 @@ const (
 	batchMax   = 128
 )
 
-// newBatcher returns a batcher of the calls of one script, whose first
-// common arguments are the same for every call of a batch. many, when not
-// nil, runs a batch of them in one script run on a single Redis: with the
-// common arguments once, then each call's keys and its other arguments, and
-// one reply per call ({-1, message} for a call that raised an error).
+// newBatcher returns a batcher of charges, whose first common arguments
+// are the same for every charge of a batch. many, when not nil, runs a
+// batch of them in one script run on a single Redis: with the common
+// arguments once, then each charge's keys and its other arguments, and one
+// reply per charge ({-1, message} for a charge that raised an error).
 func newBatcher(rdb redis.UniversalClient, lanes, max int, many *redis.Script, replicas int) *batcher {
 	if _, single := rdb.(*redis.Client); !single {
 		many = nil
 	}
-	return &batcher{rdb: rdb, lanes: lanes, max: max, many: many, replicas: replicas}
+	return &batcher{rdb: rdb, lanes: lanes, max: max, many: many, replicas: replicas, raw: many != nil && replicas <= 0}
 }
 
-// run runs script once, alone or with other commands. sent reports whether
-// the command may have reached Redis: false when its context ended while it
-// waited.
-func (b *batcher) run(ctx context.Context, script *redis.Script, keys []string, args []any) (raw any, sent bool, err error) {
+// run runs charge c once, alone or with other charges, and reads its reply
+// into c.reply. sent reports whether the charge may have reached Redis:
+// false when its context ended while it waited.
+func (b *batcher) run(ctx context.Context, c *chargeCmd) (sent bool, err error) {
 	b.mu.Lock()
 	if b.busy < b.lanes {
 		// A free lane means an empty queue: the queue forms only while
 		// every lane is busy.
 		b.busy++
 		b.mu.Unlock()
-		raw, err = runScript(ctx, b.rdb, script, b.replicas, keys, args...).Result()
+		err = b.one(ctx, c)
 		b.next()
-		return raw, true, err
+		return true, err
 	}
-	q := &queued{ctx: ctx, script: script, keys: keys, args: args, done: make(chan struct{})}
+	q := &c.queued
+	*q = queued{ctx: ctx, c: c, done: make(chan struct{})}
 	b.queue = append(b.queue, q)
 	b.mu.Unlock()
 	select {
 	case <-q.done:
-		return q.raw, true, q.err
+		return true, q.err
 	case <-ctx.Done():
 	}
 	b.mu.Lock()
@@ -103,16 +136,52 @@ func (b *batcher) run(ctx context.Context, script *redis.Script, keys []string, 
 			b.queue = slices.Delete(b.queue, i, i+1)
 		}
 		b.mu.Unlock()
-		return nil, false, ctx.Err()
+		return false, ctx.Err()
 	}
 	b.mu.Unlock()
 	select {
 	case <-q.done:
 		// The reply came as the deadline passed: it is the outcome.
-		return q.raw, true, q.err
+		return true, q.err
 	default:
-		return nil, true, ctx.Err()
+		return true, ctx.Err()
 	}
+}
+
+// one sends charge c alone.
+func (b *batcher) one(ctx context.Context, c *chargeCmd) error {
+	if !b.raw {
+		raw, err := runScript(ctx, b.rdb, chargeScript.Script, b.replicas, c.keys[:], c.args[:]...).Result()
+		if err != nil {
+			return err
+		}
+		return replyFromAny(raw, &c.reply)
+	}
+	args := append(c.alone[:0], "evalsha", chargeScript.Hash(), len(c.keys))
+	for i := range c.keys {
+		args = append(args, &c.keys[i])
+	}
+	args = append(args, c.args[:]...)
+	raw, err := b.process(ctx, args)
+	if err != nil {
+		return err
+	}
+	rd := respReader{b: raw}
+	return rd.charge(&c.reply)
+}
+
+// process sends a raw command and returns its reply's text. An error
+// reply is its error, as go-redis makes it of a command it parses.
+func (b *batcher) process(ctx context.Context, args []any) ([]byte, error) {
+	cmd := redis.NewRawCmd(ctx, args...)
+	if err := b.rdb.Process(ctx, cmd); err != nil {
+		return nil, err
+	}
+	raw := cmd.Val()
+	if len(raw) > 2 && raw[0] == '-' {
+		return nil, scriptError(raw[1 : len(raw)-2])
+	}
+	return raw, nil
 }
 
 // next frees a lane that has finished its round trip, or gives it the
@@ -155,7 +224,7 @@ func (b *batcher) drain(batch []*queued) {
 	}
 }
 
-// send sends a batch in one pipeline, with the latest of its deadlines:
+// send sends a batch in one round trip, with the latest of its deadlines:
 // each caller stops waiting at its own.
 func (b *batcher) send(batch []*queued) {
 	var last time.Time
@@ -174,14 +243,18 @@ func (b *batcher) send(batch []*queued) {
 		ctx, cancel = context.WithDeadline(ctx, last)
 	}
 	defer cancel()
-	if b.many != nil && len(batch) > 1 {
+	switch {
+	case b.raw:
 		b.sendMany(ctx, batch)
+		return
+	case b.many != nil:
+		b.sendScript(ctx, batch)
 		return
 	}
 	pipe := b.rdb.Pipeline()
 	cmds := make([]*redis.Cmd, len(batch))
 	for i, q := range batch {
-		cmds[i] = q.script.EvalSha(ctx, pipe, q.keys, q.args...)
+		cmds[i] = chargeScript.EvalSha(ctx, pipe, q.c.keys[:], q.c.args[:]...)
 	}
 	var wait *redis.Cmd
 	if b.replicas > 0 {
@@ -194,20 +267,68 @@ func (b *batcher) send(batch []*queued) {
 		if wait != nil {
 			replicated(cmds[i], wait, b.replicas)
 		}
-		q.raw, q.err = cmds[i].Result()
+		raw, err := cmds[i].Result()
+		if err == nil {
+			err = replyFromAny(raw, &q.c.reply)
+		}
+		q.err = err
 		close(q.done)
 	}
 }
 
-// sendMany sends a batch as one run of the many script.
+// sendMany sends a batch as one run of the many script, as a raw command:
+// its arguments point at each charge's keys and fields.
 func (b *batcher) sendMany(ctx context.Context, batch []*queued) {
-	own := len(batch[0].args) - common
-	keys := make([]string, 0, len(batch)*len(batch[0].keys))
-	args := make([]any, 0, common+len(batch)*own)
-	args = append(args, batch[0].args[:common]...)
+	head := batch[0].c.args[:common]
+	own := len(batch[0].c.args) - common
+	keys := len(batch[0].c.keys)
+	args := make([]any, 0, 3+len(head)+len(batch)*(keys+own))
+	args = append(args, "evalsha", b.many.Hash(), len(batch)*keys)
 	for _, q := range batch {
-		keys = append(keys, q.keys...)
-		args = append(args, q.args[common:]...)
+		for i := range q.c.keys {
+			args = append(args, &q.c.keys[i])
+		}
+	}
+	args = append(args, head...)
+	for _, q := range batch {
+		args = append(args, q.c.args[common:]...)
+	}
+	raw, err := b.process(ctx, args)
+	if redis.HasErrorPrefix(err, "NOSCRIPT") {
+		// Nothing ran: the batch goes again with the script's text, as
+		// Script.Run sends it.
+		args[0], args[1] = "eval", chargesText
+		raw, err = b.process(ctx, args)
+	}
+	rd := respReader{b: raw}
+	if err == nil {
+		var n int
+		if n, err = rd.array(); err == nil && n != len(batch) {
+			err = fmt.Errorf("batch of %d charges: reply of %d", len(batch), n)
+		}
+	}
+	for _, q := range batch {
+		if err != nil {
+			q.err = err
+		} else if q.err = rd.charge(&q.c.reply); q.err != nil && !isScriptError(q.err) {
+			// A reply that does not read leaves the rest unread.
+			err = q.err
+		}
+		close(q.done)
+	}
+}
+
+// sendScript sends a batch as one run of the many script through go-redis,
+// with WAIT after it.
+func (b *batcher) sendScript(ctx context.Context, batch []*queued) {
+	head := batch[0].c.args[:common]
+	own := len(batch[0].c.args) - common
+	keys := make([]string, 0, len(batch)*len(batch[0].c.keys))
+	args := make([]any, 0, len(head)+len(batch)*own)
+	args = append(args, head...)
+	for _, q := range batch {
+		keys = append(keys, q.c.keys[:]...)
+		args = append(args, q.c.args[common:]...)
 	}
 	raw, err := runScript(ctx, b.rdb, b.many, b.replicas, keys, args...).Result()
 	replies, ok := raw.([]any)
@@ -220,8 +341,15 @@ func (b *batcher) sendMany(ctx context.Context, batch []*queued) {
 		} else if r, ok := replies[i].([]any); ok && len(r) == 2 && r[0] == int64(-1) {
 			q.err = scriptError(fmt.Sprint(r[1]))
 		} else {
-			q.raw = replies[i]
+			q.err = replyFromAny(replies[i], &q.c.reply)
 		}
 		close(q.done)
 	}
+}
+
+// isScriptError reports whether err is one charge's error in a batch's
+// reply, after which the next charge's reply still reads.
+func isScriptError(err error) bool {
+	_, ok := err.(scriptError)
+	return ok
 }

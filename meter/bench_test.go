@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -100,6 +101,7 @@ func chargeLoad(b *testing.B, rdb redis.UniversalClient, prefix string, callers,
 	}
 	b.ReportAllocs()
 	cpu0 := redisCPU(b, rdb)
+	own0 := ownCPU(b)
 	b.ResetTimer()
 	start := time.Now()
 	if callers == 1 {
@@ -116,7 +118,18 @@ func chargeLoad(b *testing.B, rdb redis.UniversalClient, prefix string, callers,
 		})
 	}
 	b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "charges/s")
+	b.ReportMetric((ownCPU(b)-own0).Seconds()*1e6/float64(b.N), "client-cpu-µs/charge")
 	b.ReportMetric((redisCPU(b, rdb)-cpu0).Seconds()*1e6/float64(b.N), "redis-cpu-µs/charge")
+}
+
+// ownCPU is the CPU time (user and system) this process has used: the
+// ledger client's side of the charges, which is the gateway's.
+func ownCPU(b *testing.B) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // redisCPU is the CPU time the Redis server (every Cluster master) has

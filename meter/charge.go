@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/creditsgw/caddy-credits/policy"
@@ -108,39 +109,149 @@ func (l *Ledger) Charge(ctx context.Context, req ChargeRequest) (ChargeResult, e
 	if req.Attempt == "" {
 		req.Attempt = NewRequestID()
 	}
-	r, err := l.callWith(ctx, l.charges, "charge", chargeCall(req))
-	if err != nil {
-		return ChargeResult{}, err
+	c := l.newChargeCmd(chargeCall(req))
+	if err := l.runCharge(ctx, c); err != nil {
+		return ChargeResult{}, fmt.Errorf("charge: %w", err)
 	}
-	if r.err != nil {
-		return ChargeResult{}, r.err
-	}
-	v, err := ints(r.v, 3)
+	return c.result(req)
+}
+
+// result reads the charge's reply.
+func (c *chargeCmd) result(req ChargeRequest) (ChargeResult, error) {
+	r := &c.reply
+	code, err := r.int(0)
 	if err != nil {
 		return ChargeResult{}, fmt.Errorf("charge: %w", err)
 	}
-	res := ChargeResult{Balance: v[1], Cost: v[2], RequestID: req.RequestID, Attempt: req.Attempt}
-	if len(r.v) >= 7 {
-		b, err := ints(r.v[4:], 3)
-		if err != nil {
-			return ChargeResult{}, fmt.Errorf("charge: budget: %w", err)
+	if code == codeWrongType {
+		return ChargeResult{}, fmt.Errorf("charge: %w", classify(wrongType(c.keys[:], r.anys())))
+	}
+	codeErr, known := chargeScript.codes[code]
+	if !known {
+		return ChargeResult{}, fmt.Errorf("charge: unexpected script code %d", code)
+	}
+	if codeErr != nil {
+		return ChargeResult{}, codeErr
+	}
+	balance, err := r.int(1)
+	if err != nil {
+		return ChargeResult{}, fmt.Errorf("charge: %w", err)
+	}
+	cost, err := r.int(2)
+	if err != nil {
+		return ChargeResult{}, fmt.Errorf("charge: %w", err)
+	}
+	res := ChargeResult{Balance: balance, Cost: cost, RequestID: req.RequestID, Attempt: req.Attempt}
+	if r.n >= 7 {
+		var b [3]int64
+		for i := range b {
+			if b[i], err = r.int(4 + i); err != nil {
+				return ChargeResult{}, fmt.Errorf("charge: budget: %w", err)
+			}
 		}
 		res.Budget = &BudgetState{Limit: b[0], Spent: b[1], Resets: time.UnixMilli(b[2]).UTC()}
 	}
-	switch r.code {
+	switch code {
 	case codeOK:
 		res.Charged = true
 	case codeBudget:
 		res.OverBudget = true
 	case codeRepeat:
 		res.Charged, res.Replay = true, true
-		if len(r.v) > 3 {
-			if kept, ok := r.v[3].(string); ok {
-				res.Kept = []byte(kept)
-			}
+		if r.n > 3 && r.f[3].kind == 's' {
+			res.Kept = []byte(r.f[3].s)
 		}
 	}
 	return res, nil
+}
+
+// chargeCmd is one charge's keys, arguments and reply, in one allocation:
+// args points at its own fields and the ledger's, which go-redis writes as
+// the values they point to, so that no argument is boxed on its own.
+type chargeCmd struct {
+	keys  [6]string
+	args  [common + 10]any
+	reply chargeReply
+	// alone is the whole command when the charge goes alone: EVALSHA, the
+	// hash, the number of keys, the keys and args.
+	alone [3 + 6 + common + 10]any
+	// queued is the charge in the batcher's queue, when it waits there.
+	queued queued
+
+	now, month, skew, cost int64
+	feature, requestID     string
+	attempt, binding       string
+	subject, overdraft     string
+	limit                  string
+}
+
+// newChargeCmd builds c's command: chargeCall's keys and arguments, after
+// the head every script takes first.
+func (l *Ledger) newChargeCmd(c chargeCall) *chargeCmd {
+	now := l.now()
+	cmd := &chargeCmd{now: now.UnixMilli(), month: monthIndex(now), skew: l.serverSkew.Load(), cost: c.Cost,
+		feature: c.Feature, requestID: c.RequestID, attempt: c.Attempt, binding: "-", subject: "-",
+		overdraft: "0", limit: "-1"}
+	cmd.keys = chargeKeys(l.keys, c.Org, c.RequestID, c.Binding != "")
+	if c.Overdraft {
+		cmd.overdraft = "1"
+		cmd.limit = strconv.FormatInt(c.OverdraftLimit, 10)
+	}
+	if c.Binding != "" {
+		cmd.binding = c.Binding
+	}
+	if c.Subject != "" {
+		cmd.subject = c.Subject
+	}
+	cmd.args = [...]any{&cmd.now, &cmd.month, &l.defaultPlan.Allowance, &l.defaultPlan.RechargeMonth, &l.eventsMax,
+		&cmd.skew, &l.markerTTL,
+		&cmd.feature, &cmd.cost, &cmd.overdraft, &cmd.limit, &cmd.requestID, &l.markerTTL, &cmd.attempt, &cmd.binding,
+		inFlightTTL, &cmd.subject}
+	return cmd
+}
+
+// chargeKeys returns chargeCall's keys, built in one string: the account,
+// the request marker, the call log, the holds, the kept response (the
+// marker again when the call has no binding) and the budgets.
+func chargeKeys(k Keys, org, requestID string, kept bool) [6]string {
+	base := len(k.prefix) + len(org) + 4 // prefix:{org}:
+	kinds := [...]string{"a", "r:", "c", "h", "b", "k:"}
+	n := len(kinds) - 1
+	if kept {
+		n++
+	}
+	size := n*base + 2*len(requestID)
+	for _, kind := range kinds[:n] {
+		size += len(kind)
+	}
+	var b strings.Builder
+	b.Grow(size)
+	var ends [6]int
+	for i, kind := range kinds[:n] {
+		b.WriteString(k.prefix)
+		b.WriteString(":{")
+		b.WriteString(org)
+		b.WriteString("}:")
+		b.WriteString(kind)
+		if kind == "r:" || kind == "k:" {
+			b.WriteString(requestID)
+		}
+		ends[i] = b.Len()
+	}
+	all := b.String()
+	key := func(i int) string {
+		start := 0
+		if i > 0 {
+			start = ends[i-1]
+		}
+		return all[start:ends[i]]
+	}
+	marker := key(1)
+	keptKey := marker
+	if kept {
+		keptKey = key(5)
+	}
+	return [6]string{key(0), marker, key(2), key(3), keptKey, key(4)}
 }
 
 // chargeScript, lua/charge.lua, charges a call.
@@ -162,6 +273,10 @@ var chargeScript = bind("charge.lua", replyCodes{codeOK: nil, codeRefused: nil, 
 // charge's reply per charge, or {-1, message} for a charge that raised an
 // error.
 var chargesScript = newScript("charges.lua")
+
+// chargesText is chargesScript's text, for a batch that finds it not
+// loaded.
+var chargesText, _ = Script("charges.lua")
 
 // chargeCall is a validated charge whose request id and attempt are set.
 type chargeCall ChargeRequest

@@ -43,7 +43,7 @@ func bind(name string, codes replyCodes) *luaScript {
 
 // A binding is one call of one script: it fixes the order of the script's
 // KEYS and of its ARGV after the head every script takes first
-// (lua/lib/base.lua's ARGV[1..7], which evalWith puts in). Each binding's
+// (lua/lib/base.lua's ARGV[1..7], which eval puts in). Each binding's
 // script is declared with it, under a comment that lists its KEYS, ARGV and
 // reply.
 type binding interface {

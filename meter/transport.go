@@ -20,6 +20,20 @@ func (l *Ledger) deadline(ctx context.Context) (context.Context, context.CancelF
 	return context.WithTimeout(ctx, l.timeout)
 }
 
+// chargeDeadline is deadline for a charge. A charge whose context never
+// ends (a gateway's call's, whose client going away must not cut it) gets
+// one its batcher shares with the charges whose deadline falls in the same
+// millisecond: one timer for them all instead of one per charge.
+func (l *Ledger) chargeDeadline(ctx context.Context) (context.Context, context.CancelFunc) {
+	if ctx.Done() != nil {
+		return l.deadline(ctx)
+	}
+	if _, ok := ctx.Deadline(); ok {
+		return l.deadline(ctx)
+	}
+	return l.charges.ends.at(time.Now().Add(l.timeout)), func() {}
+}
+
 // ints reads the first n fields of a script reply, which must be integers.
 func ints(v []any, n int) ([]int64, error) {
 	if len(v) < n {
@@ -42,15 +56,9 @@ func ints(v []any, n int) ([]int64, error) {
 // connection, while the deadline allows. err, prefixed with what, is the
 // store's error or a broken reply; the reply's err is what its code means.
 func (l *Ledger) call(ctx context.Context, what string, b binding) (reply, error) {
-	return l.callWith(ctx, nil, what, b)
-}
-
-// callWith is call whose first try goes through batcher q, when there is
-// one, together with other concurrent calls.
-func (l *Ledger) callWith(ctx context.Context, q *batcher, what string, b binding) (reply, error) {
 	s := b.script()
 	keys := b.keys(l.keys)
-	v, err := l.evalWith(ctx, q, s.Script, keys, b.args(l))
+	v, err := l.eval(ctx, s.Script, keys, b.args(l))
 	var r reply
 	if err == nil {
 		r, err = s.decode(keys, v)
@@ -61,29 +69,64 @@ func (l *Ledger) callWith(ctx context.Context, q *batcher, what string, b bindin
 	return r, nil
 }
 
-// evalWith runs script, its first try through batcher b when there is one.
-func (l *Ledger) evalWith(ctx context.Context, b *batcher, script *redis.Script, keys []string, args []any) ([]any, error) {
-	ctx, cancel := l.deadline(ctx)
-	defer cancel()
+// eval runs script, after the head every script takes first.
+func (l *Ledger) eval(ctx context.Context, script *redis.Script, keys []string, args []any) ([]any, error) {
 	now := l.now()
 	all := make([]any, 0, common+len(args))
 	all = append(all, now.UnixMilli(), monthIndex(now), l.defaultPlan.Allowance, l.defaultPlan.RechargeMonth, l.eventsMax,
 		l.serverSkew.Load(), l.markerTTL)
 	all = append(all, args...)
+	ctx, cancel := l.deadline(ctx)
+	defer cancel()
 	var raw any
+	err := l.tries(ctx, nil, func(ctx context.Context) (err error) {
+		raw, err = runScript(ctx, l.rdb, script, l.replicas, keys, all...).Result()
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	v, ok := raw.([]any)
+	if !ok {
+		return nil, fmt.Errorf("script reply is %T, not an array", raw)
+	}
+	return v, nil
+}
+
+// runCharge runs a charge, its first try through the ledger's batcher, and
+// reads its reply into c.reply.
+func (l *Ledger) runCharge(ctx context.Context, c *chargeCmd) error {
+	ctx, cancel := l.chargeDeadline(ctx)
+	defer cancel()
+	return l.tries(ctx, func(ctx context.Context) (bool, error) {
+		return l.charges.run(ctx, c)
+	}, func(ctx context.Context) error {
+		raw, err := runScript(ctx, l.rdb, chargeScript.Script, l.replicas, c.keys[:], c.args[:]...).Result()
+		if err != nil {
+			return err
+		}
+		return replyFromAny(raw, &c.reply)
+	})
+}
+
+// tries runs a script within ctx's deadline: first, when not nil,
+// for the first try (it reports whether the script may have reached
+// Redis), and again for the first when it is nil, for a retry, and for a
+// first try that found the script not loaded.
+func (l *Ledger) tries(ctx context.Context, first func(context.Context) (bool, error), again func(context.Context) error) error {
 	var err error
 	sent := false // whether any try may have reached Redis
 	for try, wait := 0, 5*time.Millisecond; ; try, wait = try+1, wait*2 {
-		if try == 0 && b != nil {
+		if try == 0 && first != nil {
 			var s bool
-			raw, s, err = b.run(ctx, script, keys, all)
-			if s && redis.HasErrorPrefix(err, "NOSCRIPT") {
+			s, err = first(ctx)
+			if s && err != nil && redis.HasErrorPrefix(err, "NOSCRIPT") {
 				// A pipeline sends the script's hash alone; Run loads it.
-				raw, err = runScript(ctx, l.rdb, script, l.replicas, keys, all...).Result()
+				err = again(ctx)
 			}
 			sent = s && (err == nil || !changedNothing(err))
 		} else {
-			raw, err = runScript(ctx, l.rdb, script, l.replicas, keys, all...).Result()
+			err = again(ctx)
 			sent = sent || (err == nil || !changedNothing(err))
 		}
 		if err == nil || try == maxTries-1 || !retryable(err) {
@@ -99,15 +142,11 @@ func (l *Ledger) evalWith(ctx context.Context, b *batcher, script *redis.Script,
 	}
 	if err != nil {
 		if !sent {
-			return nil, classify(unsentError{err})
+			return classify(unsentError{err})
 		}
-		return nil, classify(err)
+		return classify(err)
 	}
-	v, ok := raw.([]any)
-	if !ok {
-		return nil, fmt.Errorf("script reply is %T, not an array", raw)
-	}
-	return v, nil
+	return nil
 }
 
 // common is the number of arguments every script takes first (lua/lib/base.lua's
