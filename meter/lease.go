@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -307,6 +308,7 @@ type Leaser struct {
 	logger *zap.Logger
 
 	orgs   sync.Map // org -> *lease; read on every call without a lock
+	heat   heat     // the calls of orgs without a lease
 	closed atomic.Bool
 	// seq numbers the syncs across all of the leaser's leases: an org's
 	// lease that ended and began again must not reuse a number the ledger
@@ -471,6 +473,55 @@ type syncAnswer struct {
 // before it is leased.
 const leaseAfter = 3
 
+// heat counts the recent calls of orgs that have no lease, so that an org
+// is leased once it made leaseAfter calls within Idle of each other, and
+// then one more. It is a fixed table: an org counts in one of two slots
+// chosen by its hash, and takes over the one whose last call is older when
+// neither is its own. An org that lost its slot to others counts again from
+// its next call: it is leased a few calls later, never wrongly.
+type heat struct {
+	seed  maphash.Seed
+	mu    sync.Mutex
+	slots [heatSlots]heatSlot
+}
+
+type heatSlot struct {
+	h     uint64 // the org's hash; 0: free
+	calls int64  // within Idle of each other
+	last  int64  // unix ns of the last
+}
+
+// heatSlots is the number of orgs heat counts at once.
+const heatSlots = 4096
+
+// busy counts a call of org at now, and reports whether it is the one
+// after leaseAfter calls within idle of each other: the org is busy, and
+// its slot is freed.
+func (t *heat) busy(org string, now time.Time, idle time.Duration) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.seed == (maphash.Seed{}) {
+		t.seed = maphash.MakeSeed()
+	}
+	h := maphash.String(t.seed, org) | 1
+	s := &t.slots[h%heatSlots]
+	if o := &t.slots[(h>>32)%heatSlots]; s.h != h && (o.h == h || o.last < s.last) {
+		s = o
+	}
+	ns := now.UnixNano()
+	if s.h != h || ns-s.last > int64(idle) {
+		*s = heatSlot{h: h, calls: 1, last: ns}
+		return leaseAfter == 0
+	}
+	s.calls++
+	s.last = ns
+	if s.calls > leaseAfter {
+		*s = heatSlot{}
+		return true
+	}
+	return false
+}
+
 // maxGrowth is how many times Size a lease grows to at most, doubling each
 // time its org spends what it holds faster than a renewal comes back.
 const maxGrowth = 16
@@ -510,12 +561,25 @@ func (ls *Leaser) Spend(org, feature string, cost int64) (rc Receipt, ok bool, e
 // is too small waits for a sync that renews it (two at most), and is
 // charged on its own when the budget has too little left for a share.
 func (ls *Leaser) SpendAs(org, subject, feature string, cost int64) (rc Receipt, ok bool, err error) {
+	now := time.Now()
+	if _, known := ls.orgs.Load(org); !known {
+		// An org with no lease is counted apart, without one, until it is
+		// busy: most orgs call now and then, and each would otherwise cost
+		// a lease in the map and a visit of every flush.
+		if !ls.heat.busy(org, now, ls.cfg.Idle) {
+			return Receipt{}, false, nil
+		}
+	}
 	le := ls.lock(org)
 	if le == nil {
 		return Receipt{}, false, nil
 	}
-	now := time.Now()
 	le.used = now
+	if le.state == counting && le.calls == 0 {
+		// New, for an org the heat table found busy: this call is the
+		// one that leases it.
+		le.calls = leaseAfter
+	}
 	if le.state == counting && !le.count() {
 		// An org is leased once it is busy: a lease costs two store calls
 		// (take and give back), a lone call one.

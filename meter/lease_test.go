@@ -149,6 +149,44 @@ var leaseCases = []ledgerCase{
 				fromLeases, oneByOne, leased, paid-leased)
 		}
 	}},
+	{name: "orgs that call now and then get no lease, a busy one among them does", cfg: Config{DefaultPlan: Plan{Allowance: 1000}}, run: func(e *env) {
+		ls := NewLeaser(e.ledger, testLease, zap.NewNop())
+		defer ls.Close()
+		// 20,000 orgs called once each, and among them one called every
+		// 50th call: the first are charged on their own and leave nothing
+		// in the leaser; the busy one is leased at its call after
+		// leaseAfter, however many others took slots of the heat table.
+		leasedAt := -1
+		for i := range 20_000 {
+			org := fmt.Sprintf("cold-%d", i)
+			if i%50 == 0 {
+				org = "busy"
+			}
+			_, ok, err := ls.Spend(org, "alt-text", 1)
+			if err != nil {
+				e.t.Fatal(err)
+			}
+			if ok && org != "busy" {
+				e.t.Fatalf("%s, called once, was paid by a lease", org)
+			}
+			if ok && leasedAt < 0 {
+				leasedAt = i / 50
+			}
+		}
+		if leasedAt != leaseAfter {
+			e.t.Fatalf("the busy org was first paid by a lease at its call %d, want %d", leasedAt, leaseAfter)
+		}
+		n := 0
+		ls.orgs.Range(func(k, _ any) bool {
+			if k != "busy" {
+				n++
+			}
+			return true
+		})
+		if n != 0 {
+			e.t.Fatalf("the leaser keeps %d orgs that called once", n)
+		}
+	}},
 	{name: "an idle lease gives its credits back", cfg: Config{DefaultPlan: Plan{Allowance: 1000}}, run: func(e *env) {
 		ls := NewLeaser(e.ledger, testLease, zap.NewNop())
 		defer ls.Close()
