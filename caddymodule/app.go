@@ -230,6 +230,7 @@ func (a *App) Provision(ctx caddy.Context) error {
 		Timeout:      time.Duration(a.Timeout),
 		Now:          now,
 		WaitReplicas: replicas,
+		Batched:      func(n int) { a.metrics.batched.Add(float64(n)) },
 	})
 	if err != nil {
 		return err

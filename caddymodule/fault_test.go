@@ -175,15 +175,17 @@ func TestFaultRedisRestart(t *testing.T) {
 		{"default lease", "", false},
 	} {
 		t.Run(mode.name, func(t *testing.T) {
-			g := startGateway(t, gatewayOptions{redis: redistest.Options{AppendOnly: true}, global: mode.global})
+			g := startGateway(t, gatewayOptions{redis: redistest.Options{AppendOnly: true}, global: mode.global, site: metricsSite})
 			orgs := setupFaultOrgs(g, 5)
 			stop := make(chan struct{})
-			res, wait := runLoad(g, orgs, 8, stop)
+			res, wait := runLoad(g, orgs, 16, stop)
 			res.waitDone(t, 300)
+			batched := g.metric("caddy_credits_store_batched_total")
 			g.redis.Kill(t)
 			res.waitDone(t, 200)
 			g.redis.Restart(t)
 			res.waitDone(t, 300)
+			batched = g.metric("caddy_credits_store_batched_total") - batched
 			close(stop)
 			wait()
 			drained(t)
@@ -191,8 +193,11 @@ func TestFaultRedisRestart(t *testing.T) {
 			if mode.refused && res.statuses[http.StatusServiceUnavailable] == 0 {
 				t.Errorf("no call was refused while Redis was down: %v", res)
 			}
+			if mode.refused && batched == 0 {
+				t.Errorf("no charges went in batches while Redis was killed and restarted")
+			}
 			checkExact(t, g, orgs)
-			t.Logf("answers: %v", res)
+			t.Logf("answers: %v, %v charges in batches around the restart", res, batched)
 		})
 	}
 }
@@ -246,20 +251,25 @@ func TestFaultCutReplies(t *testing.T) {
 		t.Run(mode.name, func(t *testing.T) {
 			srv := redistest.Start(t, redistest.Options{})
 			proxy := faultproxy.Start(t, srv.Addr)
-			g := startGateway(t, gatewayOptions{store: "redis redis://" + proxy.Addr, global: mode.global})
+			g := startGateway(t, gatewayOptions{store: "redis redis://" + proxy.Addr, global: mode.global, site: metricsSite})
 			g.redis = srv
 			orgs := setupFaultOrgs(g, 3)
+			batched := g.metric("caddy_credits_store_batched_total")
 			proxy.CutReplyEvery(int(mode.every))
 			stop := make(chan struct{})
-			res, wait := runLoad(g, orgs, 8, stop)
+			res, wait := runLoad(g, orgs, 16, stop)
 			eventuallyWithin(t, time.Minute, fmt.Sprintf("%d replies are cut", mode.cuts), func() bool { return proxy.Cuts() >= mode.cuts })
+			batched = g.metric("caddy_credits_store_batched_total") - batched
 			close(stop)
 			wait()
 			proxy.CutReplyEvery(0)
 			drained(t)
 			wantOnly(t, res, http.StatusOK, http.StatusServiceUnavailable)
+			if mode.global == "lease off" && batched == 0 {
+				t.Errorf("no charges went in batches while replies were cut")
+			}
 			checkExact(t, g, orgs)
-			t.Logf("answers: %v with %d replies cut", res, proxy.Cuts())
+			t.Logf("answers: %v with %d replies cut, %v charges in batches", res, proxy.Cuts(), batched)
 		})
 	}
 }

@@ -19,6 +19,9 @@ type metrics struct {
 	// org's corrupt data), full (the backlog had no room for them) or
 	// shutdown (still waiting when the store closed).
 	dropped *prometheus.CounterVec
+	// batched counts the charges that went to the store in one round trip
+	// with others.
+	batched prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -49,8 +52,12 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Namespace: ns, Subsystem: sub, Name: "backlog_dropped_total",
 			Help: "Deferred ledger calls that left the backlog unapplied: failed (no retry could apply them, e.g. an org's corrupt data), full (the backlog had no room for them) or shutdown (still waiting when the store closed).",
 		}, []string{"reason"}),
+		batched: prometheus.NewCounter(prometheus.CounterOpts{
+			Namespace: ns, Subsystem: sub, Name: "store_batched_total",
+			Help: "Charges sent to the store in one round trip with others (one script run on a single Redis, one pipeline per node on a Cluster).",
+		}),
 	}
-	cs := []prometheus.Collector{m.requests, m.charged, m.storeDuration, m.storeErrors, m.unmetered, m.dropped}
+	cs := []prometheus.Collector{m.requests, m.charged, m.storeDuration, m.storeErrors, m.unmetered, m.dropped, m.batched}
 	for i, c := range cs {
 		if err := reg.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError
@@ -66,5 +73,6 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	m.storeErrors = cs[3].(prometheus.Counter)
 	m.unmetered = cs[4].(prometheus.Counter)
 	m.dropped = cs[5].(*prometheus.CounterVec)
+	m.batched = cs[6].(prometheus.Counter)
 	return m, nil
 }

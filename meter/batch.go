@@ -45,6 +45,9 @@ type batcher struct {
 	// after them.
 	raw bool
 
+	// batched is Config.Batched.
+	batched func(int)
+
 	mu    sync.Mutex
 	busy  int // lanes in flight
 	queue []*queued
@@ -100,11 +103,12 @@ const (
 // batch of them in one script run on a single Redis: with the common
 // arguments once, then each charge's keys and its other arguments, and one
 // reply per charge ({-1, message} for a charge that raised an error).
-func newBatcher(rdb redis.UniversalClient, lanes, max int, many *redis.Script, replicas int) *batcher {
+func newBatcher(rdb redis.UniversalClient, lanes, max int, many *redis.Script, replicas int, batched func(int)) *batcher {
 	if _, single := rdb.(*redis.Client); !single {
 		many = nil
 	}
-	return &batcher{rdb: rdb, lanes: lanes, max: max, many: many, replicas: replicas, raw: many != nil && replicas <= 0}
+	return &batcher{rdb: rdb, lanes: lanes, max: max, many: many, replicas: replicas, raw: many != nil && replicas <= 0,
+		batched: batched}
 }
 
 // run runs charge c once, alone or with other charges, and reads its reply
@@ -227,6 +231,9 @@ func (b *batcher) drain(batch []*queued) {
 // send sends a batch in one round trip, with the latest of its deadlines:
 // each caller stops waiting at its own.
 func (b *batcher) send(batch []*queued) {
+	if b.batched != nil && len(batch) > 1 {
+		b.batched(len(batch))
+	}
 	var last time.Time
 	for _, q := range batch {
 		d, ok := q.ctx.Deadline()

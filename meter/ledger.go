@@ -105,6 +105,10 @@ type Config struct {
 	// the ledger answered. A write no replica took in time has an unknown
 	// outcome (ErrNotReplicated), as a lost reply has. 0 waits for none.
 	WaitReplicas int
+	// Batched, when set, is told how many charges each round trip that
+	// carried more than one sent together (a metric of how much the
+	// batcher saves).
+	Batched func(n int)
 }
 
 // Ledger changes and reads orgs' credits. It is safe for concurrent use.
@@ -188,7 +192,7 @@ func New(rdb redis.UniversalClient, cfg Config) (*Ledger, error) {
 		keyTTL:      strconv.FormatInt(int64(cfg.KeyTTL/time.Second), 10),
 		refTTL:      cfg.ReferenceTTL.Milliseconds(),
 		now:         cfg.Now,
-		charges:     newBatcher(rdb, batchLanes, batchMax, chargesScript, cfg.WaitReplicas),
+		charges:     newBatcher(rdb, batchLanes, batchMax, chargesScript, cfg.WaitReplicas, cfg.Batched),
 		replicas:    cfg.WaitReplicas,
 	}, nil
 }
