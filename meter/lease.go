@@ -393,6 +393,7 @@ type share struct {
 	spent   int64     // since the last sync was sent
 	unspent int64     // held when the sync on its way was sent
 	asked   bool      // a call wanted the share since the last sync was sent
+	back    bool      // a call the share is too small for waits for it to go back
 	need    int64     // the largest cost a call that waited for the sync on its way wanted
 	starved time.Time // when a sync last gave less than a waiting call needed
 	used    time.Time // the last call
@@ -587,13 +588,23 @@ func (ls *Leaser) SpendAs(org, subject, feature string, cost int64) (rc Receipt,
 		return Receipt{}, false, nil
 	}
 	waits := 0 // for syncs, since the subject's share was short
+	renewals := 0
+spend:
 	for {
 		if le.canSpend(cost, now, ls.cfg.TTL) {
 			var sh *share
 			if subject != "" {
 				sh = le.share(subject, now)
 				if !sh.canPay(cost, now) {
-					if !sh.known || waits == 2 || now.Sub(sh.starved) < ls.cfg.Flush {
+					// A share too small for the call is given back before
+					// the call is charged on its own: the ledger keeps what
+					// the lease holds of the budget from every charge,
+					// this gateway's too, and the call may need all of it.
+					back := sh.known && !sh.none && sh.held > 0 && waits < 3 &&
+						(waits == 2 || now.Sub(sh.starved) < ls.cfg.Flush)
+					if back {
+						sh.back = true
+					} else if !sh.known || waits >= 2 || now.Sub(sh.starved) < ls.cfg.Flush {
 						// Charged on its own. A subject not seen yet gets
 						// a share at once, in the background; one whose
 						// budget has too little left for a share is paid
@@ -713,24 +724,23 @@ func (ls *Leaser) SpendAs(org, subject, feature string, cost int64) (rc Receipt,
 	if le = ls.lock(org); le == nil {
 		return Receipt{}, false, nil
 	}
-	defer le.mu.Unlock()
 	now = time.Now()
 	if !le.canSpend(cost, now, ls.cfg.TTL) {
+		le.mu.Unlock()
 		return Receipt{}, false, nil
 	}
-	var sh *share
 	if subject != "" {
-		if sh = le.share(subject, now); !sh.canPay(cost, now) {
-			if !sh.known {
-				sh.asked, le.asked = true, true
-			}
+		if renewals > 0 {
+			le.mu.Unlock()
 			return Receipt{}, false, nil
 		}
+		// The subject's share, as for a lease that could pay: its own
+		// renewal, or its giving back before a charge of the call's own.
+		renewals++
+		goto spend
 	}
 	rc = le.take(feature, cost)
-	if sh != nil {
-		le.takeShare(&rc, sh, subject, cost)
-	}
+	le.mu.Unlock()
 	return rc, true, nil
 }
 
@@ -965,6 +975,10 @@ func (ls *Leaser) subjectsOut(le *lease, want int64) map[string]SubjectSync {
 		b := SubjectSync{Window: sh.wid, Spent: sh.spent}
 		switch {
 		case sh.none:
+		case sh.back:
+			// A call the share is too small for is charged on its own
+			// once the share is back.
+			sh.held, sh.back, sh.asked = 0, false, false
 		case want > 0 && le.state != returning && (sh.asked || sh.spent > 0):
 			b.Want, b.Unspent = le.block, max(sh.held, 0)
 		case le.state != returning && time.Since(sh.used) <= ls.cfg.Flush:
