@@ -31,27 +31,7 @@ var testLease = LeaseConfig{Size: 50, Keep: 100, Flush: 20 * time.Millisecond, I
 // gateway does; it returns how many calls were paid for, and how many of
 // them from a lease.
 func spendAll(e *env, leasers []*Leaser, org string, n int) (paid, leased int64) {
-	var paidN, leasedN atomic.Int64
-	var wg sync.WaitGroup
-	for i := range n {
-		wg.Go(func() {
-			if _, ok, _ := leasers[i%len(leasers)].Spend(org, "rich-text", 1); ok {
-				paidN.Add(1)
-				leasedN.Add(1)
-				return
-			}
-			r, err := e.ledger.Charge(e.ctx, ChargeRequest{Org: org, Feature: "rich-text", Cost: 1})
-			if err != nil {
-				e.t.Error(err)
-				return
-			}
-			if r.Charged {
-				paidN.Add(1)
-			}
-		})
-	}
-	wg.Wait()
-	return paidN.Load(), leasedN.Load()
+	return spendAs(e, leasers, org, "", n)
 }
 
 var leaseCases = []ledgerCase{
