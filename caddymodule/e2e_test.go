@@ -132,21 +132,35 @@ func (u *upstream) last(t *testing.T) *http.Request {
 // It picks from 15000-19999, below Linux's ephemeral range (32768 and up):
 // a port the kernel hands out for :0 or for an outgoing connection of a
 // test running meanwhile could be taken again before Caddy binds it, and
-// the redis-servers of internal/redistest use 20000 and up.
+// the redis-servers of internal/redistest use 20000 and up. A port is
+// handed out once per test binary, so two addresses of one Caddyfile (or
+// of two tests in turn, while the first one's listener lingers) never
+// share one.
 func freePort(t testing.TB) int {
 	t.Helper()
-	for range 100 {
+	portsMu.Lock()
+	defer portsMu.Unlock()
+	for range 1000 {
 		port := 15000 + rand.IntN(5000)
+		if portsGiven[port] {
+			continue
+		}
 		l, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port))
 		if err != nil {
 			continue
 		}
 		l.Close()
+		portsGiven[port] = true
 		return port
 	}
 	t.Fatal("no free port in 15000-19999")
 	return 0
 }
+
+var (
+	portsMu    sync.Mutex
+	portsGiven = map[int]bool{}
+)
 
 // gateway is Caddy, in this process, with the credits module in front of
 // an upstream, metering against a real redis-server.
