@@ -45,6 +45,9 @@ func TestQuick(t *testing.T) {
 			t.Errorf("scenario %s: p99 added %q: %v", sc.name, added[i][1], err)
 		}
 		r := rep.scenarios[i]
+		if sc.subjects > 0 && (!(r.Beside > 0) || math.IsInf(r.Beside, 0) || len(r.gaps) != 1 || !strings.Contains(report, "unbudgeted less budgeted ratio: ")) {
+			t.Errorf("scenario %s: the unbudgeted route beside it: ratio %v, gaps %v", sc.name, r.Beside, r.gaps)
+		}
 		if r.sc.name != sc.name || r.non2xx != 0 || r.meteredServed == 0 || (sc.orgs == 1 && !r.ledgerOK) {
 			t.Errorf("scenario %s: %d non-2xx, %d metered responses, ledger ok %v", sc.name, r.non2xx, r.meteredServed, r.ledgerOK)
 		}

@@ -22,6 +22,8 @@ type scenario struct {
 	orgs        int           // distinct orgs, in turn; 1 is one org
 	// subjects, when above 0, runs the metered side on the budgeted route:
 	// each call names the next of that many subjects, each with a budget.
+	// Each round then also runs the unbudgeted metered route with the same
+	// calls, so that the two compare within the same minute of the machine.
 	subjects int
 }
 
@@ -35,7 +37,7 @@ var scenarios = []scenario{
 // routeRun is one wrk run on one route.
 type routeRun struct {
 	round int
-	route string // plain or metered
+	route string // plain, metered, or (scenario d) unbudgeted
 	res   wrkResult
 	// caddyCPU and redisCPU are the CPU time each process used per
 	// request served in the run; zero when unknown.
@@ -51,6 +53,12 @@ type scenarioResult struct {
 	// speed touches both sides of a round's ratio alike.
 	Ratio  float64
 	ratios []float64
+	// Beside is, for a budgeted scenario, the median over rounds of the
+	// unbudgeted metered route's requests/s over plain's, and Gap the
+	// median over rounds of Beside's ratio less Ratio's.
+	Beside        float64
+	Gap           float64
+	besides, gaps []float64
 	// P99Added is the median p99 of the metered runs minus that of the
 	// plain runs.
 	P99Added                time.Duration
@@ -99,7 +107,8 @@ func (e *loadEnv) cpuPerRequest(f func() error, n func() int64) (caddy, redis ti
 }
 
 // runScenario warms both routes up, then runs rounds of plain and metered
-// back to back, alternating which goes first, and prints the table.
+// back to back (a budgeted scenario's also with its calls unbudgeted), each
+// going first in turn, and prints the table.
 func (e *loadEnv) runScenario(ctx context.Context, w io.Writer, sc scenario) (*scenarioResult, error) {
 	script, err := writeScript(e.dir, sc)
 	if err != nil {
@@ -120,31 +129,34 @@ func (e *loadEnv) runScenario(ctx context.Context, w io.Writer, sc scenario) (*s
 		switch {
 		case route == "metered" && sc.subjects > 0:
 			path = budgetedPath
-		case route == "metered":
+		case route == "metered", route == "unbudgeted":
 			path = meteredPath
 		}
 		res, line, err := runWrk(ctx, e.pin, e.wrk, script, e.gw.base+path, e.threads, sc.conns, d)
-		if err == nil && route == "metered" {
+		if err == nil && route != "plain" {
 			r.meteredServed += res.Requests
 		}
 		return res, line, err
 	}
+	routes := []string{"plain", "metered"}
+	if sc.subjects > 0 {
+		routes = append(routes, "unbudgeted")
+	}
 	if e.warmup > 0 {
-		for _, route := range []string{"plain", "metered"} {
+		for _, route := range routes {
 			if _, _, err := run(route, e.warmup); err != nil {
 				return nil, fmt.Errorf("warm-up: %w", err)
 			}
 		}
 		fmt.Fprintf(w, "warm-up: %v per route, not counted\n", e.warmup)
 	}
-	fmt.Fprintf(w, "%-6s %-8s %12s %10s %10s %8s %8s %10s %10s\n", "round", "route", "requests/s", "p50", "p99", "non-2xx", "sockerr",
+	fmt.Fprintf(w, "%-6s %-10s %10s %10s %10s %8s %8s %10s %10s\n", "round", "route", "requests/s", "p50", "p99", "non-2xx", "sockerr",
 		"caddy-cpu", "redis-cpu")
 	for round := 1; round <= e.rounds; round++ {
-		order := []string{"plain", "metered"}
-		if round%2 == 0 {
-			order = []string{"metered", "plain"}
-		}
-		var rps [2]float64 // plain, metered
+		// Each route goes first in turn.
+		k := (round - 1) % len(routes)
+		order := append(slices.Clone(routes[k:]), routes[:k]...)
+		rps := map[string]float64{}
 		for _, route := range order {
 			var res wrkResult
 			var line string
@@ -182,23 +194,21 @@ func (e *loadEnv) runScenario(ctx context.Context, w io.Writer, sc scenario) (*s
 			r.runs = append(r.runs, routeRun{round: round, route: route, res: res, caddyCPU: caddyCPU, redisCPU: redisCPU})
 			r.non2xx += res.Non2xx
 			r.socketErrors += res.SocketErrors
-			if route == "plain" {
-				rps[0] = res.RPS
-			} else {
-				rps[1] = res.RPS
-			}
-			fmt.Fprintf(w, "%-6d %-8s %12.1f %10s %10s %8d %8d %10s %10s\n", round, route, res.RPS, ms(res.P50), ms(res.P99), res.Non2xx,
+			rps[route] = res.RPS
+			fmt.Fprintf(w, "%-6d %-10s %10.1f %10s %10s %8d %8d %10s %10s\n", round, route, res.RPS, ms(res.P50), ms(res.P99), res.Non2xx,
 				res.SocketErrors, us(caddyCPU), us(redisCPU))
 		}
-		r.ratios = append(r.ratios, rps[1]/rps[0])
+		r.ratios = append(r.ratios, rps["metered"]/rps["plain"])
+		if sc.subjects > 0 {
+			beside := rps["unbudgeted"] / rps["plain"]
+			r.besides = append(r.besides, beside)
+			r.gaps = append(r.gaps, beside-r.ratios[len(r.ratios)-1])
+		}
 	}
 
-	var p50s, p99s, rpss, caddys, rediss [2][]float64 // plain, metered
+	var p50s, p99s, rpss, caddys, rediss [3][]float64 // plain, metered, unbudgeted
 	for _, run := range r.runs {
-		i := 0
-		if run.route == "metered" {
-			i = 1
-		}
+		i := slices.Index(routes, run.route)
 		p50s[i] = append(p50s[i], float64(run.res.P50))
 		p99s[i] = append(p99s[i], float64(run.res.P99))
 		rpss[i] = append(rpss[i], run.res.RPS)
@@ -216,11 +226,20 @@ func (e *loadEnv) runScenario(ctx context.Context, w io.Writer, sc scenario) (*s
 		us(r.caddyPlain), us(r.redisPlain))
 	fmt.Fprintf(w, "median metered %12.1f %10s %10s %17s %10s %10s\n", r.rpsMetered, ms(r.p50Metered), ms(r.p99Metered), "",
 		us(r.caddyMetered), us(r.redisMetered))
+	if sc.subjects > 0 {
+		fmt.Fprintf(w, "median unbudgeted %9.1f %10s %10s %17s %10s %10s\n", median(rpss[2]), ms(time.Duration(median(p50s[2]))),
+			ms(time.Duration(median(p99s[2]))), "", us(time.Duration(median(caddys[2]))), us(time.Duration(median(rediss[2]))))
+	}
 	per := make([]string, len(r.ratios))
 	for i, x := range r.ratios {
 		per[i] = fmt.Sprintf("%.3f", x)
 	}
 	fmt.Fprintf(w, "ratio metered/plain requests/s: %.3f (median of %d rounds: %s)\n", r.Ratio, len(r.ratios), strings.Join(per, " "))
+	if sc.subjects > 0 {
+		r.Beside, r.Gap = median(r.besides), median(r.gaps)
+		fmt.Fprintf(w, "beside it, unbudgeted/plain requests/s: %.3f (median of %d rounds: %s)\n", r.Beside, len(r.besides), floats(r.besides))
+		fmt.Fprintf(w, "unbudgeted less budgeted ratio: %+.3f (median of %d rounds: %s)\n", r.Gap, len(r.gaps), floats(r.gaps))
+	}
 	fmt.Fprintf(w, "p99 added by metering: %s (median p99 metered %s - median p99 plain %s)\n", signedMS(r.P99Added), ms(r.p99Metered), ms(r.p99Plain))
 	if r.non2xx > 0 {
 		fmt.Fprintf(w, "INVALID: %d responses with a status of 400 or more; the figures are not of successful calls\n", r.non2xx)
@@ -306,6 +325,15 @@ func (e *loadEnv) checkLedger(ctx context.Context, w io.Writer, sc scenario, r *
 // calls.
 func (r *scenarioResult) valid() bool {
 	return r.non2xx == 0 && (!r.ledgerChecked || r.ledgerOK) && r.Ratio > 0 && !math.IsInf(r.Ratio, 0) && !math.IsNaN(r.Ratio)
+}
+
+// floats prints xs to three decimals, separated by spaces.
+func floats(xs []float64) string {
+	s := make([]string, len(xs))
+	for i, x := range xs {
+		s[i] = fmt.Sprintf("%.3f", x)
+	}
+	return strings.Join(s, " ")
 }
 
 func median(xs []float64) float64 {

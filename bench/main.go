@@ -282,7 +282,7 @@ func runLoad(ctx context.Context, o options, w io.Writer, ps *procs, rep *report
 	if len(o.creditsOptions) > 0 {
 		fmt.Fprintf(w, "credits global options added: %s\n", strings.Join(o.creditsOptions, "; "))
 	}
-	fmt.Fprintf(w, "%d rounds of %v per route per scenario, plain and metered back to back, alternating which goes first\n", o.rounds, o.duration)
+	fmt.Fprintf(w, "%d rounds of %v per route per scenario, plain and metered back to back (d: and its calls unbudgeted), each going first in turn\n", o.rounds, o.duration)
 
 	env := &loadEnv{wrk: wrk, pin: ps.pin, profiles: o.profiles, gw: gw, ledger: ledger, dir: ps.dir, threads: o.threads, rounds: o.rounds, d: o.duration, warmup: o.warmup,
 		caddyPid: gw.proc.cmd.Process.Pid, redisPid: redisProc.cmd.Process.Pid}
@@ -301,6 +301,9 @@ func runLoad(ctx context.Context, o options, w io.Writer, ps *procs, rep *report
 	fmt.Fprintf(w, "%-64s %8s %10s\n", "scenario", "ratio", "p99 added")
 	for _, r := range rep.scenarios {
 		fmt.Fprintf(w, "%-64s %8.3f %10s\n", r.sc.name+" "+r.sc.title, r.Ratio, signedMS(r.P99Added))
+		if r.sc.subjects > 0 {
+			fmt.Fprintf(w, "%-64s %8.3f %10s\n", "  beside it in the same rounds, its calls unbudgeted", r.Beside, "")
+		}
 	}
 	return nil
 }
