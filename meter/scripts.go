@@ -12,8 +12,9 @@ import (
 
 // scripts are the Lua files Redis runs, in lua/. A script shares code with
 // others only by explicit includes: a line "--#include lib/<name>.lua" is
-// replaced by that file, once per script, after the files it includes in
-// turn. The assembled text is what Redis runs (Script prints it).
+// replaced by that file, the files it includes in turn in place, once per
+// script (a file included again adds nothing: what it defines is in scope
+// already). The assembled text is what Redis runs (Script prints it).
 //
 //go:embed lua
 var scripts embed.FS
@@ -77,7 +78,6 @@ func include(b *strings.Builder, name string, seen map[string]bool, path []strin
 	if err != nil {
 		return fmt.Errorf("lua: %w", err)
 	}
-	var body strings.Builder
 	for line := range strings.Lines(string(raw)) {
 		if dep, ok := strings.CutPrefix(line, includeLine); ok {
 			if err := include(b, strings.TrimSpace(dep), seen, append(path, name)); err != nil {
@@ -85,10 +85,9 @@ func include(b *strings.Builder, name string, seen map[string]bool, path []strin
 			}
 			continue
 		}
-		body.WriteString(line)
+		b.WriteString(line)
 	}
-	b.WriteString(body.String())
-	if !strings.HasSuffix(body.String(), "\n") {
+	if !strings.HasSuffix(string(raw), "\n") {
 		b.WriteString("\n")
 	}
 	return nil

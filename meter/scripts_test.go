@@ -31,7 +31,7 @@ func TestScripts(t *testing.T) {
 			if strings.Contains(text, includeLine) {
 				t.Errorf("an include line is left in the assembled script")
 			}
-			for _, lib := range []string{"base", "account", "marker", "holds", "refs", "images", "alerts", "calls"} {
+			for _, lib := range []string{"base", "fields", "account", "marker", "holds", "refs", "images", "alerts", "calls", "quick", "charge"} {
 				head, err := scripts.ReadFile("lua/lib/" + lib + ".lua")
 				if err != nil {
 					t.Fatal(err)
@@ -61,6 +61,35 @@ func TestScripts(t *testing.T) {
 	}
 	if strings.Contains(keep, "local function load(") || strings.Contains(keep, "local function sweep(") {
 		t.Errorf("the keep script carries account functions it never calls")
+	}
+}
+
+// A charge builds the full way's functions only when it takes it: a
+// script's top level builds each function it defines at every run, and the
+// full way's are most of the charge script's. An include goes where its
+// line is, so the full way's files are inside the builder.
+func TestChargeBuildsFullWayOnlyWhenTaken(t *testing.T) {
+	for _, name := range []string{"charge.lua", "charges.lua"} {
+		text, err := Script(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		start, end := strings.Index(text, "full = (function()\n"), strings.Index(text, "return charge_full\n")
+		if start < 0 || end < start {
+			t.Fatalf("%s: no builder of the full way (%d, %d)", name, start, end)
+		}
+		for _, def := range []string{"local function charge_full(", "local function load(", "local function take(",
+			"local function sweep(", "local function load_budget("} {
+			if at := strings.Index(text, def); at < start || at > end {
+				t.Errorf("%s: %s is at %d, outside the builder (%d to %d)", name, def, at, start, end)
+			}
+		}
+		for _, def := range []string{"local function quick_charge(", "local function charge_start(",
+			"local function parse_marker(", "local function prune_days("} {
+			if at := strings.Index(text, def); at < 0 || at > start {
+				t.Errorf("%s: %s is at %d, not before the builder (%d)", name, def, at, start)
+			}
+		}
 	}
 }
 

@@ -26,6 +26,6 @@
 -- budget (OK) and BUDGET add {limit, spent, resets (unix ms)} of the budget
 -- in its window after kept (false).
 
---#include lib/calls.lua
+--#include lib/charge.lua
 
 return charge(0, 7)

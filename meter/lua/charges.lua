@@ -8,7 +8,7 @@
 -- anything, as a charge alone does; its reply is {-1, the error}, and the
 -- charges after it run.
 
---#include lib/calls.lua
+--#include lib/charge.lua
 
 local out = {}
 for i = 0, (#ARGV - 7) / 10 - 1 do

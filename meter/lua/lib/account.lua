@@ -1,7 +1,7 @@
 -- The account: its fields, loading it, taking and giving back credits,
 -- usage, events, and writing it back.
 
---#include lib/base.lua
+--#include lib/fields.lua
 
 -- The account hash's fields but u:<feature>, <yyyymmdd>:<feature>, gl, gs and
 -- g:<id>, and the value each reads as when it is absent (nil: no default;
@@ -36,12 +36,11 @@ local FIELDS = {'a', 'm', 'own', 'rem', 'pur', 'ps', 'nx', 'pn', 'cd', 'seq', 'h
 local DEFAULTS = {m = 1, own = 0, pur = 0, pn = 0, cd = 0, seq = 0, ha = 0, ho = 0, hp = 0}
 local REQUIRED = {'a', 'rem', 'nx'}
 
--- What a charge reads of them (HOT), and what only a recharge, a refund,
--- a plan or a reply needs (COLD: the plan, the period's start, the debt
--- carried): read once, when a script first uses one (need_cold), so that a
--- charge's read asks for no field it does not use. Each field Redis looks
--- up in a small hash costs a scan of it.
-local HOT = {'rem', 'pur', 'nx', 'pn', 'seq', 'ha', 'ho', 'hp', 'hx'}
+-- What a charge reads of them (HOT, in lib/fields.lua), and what only a
+-- recharge, a refund, a plan or a reply needs (COLD: the plan, the period's
+-- start, the debt carried): read once, when a script first uses one
+-- (need_cold), so that a charge's read asks for no field it does not use.
+-- Each field Redis looks up in a small hash costs a scan of it.
 local COLD = {'a', 'm', 'own', 'ps', 'cd', 'pa', 'pm'}
 
 -- What changes seldom is one field, gs ("gn dp gr ro pr"), absent while
@@ -86,10 +85,6 @@ local function gs_str(acc)
   return nil
 end
 
-
--- What a charge reads of the account: the hot fields, then gl.
-local READ = {unpack(HOT)}
-READ[#READ + 1] = 'gl'
 
 -- Grant kinds and states, as the admin API names them in full.
 local ALLOWANCE, ROLLOVER, PURCHASED, PROMOTIONAL = 'a', 'r', 'p', 'o'
@@ -493,12 +488,6 @@ local function new_account(allowance, month)
   return acc
 end
 
--- Whether an account field is a day's usage: <yyyymmdd>:<feature>.
-local function is_day(f)
-  local c = string.byte(f, 1)
-  return c ~= nil and c >= 48 and c <= 57
-end
-
 -- Loads the account at key, or nil when Redis holds nothing for it. A field
 -- that is not a number is an error, raised before any write. With
 -- with_used, acc.used holds every feature's usage this period (reply needs
@@ -873,18 +862,6 @@ end
 local function used_of(acc, feature)
   if acc.used then return acc.used[feature] or 0 end
   return tonumber(redis.call('HGET', acc.key, 'u:' .. feature) or 0) + (acc.used_delta[feature] or 0)
-end
-
--- Drops the usage of days older than the 13 months kept.
-local function prune_days(key)
-  local from = days_kept_from()
-  local old = {}
-  for _, f in ipairs(redis.call('HKEYS', key)) do
-    if is_day(f) and string.sub(f, 1, 8) < from then
-      table.insert(old, f)
-    end
-  end
-  if #old > 0 then redis.call('HDEL', key, unpack(old)) end
 end
 
 -- Writes the account's events, then its fields that changed since load
