@@ -119,6 +119,9 @@ func (e *loadEnv) runScenario(ctx context.Context, w io.Writer, sc scenario) (*s
 	if err := e.budgets(ctx, w, sc); err != nil {
 		return nil, err
 	}
+	if err := e.orgs(ctx, w, sc); err != nil {
+		return nil, err
+	}
 
 	usedBefore, err := e.used(ctx, sc)
 	if err != nil {
@@ -265,6 +268,27 @@ func (e *loadEnv) budgets(ctx context.Context, w io.Writer, sc scenario) error {
 	if sc.subjects > 0 {
 		fmt.Fprintf(w, "%d subjects, each with a budget of its own\n", sc.subjects)
 	}
+	return nil
+}
+
+// orgs makes each org of a many-orgs scenario by one charge through the
+// ledger, as its first call would: the scenario measures orgs that call
+// now and then, and an org's first charge, which makes its account, is
+// once in its life.
+func (e *loadEnv) orgs(ctx context.Context, w io.Writer, sc scenario) error {
+	if sc.orgs <= 1 {
+		return nil
+	}
+	start := time.Now()
+	err := parallel(ctx, 32, sc.orgs, func(i int) error {
+		_, err := e.ledger.Charge(ctx, meter.ChargeRequest{Org: wrkOrgName(i), Feature: "bench", Cost: 1,
+			RequestID: fmt.Sprintf("g:bench-org-%d", i)})
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("making the orgs: %w", err)
+	}
+	fmt.Fprintf(w, "%d orgs made, each by one charge, in %v\n", sc.orgs, time.Since(start).Round(time.Second/10))
 	return nil
 }
 

@@ -75,6 +75,9 @@ end
 	return b.String()
 }
 
+// wrkOrgName is org i of a many-orgs scenario, as its wrk script names it.
+func wrkOrgName(i int) string { return fmt.Sprintf("org-%06d", i) }
+
 // runWrk runs wrk against url for d and parses its report.
 // pin, when not nil, runs it on the CPUs other than Redis'.
 func runWrk(ctx context.Context, pin *pinning, bin, script, url string, threads, conns int, d time.Duration) (wrkResult, string, error) {
