@@ -10,13 +10,22 @@ import (
 	"github.com/redis/go-redis/v9"
 )
 
-// A batcher sends concurrent charges together. A charge that finds a lane
-// free goes at once, as one command; one that finds every lane busy waits in
+// A batcher sends concurrent charges together. A charge that finds no round
+// trip in flight goes at once, as one command; one that finds one waits in
 // the queue, and the lane that frees up first sends the whole queue in one
 // round trip: on a single Redis, one run of a script that runs each charge
 // in turn; on a Cluster, whose orgs live in different slots, one pipeline
 // per node. N concurrent charges then cost the gateway and Redis one call
-// for all of them instead of one each.
+// for all of them instead of one each, and a round trip's own cost (waking
+// Redis, reading, running the script, writing back; waking the gateway) is
+// shared by every charge that came while the one before was in flight.
+//
+// Another lane opens only when the last round trip sent has been in flight
+// for laneAfter: its connection may be stuck (a reply lost on the way), and
+// the charges behind it go on another, up to lanes at once. A batcher that
+// opened a lane for every charge that found one free would send most
+// charges alone under a steady load, at several times Redis' cost per
+// charge.
 //
 // Each charge keeps its own deadline and its own outcome: one whose
 // deadline passes while it waits leaves the queue unsent, having changed
@@ -36,8 +45,11 @@ type batcher struct {
 	// many, when set, runs a batch in one script run instead of a
 	// pipeline of one run each: where every key is on one Redis.
 	many  *redis.Script
-	lanes int // round trips in flight at once
-	max   int // the most commands in one round trip
+	lanes int // round trips in flight at once, at most
+	// laneAfter is how long the last round trip sent is in flight before
+	// a charge may open another lane rather than wait for it.
+	laneAfter time.Duration
+	max       int // the most commands in one round trip
 	// replicas is Config.WaitReplicas: how many replicas must have a
 	// batch's writes before its replies stand.
 	replicas int
@@ -49,7 +61,8 @@ type batcher struct {
 	batched func(int)
 
 	mu    sync.Mutex
-	busy  int // lanes in flight
+	busy  int       // lanes in flight
+	last  time.Time // when the last round trip was sent
 	queue []*queued
 
 	// ends gives charges their shared deadlines.
@@ -90,12 +103,14 @@ type queued struct {
 	err  error
 }
 
-// Lanes and batch size of the ledger's charges: a few round trips in flight
-// keep Redis busy while the next batch forms; 128 commands are at most a
-// few milliseconds of Redis' time.
+// Lanes and batch size of the ledger's charges: one round trip in flight,
+// and more only behind one that takes batchLaneAfter (a reply that takes
+// longer than that is lost or stuck: a batch of batchMax takes Redis about
+// 3 ms); 128 commands are at most a few milliseconds of Redis' time.
 const (
-	batchLanes = 4
-	batchMax   = 128
+	batchLanes     = 4
+	batchLaneAfter = 5 * time.Millisecond
+	batchMax       = 128
 )
 
 // newBatcher returns a batcher of charges, whose first common arguments
@@ -103,12 +118,13 @@ const (
 // batch of them in one script run on a single Redis: with the common
 // arguments once, then each charge's keys and its other arguments, and one
 // reply per charge ({-1, message} for a charge that raised an error).
-func newBatcher(rdb redis.UniversalClient, lanes, max int, many *redis.Script, replicas int, batched func(int)) *batcher {
+func newBatcher(rdb redis.UniversalClient, lanes int, laneAfter time.Duration, max int, many *redis.Script, replicas int,
+	batched func(int)) *batcher {
 	if _, single := rdb.(*redis.Client); !single {
 		many = nil
 	}
-	return &batcher{rdb: rdb, lanes: lanes, max: max, many: many, replicas: replicas, raw: many != nil && replicas <= 0,
-		batched: batched}
+	return &batcher{rdb: rdb, lanes: lanes, laneAfter: laneAfter, max: max, many: many, replicas: replicas,
+		raw: many != nil && replicas <= 0, batched: batched}
 }
 
 // run runs charge c once, alone or with other charges, and reads its reply
@@ -116,10 +132,13 @@ func newBatcher(rdb redis.UniversalClient, lanes, max int, many *redis.Script, r
 // false when its context ended while it waited.
 func (b *batcher) run(ctx context.Context, c *chargeCmd) (sent bool, err error) {
 	b.mu.Lock()
-	if b.busy < b.lanes {
-		// A free lane means an empty queue: the queue forms only while
-		// every lane is busy.
+	now := time.Now()
+	open := b.busy == 0 || (b.busy < b.lanes && now.Sub(b.last) >= b.laneAfter)
+	if open && len(b.queue) == 0 {
+		// No lane in flight means an empty queue: the queue forms only
+		// while one is.
 		b.busy++
+		b.last = now
 		b.mu.Unlock()
 		err = b.one(ctx, c)
 		b.next()
@@ -128,7 +147,16 @@ func (b *batcher) run(ctx context.Context, c *chargeCmd) (sent bool, err error) 
 	q := &c.queued
 	*q = queued{ctx: ctx, c: c, done: make(chan struct{})}
 	b.queue = append(b.queue, q)
-	b.mu.Unlock()
+	if open {
+		// The lanes in flight are slow: a new one takes the queue, this
+		// charge last.
+		b.busy++
+		batch := b.take()
+		b.mu.Unlock()
+		go b.drain(batch)
+	} else {
+		b.mu.Unlock()
+	}
 	select {
 	case <-q.done:
 		return true, q.err
@@ -206,6 +234,7 @@ func (b *batcher) take() []*queued {
 		b.busy--
 		return nil
 	}
+	b.last = time.Now()
 	n := min(len(b.queue), b.max)
 	batch := make([]*queued, n)
 	copy(batch, b.queue)

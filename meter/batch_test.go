@@ -98,6 +98,15 @@ type batchEnv struct {
 	gate *laneGate
 }
 
+// newBatchEnv is a ledger on rdb whose lanes gate holds. Its batcher opens
+// a lane for every charge that finds one free, so that a test fills each
+// lane with a charge of its own.
+func newBatchEnv(t *testing.T, rdb redis.UniversalClient, gate *laneGate) *batchEnv {
+	b := &batchEnv{env: newEnv(t, rdb, Config{DefaultPlan: Plan{Allowance: 10}}), gate: gate}
+	b.ledger.charges.laneAfter = 0
+	return b
+}
+
 // queue fills every lane with a charge the gate holds, then starts charge
 // for each of orgs and returns once they all wait in the queue. wait opens
 // the gate and returns each org's result and error, the lanes' first.
@@ -169,7 +178,7 @@ func TestBatchedCharges(t *testing.T) {
 		s.rdb.AddHook(gate)
 		t.Run(s.name, func(t *testing.T) {
 			newBatch := func(t *testing.T) *batchEnv {
-				return &batchEnv{env: newEnv(t, s.rdb, Config{DefaultPlan: Plan{Allowance: 10}}), gate: gate}
+				return newBatchEnv(t, s.rdb, gate)
 			}
 			t.Run("queued charges go together, each charged once", func(t *testing.T) {
 				b := newBatch(t)
@@ -198,6 +207,68 @@ func TestBatchedCharges(t *testing.T) {
 						t.Fatalf("%s: charged %d, account %+v, stored rem %s; want 9 of 10 taken", org, charged[org], a, b.stored(org))
 					}
 					b.checkEvents(org)
+				}
+			})
+			t.Run("a charge waits for the round trip in flight, and opens a lane behind a slow one", func(t *testing.T) {
+				// The ledger's own batcher, as it runs.
+				b := &batchEnv{env: newEnv(t, s.rdb, Config{DefaultPlan: Plan{Allowance: 10}}), gate: gate}
+				if b.ledger.charges.laneAfter != batchLaneAfter || batchLanes < 2 {
+					t.Fatalf("lane after %v, %d lanes", b.ledger.charges.laneAfter, batchLanes)
+				}
+				b.gate.close()
+				defer b.gate.open()
+				type outcome struct {
+					res ChargeResult
+					err error
+				}
+				start := func(org string) chan outcome {
+					out := make(chan outcome, 1)
+					go func() {
+						res, err := b.charge(org)
+						out <- outcome{res, err}
+					}()
+					return out
+				}
+				queued := func(n int) func() bool {
+					return func() bool {
+						b.ledger.charges.mu.Lock()
+						defer b.ledger.charges.mu.Unlock()
+						return len(b.ledger.charges.queue) == n
+					}
+				}
+				first := start("slow")
+				await(t, "the first charge is in flight", func() bool { return b.gate.held.Load() == 1 })
+				second := start("second")
+				await(t, "the second charge waits in the queue", queued(1))
+				if n := b.gate.held.Load(); n != 1 {
+					t.Fatalf("%d charges went alone, want the first only", n)
+				}
+				// The round trip in flight has taken laneAfter: the next charge
+				// opens a lane, which takes the queue.
+				b.ledger.charges.mu.Lock()
+				b.ledger.charges.last = time.Now().Add(-batchLaneAfter)
+				b.ledger.charges.mu.Unlock()
+				third := start("third")
+				for _, c := range []struct {
+					org string
+					out chan outcome
+				}{{"second", second}, {"third", third}} {
+					o := <-c.out
+					if o.err != nil || !o.res.Charged || o.res.Balance != 7 {
+						t.Fatalf("%s: %+v %v, want charged with 7 left while the first is held", c.org, o.res, o.err)
+					}
+				}
+				if n, m := b.gate.batches.Load(), b.gate.batched.Load(); n != 1 || m != 2 {
+					t.Fatalf("%d batches of %d charges, want one of the second and third", n, m)
+				}
+				b.gate.open()
+				if o := <-first; o.err != nil || !o.res.Charged || o.res.Balance != 7 {
+					t.Fatalf("slow: %+v %v", o.res, o.err)
+				}
+				for _, org := range []string{"slow", "second", "third"} {
+					if a := b.account(org); a.Balance != 7 || a.Used["rich-text"] != 3 {
+						t.Fatalf("%s: %+v, want 3 of 10 taken once", org, a)
+					}
 				}
 			})
 			t.Run("a charge whose deadline passes in the queue is not sent", func(t *testing.T) {

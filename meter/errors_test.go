@@ -94,7 +94,7 @@ func TestStoreErrorsOnRedis(t *testing.T) {
 	t.Cleanup(func() { rdb.Close() })
 	gate := &laneGate{}
 	rdb.AddHook(gate)
-	b := &batchEnv{env: newEnv(t, rdb, Config{DefaultPlan: Plan{Allowance: 10}}), gate: gate}
+	b := newBatchEnv(t, rdb, gate)
 	ctx := context.Background()
 
 	t.Run("corrupt data", func(t *testing.T) {

@@ -192,7 +192,7 @@ func New(rdb redis.UniversalClient, cfg Config) (*Ledger, error) {
 		keyTTL:      strconv.FormatInt(int64(cfg.KeyTTL/time.Second), 10),
 		refTTL:      cfg.ReferenceTTL.Milliseconds(),
 		now:         cfg.Now,
-		charges:     newBatcher(rdb, batchLanes, batchMax, chargesScript, cfg.WaitReplicas, cfg.Batched),
+		charges:     newBatcher(rdb, batchLanes, batchLaneAfter, batchMax, chargesScript, cfg.WaitReplicas, cfg.Batched),
 		replicas:    cfg.WaitReplicas,
 	}, nil
 }
