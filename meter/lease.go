@@ -557,10 +557,10 @@ func (ls *Leaser) Spend(org, feature string, cost int64) (rc Receipt, ok bool, e
 // SpendAs is Spend for a call that also counts against subject's budget
 // (none when subject is empty): the lease pays it only from its share of
 // that budget, which the ledger set aside for it, so that no budget is
-// overspent. A subject the lease has not seen is charged on its own, and
-// the lease asks for a share at once, in the background; a call whose share
-// is too small waits for a sync that renews it (two at most), and is
-// charged on its own when the budget has too little left for a share.
+// overspent. A call of a subject the lease has not seen, or whose share is
+// too small, waits for a sync that asks for a share (two at most); when the
+// budget has too little left for a share, the lease gives back what it
+// holds of it and the call is charged on its own.
 func (ls *Leaser) SpendAs(org, subject, feature string, cost int64) (rc Receipt, ok bool, err error) {
 	now := time.Now()
 	if _, known := ls.orgs.Load(org); !known {
@@ -604,28 +604,20 @@ spend:
 						(waits == 2 || now.Sub(sh.starved) < ls.cfg.Flush)
 					if back {
 						sh.back = true
-					} else if !sh.known || waits >= 2 || now.Sub(sh.starved) < ls.cfg.Flush {
-						// Charged on its own. A subject not seen yet gets
-						// a share at once, in the background; one whose
-						// budget has too little left for a share is paid
-						// exactly, call by call.
-						var s LeaseSync
-						renew := false
-						if !sh.known {
-							sh.asked, le.asked = true, true
-							if renew = le.sync == nil; renew {
-								s = ls.begin(org, le, le.block, true)
-							}
-						}
+					} else if waits >= 2 || (sh.known && now.Sub(sh.starved) < ls.cfg.Flush) {
+						// Charged on its own: the budget has too little
+						// left for a share, and is paid exactly, call by
+						// call.
 						le.mu.Unlock()
-						if renew {
-							go ls.finish(le, s)
-						}
 						return Receipt{}, false, nil
 					}
-					// The share is spent: wait for a sync that asks for
-					// more, begun now, or, one on its way (which may renew
-					// the org's credits alone), and then one begun now.
+					// The share is spent, or the subject not seen yet:
+					// wait for a sync that asks for a share, begun now,
+					// or, one on its way (which may renew the org's
+					// credits alone), and then one begun now. A call of a
+					// subject not seen yet is not charged on its own
+					// meanwhile: the share the sync takes could leave its
+					// charge too little of the budget.
 					sh.asked, le.asked, sh.need = true, true, max(sh.need, cost)
 					waits++
 					answer := le.sync

@@ -145,6 +145,46 @@ func (e *env) shares(org, subject string) string {
 }
 
 var leaseBudgetCases = []ledgerCase{
+	{name: "a subject's first call waits for its share, and one its share cannot pay gets the whole budget", cfg: Config{DefaultPlan: Plan{Allowance: 1000}}, run: func(e *env) {
+		for subject, limit := range map[string]int64{"fresh": 100, "newbie": 20} {
+			if _, err := e.ledger.SetBudget(e.ctx, "busy", subject, BudgetLimit{Limit: limit, Window: WindowDay}); err != nil {
+				e.t.Fatal(err)
+			}
+		}
+		ls := NewLeaser(e.ledger, testLease, zap.NewNop())
+		defer ls.Close()
+		// The org is busy and leased, by calls without a subject.
+		for i := 0; ; i++ {
+			if _, ok, err := ls.Spend("busy", "rich-text", 1); err != nil || ok {
+				if err != nil {
+					e.t.Fatal(err)
+				}
+				break
+			}
+			if i > 10 {
+				e.t.Fatal("the org is not leased after 10 calls")
+			}
+		}
+		// A subject the lease has not seen: its call waits for a share,
+		// and is paid from it.
+		if rc, ok, err := ls.SpendAs("busy", "fresh", "rich-text", 1); err != nil || !ok || !rc.Budgeted || rc.BudgetRemaining != 99 {
+			e.t.Fatalf("fresh's first call: %+v, leased %v, %v", rc, ok, err)
+		}
+		// One whose cost is more than the share the budget allows (at most
+		// half of what it has left): the lease holds none of it when the
+		// call is charged on its own, so the charge may take all 20.
+		if rc, ok, err := ls.SpendAs("busy", "newbie", "rich-text", 12); err != nil || ok {
+			e.t.Fatalf("newbie's call of 12 on a budget of 20: %+v, leased %v, %v", rc, ok, err)
+		}
+		if r := e.shares("busy", "newbie"); r != "" {
+			e.t.Fatalf("the lease holds a share of newbie's budget while its call is charged on its own: %q", r)
+		}
+		r, err := e.ledger.Charge(e.ctx, ChargeRequest{Org: "busy", Feature: "rich-text", Cost: 12, Subject: "newbie"})
+		if err != nil || !r.Charged {
+			e.t.Fatalf("newbie's call of 12, on its own: %+v %v", r, err)
+		}
+		e.wantBudget("busy", "newbie", 12)
+	}},
 	{name: "a lease pays a subject's calls from its share of the budget", cfg: Config{DefaultPlan: Plan{Allowance: 1000}}, run: func(e *env) {
 		if _, err := e.ledger.SetBudget(e.ctx, "busy", "alice", BudgetLimit{Limit: 40, Window: WindowDay}); err != nil {
 			e.t.Fatal(err)
