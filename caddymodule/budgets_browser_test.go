@@ -122,6 +122,15 @@ func TestBrowserConsoleBudgets(t *testing.T) {
 		wantStatus(t, g.budgeted("budgeted", org, "bob", 5), http.StatusOK)
 	}
 	wantStatus(t, g.budgeted("budgeted", org, "carol", 35), http.StatusOK)
+	// A subject's calls paid from the gateway's lease show in the ledger
+	// once the lease reports them.
+	awaitCondition(t, "the lease reports the subjects' spending", func() bool {
+		spent := map[string]int64{}
+		for _, b := range g.budgetList(org).Budgets {
+			spent[b.Subject] = b.Spent
+		}
+		return spent["alice"] == 12 && spent["bob"] == 10 && spent["carol"] == 35
+	})
 	pageClick(t, ctx, "#show")
 	pageWaitText(t, ctx, `#budgets tr[data-subject="alice"] td:nth-child(2)`, "12 of 50")
 	list := checkBudgets()
