@@ -48,6 +48,9 @@ func TestQuick(t *testing.T) {
 		if sc.subjects > 0 && (!(r.Beside > 0) || math.IsInf(r.Beside, 0) || len(r.gaps) != 1 || !strings.Contains(report, "unbudgeted less budgeted ratio: ")) {
 			t.Errorf("scenario %s: the unbudgeted route beside it: ratio %v, gaps %v", sc.name, r.Beside, r.gaps)
 		}
+		if sc.orgs > 1 && !(r.perRun >= 1) {
+			t.Errorf("scenario %s: %v metered requests per script run, want at least 1: every cold call is charged", sc.name, r.perRun)
+		}
 		if r.sc.name != sc.name || r.non2xx != 0 || r.meteredServed == 0 || (sc.orgs == 1 && !r.ledgerOK) {
 			t.Errorf("scenario %s: %d non-2xx, %d metered responses, ledger ok %v", sc.name, r.non2xx, r.meteredServed, r.ledgerOK)
 		}

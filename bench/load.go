@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/creditsgw/caddy-credits/meter"
+	"github.com/redis/go-redis/v9"
 )
 
 // scenario is one load shape, run on both routes.
@@ -42,6 +43,10 @@ type routeRun struct {
 	// caddyCPU and redisCPU are the CPU time each process used per
 	// request served in the run; zero when unknown.
 	caddyCPU, redisCPU time.Duration
+	// perRun is the requests served per script run in Redis during the
+	// run (a batch of charges is one run, and so is a lease's sync): 0 on
+	// the plain route, or when there was none.
+	perRun float64
 }
 
 // scenarioResult is a scenario's rounds and what they add up to.
@@ -71,6 +76,8 @@ type scenarioResult struct {
 	// The median CPU time per request of Caddy and of Redis, per route.
 	caddyPlain, caddyMetered time.Duration
 	redisPlain, redisMetered time.Duration
+	// perRun is the median requests per script run of the metered runs.
+	perRun float64
 }
 
 // loadEnv is what the load scenarios run against.
@@ -88,6 +95,30 @@ type loadEnv struct {
 	warmup   time.Duration
 	// The processes whose CPU time per request is measured.
 	caddyPid, redisPid int
+	// rdb is the Redis the gateway uses, whose script runs are counted.
+	rdb redis.UniversalClient
+}
+
+// scriptRuns returns how many scripts Redis has run (EVALSHA, EVAL,
+// FCALL) since it started, from INFO commandstats.
+func (e *loadEnv) scriptRuns(ctx context.Context) (int64, error) {
+	info, err := e.rdb.Info(ctx, "commandstats").Result()
+	if err != nil {
+		return 0, err
+	}
+	var runs int64
+	for line := range strings.Lines(info) {
+		name, rest, ok := strings.Cut(strings.TrimSpace(line), ":")
+		if name != "cmdstat_evalsha" && name != "cmdstat_eval" && name != "cmdstat_fcall" || !ok {
+			continue
+		}
+		var calls int64
+		if _, err := fmt.Sscanf(rest, "calls=%d,", &calls); err != nil {
+			return 0, fmt.Errorf("INFO commandstats %q: %w", line, err)
+		}
+		runs += calls
+	}
+	return runs, nil
 }
 
 // cpuPerRequest runs f and returns the CPU time Caddy and Redis used
@@ -153,8 +184,8 @@ func (e *loadEnv) runScenario(ctx context.Context, w io.Writer, sc scenario) (*s
 		}
 		fmt.Fprintf(w, "warm-up: %v per route, not counted\n", e.warmup)
 	}
-	fmt.Fprintf(w, "%-6s %-10s %10s %10s %10s %8s %8s %10s %10s\n", "round", "route", "requests/s", "p50", "p99", "non-2xx", "sockerr",
-		"caddy-cpu", "redis-cpu")
+	fmt.Fprintf(w, "%-6s %-10s %10s %10s %10s %8s %8s %10s %10s %8s\n", "round", "route", "requests/s", "p50", "p99", "non-2xx", "sockerr",
+		"caddy-cpu", "redis-cpu", "per-run")
 	for round := 1; round <= e.rounds; round++ {
 		// Each route goes first in turn.
 		k := (round - 1) % len(routes)
@@ -163,6 +194,10 @@ func (e *loadEnv) runScenario(ctx context.Context, w io.Writer, sc scenario) (*s
 		for _, route := range order {
 			var res wrkResult
 			var line string
+			runs0, err := e.scriptRuns(ctx)
+			if err != nil {
+				return nil, err
+			}
 			caddyCPU, redisCPU, err := e.cpuPerRequest(func() (err error) {
 				if round == 1 && e.profiles != "" && e.d >= 2*time.Second {
 					// The profile leaves out the run's first and last half
@@ -191,15 +226,24 @@ func (e *loadEnv) runScenario(ctx context.Context, w io.Writer, sc scenario) (*s
 			if err != nil {
 				return nil, err
 			}
+			runs1, err := e.scriptRuns(ctx)
+			if err != nil {
+				return nil, err
+			}
+			var perRun float64
+			if runs1 > runs0 && route != "plain" {
+				perRun = float64(res.Requests) / float64(runs1-runs0)
+			}
 			if round == 1 && route == order[0] {
 				fmt.Fprintf(w, "# %s\n", strings.Replace(line, e.gw.base+plainPath, e.gw.base+"/{plain,metered}/v1/generate", 1))
 			}
-			r.runs = append(r.runs, routeRun{round: round, route: route, res: res, caddyCPU: caddyCPU, redisCPU: redisCPU})
+			r.runs = append(r.runs, routeRun{round: round, route: route, res: res, caddyCPU: caddyCPU, redisCPU: redisCPU,
+				perRun: perRun})
 			r.non2xx += res.Non2xx
 			r.socketErrors += res.SocketErrors
 			rps[route] = res.RPS
-			fmt.Fprintf(w, "%-6d %-10s %10.1f %10s %10s %8d %8d %10s %10s\n", round, route, res.RPS, ms(res.P50), ms(res.P99), res.Non2xx,
-				res.SocketErrors, us(caddyCPU), us(redisCPU))
+			fmt.Fprintf(w, "%-6d %-10s %10.1f %10s %10s %8d %8d %10s %10s %8s\n", round, route, res.RPS, ms(res.P50), ms(res.P99), res.Non2xx,
+				res.SocketErrors, us(caddyCPU), us(redisCPU), perRunString(perRun))
 		}
 		r.ratios = append(r.ratios, rps["metered"]/rps["plain"])
 		if sc.subjects > 0 {
@@ -209,7 +253,7 @@ func (e *loadEnv) runScenario(ctx context.Context, w io.Writer, sc scenario) (*s
 		}
 	}
 
-	var p50s, p99s, rpss, caddys, rediss [3][]float64 // plain, metered, unbudgeted
+	var p50s, p99s, rpss, caddys, rediss, perRuns [3][]float64 // plain, metered, unbudgeted
 	for _, run := range r.runs {
 		i := slices.Index(routes, run.route)
 		p50s[i] = append(p50s[i], float64(run.res.P50))
@@ -217,7 +261,9 @@ func (e *loadEnv) runScenario(ctx context.Context, w io.Writer, sc scenario) (*s
 		rpss[i] = append(rpss[i], run.res.RPS)
 		caddys[i] = append(caddys[i], float64(run.caddyCPU))
 		rediss[i] = append(rediss[i], float64(run.redisCPU))
+		perRuns[i] = append(perRuns[i], run.perRun)
 	}
+	r.perRun = median(perRuns[1])
 	r.caddyPlain, r.caddyMetered = time.Duration(median(caddys[0])), time.Duration(median(caddys[1]))
 	r.redisPlain, r.redisMetered = time.Duration(median(rediss[0])), time.Duration(median(rediss[1]))
 	r.Ratio = median(r.ratios)
@@ -227,8 +273,8 @@ func (e *loadEnv) runScenario(ctx context.Context, w io.Writer, sc scenario) (*s
 	r.P99Added = r.p99Metered - r.p99Plain
 	fmt.Fprintf(w, "median plain   %12.1f %10s %10s %17s %10s %10s\n", r.rpsPlain, ms(r.p50Plain), ms(r.p99Plain), "",
 		us(r.caddyPlain), us(r.redisPlain))
-	fmt.Fprintf(w, "median metered %12.1f %10s %10s %17s %10s %10s\n", r.rpsMetered, ms(r.p50Metered), ms(r.p99Metered), "",
-		us(r.caddyMetered), us(r.redisMetered))
+	fmt.Fprintf(w, "median metered %12.1f %10s %10s %17s %10s %10s %8s\n", r.rpsMetered, ms(r.p50Metered), ms(r.p99Metered), "",
+		us(r.caddyMetered), us(r.redisMetered), perRunString(r.perRun))
 	if sc.subjects > 0 {
 		fmt.Fprintf(w, "median unbudgeted %9.1f %10s %10s %17s %10s %10s\n", median(rpss[2]), ms(time.Duration(median(p50s[2]))),
 			ms(time.Duration(median(p99s[2]))), "", us(time.Duration(median(caddys[2]))), us(time.Duration(median(rediss[2]))))
@@ -379,6 +425,14 @@ func ms(d time.Duration) string {
 }
 
 // us prints a CPU time per request in µs, or "-" when it is unknown.
+// perRunString prints requests per script run, "-" for none.
+func perRunString(x float64) string {
+	if x == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.1f", x)
+}
+
 func us(d time.Duration) string {
 	if d <= 0 {
 		return "-"

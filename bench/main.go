@@ -285,7 +285,7 @@ func runLoad(ctx context.Context, o options, w io.Writer, ps *procs, rep *report
 	fmt.Fprintf(w, "%d rounds of %v per route per scenario, plain and metered back to back (d: and its calls unbudgeted), each going first in turn\n", o.rounds, o.duration)
 
 	env := &loadEnv{wrk: wrk, pin: ps.pin, profiles: o.profiles, gw: gw, ledger: ledger, dir: ps.dir, threads: o.threads, rounds: o.rounds, d: o.duration, warmup: o.warmup,
-		caddyPid: gw.proc.cmd.Process.Pid, redisPid: redisProc.cmd.Process.Pid}
+		caddyPid: gw.proc.cmd.Process.Pid, redisPid: redisProc.cmd.Process.Pid, rdb: rdb}
 	for _, sc := range o.scenarios {
 		r, err := env.runScenario(ctx, w, sc)
 		if err != nil {
