@@ -99,8 +99,8 @@ type loadEnv struct {
 	rdb redis.UniversalClient
 }
 
-// scriptRuns returns how many scripts Redis has run (EVALSHA, EVAL,
-// FCALL) since it started, from INFO commandstats.
+// scriptRuns returns how many scripts Redis has run (EVALSHA and EVAL)
+// since it started, from INFO commandstats.
 func (e *loadEnv) scriptRuns(ctx context.Context) (int64, error) {
 	info, err := e.rdb.Info(ctx, "commandstats").Result()
 	if err != nil {
@@ -109,7 +109,7 @@ func (e *loadEnv) scriptRuns(ctx context.Context) (int64, error) {
 	var runs int64
 	for line := range strings.Lines(info) {
 		name, rest, ok := strings.Cut(strings.TrimSpace(line), ":")
-		if name != "cmdstat_evalsha" && name != "cmdstat_eval" && name != "cmdstat_fcall" || !ok {
+		if name != "cmdstat_evalsha" && name != "cmdstat_eval" || !ok {
 			continue
 		}
 		var calls int64

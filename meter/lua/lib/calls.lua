@@ -55,28 +55,14 @@ local function settle_to(acc, m, actual, ref, refund, budgets_key)
 end
 
 -- A call's charge, its full way: charge_start (lib/quick.lua) ran first,
--- checked its request marker, and found the charge not quick; read is the
--- account's read it made (nil when it made none). KEYS[k + 1 .. k + 6] and
--- ARGV[a + 1 .. a + 10] are charge.lua's KEYS and ARGV[8..17].
-local function charge_full(k, a, read)
-  -- Every key but the call log fails its first read, before any write,
-  -- when it holds another type; the call log is the first key written, and
-  -- commit stops there when it is not a list.
-  local account_key, marker_key, calls_key, holds_key, kept_key, budgets_key = KEYS[k + 1], KEYS[k + 2], KEYS[k + 3],
-    KEYS[k + 4], KEYS[k + 5], KEYS[k + 6]
-  local feature = ARGV[a + 1]
-  local cost = tonumber(ARGV[a + 2])
-  local overdraft = ARGV[a + 3] == '1'
-  local limit = tonumber(ARGV[a + 4])
-  local request_id = ARGV[a + 5]
-  local marker_ttl = ARGV[a + 6]
-  local attempt = ARGV[a + 7]
-  local bind = ARGV[a + 8]
-  local in_flight_ttl = ARGV[a + 9]
-  local subject = ARGV[a + 10]
+-- checked its request marker, found the charge not quick, and returned it
+-- as read (c).
+local function charge_full(c)
+  local account_key, marker_key, calls_key, holds_key, budgets_key = c.account_key, c.marker_key, c.calls_key,
+    c.holds_key, c.budgets_key
+  local feature, cost, overdraft, limit, request_id = c.feature, c.cost, c.overdraft, c.limit, c.request_id
+  local attempt, bind, subject, ttl, read = c.attempt, c.bind, c.subject, c.ttl, c.read
 
-  local ttl = marker_ttl
-  if bind ~= '-' then ttl = in_flight_ttl end
   local acc = load(account_key, false, feature, read)
   local fresh = not acc
   if fresh then

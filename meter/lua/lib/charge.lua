@@ -8,7 +8,7 @@
 -- more than a quick charge does.
 local full
 local function charge(k, a)
-  local r, read = charge_start(k, a)
+  local r, c = charge_start(k, a)
   if r then return r end
   if not full then
     full = (function()
@@ -16,5 +16,5 @@ local function charge(k, a)
       return charge_full
     end)()
   end
-  return full(k, a, read)
+  return full(c)
 end

@@ -109,8 +109,9 @@ end
 
 -- A call's charge, up to its full way: KEYS[k + 1 .. k + 6] and
 -- ARGV[a + 1 .. a + 10] are charge.lua's KEYS and ARGV[8..17]. Returns the
--- charge's reply; or nil, having written nothing, and the account's read
--- (nil when it made none) when the charge needs the full way.
+-- charge's reply; or nil, having written nothing, and the charge as read
+-- (its keys and arguments, its marker's lifetime, and read: the account's
+-- read, nil when it made none) when the charge needs the full way.
 local function charge_start(k, a)
   -- Every key but the call log fails its first read, before any write,
   -- when it holds another type; the call log is the first key written, and
@@ -158,5 +159,7 @@ local function charge_start(k, a)
       bind, ttl)
     if r then return r end
   end
-  return nil, read
+  return nil, {account_key = account_key, marker_key = marker_key, calls_key = calls_key, holds_key = holds_key,
+    budgets_key = budgets_key, feature = feature, cost = cost, overdraft = overdraft, limit = limit,
+    request_id = request_id, attempt = attempt, bind = bind, subject = subject, ttl = ttl, read = read}
 end
