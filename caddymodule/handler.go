@@ -367,8 +367,9 @@ func (h *Handler) pay(r *http.Request, c call, into *payments) (payment, answer)
 	// The client going away must not cut a charge or a settle in half: the
 	// store calls run to their own deadline.
 	ctx := context.WithoutCancel(r.Context())
+	start := time.Now()
 	res, err := h.app.ledger.Charge(ctx, charge)
-	h.app.metrics.observeStore(err)
+	h.app.metrics.observeStore(start, err)
 	switch {
 	case errors.Is(err, meter.ErrInFlight):
 		return nil, h.conflict(policy.InFlight, policy.KeyInFlight())

@@ -3,6 +3,7 @@ package caddymodule
 import (
 	"context"
 	"errors"
+	"time"
 
 	"go.uber.org/zap"
 
@@ -36,7 +37,7 @@ type ledgerAccess struct {
 	ledger  *meter.Ledger
 	later   func(meter.Deferred) bool // queues a call in the outbox; false when it is full
 	logger  *zap.Logger
-	observe func(error) // counts a store call's error
+	observe func(time.Time, error) // times a store call begun then, and counts its error
 }
 
 // payments holds one payment of each kind, for a call to use one of.
@@ -71,8 +72,9 @@ func (p *chargedPayment) settle(actual int64, refund bool) (int64, bool) {
 	if refund {
 		actual = 0
 	}
+	start := time.Now()
 	res, err := p.via.ledger.SettleAttempt(p.ctx, p.org, p.requestID, p.attempt, actual, refund)
-	p.via.observe(err)
+	p.via.observe(start, err)
 	if err != nil {
 		d := meter.LaterSettle{Ledger: p.via.ledger, Org: p.org, RequestID: p.requestID, Attempt: p.attempt, Actual: actual, Refund: refund}
 		p.queued = true
@@ -158,9 +160,11 @@ func (p *deferredPayment) settle(actual int64, refund bool) (int64, bool) {
 
 func (p *deferredPayment) completed([]byte) {}
 
-// observeStore counts a store call's error: an in-flight or mismatched
-// Idempotency-Key is the ledger's answer, not the store failing.
-func (m *metrics) observeStore(err error) {
+// observeStore records a store call on the request path, begun at start:
+// its duration, and its error (an in-flight or mismatched Idempotency-Key
+// is the ledger's answer, not the store failing).
+func (m *metrics) observeStore(start time.Time, err error) {
+	m.storeDuration.Observe(time.Since(start).Seconds())
 	if err != nil && !errors.Is(err, meter.ErrInFlight) && !errors.Is(err, meter.ErrMismatch) {
 		m.storeErrors.Inc()
 	}

@@ -5,6 +5,8 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -87,12 +89,19 @@ func TestStoreDown(t *testing.T) {
 		`caddy_credits_requests_total{feature="rich-text",outcome="unavailable"} 1`,
 		`caddy_credits_requests_total{feature="rich-text",outcome="forwarded"} 1`,
 		`caddy_credits_charged_total{feature="image-studio"} 6`,
-		`caddy_credits_store_duration_seconds_count`,
 		`caddy_credits_store_errors_total`,
 	} {
 		if !strings.Contains(string(metrics), want) {
 			t.Errorf("metrics lack %q", want)
 		}
+	}
+	// Every store call on the request path is timed: at least the two
+	// charges before Redis went down, and the one that failed closed.
+	m := regexp.MustCompile(`(?m)^caddy_credits_store_duration_seconds_count (\d+)$`).FindStringSubmatch(string(metrics))
+	if m == nil {
+		t.Error("metrics lack caddy_credits_store_duration_seconds_count")
+	} else if n, _ := strconv.Atoi(m[1]); n < 3 {
+		t.Errorf("caddy_credits_store_duration_seconds_count %d, want at least 3", n)
 	}
 	if strings.Contains(string(metrics), `org=`) {
 		t.Error("a metric has an org label")
