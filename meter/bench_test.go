@@ -187,28 +187,12 @@ func BenchmarkChargeScript(b *testing.B) {
 	var rdb *redis.Client
 	var l *Ledger
 	prefix := "org"
+	names := make([]string, orgs)
 	batch := func(script *redis.Script) error {
-		now := l.now()
-		keys := make([]string, 0, orgs*6)
-		args := []any{now.UnixMilli(), monthIndex(now), l.defaultPlan.Allowance, l.defaultPlan.RechargeMonth, l.eventsMax,
-			int64(0), l.markerTTL}
-		for i := range orgs {
-			org, id := fmt.Sprintf("%s-%d", prefix, i), NewRequestID()
-			marker := l.keys.Request(org, id)
-			keys = append(keys, l.keys.Account(org), marker, l.keys.Calls(org), l.keys.Holds(org), marker, l.keys.Budgets(org))
-			args = append(args, "rich-text", int64(1), "0", "-1", id, l.markerTTL, NewRequestID(), noBinding, inFlightTTL,
-				noBinding)
+		for i := range names {
+			names[i] = fmt.Sprintf("%s-%d", prefix, i)
 		}
-		raw, err := script.Run(ctx, rdb, keys, args...).Slice()
-		if err != nil {
-			return err
-		}
-		for _, r := range raw {
-			if v, ok := r.([]any); !ok || v[0] != int64(codeOK) {
-				return fmt.Errorf("a charge answered %v", r)
-			}
-		}
-		return nil
+		return runCharges(ctx, rdb, l, script, names)
 	}
 	for _, sc := range []struct {
 		name   string
@@ -273,6 +257,121 @@ func BenchmarkChargeScript(b *testing.B) {
 		})
 	}
 }
+
+// runCharges runs one charge of 1 credit of each of orgs in one run of
+// script, which takes the charges script's keys and arguments, and checks
+// that each was charged.
+func runCharges(ctx context.Context, rdb *redis.Client, l *Ledger, script *redis.Script, orgs []string) error {
+	now := l.now()
+	keys := make([]string, 0, len(orgs)*6)
+	args := []any{now.UnixMilli(), monthIndex(now), l.defaultPlan.Allowance, l.defaultPlan.RechargeMonth, l.eventsMax,
+		int64(0), l.markerTTL}
+	for _, org := range orgs {
+		id := NewRequestID()
+		marker := l.keys.Request(org, id)
+		keys = append(keys, l.keys.Account(org), marker, l.keys.Calls(org), l.keys.Holds(org), marker, l.keys.Budgets(org))
+		args = append(args, "rich-text", int64(1), "0", "-1", id, l.markerTTL, NewRequestID(), noBinding, inFlightTTL,
+			noBinding)
+	}
+	raw, err := script.Run(ctx, rdb, keys, args...).Slice()
+	if err != nil {
+		return err
+	}
+	if len(raw) != len(orgs) {
+		return fmt.Errorf("%d replies to %d charges", len(raw), len(orgs))
+	}
+	for _, r := range raw {
+		if v, ok := r.([]any); !ok || v[0] != int64(codeOK) {
+			return fmt.Errorf("a charge answered %v", r)
+		}
+	}
+	return nil
+}
+
+// BenchmarkChargeFloor measures what a quick charge costs Redis at the
+// scale and batch size of load c (`go run ./bench -scenario c`: 100,000
+// orgs that exist, called in turn, some 16 charges a run), and what its
+// commands alone cost: Redis' CPU per charge (INFO cpu: reading the call,
+// running the script, writing the reply) and its time inside the script
+// (INFO commandstats). six-commands runs the six commands of a quick
+// charge (GET and SET of the marker, HMGET and HSET of the account, LPUSH
+// and EXPIRE of the call log) on the same keys with no logic: what any
+// charge that keeps these records pays. five-commands reads and writes the
+// marker in one SET NX GET (Redis 7): what one command fewer would save.
+//
+//	go test -run '^$' -bench ChargeFloor -benchtime 2000x ./meter/
+func BenchmarkChargeFloor(b *testing.B) {
+	ctx := context.Background()
+	if strings.Count(sixCommandsLua, "redis.call(") != 6 || strings.Count(fiveCommandsLua, "redis.call(") != 5 ||
+		!strings.Contains(sixCommandsLua, "'hx', 'gl')") || !strings.Contains(fiveCommandsLua, "'NX', 'GET'") {
+		b.Fatalf("the floor scripts are not what they say:\n%s\n%s", sixCommandsLua, fiveCommandsLua)
+	}
+	for _, batch := range []int{16, 100} {
+		for _, sc := range []struct {
+			name   string
+			script *redis.Script
+		}{
+			{"charges", chargesScript},
+			{"six-commands", redis.NewScript(sixCommandsLua)},
+			{"five-commands", redis.NewScript(fiveCommandsLua)},
+		} {
+			b.Run(fmt.Sprintf("%s/batch-%d", sc.name, batch), func(b *testing.B) {
+				const orgs = 100_000
+				srv := redistest.Start(b, redistest.Options{})
+				rdb := redis.NewClient(&redis.Options{Addr: srv.Addr})
+				defer rdb.Close()
+				l, err := New(rdb, Config{Prefix: "f", DefaultPlan: Plan{Allowance: MaxAmount}, Timeout: 5 * time.Second})
+				if err != nil {
+					b.Fatal(err)
+				}
+				names := make([]string, orgs)
+				for i := range names {
+					names[i] = fmt.Sprintf("org-%06d", i)
+				}
+				// The orgs exist, each made by one charge.
+				for i := 0; i < orgs; i += 100 {
+					if err := runCharges(ctx, rdb, l, chargesScript, names[i:i+100]); err != nil {
+						b.Fatal(err)
+					}
+				}
+				if err := runCharges(ctx, rdb, l, sc.script, names[:batch]); err != nil {
+					b.Fatal(err)
+				}
+				if err := rdb.ConfigResetStat(ctx).Err(); err != nil {
+					b.Fatal(err)
+				}
+				cpu0 := redisCPU(b, rdb)
+				next := 0
+				b.ResetTimer()
+				for range b.N {
+					if next+batch > orgs {
+						next = 0
+					}
+					if err := runCharges(ctx, rdb, l, sc.script, names[next:next+batch]); err != nil {
+						b.Fatal(err)
+					}
+					next += batch
+				}
+				b.StopTimer()
+				n := float64(b.N * batch)
+				script, _ := scriptTime(b, rdb)
+				b.ReportMetric((redisCPU(b, rdb)-cpu0).Seconds()*1e6/n, "redis-cpu-µs/charge")
+				b.ReportMetric(script.Seconds()*1e6/n, "script-µs/charge")
+			})
+		}
+	}
+}
+
+// sixCommandsLua is BenchmarkChargeFloor's floor: commandsOnlyLua without
+// its TYPE, and with the fields a quick charge reads (quick_charge's HMGET).
+var sixCommandsLua = strings.Replace(strings.Replace(commandsOnlyLua, "  redis.call('TYPE', KEYS[k + 3])\n", "", 1),
+	`'a', 'm', 'own', 'rem', 'pur', 'ps', 'nx', 'pn',
+    'cd', 'seq', 'ha', 'ho', 'hp', 'hx', 'pa', 'pm'`, `'rem', 'pur', 'nx', 'pn', 'seq', 'ha', 'ho', 'hp', 'hx', 'gl'`, 1)
+
+// fiveCommandsLua is sixCommandsLua with the marker's GET and SET as one
+// SET NX GET.
+var fiveCommandsLua = strings.Replace(strings.Replace(sixCommandsLua, "  redis.call('GET', KEYS[k + 2])\n", "", 1),
+	"'EX', ARGV[a + 6])", "'NX', 'GET', 'EX', ARGV[a + 6])", 1)
 
 // commandsOnlyLua is BenchmarkChargeScript's floor: the charges script's
 // keys, arguments and reply, and per charge the commands a charge of an
