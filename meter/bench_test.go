@@ -262,6 +262,11 @@ func BenchmarkChargeScript(b *testing.B) {
 // script, which takes the charges script's keys and arguments, and checks
 // that each was charged.
 func runCharges(ctx context.Context, rdb *redis.Client, l *Ledger, script *redis.Script, orgs []string) error {
+	return runChargesBy(l, func(keys []string, args []any) *redis.Cmd { return script.Run(ctx, rdb, keys, args...) }, orgs)
+}
+
+// runChargesBy is runCharges with the run's call made by run.
+func runChargesBy(l *Ledger, run func(keys []string, args []any) *redis.Cmd, orgs []string) error {
 	now := l.now()
 	keys := make([]string, 0, len(orgs)*6)
 	args := []any{now.UnixMilli(), monthIndex(now), l.defaultPlan.Allowance, l.defaultPlan.RechargeMonth, l.eventsMax,
@@ -273,7 +278,7 @@ func runCharges(ctx context.Context, rdb *redis.Client, l *Ledger, script *redis
 		args = append(args, "rich-text", int64(1), "0", "-1", id, l.markerTTL, NewRequestID(), noBinding, inFlightTTL,
 			noBinding)
 	}
-	raw, err := script.Run(ctx, rdb, keys, args...).Slice()
+	raw, err := run(keys, args).Slice()
 	if err != nil {
 		return err
 	}
@@ -362,6 +367,113 @@ func BenchmarkChargeFloor(b *testing.B) {
 	}
 }
 
+// BenchmarkChargeFunction compares the charges script run by EVALSHA with
+// the same code loaded once as a Redis Function (FUNCTION LOAD, FCALL):
+// Redis' time per run (INFO commandstats) of runs of 0, 1, 16 and 64 quick
+// charges, on a redis-server with 1,000 orgs that exist. A script's top
+// level runs at every EVALSHA, and builds each function it defines; a
+// function library builds them once.
+//
+//	go test -run '^$' -bench ChargeFunction -benchtime 3000x ./meter/
+func BenchmarkChargeFunction(b *testing.B) {
+	ctx := context.Background()
+	srv := redistest.Start(b, redistest.Options{})
+	rdb := redis.NewClient(&redis.Options{Addr: srv.Addr})
+	defer rdb.Close()
+	if err := rdb.FunctionLoadReplace(ctx, chargesFunction(b)).Err(); err != nil {
+		b.Fatal(err)
+	}
+	l, err := New(rdb, Config{Prefix: "fn", DefaultPlan: Plan{Allowance: MaxAmount}, Timeout: 5 * time.Second})
+	if err != nil {
+		b.Fatal(err)
+	}
+	names := make([]string, 1000)
+	for i := range names {
+		names[i] = fmt.Sprintf("org-%d", i)
+	}
+	for i := 0; i < len(names); i += 100 {
+		if err := runCharges(ctx, rdb, l, chargesScript, names[i:i+100]); err != nil {
+			b.Fatal(err)
+		}
+	}
+	for _, n := range []int{0, 1, 16, 64} {
+		for _, way := range []struct {
+			name string
+			run  func(keys []string, args []any) *redis.Cmd
+		}{
+			{"evalsha", func(keys []string, args []any) *redis.Cmd { return chargesScript.Run(ctx, rdb, keys, args...) }},
+			{"fcall", func(keys []string, args []any) *redis.Cmd {
+				return rdb.FCall(ctx, "credits_bench_charges", keys, args...)
+			}},
+		} {
+			b.Run(fmt.Sprintf("%s/charges-%d", way.name, n), func(b *testing.B) {
+				if err := rdb.ConfigResetStat(ctx).Err(); err != nil {
+					b.Fatal(err)
+				}
+				next := 0
+				b.ResetTimer()
+				for range b.N {
+					if next+n > len(names) {
+						next = 0
+					}
+					if err := runChargesBy(l, way.run, names[next:next+n]); err != nil {
+						b.Fatal(err)
+					}
+					next += n
+				}
+				b.StopTimer()
+				script, _ := scriptTime(b, rdb)
+				b.ReportMetric(script.Seconds()*1e6/float64(b.N), "script-µs/run")
+				if n > 0 {
+					b.ReportMetric(script.Seconds()*1e6/float64(b.N*n), "script-µs/charge")
+				}
+			})
+		}
+	}
+}
+
+// chargesFunction returns the charges script as a Redis Function library
+// for BenchmarkChargeFunction: credits_bench_charges takes the script's
+// keys and arguments. A library's top level runs at FUNCTION LOAD, where
+// no Lua library but redis is in scope: the script's code is built at the
+// first call, and base.lua's values of the call (from ARGV) are set at
+// each. It is for quick charges only: the full way, once built, would keep
+// what it holds between calls.
+func chargesFunction(b *testing.B) string {
+	text, err := Script("charges.lua")
+	if err != nil {
+		b.Fatal(err)
+	}
+	const perCall = `local now_ms = tonumber(ARGV[1])
+local now_ym = tonumber(ARGV[2])
+local def_allowance = tonumber(ARGV[3])
+local def_month = tonumber(ARGV[4])
+local events_max = ARGV[5]
+local calls_ttl = ARGV[7]
+`
+	head, body, ok := strings.Cut(text, "\nlocal out = {}\n")
+	if !ok || !strings.Contains(head, perCall) {
+		b.Fatal("charges.lua is not as chargesFunction reads it")
+	}
+	head = strings.Replace(head, perCall, "local now_ms, now_ym, def_allowance, def_month, events_max, calls_ttl\n", 1)
+	return "#!lua name=credits_bench\nlocal function build()\nlocal KEYS, ARGV\n" + head + `
+return function(keys, args)
+  KEYS, ARGV = keys, args
+  now_ms, now_ym = tonumber(ARGV[1]), tonumber(ARGV[2])
+  def_allowance, def_month = tonumber(ARGV[3]), tonumber(ARGV[4])
+  events_max, calls_ttl = ARGV[5], ARGV[7]
+  srv_ms, today_s = nil, nil
+  local out = {}
+` + body + `end
+end
+local run
+redis.register_function('credits_bench_charges', function(keys, args)
+  if not run then run = build() end
+  return run(keys, args)
+end)
+`
+}
+
 // sixCommandsLua is BenchmarkChargeFloor's floor: commandsOnlyLua without
 // its TYPE, and with the fields a quick charge reads (quick_charge's HMGET).
 var sixCommandsLua = strings.Replace(strings.Replace(commandsOnlyLua, "  redis.call('TYPE', KEYS[k + 3])\n", "", 1),
@@ -393,8 +505,8 @@ end
 return out
 `
 
-// scriptTime reads INFO commandstats: the time EVALSHA and EVAL took, and
-// the time of every other command (those the scripts ran).
+// scriptTime reads INFO commandstats: the time EVALSHA, EVAL and FCALL
+// took, and the time of every other command (those the scripts ran).
 func scriptTime(b *testing.B, rdb *redis.Client) (script, commands time.Duration) {
 	info, err := rdb.Info(context.Background(), "commandstats").Result()
 	if err != nil {
@@ -411,7 +523,7 @@ func scriptTime(b *testing.B, rdb *redis.Client) (script, commands time.Duration
 		}
 		d := time.Duration(usec) * time.Microsecond
 		switch name {
-		case "cmdstat_evalsha", "cmdstat_eval":
+		case "cmdstat_evalsha", "cmdstat_eval", "cmdstat_fcall":
 			script += d
 		case "cmdstat_config|resetstat", "cmdstat_info":
 		default:
