@@ -424,7 +424,6 @@ func ms(d time.Duration) string {
 	return fmt.Sprintf("%.2fms", float64(d)/float64(time.Millisecond))
 }
 
-// us prints a CPU time per request in µs, or "-" when it is unknown.
 // perRunString prints requests per script run, "-" for none.
 func perRunString(x float64) string {
 	if x == 0 {
@@ -433,6 +432,7 @@ func perRunString(x float64) string {
 	return fmt.Sprintf("%.1f", x)
 }
 
+// us prints a CPU time per request in µs, or "-" when it is unknown.
 func us(d time.Duration) string {
 	if d <= 0 {
 		return "-"
