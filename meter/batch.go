@@ -56,6 +56,17 @@ type batcher struct {
 	// raw sends charges as raw commands: on a single Redis, with no WAIT
 	// after them.
 	raw bool
+	// cluster is the Cluster client, on a Cluster that waits for replicas:
+	// WAIT counts the writes sent before it on its own connection, so each
+	// master's charges go through a batcher of their own (masters), whose
+	// rdb is that master's client. A master whose replicas lag then holds
+	// up its own charges only.
+	cluster *redis.ClusterClient
+	// perMaster, in the Cluster's batcher, routes each charge to its
+	// master's batcher.
+	perMaster bool
+	mastersMu sync.Mutex
+	masters   map[*redis.Client]*batcher
 
 	// batched is Config.Batched.
 	batched func(int)
@@ -123,14 +134,45 @@ func newBatcher(rdb redis.UniversalClient, lanes int, laneAfter time.Duration, m
 	if _, single := rdb.(*redis.Client); !single {
 		many = nil
 	}
-	return &batcher{rdb: rdb, lanes: lanes, laneAfter: laneAfter, max: max, many: many, replicas: replicas,
+	b := &batcher{rdb: rdb, lanes: lanes, laneAfter: laneAfter, max: max, many: many, replicas: replicas,
 		raw: many != nil && replicas <= 0, batched: batched}
+	if cc, ok := rdb.(*redis.ClusterClient); ok && replicas > 0 {
+		b.cluster, b.perMaster = cc, true
+	}
+	return b
+}
+
+// master returns the batcher of the master that holds c's keys.
+func (b *batcher) master(ctx context.Context, c *chargeCmd) (*batcher, error) {
+	node, err := b.cluster.MasterForKey(ctx, c.keys[0])
+	if err != nil {
+		return nil, err
+	}
+	b.mastersMu.Lock()
+	defer b.mastersMu.Unlock()
+	m := b.masters[node]
+	if m == nil {
+		m = &batcher{rdb: node, lanes: b.lanes, laneAfter: b.laneAfter, max: b.max, replicas: b.replicas,
+			batched: b.batched, cluster: b.cluster}
+		if b.masters == nil {
+			b.masters = make(map[*redis.Client]*batcher)
+		}
+		b.masters[node] = m
+	}
+	return m, nil
 }
 
 // run runs charge c once, alone or with other charges, and reads its reply
 // into c.reply. sent reports whether the charge may have reached Redis:
 // false when its context ended while it waited.
 func (b *batcher) run(ctx context.Context, c *chargeCmd) (sent bool, err error) {
+	if b.perMaster {
+		m, err := b.master(ctx, c)
+		if err != nil {
+			return false, err
+		}
+		return m.run(ctx, c)
+	}
 	b.mu.Lock()
 	now := time.Now()
 	open := b.busy == 0 || (b.busy < b.lanes && now.Sub(b.last) >= b.laneAfter)
@@ -185,6 +227,9 @@ func (b *batcher) one(ctx context.Context, c *chargeCmd) error {
 	if !b.raw {
 		raw, err := runScript(ctx, b.rdb, chargeScript.Script, b.replicas, c.keys[:], c.args[:]...).Result()
 		if err != nil {
+			if b.cluster != nil {
+				reloadOn(b.cluster, err)
+			}
 			return err
 		}
 		return replyFromAny(raw, &c.reply)
@@ -300,6 +345,9 @@ func (b *batcher) send(batch []*queued) {
 	}
 	_, _ = pipe.Exec(ctx)
 	for i, q := range batch {
+		if b.cluster != nil {
+			reloadOn(b.cluster, cmds[i].Err())
+		}
 		if wait != nil {
 			replicated(cmds[i], wait, b.replicas)
 		}

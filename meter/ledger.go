@@ -101,8 +101,9 @@ type Config struct {
 	Now func() time.Time
 	// WaitReplicas, when above 0, makes every script's writes count only
 	// once that many replicas have them (WAIT, on the script's connection,
-	// within its deadline): a master that fails over then loses nothing
-	// the ledger answered. A write no replica took in time has an unknown
+	// within its deadline; on a Cluster, the connection to the master of
+	// the org's slot): a master that fails over then loses nothing the
+	// ledger answered. A write no replica took in time has an unknown
 	// outcome (ErrNotReplicated), as a lost reply has. 0 waits for none.
 	WaitReplicas int
 	// Batched, when set, is told how many charges each round trip that

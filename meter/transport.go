@@ -177,7 +177,10 @@ func retryable(err error) bool {
 		return true
 	}
 	msg := err.Error()
-	for _, p := range []string{"LOADING", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN", "READONLY"} {
+	// MOVED and ASK reach here only from a pipeline sent to one Cluster
+	// node (see evalWait): the script did not run, and its next try goes
+	// to the slot's master.
+	for _, p := range []string{"LOADING", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN", "READONLY", "MOVED", "ASK"} {
 		if strings.HasPrefix(msg, p) {
 			return true
 		}
