@@ -61,6 +61,15 @@ type App struct {
 	// TLSClient is the client certificate the gateway shows Redis, for a
 	// Redis with tls-auth-clients. With RedisSentinel, it turns TLS on.
 	TLSClient *TLSClient `json:"tls_client,omitempty"`
+	// WaitReplicas is how many replicas must have each write (a batch of
+	// charges, a lease report, an admin write) before its reply counts:
+	// the gateway sends WAIT after it, on the connection of the master
+	// that ran it (on a Cluster, the master of the org's slot). A write no
+	// replica took within half its Timeout has an unknown outcome, as a
+	// lost reply has. Default 1 with RedisSentinel, 0 otherwise; set 1 on a
+	// Cluster whose masters have replicas, so that a failover loses no
+	// write the gateway was answered. Not for the embedded store.
+	WaitReplicas *int `json:"wait_replicas,omitempty"`
 	// KeyPrefix starts every Redis key; default "credits".
 	KeyPrefix string `json:"key_prefix,omitempty"`
 	// Timeout is the deadline of one store call; default 100ms.
@@ -224,6 +233,9 @@ func (a *App) Provision(ctx caddy.Context) error {
 	if a.RedisSentinel != nil {
 		replicas = 1
 	}
+	if a.WaitReplicas != nil {
+		replicas = *a.WaitReplicas
+	}
 	a.ledger, err = meter.New(a.store.rdb, meter.Config{
 		Prefix:       a.KeyPrefix,
 		DefaultPlan:  plan,
@@ -374,6 +386,14 @@ func (a *App) validate() error {
 	}
 	if c := a.TLSClient; c != nil && (c.Cert == "" || c.Key == "") {
 		return &settingError{fields: []string{"tls_client"}, msg: "tls_client needs a certificate file and a key file"}
+	}
+	if r := a.WaitReplicas; r != nil {
+		if *r < 0 || *r > maxWaitReplicas {
+			return policy.RangeError("wait_replicas", strconv.Itoa(*r), 0, maxWaitReplicas)
+		}
+		if *r > 0 && len(given) == 0 {
+			return &settingError{fields: []string{"wait_replicas"}, msg: "wait_replicas is for a Redis with replicas: give redis, redis_cluster or redis_sentinel"}
+		}
 	}
 	// A zero timeout or backlog is the default, filled in by Provision.
 	if a.Timeout < 0 {

@@ -39,6 +39,10 @@ func init() {
 // the backlog is a channel of that capacity.
 const maxBacklog = 10_000_000
 
+// maxWaitReplicas is the most replicas wait_replicas may wait for: more
+// than a master has makes every write time out.
+const maxWaitReplicas = 16
+
 // parseGlobal sets up the credits app from the credits global option.
 //
 // Syntax:
@@ -214,6 +218,16 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.WrapErr(inputError("topup_url", v, "must be an absolute http or https URL"))
 			}
 			a.TopUpURL = v
+		case "wait_replicas":
+			v, err := singleArg(d)
+			if err != nil {
+				return err
+			}
+			n, err := parseIntIn("wait_replicas", v, 0, maxWaitReplicas)
+			if err != nil {
+				return d.WrapErr(err)
+			}
+			a.WaitReplicas = new(int(n))
 		case "backlog":
 			v, err := singleArg(d)
 			if err != nil {

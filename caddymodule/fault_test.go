@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/http"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -345,13 +346,27 @@ func TestFaultSlowRedis(t *testing.T) {
 	t.Logf("slowest 503: %s", time.Duration(slowest.Load()))
 }
 
-// TestFaultClusterFailover kills a Redis Cluster master under load; its
-// replica takes over. Balances are exact afterwards unless Redis itself lost
-// writes it had acknowledged (replication is asynchronous): that loss is
-// measured from the request markers and must account for every difference.
+// TestFaultClusterFailover kills a Redis Cluster master under load, with
+// docs/operations.md's Cluster settings (wait_replicas 1); its replica takes
+// over, and the killed master comes back as the new master's replica. Every
+// write the gateway was answered had reached the replica, so none is lost
+// to the failover: balances are exact afterwards.
 func TestFaultClusterFailover(t *testing.T) {
 	cluster := redistest.StartCluster(t, 3, 1)
-	g := startGateway(t, gatewayOptions{store: "redis_cluster " + strings.Join(cluster.Addrs, " "), timeout: "500ms"})
+	// The documented block's settings, but for its seeds.
+	block := readmeBlock(t, "../docs/operations.md", "### A Redis Cluster", "caddyfile")
+	var settings []string
+	for _, line := range strings.Split(block, "\n") {
+		line = strings.TrimSpace(line)
+		if line != "" && !strings.HasPrefix(line, "redis_cluster ") && !strings.ContainsAny(line, "{}") {
+			settings = append(settings, line)
+		}
+	}
+	if !slices.Contains(settings, "wait_replicas 1") {
+		t.Fatalf("docs/operations.md's Cluster block sets %q, want wait_replicas 1:\n%s", settings, block)
+	}
+	g := startGateway(t, gatewayOptions{store: "redis_cluster " + strings.Join(cluster.Addrs, " "), timeout: "500ms",
+		global: strings.Join(settings, "\n\t\t")})
 	orgs := setupFaultOrgs(g, 6)
 	cc := cluster.Client(t)
 	ctx := context.Background()
@@ -413,6 +428,15 @@ func TestFaultClusterFailover(t *testing.T) {
 		return true
 	})
 	promoted := time.Since(killed)
+	// The new master has no replica: its writes count once the old master
+	// is back as its replica, in sync.
+	victim.Restart(t)
+	eventuallyWithin(t, time.Minute, "the killed master is the new master's replica, in sync", func() bool {
+		c := redis.NewClient(&redis.Options{Addr: victim.Addr})
+		defer c.Close()
+		info, err := c.Info(ctx, "replication").Result()
+		return err == nil && strings.Contains(info, "role:slave") && strings.Contains(info, "master_link_status:up")
+	})
 	res.waitDone(t, 300)
 	close(stop)
 	wait()
