@@ -24,19 +24,23 @@ import (
 // concurrent callers over one org, 1,000 orgs and 100,000 orgs. charges/s
 // is what one Redis (or the Cluster) takes from one client process, to size
 // Redis for a call rate; the Cluster spreads orgs over its nodes by their
-// hash tag.
+// hash tag. cluster-wait is a Cluster whose masters have a replica each,
+// with wait_replicas 1: each batch waits for its master's replica (WAIT).
 //
 //	go test -run '^$' -bench Charge -benchtime 5s ./meter/
 func BenchmarkCharge(b *testing.B) {
 	srv := redistest.Start(b, redistest.Options{})
 	cluster := redistest.StartCluster(b, 3, 0)
+	replicated := redistest.StartCluster(b, 3, 1)
 	var n atomic.Int64
 	for _, store := range []struct {
-		name string
-		opts ClientOptions
+		name     string
+		opts     ClientOptions
+		replicas int
 	}{
-		{"redis", ClientOptions{URL: "redis://" + srv.Addr}},
-		{"cluster", ClientOptions{Cluster: cluster.Addrs}},
+		{"redis", ClientOptions{URL: "redis://" + srv.Addr}, 0},
+		{"cluster", ClientOptions{Cluster: cluster.Addrs}, 0},
+		{"cluster-wait", ClientOptions{Cluster: replicated.Addrs}, 1},
 	} {
 		rdb := mustClient(b, store.opts)
 		defer rdb.Close()
@@ -50,17 +54,18 @@ func BenchmarkCharge(b *testing.B) {
 			{"parallel-256-100000orgs", 256, 100000},
 		} {
 			b.Run(store.name+"/"+bc.name, func(b *testing.B) {
-				chargeLoad(b, rdb, fmt.Sprintf("b%d", n.Add(1)), bc.callers, bc.orgs)
+				chargeLoad(b, rdb, fmt.Sprintf("b%d", n.Add(1)), bc.callers, bc.orgs, store.replicas)
 			})
 		}
 	}
 }
 
 // chargeLoad runs b.N charges of 1 credit from callers goroutines, spread
-// over orgs orgs that exist, and reports charges/s and Redis' CPU time per
-// charge.
-func chargeLoad(b *testing.B, rdb redis.UniversalClient, prefix string, callers, orgs int) {
-	l, err := New(rdb, Config{Prefix: prefix, DefaultPlan: Plan{Allowance: MaxAmount}, Timeout: 5 * time.Second})
+// over orgs orgs that exist, each waiting for replicas replicas, and
+// reports charges/s and Redis' CPU time per charge.
+func chargeLoad(b *testing.B, rdb redis.UniversalClient, prefix string, callers, orgs, replicas int) {
+	l, err := New(rdb, Config{Prefix: prefix, DefaultPlan: Plan{Allowance: MaxAmount}, Timeout: 5 * time.Second,
+		WaitReplicas: replicas})
 	if err != nil {
 		b.Fatal(err)
 	}
