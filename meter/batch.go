@@ -61,12 +61,9 @@ type batcher struct {
 	// master's charges go through a batcher of their own (masters), whose
 	// rdb is that master's client. A master whose replicas lag then holds
 	// up its own charges only.
-	cluster *redis.ClusterClient
-	// perMaster, in the Cluster's batcher, routes each charge to its
-	// master's batcher.
-	perMaster bool
+	cluster   *redis.ClusterClient
 	mastersMu sync.Mutex
-	masters   map[*redis.Client]*batcher
+	masters   map[redis.UniversalClient]*batcher
 
 	// batched is Config.Batched.
 	batched func(int)
@@ -137,14 +134,14 @@ func newBatcher(rdb redis.UniversalClient, lanes int, laneAfter time.Duration, m
 	b := &batcher{rdb: rdb, lanes: lanes, laneAfter: laneAfter, max: max, many: many, replicas: replicas,
 		raw: many != nil && replicas <= 0, batched: batched}
 	if cc, ok := rdb.(*redis.ClusterClient); ok && replicas > 0 {
-		b.cluster, b.perMaster = cc, true
+		b.cluster = cc
 	}
 	return b
 }
 
 // master returns the batcher of the master that holds c's keys.
 func (b *batcher) master(ctx context.Context, c *chargeCmd) (*batcher, error) {
-	node, err := b.cluster.MasterForKey(ctx, c.keys[0])
+	node, err := master(ctx, b.cluster, c.keys[:])
 	if err != nil {
 		return nil, err
 	}
@@ -152,10 +149,9 @@ func (b *batcher) master(ctx context.Context, c *chargeCmd) (*batcher, error) {
 	defer b.mastersMu.Unlock()
 	m := b.masters[node]
 	if m == nil {
-		m = &batcher{rdb: node, lanes: b.lanes, laneAfter: b.laneAfter, max: b.max, replicas: b.replicas,
-			batched: b.batched, cluster: b.cluster}
+		m = newBatcher(node, b.lanes, b.laneAfter, b.max, nil, b.replicas, b.batched)
 		if b.masters == nil {
-			b.masters = make(map[*redis.Client]*batcher)
+			b.masters = make(map[redis.UniversalClient]*batcher)
 		}
 		b.masters[node] = m
 	}
@@ -166,12 +162,14 @@ func (b *batcher) master(ctx context.Context, c *chargeCmd) (*batcher, error) {
 // into c.reply. sent reports whether the charge may have reached Redis:
 // false when its context ended while it waited.
 func (b *batcher) run(ctx context.Context, c *chargeCmd) (sent bool, err error) {
-	if b.perMaster {
+	if b.cluster != nil {
 		m, err := b.master(ctx, c)
 		if err != nil {
 			return false, err
 		}
-		return m.run(ctx, c)
+		sent, err = m.run(ctx, c)
+		reloadOn(b.cluster, err)
+		return sent, err
 	}
 	b.mu.Lock()
 	now := time.Now()
@@ -227,9 +225,6 @@ func (b *batcher) one(ctx context.Context, c *chargeCmd) error {
 	if !b.raw {
 		raw, err := runScript(ctx, b.rdb, chargeScript.Script, b.replicas, c.keys[:], c.args[:]...).Result()
 		if err != nil {
-			if b.cluster != nil {
-				reloadOn(b.cluster, err)
-			}
 			return err
 		}
 		return replyFromAny(raw, &c.reply)
@@ -345,9 +340,6 @@ func (b *batcher) send(batch []*queued) {
 	}
 	_, _ = pipe.Exec(ctx)
 	for i, q := range batch {
-		if b.cluster != nil {
-			reloadOn(b.cluster, cmds[i].Err())
-		}
 		if wait != nil {
 			replicated(cmds[i], wait, b.replicas)
 		}

@@ -103,9 +103,10 @@ func clusterNode(ctx context.Context, cc *redis.ClusterClient, addr string) *red
 // reloadOn has cc reload its slot map when err says it may be old: a
 // MOVED or ASK reply, or no reply at all (the node may have failed over).
 // cc's own commands follow such a reply and reload the map themselves; a
-// pipeline sent to one node's client does neither.
+// pipeline sent to one node's client does neither. A write its master ran
+// and no replica took (ErrNotReplicated) says nothing of the map.
 func reloadOn(cc *redis.ClusterClient, err error) {
-	if err == nil {
+	if err == nil || errors.Is(err, ErrNotReplicated) {
 		return
 	}
 	_, moved := redis.IsMovedError(err)
